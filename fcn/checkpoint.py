@@ -1,0 +1,133 @@
+"""Checkpoints and workdir metadata, through orbax.
+
+A workdir holds:
+  config.json       the full config of the run (JSON, never pickled)
+  dataset.json      class names, palette and ignore label, for prediction without the data
+  checkpoints/N/    the latest `keep_checkpoints` training states
+  best/N/           the state with the best eval mean IoU so far
+  metrics.jsonl     one JSON line per logged step and per evaluation
+
+orbax writes each checkpoint into a temporary folder and renames it only once
+complete, so a process killed mid-write leaves the previous checkpoints intact
+and no half-written one is ever restored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+# Config fields whose change makes an old checkpoint unusable.
+MODEL_FIELDS = ("model.features", "model.depth", "model.norm", "model.upsample", "model.head", "model.bottleneck")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or restored; the message says why."""
+
+
+def _get(config: dict, dotted: str):
+    for part in dotted.split("."):
+        config = config.get(part, {}) if isinstance(config, dict) else None
+    return config
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to a temporary file and rename it over `path`."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable))
+    os.replace(tmp, path)
+
+
+def _jsonable(x):
+    if isinstance(x, np.ndarray | np.generic):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The config a workdir was trained with."""
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {workdir} a workdir written by `python train.py`?")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def load_dataset_info(workdir: str | os.PathLike) -> dict:
+    return json.loads((Path(workdir) / "dataset.json").read_text())
+
+
+def check_compatible(workdir: Path, config, num_classes: int) -> None:
+    """Refuse to resume a workdir written by a different model, naming the fields."""
+    path = workdir / "config.json"
+    if not path.exists() or not (workdir / "checkpoints").exists():
+        return
+    old = json.loads(path.read_text())
+    new = json.loads(config.to_json())
+    diffs = [f"{f}: workdir has {_get(old, f)!r}, config has {_get(new, f)!r}" for f in MODEL_FIELDS if _get(old, f) != _get(new, f)]
+    info = workdir / "dataset.json"
+    if info.exists():
+        old_k = len(json.loads(info.read_text())["class_names"])
+        if old_k != num_classes:
+            diffs.append(f"number of classes: workdir has {old_k}, data has {num_classes}")
+    if diffs:
+        raise CheckpointError(
+            f"{workdir} holds checkpoints of a different model and cannot be resumed:\n  "
+            + "\n  ".join(diffs)
+            + "\nUse a new --workdir, or the same model settings."
+        )
+
+
+class Checkpoints:
+    """The latest few training states and the best one by eval mean IoU."""
+
+    def __init__(self, workdir: str | os.PathLike, keep: int = 3):
+        self.workdir = Path(workdir)
+        self.latest = ocp.CheckpointManager(
+            (self.workdir / "checkpoints").absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        )
+        self.best = ocp.CheckpointManager(
+            (self.workdir / "best").absolute(),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=1, best_fn=lambda m: m["mean_iou"], best_mode="max", create=True
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.latest.latest_step()
+
+    def save(self, step: int, state, *, mean_iou: float | None = None) -> None:
+        """Save the state as latest (and as best when `mean_iou` beats the best so far)."""
+        try:
+            self.latest.save(step, args=ocp.args.StandardSave(state), force=True)
+            if mean_iou is not None and np.isfinite(mean_iou):
+                self.best.save(step, args=ocp.args.StandardSave(state), metrics={"mean_iou": float(mean_iou)}, force=True)
+            self.wait()
+        except (OSError, ValueError) as e:
+            raise CheckpointError(
+                f"could not write a checkpoint at step {step} in {self.workdir}: {e}. "
+                "Earlier checkpoints are untouched; free space or fix permissions and re-run to resume."
+            ) from e
+
+    def wait(self) -> None:
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def restore(self, abstract, *, which: str = "latest", step: int | None = None):
+        """Restore a state shaped like `abstract` (from `jax.eval_shape`)."""
+        manager = self.best if which == "best" else self.latest
+        step = step if step is not None else (manager.best_step() if which == "best" else manager.latest_step())
+        if step is None:
+            raise CheckpointError(f"no {which} checkpoint in {self.workdir}")
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
+        return manager.restore(step, args=ocp.args.StandardRestore(target))
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()

@@ -1,0 +1,67 @@
+"""Data sources: CamVid, the user's folders, TFDS datasets, synthetic shapes.
+
+    source = get_source(config.data)
+    split = source.load("train")  # images uint8 [H, W, 3], labels uint8 [H, W]
+
+TensorFlow is imported only when a TFDS split is loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fcn.data.base import IGNORE_LABEL, Source, Split, default_palette
+from fcn.data.images import DataError
+
+__all__ = [
+    "IGNORE_LABEL",
+    "SOURCES",
+    "DataError",
+    "Source",
+    "Split",
+    "default_palette",
+    "get_source",
+]
+
+
+def _camvid(data_config) -> Source:
+    from fcn.data.camvid import camvid_source
+
+    return camvid_source(data_config)
+
+
+def _folder(data_config) -> Source:
+    from fcn.data.folder import folder_source
+
+    return folder_source(data_config)
+
+
+def _tfds(data_config) -> Source:
+    from fcn.data.tfds import tfds_source
+
+    return tfds_source(data_config)
+
+
+def _synthetic(data_config) -> Source:
+    from fcn.data.synthetic import synthetic_source
+
+    return synthetic_source(data_config)
+
+
+SOURCES: dict[str, Callable[..., Source]] = {
+    "camvid": _camvid,
+    "folder": _folder,
+    "tfds": _tfds,
+    "synthetic": _synthetic,
+}
+
+
+def get_source(data_config) -> Source:
+    """The data source named by `data_config.source` (a `config.data` ConfigDict)."""
+    make = SOURCES.get(data_config.source)
+    if make is None:
+        raise ValueError(
+            f"data.source={data_config.source!r} is not a known source; "
+            f"valid sources: {', '.join(SOURCES)}"
+        )
+    return make(data_config)

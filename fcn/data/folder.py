@@ -1,0 +1,178 @@
+"""The user's own images and masks, from a folder. Nothing is written there.
+
+Two layouts under `data.path`, pairing files by stem (`images/a.jpg` with
+`masks/a.png`):
+
+    images/ masks/                     one pool; `data.val_fraction` held out as val
+    train/images train/masks [val/...] splits as folders (test/ too); without
+    val/, val is held out of train the same way
+
+The held-out stems are those with the smallest SHA-256 of their name, so the
+choice is deterministic, needs no seed, and adding files moves no other file
+between train and val.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from fcn.data.base import Source, Split, default_palette
+from fcn.data.images import (
+    DataError,
+    check_labels_config,
+    decode_pairs,
+    normalize_color_map,
+    normalize_value_map,
+)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
+SPLITS = ("train", "val", "test")
+_LAYOUT = "images/ and masks/, or train/images and train/masks (and val/...)"
+
+Pairs = list[tuple[Path, Path]]
+
+
+def _shown(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (
+        f", ... ({len(items)} in all)" if len(items) > n else ""
+    )
+
+
+def _by_stem(folder: Path, suffixes: tuple[str, ...], what: str) -> dict[str, Path]:
+    """Files of folder with one of suffixes, by stem; errors when there are none."""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: folder not found (expected {_LAYOUT})")
+    files: dict[str, Path] = {}
+    others = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or not p.is_file():
+            continue  # hidden files (.DS_Store) and subfolders are not data
+        if p.suffix.lower() not in suffixes:
+            others.append(p.name)
+        elif p.stem in files:
+            raise DataError(
+                f"{folder}: two {what} for stem {p.stem!r}: {files[p.stem].name}, {p.name}"
+            )
+        else:
+            files[p.stem] = p
+    if not files:
+        extra = f"; other files there: {_shown(others)}" if others else ""
+        raise DataError(f"{folder}: no {what} ({', '.join(suffixes)}){extra}")
+    return files
+
+
+def pair_files(folder: Path) -> Pairs:
+    """(image, mask) pairs of folder/images and folder/masks, sorted by stem."""
+    images = _by_stem(folder / "images", IMAGE_SUFFIXES, "images")
+    masks = _by_stem(folder / "masks", MASK_SUFFIXES, "masks")
+    no_mask = sorted(set(images) - set(masks))
+    if no_mask:
+        raise DataError(
+            f"{folder / 'images'}: {len(no_mask)} images have no mask of the same stem "
+            f"in {folder / 'masks'}: {_shown(no_mask)}"
+        )
+    no_image = sorted(set(masks) - set(images))
+    if no_image:
+        raise DataError(
+            f"{folder / 'masks'}: {len(no_image)} masks have no image of the same stem "
+            f"in {folder / 'images'}: {_shown(no_image)}"
+        )
+    return [(images[s], masks[s]) for s in sorted(images)]
+
+
+def hold_out(pairs: Pairs, val_fraction: float) -> tuple[Pairs, Pairs]:
+    """Splits pairs into (train, val); val is round(val_fraction * n), at least 1."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"data.val_fraction={val_fraction}: expected 0 <= value < 1")
+    if val_fraction == 0:
+        return pairs, []
+    if len(pairs) < 2:
+        raise DataError(
+            f"only {len(pairs)} image/mask pair: cannot hold out a val split; add "
+            "more, add a val/ folder, or set --config.data.val_fraction=0"
+        )
+    n_val = min(len(pairs) - 1, max(1, round(val_fraction * len(pairs))))
+    by_hash = sorted(
+        pairs, key=lambda p: hashlib.sha256(p[0].stem.encode()).hexdigest()
+    )
+    val_stems = {p[0].stem for p in by_hash[:n_val]}
+    train = [p for p in pairs if p[0].stem not in val_stems]
+    val = [p for p in pairs if p[0].stem in val_stems]
+    return train, val
+
+
+def find_splits(root: Path, val_fraction: float) -> dict[str, Pairs]:
+    """Split name -> (image, mask) pairs for either layout; see module docstring."""
+    if not root.is_dir():
+        raise DataError(f"data.path={root} does not exist or is not a folder")
+    split_dirs = [s for s in SPLITS if (root / s).is_dir()]
+    if (root / "images").is_dir() or (root / "masks").is_dir() or not split_dirs:
+        if not (root / "images").is_dir() and not (root / "masks").is_dir():
+            found = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+            raise DataError(
+                f"data.path={root}: expected {_LAYOUT}; found: {_shown(found) or '(empty)'}"
+            )
+        splits = {"train": pair_files(root)}
+    else:
+        if "train" not in split_dirs:
+            raise DataError(
+                f"data.path={root}: split folders {split_dirs} but no train/"
+            )
+        splits = {s: pair_files(root / s) for s in split_dirs}
+    if "val" not in splits:
+        train, val = hold_out(splits["train"], val_fraction)
+        splits["train"] = train
+        if val:
+            splits["val"] = val
+    return {s: splits[s] for s in SPLITS if s in splits}
+
+
+def _class_names(data_config) -> tuple[str, ...]:
+    names = tuple(str(n) for n in (data_config.class_names or ()))
+    if len(names) < 2:
+        raise ValueError(
+            f"data.class_names={names!r}: the folder source needs one name per class "
+            "(at least 2), in class-id order, e.g. "
+            '--config.data.class_names=\'("background", "object")\''
+        )
+    return names
+
+
+def folder_source(data_config) -> Source:
+    """The folder source for a `config.data` ConfigDict (path, class_names, ...)."""
+    class_names = _class_names(data_config)
+    if not data_config.path:
+        raise ValueError(
+            f"data.path is empty: set --config.data.path=DIR to a folder holding {_LAYOUT}"
+        )
+    root = Path(data_config.path).expanduser()
+    ignore = int(data_config.ignore_label)
+    value_map = normalize_value_map(data_config.value_map)
+    color_map = normalize_color_map(data_config.color_map, len(class_names))
+    check_labels_config(len(class_names), ignore, value_map)
+    splits = find_splits(root, float(data_config.val_fraction))
+
+    def load(split: str) -> Split:
+        return decode_pairs(
+            splits[split],
+            num_classes=len(class_names),
+            ignore_label=ignore,
+            value_map=value_map,
+            color_map=color_map,
+            workers=int(data_config.decode_workers),
+            skip_bad=bool(data_config.skip_bad),
+            max_size=int(data_config.max_size),
+            desc=f"folder {split}",
+        )
+
+    palette = default_palette(len(class_names)) if color_map is None else color_map
+    return Source(
+        name=f"folder {root}",
+        class_names=class_names,
+        splits=tuple(splits),
+        load_fn=load,
+        palette=palette.astype("uint8"),
+        ignore_label=ignore,
+    )

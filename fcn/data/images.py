@@ -1,0 +1,383 @@
+"""Reading images and label masks from files, with checks that name the file.
+
+Policies, decided once here for every file-based source:
+
+- Images come back as uint8 [H, W, 3]. Grayscale ('L', '1') is replicated to
+  three channels; 'RGBA', 'LA', 'P', 'CMYK' and other 8-bit modes are converted
+  to RGB by PIL (alpha is dropped, not composited). 16- and 32-bit images
+  ('I;16', 'I', 'F') are refused with an error: scaling them to 8 bits needs a
+  range only the user knows (12-bit sensors, HDR), so we do not guess.
+- No EXIF rotation is applied: masks are stored in raw pixel order, and rotating
+  only the image would misalign the pair.
+- Masks: 'L' and 'P' PNGs are raw values (for 'P', the palette index is the
+  value, as in PASCAL VOC); '1' gives 0/1; 16-bit masks are read as integers
+  and must map into range. An RGB mask needs `color_map` unless all its
+  channels are equal (a grayscale mask saved as RGB).
+- `value_map` (raw value -> class id) is applied first; unmapped values keep
+  their value; every resulting value must be a class id or the ignore label.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fcn.data.base import IGNORE_LABEL, Split
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | Path
+_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_PROGRESS_MIN_FILES = 100  # below this a progress bar is noise
+
+
+class DataError(ValueError):
+    """A data file or its content cannot be used; the message names the file."""
+
+
+def _open_loaded(path: PathLike) -> Image.Image:
+    """Opens and fully decodes an image, turning every failure into a DataError."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise DataError(f"{path}: cannot read file ({e.strerror or e})") from e
+    if size == 0:
+        raise DataError(f"{path}: empty file (0 bytes)")
+    try:
+        img = Image.open(path)
+        img.load()  # decode every byte now, so truncation is caught here
+    except Image.UnidentifiedImageError as e:
+        raise DataError(f"{path}: not an image format PIL can read") from e
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: image too large to decode safely ({e})") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: corrupt or truncated image ({e})") from e
+    return img
+
+
+def as_rgb(array: np.ndarray, name: str) -> np.ndarray:
+    """Checks a decoded image array and returns it as uint8 [H, W, 3]."""
+    if array.dtype != np.uint8:
+        raise DataError(f"{name}: image has dtype {array.dtype}, expected uint8")
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4) or 0 in array.shape:
+        raise DataError(f"{name}: image has shape {array.shape}, expected [H, W, 3]")
+    return np.ascontiguousarray(array[..., :3])
+
+
+def read_image(path: PathLike) -> np.ndarray:
+    """Reads an image file as uint8 [H, W, 3] (see the module docstring for modes)."""
+    with _open_loaded(path) as img:
+        if img.mode in _HIGH_BIT_MODES:
+            raise DataError(
+                f"{path}: {img.mode} image (more than 8 bits per channel); fcn reads "
+                "8-bit images: convert it to 8-bit RGB or grayscale first"
+            )
+        if img.mode not in ("RGB", "L"):
+            img = img.convert("RGB")
+        return as_rgb(np.asarray(img), str(path))
+
+
+def _mask_values(
+    img: Image.Image, path: PathLike, color_map: np.ndarray | None
+) -> np.ndarray:
+    """Raw per-pixel integer values of a decoded mask, before any value_map."""
+    if img.mode in ("L", "P"):
+        return np.asarray(img)
+    if img.mode == "1":
+        return np.asarray(img).astype(np.uint8)
+    if img.mode in ("LA", "PA"):
+        return np.asarray(img.getchannel(0))
+    if img.mode in _HIGH_BIT_MODES and img.mode != "F":
+        return np.asarray(img).astype(np.int64)
+    if img.mode not in ("RGB", "RGBA"):
+        raise DataError(
+            f"{path}: mask has mode {img.mode}; expected 8-bit 'L', 'P' or RGB"
+        )
+    rgb = np.asarray(img)[..., :3]
+    if color_map is not None:
+        return _colors_to_ids(rgb, path, color_map)
+    if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all():
+        return rgb[..., 0]  # a grayscale mask saved as RGB
+    colors, counts = np.unique(rgb.reshape(-1, 3), axis=0, return_counts=True)
+    common = [tuple(int(v) for v in c) for c in colors[np.argsort(-counts)][:3]]
+    example = ", ".join(str(c) for c in common)
+    raise DataError(
+        f"{path}: RGB mask with {len(colors)} distinct colours (most common: {example}); "
+        "it looks colour-coded. Give the colour of each class, in class-id order: "
+        f"--config.data.color_map='({example}, ...)'"
+    )
+
+
+def _colors_to_ids(
+    rgb: np.ndarray, path: PathLike, color_map: np.ndarray
+) -> np.ndarray:
+    """Maps each pixel's colour to the index of that colour in color_map."""
+    codes = (
+        (rgb[..., 0].astype(np.int32) << 16)
+        | (rgb[..., 1].astype(np.int32) << 8)
+        | rgb[..., 2]
+    )
+    known = (color_map[:, 0] << 16) | (color_map[:, 1] << 8) | color_map[:, 2]
+    order = np.argsort(known)
+    pos = np.clip(np.searchsorted(known[order], codes), 0, len(known) - 1)
+    found = known[order][pos] == codes
+    if not found.all():
+        bad = np.unique(codes[~found])[:5]
+        listed = ", ".join(str(((c >> 16) & 255, (c >> 8) & 255, c & 255)) for c in bad)
+        raise DataError(
+            f"{path}: {int((~found).sum())} pixels have colours not in data.color_map, "
+            f"e.g. {listed}; add them to data.color_map"
+        )
+    return order[pos].astype(np.uint8)
+
+
+def normalize_value_map(value_map: Mapping | None) -> dict[int, int]:
+    """Turns a ConfigDict/dict with string or int keys into {raw value: class id}."""
+    if not value_map:
+        return {}
+    result = {}
+    for key, value in value_map.items():
+        try:
+            result[int(str(key).strip())] = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"data.value_map entry {key!r}: {value!r} is not raw mask value -> class id "
+                'with integers on both sides, e.g. {"255": 1}'
+            ) from None
+    return result
+
+
+def normalize_color_map(
+    color_map: Sequence | None, num_classes: int
+) -> np.ndarray | None:
+    """Checks data.color_map (one [r, g, b] per class id) and returns it as int32 [K, 3]."""
+    if color_map is None or len(color_map) == 0:
+        return None
+    try:
+        colors = np.asarray([[int(v) for v in c] for c in color_map], np.int64)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"data.color_map={color_map!r}: expected one (r, g, b) per class"
+        ) from None
+    if (
+        colors.ndim != 2
+        or colors.shape[1] != 3
+        or colors.min() < 0
+        or colors.max() > 255
+    ):
+        raise ValueError(
+            f"data.color_map={color_map!r}: expected (r, g, b) triples in 0..255"
+        )
+    if len(colors) != num_classes:
+        raise ValueError(
+            f"data.color_map has {len(colors)} colours but there are {num_classes} classes; "
+            "give one colour per class, in class-id order"
+        )
+    if len(np.unique(colors, axis=0)) != len(colors):
+        raise ValueError(
+            f"data.color_map={color_map!r}: the same colour is given twice"
+        )
+    return colors.astype(np.int32)
+
+
+def check_labels_config(
+    num_classes: int, ignore_label: int, value_map: Mapping[int, int]
+) -> None:
+    """Fails early on a class count, ignore label or value_map that cannot work."""
+    if not 1 <= num_classes <= 255:
+        raise ValueError(f"{num_classes} classes: expected between 1 and 255")
+    if not 0 <= ignore_label <= 255 or ignore_label < num_classes:
+        raise ValueError(
+            f"data.ignore_label={ignore_label} must be in {num_classes}..255 "
+            f"(not a class id; there are {num_classes} classes)"
+        )
+    for raw, target in value_map.items():
+        if not (0 <= target < num_classes or target == ignore_label):
+            raise ValueError(
+                f"data.value_map maps {raw} to {target}, which is neither a class id "
+                f"(0..{num_classes - 1}) nor the ignore label {ignore_label}"
+            )
+
+
+def _apply_value_map(raw: np.ndarray, value_map: Mapping[int, int]) -> np.ndarray:
+    """raw values -> mapped values; values without an entry are kept."""
+    if raw.dtype == np.uint8:  # the common case: a 256-entry lookup table, no sort
+        lut = np.arange(256, dtype=np.int64)
+        for key, value in value_map.items():
+            if 0 <= key < 256:
+                lut[key] = value
+        return lut[raw]
+    uniq, inverse = np.unique(raw, return_inverse=True)
+    mapped = np.asarray([value_map.get(int(u), int(u)) for u in uniq], np.int64)
+    return mapped[inverse.reshape(raw.shape)]
+
+
+def _present_values(values: np.ndarray) -> list[int]:
+    """Sorted distinct values; a bincount (no sort) when they are small and non-negative."""
+    if values.size == 0:
+        return []
+    if values.dtype.kind in "ub" or (values.min() >= 0 and values.max() < 1 << 16):
+        return [int(v) for v in np.flatnonzero(np.bincount(values.ravel()))]
+    return [int(v) for v in np.unique(values)]
+
+
+def map_labels(
+    raw: np.ndarray,
+    *,
+    name: str,
+    num_classes: int,
+    ignore_label: int = IGNORE_LABEL,
+    value_map: Mapping[int, int] | None = None,
+) -> np.ndarray:
+    """Applies value_map to raw mask values and checks them; returns uint8 [H, W]."""
+    value_map = normalize_value_map(value_map)
+    if raw.dtype.kind not in "iub":
+        raise DataError(f"{name}: mask has dtype {raw.dtype}, expected integer values")
+    if value_map:
+        raw = _apply_value_map(raw, value_map)
+    present = _present_values(raw)
+    if (
+        not value_map
+        and num_classes == 2
+        and 255 in present
+        and set(present) <= {0, 255}
+    ):
+        raise DataError(
+            f"{name}: mask values are only 0 and 255 while there are 2 classes, so 255 "
+            f"would be read as the ignore label and no pixel as class 1. If 255 marks the "
+            """foreground, add --config.data.value_map='{"255": 1}' (in a config file: """
+            """config.data.value_map = {"255": 1}); if 255 really means 'ignore', set """
+            """value_map to {"255": 255}"""
+        )
+    bad = [v for v in present if not (0 <= v < num_classes or v == ignore_label)]
+    if bad:
+        shown = ", ".join(str(v) for v in bad[:10]) + (", ..." if len(bad) > 10 else "")
+        raise DataError(
+            f"{name}: label values {shown} are neither class ids (0..{num_classes - 1}) "
+            f"nor the ignore label {ignore_label}; map them with data.value_map "
+            f"""(e.g. --config.data.value_map='{{"{bad[0]}": {ignore_label}}}') """
+            "or check data.class_names"
+        )
+    return raw.astype(np.uint8)
+
+
+def read_mask(
+    path: PathLike,
+    *,
+    num_classes: int,
+    ignore_label: int = IGNORE_LABEL,
+    value_map: Mapping | None = None,
+    color_map: Sequence | np.ndarray | None = None,
+) -> np.ndarray:
+    """Reads a label mask file as uint8 [H, W] class ids (or the ignore label)."""
+    colors = None if color_map is None else normalize_color_map(color_map, num_classes)
+    with _open_loaded(path) as img:
+        raw = _mask_values(img, path, colors)
+    if raw.ndim != 2:
+        raise DataError(f"{path}: mask has shape {raw.shape}, expected [H, W]")
+    return map_labels(
+        raw,
+        name=str(path),
+        num_classes=num_classes,
+        ignore_label=ignore_label,
+        value_map=value_map,
+    )
+
+
+def fit_max_size(
+    image: np.ndarray, label: np.ndarray, max_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shrinks a pair so its longer side is at most max_size (0 = keep); labels nearest."""
+    h, w = label.shape
+    if not max_size or max(h, w) <= max_size:
+        return image, label
+    scale = max_size / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # PIL wants (W, H)
+    image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+    # Nearest neighbour: interpolating class ids would invent classes at edges.
+    label = np.asarray(Image.fromarray(label).resize(size, Image.Resampling.NEAREST))
+    return image, label
+
+
+def read_pair(
+    image_path: PathLike, mask_path: PathLike, *, max_size: int = 0, **mask_kwargs
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reads an (image, mask) pair and checks that their sizes agree."""
+    image = read_image(image_path)
+    label = read_mask(mask_path, **mask_kwargs)
+    if image.shape[:2] != label.shape:
+        (ih, iw), (mh, mw) = image.shape[:2], label.shape
+        raise DataError(
+            f"size mismatch: image {image_path} is {ih}x{iw} (HxW) but mask {mask_path} "
+            f"is {mh}x{mw}"
+        )
+    return fit_max_size(image, label, max_size)
+
+
+def decode_pairs(
+    pairs: Iterable[tuple[PathLike, PathLike]],
+    *,
+    num_classes: int,
+    ignore_label: int = IGNORE_LABEL,
+    value_map: Mapping | None = None,
+    color_map: Sequence | np.ndarray | None = None,
+    workers: int = 8,
+    skip_bad: bool = False,
+    max_size: int = 0,
+    desc: str = "decoding",
+) -> Split:
+    """Decodes (image, mask) file pairs in parallel threads into a Split.
+
+    Names are the image file stems. A bad pair raises DataError, or with
+    skip_bad=True is logged, skipped and counted.
+    """
+    from tqdm import tqdm  # only needed here; keeps `import fcn.data` light
+
+    pairs = [(Path(i), Path(m)) for i, m in pairs]
+    check_labels_config(num_classes, ignore_label, normalize_value_map(value_map))
+    kwargs = {
+        "num_classes": num_classes,
+        "ignore_label": ignore_label,
+        "value_map": normalize_value_map(value_map),
+        "color_map": normalize_color_map(color_map, num_classes),
+        "max_size": max_size,
+    }
+    images, labels, names, skipped = [], [], [], 0
+    disable = True if len(pairs) < _PROGRESS_MIN_FILES else None  # None: only on a tty
+    # PIL and numpy release the GIL while decoding, so threads give real speed-up.
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
+        futures = [pool.submit(read_pair, i, m, **kwargs) for i, m in pairs]
+        for (image_path, _), future in tqdm(
+            zip(pairs, futures), total=len(pairs), desc=desc, disable=disable
+        ):
+            try:
+                image, label = future.result()
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                skipped += 1
+                logger.warning("skipping bad pair: %s", e)
+                continue
+            images.append(image)
+            labels.append(label)
+            names.append(image_path.stem)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    if skipped:
+        logger.warning(
+            "%s: skipped %d of %d pairs (data.skip_bad=True)", desc, skipped, len(pairs)
+        )
+    if pairs and not images:
+        raise DataError(f"{desc}: all {len(pairs)} pairs were unreadable")
+    return Split(images=images, labels=labels, names=names)

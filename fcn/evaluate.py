@@ -1,0 +1,140 @@
+"""Evaluate a trained workdir on a split: dataset-wide metrics, a report, and pictures.
+
+    python -m fcn.evaluate --workdir runs/camvid_cpu --split val
+
+prints a per-class table and the summary scores, and writes
+`{workdir}/eval_{split}.json`, `eval_{split}_confusion.png`,
+`eval_{split}_iou.png` and `eval_{split}_examples.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from fcn import checkpoint, metrics, sharding, state as state_lib
+from fcn.data import pipeline
+from fcn.data.base import Split
+
+
+def evaluate_split(
+    eval_step, state, split: Split, config, num_classes: int, mesh, *, keep_examples: int = 0
+) -> tuple[np.ndarray, list]:
+    """Run `eval_step` over a whole split; returns ([K, K] int64 confusion, kept examples).
+
+    kept examples: up to `keep_examples` (image, label, prediction) triples at
+    full resolution, for pictures.
+    """
+    sharding.check_batch_size(config.eval_batch_size, "eval_batch_size")
+    rows = sharding.process_slice(config.eval_batch_size)
+    acc = metrics.ConfusionAccumulator(num_classes)
+    kept = []
+    multiple = 2**config.model.depth
+    batches = pipeline.eval_batches(
+        split, config.eval_batch_size, multiple, config.data.ignore_label, config.data.max_size, config.model.pad_mode
+    )
+    for images, labels, idx, sizes in batches:
+        x, y = sharding.put_batch(mesh, images[rows], labels[rows])
+        cm, preds = eval_step(state, x, y)
+        acc.add(cm, labels.size)
+        if len(kept) < keep_examples and jax.process_count() == 1:
+            preds = np.asarray(preds)
+            for row, (h, w) in enumerate(sizes[: keep_examples - len(kept)]):
+                kept.append((images[row, :h, :w], labels[row, :h, :w], preds[row, :h, :w]))
+    return acc.result(), kept
+
+
+def report(cm: np.ndarray, class_names, *, split: str, step: int | None = None) -> dict:
+    """The JSON report of a confusion matrix."""
+    s = metrics.scores(cm)
+    nan_to_none = lambda v: None if np.isnan(v) else float(v)  # noqa: E731
+    return {
+        "split": split,
+        "step": step,
+        "mean_iou": nan_to_none(s["mean_iou"]),
+        "pixel_accuracy": nan_to_none(s["pixel_accuracy"]),
+        "mean_accuracy": nan_to_none(s["mean_accuracy"]),
+        "fw_iou": nan_to_none(s["fw_iou"]),
+        "num_pixels": s["num_pixels"],
+        "per_class": [
+            {"name": n, "iou": nan_to_none(i), "accuracy": nan_to_none(a), "dice": nan_to_none(d)}
+            for n, i, a, d in zip(class_names, s["iou"], s["accuracy"], s["dice"])
+        ],
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def format_report(rep: dict) -> str:
+    """A table a person reads at a glance."""
+    pct = lambda v: "    -" if v is None else f"{100 * v:5.1f}"  # noqa: E731
+    width = max(12, *(len(c["name"]) for c in rep["per_class"]))
+    lines = [f"{'class':<{width}}    IoU    acc", "-" * (width + 15)]
+    lines += [f"{c['name']:<{width}}  {pct(c['iou'])}  {pct(c['accuracy'])}" for c in rep["per_class"]]
+    lines += [
+        "-" * (width + 15),
+        f"mean IoU {pct(rep['mean_iou'])}   pixel acc {pct(rep['pixel_accuracy'])}   "
+        f"mean acc {pct(rep['mean_accuracy'])}   fw IoU {pct(rep['fw_iou'])}",
+    ]
+    return "\n".join(lines)
+
+
+def load_for_eval(workdir: str | Path, which: str = "best"):
+    """(config, dataset info, graphs, state) of a workdir; falls back to latest without a best."""
+    config = checkpoint.load_config(workdir)
+    info = checkpoint.load_dataset_info(workdir)
+    graphs, abstract, _ = state_lib.abstract_state(config, len(info["class_names"]))
+    ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
+    if which == "best" and ckpts.best.best_step() is None:
+        which = "latest"
+    state = ckpts.restore(abstract, which=which)
+    ckpts.close()
+    return config, info, graphs, state
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fcn.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True, help="a workdir written by train.py")
+    parser.add_argument("--split", default="val", help="a split the data source offers (default: val)")
+    parser.add_argument("--checkpoint", default="best", choices=("best", "latest"), help="which checkpoint")
+    parser.add_argument("--examples", type=int, default=4, help="example overlays to draw (0 = none)")
+    parser.add_argument("--hflip", action="store_true", help="average with horizontally flipped predictions")
+    args = parser.parse_args(argv)
+
+    from fcn.data import get_source  # after argument parsing: --help stays instant
+
+    workdir = Path(args.workdir)
+    config, info, graphs, state = load_for_eval(workdir, args.checkpoint)
+    source = get_source(config.data)
+    split = source.load(args.split)
+    mesh = sharding.make_mesh()
+    state = jax.device_put(state, sharding.replicated(mesh))
+    num_classes = len(info["class_names"])
+    eval_step = jax.jit(
+        state_lib.make_eval_step(graphs, num_classes, info["ignore_label"], hflip=args.hflip or config.eval_hflip)
+    )
+    t0 = time.time()
+    cm, kept = evaluate_split(eval_step, state, split, config, num_classes, mesh, keep_examples=args.examples)
+    rep = report(cm, info["class_names"], split=args.split, step=int(state["step"]))
+    rep["seconds"] = round(time.time() - t0, 2)
+    if jax.process_index() == 0:
+        print(f"{workdir}: {args.split} split, {len(split)} images, step {rep['step']}")
+        print(format_report(rep))
+        checkpoint.write_json_atomic(workdir / f"eval_{args.split}.json", rep)
+        from fcn import viz
+
+        palette = np.asarray(info["palette"], np.uint8)
+        viz.save_confusion(workdir / f"eval_{args.split}_confusion.png", cm, info["class_names"])
+        viz.save_iou_bars(workdir / f"eval_{args.split}_iou.png", rep)
+        if kept:
+            viz.save_examples(workdir / f"eval_{args.split}_examples.png", kept, info["class_names"], palette)
+        print(f"wrote {workdir}/eval_{args.split}.json and pictures")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

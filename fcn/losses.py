@@ -1,0 +1,73 @@
+"""Per-pixel losses that respect the ignore label: cross-entropy and soft Dice."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def cross_entropy(
+    logits_BHWK: jax.Array,
+    labels_BHW: jax.Array,
+    *,
+    ignore_label: int = 255,
+    class_weights_K: jax.Array | None = None,
+) -> jax.Array:
+    """Mean softmax cross-entropy over valid pixels.
+
+    Pixels labelled `ignore_label` add nothing. With class weights w, the mean is
+    sum_i w[y_i] * ce_i / sum_i w[y_i] over valid pixels (as in PyTorch), so a
+    weight scales a class's share of the loss, not the loss's overall size. A
+    batch with no valid pixel gives 0, never NaN.
+    """
+    num_classes = logits_BHWK.shape[-1]
+    valid_BHW = labels_BHW != ignore_label
+    safe_BHW = jnp.where(valid_BHW, labels_BHW, 0).astype(jnp.int32)
+    # log_softmax subtracts the max logit first: stable for any logit range.
+    logp_BHWK = jax.nn.log_softmax(logits_BHWK.astype(jnp.float32), axis=-1)
+    nll_BHW = -jnp.take_along_axis(logp_BHWK, safe_BHW[..., None], axis=-1)[..., 0]
+    w_BHW = valid_BHW.astype(jnp.float32)
+    if class_weights_K is not None:
+        class_weights_K = jnp.asarray(class_weights_K, jnp.float32).reshape(num_classes)
+        w_BHW = w_BHW * class_weights_K[safe_BHW]
+    return jnp.sum(w_BHW * nll_BHW) / jnp.maximum(jnp.sum(w_BHW), 1e-12)
+
+
+def soft_dice(logits_BHWK: jax.Array, labels_BHW: jax.Array, *, ignore_label: int = 255, eps: float = 1.0):
+    """1 - mean over classes of the soft Dice coefficient, over valid pixels only.
+
+    Dice_k = (2 sum p_k y_k + eps) / (sum p_k + sum y_k + eps), summed over the
+    whole batch (not per image), with ignored pixels masked out of p and y.
+    """
+    num_classes = logits_BHWK.shape[-1]
+    valid_BHW1 = (labels_BHW != ignore_label)[..., None].astype(jnp.float32)
+    probs_BHWK = jax.nn.softmax(logits_BHWK.astype(jnp.float32), axis=-1) * valid_BHW1
+    onehot_BHWK = jax.nn.one_hot(jnp.where(labels_BHW == ignore_label, 0, labels_BHW), num_classes) * valid_BHW1
+    inter_K = jnp.sum(probs_BHWK * onehot_BHWK, axis=(0, 1, 2))
+    total_K = jnp.sum(probs_BHWK, axis=(0, 1, 2)) + jnp.sum(onehot_BHWK, axis=(0, 1, 2))
+    return 1.0 - jnp.mean((2 * inter_K + eps) / (total_K + eps))
+
+
+def label_frequencies(labels, num_classes: int, ignore_label: int = 255) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class pixel counts, and pixel counts of the images in which each class appears."""
+    counts = np.zeros(num_classes, np.int64)
+    image_pixels = np.zeros(num_classes, np.int64)
+    for label_HW in labels:
+        c = np.bincount(label_HW[label_HW != ignore_label].ravel(), minlength=num_classes)[:num_classes]
+        counts += c
+        image_pixels += np.where(c > 0, int((label_HW != ignore_label).sum()), 0)
+    return counts, image_pixels
+
+
+def median_frequency_weights(labels, num_classes: int, ignore_label: int = 255) -> np.ndarray:
+    """Median-frequency class balancing (Eigen & Fergus; used by SegNet and FC-DenseNet).
+
+    freq_c = pixels of class c / pixels of the images where c is present, and
+    w_c = median(freq) / freq_c. A class absent from the data gets weight 0.
+    """
+    counts, image_pixels = label_frequencies(labels, num_classes, ignore_label)
+    present = counts > 0
+    freq = np.where(present, counts / np.maximum(image_pixels, 1), 0.0)
+    median = np.median(freq[present]) if present.any() else 1.0
+    return np.where(present, median / np.where(present, freq, 1.0), 0.0).astype(np.float32)

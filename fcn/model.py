@@ -1,0 +1,246 @@
+"""The U-Net fully convolutional network: conv blocks, heads and any-size handling.
+
+Any input size works. `UNet.__call__` pads H and W up to the next multiple of
+2**depth, runs the network, and crops the logits back to H x W, so every 2x2
+pooling sees an even size and every skip concatenation matches. The padding
+mode (`pad_mode`, default "reflect") mirrors the image at its borders: border
+pixels then see plausible context instead of black, which keeps their accuracy
+close to that of interior pixels. Padding is split evenly between the two
+sides so neither border is favoured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+HEADS = ("linear", "stacked", "mlp")
+NORMS = ("batch", "group", "none")
+UPSAMPLES = ("transpose", "resize")
+
+# Per-channel statistics of natural RGB images in [0, 1] (ImageNet), used to
+# centre the input; the network then needs no per-dataset preprocessing.
+_MEAN = (0.485, 0.456, 0.406)
+_STD = (0.229, 0.224, 0.225)
+
+
+def _groups(channels: int, max_groups: int = 8) -> int:
+    """The largest group count <= max_groups that divides `channels`."""
+    return max(g for g in range(1, max_groups + 1) if channels % g == 0)
+
+
+class Norm(nnx.Module):
+    """Batch norm, group norm, or identity, chosen by name."""
+
+    def __init__(self, channels: int, kind: str, *, dtype, rngs: nnx.Rngs):
+        self.kind = kind
+        if kind == "batch":
+            self.norm = nnx.BatchNorm(channels, momentum=0.9, dtype=dtype, rngs=rngs)
+        elif kind == "group":
+            self.norm = nnx.GroupNorm(channels, num_groups=_groups(channels), dtype=dtype, rngs=rngs)
+        elif kind == "none":
+            self.norm = None
+        else:
+            raise ValueError(f"model.norm={kind!r}: expected one of {NORMS}")
+
+    def __call__(self, x):
+        return x if self.norm is None else self.norm(x)
+
+
+class ConvBlock(nnx.Module):
+    """(optional 1x1 bottleneck -> ReLU ->) 3x3 conv -> norm -> ReLU, twice.
+
+    With `bottleneck` = r > 0, each 3x3 conv is preceded by a 1x1 conv that
+    reduces its input to max(1, c_in // r) channels followed by a ReLU
+    (Network in Network, Inception): the 3x3 conv then costs r times less.
+    """
+
+    def __init__(self, c_in: int, c_out: int, *, norm: str, bottleneck: int, dtype, conv, rngs):
+        self.reduce = nnx.List()
+        self.convs = nnx.List()
+        self.norms = nnx.List()
+        for c in (c_in, c_out):
+            if bottleneck:
+                r = max(1, c // bottleneck)
+                self.reduce.append(conv(c, r, (1, 1), rngs=rngs))
+                c = r
+            self.convs.append(conv(c, c_out, (3, 3), use_bias=norm == "none", rngs=rngs))
+            self.norms.append(Norm(c_out, norm, dtype=dtype, rngs=rngs))
+
+    def __call__(self, x_BHWC):
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            if len(self.reduce):
+                x_BHWC = jax.nn.relu(self.reduce[i](x_BHWC))
+            x_BHWC = jax.nn.relu(norm(conv(x_BHWC)))
+        return x_BHWC
+
+
+class Head(nnx.Module):
+    """The per-pixel classifier that ends the network.
+
+    linear:  one 1x1 conv, a linear classifier applied at every pixel.
+    stacked: 3x3 conv -> 3x3 conv -> 1x1 conv with no activation between; the
+             composition is one linear map (a 5x5 conv), but it trains differently.
+    mlp:     1x1 conv -> ReLU -> 1x1 conv, a per-pixel two-layer perceptron.
+    """
+
+    def __init__(self, c: int, num_classes: int, kind: str, *, conv, rngs):
+        self.kind = kind
+        if kind == "linear":
+            self.layers = nnx.List([conv(c, num_classes, (1, 1), rngs=rngs)])
+        elif kind == "stacked":
+            self.layers = nnx.List(
+                [conv(c, c, (3, 3), rngs=rngs), conv(c, c, (3, 3), rngs=rngs), conv(c, num_classes, (1, 1), rngs=rngs)]
+            )
+        elif kind == "mlp":
+            self.layers = nnx.List([conv(c, c, (1, 1), rngs=rngs), conv(c, num_classes, (1, 1), rngs=rngs)])
+        else:
+            raise ValueError(f"model.head={kind!r}: expected one of {HEADS}")
+
+    def __call__(self, x_BHWC):
+        for i, layer in enumerate(self.layers):
+            x_BHWC = layer(x_BHWC)
+            if self.kind == "mlp" and i == 0:
+                x_BHWC = jax.nn.relu(x_BHWC)
+        return x_BHWC
+
+
+class UNet(nnx.Module):
+    """U-Net FCN: `model(x_BHWC)` -> logits [B, H, W, num_classes] for any H, W >= 1.
+
+    Args:
+      num_classes: K, channels of the final 1x1 conv (the per-pixel classifier).
+      in_channels: C of the input images (3 for RGB).
+      features: channels at the first level, doubled at each of `depth` levels.
+      depth: number of 2x2 max-pool downsamplings (and of 2x upsamplings).
+      norm: "batch", "group" or "none".
+      upsample: "transpose" (2x2 transposed conv, stride 2) or "resize"
+        (bilinear 2x resize, then a 3x3 conv).
+      head: "linear", "stacked" or "mlp" (see `Head`).
+      bottleneck: >0 adds a 1x1 reducing conv before each 3x3 conv.
+      dropout: rate applied at the bottom of the U during training.
+      dtype: compute dtype (jnp.float32 or jnp.bfloat16); parameters are float32
+        and the logits are returned in float32.
+      pad_mode: `jnp.pad` mode used to pad inputs to a multiple of 2**depth.
+      conv_general_dilated: the convolution primitive used by every conv (a seam
+        for backend-specific implementations; default `jax.lax.conv_general_dilated`).
+      rngs: parameter initialisation keys.
+
+    Inputs are float images in [0, 1]; the model centres them itself.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        in_channels: int = 3,
+        features: int = 32,
+        depth: int = 4,
+        norm: str = "batch",
+        upsample: str = "transpose",
+        head: str = "linear",
+        bottleneck: int = 0,
+        dropout: float = 0.0,
+        dtype=jnp.float32,
+        pad_mode: str = "reflect",
+        conv_general_dilated: Callable | None = None,
+        rngs: nnx.Rngs,
+    ):
+        if num_classes < 2:
+            raise ValueError(f"num_classes={num_classes}: a segmentation model needs at least 2 classes")
+        if upsample not in UPSAMPLES:
+            raise ValueError(f"model.upsample={upsample!r}: expected one of {UPSAMPLES}")
+        if depth < 0 or features < 1:
+            raise ValueError(f"model.depth={depth}, model.features={features}: need depth >= 0, features >= 1")
+        self.num_classes, self.depth, self.dtype, self.pad_mode = num_classes, depth, dtype, pad_mode
+        self.upsample_kind = upsample
+        extra = {} if conv_general_dilated is None else {"conv_general_dilated": conv_general_dilated}
+
+        def conv(c_in, c_out, k, *, use_bias=True, rngs):
+            return nnx.Conv(c_in, c_out, k, use_bias=use_bias, dtype=dtype, rngs=rngs, **extra)
+
+        block = dict(norm=norm, bottleneck=bottleneck, dtype=dtype, conv=conv, rngs=rngs)
+        widths = [features * 2**level for level in range(depth + 1)]
+        self.down = nnx.List()
+        c = in_channels
+        for w in widths[:-1]:
+            self.down.append(ConvBlock(c, w, **block))
+            c = w
+        self.bottom = ConvBlock(c, widths[-1], **block)
+        self.dropout = nnx.Dropout(dropout) if dropout > 0 else None
+        self.up = nnx.List()
+        self.up_blocks = nnx.List()
+        for w_low, w in zip(widths[:0:-1], widths[-2::-1]):
+            if upsample == "transpose":
+                self.up.append(nnx.ConvTranspose(w_low, w, (2, 2), strides=(2, 2), dtype=dtype, rngs=rngs))
+            else:
+                self.up.append(conv(w_low, w, (3, 3), rngs=rngs))
+            self.up_blocks.append(ConvBlock(2 * w, w, **block))
+        self.head = Head(widths[0], num_classes, head, conv=conv, rngs=rngs)
+
+    def _upsample(self, i: int, x_BHWC):
+        if self.upsample_kind == "resize":
+            b, h, w, c = x_BHWC.shape
+            x_BHWC = jax.image.resize(x_BHWC, (b, 2 * h, 2 * w, c), "bilinear")
+        return self.up[i](x_BHWC)
+
+    def __call__(self, x_BHWC: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Logits [B, H, W, K] in float32 for float images [B, H, W, C] in [0, 1]."""
+        if x_BHWC.ndim != 4:
+            raise ValueError(f"UNet expects images [B, H, W, C], got shape {x_BHWC.shape}")
+        _, h, w, _ = x_BHWC.shape
+        if h < 1 or w < 1:
+            raise ValueError(f"UNet got an empty image of size {h}x{w}")
+        mean = jnp.asarray(_MEAN[: x_BHWC.shape[-1]], jnp.float32)
+        std = jnp.asarray(_STD[: x_BHWC.shape[-1]], jnp.float32)
+        x_BHWC = ((x_BHWC.astype(jnp.float32) - mean) / std).astype(self.dtype)
+        x_BHWC = pad_to_multiple(x_BHWC, 2**self.depth, self.pad_mode)
+
+        skips = []
+        for block in self.down:
+            x_BHWC = block(x_BHWC)
+            skips.append(x_BHWC)
+            x_BHWC = nnx.max_pool(x_BHWC, (2, 2), strides=(2, 2))
+        x_BHWC = self.bottom(x_BHWC)
+        if self.dropout is not None:
+            x_BHWC = self.dropout(x_BHWC, rngs=rngs)
+        for i, (block, skip) in enumerate(zip(self.up_blocks, reversed(skips))):
+            x_BHWC = jnp.concatenate([self._upsample(i, x_BHWC), skip], axis=-1)
+            x_BHWC = block(x_BHWC)
+        logits_BHWK = self.head(x_BHWC).astype(jnp.float32)
+        return logits_BHWK[:, :h, :w]
+
+
+def pad_to_multiple(x_BHWC: jax.Array, multiple: int, mode: str = "reflect"):
+    """Pad H and W after the last row and column up to a multiple of `multiple`."""
+    _, h, w, _ = x_BHWC.shape
+    ph, pw = -h % multiple, -w % multiple
+    if ph or pw:
+        x_BHWC = jnp.pad(x_BHWC, ((0, 0), (0, ph), (0, pw), (0, 0)), mode=mode)
+    return x_BHWC
+
+
+def predict_proba(model: UNet, x_BHWC: jax.Array) -> jax.Array:
+    """Per-pixel class probabilities [B, H, W, K]: softmax of the logits over K."""
+    return jax.nn.softmax(model(x_BHWC), axis=-1)
+
+
+def from_config(model_config, num_classes: int, *, rngs: nnx.Rngs, **overrides) -> UNet:
+    """Build a UNet from a `config.model` ConfigDict."""
+    kwargs = dict(
+        features=model_config.features,
+        depth=model_config.depth,
+        norm=model_config.norm,
+        upsample=model_config.upsample,
+        head=model_config.head,
+        bottleneck=model_config.bottleneck,
+        dropout=model_config.dropout,
+        dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[model_config.dtype],
+        pad_mode=model_config.pad_mode,
+    )
+    kwargs.update(overrides)
+    return UNet(num_classes, rngs=rngs, **kwargs)
+

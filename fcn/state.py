@@ -1,0 +1,159 @@
+"""The training state: model graph, parameters, optimizer, and the pure steps over them.
+
+NNX modules are split once into a static graph definition and array state;
+the steps below are plain functions of arrays, jitted once with the state
+donated (the pattern of Flax's performance guide), so nothing Python-side runs
+per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from fcn import losses, metrics
+from fcn.data import pipeline
+from fcn.model import UNet, from_config
+
+State = dict[str, Any]  # {"step", "params", "rest", "opt_state", "ema"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Graphs:
+    """Static graph definitions of the model in training and in evaluation mode."""
+
+    train: Any
+    eval: Any
+
+
+def learning_rate_schedule(config) -> optax.Schedule:
+    """Linear warmup to the peak rate, then cosine decay to 0 at `num_steps` (or constant)."""
+    opt = config.optimizer
+    if opt.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, opt.learning_rate, max(opt.warmup_steps, 1), max(config.num_steps, opt.warmup_steps + 1)
+        )
+    if opt.schedule == "constant":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, opt.learning_rate, max(opt.warmup_steps, 1)), optax.constant_schedule(opt.learning_rate)],
+            [opt.warmup_steps],
+        )
+    raise ValueError(f"optimizer.schedule={opt.schedule!r}: expected 'cosine' or 'constant'")
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """AdamW (or SGD with momentum) on the schedule, with optional global-norm clipping.
+
+    Weight decay skips biases and norm scales (1-D parameters).
+    """
+    opt = config.optimizer
+    lr = learning_rate_schedule(config)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+    if opt.name == "adamw":
+        tx = optax.adamw(lr, weight_decay=opt.weight_decay, mask=decay_mask)
+    elif opt.name == "sgd":
+        tx = optax.chain(optax.add_decayed_weights(opt.weight_decay, decay_mask), optax.sgd(lr, momentum=opt.momentum))
+    else:
+        raise ValueError(f"optimizer.name={opt.name!r}: expected 'adamw' or 'sgd'")
+    if opt.grad_clip > 0:
+        tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip), tx)
+    return tx
+
+
+def create(config, num_classes: int) -> tuple[Graphs, State, optax.GradientTransformation]:
+    """Initialise the model and optimizer state from `config.seed`."""
+    model = from_config(config.model, num_classes, rngs=nnx.Rngs(config.seed))
+    graph_train, params, rest = nnx.split(model, nnx.Param, ...)
+    model.eval()
+    graph_eval, _, _ = nnx.split(model, nnx.Param, ...)
+    tx = make_optimizer(config)
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "rest": rest,
+        "opt_state": tx.init(params),
+        "ema": params if config.optimizer.ema_decay > 0 else None,
+    }
+    return Graphs(graph_train, graph_eval), state, tx
+
+
+def abstract_state(config, num_classes: int) -> tuple[Graphs, State, optax.GradientTransformation]:
+    """Shapes and dtypes of the state, without computing it (for restoring)."""
+    graphs, tx = None, None
+
+    def init():
+        nonlocal graphs, tx
+        graphs, state, tx = create(config, num_classes)
+        return state
+
+    state = jax.eval_shape(init)
+    return graphs, state, tx
+
+
+def eval_model(graphs: Graphs, state: State) -> UNet:
+    """The model in evaluation mode with the weights to evaluate (the EMA when kept)."""
+    params = state["ema"] if state.get("ema") is not None else state["params"]
+    return nnx.merge(graphs.eval, params, state["rest"])
+
+
+def make_train_step(config, graphs: Graphs, tx, num_classes: int, ignore_label: int, class_weights=None):
+    """train_step(state, images, labels, sizes) -> (state, metrics); pure, to be jitted."""
+    base_key = jax.random.key(config.seed)
+    dice_weight, ema_decay = config.loss.dice_weight, config.optimizer.ema_decay
+    weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
+
+    def train_step(state: State, images_BHWC, labels_BHW, sizes_B2):
+        key = jax.random.fold_in(base_key, state["step"])
+        k_aug, k_drop = jax.random.split(key)
+        x_BHWC, y_BHW = pipeline.augment(k_aug, images_BHWC, labels_BHW, sizes_B2, config.augment, ignore_label)
+
+        def loss_fn(params, rest):
+            # Fresh Variables at this trace level: BatchNorm updates its statistics in place.
+            model = nnx.merge(graphs.train, params, jax.tree.map(lambda v: v, rest))
+            logits_BHWK = model(x_BHWC, rngs=nnx.Rngs(dropout=k_drop))
+            loss = losses.cross_entropy(logits_BHWK, y_BHW, ignore_label=ignore_label, class_weights_K=weights)
+            if dice_weight:
+                loss = loss + dice_weight * losses.soft_dice(logits_BHWK, y_BHW, ignore_label=ignore_label)
+            _, _, rest = nnx.split(model, nnx.Param, ...)
+            return loss, (rest, logits_BHWK)
+
+        (loss, (rest, logits_BHWK)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], state["rest"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        ema = state["ema"]
+        if ema is not None:
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+        valid = y_BHW != ignore_label
+        correct = jnp.sum((jnp.argmax(logits_BHWK, -1) == y_BHW) & valid)
+        out = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "train_accuracy": correct / jnp.maximum(jnp.sum(valid), 1),
+        }
+        new_state = {"step": state["step"] + 1, "params": params, "rest": rest, "opt_state": opt_state, "ema": ema}
+        return new_state, out
+
+    return train_step
+
+
+def make_eval_step(graphs: Graphs, num_classes: int, ignore_label: int, hflip: bool = False):
+    """eval_step(state, images uint8, labels) -> (confusion [K, K] int32, predictions [B, H, W])."""
+
+    def logits_fn(state, images_BHWC):
+        model = eval_model(graphs, state)
+        x_BHWC = images_BHWC.astype(jnp.float32) / 255.0
+        logits_BHWK = model(x_BHWC)
+        if hflip:  # test-time augmentation: average with the mirrored prediction
+            logits_BHWK = 0.5 * (logits_BHWK + model(x_BHWC[:, :, ::-1])[:, :, ::-1])
+        return logits_BHWK
+
+    def eval_step(state: State, images_BHWC, labels_BHW):
+        preds_BHW = jnp.argmax(logits_fn(state, images_BHWC), axis=-1).astype(jnp.uint8)
+        return metrics.confusion_matrix(labels_BHW, preds_BHW, num_classes, ignore_label), preds_BHW
+
+    return eval_step

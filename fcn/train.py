@@ -1,0 +1,229 @@
+"""The training loop: data in memory, a jitted step, evaluation, checkpoints, logs.
+
+`train_and_evaluate(config, workdir)` trains from scratch, or resumes from the
+latest checkpoint in `workdir` when there is one: step, parameters, optimizer
+state and data order all continue, so a stopped-and-resumed run ends with the
+same parameters as one never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from fcn import checkpoint, losses, sharding, state as state_lib
+from fcn.config import validate, validate_against_data
+from fcn.data import get_source, pipeline
+from fcn.evaluate import evaluate_split, format_report, report
+
+log = logging.getLogger("fcn")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what to try."""
+
+
+def enable_compilation_cache() -> str:
+    """Persist XLA compilations, so a second run starts without recompiling."""
+    cache = os.environ.get("FCN_JAX_CACHE") or os.path.join(
+        os.environ.get("FCN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fcn"), "jax"
+    )
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return cache
+
+
+class _StopRequest:
+    """SIGINT / SIGTERM set a flag; the loop then saves a checkpoint and exits cleanly."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class MetricsLog:
+    """metrics.jsonl (and TensorBoard events where tensorboardX is installed), process 0 only."""
+
+    def __init__(self, workdir: Path, resume_step: int):
+        self.path = workdir / "metrics.jsonl"
+        self.enabled = jax.process_index() == 0
+        self.writer = None
+        if not self.enabled:
+            return
+        # After a crash the file may hold lines past the checkpoint we resume
+        # from; drop them so no step appears twice.
+        if self.path.exists():
+            kept = [ln for ln in self.path.read_text().splitlines() if _line_step(ln) is not None and _line_step(ln) <= resume_step]
+            tmp = self.path.with_name("metrics.jsonl.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            os.replace(tmp, self.path)
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(workdir / "tensorboard"))
+        except ImportError:
+            log.info("tensorboardX not installed: no TensorBoard events, metrics.jsonl only")
+
+    def write(self, step: int, values: dict, prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        line = {"step": step, **{k: v for k, v in values.items() if isinstance(v, int | float | str)}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        if self.writer is not None:
+            for k, v in values.items():
+                if isinstance(v, int | float) and not isinstance(v, bool):
+                    self.writer.add_scalar(f"{prefix}/{k}", v, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _line_step(line: str):
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
+    """Train (or resume) in `workdir`; returns the last evaluation report."""
+    validate(config)
+    enable_compilation_cache()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    source = get_source(config.data)
+    train_data = source.load(config.data.train_split)
+    canvas = pipeline.stack(train_data, source.ignore_label, config.data.max_size)
+    validate_against_data(config, source.num_classes, canvas.sizes_N2.tolist())
+    eval_data = source.load(config.data.eval_split) if config.data.eval_split in source.splits else None
+    if eval_data is None:
+        log.warning("%s offers no %r split: training without evaluation", source.name, config.data.eval_split)
+    checkpoint.check_compatible(workdir, config, source.num_classes)
+
+    mesh = sharding.make_mesh()
+    sharding.check_batch_size(config.batch_size)
+    class_weights = None
+    if config.loss.class_weights == "median_freq":
+        class_weights = losses.median_frequency_weights(train_data.labels, source.num_classes, source.ignore_label)
+        log.info("median-frequency class weights: %s", np.round(class_weights, 3).tolist())
+    graphs, state, tx = state_lib.create(config, source.num_classes)
+    ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
+    start = ckpts.latest_step() or 0
+    if start:
+        state = ckpts.restore(state)
+        log.info("resuming %s from step %d", workdir, start)
+    if jax.process_index() == 0:
+        checkpoint.write_json_atomic(workdir / "config.json", json.loads(config.to_json()))
+        info = {"source": source.name, "class_names": list(source.class_names),
+                "palette": source.palette.tolist(), "ignore_label": source.ignore_label}
+        checkpoint.write_json_atomic(workdir / "dataset.json", info)
+    state = jax.device_put(state, sharding.replicated(mesh))
+
+    train_step = jax.jit(
+        state_lib.make_train_step(config, graphs, tx, source.num_classes, source.ignore_label, class_weights),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(
+        state_lib.make_eval_step(graphs, source.num_classes, source.ignore_label, hflip=config.eval_hflip)
+    )
+    metrics_log = MetricsLog(workdir, start)
+    rows = sharding.process_slice(config.batch_size)
+    last_report: dict = {}
+
+    def evaluate(step: int) -> dict:
+        cm, _ = evaluate_split(eval_step, state, eval_data, config, source.num_classes, mesh)
+        rep = report(cm, source.class_names, split=config.data.eval_split, step=step)
+        metrics_log.write(step, {f"eval_{k}": v for k, v in rep.items() if k in ("mean_iou", "pixel_accuracy", "mean_accuracy", "fw_iou")}, "eval")
+        return rep
+
+    def save(step: int, rep: dict | None = None) -> None:
+        ckpts.save(step, state, mean_iou=(rep or {}).get("mean_iou"))
+
+    bar = tqdm(total=config.num_steps, initial=start, disable=jax.process_index() != 0, dynamic_ncols=True, unit="step")
+    step, pending, t_last, n_last = start, None, time.time(), start
+    with _StopRequest() as stop:
+        while step < config.num_steps:
+            idx = pipeline.batch_indices(step, len(canvas), config.batch_size, config.seed)[rows]
+            batch = sharding.put_batch(mesh, canvas.images_NHWC[idx], canvas.labels_NHW[idx], canvas.sizes_N2[idx])
+            state, out = train_step(state, *batch)
+            step += 1
+            bar.update(1)
+            if step % config.log_every == 0 or step == config.num_steps or stop.signum:
+                values = {k: float(v) for k, v in jax.device_get(out).items()}
+                _check_finite(values["loss"], step, config, ckpts)
+                now = time.time()
+                values["images_per_sec"] = (step - n_last) * config.batch_size / max(now - t_last, 1e-9)
+                values["epoch"] = step * config.batch_size / len(canvas)
+                values["learning_rate"] = float(state_lib.learning_rate_schedule(config)(step - 1))
+                t_last, n_last = now, step
+                metrics_log.write(step, values)
+                bar.set_postfix(epoch=f"{values['epoch']:.1f}", loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_sec']:.1f}")
+                pending = values
+            do_eval = eval_data is not None and (
+                step == config.num_steps or (config.eval_every and step % config.eval_every == 0)
+            )
+            if do_eval:
+                last_report = evaluate(step)
+                bar.write(f"step {step}: eval {config.data.eval_split} mean IoU {100 * (last_report['mean_iou'] or 0):.2f}, "
+                          f"pixel accuracy {100 * (last_report['pixel_accuracy'] or 0):.2f}")
+            if do_eval or step % config.checkpoint_every == 0 or step == config.num_steps or stop.signum:
+                if pending is None:
+                    _check_finite(float(out["loss"]), step, config, ckpts)
+                save(step, last_report if do_eval else None)
+            pending = None
+            if stop.signum:
+                bar.close()
+                name = signal.Signals(stop.signum).name
+                print(f"{name} received: saved a checkpoint at step {step} in {workdir}; "
+                      "run the same command again to resume.", flush=True)
+                break
+    bar.close()
+    ckpts.wait()
+    ckpts.close()
+    metrics_log.close()
+    if last_report and jax.process_index() == 0 and step == config.num_steps:
+        print(format_report(last_report))
+    return last_report
+
+
+def _check_finite(loss: float, step: int, config, ckpts: checkpoint.Checkpoints) -> None:
+    if math.isfinite(loss):
+        return
+    last = ckpts.latest_step()
+    raise TrainingError(
+        f"the training loss became {loss} at step {step}. "
+        + (f"The last good checkpoint (step {last}) is kept. " if last else "No checkpoint was written. ")
+        + f"Try a lower learning rate (--config.optimizer.learning_rate={config.optimizer.learning_rate / 10:g}), "
+        "gradient clipping (--config.optimizer.grad_clip=1.0), or float32 compute (--config.model.dtype=float32)."
+    )

@@ -1,0 +1,116 @@
+"""Pictures of segmentations: colourised class maps, overlays, legends, report figures.
+
+matplotlib is imported only inside the functions that draw figures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def colorize(classes_HW: np.ndarray, palette_K3: np.ndarray, ignore_label: int = 255) -> np.ndarray:
+    """uint8 [H, W, 3] colours of a class map; ignored (or unknown) pixels black."""
+    palette = np.zeros((256, 3), np.uint8)
+    palette[: len(palette_K3)] = palette_K3
+    palette[ignore_label] = 0
+    return palette[np.asarray(classes_HW, np.uint8)]
+
+
+def overlay(image_HWC: np.ndarray, classes_HW: np.ndarray, palette_K3: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The image blended with the colourised class map."""
+    colours = colorize(classes_HW, palette_K3).astype(np.float32)
+    return (image_HWC.astype(np.float32) * (1 - alpha) + colours * alpha).round().astype(np.uint8)
+
+
+def palette_image(classes_HW: np.ndarray, palette_K3: np.ndarray) -> Image.Image:
+    """A palette ('P' mode) PNG-ready image: stores class ids, opens as colours."""
+    img = Image.fromarray(np.asarray(classes_HW, np.uint8), mode="P")
+    flat = np.zeros((256, 3), np.uint8)
+    flat[: len(palette_K3)] = palette_K3
+    img.putpalette(flat.ravel().tolist())
+    return img
+
+
+def legend(class_names, palette_K3: np.ndarray, *, width: int = 160, row: int = 18) -> np.ndarray:
+    """uint8 image of colour swatches with class names."""
+    img = Image.new("RGB", (width, row * len(class_names) + 4), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for k, name in enumerate(class_names):
+        y = 2 + k * row
+        draw.rectangle([4, y, 4 + row - 4, y + row - 4], fill=tuple(int(c) for c in palette_K3[k]))
+        draw.text((row + 6, y + 1), str(name), fill=(0, 0, 0))
+    return np.asarray(img)
+
+
+def side_by_side(image_HWC, label_HW, pred_HW, palette_K3, ignore_label: int = 255) -> np.ndarray:
+    """image | ground truth | prediction, as one uint8 image."""
+    gap = np.full((image_HWC.shape[0], 4, 3), 255, np.uint8)
+    return np.concatenate(
+        [image_HWC, gap, colorize(label_HW, palette_K3, ignore_label), gap, colorize(pred_HW, palette_K3)], axis=1
+    )
+
+
+def save_examples(path, examples, class_names, palette_K3, ignore_label: int = 255) -> None:
+    """Rows of image | ground truth | prediction with a class legend at the right."""
+    rows = [side_by_side(i, lab, p, palette_K3, ignore_label) for i, lab, p in examples]
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    grid = np.concatenate(rows, axis=0)
+    leg = legend(class_names, palette_K3)
+    height = max(grid.shape[0], leg.shape[0])
+    grid = np.pad(grid, ((0, height - grid.shape[0]), (0, 0), (0, 0)), constant_values=255)
+    leg = np.pad(leg, ((0, height - leg.shape[0]), (0, 0), (0, 0)), constant_values=255)
+    Image.fromarray(np.concatenate([grid, leg], axis=1)).save(path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_confusion(path: str | Path, cm_KK: np.ndarray, class_names) -> None:
+    """Row-normalised confusion matrix heatmap (rows: ground truth)."""
+    plt = _pyplot()
+    rows = cm_KK.sum(axis=1, keepdims=True)
+    norm = np.divide(cm_KK, rows, out=np.zeros(cm_KK.shape, np.float64), where=rows > 0)
+    k = len(class_names)
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * k, 1 + 0.5 * k))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), class_names, rotation=90)
+    ax.set_yticks(range(k), class_names)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    for i in range(k):
+        for j in range(k):
+            if norm[i, j] >= 0.01:
+                ax.text(j, i, f"{100 * norm[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_iou_bars(path: str | Path, report: dict) -> None:
+    """Per-class IoU bar chart with the mean IoU as a line."""
+    plt = _pyplot()
+    names = [c["name"] for c in report["per_class"]]
+    ious = [100 * (c["iou"] or 0.0) for c in report["per_class"]]
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * len(names), 3.5))
+    ax.bar(range(len(names)), ious, color="tab:blue")
+    if report["mean_iou"] is not None:
+        ax.axhline(100 * report["mean_iou"], color="tab:red", linestyle="--", label=f"mean {100 * report['mean_iou']:.1f}")
+        ax.legend()
+    ax.set_xticks(range(len(names)), names, rotation=90)
+    ax.set_ylabel("IoU (%)")
+    ax.set_ylim(0, 100)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

