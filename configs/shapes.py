@@ -5,11 +5,11 @@
 Measured: see README.md (results table) for hardware, time and val mean IoU.
 """
 
-from configs import default
+from fcn.config import default_config
 
 
 def get_config():
-    c = default.get_config()
+    c = default_config()
     c.data.source = "synthetic"
     c.data.synthetic_size = (96, 128)
     c.data.synthetic_counts.train = 256

@@ -1,13 +1,13 @@
 """A seconds-long config for tests: a width-4 U-Net on a few small synthetic images.
 
-    python train.py --config configs/tiny.py --workdir /tmp/tiny
+python train.py --config configs/tiny.py --workdir /tmp/tiny
 """
 
-from configs import default
+from fcn.config import default_config
 
 
 def get_config():
-    c = default.get_config()
+    c = default_config()
     c.data.source = "synthetic"
     c.data.synthetic_size = (24, 32)
     c.data.synthetic_counts.train = 16

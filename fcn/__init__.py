@@ -1,0 +1,15 @@
+"""fcn: semantic segmentation with fully convolutional networks in JAX/Flax.
+
+import fcn
+model = fcn.UNet(num_classes=11, rngs=flax.nnx.Rngs(0))
+logits_BHWK = model(images_BHWC)            # any H, W
+probs_BHWK = fcn.predict_proba(model, images_BHWC)
+print(fcn.summary(model, (1, 360, 480, 3)))
+"""
+
+from fcn import losses, metrics
+from fcn.model import UNet, predict_proba
+from fcn.summary import summary
+
+__all__ = ["UNet", "losses", "metrics", "predict_proba", "summary"]
+__version__ = "0.1.0"

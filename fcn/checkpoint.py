@@ -69,7 +69,11 @@ def check_compatible(workdir: Path, config, num_classes: int) -> None:
         return
     old = json.loads(path.read_text())
     new = json.loads(config.to_json())
-    diffs = [f"{f}: workdir has {_get(old, f)!r}, config has {_get(new, f)!r}" for f in MODEL_FIELDS if _get(old, f) != _get(new, f)]
+    diffs = [
+        f"{f}: workdir has {_get(old, f)!r}, config has {_get(new, f)!r}"
+        for f in MODEL_FIELDS
+        if _get(old, f) != _get(new, f)
+    ]
     info = workdir / "dataset.json"
     if info.exists():
         old_k = len(json.loads(info.read_text())["class_names"])
@@ -107,7 +111,8 @@ class Checkpoints:
         try:
             self.latest.save(step, args=ocp.args.StandardSave(state), force=True)
             if mean_iou is not None and np.isfinite(mean_iou):
-                self.best.save(step, args=ocp.args.StandardSave(state), metrics={"mean_iou": float(mean_iou)}, force=True)
+                metrics = {"mean_iou": float(mean_iou)}
+                self.best.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
             self.wait()
         except (OSError, ValueError) as e:
             raise CheckpointError(

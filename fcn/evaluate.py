@@ -17,7 +17,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from fcn import checkpoint, metrics, sharding, state as state_lib
+from fcn import checkpoint, metrics, sharding
+from fcn import state as state_lib
 from fcn.data import pipeline
 from fcn.data.base import Split
 
@@ -38,7 +39,7 @@ def evaluate_split(
     batches = pipeline.eval_batches(
         split, config.eval_batch_size, multiple, config.data.ignore_label, config.data.max_size, config.model.pad_mode
     )
-    for images, labels, idx, sizes in batches:
+    for images, labels, _, sizes in batches:
         x, y = sharding.put_batch(mesh, images[rows], labels[rows])
         cm, preds = eval_step(state, x, y)
         acc.add(cm, labels.size)

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fcn import ops
+
 HEADS = ("linear", "stacked", "mlp")
 NORMS = ("batch", "group", "none")
 UPSAMPLES = ("transpose", "resize")
@@ -240,7 +242,7 @@ def from_config(model_config, num_classes: int, *, rngs: nnx.Rngs, **overrides) 
         dropout=model_config.dropout,
         dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[model_config.dtype],
         pad_mode=model_config.pad_mode,
+        conv_general_dilated=ops.conv_fn(model_config.get("conv_impl", "xla")),
     )
     kwargs.update(overrides)
     return UNet(num_classes, rngs=rngs, **kwargs)
-

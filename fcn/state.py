@@ -40,7 +40,10 @@ def learning_rate_schedule(config) -> optax.Schedule:
         )
     if opt.schedule == "constant":
         return optax.join_schedules(
-            [optax.linear_schedule(0.0, opt.learning_rate, max(opt.warmup_steps, 1)), optax.constant_schedule(opt.learning_rate)],
+            [
+                optax.linear_schedule(0.0, opt.learning_rate, max(opt.warmup_steps, 1)),
+                optax.constant_schedule(opt.learning_rate),
+            ],
             [opt.warmup_steps],
         )
     raise ValueError(f"optimizer.schedule={opt.schedule!r}: expected 'cosine' or 'constant'")

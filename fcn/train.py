@@ -20,7 +20,8 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from fcn import checkpoint, losses, sharding, state as state_lib
+from fcn import checkpoint, losses, sharding
+from fcn import state as state_lib
 from fcn.config import validate, validate_against_data
 from fcn.data import get_source, pipeline
 from fcn.evaluate import evaluate_split, format_report, report
@@ -80,7 +81,11 @@ class MetricsLog:
         # After a crash the file may hold lines past the checkpoint we resume
         # from; drop them so no step appears twice.
         if self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines() if _line_step(ln) is not None and _line_step(ln) <= resume_step]
+            kept = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if _line_step(ln) is not None and _line_step(ln) <= resume_step
+            ]
             tmp = self.path.with_name("metrics.jsonl.tmp")
             tmp.write_text("".join(ln + "\n" for ln in kept))
             os.replace(tmp, self.path)
@@ -115,8 +120,12 @@ def _line_step(line: str):
         return None
 
 
-def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
-    """Train (or resume) in `workdir`; returns the last evaluation report."""
+def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | None = None) -> dict:
+    """Train (or resume) in `workdir`; returns the last evaluation report.
+
+    stop_after: stop (with a checkpoint) once this call has run that many
+    steps; re-running resumes. For time-sliced jobs, and for tests.
+    """
     validate(config)
     enable_compilation_cache()
     workdir = Path(workdir)
@@ -145,8 +154,12 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
         log.info("resuming %s from step %d", workdir, start)
     if jax.process_index() == 0:
         checkpoint.write_json_atomic(workdir / "config.json", json.loads(config.to_json()))
-        info = {"source": source.name, "class_names": list(source.class_names),
-                "palette": source.palette.tolist(), "ignore_label": source.ignore_label}
+        info = {
+            "source": source.name,
+            "class_names": list(source.class_names),
+            "palette": source.palette.tolist(),
+            "ignore_label": source.ignore_label,
+        }
         checkpoint.write_json_atomic(workdir / "dataset.json", info)
     state = jax.device_put(state, sharding.replicated(mesh))
 
@@ -164,14 +177,15 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     def evaluate(step: int) -> dict:
         cm, _ = evaluate_split(eval_step, state, eval_data, config, source.num_classes, mesh)
         rep = report(cm, source.class_names, split=config.data.eval_split, step=step)
-        metrics_log.write(step, {f"eval_{k}": v for k, v in rep.items() if k in ("mean_iou", "pixel_accuracy", "mean_accuracy", "fw_iou")}, "eval")
+        metrics_log.write(
+            step,
+            {f"eval_{k}": v for k, v in rep.items() if k in ("mean_iou", "pixel_accuracy", "mean_accuracy", "fw_iou")},
+            "eval",
+        )
         return rep
 
-    def save(step: int, rep: dict | None = None) -> None:
-        ckpts.save(step, state, mean_iou=(rep or {}).get("mean_iou"))
-
     bar = tqdm(total=config.num_steps, initial=start, disable=jax.process_index() != 0, dynamic_ncols=True, unit="step")
-    step, pending, t_last, n_last = start, None, time.time(), start
+    step, t_last, n_last = start, time.time(), start
     with _StopRequest() as stop:
         while step < config.num_steps:
             idx = pipeline.batch_indices(step, len(canvas), config.batch_size, config.seed)[rows]
@@ -179,34 +193,45 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
             state, out = train_step(state, *batch)
             step += 1
             bar.update(1)
-            if step % config.log_every == 0 or step == config.num_steps or stop.signum:
+            stopping = stop.signum is not None or (stop_after is not None and step - start >= stop_after)
+            last = step == config.num_steps
+            do_eval = eval_data is not None and (last or (config.eval_every and step % config.eval_every == 0))
+            do_save = do_eval or last or stopping or step % config.checkpoint_every == 0
+            if do_save or step % config.log_every == 0:
+                # Fetching the loss waits for the step; done only at log and save points.
                 values = {k: float(v) for k, v in jax.device_get(out).items()}
-                _check_finite(values["loss"], step, config, ckpts)
+                _check_finite(values["loss"], step, config, ckpts)  # never checkpoint a NaN state
                 now = time.time()
                 values["images_per_sec"] = (step - n_last) * config.batch_size / max(now - t_last, 1e-9)
                 values["epoch"] = step * config.batch_size / len(canvas)
                 values["learning_rate"] = float(state_lib.learning_rate_schedule(config)(step - 1))
-                t_last, n_last = now, step
                 metrics_log.write(step, values)
-                bar.set_postfix(epoch=f"{values['epoch']:.1f}", loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_sec']:.1f}")
-                pending = values
-            do_eval = eval_data is not None and (
-                step == config.num_steps or (config.eval_every and step % config.eval_every == 0)
-            )
+                bar.set_postfix(
+                    epoch=f"{values['epoch']:.1f}",
+                    loss=f"{values['loss']:.4f}",
+                    img_s=f"{values['images_per_sec']:.1f}",
+                )
             if do_eval:
                 last_report = evaluate(step)
-                bar.write(f"step {step}: eval {config.data.eval_split} mean IoU {100 * (last_report['mean_iou'] or 0):.2f}, "
-                          f"pixel accuracy {100 * (last_report['pixel_accuracy'] or 0):.2f}")
-            if do_eval or step % config.checkpoint_every == 0 or step == config.num_steps or stop.signum:
-                if pending is None:
-                    _check_finite(float(out["loss"]), step, config, ckpts)
-                save(step, last_report if do_eval else None)
-            pending = None
-            if stop.signum:
+                bar.write(
+                    f"step {step}: {config.data.eval_split} mean IoU {100 * (last_report['mean_iou'] or 0):.2f}, "
+                    f"pixel accuracy {100 * (last_report['pixel_accuracy'] or 0):.2f}"
+                )
+            if do_save:
+                ckpts.save(step, state, mean_iou=last_report.get("mean_iou") if do_eval else None)
+            if do_save or step % config.log_every == 0:
+                t_last, n_last = time.time(), step  # throughput excludes evaluation and saving
+            if stopping and not last:
                 bar.close()
-                name = signal.Signals(stop.signum).name
-                print(f"{name} received: saved a checkpoint at step {step} in {workdir}; "
-                      "run the same command again to resume.", flush=True)
+                why = (
+                    signal.Signals(stop.signum).name + " received"
+                    if stop.signum
+                    else f"stopped after {stop_after} steps"
+                )
+                print(
+                    f"{why}: saved a checkpoint at step {step} in {workdir}; run the same command again to resume.",
+                    flush=True,
+                )
                 break
     bar.close()
     ckpts.wait()

@@ -19,10 +19,32 @@ def colorize(classes_HW: np.ndarray, palette_K3: np.ndarray, ignore_label: int =
     return palette[np.asarray(classes_HW, np.uint8)]
 
 
-def overlay(image_HWC: np.ndarray, classes_HW: np.ndarray, palette_K3: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """The image blended with the colourised class map."""
+def _rgb(image) -> np.ndarray:
+    """uint8 [H, W, 3] of a uint8 or [0, 1] float image, grayscale or RGB(A)."""
+    image = np.asarray(image)
+    if image.dtype.kind == "f":
+        image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    return np.asarray(image[..., :3], np.uint8)
+
+
+def overlay(
+    image_HWC: np.ndarray,
+    classes_HW: np.ndarray,
+    palette_K3: np.ndarray,
+    alpha: float = 0.5,
+    ignore_label: int | None = None,
+) -> np.ndarray:
+    """The image blended with the colourised class map; `ignore_label` pixels keep the image."""
+    image = _rgb(image_HWC).astype(np.float32)
     colours = colorize(classes_HW, palette_K3).astype(np.float32)
-    return (image_HWC.astype(np.float32) * (1 - alpha) + colours * alpha).round().astype(np.uint8)
+    out = image * (1 - alpha) + colours * alpha
+    if ignore_label is not None:
+        out = np.where((np.asarray(classes_HW) == ignore_label)[..., None], image, out)
+    return out.round().astype(np.uint8)
 
 
 def palette_image(classes_HW: np.ndarray, palette_K3: np.ndarray) -> Image.Image:
@@ -46,11 +68,12 @@ def legend(class_names, palette_K3: np.ndarray, *, width: int = 160, row: int = 
 
 
 def side_by_side(image_HWC, label_HW, pred_HW, palette_K3, ignore_label: int = 255) -> np.ndarray:
-    """image | ground truth | prediction, as one uint8 image."""
+    """image | ground truth | prediction, as one uint8 image (image | prediction without a label)."""
+    image_HWC = _rgb(image_HWC)
     gap = np.full((image_HWC.shape[0], 4, 3), 255, np.uint8)
-    return np.concatenate(
-        [image_HWC, gap, colorize(label_HW, palette_K3, ignore_label), gap, colorize(pred_HW, palette_K3)], axis=1
-    )
+    panels = [image_HWC] + ([] if label_HW is None else [colorize(label_HW, palette_K3, ignore_label)])
+    panels.append(colorize(pred_HW, palette_K3))
+    return np.concatenate([p for panel in panels for p in (panel, gap)][:-1], axis=1)
 
 
 def save_examples(path, examples, class_names, palette_K3, ignore_label: int = 255) -> None:
@@ -64,6 +87,37 @@ def save_examples(path, examples, class_names, palette_K3, ignore_label: int = 2
     grid = np.pad(grid, ((0, height - grid.shape[0]), (0, 0), (0, 0)), constant_values=255)
     leg = np.pad(leg, ((0, height - leg.shape[0]), (0, 0), (0, 0)), constant_values=255)
     Image.fromarray(np.concatenate([grid, leg], axis=1)).save(path)
+
+
+def plot_examples(examples, class_names, palette_K3, ignore_label: int = 255, *, size: float = 2.5):
+    """A matplotlib figure, one row per (image, label or None, prediction): titled panels, a legend.
+
+    For notebooks; returns the Figure (close it with `plt.close(fig)` when saving many).
+    """
+    plt = _pyplot()
+    from matplotlib.patches import Patch
+
+    examples = list(examples)
+    cols = 3 if any(lab is not None for _, lab, _ in examples) else 2
+    fig, axes = plt.subplots(
+        len(examples),
+        cols,
+        figsize=(size * cols * 1.3, size * len(examples)),
+        squeeze=False,
+    )
+    for row, (image, label, pred) in zip(axes, examples):
+        panels = [("image", _rgb(image)), ("prediction", colorize(pred, palette_K3))]
+        if cols == 3:
+            truth = colorize(label, palette_K3, ignore_label) if label is not None else np.ones_like(panels[0][1]) * 255
+            panels.insert(1, ("ground truth", truth))
+        for ax, (title, picture) in zip(row, panels):
+            ax.imshow(picture, interpolation="nearest")
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+    handles = [Patch(color=np.asarray(c) / 255.0, label=str(n)) for n, c in zip(class_names, palette_K3)]
+    fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.85, 1))
+    return fig
 
 
 def _pyplot():
@@ -90,8 +144,15 @@ def save_confusion(path: str | Path, cm_KK: np.ndarray, class_names) -> None:
     for i in range(k):
         for j in range(k):
             if norm[i, j] >= 0.01:
-                ax.text(j, i, f"{100 * norm[i, j]:.0f}", ha="center", va="center", fontsize=7,
-                        color="white" if norm[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{100 * norm[i, j]:.0f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -106,7 +167,12 @@ def save_iou_bars(path: str | Path, report: dict) -> None:
     fig, ax = plt.subplots(figsize=(1 + 0.5 * len(names), 3.5))
     ax.bar(range(len(names)), ious, color="tab:blue")
     if report["mean_iou"] is not None:
-        ax.axhline(100 * report["mean_iou"], color="tab:red", linestyle="--", label=f"mean {100 * report['mean_iou']:.1f}")
+        ax.axhline(
+            100 * report["mean_iou"],
+            color="tab:red",
+            linestyle="--",
+            label=f"mean {100 * report['mean_iou']:.1f}",
+        )
         ax.legend()
     ax.set_xticks(range(len(names)), names, rotation=90)
     ax.set_ylabel("IoU (%)")

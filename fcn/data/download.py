@@ -76,9 +76,7 @@ def _stream(url: str, part: Path, timeout: float) -> tuple[int, str]:
                 bar.update(len(chunk))
     # http.client returns b"" (no error) when the server closes early.
     if expected is not None and written != expected:
-        raise DownloadError(
-            f"{url}: connection closed after {written} of {expected} bytes"
-        )
+        raise DownloadError(f"{url}: connection closed after {written} of {expected} bytes")
     return written, digest.hexdigest()
 
 
@@ -116,7 +114,10 @@ def download(
             )
         part.replace(dest)
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
-        reason = getattr(e, "reason", None) or e
+        # URLError's reason is the useful part ("Connection refused"); HTTPError's
+        # own text carries the status ("HTTP Error 404: Not Found").
+        is_http = isinstance(e, urllib.error.HTTPError)
+        reason = e if is_http else getattr(e, "reason", None) or e
         raise DownloadError(f"download of {url} failed: {reason}") from e
     finally:
         part.unlink(missing_ok=True)  # no-op after the rename
@@ -222,9 +223,7 @@ def safe_extract(
         raise FileExistsError(f"{dest} already exists; remove it to extract again")
     prefix = _member_path(members_prefix).parts if members_prefix else ()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(
-        tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
-    )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
     try:
         count = _extract_to(archive, tmp, prefix)
         if count == 0:
@@ -244,9 +243,7 @@ def _extract_to(archive: Path, out: Path, prefix: tuple[str, ...]) -> int:
                 return _extract_all(archive, _zip_members(zf), zf.open, out, prefix)
         if tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tf:
-                return _extract_all(
-                    archive, _tar_members(tf), tf.extractfile, out, prefix
-                )
+                return _extract_all(archive, _tar_members(tf), tf.extractfile, out, prefix)
     except _CORRUPT as e:
         raise DataError(f"{archive}: corrupt or truncated archive ({e})") from e
     raise DataError(f"{archive}: not a zip or tar archive")

@@ -35,9 +35,7 @@ Pairs = list[tuple[Path, Path]]
 
 
 def _shown(items: list[str], n: int = 5) -> str:
-    return ", ".join(items[:n]) + (
-        f", ... ({len(items)} in all)" if len(items) > n else ""
-    )
+    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
 def _by_stem(folder: Path, suffixes: tuple[str, ...], what: str) -> dict[str, Path]:
@@ -52,9 +50,7 @@ def _by_stem(folder: Path, suffixes: tuple[str, ...], what: str) -> dict[str, Pa
         if p.suffix.lower() not in suffixes:
             others.append(p.name)
         elif p.stem in files:
-            raise DataError(
-                f"{folder}: two {what} for stem {p.stem!r}: {files[p.stem].name}, {p.name}"
-            )
+            raise DataError(f"{folder}: two {what} for stem {p.stem!r}: {files[p.stem].name}, {p.name}")
         else:
             files[p.stem] = p
     if not files:
@@ -85,7 +81,7 @@ def pair_files(folder: Path) -> Pairs:
 def hold_out(pairs: Pairs, val_fraction: float) -> tuple[Pairs, Pairs]:
     """Splits pairs into (train, val); val is round(val_fraction * n), at least 1."""
     if not 0 <= val_fraction < 1:
-        raise ValueError(f"data.val_fraction={val_fraction}: expected 0 <= value < 1")
+        raise DataError(f"data.val_fraction={val_fraction}: expected 0 <= value < 1")
     if val_fraction == 0:
         return pairs, []
     if len(pairs) < 2:
@@ -94,9 +90,7 @@ def hold_out(pairs: Pairs, val_fraction: float) -> tuple[Pairs, Pairs]:
             "more, add a val/ folder, or set --config.data.val_fraction=0"
         )
     n_val = min(len(pairs) - 1, max(1, round(val_fraction * len(pairs))))
-    by_hash = sorted(
-        pairs, key=lambda p: hashlib.sha256(p[0].stem.encode()).hexdigest()
-    )
+    by_hash = sorted(pairs, key=lambda p: hashlib.sha256(p[0].stem.encode()).hexdigest())
     val_stems = {p[0].stem for p in by_hash[:n_val]}
     train = [p for p in pairs if p[0].stem not in val_stems]
     val = [p for p in pairs if p[0].stem in val_stems]
@@ -111,15 +105,11 @@ def find_splits(root: Path, val_fraction: float) -> dict[str, Pairs]:
     if (root / "images").is_dir() or (root / "masks").is_dir() or not split_dirs:
         if not (root / "images").is_dir() and not (root / "masks").is_dir():
             found = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
-            raise DataError(
-                f"data.path={root}: expected {_LAYOUT}; found: {_shown(found) or '(empty)'}"
-            )
+            raise DataError(f"data.path={root}: expected {_LAYOUT}; found: {_shown(found) or '(empty)'}")
         splits = {"train": pair_files(root)}
     else:
         if "train" not in split_dirs:
-            raise DataError(
-                f"data.path={root}: split folders {split_dirs} but no train/"
-            )
+            raise DataError(f"data.path={root}: split folders {split_dirs} but no train/")
         splits = {s: pair_files(root / s) for s in split_dirs}
     if "val" not in splits:
         train, val = hold_out(splits["train"], val_fraction)
@@ -132,7 +122,7 @@ def find_splits(root: Path, val_fraction: float) -> dict[str, Pairs]:
 def _class_names(data_config) -> tuple[str, ...]:
     names = tuple(str(n) for n in (data_config.class_names or ()))
     if len(names) < 2:
-        raise ValueError(
+        raise DataError(
             f"data.class_names={names!r}: the folder source needs one name per class "
             "(at least 2), in class-id order, e.g. "
             '--config.data.class_names=\'("background", "object")\''
@@ -144,9 +134,7 @@ def folder_source(data_config) -> Source:
     """The folder source for a `config.data` ConfigDict (path, class_names, ...)."""
     class_names = _class_names(data_config)
     if not data_config.path:
-        raise ValueError(
-            f"data.path is empty: set --config.data.path=DIR to a folder holding {_LAYOUT}"
-        )
+        raise DataError(f"data.path is empty: set --config.data.path=DIR to a folder holding {_LAYOUT}")
     root = Path(data_config.path).expanduser()
     ignore = int(data_config.ignore_label)
     value_map = normalize_value_map(data_config.value_map)

@@ -19,6 +19,7 @@ Policies, decided once here for every file-based source:
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,20 +38,26 @@ _PROGRESS_MIN_FILES = 100  # below this a progress bar is noise
 
 
 class DataError(ValueError):
-    """A data file or its content cannot be used; the message names the file."""
+    """Data, or a `config.data` field describing it, cannot be used.
+
+    The message names the file (or the config key) and what would work. The
+    command line prints it instead of a traceback.
+    """
 
 
 def _open_loaded(path: PathLike) -> Image.Image:
     """Opens and fully decodes an image, turning every failure into a DataError."""
     path = Path(path)
     try:
-        size = path.stat().st_size
+        # Read first, decode second: an I/O failure (permissions, a vanished
+        # file) is then not mistaken for a corrupt image.
+        data = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read file ({e.strerror or e})") from e
-    if size == 0:
+    if not data:
         raise DataError(f"{path}: empty file (0 bytes)")
     try:
-        img = Image.open(path)
+        img = Image.open(io.BytesIO(data))
         img.load()  # decode every byte now, so truncation is caught here
     except Image.UnidentifiedImageError as e:
         raise DataError(f"{path}: not an image format PIL can read") from e
@@ -83,13 +90,14 @@ def read_image(path: PathLike) -> np.ndarray:
                 "8-bit images: convert it to 8-bit RGB or grayscale first"
             )
         if img.mode not in ("RGB", "L"):
-            img = img.convert("RGB")
+            try:
+                img = img.convert("RGB")
+            except (ValueError, OSError) as e:
+                raise DataError(f"{path}: cannot convert mode {img.mode} to RGB") from e
         return as_rgb(np.asarray(img), str(path))
 
 
-def _mask_values(
-    img: Image.Image, path: PathLike, color_map: np.ndarray | None
-) -> np.ndarray:
+def _mask_values(img: Image.Image, path: PathLike, color_map: np.ndarray | None) -> np.ndarray:
     """Raw per-pixel integer values of a decoded mask, before any value_map."""
     if img.mode in ("L", "P"):
         return np.asarray(img)
@@ -100,9 +108,7 @@ def _mask_values(
     if img.mode in _HIGH_BIT_MODES and img.mode != "F":
         return np.asarray(img).astype(np.int64)
     if img.mode not in ("RGB", "RGBA"):
-        raise DataError(
-            f"{path}: mask has mode {img.mode}; expected 8-bit 'L', 'P' or RGB"
-        )
+        raise DataError(f"{path}: mask has mode {img.mode}; expected 8-bit 'L', 'P' or RGB")
     rgb = np.asarray(img)[..., :3]
     if color_map is not None:
         return _colors_to_ids(rgb, path, color_map)
@@ -118,15 +124,9 @@ def _mask_values(
     )
 
 
-def _colors_to_ids(
-    rgb: np.ndarray, path: PathLike, color_map: np.ndarray
-) -> np.ndarray:
+def _colors_to_ids(rgb: np.ndarray, path: PathLike, color_map: np.ndarray) -> np.ndarray:
     """Maps each pixel's colour to the index of that colour in color_map."""
-    codes = (
-        (rgb[..., 0].astype(np.int32) << 16)
-        | (rgb[..., 1].astype(np.int32) << 8)
-        | rgb[..., 2]
-    )
+    codes = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
     known = (color_map[:, 0] << 16) | (color_map[:, 1] << 8) | color_map[:, 2]
     order = np.argsort(known)
     pos = np.clip(np.searchsorted(known[order], codes), 0, len(known) - 1)
@@ -150,60 +150,45 @@ def normalize_value_map(value_map: Mapping | None) -> dict[int, int]:
         try:
             result[int(str(key).strip())] = int(value)
         except (TypeError, ValueError):
-            raise ValueError(
+            raise DataError(
                 f"data.value_map entry {key!r}: {value!r} is not raw mask value -> class id "
                 'with integers on both sides, e.g. {"255": 1}'
             ) from None
     return result
 
 
-def normalize_color_map(
-    color_map: Sequence | None, num_classes: int
-) -> np.ndarray | None:
+def normalize_color_map(color_map: Sequence | None, num_classes: int) -> np.ndarray | None:
     """Checks data.color_map (one [r, g, b] per class id) and returns it as int32 [K, 3]."""
     if color_map is None or len(color_map) == 0:
         return None
     try:
         colors = np.asarray([[int(v) for v in c] for c in color_map], np.int64)
     except (TypeError, ValueError):
-        raise ValueError(
-            f"data.color_map={color_map!r}: expected one (r, g, b) per class"
-        ) from None
-    if (
-        colors.ndim != 2
-        or colors.shape[1] != 3
-        or colors.min() < 0
-        or colors.max() > 255
-    ):
-        raise ValueError(
-            f"data.color_map={color_map!r}: expected (r, g, b) triples in 0..255"
-        )
+        raise DataError(f"data.color_map={color_map!r}: expected one (r, g, b) per class") from None
+    if colors.ndim != 2 or colors.shape[1] != 3 or colors.min() < 0 or colors.max() > 255:
+        raise DataError(f"data.color_map={color_map!r}: expected (r, g, b) triples in 0..255")
     if len(colors) != num_classes:
-        raise ValueError(
+        raise DataError(
             f"data.color_map has {len(colors)} colours but there are {num_classes} classes; "
             "give one colour per class, in class-id order"
         )
     if len(np.unique(colors, axis=0)) != len(colors):
-        raise ValueError(
-            f"data.color_map={color_map!r}: the same colour is given twice"
-        )
+        raise DataError(f"data.color_map={color_map!r}: the same colour is given twice")
     return colors.astype(np.int32)
 
 
-def check_labels_config(
-    num_classes: int, ignore_label: int, value_map: Mapping[int, int]
-) -> None:
+def check_labels_config(num_classes: int, ignore_label: int, value_map: Mapping[int, int]) -> None:
     """Fails early on a class count, ignore label or value_map that cannot work."""
     if not 1 <= num_classes <= 255:
-        raise ValueError(f"{num_classes} classes: expected between 1 and 255")
+        raise DataError(f"{num_classes} classes: expected between 1 and 255")
     if not 0 <= ignore_label <= 255 or ignore_label < num_classes:
-        raise ValueError(
+        raise DataError(
             f"data.ignore_label={ignore_label} must be in {num_classes}..255 "
             f"(not a class id; there are {num_classes} classes)"
         )
     for raw, target in value_map.items():
         if not (0 <= target < num_classes or target == ignore_label):
-            raise ValueError(
+            raise DataError(
                 f"data.value_map maps {raw} to {target}, which is neither a class id "
                 f"(0..{num_classes - 1}) nor the ignore label {ignore_label}"
             )
@@ -246,12 +231,7 @@ def map_labels(
     if value_map:
         raw = _apply_value_map(raw, value_map)
     present = _present_values(raw)
-    if (
-        not value_map
-        and num_classes == 2
-        and 255 in present
-        and set(present) <= {0, 255}
-    ):
+    if not value_map and num_classes == 2 and 255 in present and set(present) <= {0, 255}:
         raise DataError(
             f"{name}: mask values are only 0 and 255 while there are 2 classes, so 255 "
             f"would be read as the ignore label and no pixel as class 1. If 255 marks the "
@@ -294,9 +274,7 @@ def read_mask(
     )
 
 
-def fit_max_size(
-    image: np.ndarray, label: np.ndarray, max_size: int
-) -> tuple[np.ndarray, np.ndarray]:
+def fit_max_size(image: np.ndarray, label: np.ndarray, max_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Shrinks a pair so its longer side is at most max_size (0 = keep); labels nearest."""
     h, w = label.shape
     if not max_size or max(h, w) <= max_size:
@@ -317,10 +295,7 @@ def read_pair(
     label = read_mask(mask_path, **mask_kwargs)
     if image.shape[:2] != label.shape:
         (ih, iw), (mh, mw) = image.shape[:2], label.shape
-        raise DataError(
-            f"size mismatch: image {image_path} is {ih}x{iw} (HxW) but mask {mask_path} "
-            f"is {mh}x{mw}"
-        )
+        raise DataError(f"size mismatch: image {image_path} is {ih}x{iw} (HxW) but mask {mask_path} is {mh}x{mw}")
     return fit_max_size(image, label, max_size)
 
 
@@ -358,9 +333,7 @@ def decode_pairs(
     pool = ThreadPoolExecutor(max_workers=max(1, workers))
     try:
         futures = [pool.submit(read_pair, i, m, **kwargs) for i, m in pairs]
-        for (image_path, _), future in tqdm(
-            zip(pairs, futures), total=len(pairs), desc=desc, disable=disable
-        ):
+        for (image_path, _), future in tqdm(zip(pairs, futures), total=len(pairs), desc=desc, disable=disable):
             try:
                 image, label = future.result()
             except DataError as e:
@@ -375,9 +348,7 @@ def decode_pairs(
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     if skipped:
-        logger.warning(
-            "%s: skipped %d of %d pairs (data.skip_bad=True)", desc, skipped, len(pairs)
-        )
+        logger.warning("%s: skipped %d of %d pairs (data.skip_bad=True)", desc, skipped, len(pairs))
     if pairs and not images:
         raise DataError(f"{desc}: all {len(pairs)} pairs were unreadable")
     return Split(images=images, labels=labels, names=names)

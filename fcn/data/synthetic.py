@@ -19,7 +19,7 @@ import zlib
 import numpy as np
 
 from fcn.data.base import Source, Split, default_palette
-from fcn.data.images import fit_max_size
+from fcn.data.images import DataError, fit_max_size
 
 CLASS_NAMES = ("background", "circle", "square", "triangle")
 MAX_SHAPES = 4
@@ -36,15 +36,11 @@ def _background(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.
     h, w = yy.shape
     base = rng.uniform(40, 100, size=3)
     tilt = rng.uniform(-25, 25, size=(2, 3))  # colour gradient across the image
-    img = (
-        base + (yy / h - 0.5)[..., None] * tilt[0] + (xx / w - 0.5)[..., None] * tilt[1]
-    )
+    img = base + (yy / h - 0.5)[..., None] * tilt[0] + (xx / w - 0.5)[..., None] * tilt[1]
     for _ in range(2):  # gratings: structure that is neither flat nor a shape
         freq = rng.uniform(2, 10) / max(h, w)
         angle, phase = rng.uniform(0, 2 * np.pi, size=2)
-        wave = np.cos(
-            2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy) + phase
-        )
+        wave = np.cos(2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy) + phase)
         img = img + wave[..., None] * rng.uniform(5, 15, size=3)
     return img
 
@@ -78,9 +74,7 @@ def _shape_color(rng: np.random.Generator) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(hue, sat, val)) * 255
 
 
-def make_example(
-    seed: int, index: int, size: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
+def make_example(seed: int, index: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Image uint8 [H, W, 3] and exact label uint8 [H, W] of one synthetic example."""
     rng = np.random.default_rng([_SEED, seed, index])
     h, w = size
@@ -106,21 +100,18 @@ def generate(split: str, count: int, size: tuple[int, int], max_size: int = 0) -
         image, label = fit_max_size(*make_example(seed, i, size), max_size)
         images.append(image)
         labels.append(label)
-    return Split(
-        images=images, labels=labels, names=[f"{split}_{i:05d}" for i in range(count)]
-    )
+    return Split(images=images, labels=labels, names=[f"{split}_{i:05d}" for i in range(count)])
 
 
 def synthetic_source(data_config) -> Source:
     """The synthetic source for a `config.data` ConfigDict (synthetic_size, synthetic_counts)."""
     h, w = (int(v) for v in data_config.synthetic_size)
     if h < 8 or w < 8:
-        raise ValueError(f"data.synthetic_size={(h, w)}: expected H, W of at least 8")
+        raise DataError(f"data.synthetic_size={(h, w)}: expected H, W of at least 8")
     counts = {str(k): int(v) for k, v in data_config.synthetic_counts.items()}
     if not counts or min(counts.values()) < 1:
-        raise ValueError(
-            f"data.synthetic_counts={counts}: expected a positive count per split, "
-            'e.g. {"train": 256, "val": 64}'
+        raise DataError(
+            f'data.synthetic_counts={counts}: expected a positive count per split, e.g. {{"train": 256, "val": 64}}'
         )
     max_size = int(data_config.max_size)
     return Source(

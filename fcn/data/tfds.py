@@ -57,7 +57,7 @@ def label_map(data_config) -> LabelMap:
         return LabelMap(tuple(str(n) for n in data_config.class_names), user_map)
     known = LABEL_MAPS.get(_base_name(data_config.tfds_name))
     if known is None:
-        raise ValueError(
+        raise DataError(
             f"data.tfds_name={data_config.tfds_name!r} has no built-in label map "
             f"(known: {', '.join(sorted(LABEL_MAPS))}); set data.class_names, one name "
             "per class id, and data.value_map if the mask values are not 0..K-1"
@@ -103,7 +103,7 @@ def _load_split(data_config, labels: LabelMap, split: str) -> Split:
     )
     for key, field in ((image_key, "tfds_image_key"), (mask_key, "tfds_mask_key")):
         if key not in ds.element_spec:
-            raise ValueError(
+            raise DataError(
                 f"data.{field}={key!r} is not a feature of {data_config.tfds_name}; "
                 f"features: {', '.join(sorted(ds.element_spec))}"
             )
@@ -117,9 +117,7 @@ def _load_split(data_config, labels: LabelMap, split: str) -> Split:
         if raw.ndim == 3 and raw.shape[-1] == 1:
             raw = raw[..., 0]
         if raw.shape != image.shape[:2]:
-            raise DataError(
-                f"{name}: image is {image.shape[:2]} but mask is {raw.shape}, expected H, W"
-            )
+            raise DataError(f"{name}: image is {image.shape[:2]} but mask is {raw.shape}, expected H, W")
         label = map_labels(
             raw,
             name=name,
@@ -141,7 +139,7 @@ def tfds_source(data_config) -> Source:
     check_labels_config(len(labels.class_names), ignore, labels.value_map)
     splits = tuple(data_config.tfds_splits.keys())
     if not splits:
-        raise ValueError("data.tfds_splits is empty: map split names to TFDS splits")
+        raise DataError("data.tfds_splits is empty: map split names to TFDS splits")
     return Source(
         name=f"tfds {data_config.tfds_name}",
         class_names=labels.class_names,

@@ -1,0 +1,31 @@
+# make test   create .venv if needed, install pinned dependencies, run the test suite
+# make train  the same environment, then train the default config (configs/camvid_cpu.py)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fcn-installed
+CONFIG ?= configs/camvid_cpu.py
+WORKDIR ?= runs/$(basename $(notdir $(CONFIG)))
+
+.PHONY: test train env lint clean
+
+env: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+train: $(STAMP)
+	$(PY) train.py --config $(CONFIG) --workdir $(WORKDIR)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check . && $(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV)

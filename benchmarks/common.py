@@ -1,0 +1,87 @@
+"""Shared pieces of the benchmarks: flags, fcn's real training and inference steps, a timer."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """Flags for the problem size; the architecture defaults are configs/default.py's."""
+    p.add_argument("--batch", type=int, default=4, help="images per training step")
+    p.add_argument("--size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"), help="image size")
+    p.add_argument("--features", type=int, default=32, help="width of the first level (config.model.features)")
+    p.add_argument("--depth", type=int, default=4, help="number of 2x2 poolings (config.model.depth)")
+    p.add_argument("--classes", type=int, default=11, help="number of classes (CamVid: 11)")
+    p.add_argument("--conv_impl", default="xla", help="fcn: config.model.conv_impl (fcn/ops.py)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="fcn: compute dtype")
+
+
+def fcn_config(args):
+    """configs/default.py with the benchmark's sizes."""
+    from configs import default
+
+    c = default.get_config()
+    c.model.features, c.model.depth = args.features, args.depth
+    c.model.conv_impl, c.model.dtype = args.conv_impl, args.dtype
+    c.augment.crop_size = tuple(args.size)
+    c.batch_size = args.batch
+    c.num_steps = 1000
+    return c
+
+
+def synthetic_batch(args, seed: int = 0):
+    """uint8 images [B, H, W, 3], uint8 labels [B, H, W] and sizes [B, 2], as the data pipeline gives them."""
+    rng = np.random.default_rng(seed)
+    h, w = args.size
+    images = rng.integers(0, 256, (args.batch, h, w, 3), dtype=np.uint8)
+    labels = rng.integers(0, args.classes, (args.batch, h, w), dtype=np.uint8)
+    sizes = np.tile(np.array([h, w], np.int32), (args.batch, 1))
+    return images, labels, sizes
+
+
+def fcn_train_step(args):
+    """fcn's own jitted training step (fcn.state.make_train_step, augmentation included), state, batch."""
+    import jax
+
+    from fcn import state as state_lib
+
+    config = fcn_config(args)
+    graphs, state, tx = state_lib.create(config, args.classes)
+    step = jax.jit(state_lib.make_train_step(config, graphs, tx, args.classes, 255), donate_argnums=0)
+    batch = tuple(jax.device_put(a) for a in synthetic_batch(args))
+    return step, state, batch
+
+
+def fcn_predict(args, batch_size: int | None = None):
+    """fcn's jitted inference: eval-mode model on uint8 images -> per-pixel class ids."""
+    import jax
+    import jax.numpy as jnp
+
+    from fcn import state as state_lib
+
+    config = fcn_config(args)
+    graphs, state, _ = state_lib.create(config, args.classes)
+
+    @jax.jit
+    def predict(state, images_BHWC):
+        model = state_lib.eval_model(graphs, state)
+        return jnp.argmax(model(images_BHWC.astype(jnp.float32) / 255.0), axis=-1).astype(jnp.uint8)
+
+    images = jax.device_put(synthetic_batch(args)[0][: batch_size or args.batch])
+    return predict, state, images
+
+
+def num_params(state) -> int:
+    import jax
+
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state["params"]))
+
+
+def timeit(fn, sync) -> float:
+    """Seconds one call of fn takes, synchronised with sync(result)."""
+    t = time.perf_counter()
+    sync(fn())
+    return time.perf_counter() - t

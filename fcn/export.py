@@ -1,0 +1,230 @@
+"""Export a trained model for use without this package's model code.
+
+    python -m fcn.export --workdir runs/camvid_cpu --out exported/camvid
+
+writes into --out:
+  model.jax       a serialized `jax.export` artifact (StableHLO and its calling
+                  convention): images float32 [B, H, W, 3] in [0, 1] -> logits
+                  float32 [B, H, W, K]; a softmax over K gives probabilities.
+                  Reload with `jax.export.deserialize(bytes).call(images)`, or
+                  `load_exported(dir)`, which adds class names and predict().
+  model.json      class names, palette, ignore label, and this contract.
+  saved_model/    where TensorFlow is installed (it is imported only for this):
+                  a TF SavedModel through jax2tf for TF Serving, signature
+                  "serving_default": images -> {"logits"}, the same contract.
+  model.tflite    with --tflite_size H,W: a TFLite model for one H x W image
+                  (TFLite needs static shapes; the other two take any size).
+
+Shapes. B, H and W are all symbolic ("b, h, w, 3"): one artifact for every
+size >= 1. The model pads its input up to a multiple M = 2**depth with jnp.pad,
+which needs static pad widths. For a symbolic h the export pads first, to the
+symbolic size M * ceil(h / M), with the same padding written as a gather whose
+indices are computed from h (equal to jnp.pad, even for pads longer than the
+image); the model then has nothing left to pad, and the logits are cropped back
+to h x w inside the artifact. So no caller needs to pad.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ARTIFACT, METADATA, SAVED_MODEL, TFLITE = "model.jax", "model.json", "saved_model", "model.tflite"
+PAD_MODES = ("reflect", "symmetric", "edge", "wrap", "constant")
+
+
+def _pad_index(n, n_pad: int, mode: str):
+    """Source index of each of n_pad output rows, as jnp.pad(mode) maps them; n may be symbolic."""
+    i = jnp.arange(n_pad)
+    if mode == "reflect":  # ...3 2 1 [0 1 2 3] 2 1 0 1...: period 2n - 2
+        period = jnp.maximum(2 * n - 2, 1)
+        j = i % period
+        return jnp.where(j >= n, period - j, j)
+    if mode == "symmetric":  # ...1 0 [0 1 2 3] 3 2...: period 2n
+        j = i % (2 * n)
+        return jnp.where(j >= n, 2 * n - 1 - j, j)
+    if mode == "wrap":
+        return i % n
+    return jnp.minimum(i, n - 1)  # edge; constant masks these rows after
+
+
+def pad_to_multiple(x_BHWC: jax.Array, multiple: int, mode: str) -> jax.Array:
+    """Pad H and W after the end up to a multiple, like `fcn.model.pad_to_multiple`, for symbolic sizes."""
+    if mode not in PAD_MODES:
+        raise ValueError(f"model.pad_mode={mode!r} cannot be exported; exportable: {PAD_MODES}")
+    for axis in (1, 2):
+        n = x_BHWC.shape[axis]
+        n_pad = (n + multiple - 1) // multiple * multiple
+        x_BHWC = jnp.take(x_BHWC, _pad_index(n, n_pad, mode), axis=axis)
+        if mode == "constant":
+            inside = (jnp.arange(n_pad) < n).reshape((-1, 1) if axis == 1 else (1, -1))
+            x_BHWC = jnp.where(inside[..., None], x_BHWC, 0)
+    return x_BHWC
+
+
+def serving_fn(model):
+    """images float32 [B, H, W, 3] in [0, 1] -> logits float32 [B, H, W, K], any sizes."""
+    multiple, mode = 2**model.depth, model.pad_mode
+
+    def logits_fn(images_BHWC):
+        _, h, w, _ = images_BHWC.shape
+        padded_BHWC = pad_to_multiple(images_BHWC.astype(jnp.float32), multiple, mode)
+        return model(padded_BHWC)[:, :h, :w]
+
+    return logits_fn
+
+
+def export_model(
+    model, out: str | Path, info: dict, *, platforms=None, saved_model=True, tflite_size=None
+) -> list[Path]:
+    """Write the artifacts described in the module docstring; returns their paths."""
+    from jax import export
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fn = serving_fn(model)
+    spec = jax.ShapeDtypeStruct(export.symbolic_shape("b, h, w, 3"), jnp.float32)
+    exported = export.export(jax.jit(fn), platforms=platforms)(spec)
+    (out / ARTIFACT).write_bytes(exported.serialize())
+    meta = {
+        "class_names": list(info["class_names"]),
+        "palette": np.asarray(info.get("palette", []), np.uint8).tolist(),
+        "ignore_label": int(info.get("ignore_label", 255)),
+        "input": "images float32 [B, H, W, 3], values in [0, 1], any B, H, W >= 1",
+        "output": "logits float32 [B, H, W, K]; softmax over K for probabilities",
+        "platforms": list(exported.platforms),
+        # Training shrank images to this longer side (0 = no): resize inputs alike.
+        "max_size": int(info.get("max_size", 0)),
+    }
+    (out / METADATA).write_text(json.dumps(meta, indent=2))
+    written = [out / ARTIFACT, out / METADATA]
+    if saved_model or tflite_size:
+        written += _export_tf(fn, out, exported.platforms, saved_model, tflite_size)
+    return written
+
+
+def tensorflow_available() -> bool:
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _export_tf(fn, out: Path, platforms, saved_model: bool, tflite_size) -> list[Path]:
+    """SavedModel (any size) and/or TFLite (fixed size) through jax2tf; TF imported here only."""
+    import tensorflow as tf
+    from jax.experimental import jax2tf
+
+    written = []
+    if saved_model:
+        tf_fn = jax2tf.convert(
+            fn, polymorphic_shapes=["(b, h, w, 3)"], with_gradient=False, native_serialization_platforms=platforms
+        )
+        module = tf.Module()
+        images = tf.TensorSpec([None, None, None, 3], tf.float32, name="images")
+        module.serve = tf.function(lambda x: {"logits": tf_fn(x)}, input_signature=[images], autograph=False)
+        tf.saved_model.save(module, str(out / SAVED_MODEL), signatures={"serving_default": module.serve})
+        written.append(out / SAVED_MODEL)
+    if tflite_size:
+        h, w = tflite_size
+        # TFLite cannot run the dynamic gathers of a symbolic size: convert for one fixed size, on CPU.
+        tf_fn = jax2tf.convert(fn, with_gradient=False, native_serialization_platforms=("cpu",))
+        module = tf.Module()
+        module.serve = tf.function(
+            tf_fn, input_signature=[tf.TensorSpec([1, h, w, 3], tf.float32, name="images")], autograph=False
+        )
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([module.serve.get_concrete_function()], module)
+        (out / TFLITE).write_bytes(converter.convert())
+        written.append(out / TFLITE)
+    return written
+
+
+class ExportedModel:
+    """An exported artifact with its class names: needs jax and numpy, not the model code."""
+
+    def __init__(self, path: str | Path):
+        from jax import export
+
+        path = Path(path)
+        if not (path / ARTIFACT).exists():
+            raise FileNotFoundError(
+                f"{path / ARTIFACT} not found: is {path} a folder written by `python -m fcn.export`?"
+            )
+        self.exported = export.deserialize(bytearray((path / ARTIFACT).read_bytes()))
+        meta = json.loads((path / METADATA).read_text())
+        self.class_names = tuple(meta["class_names"])
+        self.palette = np.asarray(meta["palette"], np.uint8).reshape(-1, 3)
+        self.ignore_label = meta["ignore_label"]
+
+    def logits(self, images) -> np.ndarray:
+        """float32 logits [B, H, W, K] (or [H, W, K]) of uint8 or [0, 1] float images [B, H, W, 3] (or [H, W, 3])."""
+        x = np.asarray(images)
+        x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+        if x.ndim not in (3, 4) or x.shape[-1] != 3 or 0 in x.shape:
+            raise ValueError(f"images of shape {x.shape}: expected [H, W, 3] or [B, H, W, 3], H, W >= 1")
+        out = np.asarray(self.exported.call(x[None] if x.ndim == 3 else x))
+        return out[0] if x.ndim == 3 else out
+
+    def predict(self, images) -> np.ndarray:
+        """uint8 class map(s) [(B,) H, W]."""
+        return self.logits(images).argmax(axis=-1).astype(np.uint8)
+
+    def predict_proba(self, images) -> np.ndarray:
+        """float32 softmax probabilities [(B,) H, W, K]."""
+        return np.asarray(jax.nn.softmax(self.logits(images), axis=-1))
+
+
+def load_exported(path: str | Path) -> ExportedModel:
+    """Reload a folder written by `python -m fcn.export`."""
+    return ExportedModel(path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fcn.export", description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True, help="a workdir written by train.py (or a checkpoint in it)")
+    parser.add_argument("--out", required=True, help="output folder (created if missing)")
+    parser.add_argument("--checkpoint", default="best", choices=("best", "latest"), help="which checkpoint")
+    parser.add_argument("--platforms", default="", help="comma-separated, e.g. cpu,cuda (default: this machine's)")
+    parser.add_argument("--no_saved_model", action="store_true", help="skip the TF SavedModel")
+    parser.add_argument("--tflite_size", default="", help="H,W: also write a TFLite model for that fixed size")
+    args = parser.parse_args(argv)
+    try:
+        tflite_size = tuple(int(v) for v in args.tflite_size.split(",")) if args.tflite_size else None
+        if tflite_size is not None and (len(tflite_size) != 2 or min(tflite_size) < 1):
+            raise ValueError
+    except ValueError:
+        parser.error(f"--tflite_size={args.tflite_size!r}: expected H,W, e.g. 360,480")
+    saved_model = not args.no_saved_model and tensorflow_available()
+    if not args.no_saved_model and not saved_model:
+        print("note: tensorflow is not installed: no SavedModel (pip install tensorflow-cpu)", file=sys.stderr)
+    if tflite_size and not tensorflow_available():
+        print("error: --tflite_size needs tensorflow (pip install tensorflow-cpu)", file=sys.stderr)
+        return 1
+
+    from fcn.checkpoint import CheckpointError
+    from fcn.inference import load
+
+    try:
+        seg = load(args.workdir, which=args.checkpoint)
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        print(f"error: cannot load {args.workdir}: {e}", file=sys.stderr)
+        return 1
+    info = {"class_names": seg.class_names, "palette": seg.palette, "ignore_label": seg.ignore_label}
+    info["max_size"] = seg.max_size
+    platforms = tuple(p for p in args.platforms.split(",") if p) or None
+    written = export_model(
+        seg.model, args.out, info, platforms=platforms, saved_model=saved_model, tflite_size=tflite_size
+    )
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

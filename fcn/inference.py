@@ -1,0 +1,427 @@
+"""A trained predictor: class maps and probabilities for images of any size.
+
+    seg = fcn.load("runs/camvid_cpu")          # a workdir, or one checkpoint in it
+    classes_HW = seg.predict("street.jpg")     # uint8 class ids
+    probs_HWK = seg.predict_proba(image_HWC)   # float32 softmax probabilities
+
+Inputs. An image is a file path, a PIL image, or an array [H, W], [H, W, 1],
+[H, W, 3] or [H, W, 4] (grayscale is replicated, alpha dropped) of dtype uint8,
+of another integer dtype with values in 0..255, or float with values in [0, 1].
+Floats are never rescaled: a float image in 0..255 is refused, not guessed. A
+list or tuple of images, or an array [B, H, W, C], is a batch; results come back
+as a list, or stacked. Anything else raises `DataError` (a ValueError) naming it.
+
+Compilations. XLA compiles once per input shape, so each image is placed on a
+canvas whose sides are rounded up to a multiple of `bucket` px and a batch is
+rounded up to a power of two: 20 random sizes compile a few times, not 20.
+The image is padded to the model's own multiple (2**depth) exactly as the model
+would pad it, and every convolution zeroes its input outside that region (a mask
+through the model's `conv_general_dilated` seam), so the bucketed result equals
+the unpadded prediction up to float rounding. Group norm (statistics over the
+canvas) and resize upsampling (interpolation across the edge) defeat the mask;
+such models use the model's multiple as bucket: exact, one compilation per size.
+
+Tiling. An image with a side over `tile` px is cut into tile x tile tiles that
+overlap by `overlap` px, run `batch_size` at a time, so device memory is bounded
+by one tile batch whatever the image size; host memory holds the image and the
+float32 logits [H, W, K]. Tile origins are multiples of 2**depth, so pooling
+windows match the whole-image ones; logits are blended with weights that ramp
+linearly across each overlap, hiding tile edges, where a tile lacks context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from fcn.data.base import default_palette
+from fcn.data.images import DataError, read_image
+from fcn.model import UNet
+
+_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+# ----------------------------------------------------------------------------
+# Inputs
+
+
+def read_input(image, name: str = "image") -> np.ndarray:
+    """One image (path, PIL image or array) as uint8 or float32 [H, W, 3]; see module doc."""
+    if isinstance(image, str | Path):
+        if Path(image).is_dir():
+            raise DataError(f"{image}: is a directory, not an image file")
+        return read_image(image)
+    if isinstance(image, Image.Image):
+        if image.mode in _HIGH_BIT_MODES:
+            raise DataError(f"{name}: PIL image of mode {image.mode}; convert it to 8-bit RGB first")
+        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    try:
+        array = np.asarray(image)
+    except Exception as e:  # noqa: BLE001 - anything numpy cannot read is not an image
+        raise DataError(f"{name}: cannot be read as an array ({type(image).__name__}: {e})") from None
+    return _check_array(array, name)
+
+
+def _check_array(array: np.ndarray, name: str) -> np.ndarray:
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise DataError(f"{name}: shape {array.shape}; expected [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]")
+    if 0 in array.shape:
+        raise DataError(f"{name}: empty image ({array.shape[0]}x{array.shape[1]} pixels)")
+    kind = array.dtype.kind
+    if kind in "iu" and array.dtype != np.uint8:
+        lo, hi = int(array.min()), int(array.max())
+        if lo < 0 or hi > 255:
+            raise DataError(
+                f"{name}: {array.dtype} values in {lo}..{hi}; integer images must be 8-bit (0..255): "
+                "convert 16-bit images to 8 bits, or pass floats in [0, 1]"
+            )
+        array = array.astype(np.uint8)
+    elif kind == "f":
+        array = array.astype(np.float32)
+        lo, hi = float(array.min()), float(array.max())
+        if not (np.isfinite(lo) and np.isfinite(hi) and 0.0 <= lo and hi <= 1.0):
+            raise DataError(
+                f"{name}: float values in [{lo:g}, {hi:g}]; float images must be in [0, 1] (divide 0..255 by 255)"
+            )
+    elif array.dtype != np.uint8:
+        raise DataError(f"{name}: dtype {array.dtype}; expected uint8, integers in 0..255, or floats in [0, 1]")
+    if array.shape[-1] == 1:
+        return np.repeat(array, 3, axis=-1)
+    return np.ascontiguousarray(array[..., :3])
+
+
+def _as_batch(images) -> tuple[list, str]:
+    """(images as a list, how to return results: 'single', 'list' or 'stack')."""
+    if isinstance(images, list | tuple):
+        return list(images), "list"
+    if isinstance(images, np.ndarray | jax.Array) and images.ndim == 4:
+        return list(np.asarray(images)), "stack"
+    return [images], "single"
+
+
+def _to01(image_HWC: np.ndarray) -> np.ndarray:
+    if image_HWC.dtype == np.uint8:
+        return image_HWC.astype(np.float32) / 255.0
+    return image_HWC
+
+
+def _resize(x_HWC: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Bilinear resize of float32 channels, one PIL 'F' image each."""
+    bilinear = Image.Resampling.BILINEAR
+    chans = [Image.fromarray(x_HWC[..., c]).resize((w, h), bilinear) for c in range(x_HWC.shape[-1])]
+    return np.stack([np.asarray(c) for c in chans], axis=-1)
+
+
+def _shrink(image_HWC: np.ndarray, max_size: int) -> np.ndarray:
+    """Shrink so the longer side is max_size (as `data.max_size` did in training)."""
+    h, w = image_HWC.shape[:2]
+    s = max_size / max(h, w)
+    return _resize(_to01(image_HWC), max(1, round(h * s)), max(1, round(w * s)))
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, in place on a float32 array."""
+    logits -= logits.max(axis=-1, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=-1, keepdims=True)
+    return logits
+
+
+# ----------------------------------------------------------------------------
+# Exact bucketing: convolutions that see zeros outside each example's region
+
+_REGION = threading.local()
+
+
+@contextlib.contextmanager
+def _valid_region(valid_B2: jax.Array, canvas_hw: tuple[int, int]):
+    """While tracing the model, masked convolutions read the valid (H, W) of each row."""
+    _REGION.value = (valid_B2, canvas_hw)
+    try:
+        yield
+    finally:
+        _REGION.value = None
+
+
+def _masked(conv: Callable) -> Callable:
+    """Wrap a conv primitive: zero its input outside the valid region first.
+
+    Zeros there are exactly the 'SAME' zero padding the convolution would see
+    on a canvas of the valid size. Every level of the U-Net is a power-of-two
+    fraction of the canvas, and valid sizes are multiples of 2**depth.
+    """
+
+    def masked_conv(lhs_BHWC, rhs, *args, **kwargs):
+        region = getattr(_REGION, "value", None)
+        if region is not None:
+            valid_B2, (ch, cw) = region
+            h, w = lhs_BHWC.shape[1:3]
+            rows = jnp.arange(h)[None, :] < (valid_B2[:, 0] // (ch // h))[:, None]
+            cols = jnp.arange(w)[None, :] < (valid_B2[:, 1] // (cw // w))[:, None]
+            inside_BHW1 = (rows[:, :, None] & cols[:, None, :])[..., None]
+            lhs_BHWC = jnp.where(inside_BHW1, lhs_BHWC, jnp.zeros((), lhs_BHWC.dtype))
+        return conv(lhs_BHWC, rhs, *args, **kwargs)
+
+    return masked_conv
+
+
+def _maskable(model: UNet) -> bool:
+    """Whether zeroing conv inputs makes a large canvas equal to the exact one."""
+    modules = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)]
+    per_pixel = not any(isinstance(m, nnx.GroupNorm | nnx.LayerNorm) for m in modules)
+    return per_pixel and getattr(model, "upsample_kind", "resize") == "transpose"
+
+
+# ----------------------------------------------------------------------------
+# Tiles
+
+
+def _ceil_to(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _tile_starts(n: int, tile: int, stride: int, multiple: int) -> list[int]:
+    """Tile origins along one axis: multiples of `multiple`, the last one ending past n by < multiple."""
+    if n <= tile:
+        return [0]
+    last = _ceil_to(n - tile, multiple)
+    return list(range(0, last, stride)) + [last]
+
+
+def _ramp(n: int, overlap: int, rise: bool, fall: bool) -> np.ndarray:
+    """Blending weight along one tile axis: linear over the overlap, 1 at image borders."""
+    w = np.ones(n, np.float32)
+    ramp = (np.arange(n, dtype=np.float32) + 1) / (overlap + 1)
+    if rise:
+        w = np.minimum(w, ramp)
+    if fall:
+        w = np.minimum(w, ramp[::-1])
+    return w
+
+
+class Segmenter:
+    """A trained model with its classes, palette and input handling.
+
+    Args:
+      model: a UNet (in evaluation mode; a copy is put in evaluation mode anyway).
+      class_names: one name per class (default class_0, class_1, ...).
+      palette: uint8 [K, 3] colours (default: the PASCAL-style palette).
+      ignore_label: label value that marks unlabelled pixels in this dataset.
+      tile: largest canvas side in px (rounded down to a multiple of 2**depth);
+        larger images are tiled.
+      overlap: px shared by neighbouring tiles (rounded up to a multiple of 2**depth).
+      bucket: canvas sides are multiples of this (rounded up to a multiple of 2**depth).
+      batch_size: images or tiles per compiled call.
+      hflip: average the logits with those of the mirrored image.
+      max_size: shrink images whose longer side exceeds this, as in training
+        (`data.max_size`), and scale the result back up; 0 = predict at full size.
+    """
+
+    def __init__(
+        self,
+        model: UNet,
+        class_names: Sequence[str] | None = None,
+        palette=None,
+        ignore_label: int = 255,
+        *,
+        tile: int = 512,
+        overlap: int = 128,
+        bucket: int = 64,
+        batch_size: int = 4,
+        hflip: bool = False,
+        max_size: int = 0,
+    ):
+        k = model.num_classes
+        class_names = class_names or [f"class_{i}" for i in range(k)]
+        self.class_names = tuple(str(n) for n in class_names)
+        if len(self.class_names) != k:
+            raise ValueError(f"{len(self.class_names)} class names for a model with {k} classes")
+        palette = default_palette(k) if palette is None else palette
+        self.palette = np.asarray(palette, np.uint8).reshape(-1, 3)
+        self.ignore_label, self.hflip, self.max_size = ignore_label, hflip, max_size
+        self.multiple, self.pad_mode = 2**model.depth, model.pad_mode
+        m = self.multiple
+        self.tile = max(m, tile // m * m)
+        self.overlap = min(_ceil_to(max(overlap, 0), m), self.tile - m)
+        self.exact_buckets = _maskable(model)
+        self.bucket = _ceil_to(max(bucket, 1), m) if self.exact_buckets else m
+        self.batch_size = max(1, batch_size)
+        self.model = nnx.merge(*nnx.split(model))  # a copy: the caller's stays as is
+        self.model.eval()
+        clone = nnx.merge(*nnx.split(self.model))
+        if self.exact_buckets:
+            for _, module in nnx.iter_graph(clone):
+                if isinstance(module, nnx.Conv):
+                    module.conv_general_dilated = _masked(module.conv_general_dilated)
+        self._graphdef, self._state = nnx.split(clone)
+        # The input shape of each trace, hence of each compilation.
+        self.traced_shapes: list[tuple[int, ...]] = []
+        self._logits_fn = jax.jit(self._traced_logits)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def compilations(self) -> int:
+        """How many times the model was traced (and so compiled) so far."""
+        return len(self.traced_shapes)
+
+    def predict(self, images, *, hflip: bool | None = None):
+        """Class map(s) uint8 [H, W] of an image or batch (see the module docstring)."""
+        return self._apply(images, hflip, lambda logits: logits.argmax(axis=-1).astype(np.uint8))
+
+    def predict_proba(self, images, *, hflip: bool | None = None):
+        """Softmax probabilities float32 [H, W, K] of an image or batch."""
+        return self._apply(images, hflip, _softmax)
+
+    # -- internals -------------------------------------------------------------
+
+    def _traced_logits(self, state, x_BHWC: jax.Array, valid_B2: jax.Array) -> jax.Array:
+        self.traced_shapes.append(tuple(x_BHWC.shape))  # Python: runs once per trace
+        model = nnx.merge(self._graphdef, state)
+        if not self.exact_buckets:
+            return model(x_BHWC)
+        with _valid_region(valid_B2, x_BHWC.shape[1:3]):
+            return model(x_BHWC)
+
+    def _apply(self, images, hflip: bool | None, finish: Callable[[np.ndarray], np.ndarray]):
+        batch, kind = _as_batch(images)
+        arrays = [read_input(x, "image" if kind == "single" else f"image {i}") for i, x in enumerate(batch)]
+        hflip = self.hflip if hflip is None else hflip
+        results = [finish(logits) for logits in self._logits(arrays, hflip)]
+        if kind == "single":
+            return results[0]
+        if kind == "stack":
+            if not results:
+                raise DataError("empty batch of images: nothing to predict")
+            return np.stack(results)
+        return results
+
+    def _logits(self, images: list[np.ndarray], hflip: bool) -> Iterator[np.ndarray]:
+        """float32 logits [H, W, K] per image, in order; small images batched together."""
+        sizes = [im.shape[:2] for im in images]
+        if self.max_size:
+            big = lambda im: max(im.shape[:2]) > self.max_size
+            images = [_shrink(im, self.max_size) if big(im) else im for im in images]
+        small = {i for i, im in enumerate(images) if max(im.shape[:2]) <= self.tile}
+        done = self._batched([images[i] for i in sorted(small)], hflip)
+        done = dict(zip(sorted(small), done, strict=True))
+        for i, image in enumerate(images):
+            logits = done.pop(i) if i in small else self._flipped(image, hflip)
+            if logits.shape[:2] != sizes[i]:  # shrunk by max_size
+                logits = _resize(logits, *sizes[i])
+            yield logits
+
+    def _flipped(self, image: np.ndarray, hflip: bool) -> np.ndarray:
+        logits = self._tiled(image)
+        if hflip:
+            logits += self._tiled(image[:, ::-1])[:, ::-1]
+            logits *= 0.5
+        return logits
+
+    def _batched(self, images: list[np.ndarray], hflip: bool) -> list[np.ndarray]:
+        """Logits of images within the tile size, grouped by canvas shape."""
+        todo = images + ([im[:, ::-1] for im in images] if hflip else [])
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(todo):
+            groups.setdefault(self._canvas(*im.shape[:2]), []).append(i)
+        out: list = [None] * len(todo)
+        for canvas, members in groups.items():
+            crops = (todo[i] for i in members)
+            for i, logits in zip(members, self._run(crops, canvas), strict=True):
+                out[i] = logits
+        if hflip:
+            n = len(images)
+            out = [0.5 * (a + b[:, ::-1]) for a, b in zip(out[:n], out[n:], strict=True)]
+        return out
+
+    def _canvas(self, h: int, w: int) -> tuple[int, int]:
+        """Canvas (H, W) of an image or of its tiles: bucketed, at most the tile size."""
+        m, b, t = self.multiple, self.bucket, self.tile
+        return tuple(min(_ceil_to(_ceil_to(min(n, t), m), b), t) for n in (h, w))
+
+    def _run(self, crops: Iterable[np.ndarray], canvas: tuple[int, int]) -> Iterator[np.ndarray]:
+        """Logits of each crop, `batch_size` crops per call on one canvas shape."""
+        crops = iter(crops)
+        while chunk := list(itertools.islice(crops, self.batch_size)):
+            rows = min(1 << (len(chunk) - 1).bit_length(), self.batch_size)
+            x_BHWC = np.zeros((rows, *canvas, 3), np.float32)
+            valid_B2 = np.zeros((rows, 2), np.int32)
+            for i, crop in enumerate(chunk):
+                h, w = crop.shape[:2]
+                ph, pw = -h % self.multiple, -w % self.multiple
+                # Pad to the model's multiple as the model would; the rest is masked.
+                pad = ((0, ph), (0, pw), (0, 0))
+                x_BHWC[i, : h + ph, : w + pw] = np.pad(_to01(crop), pad, self.pad_mode)
+                valid_B2[i] = (h + ph, w + pw)
+            # np.array, not np.asarray: a writable copy, blended and softmaxed in place.
+            logits_BHWK = np.array(self._logits_fn(self._state, x_BHWC, valid_B2))
+            for i, crop in enumerate(chunk):
+                yield logits_BHWK[i, : crop.shape[0], : crop.shape[1]]
+
+    def _tiled(self, image_HWC: np.ndarray) -> np.ndarray:
+        """Logits of a large image from overlapping tiles, blended."""
+        h, w = image_HWC.shape[:2]
+        t, stride = self.tile, self.tile - self.overlap
+        starts = [_tile_starts(n, t, stride, self.multiple) for n in (h, w)]
+        boxes = list(itertools.product(*starts))
+        acc_HWK = np.zeros((h, w, self.num_classes), np.float32)
+        weight_HW = np.zeros((h, w), np.float32)
+        crops = (image_HWC[y : y + t, x : x + t] for y, x in boxes)
+        for (y, x), logits in zip(boxes, self._run(crops, self._canvas(h, w)), strict=True):
+            th, tw = logits.shape[:2]
+            wgt = np.outer(
+                _ramp(th, self.overlap, y > 0, y + th < h),
+                _ramp(tw, self.overlap, x > 0, x + tw < w),
+            )
+            acc_HWK[y : y + th, x : x + tw] += wgt[..., None] * logits
+            weight_HW[y : y + th, x : x + tw] += wgt
+        acc_HWK /= weight_HW[..., None]
+        return acc_HWK
+
+
+def load(path: str | Path, *, which: str = "best", **options) -> Segmenter:
+    """A Segmenter from a workdir (its best checkpoint, else the latest) or one checkpoint folder.
+
+    path: a workdir written by train.py, or `{workdir}/checkpoints/N` or `{workdir}/best/N`.
+    which: "best" or "latest", for a workdir. options: Segmenter keyword arguments;
+    `hflip` and `max_size` default to the run's `eval_hflip` and `data.max_size`.
+    """
+    from fcn import checkpoint
+    from fcn import state as state_lib
+
+    path, step = Path(path), None
+    kind = path.parent.name
+    if kind in ("checkpoints", "best") and path.name.isdigit():  # one checkpoint
+        path, step = path.parent.parent, int(path.name)
+        which = "best" if kind == "best" else "latest"
+    config = checkpoint.load_config(path)
+    info = checkpoint.load_dataset_info(path)
+    graphs, abstract, _ = state_lib.abstract_state(config, len(info["class_names"]))
+    ckpts = checkpoint.Checkpoints(path, keep=config.keep_checkpoints)
+    try:
+        if which == "best" and step is None and ckpts.best.best_step() is None:
+            which = "latest"
+        state = ckpts.restore(abstract, which=which, step=step)
+    finally:
+        ckpts.close()
+    options.setdefault("hflip", bool(config.get("eval_hflip", False)))
+    options.setdefault("max_size", int(config.data.get("max_size", 0)))
+    return Segmenter(
+        state_lib.eval_model(graphs, state),
+        info["class_names"],
+        info.get("palette"),
+        info.get("ignore_label", 255),
+        **options,
+    )

@@ -1,0 +1,74 @@
+"""`summary(model, input_shape)`: per-layer output shape, parameters and FLOPs as a table.
+
+FLOPs are XLA's cost analysis of each layer's forward call (as `nnx.tabulate`
+computes them), for the given input shape; the total row is the whole forward
+pass, including padding, pooling and concatenation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+_LEAVES = (nnx.Conv, nnx.ConvTranspose, nnx.BatchNorm, nnx.GroupNorm)
+
+
+def _count(module) -> int:
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def layer_rows(model: nnx.Module, input_shape) -> tuple[list[dict], dict]:
+    """(rows for each conv/norm layer, totals) for a forward pass on `input_shape`."""
+    calls = []
+
+    def record(row) -> bool:
+        calls.append(row)
+        return False  # we format our own table
+
+    nnx.tabulate(model, jnp.zeros(input_shape, jnp.float32), compute_flops=True, row_filter=record)
+    modules = dict(nnx.iter_modules(model))
+    rows, total = [], {"flops": 0, "params": _count(model)}
+    for call in calls:
+        module = modules.get(tuple(call.path))
+        if not call.path:
+            total["flops"] = call.flops or 0
+            total["output"] = tuple(jax.tree.leaves(call.outputs)[0].shape)
+        elif isinstance(module, _LEAVES):
+            out = jax.tree.leaves(call.outputs)[0]
+            rows.append(
+                {
+                    "name": "/".join(map(str, call.path)),
+                    "type": type(module).__name__,
+                    "output": tuple(out.shape),
+                    "params": _count(module),
+                    "flops": call.flops or 0,
+                }
+            )
+    return rows, total
+
+
+def summary(model: nnx.Module, input_shape=(1, 360, 480, 3)) -> str:
+    """A table of each layer's output shape, parameters and FLOPs, with totals."""
+    rows, total = layer_rows(model, tuple(input_shape))
+    width = max(len(r["name"]) for r in rows) if rows else 10
+    head = f"{'layer':<{width}}  {'type':<13} {'output':<22} {'params':>9} {'FLOPs':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['name']:<{width}}  {r['type']:<13} {str(r['output']):<22} {r['params']:>9,} {_human(r['flops']):>9}"
+        )
+    lines += [
+        "-" * len(head),
+        f"{'total':<{width}}  {'UNet':<13} {str(total.get('output')):<22} "
+        f"{total['params']:>9,} {_human(total['flops']):>9}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,365 @@
+"""Data sources: CamVid layout, the user's folders, TFDS (mocked), synthetic shapes."""
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from configs.default import get_config
+from fcn.data import IGNORE_LABEL, DataError, get_source
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_CAMVID = REPO.parent / "shared" / "datasets" / "camvid"
+
+
+def config(source, **overrides):
+    c = get_config().data
+    c.source, c.decode_workers = source, 2
+    for key, value in overrides.items():
+        c[key] = value
+    return c
+
+
+def save(path, array, **kwargs):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array)).save(path, **kwargs)
+    return path
+
+
+def rgb(seed, h=6, w=8):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_unknown_source_names_value_and_valid_ones():
+    with pytest.raises(DataError, match=r"'pascal'.*camvid, folder, tfds, synthetic"):
+        get_source(config("pascal"))
+
+
+# --- CamVid layout --------------------------------------------------------
+
+
+def make_camvid(root, counts=(("train", 3), ("val", 2))):
+    """Fake CamVid: frames alternate .png / .jpg; label value 11 (void) at [0, 0]."""
+    for split, n in counts:
+        for i in range(n):
+            ext = "png" if i % 2 == 0 else "jpg"
+            save(root / split / f"{split}{i}.{ext}", rgb(i))
+            label = np.full((6, 8), i % 11, np.uint8)
+            label[0, 0] = 11
+            save(root / f"{split}annot" / f"{split}{i}.png", label)
+    return root
+
+
+@pytest.fixture
+def no_download(tmp_path, monkeypatch):
+    """Empty cache and an unreachable URL: any download attempt fails."""
+    monkeypatch.setenv("FCN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("FCN_CAMVID_DIR", raising=False)
+    return tmp_path / "cache"
+
+
+def test_camvid_png_and_jpg_frames_void_and_splits(tmp_path, no_download):
+    source = get_source(config("camvid", path=str(make_camvid(tmp_path / "cv"))))
+    assert source.splits == ("train", "val") and source.num_classes == 11
+    assert source.palette.shape == (11, 3)
+    train = source.load("train")
+    assert list(train.names) == ["train0", "train1", "train2"]
+    np.testing.assert_array_equal(train.images[0], rgb(0))  # png: exact
+    assert train.images[1].shape == (6, 8, 3)  # jpg: lossy
+    assert train.labels[2][0, 0] == IGNORE_LABEL and (train.labels[2][1:] == 2).all()
+    with pytest.raises(
+        ValueError, match="'test' is not available; available splits: train, val"
+    ):
+        source.load("test")
+
+
+def test_camvid_missing_frame_or_annotation_is_named(tmp_path, no_download):
+    root = make_camvid(tmp_path / "cv")
+    (root / "val" / "val1.jpg").unlink()
+    (root / "trainannot" / "train2.png").unlink()
+    source = get_source(config("camvid", path=str(root)))
+    with pytest.raises(DataError, match=r"val: no frame .* 1 annotation.*: val1$"):
+        source.load("val")
+    with pytest.raises(
+        DataError, match=r"trainannot: no annotation .* 1 frame.*: train2$"
+    ):
+        source.load("train")
+
+
+def test_camvid_explicit_path_must_exist_and_is_not_downloaded_over(
+    tmp_path, no_download
+):
+    with pytest.raises(DataError, match=r"data.path=.*nope does not exist"):
+        get_source(config("camvid", path=str(tmp_path / "nope")))
+    assert not no_download.exists()
+
+
+def test_camvid_env_var_is_used(tmp_path, no_download, monkeypatch):
+    monkeypatch.setenv(
+        "FCN_CAMVID_DIR", str(make_camvid(tmp_path / "cv", (("val", 1),)))
+    )
+    assert get_source(config("camvid")).splits == ("val",)
+
+
+@pytest.mark.skipif(not REAL_CAMVID.is_dir(), reason=f"no dev copy at {REAL_CAMVID}")
+def test_real_camvid_dev_copy(monkeypatch):
+    monkeypatch.delenv("FCN_CAMVID_DIR", raising=False)
+    source = get_source(config("camvid", path=str(REAL_CAMVID)))
+    assert source.splits == ("train", "val")
+    for split, n in (("train", 367), ("val", 101)):
+        data = source.load(split)
+        assert len(data) == n
+        assert {im.shape for im in data.images} == {(360, 480, 3)}
+        assert {lab.shape for lab in data.labels} == {(360, 480)}
+        assert max(int(lab.max()) for lab in data.labels) == IGNORE_LABEL
+
+
+# --- folder ---------------------------------------------------------------
+
+
+def make_folder(root, n=10, ext="png"):
+    for i in range(n):
+        save(root / "images" / f"im{i:02d}.{ext}", rgb(i))
+        save(root / "masks" / f"im{i:02d}.png", np.full((6, 8), i % 2, np.uint8))
+    return root
+
+
+def folder(path, **overrides):
+    return get_source(
+        config("folder", path=str(path), class_names=("bg", "fg"), **overrides)
+    )
+
+
+def snapshot(root):
+    """Every path under root with its bytes and mtime: loading must change none."""
+    return {
+        p: (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+    }
+
+
+def test_folder_pairs_holds_out_val_and_writes_nothing(tmp_path):
+    root = make_folder(tmp_path / "data", n=10)
+    before = snapshot(root)
+    source = folder(root, val_fraction=0.2)
+    train, val = source.load("train"), source.load("val")
+    assert len(train) == 8 and len(val) == 2
+    assert sorted([*train.names, *val.names]) == [f"im{i:02d}" for i in range(10)]
+    assert folder(root, val_fraction=0.2).load("val").names == val.names  # stable
+    np.testing.assert_array_equal(train.images[0], rgb(int(train.names[0][2:])))
+    assert snapshot(root) == before
+
+
+def test_folder_split_layout(tmp_path):
+    make_folder(tmp_path / "train", n=3, ext="jpg")
+    make_folder(tmp_path / "val", n=2)
+    source = folder(tmp_path)
+    assert source.splits == ("train", "val") and len(source.load("val")) == 2
+
+
+def test_folder_binary_0_255_masks(tmp_path):
+    root = make_folder(tmp_path, n=2)
+    save(root / "masks" / "im01.png", np.array([[0, 255] * 4] * 6, np.uint8))
+    with pytest.raises(DataError, match=r"im01\.png: mask values are only 0 and 255"):
+        folder(root, val_fraction=0.0).load("train")
+    split = folder(root, val_fraction=0.0, value_map={"255": 1}).load("train")
+    assert set(np.unique(split.labels[1])) == {0, 1}
+
+
+def test_folder_colour_masks(tmp_path):
+    root = make_folder(tmp_path, n=2)
+    mask = np.zeros((6, 8, 3), np.uint8)
+    mask[:, 4:] = (255, 0, 0)
+    save(root / "masks" / "im00.png", mask)
+    with pytest.raises(DataError, match=r"im00\.png: RGB mask .* colour-coded"):
+        folder(root, val_fraction=0.0).load("train")
+    source = folder(root, val_fraction=0.0, color_map=((0, 0, 0), (255, 0, 0)))
+    assert (source.load("train").labels[0][:, 4:] == 1).all()
+    np.testing.assert_array_equal(source.palette[1], (255, 0, 0))
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (lambda r: save(r / "masks" / "im01.png", np.zeros((5, 8), np.uint8)), r"im01\.png is 6x8 .*im01\.png is 5x8"),
+        (lambda r: save(r / "masks" / "im01.png", np.full((6, 8), 7, np.uint8)), r"im01\.png: label values 7 "),
+        (lambda r: (r / "images" / "im01.png").write_bytes(b""), r"im01\.png: empty file"),
+        (lambda r: (r / "images" / "im01.png").write_bytes(b"text"), r"im01\.png: not an image"),
+        (lambda r: (r / "images" / "im01.png").write_bytes(save(r / "x.png", rgb(1, 60, 60)).read_bytes()[:300]), r"im01\.png: corrupt or truncated"),
+    ],
+)  # fmt: skip
+def test_folder_bad_files_are_named(tmp_path, damage, match):
+    root = make_folder(tmp_path / "d", n=3)
+    damage(root)
+    with pytest.raises(DataError, match=match):
+        folder(root, val_fraction=0.0).load("train")
+
+
+def test_folder_skip_bad_counts(tmp_path, caplog):
+    root = make_folder(tmp_path, n=4)
+    (root / "images" / "im02.png").write_bytes(b"")
+    split = folder(root, val_fraction=0.0, skip_bad=True).load("train")
+    assert list(split.names) == ["im00", "im01", "im03"]
+    assert "skipped 1 of 4 pairs" in caplog.text
+
+
+def test_folder_layout_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(
+        DataError, match=r"expected images/ and masks/.*found: \(empty\)"
+    ):
+        folder(tmp_path / "empty")
+    root = make_folder(tmp_path / "a", n=3)
+    (root / "masks" / "im01.png").unlink()
+    with pytest.raises(DataError, match=r"1 images have no mask .*: im01"):
+        folder(root)
+    (root / "images" / "im01.png").unlink()
+    (root / "images" / "im02.png").unlink()
+    with pytest.raises(DataError, match=r"1 masks have no image .*: im02"):
+        folder(root)
+    for stem in ("im00", "im02"):
+        (root / "masks" / f"{stem}.png").unlink()
+    (root / "images" / "im00.png").unlink()
+    with pytest.raises(DataError, match=r"images: no images \(.png"):
+        folder(root)
+    with pytest.raises(DataError, match="data.class_names"):
+        get_source(config("folder", path=str(root)))
+
+
+# Multi-channel arrays only as uint8: PIL cannot build other multi-channel images.
+_PIXELS = st.one_of(
+    st.tuples(st.just("uint8"), st.sampled_from([1, 2, 3, 4])),
+    st.tuples(st.sampled_from(["uint16", "int32", "float32", "bool"]), st.just(1)),
+)
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # from truncated TIFFs
+@settings(
+    max_examples=30,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+@given(
+    size=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+    pixels=_PIXELS,
+    fmt=st.sampled_from(["png", "jpg", "bmp", "tiff"]),
+    mask_grows=st.booleans(),
+    values=st.lists(st.sampled_from([0, 1, 2, 255, 7]), min_size=1, max_size=3),
+    cut=st.sampled_from([None, 0, 20]),
+)
+def test_folder_loads_or_raises_data_error(size, pixels, fmt, mask_grows, values, cut):
+    """Any image file either loads as uint8 [H, W, 3] or raises DataError."""
+    dtype, channels = pixels
+    rng = np.random.default_rng(0)
+    shape = size if channels == 1 else (*size, channels)
+    array = (rng.random(shape) * 300).astype(dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "images").mkdir()
+        try:
+            Image.fromarray(array).save(root / "images" / f"a.{fmt}")
+        except (TypeError, ValueError, OSError, KeyError):
+            assume(False)  # PIL cannot write this combination: nothing to test
+        if cut is not None:
+            path = root / "images" / f"a.{fmt}"
+            path.write_bytes(path.read_bytes()[:cut])
+        mask_size = (size[0] + mask_grows, size[1])
+        mask = rng.choice(np.array(values, np.uint8), mask_size)
+        save(root / "masks" / "a.png", mask)
+        source = get_source(
+            config("folder", path=tmp, class_names=("a", "b", "c"), val_fraction=0.0)
+        )
+        clean = dtype == "uint8" and channels in (1, 3) and fmt == "png" and cut is None
+        try:
+            split = source.load("train")
+        except DataError:
+            assert not (clean and not mask_grows and 7 not in values)
+            return
+        assert split.images[0].shape == (*size, 3) and split.images[0].dtype == np.uint8
+        assert split.labels[0].shape == size
+        assert set(np.unique(split.labels[0])) <= {0, 1, 2, 255}
+
+
+# --- TFDS and synthetic ---------------------------------------------------
+
+
+def test_tfds_unknown_dataset_needs_class_names():
+    with pytest.raises(DataError, match="'cityscapes' has no built-in label map"):
+        get_source(config("tfds", tfds_name="cityscapes"))
+
+
+def test_tfds_oxford_pet_through_mock_data(tmp_path):
+    tfds = pytest.importorskip(
+        "tensorflow_datasets", reason="tensorflow-datasets not installed"
+    )
+    import tensorflow as tf
+
+    def as_dataset(self, split, **kwargs):
+        specs = self.info.features.get_tensor_info()
+
+        def examples():
+            for i in range(3):
+                ex = {
+                    k: np.zeros([d or 1 for d in s.shape], s.np_dtype)
+                    for k, s in specs.items()
+                }
+                ex["image"] = rgb(i, 10 + i, 12)
+                ex["segmentation_mask"] = np.random.default_rng(i).integers(
+                    1, 4, (10 + i, 12, 1), dtype=np.uint8
+                )
+                ex["file_name"] = f"pet{i}.jpg".encode()
+                yield ex
+
+        signature = {k: tf.TensorSpec(s.shape, s.dtype) for k, s in specs.items()}
+        return tf.data.Dataset.from_generator(examples, output_signature=signature)
+
+    with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+        source = get_source(config("tfds", path=str(tmp_path)))
+        split = source.load("val")
+    assert source.class_names == ("pet", "background", "border")
+    assert list(split.names) == ["pet0.jpg", "pet1.jpg", "pet2.jpg"]
+    assert split.images[1].shape == (11, 12, 3) and split.labels[1].shape == (11, 12)
+    assert set(np.unique(np.concatenate([lab.ravel() for lab in split.labels]))) == {
+        0,
+        1,
+        2,
+    }
+
+
+def test_importing_fcn_data_and_synthetic_loading_do_not_import_tensorflow():
+    code = (
+        "import sys; from configs.default import get_config; import fcn.data; "
+        "fcn.data.get_source(get_config().data).load('val'); "
+        "assert not [m for m in sys.modules if m.startswith('tensorflow')], 'tensorflow'"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True)
+
+
+def test_synthetic_is_deterministic_and_learnable_looking():
+    c = config(
+        "synthetic", synthetic_size=(24, 32), synthetic_counts={"train": 6, "val": 3}
+    )
+    source = get_source(c)
+    assert source.splits == ("train", "val")
+    assert source.class_names == ("background", "circle", "square", "triangle")
+    a, b, val = source.load("train"), get_source(c).load("train"), source.load("val")
+    for x, y in zip(a.images + a.labels, b.images + b.labels):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a.images[0], val.images[0])
+    assert a.images[0].shape == (24, 32, 3) and a.images[0].dtype == np.uint8
+    assert a.labels[0].shape == (24, 32) and a.labels[0].dtype == np.uint8
+    assert set(np.unique(np.concatenate([lab.ravel() for lab in a.labels]))) == {
+        0,
+        1,
+        2,
+        3,
+    }

@@ -1,0 +1,148 @@
+"""The model: any size in, same size out; the 1x1 facts of GUIDE.md made executable."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fcn
+from fcn.model import UNet
+
+
+def tiny(**kw):
+    kw = {"features": 4, "depth": 2, **kw}
+    return UNet(3, rngs=nnx.Rngs(0), **kw)
+
+
+@pytest.mark.parametrize("hw", [(360, 480), (37, 101), (1, 1), (2, 513), (1000, 3), (17, 17)])
+def test_output_size_equals_input_size(hw):
+    model = tiny(depth=3)
+    model.eval()
+    logits = model(jnp.zeros((1, *hw, 3)))
+    assert logits.shape == (1, *hw, 3)
+    assert logits.dtype == jnp.float32
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+_SHARED = tiny(depth=2, norm="group")
+
+
+@settings(max_examples=6, deadline=None)
+@given(h=st.integers(1, 45), w=st.integers(1, 45), b=st.integers(1, 2))
+def test_any_size_property(h, w, b):
+    out = _SHARED(jax.random.uniform(jax.random.key(h * 100 + w), (b, h, w, 3)))
+    assert out.shape == (b, h, w, 3)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"head": "stacked"},
+        {"head": "mlp", "bottleneck": 2},
+        {"upsample": "resize", "norm": "none"},
+        {"norm": "group", "dropout": 0.5},
+    ],
+)
+def test_variants_keep_size(kw):
+    model = tiny(**kw)
+    out = model(jnp.ones((2, 21, 30, 3)), rngs=nnx.Rngs(dropout=1))
+    assert out.shape == (2, 21, 30, 3)
+
+
+def test_bottleneck_cuts_parameters():
+    plain = nnx.eval_shape(lambda: tiny(features=16))
+    narrow = nnx.eval_shape(lambda: tiny(features=16, bottleneck=4))
+    count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
+    assert count(narrow) < count(plain)
+
+
+def test_mixed_precision_keeps_params_and_logits_float32():
+    model = tiny(dtype=jnp.bfloat16)
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert all(p.dtype == jnp.float32 for p in params)
+    out = model(jnp.ones((1, 20, 24, 3)))
+    assert out.dtype == jnp.float32
+    ref = tiny()(jnp.ones((1, 20, 24, 3)))
+    np.testing.assert_allclose(out, ref, atol=0.15, rtol=0.1)
+
+
+def test_probabilities_non_negative_and_sum_to_one():
+    model = tiny()
+    probs = fcn.predict_proba(model, jax.random.uniform(jax.random.key(0), (2, 19, 23, 3)))
+    assert probs.shape == (2, 19, 23, 3)
+    assert float(probs.min()) >= 0
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+
+
+def test_1x1_conv_is_a_dense_layer_at_every_pixel():
+    conv = nnx.Conv(6, 4, (1, 1), rngs=nnx.Rngs(0))
+    x_BHWC = jax.random.normal(jax.random.key(1), (2, 5, 7, 6))
+    kernel_CK = conv.kernel[...][0, 0]
+    dense = nnx.Linear(6, 4, rngs=nnx.Rngs(0))
+    dense.kernel[...] = kernel_CK
+    dense.bias[...] = conv.bias[...]
+    out = conv(x_BHWC)
+    np.testing.assert_allclose(out, dense(x_BHWC), atol=1e-5)
+    np.testing.assert_allclose(out, jnp.einsum("bhwc,ck->bhwk", x_BHWC, kernel_CK) + conv.bias[...], atol=1e-5)
+    for b, i, j in [(0, 0, 0), (1, 4, 6), (0, 2, 3)]:  # one pixel alone, through a plain matmul
+        np.testing.assert_allclose(out[b, i, j], np.asarray(x_BHWC[b, i, j]) @ kernel_CK + conv.bias[...], atol=1e-5)
+
+
+def test_linear_head_on_a_large_input_equals_each_pixel_alone():
+    head = fcn.model.Head(8, 5, "linear", conv=lambda *a, **k: nnx.Conv(*a, **k), rngs=nnx.Rngs(0))
+    x_BHWC = jax.random.normal(jax.random.key(2), (1, 40, 50, 8))
+    full = head(x_BHWC)
+    for i, j in [(0, 0), (39, 49), (17, 23)]:
+        alone = head(x_BHWC[:, i : i + 1, j : j + 1])
+        np.testing.assert_allclose(full[:, i, j], alone[:, 0, 0], atol=1e-5)
+
+
+def _compose(k1, k2):
+    """Kernel of conv(k2) after conv(k1) (cross-correlation, HWIO): sizes add minus one."""
+    a, _, c_in, c_mid = k1.shape
+    b, _, _, c_out = k2.shape
+    n = a + b - 1
+    out = np.zeros((n, n, c_in, c_out))
+    for u in range(b):
+        for v in range(b):
+            out[u : u + a, v : v + a] += np.einsum("hwim,mo->hwio", k1, k2[u, v])
+    return out
+
+
+def test_stacked_head_is_one_5x5_convolution():
+    head = fcn.model.Head(3, 2, "stacked", conv=lambda *a, **k: nnx.Conv(*a, **k), rngs=nnx.Rngs(0))
+    convs = list(head.layers)
+    for c in convs:  # non-zero biases, so the composite bias is checked too
+        c.bias[...] = jax.random.normal(jax.random.key(c.kernel.shape[-1]), c.bias.shape)
+    k1, k2, k3 = (np.asarray(c.kernel[...], np.float64) for c in convs)
+    b1, b2, b3 = (np.asarray(c.bias[...], np.float64) for c in convs)
+    k5 = _compose(_compose(k1, k2), k3)
+    bias = (b1 @ k2.sum(axis=(0, 1)) + b2) @ k3[0, 0] + b3
+    x_BHWC = jax.random.normal(jax.random.key(3), (1, 16, 18, 3))
+    out = np.asarray(head(x_BHWC))
+    ref = jax.lax.conv_general_dilated(
+        np.asarray(x_BHWC, np.float64), k5, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    ref = np.asarray(ref) + bias
+    # VALID output pixel (i, j) is centred on input (i + 2, j + 2): compare away from the borders.
+    np.testing.assert_allclose(out[:, 2:-2, 2:-2], ref, atol=1e-4)
+
+
+def test_summary_table_has_totals_matching_parameter_count():
+    model = tiny(depth=2)
+    text = fcn.summary(model, (1, 37, 41, 3))
+    count = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert f"{count:,}" in text.splitlines()[-1]
+    assert "(1, 37, 41, 3)" in text and "FLOPs" in text and "ConvTranspose" in text
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="num_classes"):
+        UNet(1, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="model.head"):
+        tiny(head="dense")
+    with pytest.raises(ValueError, match="empty image"):
+        tiny()(jnp.zeros((1, 0, 5, 3)))
