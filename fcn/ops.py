@@ -1,18 +1,177 @@
 """Backend-specific convolution implementations, behind one seam.
 
 `conv_fn(name)` returns the `conv_general_dilated` that every conv of the
-model uses (`config.model.conv_impl`). "xla" is jax.lax's own convolution.
+model uses (`config.model.conv_impl`); `ConvTranspose` routes the transposed
+(upsampling) convs through the same function.
+
+  "xla"   jax.lax's own convolution everywhere.
+  "gemm"  the convolutions XLA:CPU is slow at, rewritten as matrix products;
+          every other convolution is jax.lax's. Today one rewrite: a
+          transposed conv whose kernel equals its stride (the U-Net's 2x2,
+          stride-2 upsampling) is one matrix product [B*H*W, C] x [C, s*s*K]
+          and a depth-to-space reshape. XLA:CPU lowers it to an input-dilated
+          convolution whose weight gradient it runs as a generic convolution
+          with an image-sized window: 40% of the default U-Net's training step
+          on CPU (benchmarks/profile_step.py, docs/benchmarks.md). The matrix
+          product's gradients are matrix products too.
+  "auto"  "gemm" when the default backend is the CPU, else "xla" (cuDNN on GPU
+          has no such weakness).
+
+Every rewrite computes the same function as jax.lax.conv_general_dilated, values
+and gradients, float32 and bfloat16 (tests/test_ops.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-CONV_IMPLS = ("xla",)
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+CONV_IMPLS = ("xla", "gemm", "auto")
+
+# Dimension numbers of NHWC inputs and outputs with HWIO kernels (flax's).
+_NHWC = (0, 3, 1, 2)
+_HWIO = (3, 2, 0, 1)
 
 
 def conv_fn(name: str) -> Callable | None:
     """The convolution primitive for `config.model.conv_impl`; None = jax.lax's default."""
     if name == "xla":
         return None
+    if name == "gemm":
+        return conv_general_dilated
+    if name == "auto":
+        return _auto
     raise ValueError(f"model.conv_impl={name!r}: expected one of {', '.join(CONV_IMPLS)}")
+
+
+def _auto(*args, **kwargs):
+    # Decided at trace time: one process traces for one backend.
+    conv = conv_general_dilated if jax.default_backend() == "cpu" else lax.conv_general_dilated
+    return conv(*args, **kwargs)
+
+
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides: Sequence[int],
+    padding,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision=None,
+    preferred_element_type=None,
+    **kwargs,
+):
+    """jax.lax.conv_general_dilated, with the cases XLA:CPU is slow at done as matrix products."""
+    args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
+    scale = _depth_to_space_stride(*args, feature_group_count, batch_group_count)
+    if scale:
+        return _depth_to_space_conv(lhs, rhs, scale, precision, preferred_element_type)
+    return lax.conv_general_dilated(
+        *args,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        **kwargs,
+    )
+
+
+def _depth_to_space_stride(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dn, groups, batch_groups):
+    """s when the conv is a transposed conv with an s x s kernel and stride s (NHWC, HWIO), else 0.
+
+    That is lax.conv_transpose(x, w, (s, s), "SAME"): input dilation s, padding
+    s - 1 on each side, unit window strides. Each output pixel (s*i + r, s*j + q)
+    then sees exactly one input pixel, (i, j), through the kernel tap
+    (s - 1 - r, s - 1 - q).
+    """
+    if lhs.ndim != 4 or groups != 1 or batch_groups != 1 or isinstance(padding, str):
+        return 0
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dn)
+    if tuple(dn.lhs_spec) != _NHWC or tuple(dn.rhs_spec) != _HWIO or tuple(dn.out_spec) != _NHWC:
+        return 0
+    s = rhs.shape[0]
+    ok = (
+        s > 1
+        and tuple(rhs.shape[:2]) == (s, s)
+        and tuple(lhs_dilation or (1, 1)) == (s, s)
+        and tuple(rhs_dilation or (1, 1)) == (1, 1)
+        and tuple(window_strides) == (1, 1)
+        and [tuple(p) for p in padding] == [(s - 1, s - 1)] * 2
+    )
+    return s if ok else 0
+
+
+def _depth_to_space_conv(x_BHWC, w_SSCK, s: int, precision, preferred_element_type):
+    """out[b, s*i + r, s*j + q, k] = sum_c x[b, i, j, c] * w[s - 1 - r, s - 1 - q, c, k]."""
+    b, h, w, _ = x_BHWC.shape
+    k = w_SSCK.shape[-1]
+    y_BHWSSK = jnp.einsum(
+        "bhwc,rqck->bhwrqk",
+        x_BHWC,
+        w_SSCK[::-1, ::-1],
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+    return y_BHWSSK.transpose(0, 1, 3, 2, 4, 5).reshape(b, h * s, w * s, k)
+
+
+def conv_transpose_padding(kernel: int, stride: int, padding: str) -> tuple[int, int]:
+    """The padding lax.conv_transpose gives its input-dilated convolution ("SAME" or "VALID")."""
+    if padding == "SAME":
+        pad_len = kernel + stride - 2
+        before = kernel - 1 if stride > kernel - 1 else -(-pad_len // 2)
+    elif padding == "VALID":
+        pad_len = kernel + stride - 2 + max(kernel - stride, 0)
+        before = kernel - 1
+    else:
+        raise ValueError(f"padding={padding!r}: expected 'SAME' or 'VALID'")
+    return before, pad_len - before
+
+
+class ConvTranspose(nnx.ConvTranspose):
+    """nnx.ConvTranspose whose convolution goes through `conv_general_dilated` (the seam).
+
+    Same parameters (kernel [kh, kw, in, out], bias) as nnx.ConvTranspose, so
+    checkpoints are interchangeable. With conv_general_dilated=None, or a
+    configuration other than SAME/VALID padding on NHWC inputs without mask,
+    kernel dilation or kernel transposition, it is nnx.ConvTranspose itself.
+    """
+
+    def __init__(self, *args, conv_general_dilated: Callable | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.conv_general_dilated = conv_general_dilated
+
+    def __call__(self, inputs):
+        plain = (
+            self.conv_general_dilated is None
+            or inputs.ndim != 4
+            or self.mask is not None
+            or self.transpose_kernel
+            or self.kernel_dilation not in (None, 1, (1, 1))
+            or self.padding not in ("SAME", "VALID")
+        )
+        if plain:
+            return super().__call__(inputs)
+        strides = self.strides or 1
+        strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
+        bias = self.bias[...] if self.bias is not None else None
+        inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
+        pads = [conv_transpose_padding(k, s, self.padding) for k, s in zip(kernel.shape[:2], strides)]
+        y = self.conv_general_dilated(
+            inputs,
+            kernel,
+            (1, 1),
+            pads,
+            lhs_dilation=strides,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision=self.precision,
+            preferred_element_type=self.preferred_element_type,
+        )
+        return y if bias is None else y + bias

@@ -5,6 +5,7 @@ matplotlib is imported only inside the functions that draw figures.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -99,16 +100,13 @@ def plot_examples(examples, class_names, palette_K3, ignore_label: int = 255, *,
 
     examples = list(examples)
     cols = 3 if any(lab is not None for _, lab, _ in examples) else 2
-    fig, axes = plt.subplots(
-        len(examples),
-        cols,
-        figsize=(size * cols * 1.3, size * len(examples)),
-        squeeze=False,
-    )
+    figsize = (size * cols * 1.3, size * len(examples))
+    fig, axes = plt.subplots(len(examples), cols, figsize=figsize, squeeze=False)
     for row, (image, label, pred) in zip(axes, examples):
         panels = [("image", _rgb(image)), ("prediction", colorize(pred, palette_K3))]
         if cols == 3:
-            truth = colorize(label, palette_K3, ignore_label) if label is not None else np.ones_like(panels[0][1]) * 255
+            blank = np.full_like(panels[0][1], 255)
+            truth = blank if label is None else colorize(label, palette_K3, ignore_label)
             panels.insert(1, ("ground truth", truth))
         for ax, (title, picture) in zip(row, panels):
             ax.imshow(picture, interpolation="nearest")
@@ -123,7 +121,8 @@ def plot_examples(examples, class_names, palette_K3, ignore_label: int = 255, *,
 def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    if "matplotlib.pyplot" not in sys.modules:  # a script: no window; a notebook keeps its backend
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt

@@ -1,0 +1,338 @@
+"""fcn against the same U-Net in PyTorch, side by side on one machine. Not a test.
+
+    python benchmarks/speed.py                       # CPU: 4 x 256 x 256, float32
+    python benchmarks/speed.py --batch 8 --size 360 480 --dtype bfloat16   # GPU (run_gpu.sh)
+
+Measures, in one run:
+  * time to the first training step, in fresh subprocesses: fcn with an empty
+    and with a warm persistent compilation cache, PyTorch eager, torch.compile
+    with an empty and a warm inductor cache; each also reports its peak memory
+    (CPU: peak resident set; GPU: peak device allocation) over 3 steps;
+  * training and inference images per second, after warm-up, in one process
+    holding every variant: rounds of `--steps` steps of each variant in turn,
+    the median over `--repeats` rounds (interleaved, so that load from other
+    processes falls on all variants alike);
+  * the step's FLOPs (analytic: 2 x multiply-adds of every convolution,
+    forward and both backward products; and XLA's cost analysis of fcn's
+    step), the rate reached, and on GPU the model FLOPs utilisation against a
+    bfloat16 matrix product timed in the same run.
+
+fcn's training step is fcn.state.make_train_step itself (on-device
+augmentation, loss, AdamW, metrics); PyTorch's is forward, cross-entropy,
+backward, clipping, AdamW (benchmarks/unet_torch.py) on batches already in
+tensors, so the comparison leaves fcn's augmentation cost in fcn's figure.
+Prints a markdown table; --json writes every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import common  # noqa: E402
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description="fcn vs PyTorch: speed, start-up time and memory of the default U-Net")
+    common.add_model_flags(p)
+    p.add_argument("--conv_impls", default="xla,auto", help="fcn variants: comma-separated conv_impl values")
+    p.add_argument("--torch_variants", default="eager,compile", help="eager, compile; '+cl' = channels_last")
+    p.add_argument("--steps", type=int, default=3, help="steps per timed round")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
+    p.add_argument("--skip_startup", action="store_true", help="skip the first-step subprocesses")
+    p.add_argument("--json", default="", help="write all results here")
+    p.add_argument("--first_step", default="", help=argparse.SUPPRESS)  # internal: subprocess mode
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------
+# Time to the first training step and peak memory, each in a fresh process.
+
+
+def first_step(args) -> dict:
+    """Run in a fresh subprocess: seconds from process start to the end of the first step, and peak memory."""
+    t0 = time.perf_counter()
+    kind = args.first_step
+    if kind.startswith("fcn"):
+        import jax
+
+        from fcn.train import enable_compilation_cache
+
+        enable_compilation_cache()  # FCN_JAX_CACHE, set by the caller
+        t_import = time.perf_counter() - t0
+        step, state, batch = common.fcn_train_step(args)
+        state, out = step(state, *batch)
+        jax.block_until_ready(out)
+        t_first = time.perf_counter() - t0
+        for _ in range(2):
+            state, out = step(state, *batch)
+        jax.block_until_ready(out)
+        dev = jax.devices()[0]
+        peak = (dev.memory_stats() or {}).get("peak_bytes_in_use") if dev.platform != "cpu" else None
+    else:
+        import torch
+
+        from benchmarks import torch_side
+
+        t_import = time.perf_counter() - t0
+        v = torch_side.Variant(args, kind.split(":", 1)[1])
+        v.train()
+        v.sync()
+        t_first = time.perf_counter() - t0
+        for _ in range(2):
+            v.train()
+        v.sync()
+        peak = torch.cuda.max_memory_allocated() if v.device == "cuda" else None
+    if peak is None:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"import_s": t_import, "first_step_s": t_first, "peak_bytes": peak}
+
+
+def startup(args, argv) -> dict:
+    """Cold and warm-cache first steps of each variant, each in its own subprocess."""
+    caches = {"fcn": tempfile.mkdtemp(prefix="fcn_jax_cache_"), "torch": tempfile.mkdtemp(prefix="inductor_")}
+    env = dict(os.environ, FCN_JAX_CACHE=caches["fcn"], TORCHINDUCTOR_CACHE_DIR=caches["torch"])
+    env["TRITON_CACHE_DIR"] = os.path.join(caches["torch"], "triton")
+    runs = [("fcn", "cold"), ("fcn", "warm")]
+    for v in args.torch_variants.split(","):
+        runs += [(f"torch:{v}", "cold"), (f"torch:{v}", "warm")] if "compile" in v else [(f"torch:{v}", "cold")]
+    out = {}
+    for kind, cache in runs:
+        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--first_step", kind]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode:
+            out[f"{kind} {cache}"] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "?"}
+            print(f"  {kind} ({cache} cache): FAILED\n{proc.stderr[-3000:]}", file=sys.stderr)
+            continue
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        out[f"{kind} {cache}"] = res
+        print(f"  {kind} ({cache} cache): first step {res['first_step_s']:.1f} s, peak {res['peak_bytes'] / 2**20:.0f} MiB", flush=True)
+    return out, env
+
+
+# ---------------------------------------------------------------------------
+# Throughput, every variant in one process, interleaved.
+
+
+def throughput(args) -> dict:
+    import jax
+
+    from benchmarks import torch_side
+
+    variants = {}
+    for impl in args.conv_impls.split(","):
+        a = argparse.Namespace(**{**vars(args), "conv_impl": impl})
+        step, state, batch = common.fcn_train_step(a)
+        predict, pstate, images = common.fcn_predict(a)
+        variants[f"fcn {impl}"] = _FcnRunner(step, state, batch, predict, pstate, images)
+    for name in args.torch_variants.split(","):
+        try:
+            variants[f"torch {name}"] = torch_side.Variant(args, name)
+        except Exception as e:  # noqa: BLE001 -- report why a variant cannot run (e.g. torch.compile)
+            print(f"torch {name}: cannot run: {type(e).__name__}: {e}", file=sys.stderr)
+    n_fcn = common.num_params(next(v for k, v in variants.items() if k.startswith("fcn")).state)
+    for k, v in variants.items():
+        if k.startswith("torch"):
+            assert v.num_params == n_fcn, f"{k}: {v.num_params} parameters, fcn has {n_fcn}"
+    warm = {}
+    for k, v in list(variants.items()):
+        try:
+            t = time.perf_counter()
+            for _ in range(2):
+                v.train()
+                v.predict()
+            v.sync()
+            warm[k] = time.perf_counter() - t
+        except Exception as e:  # noqa: BLE001 -- torch.compile may fail on a machine without a toolchain
+            print(f"{k}: failed at warm-up: {type(e).__name__}: {str(e)[:2000]}", file=sys.stderr)
+            del variants[k]
+    times = {k: {"train": [], "predict": []} for k in variants}
+    for _ in range(args.repeats):
+        for what in ("train", "predict"):
+            for k, v in variants.items():
+                fn = getattr(v, what)
+                t = time.perf_counter()
+                for _ in range(args.steps):
+                    fn()
+                v.sync()
+                times[k][what].append((time.perf_counter() - t) / args.steps)
+    import numpy as np
+
+    res = {"params": n_fcn, "warmup_s": warm}
+    for k, t in times.items():
+        res[k] = {w: {"step_s": float(np.median(v)), "all_s": v, "img_s": args.batch / float(np.median(v))} for w, v in t.items()}
+    fcn0 = next(v for k, v in variants.items() if k.startswith("fcn"))
+    try:
+        cost = fcn0.step.lower(fcn0.state, *fcn0.batch).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        res["xla_flops"] = float(cost.get("flops", 0.0)) or None
+    except Exception:  # noqa: BLE001 -- cost analysis is not offered on every backend
+        res["xla_flops"] = None
+    res["device"] = str(jax.devices()[0].device_kind)
+    if jax.devices()[0].platform == "gpu":
+        res["bf16_matmul_flops"] = _matmul_rate()
+    return res
+
+
+class _FcnRunner:
+    def __init__(self, step, state, batch, predict, pstate, images):
+        self.step, self.state, self.batch = step, state, batch
+        self.predict_fn, self.pstate, self.images = predict, pstate, images
+        self.out = None
+
+    def train(self):
+        self.state, self.out = self.step(self.state, *self.batch)
+
+    def predict(self):
+        self.out = self.predict_fn(self.pstate, self.images)
+
+    def sync(self):
+        import jax
+
+        jax.block_until_ready(self.out)
+
+
+def _matmul_rate(n: int = 8192, repeats: int = 10) -> float:
+    """bfloat16 matrix-product FLOP/s of this device through XLA (random data, median)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (n, n), jnp.bfloat16)
+    b = jax.random.normal(kb, (n, n), jnp.bfloat16)
+    mm = jax.jit(lambda a, b: a @ b)
+    mm(a, b).block_until_ready()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mm(a, b).block_until_ready()
+        ts.append(time.perf_counter() - t)
+    return 2 * n**3 / float(np.median(ts))
+
+
+def unet_flops(args) -> tuple[float, float]:
+    """Analytic FLOPs (2 x multiply-adds) of the U-Net's convolutions: (forward, training step = 3 x forward)."""
+    h, w = args.size
+    h, w = -(-h // 2**args.depth) * 2**args.depth, -(-w // 2**args.depth) * 2**args.depth
+    widths = [args.features * 2**i for i in range(args.depth + 1)]
+    macs, c = 0, 3
+    for i, wd in enumerate(widths):  # down blocks and the bottom block
+        px = (h >> i) * (w >> i)
+        macs += px * 9 * (c * wd + wd * wd)
+        c = wd
+    for i in reversed(range(args.depth)):  # transposed conv 2x2/2, then a block on [up, skip]
+        px = (h >> i) * (w >> i)
+        macs += px * widths[i + 1] * widths[i] + px * 9 * (2 * widths[i] * widths[i] + widths[i] * widths[i])
+    macs += h * w * widths[0] * args.classes
+    fwd = 2.0 * macs * args.batch
+    return fwd, 3 * fwd
+
+
+# ---------------------------------------------------------------------------
+# Report.
+
+
+def table(args, argv, res: dict, start: dict, env) -> str:
+    tput = res["throughput"]
+    fcn_keys = [k for k in tput if k.startswith("fcn ")]
+    torch_keys = [k for k in tput if k.startswith("torch ")]
+    lines = [
+        f"Command: `python benchmarks/speed.py {' '.join(argv)}`",
+        f"Hardware: {env['hardware']}; {env['software']}; date {env['date']}.",
+        f"Batch {args.batch} x {args.size[0]}x{args.size[1]}, features {args.features}, depth {args.depth}, "
+        f"{args.classes} classes, {tput['params']:,} parameters both; fcn compute dtype {args.dtype}.",
+        f"Throughput: median of {args.repeats} interleaved rounds of {args.steps} steps, after warm-up.",
+        "",
+        "| variant | train img/s | infer img/s | train step ms | GFLOP/s (analytic) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    _, train_flops = unet_flops(args)
+    for k in fcn_keys + torch_keys:
+        t, p = tput[k]["train"], tput[k]["predict"]
+        lines.append(f"| {k} | {t['img_s']:.2f} | {p['img_s']:.2f} | {1e3 * t['step_s']:.0f} | {train_flops / t['step_s'] / 1e9:.1f} |")
+    if fcn_keys and torch_keys:
+        lines += ["", "| ratio fcn / PyTorch (best of each) | training | inference |", "| --- | --- | --- |"]
+        best = lambda keys, w: max(tput[k][w]["img_s"] for k in keys)  # noqa: E731
+        for k in fcn_keys:
+            lines.append(
+                f"| {k} / best torch | {tput[k]['train']['img_s'] / best(torch_keys, 'train'):.2f}x "
+                f"| {tput[k]['predict']['img_s'] / best(torch_keys, 'predict'):.2f}x |"
+            )
+    if start:
+        lines += ["", "| first training step (fresh process) | seconds | of which imports | peak memory MiB |", "| --- | --- | --- | --- |"]
+        for k, v in start.items():
+            if "error" in v:
+                lines.append(f"| {k} | failed: {v['error']} | | |")
+            else:
+                lines.append(f"| {k} cache | {v['first_step_s']:.1f} | {v['import_s']:.1f} | {v['peak_bytes'] / 2**20:.0f} |")
+    lines += ["", f"Training step FLOPs: {train_flops / 1e9:.1f} G analytic (convolutions, 3 x forward)"]
+    if tput.get("xla_flops"):
+        lines[-1] += f"; {tput['xla_flops'] / 1e9:.1f} G by XLA's cost analysis of fcn's step"
+    if tput.get("bf16_matmul_flops"):
+        rate = tput["bf16_matmul_flops"]
+        lines += [f"bfloat16 matmul rate measured here: {rate / 1e12:.0f} TFLOP/s. MFU (analytic FLOPs / step time / that rate):"]
+        for k in fcn_keys + torch_keys:
+            lines.append(f"- {k}: {100 * train_flops / tput[k]['train']['step_s'] / rate:.1f}%")
+    return "\n".join(lines)
+
+
+def describe_env() -> dict:
+    import jax
+
+    hw = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            hw = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    hw = f"{hw}, {os.cpu_count()} CPU cores"
+    if jax.devices()[0].platform != "cpu":
+        hw = f"{jax.devices()[0].device_kind}; host {hw}"
+    sw = f"jax {jax.__version__}"
+    try:
+        import flax
+        import torch
+
+        sw += f", flax {flax.__version__}, torch {torch.__version__}"
+    except ImportError:
+        pass
+    return {"hardware": hw, "software": sw, "date": time.strftime("%Y-%m-%d")}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    if args.first_step:
+        print(json.dumps(first_step(args)))
+        return
+    start, env = {}, os.environ
+    if not args.skip_startup:
+        print("first training step, fresh processes:", flush=True)
+        start, env = startup(args, argv)
+        os.environ.update({k: env[k] for k in ("FCN_JAX_CACHE", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")})
+    from fcn.train import enable_compilation_cache
+
+    enable_compilation_cache()
+    print("throughput, interleaved:", flush=True)
+    res = {"args": vars(args), "startup": start, "throughput": throughput(args), "env": describe_env()}
+    text = table(args, argv, res, start, res["env"])
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**res, "table": text}, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""`python -m fcn.export`: artifacts that reload without the model code and agree with the JAX model."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from test_inference import train_tiny
+
+from fcn.export import load_exported, main, pad_to_multiple
+from fcn.inference import load
+
+# 37 x 29: a size never used in training (24 x 32) and not a multiple of the model's 4.
+SHAPE = (2, 37, 29, 3)
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    return train_tiny(tmp_path_factory)
+
+
+def model_logits(workdir, x_BHWC):
+    graphdef, state = nnx.split(load(workdir).model)
+    return np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x_BHWC))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "symmetric", "edge", "wrap", "constant"])
+def test_symbolic_padding_equals_jnp_pad(mode):
+    for n in range(1, 9):
+        x = jnp.arange(n * 2, dtype=jnp.float32).reshape(1, n, 2, 1) + 1
+        expected = jnp.pad(x, ((0, 0), (0, -n % 4), (0, 2), (0, 0)), mode=mode)
+        np.testing.assert_array_equal(pad_to_multiple(x, 4, mode), expected)
+
+
+def test_stablehlo_reloads_without_the_model_code(workdir, tmp_path):
+    out = tmp_path / "exported"
+    assert main(["--workdir", workdir, "--out", str(out), "--no_saved_model"]) == 0
+    x = np.random.default_rng(0).random(SHAPE, np.float32)
+    np.save(tmp_path / "x.npy", x)
+    # A fresh interpreter with jax and numpy only: no fcn on the path, nothing of the model imported.
+    script = (
+        "import sys, numpy as np\n"
+        "from jax import export\n"
+        "exp = export.deserialize(bytearray(open('exported/model.jax', 'rb').read()))\n"
+        "np.save('y.npy', np.asarray(exp.call(np.load('x.npy'))))\n"
+        "assert not any(m == 'fcn' or m.startswith('fcn.') or m.startswith('flax') for m in sys.modules)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], cwd=tmp_path, check=True, env={"JAX_PLATFORMS": "cpu"})
+    expected = model_logits(workdir, x)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, atol=1e-5)
+
+    exported = load_exported(out)
+    assert [str(d) for d in exported.exported.in_avals[0].shape] == ["b", "h", "w", "3"]
+    assert exported.class_names == ("background", "circle", "square", "triangle")
+    image = (x[0] * 255).astype(np.uint8)
+    np.testing.assert_array_equal(exported.predict(image), load(workdir).predict(image))
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["palette"] == load(workdir).palette.tolist()
+
+
+def test_tf_saved_model_and_tflite_match_the_jax_model(workdir, tmp_path):
+    tf = pytest.importorskip("tensorflow", reason="tensorflow is not installed: no SavedModel to test")
+    out = tmp_path / "exported"
+    assert main(["--workdir", workdir, "--out", str(out), "--tflite_size", "20,30"]) == 0
+    x = np.random.default_rng(1).random(SHAPE, np.float32)
+    serve = tf.saved_model.load(str(out / "saved_model")).signatures["serving_default"]
+    logits = serve(images=tf.constant(x))["logits"].numpy()
+    np.testing.assert_allclose(logits, model_logits(workdir, x), atol=1e-5)
+
+    interpreter = tf.lite.Interpreter(model_path=str(out / "model.tflite"))
+    interpreter.allocate_tensors()
+    x1 = x[:1, :20, :30]
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x1)
+    interpreter.invoke()
+    tflite = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    np.testing.assert_allclose(tflite, model_logits(workdir, x1), atol=1e-4)

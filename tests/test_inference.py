@@ -1,0 +1,200 @@
+"""The trained predictor: inputs of every kind, exact bucketing, bounded compilations, tiling."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from configs import tiny
+from fcn.data.images import DataError
+from fcn.data.synthetic import make_example
+from fcn.inference import Segmenter, load
+from fcn.model import UNet
+
+_RUN: dict = {}
+
+
+def train_tiny(tmp_path_factory) -> str:
+    """A workdir trained on configs/tiny.py, once per session (shared by the inference test files).
+
+    Training uses the usual persistent compilation cache, so a second session trains in seconds.
+    """
+    if "workdir" not in _RUN:
+        from fcn.train import train_and_evaluate
+
+        workdir = tmp_path_factory.mktemp("tiny_run")
+        train_and_evaluate(tiny.get_config(), workdir)
+        _RUN["workdir"] = str(workdir)
+    return _RUN["workdir"]
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    return train_tiny(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def seg(workdir):
+    return load(workdir, bucket=32, tile=64, overlap=32)
+
+
+def reference_proba(seg, image_HWC):
+    """Softmax of the plain model on the unpadded image: what every path must reproduce."""
+    x = np.asarray(image_HWC, np.float32)[None] / (255.0 if image_HWC.dtype == np.uint8 else 1.0)
+    graphdef, state = nnx.split(seg.model)
+    proba = jax.jit(lambda state, x: jax.nn.softmax(nnx.merge(graphdef, state)(x), axis=-1))
+    return np.asarray(proba(state, x)[0])
+
+
+def random_image(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_load_carries_classes_palette_and_predicts(workdir, seg):
+    image = random_image(30, 41)
+    classes = seg.predict(image)
+    probs = seg.predict_proba(image)
+    assert seg.class_names == ("background", "circle", "square", "triangle")
+    assert seg.palette.shape == (4, 3) and seg.palette.dtype == np.uint8
+    assert classes.shape == (30, 41) and classes.dtype == np.uint8
+    assert probs.shape == (30, 41, 4) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(classes, probs.argmax(-1))
+
+
+def test_load_one_checkpoint_folder(workdir):
+    image = random_image(20, 20)
+    latest = load(os.path.join(workdir, "checkpoints", "6"))
+    np.testing.assert_allclose(latest.predict_proba(image), load(workdir, which="latest").predict_proba(image))
+
+
+def test_bucketed_prediction_equals_unpadded(seg):
+    for h, w in [(1, 1), (13, 7), (33, 64)]:
+        image = random_image(h, w, seed=h)
+        np.testing.assert_allclose(seg.predict_proba(image), reference_proba(seg, image), atol=1e-5)
+
+
+def test_compilations_bounded_over_20_random_sizes(workdir):
+    seg = load(workdir, bucket=32, tile=64)
+    sizes = np.random.default_rng(1).integers(1, 65, size=(20, 2))
+    for h, w in sizes:
+        assert seg.predict(random_image(h, w)).shape == (h, w)
+    # Canvases are multiples of 32 up to the 64 px tile: at most 2 x 2 shapes.
+    assert seg.compilations <= 4 < len({tuple(s) for s in sizes})
+    before = seg.compilations
+    seg.predict([random_image(h, w) for h, w in sizes[:3]])
+    assert seg.compilations - before <= 2  # at most a new batch size, never a new image size
+
+
+def test_tiled_matches_whole_image_in_bounded_tiles(workdir, seg):
+    image, _ = make_example(7, 0, (150, 230))
+    whole = load(workdir, tile=256).predict_proba(image)
+    np.testing.assert_allclose(whole, reference_proba(seg, image), atol=1e-5)
+    n = seg.compilations
+    tiled = seg.predict_proba(image)
+    assert np.abs(tiled - whole).max() < 0.05
+    assert (tiled.argmax(-1) == whole.argmax(-1)).mean() > 0.99
+    # Memory is bounded by one tile batch: no call ever saw more than batch_size tiles of 64 x 64.
+    assert seg.traced_shapes[n:] and all(s[0] <= seg.batch_size and max(s[1:3]) <= 64 for s in seg.traced_shapes)
+
+
+def test_every_input_form_gives_the_same_answer(seg, tmp_path):
+    image, _ = make_example(3, 0, (37, 45))
+    expected = seg.predict(image)
+    path = tmp_path / "image.png"
+    Image.fromarray(image).save(path)
+    assert np.array_equal(seg.predict(str(path)), expected)
+    assert np.array_equal(seg.predict(path), expected)
+    assert np.array_equal(seg.predict(Image.fromarray(image)), expected)
+    assert np.array_equal(seg.predict(Image.fromarray(image).convert("RGBA")), expected)
+    assert np.array_equal(seg.predict(np.dstack([image, np.full(image.shape[:2], 7, np.uint8)])), expected)
+    assert np.array_equal(seg.predict(image.astype(np.int64)), expected)
+    np.testing.assert_allclose(seg.predict_proba(image / 255.0), seg.predict_proba(image), atol=1e-5)
+    gray = image[..., 0]
+    assert np.array_equal(seg.predict(gray), seg.predict(np.repeat(gray[..., None], 3, -1)))
+    assert np.array_equal(seg.predict(gray[..., None]), seg.predict(gray))
+    batch = seg.predict([image, image[:20, :30], path])
+    assert [b.shape for b in batch] == [(37, 45), (20, 30), (37, 45)]
+    assert np.array_equal(batch[1], seg.predict(image[:20, :30]))
+    assert seg.predict(np.stack([image, image[::-1]])).shape == (2, 37, 45)
+
+
+def test_hflip_averages_with_the_mirror_image(seg):
+    image, _ = make_example(4, 0, (40, 50))
+    flip = seg.predict_proba(image, hflip=True)
+    np.testing.assert_allclose(seg.predict_proba(image[:, ::-1], hflip=True)[:, ::-1], flip, atol=1e-5)
+    assert not np.allclose(flip, seg.predict_proba(image), atol=1e-4)
+
+
+def test_max_size_predicts_at_training_scale(workdir):
+    small = load(workdir, max_size=16)
+    assert small.predict(random_image(40, 60)).shape == (40, 60)
+
+
+def test_group_norm_falls_back_to_exact_per_size_buckets():
+    model = UNet(3, features=4, depth=2, norm="group", rngs=nnx.Rngs(0))
+    seg = Segmenter(model, bucket=32)
+    image = random_image(9, 11)
+    assert not seg.exact_buckets and seg.bucket == 4
+    np.testing.assert_allclose(seg.predict_proba(image), reference_proba(seg, image), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        (np.zeros((0, 5, 3), np.uint8), "empty image"),
+        (np.zeros((4, 0), np.uint8), "empty image"),
+        (np.zeros((4, 4, 2), np.uint8), "shape"),
+        (np.zeros((4,), np.uint8), "shape"),
+        (np.zeros((4, 4, 3), bool), "dtype"),
+        (np.zeros((4, 4, 3), np.complex64), "dtype"),
+        (np.full((4, 4, 3), 300, np.int32), "8-bit"),
+        (np.full((4, 4, 3), 2.0, np.float32), "[0, 1]"),
+        (np.full((4, 4, 3), np.nan, np.float32), "[0, 1]"),
+        (None, "shape"),
+        ("no/such/file.png", "no/such/file.png"),
+    ],
+)
+def test_bad_inputs_raise_a_clear_value_error(seg, bad, words):
+    with pytest.raises(ValueError, match=None) as info:
+        seg.predict(bad)
+    assert isinstance(info.value, DataError) and words in str(info.value)
+
+
+def test_bad_files_are_named(seg, tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.png").write_text("not an image")
+    for name in ("empty.png", "notes.png"):
+        with pytest.raises(DataError, match=name):
+            seg.predict(tmp_path / name)
+    with pytest.raises(DataError, match="directory"):
+        seg.predict(tmp_path)
+
+
+DTYPES = [np.uint8, np.uint16, np.int8, np.int64, np.float16, np.float32, np.float64, np.bool_, np.complex64]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    h=st.integers(0, 40),
+    w=st.integers(0, 40),
+    channels=st.sampled_from([None, 1, 2, 3, 4, 5]),
+    dtype=st.sampled_from(DTYPES),
+    scale=st.sampled_from([1.0, 255.0, 1000.0, -1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_any_array_works_or_fails_clearly(seg, h, w, channels, dtype, scale, seed):
+    shape = (h, w) if channels is None else (h, w, channels)
+    values = np.random.default_rng(seed).random(shape) * scale
+    image = values.astype(dtype) if dtype is not np.bool_ else values > 0.5
+    try:
+        classes = seg.predict(image)
+    except ValueError as e:
+        assert isinstance(e, DataError) and str(e)
+        return
+    assert classes.shape == (h, w) and classes.dtype == np.uint8 and classes.max() < 4

@@ -1,0 +1,31 @@
+"""notebooks/quickstart.ipynb runs top to bottom, so it cannot rot."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+
+
+def _text(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.get("outputs", []))
+
+
+def test_quickstart_notebook_executes(tmp_path, monkeypatch):
+    monkeypatch.delenv("FCN_QUICKSTART_WORKDIR", raising=False)  # always train from scratch
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebook's workdir lands in pytest's tmp
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    # kernel "python3" is ipykernel in this interpreter (jupyter_client runs it with sys.executable).
+    client = nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    )
+    client.execute()  # raises CellExecutionError, with the cell and traceback, on any error
+    outputs = "\n".join(_text(c) for c in nb.cells if c.cell_type == "code")
+    assert f"python: {sys.executable}" in outputs
+    assert "mean IoU" in outputs and "tiled vs whole" in outputs
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 2, "the predictions are shown as pictures"

@@ -1,0 +1,96 @@
+"""`python -m fcn.predict`: class-map and overlay PNGs per input, bad inputs named and skipped."""
+
+import hashlib
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_inference import train_tiny
+
+from fcn.data.synthetic import make_example
+from fcn.inference import load
+from fcn.predict import main
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    return train_tiny(tmp_path_factory)
+
+
+def _write(path, h, w, seed=0):
+    image, _ = make_example(seed, 0, (h, w))
+    Image.fromarray(image).save(path)
+    return image
+
+
+def _digests(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+
+def test_writes_palette_class_maps_and_overlays(workdir, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    images = {"a": _write(inputs / "a.png", 30, 40, 1), "b": _write(inputs / "b.jpg", 25, 33, 2)}
+    _write(tmp_path / "c.png", 70, 20, 3)
+    before = _digests(inputs)
+    out = tmp_path / "out"
+    assert main(["--workdir", workdir, "--out", str(out), str(inputs), str(tmp_path / "c.png")]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        f"{n}_{kind}.png" for n in "abc" for kind in ("classes", "overlay")
+    ]
+    seg = load(workdir)
+    classes = Image.open(out / "a_classes.png")
+    assert classes.mode == "P"  # opens as colours, stores class ids
+    np.testing.assert_array_equal(np.asarray(classes), seg.predict(images["a"]))
+    palette = np.asarray(classes.getpalette()[:12], np.uint8).reshape(4, 3)
+    np.testing.assert_array_equal(palette, seg.palette)
+    overlay = Image.open(out / "b_overlay.png")
+    assert overlay.mode == "RGB" and overlay.size == (33, 25)
+    assert _digests(inputs) == before  # inputs are never modified
+
+
+def test_bad_inputs_are_named_skipped_and_fail_the_exit_code(workdir, tmp_path, capsys):
+    _write(tmp_path / "good.png", 20, 20)
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "no_images").mkdir()
+    (tmp_path / "no_images" / "readme.md").write_text("nothing to see")
+    args = ["good.png", "notes.txt", "empty.png", "missing.png", "no_images"]
+    out = tmp_path / "out"
+    code = main(["--workdir", workdir, "--out", str(out), *(str(tmp_path / a) for a in args)])
+    err = capsys.readouterr().err
+    assert code == 1
+    for name, words in [
+        ("notes.txt", "not an image"),
+        ("empty.png", "empty file"),
+        ("missing.png", "no such file"),
+        ("no_images", "no images"),
+    ]:
+        assert any(name in line and words in line for line in err.splitlines()), (name, err)
+    assert (out / "good_classes.png").exists() and (out / "good_overlay.png").exists()
+    assert "4 inputs failed" in err
+
+
+def test_nothing_to_predict_fails_before_loading_the_model(tmp_path, capsys):
+    (tmp_path / "empty_dir").mkdir()
+    assert main(["--workdir", str(tmp_path / "no_run"), "--out", str(tmp_path / "o"), str(tmp_path / "empty_dir")]) == 1
+    assert "empty_dir: directory with no images" in capsys.readouterr().err
+
+
+def test_a_bad_workdir_is_reported(tmp_path, capsys):
+    _write(tmp_path / "x.png", 8, 8)
+    assert main(["--workdir", str(tmp_path / "no_run"), "--out", str(tmp_path / "o"), str(tmp_path / "x.png")]) == 1
+    assert "no_run" in capsys.readouterr().err
+
+
+def test_outputs_next_to_inputs_never_overwrite_them(workdir, tmp_path):
+    _write(tmp_path / "a.png", 16, 16, 1)
+    _write(tmp_path / "a_classes.png", 16, 16, 2)  # an input that looks like one of our outputs
+    before = _digests(tmp_path)
+    assert (
+        main(["--workdir", workdir, "--out", str(tmp_path), str(tmp_path / "a.png"), str(tmp_path / "a_classes.png")])
+        == 0
+    )
+    after = _digests(tmp_path)
+    assert all(after[name] == digest for name, digest in before.items())
+    assert {"a-2_classes.png", "a-2_overlay.png", "a_classes_classes.png"} <= set(after)

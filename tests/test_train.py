@@ -1,0 +1,104 @@
+"""Training end to end on the tiny config: learn, evaluate, stop, resume, report."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from fcn import checkpoint, state as state_lib
+from fcn.data import get_source
+from fcn.train import train_and_evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("FCN_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "jax_cache"))
+
+
+def test_tiny_model_overfits_one_batch():
+    config = tiny.get_config()
+    config.augment.scale_range = (1.0, 1.0)
+    config.augment.hflip = False
+    config.augment.brightness = config.augment.contrast = config.augment.saturation = 0.0
+    config.optimizer.learning_rate = 3e-3
+    config.optimizer.schedule = "constant"
+    config.num_steps = 300
+    config.model.features = 16
+    split = get_source(config.data).load("train")
+    images = np.stack(split.images[:4])
+    labels = np.stack(split.labels[:4])
+    sizes = np.array([lab.shape for lab in split.labels[:4]], np.int32)
+    graphs, state, tx = state_lib.create(config, 4)
+    step = jax.jit(state_lib.make_train_step(config, graphs, tx, 4, 255), donate_argnums=0)
+    for _ in range(config.num_steps):
+        state, out = step(state, images, labels, sizes)
+    model = state_lib.eval_model(graphs, state)
+    preds = np.asarray(jnp.argmax(model(images / 255.0), -1))
+    assert (preds == labels).mean() > 0.99, float(out["train_accuracy"])
+
+
+def _params(workdir):
+    config = checkpoint.load_config(workdir)
+    _, abstract, _ = state_lib.abstract_state(config, 4)
+    ckpts = checkpoint.Checkpoints(workdir)
+    restored = ckpts.restore(abstract)
+    ckpts.close()
+    return restored
+
+
+def test_stopped_and_resumed_run_equals_unbroken_run(tmp_path):
+    config = tiny.get_config()
+    train_and_evaluate(config, tmp_path / "a")
+    train_and_evaluate(config, tmp_path / "b", stop_after=2)
+    assert checkpoint.Checkpoints(tmp_path / "b").latest_step() == 2
+    train_and_evaluate(config, tmp_path / "b", stop_after=1)
+    train_and_evaluate(config, tmp_path / "b")
+    a, b = _params(tmp_path / "a"), _params(tmp_path / "b")
+    assert int(a["step"]) == int(b["step"]) == config.num_steps
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [s for s, ln in zip(steps, (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) if "loss" in ln]
+    assert train_steps == list(range(1, config.num_steps + 1))  # no step lost or repeated
+
+
+def test_command_line_train_evaluate_resume(tmp_path):
+    env = {**os.environ, "FCN_JAX_CACHE": str(tmp_path / "cache")}
+    workdir = tmp_path / "run"
+    train = [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(workdir)]
+    subprocess.run(train + ["--config.num_steps=4"], cwd=ROOT, env=env, check=True, capture_output=True)
+    done = subprocess.run(train + ["--config.num_steps=6"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resuming" in done.stderr and "mean IoU" in done.stdout
+    for name in ("config.json", "dataset.json", "metrics.jsonl", "checkpoints", "best", "tensorboard"):
+        assert (workdir / name).exists(), name
+    ev = subprocess.run(
+        [sys.executable, "-m", "fcn.evaluate", "--workdir", str(workdir), "--split", "val"],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )
+    assert ev.returncode == 0, ev.stderr
+    report = json.loads((workdir / "eval_val.json").read_text())
+    for key in ("mean_iou", "pixel_accuracy", "mean_accuracy", "fw_iou", "per_class"):
+        assert key in report
+    assert 0 <= report["pixel_accuracy"] <= 1
+    assert [c["name"] for c in report["per_class"]] == ["background", "circle", "square", "triangle"]
+    assert all({"name", "iou", "accuracy"} <= set(c) for c in report["per_class"])
+    assert "mean IoU" in ev.stdout and "background" in ev.stdout
+    for suffix in ("confusion", "iou", "examples"):
+        assert (workdir / f"eval_val_{suffix}.png").stat().st_size > 1000
+
+
+def test_unknown_config_key_is_named_with_suggestion(tmp_path):
+    cmd = [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(tmp_path), "--config.num_stepz=3"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "num_stepz" in out.stderr and "num_steps" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,64 @@
+"""Pictures: colours, overlays, palette PNGs, legends, side-by-side figures."""
+
+import numpy as np
+from PIL import Image
+
+from fcn import viz
+
+PALETTE = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0]], np.uint8)
+CLASSES = np.array([[0, 1, 2], [2, 255, 1]], np.uint8)
+NAMES = ("background", "red", "green")
+
+
+def test_colorize_uses_the_palette_and_blacks_out_ignored_pixels():
+    colours = viz.colorize(CLASSES, PALETTE)
+    assert colours.shape == (2, 3, 3) and colours.dtype == np.uint8
+    np.testing.assert_array_equal(colours[0], PALETTE)
+    np.testing.assert_array_equal(colours[1, 1], [0, 0, 0])
+
+
+def test_overlay_blends_and_keeps_the_image_where_ignored():
+    image = np.full((2, 3, 3), 100, np.uint8)
+    np.testing.assert_array_equal(viz.overlay(image, CLASSES, PALETTE, alpha=0.0), image)
+    np.testing.assert_array_equal(viz.overlay(image, CLASSES, PALETTE, alpha=1.0), viz.colorize(CLASSES, PALETTE))
+    half = viz.overlay(image, CLASSES, PALETTE, alpha=0.5, ignore_label=255)
+    np.testing.assert_array_equal(half[0, 1], [178, 50, 50])
+    np.testing.assert_array_equal(half[1, 1], [100, 100, 100])
+    # Grayscale and [0, 1] float images are drawn too.
+    assert viz.overlay(image[..., 0], CLASSES, PALETTE).shape == (2, 3, 3)
+    np.testing.assert_array_equal(viz.overlay(image / 255.0, CLASSES, PALETTE), viz.overlay(image, CLASSES, PALETTE))
+
+
+def test_palette_png_stores_class_ids_and_opens_as_colours(tmp_path):
+    path = tmp_path / "classes.png"
+    viz.palette_image(CLASSES, PALETTE).save(path)
+    reopened = Image.open(path)
+    assert reopened.mode == "P"
+    np.testing.assert_array_equal(np.asarray(reopened), CLASSES)
+    np.testing.assert_array_equal(np.asarray(reopened.convert("RGB"))[0], PALETTE)
+
+
+def test_legend_has_one_swatch_row_per_class():
+    legend = viz.legend(NAMES, PALETTE)
+    assert legend.shape == (18 * 3 + 4, 160, 3)
+    np.testing.assert_array_equal(legend[2 + 18 + 5, 8], PALETTE[1])
+
+
+def test_side_by_side_panels():
+    image = np.zeros((2, 3, 3), np.uint8)
+    assert viz.side_by_side(image, CLASSES, CLASSES, PALETTE).shape == (2, 3 * 3 + 8, 3)
+    assert viz.side_by_side(image, None, CLASSES, PALETTE).shape == (2, 2 * 3 + 4, 3)
+
+
+def test_save_examples_and_plot_examples(tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (8, 10, 3), dtype=np.uint8)
+    pred = np.random.default_rng(1).integers(0, 3, (8, 10)).astype(np.uint8)
+    viz.save_examples(tmp_path / "examples.png", [(image, pred, pred)] * 2, NAMES, PALETTE)
+    assert Image.open(tmp_path / "examples.png").size[1] >= 2 * 8
+    fig = viz.plot_examples([(image, pred, pred), (image, None, pred)], NAMES, PALETTE)
+    assert len(fig.axes) == 6 and [a.get_title() for a in fig.axes[:3]] == ["image", "ground truth", "prediction"]
+    fig = viz.plot_examples([(image, None, pred)], NAMES, PALETTE)
+    assert len(fig.axes) == 2
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
