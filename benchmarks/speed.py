@@ -158,6 +158,7 @@ def throughput(args) -> dict:
             print(f"{k}: failed at warm-up: {type(e).__name__}: {str(e)[:2000]}", file=sys.stderr)
             del variants[k]
     times = {k: {"train": [], "predict": []} for k in variants}
+    load0 = os.getloadavg()[0]
     for _ in range(args.repeats):
         for what in ("train", "predict"):
             for k, v in variants.items():
@@ -169,7 +170,8 @@ def throughput(args) -> dict:
                 times[k][what].append((time.perf_counter() - t) / args.steps)
     import numpy as np
 
-    res = {"params": n_fcn, "warmup_s": warm}
+    res = {"params": n_fcn, "warmup_s": warm, "load": (load0, os.getloadavg()[0])}
+    res["upsampling_wired"] = common.upsampling_wired()
     for k, t in times.items():
         res[k] = {w: {"step_s": float(np.median(v)), "all_s": v, "img_s": args.batch / float(np.median(v))} for w, v in t.items()}
     fcn0 = next(v for k, v in variants.items() if k.startswith("fcn"))
@@ -253,7 +255,8 @@ def table(args, argv, res: dict, start: dict, env) -> str:
         f"Hardware: {env['hardware']}; {env['software']}; date {env['date']}.",
         f"Batch {args.batch} x {args.size[0]}x{args.size[1]}, features {args.features}, depth {args.depth}, "
         f"{args.classes} classes, {tput['params']:,} parameters both; fcn compute dtype {args.dtype}.",
-        f"Throughput: median of {args.repeats} interleaved rounds of {args.steps} steps, after warm-up.",
+        f"Throughput: median of {args.repeats} interleaved rounds of {args.steps} steps, after warm-up; "
+        f"load average {tput['load'][0]:.1f} before, {tput['load'][1]:.1f} after.",
         "",
         "| variant | train img/s | infer img/s | train step ms | GFLOP/s (analytic) |",
         "| --- | --- | --- | --- | --- |",
@@ -280,6 +283,11 @@ def table(args, argv, res: dict, start: dict, env) -> str:
     lines += ["", f"Training step FLOPs: {train_flops / 1e9:.1f} G analytic (convolutions, 3 x forward)"]
     if tput.get("xla_flops"):
         lines[-1] += f"; {tput['xla_flops'] / 1e9:.1f} G by XLA's cost analysis of fcn's step"
+    if not tput["upsampling_wired"]:
+        lines.append(
+            "fcn/model.py does not yet build its upsampling with fcn.ops.ConvTranspose: the benchmark "
+            "did so itself for conv_impl other than xla (benchmarks/common.py: route_upsampling)."
+        )
     if tput.get("bf16_matmul_flops"):
         rate = tput["bf16_matmul_flops"]
         lines += [f"bfloat16 matmul rate measured here: {rate / 1e12:.0f} TFLOP/s. MFU (analytic FLOPs / step time / that rate):"]

@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 # Config fields whose change makes an old checkpoint unusable.
-MODEL_FIELDS = ("model.features", "model.depth", "model.norm", "model.upsample", "model.head", "model.bottleneck")
+MODEL_FIELDS = ("model.features", "model.depth", "model.norm", "model.upsample", "model.head", "model.bottleneck", "model.input_scale")
 
 
 class CheckpointError(RuntimeError):

@@ -46,7 +46,7 @@ def default_config() -> ml_collections.ConfigDict:
     d.decode_workers = 8  # threads decoding files in parallel
 
     c.augment = a = ml_collections.ConfigDict()
-    a.crop_size = (96, 128)  # training crop H, W (padded with the ignore label when larger)
+    a.crop_size = (96, 128)  # training crop H, W in network pixels (after model.input_scale)
     a.scale_range = (0.5, 2.0)  # random rescale before the crop
     a.hflip = True
     a.brightness = 0.2  # photometric jitter amplitudes (0 = off)
@@ -63,6 +63,7 @@ def default_config() -> ml_collections.ConfigDict:
     m.dropout = 0.0  # dropout rate at the bottom of the U
     m.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
     m.pad_mode = "reflect"  # how inputs are padded up to a multiple of 2**depth
+    m.input_scale = 1.0  # run the net at this fraction of the input size, logits resized back
     m.conv_impl = "xla"  # convolution implementation (fcn/ops.py); "xla" = jax.lax
 
     c.loss = lo = ml_collections.ConfigDict()
@@ -137,6 +138,8 @@ def validate(config) -> None:
         _positive(name, config[section][field], strict=False)
     for name in ("eval_every", "log_every", "checkpoint_every"):
         _positive(name, config[name], strict=False)
+    if not 0 < config.model.input_scale <= 1:
+        raise ConfigError(f"config.model.input_scale={config.model.input_scale!r} must be in (0, 1]")
     if not 0 <= config.model.dropout < 1:
         raise ConfigError(f"config.model.dropout={config.model.dropout!r} must be in [0, 1)")
     if not 0 <= config.optimizer.ema_decay < 1:

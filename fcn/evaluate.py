@@ -10,6 +10,7 @@ prints a per-class table and the summary scores, and writes
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -35,9 +36,10 @@ def evaluate_split(
     rows = sharding.process_slice(config.eval_batch_size)
     acc = metrics.ConfusionAccumulator(num_classes)
     kept = []
-    multiple = 2**config.model.depth
+    # Pad to what the network pads to anyway (in input pixels under input_scale).
+    multiple = math.ceil(2**config.model.depth / config.model.input_scale)
     batches = pipeline.eval_batches(
-        split, config.eval_batch_size, multiple, config.data.ignore_label, config.data.max_size, config.model.pad_mode
+        split, config.eval_batch_size, multiple, config.data.ignore_label, config.model.pad_mode
     )
     for images, labels, _, sizes in batches:
         x, y = sharding.put_batch(mesh, images[rows], labels[rows])

@@ -71,11 +71,16 @@ def pad_to_multiple(x_BHWC: jax.Array, multiple: int, mode: str) -> jax.Array:
 def serving_fn(model):
     """images float32 [B, H, W, 3] in [0, 1] -> logits float32 [B, H, W, K], any sizes."""
     multiple, mode = 2**model.depth, model.pad_mode
+    if getattr(model, "input_scale", 1) != 1:
+        # Resizing by input_scale needs concrete sizes; a symbolic H, W has none.
+        raise ValueError(f"model.input_scale={model.input_scale}: only models with input_scale=1 can be exported")
 
     def logits_fn(images_BHWC):
         _, h, w, _ = images_BHWC.shape
         padded_BHWC = pad_to_multiple(images_BHWC.astype(jnp.float32), multiple, mode)
-        return model(padded_BHWC)[:, :h, :w]
+        # prescaled: with input_scale 1 there is nothing to resize; it also skips the size
+        # arithmetic that symbolic sizes do not support.
+        return model(padded_BHWC, prescaled=True)[:, :h, :w]
 
     return logits_fn
 

@@ -179,7 +179,8 @@ def _maskable(model: UNet) -> bool:
     """Whether zeroing conv inputs makes a large canvas equal to the exact one."""
     modules = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)]
     per_pixel = not any(isinstance(m, nnx.GroupNorm | nnx.LayerNorm) for m in modules)
-    return per_pixel and getattr(model, "upsample_kind", "resize") == "transpose"
+    resizes = getattr(model, "upsample_kind", "resize") != "transpose" or getattr(model, "input_scale", 1) != 1
+    return per_pixel and not resizes
 
 
 # ----------------------------------------------------------------------------
@@ -254,7 +255,10 @@ class Segmenter:
         self.tile = max(m, tile // m * m)
         self.overlap = min(_ceil_to(max(overlap, 0), m), self.tile - m)
         self.exact_buckets = _maskable(model)
-        self.bucket = _ceil_to(max(bucket, 1), m) if self.exact_buckets else m
+        # A model that resizes its input (input_scale < 1) pads after resizing: any padding
+        # of ours would change its result, so it gets images and tiles at their own size.
+        self._align = m if getattr(model, "input_scale", 1) == 1 else 1
+        self.bucket = _ceil_to(max(bucket, 1), m) if self.exact_buckets else self._align
         self.batch_size = max(1, batch_size)
         self.model = nnx.merge(*nnx.split(model))  # a copy: the caller's stays as is
         self.model.eval()
@@ -348,8 +352,8 @@ class Segmenter:
 
     def _canvas(self, h: int, w: int) -> tuple[int, int]:
         """Canvas (H, W) of an image or of its tiles: bucketed, at most the tile size."""
-        m, b, t = self.multiple, self.bucket, self.tile
-        return tuple(min(_ceil_to(_ceil_to(min(n, t), m), b), t) for n in (h, w))
+        a, b, t = self._align, self.bucket, self.tile
+        return tuple(min(_ceil_to(_ceil_to(min(n, t), a), b), t) for n in (h, w))
 
     def _run(self, crops: Iterable[np.ndarray], canvas: tuple[int, int]) -> Iterator[np.ndarray]:
         """Logits of each crop, `batch_size` crops per call on one canvas shape."""
@@ -360,7 +364,7 @@ class Segmenter:
             valid_B2 = np.zeros((rows, 2), np.int32)
             for i, crop in enumerate(chunk):
                 h, w = crop.shape[:2]
-                ph, pw = -h % self.multiple, -w % self.multiple
+                ph, pw = -h % self._align, -w % self._align
                 # Pad to the model's multiple as the model would; the rest is masked.
                 pad = ((0, ph), (0, pw), (0, 0))
                 x_BHWC[i, : h + ph, : w + pw] = np.pad(_to01(crop), pad, self.pad_mode)
@@ -374,7 +378,7 @@ class Segmenter:
         """Logits of a large image from overlapping tiles, blended."""
         h, w = image_HWC.shape[:2]
         t, stride = self.tile, self.tile - self.overlap
-        starts = [_tile_starts(n, t, stride, self.multiple) for n in (h, w)]
+        starts = [_tile_starts(n, t, stride, self._align) for n in (h, w)]
         boxes = list(itertools.product(*starts))
         acc_HWK = np.zeros((h, w, self.num_classes), np.float32)
         weight_HW = np.zeros((h, w), np.float32)

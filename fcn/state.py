@@ -118,7 +118,8 @@ def make_train_step(config, graphs: Graphs, tx, num_classes: int, ignore_label: 
         def loss_fn(params, rest):
             # Fresh Variables at this trace level: BatchNorm updates its statistics in place.
             model = nnx.merge(graphs.train, params, jax.tree.map(lambda v: v, rest))
-            logits_BHWK = model(x_BHWC, rngs=nnx.Rngs(dropout=k_drop))
+            # Training data is stored at the network's scale already (pipeline.stack).
+            logits_BHWK = model(x_BHWC, rngs=nnx.Rngs(dropout=k_drop), prescaled=True)
             loss = losses.cross_entropy(logits_BHWK, y_BHW, ignore_label=ignore_label, class_weights_K=weights)
             if dice_weight:
                 loss = loss + dice_weight * losses.soft_dice(logits_BHWK, y_BHW, ignore_label=ignore_label)

@@ -133,7 +133,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
 
     source = get_source(config.data)
     train_data = source.load(config.data.train_split)
-    canvas = pipeline.stack(train_data, source.ignore_label, config.data.max_size)
+    canvas = pipeline.stack(train_data, source.ignore_label, config.model.input_scale)
     validate_against_data(config, source.num_classes, canvas.sizes_N2.tolist())
     eval_data = source.load(config.data.eval_split) if config.data.eval_split in source.splits else None
     if eval_data is None:
@@ -145,7 +145,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
     class_weights = None
     if config.loss.class_weights == "median_freq":
         class_weights = losses.median_frequency_weights(train_data.labels, source.num_classes, source.ignore_label)
-        log.info("median-frequency class weights: %s", np.round(class_weights, 3).tolist())
+        log.info("median-frequency class weights: %s", [round(float(w), 3) for w in class_weights])
     graphs, state, tx = state_lib.create(config, source.num_classes)
     ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
     start = ckpts.latest_step() or 0

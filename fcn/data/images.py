@@ -279,8 +279,15 @@ def fit_max_size(image: np.ndarray, label: np.ndarray, max_size: int) -> tuple[n
     h, w = label.shape
     if not max_size or max(h, w) <= max_size:
         return image, label
-    scale = max_size / max(h, w)
+    return rescale_pair(image, label, max_size / max(h, w))
+
+
+def rescale_pair(image: np.ndarray, label: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Resizes a pair by `scale`: antialiased bilinear image, nearest-neighbour label."""
+    h, w = label.shape
     size = (max(1, round(w * scale)), max(1, round(h * scale)))  # PIL wants (W, H)
+    if size == (w, h):
+        return image, label
     image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
     # Nearest neighbour: interpolating class ids would invent classes at edges.
     label = np.asarray(Image.fromarray(label).resize(size, Image.Resampling.NEAREST))

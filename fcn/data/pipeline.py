@@ -20,9 +20,9 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from fcn.data.base import Split
+from fcn.data.images import rescale_pair
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,21 +41,13 @@ class Canvas:
         return len(self.images_NHWC)
 
 
-def resize_max(image_HWC: np.ndarray, label_HW: np.ndarray, max_size: int):
-    """Shrink so the longer side is at most `max_size`: bilinear image, nearest label."""
-    h, w = label_HW.shape
-    if not max_size or max(h, w) <= max_size:
-        return image_HWC, label_HW
-    s = max_size / max(h, w)
-    size = (max(1, round(w * s)), max(1, round(h * s)))
-    image = np.asarray(Image.fromarray(image_HWC).resize(size, Image.BILINEAR))
-    label = np.asarray(Image.fromarray(label_HW).resize(size, Image.NEAREST))
-    return image, label
+def stack(split: Split, ignore_label: int, scale: float = 1.0) -> Canvas:
+    """Stack a split into one canvas (padding varied sizes up to the largest).
 
-
-def stack(split: Split, ignore_label: int, max_size: int = 0) -> Canvas:
-    """Stack a split into one canvas (padding varied sizes up to the largest)."""
-    pairs = [resize_max(i, lab, max_size) for i, lab in zip(split.images, split.labels)]
+    scale: resize every example by this factor first (the model's
+    `input_scale`, so training sees what the network sees at evaluation).
+    """
+    pairs = [rescale_pair(i, lab, scale) for i, lab in zip(split.images, split.labels)]
     sizes = np.array([lab.shape for _, lab in pairs], np.int32).reshape(-1, 2)
     h, w = sizes.max(axis=0) if len(pairs) else (1, 1)
     images = np.zeros((len(pairs), h, w, 3), np.uint8)
@@ -66,9 +58,7 @@ def stack(split: Split, ignore_label: int, max_size: int = 0) -> Canvas:
     return Canvas(images, labels, sizes)
 
 
-def batch_indices(
-    step: int, num_examples: int, batch_size: int, seed: int
-) -> np.ndarray:
+def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> np.ndarray:
     """Example indices of global batch `step` (deterministic, resumable, epoch-wise shuffled)."""
     start = step * batch_size
     out = []
@@ -83,9 +73,7 @@ def batch_indices(
 # Augmentation on device (jitted with the training step).
 
 
-def _sample_bilinear(
-    image_HWC: jax.Array, y_hw: jax.Array, x_hw: jax.Array
-) -> jax.Array:
+def _sample_bilinear(image_HWC: jax.Array, y_hw: jax.Array, x_hw: jax.Array) -> jax.Array:
     """Bilinear samples of image at fractional (y, x); coordinates clamped to the image."""
     h, w = image_HWC.shape[:2]
     y0 = jnp.clip(jnp.floor(y_hw), 0, h - 1)
@@ -100,9 +88,7 @@ def _sample_bilinear(
     return top * (1 - wy) + bottom * wy
 
 
-def _augment_one(
-    key, image_HWC, label_HW, size_2, *, crop, scale_range, hflip, jitter, ignore_label
-):
+def _augment_one(key, image_HWC, label_HW, size_2, *, crop, scale_range, hflip, jitter, ignore_label):
     ch, cw = crop
     k_scale, k_y, k_x, k_flip, k_b, k_c, k_s = jax.random.split(key, 7)
     lo, hi = np.log(scale_range[0]), np.log(scale_range[1])
@@ -134,9 +120,7 @@ def _augment_one(
     mean = jnp.sum(x_hwc * inside[..., None]) / jnp.maximum(3 * jnp.sum(inside), 1)
     x_hwc = (x_hwc - mean) * (1 + jax.random.uniform(k_c, minval=-c, maxval=c)) + mean
     gray = jnp.mean(x_hwc, axis=-1, keepdims=True)
-    x_hwc = (x_hwc - gray) * (
-        1 + jax.random.uniform(k_s, minval=-sat, maxval=sat)
-    ) + gray
+    x_hwc = (x_hwc - gray) * (1 + jax.random.uniform(k_s, minval=-sat, maxval=sat)) + gray
     return jnp.clip(x_hwc, 0.0, 1.0), y_hw.astype(jnp.int32)
 
 
@@ -176,7 +160,6 @@ def eval_batches(
     batch_size: int,
     multiple: int,
     ignore_label: int,
-    max_size: int = 0,
     pad_mode: str = "reflect",
 ) -> Iterator[tuple[np.ndarray, np.ndarray, list[int], list[tuple[int, int]]]]:
     """Yield (images_BHWC uint8, labels_BHW uint8, example indices, true (H, W) sizes).
@@ -188,9 +171,7 @@ def eval_batches(
     examples so that every batch has the same shape.
     """
     groups: dict[tuple[int, int], list[int]] = {}
-    examples = [
-        resize_max(i, lab, max_size) for i, lab in zip(split.images, split.labels)
-    ]
+    examples = list(zip(split.images, split.labels))
     for n, (_, label) in enumerate(examples):
         h, w = label.shape
         groups.setdefault((h + -h % multiple, w + -w % multiple), []).append(n)
@@ -202,8 +183,6 @@ def eval_batches(
             for row, n in enumerate(idx):
                 image, label = examples[n]
                 h, w = label.shape
-                images[row] = np.pad(
-                    image, ((0, bh - h), (0, bw - w), (0, 0)), mode=pad_mode
-                )
+                images[row] = np.pad(image, ((0, bh - h), (0, bw - w), (0, 0)), mode=pad_mode)
                 labels[row, :h, :w] = label
             yield images, labels, idx, [examples[n][1].shape for n in idx]

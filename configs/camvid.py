@@ -1,0 +1,36 @@
+"""The full CamVid recipe for one GPU, from scratch (no pretrained weights).
+
+    python train.py --config configs/camvid.py --workdir runs/camvid \
+        --config.data.path=../shared/datasets/camvid
+
+Full resolution (360 x 480), bfloat16 compute, scale augmentation 0.5-2.0,
+median-frequency class weights, EMA of the weights, flip test-time
+augmentation at evaluation.
+
+Measured: not yet. It needs a GPU, and no GPU run has been made; the README's
+table will carry the command, hardware, date, time and val mean IoU once one is.
+"""
+
+from fcn.config import default_config
+
+
+def get_config():
+    c = default_config()
+    c.data.source = "camvid"
+    c.model.features = 32
+    c.model.depth = 4
+    c.model.dtype = "bfloat16"
+    c.augment.crop_size = (352, 480)
+    c.augment.scale_range = (0.5, 2.0)
+    c.loss.class_weights = "median_freq"
+    c.optimizer.learning_rate = 2e-3
+    c.optimizer.warmup_steps = 200
+    c.optimizer.ema_decay = 0.999
+    c.batch_size = 16
+    c.num_steps = 6000
+    c.eval_every = 1000
+    c.eval_batch_size = 8
+    c.eval_hflip = True
+    c.checkpoint_every = 1000
+    c.log_every = 50
+    return c

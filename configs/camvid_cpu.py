@@ -1,0 +1,34 @@
+"""CamVid (11 classes, SegNet split) on a laptop-class CPU: the default of `make train`.
+
+    python train.py --config configs/camvid_cpu.py --workdir runs/camvid_cpu \
+        --config.data.path=../shared/datasets/camvid
+
+The network runs at half resolution (model.input_scale = 0.5: 180 x 240) and
+its logits are resized back, so evaluation is on the full 360 x 480 val
+images against full-resolution labels.
+
+Measured: see the table in README.md (command, hardware, date, time, val mean IoU).
+"""
+
+from fcn.config import default_config
+
+
+def get_config():
+    c = default_config()
+    c.data.source = "camvid"
+    c.model.input_scale = 0.5
+    c.model.features = 16
+    c.model.depth = 4
+    c.augment.crop_size = (176, 240)  # network pixels: most of a half-resolution frame
+    c.augment.scale_range = (0.75, 1.5)
+    c.loss.class_weights = "median_freq"
+    c.optimizer.learning_rate = 2e-3
+    c.optimizer.warmup_steps = 50
+    c.optimizer.weight_decay = 1e-4
+    c.batch_size = 8
+    c.num_steps = 400
+    c.eval_every = 200
+    c.eval_batch_size = 4
+    c.checkpoint_every = 100
+    c.log_every = 10
+    return c
