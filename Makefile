@@ -7,6 +7,11 @@ STAMP := $(VENV)/.fcn-installed
 CONFIG ?= configs/camvid_cpu.py
 WORKDIR ?= runs/$(basename $(notdir $(CONFIG)))
 
+# The development copy of CamVid beside the repository, when there is one.
+ifneq ($(wildcard ../shared/datasets/camvid),)
+export FCN_CAMVID_DIR ?= $(abspath ../shared/datasets/camvid)
+endif
+
 .PHONY: test train env lint clean
 
 env: $(STAMP)

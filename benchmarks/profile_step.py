@@ -65,9 +65,8 @@ def _describe(op: str, shape: str, body: str, line: str) -> str:
     if "dot(" in body:
         return f"dot -> {shape}"
     if op == "fusion":
-        meta = re.search(r'op_name="([^"]+)"', body)
-        what = meta.group(1).split("/")[-1] if meta else "?"
-        return f"fusion ({what}) -> {shape}"
+        ops = sorted({m.split("/")[-1] for m in re.findall(r'op_name="([^"]+)"', body)})
+        return f"fusion ({' '.join(ops)[:90] or '?'}) -> {shape}"
     return f"{op} -> {shape}"
 
 

@@ -124,13 +124,19 @@ class Checkpoints:
         self.latest.wait_until_finished()
         self.best.wait_until_finished()
 
-    def restore(self, abstract, *, which: str = "latest", step: int | None = None):
-        """Restore a state shaped like `abstract` (from `jax.eval_shape`)."""
+    def restore(self, abstract, *, which: str = "latest", step: int | None = None, sharding=None):
+        """Restore a state shaped like `abstract` (from `jax.eval_shape`).
+
+        sharding: where to put every array (e.g. replicated over the mesh); with
+        several processes it must be given, each process then reads its shards.
+        """
         manager = self.best if which == "best" else self.latest
         step = step if step is not None else (manager.best_step() if which == "best" else manager.latest_step())
         if step is None:
             raise CheckpointError(f"no {which} checkpoint in {self.workdir}")
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
+        if sharding is not None:
+            target = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=sharding), target)
         return manager.restore(step, args=ocp.args.StandardRestore(target))
 
     def close(self) -> None:

@@ -31,6 +31,10 @@ def _define_flags():
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.", required=True)
     config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).", lock_config=True)
     flags.mark_flags_as_required(["config"])
+    # Multi-process runs (see docs/distributed.md); unset, FCN_* variables or a detected cluster decide.
+    flags.DEFINE_string("coordinator", None, "host:port of process 0 of a multi-process run (or FCN_COORDINATOR).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run (or FCN_NUM_PROCESSES).")
+    flags.DEFINE_integer("process_id", None, "This process's index, 0 to num_processes - 1 (or FCN_PROCESS_ID).")
 
 
 def train_main(argv=None) -> None:
@@ -42,6 +46,13 @@ def train_main(argv=None) -> None:
     def main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        from fcn.distributed import maybe_initialize
+
+        try:  # first, before JAX touches a device
+            maybe_initialize(flags.FLAGS.coordinator, flags.FLAGS.num_processes, flags.FLAGS.process_id)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         try:
             config = flags.FLAGS.config
             config.keys()  # the config file is loaded lazily: surface its errors here

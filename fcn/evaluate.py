@@ -86,15 +86,18 @@ def format_report(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def load_for_eval(workdir: str | Path, which: str = "best"):
-    """(config, dataset info, graphs, state) of a workdir; falls back to latest without a best."""
+def load_for_eval(workdir: str | Path, which: str = "best", mesh=None):
+    """(config, dataset info, graphs, state) of a workdir; falls back to latest without a best.
+
+    mesh: restore the state replicated over it (needed with several processes).
+    """
     config = checkpoint.load_config(workdir)
     info = checkpoint.load_dataset_info(workdir)
     graphs, abstract, _ = state_lib.abstract_state(config, len(info["class_names"]))
     ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
     if which == "best" and ckpts.best.best_step() is None:
         which = "latest"
-    state = ckpts.restore(abstract, which=which)
+    state = ckpts.restore(abstract, which=which, sharding=None if mesh is None else sharding.replicated(mesh))
     ckpts.close()
     return config, info, graphs, state
 
@@ -106,19 +109,30 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default="best", choices=("best", "latest"), help="which checkpoint")
     parser.add_argument("--examples", type=int, default=4, help="example overlays to draw (0 = none)")
     parser.add_argument("--hflip", action="store_true", help="average with horizontally flipped predictions")
+    parser.add_argument("--coordinator", help="host:port of process 0 of a multi-process run (or FCN_COORDINATOR)")
+    parser.add_argument("--num_processes", type=int, help="processes of a multi-process run (or FCN_NUM_PROCESSES)")
+    parser.add_argument("--process_id", type=int, help="this process's index (or FCN_PROCESS_ID)")
     args = parser.parse_args(argv)
+
+    from fcn.distributed import maybe_initialize
+
+    try:  # first, before JAX touches a device
+        maybe_initialize(args.coordinator, args.num_processes, args.process_id)
+    except ValueError as e:
+        parser.error(str(e))
 
     from fcn.data import get_source  # after argument parsing: --help stays instant
 
     workdir = Path(args.workdir)
-    config, info, graphs, state = load_for_eval(workdir, args.checkpoint)
+    mesh = sharding.make_mesh()
+    config, info, graphs, state = load_for_eval(workdir, args.checkpoint, mesh)
     source = get_source(config.data)
     split = source.load(args.split)
-    mesh = sharding.make_mesh()
     state = jax.device_put(state, sharding.replicated(mesh))
     num_classes = len(info["class_names"])
     eval_step = jax.jit(
-        state_lib.make_eval_step(graphs, num_classes, info["ignore_label"], hflip=args.hflip or config.eval_hflip)
+        state_lib.make_eval_step(graphs, num_classes, info["ignore_label"], hflip=args.hflip or config.eval_hflip),
+        out_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),  # every process reads the matrix
     )
     t0 = time.time()
     cm, kept = evaluate_split(eval_step, state, split, config, num_classes, mesh, keep_examples=args.examples)

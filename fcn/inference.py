@@ -243,7 +243,7 @@ class Segmenter:
         max_size: int = 0,
     ):
         k = model.num_classes
-        class_names = class_names or [f"class_{i}" for i in range(k)]
+        class_names = [f"class_{i}" for i in range(k)] if class_names is None else class_names
         self.class_names = tuple(str(n) for n in class_names)
         if len(self.class_names) != k:
             raise ValueError(f"{len(self.class_names)} class names for a model with {k} classes")
@@ -294,9 +294,8 @@ class Segmenter:
     def _traced_logits(self, state, x_BHWC: jax.Array, valid_B2: jax.Array) -> jax.Array:
         self.traced_shapes.append(tuple(x_BHWC.shape))  # Python: runs once per trace
         model = nnx.merge(self._graphdef, state)
-        if not self.exact_buckets:
-            return model(x_BHWC)
-        with _valid_region(valid_B2, x_BHWC.shape[1:3]):
+        masked = _valid_region(valid_B2, x_BHWC.shape[1:3]) if self.exact_buckets else contextlib.nullcontext()
+        with masked:
             return model(x_BHWC)
 
     def _apply(self, images, hflip: bool | None, finish: Callable[[np.ndarray], np.ndarray]):
@@ -385,10 +384,7 @@ class Segmenter:
         crops = (image_HWC[y : y + t, x : x + t] for y, x in boxes)
         for (y, x), logits in zip(boxes, self._run(crops, self._canvas(h, w)), strict=True):
             th, tw = logits.shape[:2]
-            wgt = np.outer(
-                _ramp(th, self.overlap, y > 0, y + th < h),
-                _ramp(tw, self.overlap, x > 0, x + tw < w),
-            )
+            wgt = np.outer(_ramp(th, self.overlap, y > 0, y + th < h), _ramp(tw, self.overlap, x > 0, x + tw < w))
             acc_HWK[y : y + th, x : x + tw] += wgt[..., None] * logits
             weight_HW[y : y + th, x : x + tw] += wgt
         acc_HWK /= weight_HW[..., None]

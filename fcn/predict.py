@@ -18,18 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-IMAGE_SUFFIXES = (
-    ".png",
-    ".jpg",
-    ".jpeg",
-    ".bmp",
-    ".gif",
-    ".tif",
-    ".tiff",
-    ".webp",
-    ".ppm",
-    ".pgm",
-)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 _PROGRESS_MIN_FILES = 2  # a bar for a single file is noise
 
 
@@ -57,9 +46,10 @@ def expand_inputs(args: list[str], out: Path | None = None) -> tuple[list[Path],
             files.append(path)
         else:
             errors.append(f"{path}: no such file or directory")
-    unique = list(dict.fromkeys(p.resolve() for p in files))
-    by_resolved = {p.resolve(): p for p in files}
-    return [by_resolved[p] for p in unique], errors
+    first: dict[Path, Path] = {}  # the same file named twice is predicted once
+    for p in files:
+        first.setdefault(p.resolve(), p)
+    return list(first.values()), errors
 
 
 def output_names(files: list[Path], out: Path) -> list[tuple[Path, Path]]:
@@ -100,23 +90,13 @@ def predict_files(segmenter, files: list[Path], out: Path, *, alpha: float = 0.5
     names = output_names(files, out)
     disable = True if len(files) < _PROGRESS_MIN_FILES else None  # None: only on a terminal
     for path, (classes_path, overlay_path) in tqdm(
-        list(zip(files, names)),
-        desc="predicting",
-        unit="image",
-        disable=disable,
-        file=sys.stderr,
+        list(zip(files, names)), desc="predicting", unit="image", disable=disable, file=sys.stderr
     ):
         try:
             image_HWC = read_input(path)
             classes_HW = segmenter.predict(image_HWC)
             _save_png(viz.palette_image(classes_HW, segmenter.palette), classes_path)
-            blend = viz.overlay(
-                image_HWC,
-                classes_HW,
-                segmenter.palette,
-                alpha,
-                ignore_label=segmenter.ignore_label,
-            )
+            blend = viz.overlay(image_HWC, classes_HW, segmenter.palette, alpha, ignore_label=segmenter.ignore_label)
             _save_png(Image.fromarray(blend), overlay_path)
         except (DataError, OSError) as e:
             msg = str(e) if str(path) in str(e) else f"{path}: {e}"
@@ -127,29 +107,11 @@ def predict_files(segmenter, files: list[Path], out: Path, *, alpha: float = 0.5
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fcn.predict", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "images",
-        nargs="+",
-        metavar="IMAGE",
-        help="image files or directories of images",
-    )
-    parser.add_argument(
-        "--workdir",
-        required=True,
-        help="a workdir written by train.py (or a checkpoint in it)",
-    )
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or directories of images")
+    parser.add_argument("--workdir", required=True, help="a workdir written by train.py (or a checkpoint in it)")
     parser.add_argument("--out", required=True, help="output directory (created if missing)")
-    parser.add_argument(
-        "--checkpoint",
-        default="best",
-        choices=("best", "latest"),
-        help="which checkpoint",
-    )
-    parser.add_argument(
-        "--hflip",
-        action="store_true",
-        help="average with horizontally flipped predictions",
-    )
+    parser.add_argument("--checkpoint", default="best", choices=("best", "latest"), help="which checkpoint")
+    parser.add_argument("--hflip", action="store_true", help="average with horizontally flipped predictions")
     parser.add_argument("--tile", type=int, default=512, help="images larger than this are tiled (px)")
     parser.add_argument("--overlap", type=int, default=128, help="overlap between tiles (px)")
     parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the colours in the overlay")
@@ -178,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     failed = predict_files(segmenter, files, out, alpha=args.alpha)
     print(
-        f"wrote class maps and overlays of {len(files) - len(failed)} of {len(files)} images to {out}",
-        file=sys.stderr,
+        f"wrote class maps and overlays of {len(files) - len(failed)} of {len(files)} images to {out}", file=sys.stderr
     )
     if errors or failed:
         print(

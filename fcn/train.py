@@ -150,7 +150,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
     ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
     start = ckpts.latest_step() or 0
     if start:
-        state = ckpts.restore(state)
+        state = ckpts.restore(state, sharding=sharding.replicated(mesh))  # each process reads its shards
         log.info("resuming %s from step %d", workdir, start)
     if jax.process_index() == 0:
         checkpoint.write_json_atomic(workdir / "config.json", json.loads(config.to_json()))
@@ -166,9 +166,12 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
     train_step = jax.jit(
         state_lib.make_train_step(config, graphs, tx, source.num_classes, source.ignore_label, class_weights),
         donate_argnums=0,
+        # State and metrics stay replicated, so every process can read the losses it logs.
+        out_shardings=sharding.replicated(mesh),
     )
     eval_step = jax.jit(
-        state_lib.make_eval_step(graphs, source.num_classes, source.ignore_label, hflip=config.eval_hflip)
+        state_lib.make_eval_step(graphs, source.num_classes, source.ignore_label, hflip=config.eval_hflip),
+        out_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),  # (confusion, predictions)
     )
     metrics_log = MetricsLog(workdir, start)
     rows = sharding.process_slice(config.batch_size)
@@ -213,10 +216,11 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
                 )
             if do_eval:
                 last_report = evaluate(step)
-                bar.write(
-                    f"step {step}: {config.data.eval_split} mean IoU {100 * (last_report['mean_iou'] or 0):.2f}, "
-                    f"pixel accuracy {100 * (last_report['pixel_accuracy'] or 0):.2f}"
-                )
+                if jax.process_index() == 0:  # tqdm.write prints even where the bar is disabled
+                    bar.write(
+                        f"step {step}: {config.data.eval_split} mean IoU {100 * (last_report['mean_iou'] or 0):.2f}, "
+                        f"pixel accuracy {100 * (last_report['pixel_accuracy'] or 0):.2f}"
+                    )
             if do_save:
                 ckpts.save(step, state, mean_iou=last_report.get("mean_iou") if do_eval else None)
             if do_save or step % config.log_every == 0:

@@ -167,10 +167,7 @@ def save_iou_bars(path: str | Path, report: dict) -> None:
     ax.bar(range(len(names)), ious, color="tab:blue")
     if report["mean_iou"] is not None:
         ax.axhline(
-            100 * report["mean_iou"],
-            color="tab:red",
-            linestyle="--",
-            label=f"mean {100 * report['mean_iou']:.1f}",
+            100 * report["mean_iou"], color="tab:red", linestyle="--", label=f"mean {100 * report['mean_iou']:.1f}"
         )
         ax.legend()
     ax.set_xticks(range(len(names)), names, rotation=90)
