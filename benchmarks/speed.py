@@ -117,7 +117,8 @@ def startup(args, argv) -> dict:
             continue
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         out[f"{kind} {cache}"] = res
-        print(f"  {kind} ({cache} cache): first step {res['first_step_s']:.1f} s, peak {res['peak_bytes'] / 2**20:.0f} MiB", flush=True)
+        peak = res["peak_bytes"] / 2**20
+        print(f"  {kind} ({cache} cache): first step {res['first_step_s']:.1f} s, peak {peak:.0f} MiB", flush=True)
     return out, env
 
 
@@ -173,7 +174,10 @@ def throughput(args) -> dict:
     res = {"params": n_fcn, "warmup_s": warm, "load": (load0, os.getloadavg()[0])}
     res["upsampling_wired"] = common.upsampling_wired()
     for k, t in times.items():
-        res[k] = {w: {"step_s": float(np.median(v)), "all_s": v, "img_s": args.batch / float(np.median(v))} for w, v in t.items()}
+        res[k] = {
+            w: {"step_s": float(np.median(v)), "all_s": v, "img_s": args.batch / float(np.median(v))}
+            for w, v in t.items()
+        }
     fcn0 = next(v for k, v in variants.items() if k.startswith("fcn"))
     try:
         cost = fcn0.step.lower(fcn0.state, *fcn0.batch).compile().cost_analysis()
@@ -264,7 +268,8 @@ def table(args, argv, res: dict, start: dict, env) -> str:
     _, train_flops = unet_flops(args)
     for k in fcn_keys + torch_keys:
         t, p = tput[k]["train"], tput[k]["predict"]
-        lines.append(f"| {k} | {t['img_s']:.2f} | {p['img_s']:.2f} | {1e3 * t['step_s']:.0f} | {train_flops / t['step_s'] / 1e9:.1f} |")
+        rate = train_flops / t["step_s"] / 1e9
+        lines.append(f"| {k} | {t['img_s']:.2f} | {p['img_s']:.2f} | {1e3 * t['step_s']:.0f} | {rate:.1f} |")
     if fcn_keys and torch_keys:
         lines += ["", "| ratio fcn / PyTorch (best of each) | training | inference |", "| --- | --- | --- |"]
         best = lambda keys, w: max(tput[k][w]["img_s"] for k in keys)  # noqa: E731
@@ -274,12 +279,18 @@ def table(args, argv, res: dict, start: dict, env) -> str:
                 f"| {tput[k]['predict']['img_s'] / best(torch_keys, 'predict'):.2f}x |"
             )
     if start:
-        lines += ["", "| first training step (fresh process) | seconds | of which imports | peak memory MiB |", "| --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "| first training step (fresh process) | seconds | of which imports | peak memory MiB |",
+            "| --- | --- | --- | --- |",
+        ]
         for k, v in start.items():
             if "error" in v:
                 lines.append(f"| {k} | failed: {v['error']} | | |")
             else:
-                lines.append(f"| {k} cache | {v['first_step_s']:.1f} | {v['import_s']:.1f} | {v['peak_bytes'] / 2**20:.0f} |")
+                lines.append(
+                    f"| {k} cache | {v['first_step_s']:.1f} | {v['import_s']:.1f} | {v['peak_bytes'] / 2**20:.0f} |"
+                )
     lines += ["", f"Training step FLOPs: {train_flops / 1e9:.1f} G analytic (convolutions, 3 x forward)"]
     if tput.get("xla_flops"):
         lines[-1] += f"; {tput['xla_flops'] / 1e9:.1f} G by XLA's cost analysis of fcn's step"
@@ -290,7 +301,8 @@ def table(args, argv, res: dict, start: dict, env) -> str:
         )
     if tput.get("bf16_matmul_flops"):
         rate = tput["bf16_matmul_flops"]
-        lines += [f"bfloat16 matmul rate measured here: {rate / 1e12:.0f} TFLOP/s. MFU (analytic FLOPs / step time / that rate):"]
+        lines.append(f"bfloat16 matmul rate measured here: {rate / 1e12:.0f} TFLOP/s.")
+        lines.append("MFU (analytic FLOPs / step time / that rate):")
         for k in fcn_keys + torch_keys:
             lines.append(f"- {k}: {100 * train_flops / tput[k]['train']['step_s'] / rate:.1f}%")
     return "\n".join(lines)

@@ -31,7 +31,11 @@ class ConvBlock(nn.Sequential):
     def __init__(self, c_in: int, c_out: int):
         layers = []
         for c in (c_in, c_out):
-            layers += [nn.Conv2d(c, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out, eps=1e-5, momentum=0.1), nn.ReLU()]
+            layers += [
+                nn.Conv2d(c, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out, eps=1e-5, momentum=0.1),
+                nn.ReLU(),
+            ]
         super().__init__(*layers)
 
 

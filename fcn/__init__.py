@@ -8,8 +8,10 @@ print(fcn.summary(model, (1, 360, 480, 3)))
 """
 
 from fcn import losses, metrics
+from fcn.export import load_exported
+from fcn.inference import Segmenter, load
 from fcn.model import UNet, predict_proba
 from fcn.summary import summary
 
-__all__ = ["UNet", "losses", "metrics", "predict_proba", "summary"]
+__all__ = ["Segmenter", "UNet", "load", "load_exported", "losses", "metrics", "predict_proba", "summary"]
 __version__ = "0.1.0"

@@ -20,6 +20,7 @@ through the model's `conv_general_dilated` seam), so the bucketed result equals
 the unpadded prediction up to float rounding. Group norm (statistics over the
 canvas) and resize upsampling (interpolation across the edge) defeat the mask;
 such models use the model's multiple as bucket: exact, one compilation per size.
+A model with input_scale < 1 resizes before it pads, so it gets no padding at all.
 
 Tiling. An image with a side over `tile` px is cut into tile x tile tiles that
 overlap by `overlap` px, run `batch_size` at a time, so device memory is bounded

@@ -5,8 +5,10 @@ Any input size works. `UNet.__call__` pads H and W up to the next multiple of
 pooling sees an even size and every skip concatenation matches. The padding
 mode (`pad_mode`, default "reflect") mirrors the image at its borders: border
 pixels then see plausible context instead of black, which keeps their accuracy
-close to that of interior pixels. Padding is split evenly between the two
-sides so neither border is favoured.
+close to that of interior pixels. Padding goes after the last row and column,
+so padding an image up front, in the same mode, to the same multiple (as
+evaluation does to batch images of different sizes) gives the very same
+predictions.
 """
 
 from __future__ import annotations
@@ -264,7 +266,7 @@ def from_config(model_config, num_classes: int, *, rngs: nnx.Rngs, **overrides) 
         dropout=model_config.dropout,
         dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[model_config.dtype],
         pad_mode=model_config.pad_mode,
-        input_scale=model_config.input_scale,
+        input_scale=model_config.get("input_scale", 1.0),
         conv_general_dilated=ops.conv_fn(model_config.get("conv_impl", "xla")),
     )
     kwargs.update(overrides)

@@ -6,23 +6,33 @@ model uses (`config.model.conv_impl`); `ConvTranspose` routes the transposed
 
   "xla"   jax.lax's own convolution everywhere.
   "gemm"  the convolutions XLA:CPU is slow at, rewritten as matrix products;
-          every other convolution is jax.lax's. Today one rewrite: a
-          transposed conv whose kernel equals its stride (the U-Net's 2x2,
-          stride-2 upsampling) is one matrix product [B*H*W, C] x [C, s*s*K]
-          and a depth-to-space reshape. XLA:CPU lowers it to an input-dilated
-          convolution whose weight gradient it runs as a generic convolution
-          with an image-sized window: 40% of the default U-Net's training step
-          on CPU (benchmarks/profile_step.py, docs/benchmarks.md). The matrix
-          product's gradients are matrix products too.
+          every other convolution is jax.lax's:
+          - a transposed conv whose kernel equals its stride (the U-Net's 2x2,
+            stride-2 upsampling) is one product [B*H*W, C] x [C, s*s*K] and a
+            depth-to-space reshape. XLA:CPU runs it as an input-dilated
+            convolution whose weight gradient goes to a generic convolution
+            with an image-sized window: 40% of the default U-Net's training
+            step on CPU, against 2% as a product (benchmarks/profile_step.py);
+          - a 1x1 conv is the product [B*H*W, C] x [C, K] (its gradients,
+            3-4x faster than the convolution's).
+          3x3 convs stay jax.lax's: XLA:CPU's YNNPACK convolutions beat every
+          rewrite tried (shifted products, im2col, patches) for the forward
+          pass and both gradients, because those pay for copies of the input.
   "auto"  "gemm" when the default backend is the CPU, else "xla" (cuDNN on GPU
           has no such weakness).
 
 Every rewrite computes the same function as jax.lax.conv_general_dilated, values
-and gradients, float32 and bfloat16 (tests/test_ops.py).
+and gradients, float32 and bfloat16 (tests/test_ops.py). Measurements:
+docs/benchmarks.md.
+
+`max_pool_2x2` is the U-Net's 2x2, stride-2 max pooling as a reshape and a max,
+whose gradient XLA:CPU runs about 4x faster than that of the windowed reduction
+of nnx.max_pool (an iota-and-select scatter there).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -70,9 +80,13 @@ def conv_general_dilated(
 ):
     """jax.lax.conv_general_dilated, with the cases XLA:CPU is slow at done as matrix products."""
     args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
-    scale = _depth_to_space_stride(*args, feature_group_count, batch_group_count)
-    if scale:
-        return _depth_to_space_conv(lhs, rhs, scale, precision, preferred_element_type)
+    kind = _gemm_kind(*args, feature_group_count, batch_group_count)
+    dot = functools.partial(_dot2d, precision=precision, preferred_element_type=preferred_element_type)
+    if kind == "1x1":
+        b, h, w, c = lhs.shape
+        return dot(lhs.reshape(b * h * w, c), rhs.reshape(c, -1)).reshape(b, h, w, -1)
+    if kind:
+        return _depth_to_space_conv(lhs, rhs, kind, dot)
     return lax.conv_general_dilated(
         *args,
         feature_group_count=feature_group_count,
@@ -83,42 +97,47 @@ def conv_general_dilated(
     )
 
 
-def _depth_to_space_stride(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dn, groups, batch_groups):
-    """s when the conv is a transposed conv with an s x s kernel and stride s (NHWC, HWIO), else 0.
+def _dot2d(a_MK, b_KN, *, precision, preferred_element_type):
+    # Two-dimensional operands: XLA:CPU then runs one matrix product with no
+    # layout copies (a 4-D einsum of the same product ran 2-3x slower).
+    return jnp.dot(a_MK, b_KN, precision=precision, preferred_element_type=preferred_element_type)
 
-    That is lax.conv_transpose(x, w, (s, s), "SAME"): input dilation s, padding
-    s - 1 on each side, unit window strides. Each output pixel (s*i + r, s*j + q)
-    then sees exactly one input pixel, (i, j), through the kernel tap
-    (s - 1 - r, s - 1 - q).
+
+def _gemm_kind(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dn, groups, batch_groups):
+    """ "1x1", s (a transposed conv with an s x s kernel and stride s), or None: how to run this conv.
+
+    Only NHWC inputs with HWIO kernels, one feature group, no kernel dilation.
+    The transposed conv is lax.conv_transpose(x, w, (s, s), "SAME" or "VALID"):
+    input dilation s, padding s - 1 on each side, unit window strides. Each
+    output pixel (s*i + r, s*j + q) then sees exactly one input pixel, (i, j),
+    through the kernel tap (s - 1 - r, s - 1 - q).
     """
-    if lhs.ndim != 4 or groups != 1 or batch_groups != 1 or isinstance(padding, str):
-        return 0
+    if lhs.ndim != 4 or groups != 1 or batch_groups != 1:
+        return None
     dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dn)
     if tuple(dn.lhs_spec) != _NHWC or tuple(dn.rhs_spec) != _HWIO or tuple(dn.out_spec) != _NHWC:
-        return 0
+        return None
+    if tuple(rhs_dilation or (1, 1)) != (1, 1) or tuple(window_strides) != (1, 1):
+        return None
     s = rhs.shape[0]
-    ok = (
-        s > 1
-        and tuple(rhs.shape[:2]) == (s, s)
-        and tuple(lhs_dilation or (1, 1)) == (s, s)
-        and tuple(rhs_dilation or (1, 1)) == (1, 1)
-        and tuple(window_strides) == (1, 1)
-        and [tuple(p) for p in padding] == [(s - 1, s - 1)] * 2
-    )
-    return s if ok else 0
+    if rhs.shape[1] != s:
+        return None
+    pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding) if isinstance(padding, str) else padding
+    pads = [tuple(p) for p in pads]
+    dilation = tuple(lhs_dilation or (1, 1))
+    if s == 1 and dilation == (1, 1) and pads == [(0, 0)] * 2:
+        return "1x1"
+    if s > 1 and dilation == (s, s) and pads == [(s - 1, s - 1)] * 2:
+        return s
+    return None
 
 
-def _depth_to_space_conv(x_BHWC, w_SSCK, s: int, precision, preferred_element_type):
+def _depth_to_space_conv(x_BHWC, w_SSCK, s: int, dot):
     """out[b, s*i + r, s*j + q, k] = sum_c x[b, i, j, c] * w[s - 1 - r, s - 1 - q, c, k]."""
-    b, h, w, _ = x_BHWC.shape
+    b, h, w, c = x_BHWC.shape
     k = w_SSCK.shape[-1]
-    y_BHWSSK = jnp.einsum(
-        "bhwc,rqck->bhwrqk",
-        x_BHWC,
-        w_SSCK[::-1, ::-1],
-        precision=precision,
-        preferred_element_type=preferred_element_type,
-    )
+    w_CSSK = w_SSCK[::-1, ::-1].transpose(2, 0, 1, 3).reshape(c, s * s * k)
+    y_BHWSSK = dot(x_BHWC.reshape(b * h * w, c), w_CSSK).reshape(b, h, w, s, s, k)
     return y_BHWSSK.transpose(0, 1, 3, 2, 4, 5).reshape(b, h * s, w * s, k)
 
 
@@ -175,3 +194,17 @@ class ConvTranspose(nnx.ConvTranspose):
             preferred_element_type=self.preferred_element_type,
         )
         return y if bias is None else y + bias
+
+
+def max_pool_2x2(x_BHWC):
+    """2x2 max pooling with stride 2, as nnx.max_pool(x, (2, 2), strides=(2, 2)).
+
+    For even H and W (the U-Net pads to a multiple of 2**depth) it is a reshape
+    and a max over each window, whose gradient is elementwise; on exact ties
+    within a window the gradient is shared equally among the tied pixels (where
+    nnx.max_pool's goes to one of them). Odd sizes go to nnx.max_pool.
+    """
+    b, h, w, c = x_BHWC.shape
+    if h % 2 or w % 2:
+        return nnx.max_pool(x_BHWC, (2, 2), strides=(2, 2))
+    return x_BHWC.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))

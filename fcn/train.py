@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from fcn import checkpoint, losses, sharding
 from fcn import state as state_lib
-from fcn.config import validate, validate_against_data
+from fcn.config import ConfigError, validate, validate_against_data
 from fcn.data import get_source, pipeline
 from fcn.evaluate import evaluate_split, format_report, report
 
@@ -141,7 +141,12 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
     checkpoint.check_compatible(workdir, config, source.num_classes)
 
     mesh = sharding.make_mesh()
-    sharding.check_batch_size(config.batch_size)
+    try:  # both batch sizes now, not at the first evaluation; a ConfigError, so the CLI prints one line
+        sharding.check_batch_size(config.batch_size)
+        if eval_data is not None:
+            sharding.check_batch_size(config.eval_batch_size, "eval_batch_size")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     class_weights = None
     if config.loss.class_weights == "median_freq":
         class_weights = losses.median_frequency_weights(train_data.labels, source.num_classes, source.ignore_label)

@@ -3,9 +3,9 @@
 Each image has a textured background (a smooth colour gradient, two gratings
 and pixel noise) and one to four shapes: circles, squares and triangles of
 random size, rotation and colour, later ones occluding earlier ones. Each
-class has its own band of hues (a third of the colour wheel, with overlapping
-edges), so colour is a strong but imperfect cue and shape settles the rest;
-shapes are always brighter than the background. A small U-Net learns it to a
+class has its own band of hues (0.28 of the colour wheel, bands apart), so
+colour is a strong cue for the class and the outline has to be found from the
+image; shapes are always brighter than the background. A small U-Net learns it to a
 high IoU within minutes on a CPU (configs/shapes.py). With hues independent of
 the class, a small net took far longer to tell the shapes apart.
 
@@ -72,7 +72,7 @@ def _inside(
 
 def _shape_color(rng: np.random.Generator, cls: int) -> np.ndarray:
     """A bright colour, brighter than any background, in the class's band of hues."""
-    hue = (cls / 3 + rng.uniform(-0.22, 0.22)) % 1.0
+    hue = (cls / 3 + rng.uniform(-0.14, 0.14)) % 1.0
     sat, val = rng.uniform(0.3, 1.0), rng.uniform(0.75, 1.0)
     return np.array(colorsys.hsv_to_rgb(hue, sat, val)) * 255
 

@@ -1,0 +1,212 @@
+"""Many devices and many processes on CPU: the same numbers as one device, and checkpoints that resume.
+
+Forced host devices (XLA_FLAGS) and `jax.distributed` need a fresh interpreter,
+so those runs are subprocesses of a small driver; the one-device reference runs
+here. All share one compilation cache, so each program compiles once.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from fcn import checkpoint, distributed
+from fcn import state as state_lib
+from fcn.train import train_and_evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+OVERRIDES = ["--config.eval_batch_size=4"]  # divisible by 1, 2 and 4 devices
+
+# Runs train.py's main in this process, saving every process's own copy of the
+# parameters at every checkpoint (and checking that the state is replicated).
+DRIVER = r"""
+import functools, sys
+import numpy as np
+out, stop_after, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+import jax
+from fcn import checkpoint, train
+from fcn.cli import train_main
+
+save = checkpoint.Checkpoints.save
+
+def recording_save(self, step, state, **kw):
+    save(self, step, state, **kw)
+    for x in jax.tree.leaves(state):
+        assert x.sharding.is_fully_replicated and len(x.sharding.device_set) == jax.device_count(), x.sharding
+    leaves = [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(state["params"])]
+    np.savez(f"{out}/params_p{jax.process_index()}_s{step}.npz", *leaves)
+
+checkpoint.Checkpoints.save = recording_save
+if stop_after:
+    train.train_and_evaluate = functools.partial(train.train_and_evaluate, stop_after=stop_after)
+try:
+    train_main(["train.py", "--config", "configs/tiny.py", *argv])
+except SystemExit as e:
+    if e.code:
+        raise
+"""
+
+# After training on 4 devices: evaluate the reference run there, and ask for impossible batch sizes.
+FOUR_DEVICE_CHECKS = r"""
+import sys
+from configs import tiny
+from fcn import cli, evaluate, sharding
+from fcn.data import get_source
+ref, out = sys.argv[1], sys.argv[2]
+assert evaluate.main(["--workdir", ref, "--checkpoint", "latest", "--examples", "0"]) == 0
+config = tiny.get_config()
+config.batch_size = 6
+assert cli.run_training(config, out + "/bad") == 1  # prints the error
+config = tiny.get_config()
+try:
+    evaluate.evaluate_split(None, None, get_source(config.data).load("val"), config, 4, sharding.make_mesh())
+except ValueError as e:
+    print(e, file=sys.stderr)
+"""
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    path = tmp_path_factory.getbasetemp() / "jax_cache"  # the one test_train.py uses
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FCN_JAX_CACHE", str(path))
+        yield path
+
+
+def _config():
+    config = tiny.get_config()
+    config.eval_batch_size = 4
+    return config
+
+
+def _params(workdir) -> list[np.ndarray]:
+    config = checkpoint.load_config(workdir)
+    _, abstract, _ = state_lib.abstract_state(config, 4)
+    ckpts = checkpoint.Checkpoints(workdir)
+    params = ckpts.restore(abstract)["params"]
+    ckpts.close()
+    return [np.asarray(x) for x in jax.tree.leaves(params)]
+
+
+@pytest.fixture(scope="module")
+def reference(cache, tmp_path_factory):
+    """The tiny config trained in this process, on one device: (workdir, parameters, last report)."""
+    if jax.device_count() != 1:
+        pytest.skip("the reference run needs a process with one device")
+    workdir = tmp_path_factory.mktemp("reference")
+    report = train_and_evaluate(_config(), workdir)
+    return workdir, _params(workdir), report
+
+
+def _saved(out: Path, process: int, step: int) -> list[np.ndarray]:
+    with np.load(out / f"params_p{process}_s{step}.npz") as f:
+        return [f[f"arr_{i}"] for i in range(len(f.files))]
+
+
+def _close(a: list[np.ndarray], b: list[np.ndarray]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+
+
+def _env(cache: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", *distributed.ENV.values())}
+    return {**env, "FCN_JAX_CACHE": str(cache), "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **extra}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_four_devices_match_one_device(reference, cache, tmp_path):
+    ref_dir, ref_params, ref_report = reference
+    env = _env(cache, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    script = f"{DRIVER}\nsys.argv = [sys.argv[0], {str(ref_dir)!r}, {str(tmp_path)!r}]\n{FOUR_DEVICE_CHECKS}"
+    cmd = [sys.executable, "-c", script, str(tmp_path), "0", "--workdir", str(tmp_path / "wd"), *OVERRIDES]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # The same global batch split over 4 devices: the same parameters, BatchNorm statistics included.
+    _close(_saved(tmp_path, 0, _config().num_steps), ref_params)
+    # The same state evaluated on 4 devices: the very same confusion matrix.
+    four = json.loads((ref_dir / "eval_val.json").read_text())
+    assert four["step"] == ref_report["step"]
+    assert four["confusion_matrix"] == ref_report["confusion_matrix"]
+    # Batch sizes the devices do not divide: one line naming the key and the device count.
+    assert "error: config.batch_size=6 must be a positive multiple of the device count (4 devices" in done.stderr
+    assert "config.eval_batch_size=2 must be a positive multiple of the device count (4 devices" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def _two_processes(cache: Path, out: Path, stop_after: int, use_env: bool) -> list[subprocess.CompletedProcess]:
+    """Train the tiny config with two processes (one CPU device each) sharing one workdir."""
+    port, procs, outs = _free_port(), [], []
+    try:
+        for pid in range(2):
+            argv = ["--workdir", str(out / "wd"), *OVERRIDES]
+            launch = {"coordinator": f"127.0.0.1:{port}", "num_processes": "2", "process_id": str(pid)}
+            if use_env:  # the FCN_* variables
+                env = _env(cache, **{distributed.ENV[k]: v for k, v in launch.items()})
+            else:  # the flags
+                env, argv = _env(cache), argv + [f"--{k}={v}" for k, v in launch.items()]
+            cmd = [sys.executable, "-c", DRIVER, str(out), str(stop_after), *argv]
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=240)
+            outs.append(subprocess.CompletedProcess(p.args, p.returncode, stdout.decode(), stderr.decode()))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
+    for o in outs:
+        assert o.returncode == 0, o.stderr[-3000:]
+    return outs
+
+
+def test_two_processes_train_like_one_and_resume(reference, cache, tmp_path):
+    _, ref_params, _ = reference
+    steps = _config().num_steps
+    _two_processes(cache, tmp_path, stop_after=2, use_env=False)
+    assert checkpoint.Checkpoints(tmp_path / "wd").latest_step() == 2
+    np.testing.assert_equal(_saved(tmp_path, 0, 2), _saved(tmp_path, 1, 2))
+    first, second = _two_processes(cache, tmp_path, stop_after=0, use_env=True)
+    for o in (first, second):
+        assert "resuming" in o.stderr and "from step 2" in o.stderr
+    # Both processes hold the very same parameters, those of one process on one device.
+    np.testing.assert_equal(_saved(tmp_path, 0, steps), _saved(tmp_path, 1, steps))
+    _close(_saved(tmp_path, 0, steps), ref_params)
+    _close(_params(tmp_path / "wd"), ref_params)
+    # Process 0 alone reports and logs, each step once.
+    assert "mean IoU" in first.stdout and "mean IoU" not in second.stdout + second.stderr
+    lines = [json.loads(ln) for ln in (tmp_path / "wd" / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["step"] for ln in lines if "loss" in ln] == list(range(1, steps + 1))
+
+
+def test_multi_process_settings_are_checked(monkeypatch):
+    for name in distributed.ENV.values():
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FCN_DISTRIBUTED", "0")
+    assert distributed.maybe_initialize() is False  # nothing set: one process
+    assert distributed.maybe_initialize("127.0.0.1:1234", 1, 0) is False  # one process of one
+    with pytest.raises(ValueError, match="missing: --num_processes"):
+        distributed.maybe_initialize("127.0.0.1:1234", None, 0)
+    monkeypatch.setenv("FCN_PROCESS_ID", "2")
+    with pytest.raises(ValueError, match=r"--process_id=2 must be in \[0, --num_processes=2\)"):
+        distributed.maybe_initialize("127.0.0.1:1234", 2)
+    monkeypatch.setenv("FCN_DISTRIBUTED", "1")
+    for name, value in [("SLURM_JOB_ID", "1"), ("SLURM_STEP_NODELIST", "n[1-2]"), ("SLURM_NTASKS", "2")]:
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    assert distributed.detect_cluster() == "slurm"
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert distributed.detect_cluster() != "slurm"

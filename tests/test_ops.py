@@ -1,0 +1,121 @@
+"""fcn.ops: every convolution implementation computes jax.lax's function, values and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import lax
+
+from fcn import ops
+
+DN = ("NHWC", "HWIO", "NHWC")
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}  # relative error of the whole tensor
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def value_and_grads(conv, x, w, **kw):
+    """conv(x, w) and the gradients of <conv(x, w), r> for a random r, w.r.t. x and w."""
+    y = conv(x, w, **kw)
+    r = jax.random.normal(jax.random.key(7), y.shape, y.dtype)
+    gx, gw = jax.grad(lambda x, w: jnp.sum((conv(x, w, **kw) * r).astype(jnp.float32)), argnums=(0, 1))(x, w)
+    return y, gx, gw
+
+
+def random(key, shape, dtype):
+    return jax.random.normal(jax.random.key(key), shape, jnp.float32).astype(dtype)
+
+
+def primitives(fn, *args) -> set[str]:
+    return {e.primitive.name for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns}
+
+
+def test_conv_fn_names():
+    assert ops.conv_fn("xla") is None
+    assert ops.conv_fn("gemm") is ops.conv_general_dilated
+    assert callable(ops.conv_fn("auto"))
+    with pytest.raises(ValueError, match="conv_impl='fast'.*xla, gemm, auto"):
+        ops.conv_fn("fast")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize(("c_in", "c_out"), [(1, 4), (3, 8), (16, 11), (24, 32)])
+def test_conv_matches_lax(k, c_in, c_out, dtype):
+    x = random(0, (2, 9, 12, c_in), dtype)
+    w = random(1, (k, k, c_in, c_out), dtype)
+    args = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=DN)
+    ref = value_and_grads(lax.conv_general_dilated, x, w, **args)
+    for impl in ("gemm", "auto"):
+        got = value_and_grads(ops.conv_fn(impl), x, w, **args)
+        for g, r in zip(got, ref):
+            assert g.shape == r.shape and g.dtype == r.dtype
+            assert rel_err(g, r) < TOL[dtype]
+
+
+def test_1x1_conv_is_a_matrix_product():
+    x, w = jnp.ones((2, 4, 4, 3)), jnp.ones((1, 1, 3, 5))
+    fn = lambda x, w: ops.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)  # noqa: E731
+    assert "conv_general_dilated" not in primitives(fn, x, w)
+    assert "conv_general_dilated" not in primitives(jax.grad(lambda x, w: fn(x, w).sum(), argnums=(0, 1)), x, w)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding"), [(2, 2, "SAME"), (2, 2, "VALID"), (4, 4, "SAME"), (3, 2, "SAME"), (2, 1, "SAME")]
+)
+def test_conv_transpose_matches_nnx(kernel, stride, padding, dtype):
+    def build(cls, **kw):
+        return cls(6, 5, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype, rngs=nnx.Rngs(0), **kw)
+
+    ref_layer, layer = build(nnx.ConvTranspose), build(ops.ConvTranspose, conv_general_dilated=ops.conv_fn("gemm"))
+    x = random(2, (2, 5, 7, 6), dtype)
+    r = None
+
+    def run(m, x):
+        nonlocal r
+        y = m(x)
+        r = random(3, y.shape, y.dtype) if r is None else r
+        loss = lambda m, x: jnp.sum((m(x) * r).astype(jnp.float32))  # noqa: E731
+        gm, gx = jax.grad(loss, argnums=(0, 1))(m, x)
+        return y, gx, gm.kernel[...], gm.bias[...]
+
+    for g, want in zip(run(layer, x), run(ref_layer, x)):
+        assert g.shape == want.shape and g.dtype == want.dtype
+        assert rel_err(g, want) < TOL[dtype]
+
+
+def test_conv_transpose_2x2_stride_2_is_a_matrix_product():
+    layer = ops.ConvTranspose(4, 3, (2, 2), strides=(2, 2), rngs=nnx.Rngs(0), conv_general_dilated=ops.conv_fn("gemm"))
+    x = jnp.ones((1, 3, 5, 4))
+    assert "conv_general_dilated" not in primitives(lambda x: layer(x), x)
+    assert "conv_general_dilated" not in primitives(jax.grad(lambda m: m(x).sum()), layer)
+
+
+def test_conv_transpose_keeps_nnx_parameters():
+    a = nnx.ConvTranspose(4, 3, (2, 2), strides=(2, 2), rngs=nnx.Rngs(0))
+    b = ops.ConvTranspose(4, 3, (2, 2), strides=(2, 2), rngs=nnx.Rngs(0), conv_general_dilated=ops.conv_fn("gemm"))
+    sa, sb = nnx.state(a, nnx.Param), nnx.state(b, nnx.Param)
+    assert jax.tree.structure(sa) == jax.tree.structure(sb)
+    for u, v in zip(jax.tree.leaves(sa), jax.tree.leaves(sb)):
+        np.testing.assert_array_equal(u, v)
+    # Without a convolution function it is nnx.ConvTranspose itself.
+    x = random(4, (1, 3, 5, 4), jnp.float32)
+    plain = ops.ConvTranspose(4, 3, (2, 2), strides=(2, 2), rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(plain(x), a(x))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 12, 3), (1, 7, 9, 2)])
+def test_max_pool_2x2_matches_nnx(shape):
+    # A permutation: no ties, so the gradient has one right answer.
+    x = jax.random.permutation(jax.random.key(5), np.prod(shape)).reshape(shape).astype(jnp.float32)
+    ref = lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
+    np.testing.assert_array_equal(ops.max_pool_2x2(x), ref(x))
+    r = random(6, ref(x).shape, jnp.float32)
+    g = jax.grad(lambda x: jnp.sum(ops.max_pool_2x2(x) * r))(x)
+    np.testing.assert_array_equal(g, jax.grad(lambda x: jnp.sum(ref(x) * r))(x))
