@@ -112,9 +112,16 @@ class Checkpoints:
             self.latest.save(step, args=ocp.args.StandardSave(state), force=True)
             if mean_iou is not None and np.isfinite(mean_iou):
                 metrics = {"mean_iou": float(mean_iou)}
+                if step in self.best.all_steps():
+                    # Left by a run killed between its best and latest saves; this run redid the step.
+                    self.best.delete(step)
                 self.best.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
             self.wait()
         except (OSError, ValueError) as e:
+            try:  # let orbax's background writes end before the error ends the process
+                self.wait()
+            except (OSError, ValueError):
+                pass
             raise CheckpointError(
                 f"could not write a checkpoint at step {step} in {self.workdir}: {e}. "
                 "Earlier checkpoints are untouched; free space or fix permissions and re-run to resume."
@@ -129,14 +136,16 @@ class Checkpoints:
 
         sharding: where to put every array (e.g. replicated over the mesh); with
         several processes it must be given, each process then reads its shards.
+        By default, this process's first device, whatever the devices that wrote it.
         """
         manager = self.best if which == "best" else self.latest
         step = step if step is not None else (manager.best_step() if which == "best" else manager.latest_step())
         if step is None:
             raise CheckpointError(f"no {which} checkpoint in {self.workdir}")
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
-        if sharding is not None:
-            target = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=sharding), target)
+        # Never the saved sharding: a checkpoint written by several processes must load in one.
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=sharding), target)
         return manager.restore(step, args=ocp.args.StandardRestore(target))
 
     def close(self) -> None:

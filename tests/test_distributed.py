@@ -1,8 +1,9 @@
 """Many devices and many processes on CPU: the same numbers as one device, and checkpoints that resume.
 
 Forced host devices (XLA_FLAGS) and `jax.distributed` need a fresh interpreter,
-so those runs are subprocesses of a small driver; the one-device reference runs
-here. All share one compilation cache, so each program compiles once.
+so every run, the one-device reference included, is a subprocess of a small
+driver, all with the same XLA flags: cheap compilation (these programs are
+tiny) and one shared compilation cache, so each program compiles once.
 """
 
 import json
@@ -19,15 +20,18 @@ import pytest
 from configs import tiny
 from fcn import checkpoint, distributed
 from fcn import state as state_lib
-from fcn.train import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ["--config.eval_batch_size=4"]  # divisible by 1, 2 and 4 devices
+STEPS = tiny.get_config().num_steps  # checkpoints at 3 and 6
+# Compiling at -O0 takes a third of the time; every run here uses the same flags.
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 # Runs train.py's main in this process, saving every process's own copy of the
-# parameters at every checkpoint (and checking that the state is replicated).
+# parameters at every checkpoint (and checking that the state is replicated) and
+# the final evaluation report it computed.
 DRIVER = r"""
-import functools, sys
+import json, sys
 import numpy as np
 out, stop_after, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 import jax
@@ -43,9 +47,16 @@ def recording_save(self, step, state, **kw):
     leaves = [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(state["params"])]
     np.savez(f"{out}/params_p{jax.process_index()}_s{step}.npz", *leaves)
 
+run = train.train_and_evaluate
+
+def recording_run(config, workdir):
+    report = run(config, workdir, stop_after=stop_after or None)
+    with open(f"{out}/report_p{jax.process_index()}.json", "w") as f:
+        json.dump(report, f)
+    return report
+
 checkpoint.Checkpoints.save = recording_save
-if stop_after:
-    train.train_and_evaluate = functools.partial(train.train_and_evaluate, stop_after=stop_after)
+train.train_and_evaluate = recording_run
 try:
     train_main(["train.py", "--config", "configs/tiny.py", *argv])
 except SystemExit as e:
@@ -74,19 +85,11 @@ except ValueError as e:
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "jax_cache"  # the one test_train.py uses
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FCN_JAX_CACHE", str(path))
-        yield path
-
-
-def _config():
-    config = tiny.get_config()
-    config.eval_batch_size = 4
-    return config
+    return tmp_path_factory.mktemp("jax_cache")
 
 
 def _params(workdir) -> list[np.ndarray]:
+    """The parameters of a workdir's latest checkpoint, restored in this process (one device)."""
     config = checkpoint.load_config(workdir)
     _, abstract, _ = state_lib.abstract_state(config, 4)
     ckpts = checkpoint.Checkpoints(workdir)
@@ -97,12 +100,12 @@ def _params(workdir) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def reference(cache, tmp_path_factory):
-    """The tiny config trained in this process, on one device: (workdir, parameters, last report)."""
-    if jax.device_count() != 1:
-        pytest.skip("the reference run needs a process with one device")
-    workdir = tmp_path_factory.mktemp("reference")
-    report = train_and_evaluate(_config(), workdir)
-    return workdir, _params(workdir), report
+    """The tiny config trained by one process on one device: (output folder, last report)."""
+    out = tmp_path_factory.mktemp("reference")
+    cmd = [sys.executable, "-c", DRIVER, str(out), "0", "--workdir", str(out / "wd"), *OVERRIDES]
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(cache), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, json.loads((out / "report_p0.json").read_text())
 
 
 def _saved(out: Path, process: int, step: int) -> list[np.ndarray]:
@@ -116,9 +119,11 @@ def _close(a: list[np.ndarray], b: list[np.ndarray]) -> None:
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
 
 
-def _env(cache: Path, **extra) -> dict:
+def _env(cache: Path, devices: int = 1, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", *distributed.ENV.values())}
-    return {**env, "FCN_JAX_CACHE": str(cache), "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **extra}
+    xla = FAST_XLA + (f" --xla_force_host_platform_device_count={devices}" if devices > 1 else "")
+    env.update(XLA_FLAGS=xla, FCN_JAX_CACHE=str(cache), PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    return {**env, **extra}
 
 
 def _free_port() -> int:
@@ -128,16 +133,16 @@ def _free_port() -> int:
 
 
 def test_four_devices_match_one_device(reference, cache, tmp_path):
-    ref_dir, ref_params, ref_report = reference
-    env = _env(cache, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    script = f"{DRIVER}\nsys.argv = [sys.argv[0], {str(ref_dir)!r}, {str(tmp_path)!r}]\n{FOUR_DEVICE_CHECKS}"
+    ref, ref_report = reference
+    script = f"{DRIVER}\nsys.argv = [sys.argv[0], {str(ref / 'wd')!r}, {str(tmp_path)!r}]\n{FOUR_DEVICE_CHECKS}"
     cmd = [sys.executable, "-c", script, str(tmp_path), "0", "--workdir", str(tmp_path / "wd"), *OVERRIDES]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(cache, devices=4), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     # The same global batch split over 4 devices: the same parameters, BatchNorm statistics included.
-    _close(_saved(tmp_path, 0, _config().num_steps), ref_params)
+    for step in (3, STEPS):
+        _close(_saved(tmp_path, 0, step), _saved(ref, 0, step))
     # The same state evaluated on 4 devices: the very same confusion matrix.
-    four = json.loads((ref_dir / "eval_val.json").read_text())
+    four = json.loads((ref / "wd" / "eval_val.json").read_text())
     assert four["step"] == ref_report["step"]
     assert four["confusion_matrix"] == ref_report["confusion_matrix"]
     # Batch sizes the devices do not divide: one line naming the key and the device count.
@@ -173,8 +178,7 @@ def _two_processes(cache: Path, out: Path, stop_after: int, use_env: bool) -> li
 
 
 def test_two_processes_train_like_one_and_resume(reference, cache, tmp_path):
-    _, ref_params, _ = reference
-    steps = _config().num_steps
+    ref, ref_report = reference
     _two_processes(cache, tmp_path, stop_after=2, use_env=False)
     assert checkpoint.Checkpoints(tmp_path / "wd").latest_step() == 2
     np.testing.assert_equal(_saved(tmp_path, 0, 2), _saved(tmp_path, 1, 2))
@@ -182,13 +186,17 @@ def test_two_processes_train_like_one_and_resume(reference, cache, tmp_path):
     for o in (first, second):
         assert "resuming" in o.stderr and "from step 2" in o.stderr
     # Both processes hold the very same parameters, those of one process on one device.
-    np.testing.assert_equal(_saved(tmp_path, 0, steps), _saved(tmp_path, 1, steps))
-    _close(_saved(tmp_path, 0, steps), ref_params)
-    _close(_params(tmp_path / "wd"), ref_params)
+    np.testing.assert_equal(_saved(tmp_path, 0, STEPS), _saved(tmp_path, 1, STEPS))
+    _close(_saved(tmp_path, 0, STEPS), _saved(ref, 0, STEPS))
+    _close(_params(tmp_path / "wd"), _saved(ref, 0, STEPS))  # their checkpoint loads in one process
+    # Metrics are reduced over both processes: each computed the whole confusion matrix.
+    reports = [json.loads((tmp_path / f"report_p{pid}.json").read_text()) for pid in range(2)]
+    assert reports[0]["confusion_matrix"] == reports[1]["confusion_matrix"]
+    assert reports[0]["num_pixels"] == ref_report["num_pixels"]
     # Process 0 alone reports and logs, each step once.
     assert "mean IoU" in first.stdout and "mean IoU" not in second.stdout + second.stderr
     lines = [json.loads(ln) for ln in (tmp_path / "wd" / "metrics.jsonl").read_text().splitlines()]
-    assert [ln["step"] for ln in lines if "loss" in ln] == list(range(1, steps + 1))
+    assert [ln["step"] for ln in lines if "loss" in ln] == list(range(1, STEPS + 1))
 
 
 def test_multi_process_settings_are_checked(monkeypatch):

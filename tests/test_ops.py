@@ -20,11 +20,16 @@ def rel_err(a, b) -> float:
 
 
 def value_and_grads(conv, x, w, **kw):
-    """conv(x, w) and the gradients of <conv(x, w), r> for a random r, w.r.t. x and w."""
-    y = conv(x, w, **kw)
-    r = jax.random.normal(jax.random.key(7), y.shape, y.dtype)
-    gx, gw = jax.grad(lambda x, w: jnp.sum((conv(x, w, **kw) * r).astype(jnp.float32)), argnums=(0, 1))(x, w)
-    return y, gx, gw
+    """conv(x, w) and the gradients of <conv(x, w), r> for a random r, w.r.t. x and w (one jitted call)."""
+
+    @jax.jit
+    def run(x, w):
+        y = conv(x, w, **kw)
+        r = jax.random.normal(jax.random.key(7), y.shape, y.dtype)
+        loss = lambda x, w: jnp.sum((conv(x, w, **kw) * r).astype(jnp.float32))  # noqa: E731
+        return y, *jax.grad(loss, argnums=(0, 1))(x, w)
+
+    return run(x, w)
 
 
 def random(key, shape, dtype):
@@ -45,7 +50,7 @@ def test_conv_fn_names():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("k", [1, 3])
-@pytest.mark.parametrize(("c_in", "c_out"), [(1, 4), (3, 8), (16, 11), (24, 32)])
+@pytest.mark.parametrize(("c_in", "c_out"), [(1, 4), (3, 8), (24, 11)])
 def test_conv_matches_lax(k, c_in, c_out, dtype):
     x = random(0, (2, 9, 12, c_in), dtype)
     w = random(1, (k, k, c_in, c_out), dtype)
@@ -67,23 +72,29 @@ def test_1x1_conv_is_a_matrix_product():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize(
-    ("kernel", "stride", "padding"), [(2, 2, "SAME"), (2, 2, "VALID"), (4, 4, "SAME"), (3, 2, "SAME"), (2, 1, "SAME")]
+    ("kernel", "stride", "padding"), [(2, 2, "SAME"), (2, 2, "VALID"), (4, 4, "SAME"), (3, 2, "SAME")]
 )
 def test_conv_transpose_matches_nnx(kernel, stride, padding, dtype):
     def build(cls, **kw):
-        return cls(6, 5, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype, rngs=nnx.Rngs(0), **kw)
+        return cls(
+            6, 5, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype, rngs=nnx.Rngs(0), **kw
+        )
 
     ref_layer, layer = build(nnx.ConvTranspose), build(ops.ConvTranspose, conv_general_dilated=ops.conv_fn("gemm"))
     x = random(2, (2, 5, 7, 6), dtype)
-    r = None
 
     def run(m, x):
-        nonlocal r
-        y = m(x)
-        r = random(3, y.shape, y.dtype) if r is None else r
-        loss = lambda m, x: jnp.sum((m(x) * r).astype(jnp.float32))  # noqa: E731
-        gm, gx = jax.grad(loss, argnums=(0, 1))(m, x)
-        return y, gx, gm.kernel[...], gm.bias[...]
+        graph, params = nnx.split(m)
+
+        @jax.jit
+        def f(params, x):
+            apply = lambda p, x: nnx.merge(graph, p)(x)  # noqa: E731
+            y = apply(params, x)
+            r = jax.random.normal(jax.random.key(3), y.shape, y.dtype)
+            gp, gx = jax.grad(lambda p, x: jnp.sum((apply(p, x) * r).astype(jnp.float32)), argnums=(0, 1))(params, x)
+            return y, gx, gp["kernel"][...], gp["bias"][...]
+
+        return f(params, x)
 
     for g, want in zip(run(layer, x), run(ref_layer, x)):
         assert g.shape == want.shape and g.dtype == want.dtype
