@@ -34,6 +34,7 @@ DRIVER = r"""
 import json, sys
 import numpy as np
 out, stop_after, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+sys.modules["tensorboardX"] = None  # metrics.jsonl is enough here, and tensorboardX may import torch (seconds)
 import jax
 from fcn import checkpoint, train
 from fcn.cli import train_main

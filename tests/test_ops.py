@@ -22,18 +22,20 @@ def rel_err(a, b) -> float:
 def value_and_grads(conv, x, w, **kw):
     """conv(x, w) and the gradients of <conv(x, w), r> for a random r, w.r.t. x and w (one jitted call)."""
 
+    y = jax.eval_shape(lambda x, w: conv(x, w, **kw), x, w)
+    r = random(7, y.shape, y.dtype)
+
     @jax.jit
     def run(x, w):
-        y = conv(x, w, **kw)
-        r = jax.random.normal(jax.random.key(7), y.shape, y.dtype)
         loss = lambda x, w: jnp.sum((conv(x, w, **kw) * r).astype(jnp.float32))  # noqa: E731
-        return y, *jax.grad(loss, argnums=(0, 1))(x, w)
+        return conv(x, w, **kw), *jax.grad(loss, argnums=(0, 1))(x, w)
 
     return run(x, w)
 
 
-def random(key, shape, dtype):
-    return jax.random.normal(jax.random.key(key), shape, jnp.float32).astype(dtype)
+def random(seed, shape, dtype):
+    """Fresh standard-normal values (numpy's generator: no compilation per shape)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32), dtype)
 
 
 def primitives(fn, *args) -> set[str]:
@@ -85,12 +87,13 @@ def test_conv_transpose_matches_nnx(kernel, stride, padding, dtype):
 
     def run(m, x):
         graph, params = nnx.split(m)
+        apply = lambda p, x: nnx.merge(graph, p)(x)  # noqa: E731
+        y = jax.eval_shape(apply, params, x)
+        r = random(3, y.shape, y.dtype)
 
         @jax.jit
         def f(params, x):
-            apply = lambda p, x: nnx.merge(graph, p)(x)  # noqa: E731
             y = apply(params, x)
-            r = jax.random.normal(jax.random.key(3), y.shape, y.dtype)
             gp, gx = jax.grad(lambda p, x: jnp.sum((apply(p, x) * r).astype(jnp.float32)), argnums=(0, 1))(params, x)
             return y, gx, gp["kernel"][...], gp["bias"][...]
 
@@ -124,9 +127,9 @@ def test_conv_transpose_keeps_nnx_parameters():
 @pytest.mark.parametrize("shape", [(2, 8, 12, 3), (1, 7, 9, 2)])
 def test_max_pool_2x2_matches_nnx(shape):
     # A permutation: no ties, so the gradient has one right answer.
-    x = jax.random.permutation(jax.random.key(5), np.prod(shape)).reshape(shape).astype(jnp.float32)
+    x = jnp.asarray(np.random.default_rng(5).permutation(np.prod(shape)).reshape(shape), jnp.float32)
     ref = lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
     np.testing.assert_array_equal(ops.max_pool_2x2(x), ref(x))
     r = random(6, ref(x).shape, jnp.float32)
-    g = jax.grad(lambda x: jnp.sum(ops.max_pool_2x2(x) * r))(x)
-    np.testing.assert_array_equal(g, jax.grad(lambda x: jnp.sum(ref(x) * r))(x))
+    grad = lambda pool: jax.jit(jax.grad(lambda x: jnp.sum(pool(x) * r)))(x)  # noqa: E731
+    np.testing.assert_array_equal(grad(ops.max_pool_2x2), grad(ref))
