@@ -18,7 +18,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", type=int, default=32, help="width of the first level (config.model.features)")
     p.add_argument("--depth", type=int, default=4, help="number of 2x2 poolings (config.model.depth)")
     p.add_argument("--classes", type=int, default=11, help="number of classes (CamVid: 11)")
-    p.add_argument("--conv_impl", default="xla", help="fcn: config.model.conv_impl (fcn/ops.py)")
+    p.add_argument("--conv_impl", default="auto", help="fcn: config.model.conv_impl (fcn/ops.py)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="fcn: compute dtype")
 
 

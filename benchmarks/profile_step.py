@@ -1,6 +1,6 @@
 """Where the time of fcn's compiled training step goes on CPU: per-op time, by kind.
 
-    python benchmarks/profile_step.py --batch 4 --size 256 256 [--conv_impl xla]
+    python benchmarks/profile_step.py --batch 8 --size 176 240 --features 16 [--conv_impl auto] [--what predict]
 
 Traces a few steps with jax.profiler (XLA:CPU's per-thunk trace events, turned
 on with --xla_cpu_enable_xprof_traceme), sums each thunk's time over the traced
@@ -75,18 +75,30 @@ def main(argv=None):
     common.add_model_flags(p)
     p.add_argument("--steps", type=int, default=2, help="traced steps")
     p.add_argument("--top", type=int, default=25, help="ops listed")
+    p.add_argument("--what", default="train", choices=("train", "predict"), help="training step or inference")
     args = p.parse_args(argv)
-    step, state, batch = common.fcn_train_step(args)
-    state, out = step(state, *batch)
-    jax.block_until_ready(out)
+    if args.what == "train":
+        step, state, batch = common.fcn_train_step(args)
+    else:
+        step, state, images = common.fcn_predict(args)
+        batch = (images,)
+
+    def run():
+        nonlocal state
+        if args.what == "train":
+            state, out = step(state, *batch)
+        else:
+            out = step(state, *batch)
+        jax.block_until_ready(out)
+
+    run()
     hlo = step.lower(state, *batch).compile().as_text()
     names = _instructions(hlo)
     logdir = tempfile.mkdtemp(prefix="fcn_profile_")
     jax.profiler.start_trace(logdir)
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        state, out = step(state, *batch)
-        jax.block_until_ready(out)
+        run()
     wall = (time.perf_counter() - t0) / args.steps
     jax.profiler.stop_trace()
     from jax._src.lib import _profile_data

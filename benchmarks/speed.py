@@ -35,6 +35,8 @@ import sys
 import tempfile
 import time
 
+# Both frameworks share one GPU in the throughput process: no preallocation by JAX.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -45,7 +47,7 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description="fcn vs PyTorch: speed, start-up time and memory of the default U-Net")
     common.add_model_flags(p)
     p.add_argument("--conv_impls", default="xla,auto", help="fcn variants: comma-separated conv_impl values")
-    p.add_argument("--torch_variants", default="eager,compile", help="eager, compile; '+cl' = channels_last")
+    p.add_argument("--torch_variants", default="eager+cl,compile", help="eager, compile; '+cl' = channels_last")
     p.add_argument("--steps", type=int, default=3, help="steps per timed round")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
     p.add_argument("--skip_startup", action="store_true", help="skip the first-step subprocesses")

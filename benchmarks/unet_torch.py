@@ -40,7 +40,7 @@ class ConvBlock(nn.Sequential):
 
 
 class UNet(nn.Module):
-    """U-Net FCN: images [B, C, H, W] in [0, 1] -> logits [B, K, H, W] (H, W multiples of 2**depth)."""
+    """U-Net FCN: images [B, C, H, W] in [0, 1] -> logits [B, K, H, W], any H, W (as fcn: reflect-padded)."""
 
     def __init__(self, num_classes: int, *, in_channels: int = 3, features: int = 32, depth: int = 4):
         super().__init__()
@@ -59,9 +59,14 @@ class UNet(nn.Module):
             self.up.append(nn.ConvTranspose2d(w_low, w, 2, stride=2))
             self.up_blocks.append(ConvBlock(2 * w, w))
         self.head = nn.Conv2d(widths[0], num_classes, 1)
+        self.multiple = 2**depth
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        h, w = x_BCHW.shape[-2:]
         x_BCHW = (x_BCHW - self.mean) / self.std
+        ph, pw = -h % self.multiple, -w % self.multiple
+        if ph or pw:  # as fcn.model.pad_to_multiple: after the last row and column, mirrored
+            x_BCHW = F.pad(x_BCHW, (0, pw, 0, ph), mode="reflect")
         skips = []
         for block in self.down:
             x_BCHW = block(x_BCHW)
@@ -70,7 +75,7 @@ class UNet(nn.Module):
         x_BCHW = self.bottom(x_BCHW)
         for up, block, skip in zip(self.up, self.up_blocks, reversed(skips)):
             x_BCHW = block(torch.cat([up(x_BCHW), skip], dim=1))
-        return self.head(x_BCHW).float()
+        return self.head(x_BCHW).float()[:, :, :h, :w]
 
 
 def num_params(model: nn.Module) -> int:

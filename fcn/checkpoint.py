@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import jax
@@ -25,6 +26,10 @@ import orbax.checkpoint as ocp
 
 # Config fields whose change makes an old checkpoint unusable.
 MODEL_FIELDS = ("model.features", "model.depth", "model.norm", "model.upsample", "model.head", "model.bottleneck", "model.input_scale")
+# Optimizer fields that change the structure of the saved optimizer state (the rest may change on resume);
+# for the switches only on (> 0) against off counts.
+OPTIMIZER_FIELDS = ("optimizer.name",)
+OPTIMIZER_SWITCHES = ("optimizer.grad_clip", "optimizer.ema_decay")
 
 
 class CheckpointError(RuntimeError):
@@ -71,9 +76,16 @@ def check_compatible(workdir: Path, config, num_classes: int) -> None:
     new = json.loads(config.to_json())
     diffs = [
         f"{f}: workdir has {_get(old, f)!r}, config has {_get(new, f)!r}"
-        for f in MODEL_FIELDS
+        for f in (*MODEL_FIELDS, *OPTIMIZER_FIELDS)
         if _get(old, f) != _get(new, f)
     ]
+    for f in OPTIMIZER_SWITCHES:
+        was, now = (_get(old, f) or 0) > 0, (_get(new, f) or 0) > 0
+        if was != now:
+            diffs.append(
+                f"{f}: workdir has {_get(old, f)!r}, config has {_get(new, f)!r} "
+                f"(turning it {'off' if was else 'on'} changes the saved optimizer state)"
+            )
     info = workdir / "dataset.json"
     if info.exists():
         old_k = len(json.loads(info.read_text())["class_names"])
@@ -81,10 +93,23 @@ def check_compatible(workdir: Path, config, num_classes: int) -> None:
             diffs.append(f"number of classes: workdir has {old_k}, data has {num_classes}")
     if diffs:
         raise CheckpointError(
-            f"{workdir} holds checkpoints of a different model and cannot be resumed:\n  "
+            f"{workdir} holds checkpoints of a different model or optimizer and cannot be resumed:\n  "
             + "\n  ".join(diffs)
-            + "\nUse a new --workdir, or the same model settings."
+            + "\nUse a new --workdir, or the same model and optimizer settings."
         )
+
+
+def prepare_workdir(workdir: Path) -> None:
+    """Create the workdir and its checkpoint folders, and check that they take files, before training."""
+    for folder in (workdir, workdir / "checkpoints", workdir / "best"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            raise CheckpointError(
+                f"cannot write to {folder}: {e.strerror or e}; use another --workdir or fix that folder"
+            ) from e
 
 
 class Checkpoints:
@@ -92,14 +117,17 @@ class Checkpoints:
 
     def __init__(self, workdir: str | os.PathLike, keep: int = 3):
         self.workdir = Path(workdir)
+        # Directories made in save() itself: made in orbax's background threads, a failure
+        # (read-only or full disk) left threads waiting 20 minutes for them, hanging the exit.
+        sync_dirs = ocp.AsyncOptions(create_directories_asynchronously=False)
         self.latest = ocp.CheckpointManager(
             (self.workdir / "checkpoints").absolute(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, async_options=sync_dirs),
         )
         self.best = ocp.CheckpointManager(
             (self.workdir / "best").absolute(),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, best_fn=lambda m: m["mean_iou"], best_mode="max", create=True
+                max_to_keep=1, best_fn=lambda m: m["mean_iou"], best_mode="max", create=True, async_options=sync_dirs
             ),
         )
 
@@ -146,7 +174,13 @@ class Checkpoints:
         # Never the saved sharding: a checkpoint written by several processes must load in one.
         sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=sharding), target)
-        return manager.restore(step, args=ocp.args.StandardRestore(target))
+        try:
+            return manager.restore(step, args=ocp.args.StandardRestore(target))
+        except ValueError as e:  # orbax: the tree structures or shapes do not match
+            raise CheckpointError(
+                f"checkpoint {step} in {manager.directory} does not fit this config: {str(e).splitlines()[0]} "
+                "Was it written with other model or optimizer settings?"
+            ) from e
 
     def close(self) -> None:
         self.latest.close()

@@ -16,12 +16,19 @@ def run_training(config, workdir: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("absl", "jax", "orbax", "tensorstore"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # orbax logs a failed background save with its traceback; the error printed below says it in one line.
+    logging.getLogger("absl").addFilter(_without_traceback)
     try:
         train_and_evaluate(config, workdir)
     except (ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    record.exc_info = record.exc_text = None
+    return True
 
 
 def _define_flags():

@@ -45,7 +45,9 @@ def detect_cluster() -> str | None:
     if env.get("FCN_DISTRIBUTED", "").lower() in ("0", "false", "off", "no"):
         return None
     slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
-    if all(k in env for k in slurm) and (_int(env["SLURM_NTASKS"], "SLURM_NTASKS") or 1) > 1:
+    # Tasks of this step: a batch script itself is one task, whatever the job's --ntasks.
+    tasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")
+    if all(k in env for k in slurm) and (_int(tasks, "SLURM_STEP_NUM_TASKS") or 1) > 1:
         return "slurm"
     if "OMPI_MCA_orte_hnp_uri" in env and (_int(env.get("OMPI_COMM_WORLD_SIZE"), "OMPI_COMM_WORLD_SIZE") or 1) > 1:
         return "openmpi"

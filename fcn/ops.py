@@ -15,19 +15,16 @@ model uses (`config.model.conv_impl`); `ConvTranspose` routes the transposed
             step on CPU, against 2% as a product (benchmarks/profile_step.py);
           - a 1x1 conv is the product [B*H*W, C] x [C, K] (its gradients,
             3-4x faster than the convolution's).
-          3x3 convs stay jax.lax's: XLA:CPU's YNNPACK convolutions beat every
-          rewrite tried (shifted products, im2col, patches) for the forward
-          pass and both gradients, because those pay for copies of the input.
+          3x3 convs stay jax.lax's. Their weight gradient is XLA:CPU's slowest
+          piece left (YNNPACK, 2-3x the forward pass), but every rewrite tried
+          (nine shifted products, im2col, lax patches) ran 1.1-2.5x slower
+          still, all U-Net shapes: each copies the input 3 to 9 times.
   "auto"  "gemm" when the default backend is the CPU, else "xla" (cuDNN on GPU
           has no such weakness).
 
 Every rewrite computes the same function as jax.lax.conv_general_dilated, values
 and gradients, float32 and bfloat16 (tests/test_ops.py). Measurements:
 docs/benchmarks.md.
-
-`max_pool_2x2` is the U-Net's 2x2, stride-2 max pooling as a reshape and a max,
-whose gradient XLA:CPU runs about 4x faster than that of the windowed reduction
-of nnx.max_pool (an iota-and-select scatter there).
 """
 
 from __future__ import annotations
@@ -194,17 +191,3 @@ class ConvTranspose(nnx.ConvTranspose):
             preferred_element_type=self.preferred_element_type,
         )
         return y if bias is None else y + bias
-
-
-def max_pool_2x2(x_BHWC):
-    """2x2 max pooling with stride 2, as nnx.max_pool(x, (2, 2), strides=(2, 2)).
-
-    For even H and W (the U-Net pads to a multiple of 2**depth) it is a reshape
-    and a max over each window, whose gradient is elementwise; on exact ties
-    within a window the gradient is shared equally among the tied pixels (where
-    nnx.max_pool's goes to one of them). Odd sizes go to nnx.max_pool.
-    """
-    b, h, w, c = x_BHWC.shape
-    if h % 2 or w % 2:
-        return nnx.max_pool(x_BHWC, (2, 2), strides=(2, 2))
-    return x_BHWC.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))

@@ -129,7 +129,6 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
     validate(config)
     enable_compilation_cache()
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
 
     source = get_source(config.data)
     train_data = source.load(config.data.train_split)
@@ -147,6 +146,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
             sharding.check_batch_size(config.eval_batch_size, "eval_batch_size")
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    checkpoint.prepare_workdir(workdir)  # only now: a config or data error leaves no trace
     class_weights = None
     if config.loss.class_weights == "median_freq":
         class_weights = losses.median_frequency_weights(train_data.labels, source.num_classes, source.ignore_label)
@@ -194,7 +194,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
 
     bar = tqdm(total=config.num_steps, initial=start, disable=jax.process_index() != 0, dynamic_ncols=True, unit="step")
     step, t_last, n_last = start, time.time(), start
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, bar:  # the bar ends its line before any error message
         while step < config.num_steps:
             idx = pipeline.batch_indices(step, len(canvas), config.batch_size, config.seed)[rows]
             batch = sharding.put_batch(mesh, canvas.images_NHWC[idx], canvas.labels_NHW[idx], canvas.sizes_N2[idx])

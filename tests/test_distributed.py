@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from fcn import checkpoint, distributed
-from fcn import state as state_lib
+from fcn import checkpoint, distributed, state as state_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ["--config.eval_batch_size=4"]  # divisible by 1, 2 and 4 devices
@@ -27,13 +26,13 @@ STEPS = tiny.get_config().num_steps  # checkpoints at 3 and 6
 # Compiling at -O0 takes a third of the time; every run here uses the same flags.
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
-# Runs train.py's main in this process, saving every process's own copy of the
-# parameters at every checkpoint (and checking that the state is replicated) and
-# the final evaluation report it computed.
+# Runs train.py's main in this process, saving this process's own copy of the parameters and
+# BatchNorm statistics at every checkpoint (checking that the state is replicated) and the last
+# evaluation report it computed; then, when asked, `python -m fcn.evaluate` on the latest checkpoint.
 DRIVER = r"""
 import json, sys
 import numpy as np
-out, stop_after, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+out, stop_after, then_evaluate, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4:]
 sys.modules["tensorboardX"] = None  # metrics.jsonl is enough here, and tensorboardX may import torch (seconds)
 import jax
 from fcn import checkpoint, train
@@ -45,8 +44,8 @@ def recording_save(self, step, state, **kw):
     save(self, step, state, **kw)
     for x in jax.tree.leaves(state):
         assert x.sharding.is_fully_replicated and len(x.sharding.device_set) == jax.device_count(), x.sharding
-    leaves = [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(state["params"])]
-    np.savez(f"{out}/params_p{jax.process_index()}_s{step}.npz", *leaves)
+    leaves = [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves((state["params"], state["rest"]))]
+    np.savez(f"{out}/weights_p{jax.process_index()}_s{step}.npz", *leaves)
 
 run = train.train_and_evaluate
 
@@ -63,6 +62,10 @@ try:
 except SystemExit as e:
     if e.code:
         raise
+if then_evaluate:
+    from fcn import evaluate
+    workdir = argv[argv.index("--workdir") + 1]
+    assert evaluate.main(["--workdir", workdir, "--checkpoint", "latest", "--examples", "0"]) == 0
 """
 
 # After training on 4 devices: evaluate the reference run there, and ask for impossible batch sizes.
@@ -89,28 +92,28 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("jax_cache")
 
 
-def _params(workdir) -> list[np.ndarray]:
-    """The parameters of a workdir's latest checkpoint, restored in this process (one device)."""
+def _weights(workdir) -> list[np.ndarray]:
+    """Parameters and BatchNorm statistics of a workdir's latest checkpoint, restored here (one device)."""
     config = checkpoint.load_config(workdir)
     _, abstract, _ = state_lib.abstract_state(config, 4)
     ckpts = checkpoint.Checkpoints(workdir)
-    params = ckpts.restore(abstract)["params"]
+    state = ckpts.restore(abstract)
     ckpts.close()
-    return [np.asarray(x) for x in jax.tree.leaves(params)]
+    return [np.asarray(x) for x in jax.tree.leaves((state["params"], state["rest"]))]
 
 
 @pytest.fixture(scope="module")
 def reference(cache, tmp_path_factory):
     """The tiny config trained by one process on one device: (output folder, last report)."""
     out = tmp_path_factory.mktemp("reference")
-    cmd = [sys.executable, "-c", DRIVER, str(out), "0", "--workdir", str(out / "wd"), *OVERRIDES]
+    cmd = [sys.executable, "-c", DRIVER, str(out), "0", "0", "--workdir", str(out / "wd"), *OVERRIDES]
     done = subprocess.run(cmd, cwd=ROOT, env=_env(cache), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, json.loads((out / "report_p0.json").read_text())
 
 
 def _saved(out: Path, process: int, step: int) -> list[np.ndarray]:
-    with np.load(out / f"params_p{process}_s{step}.npz") as f:
+    with np.load(out / f"weights_p{process}_s{step}.npz") as f:
         return [f[f"arr_{i}"] for i in range(len(f.files))]
 
 
@@ -136,10 +139,11 @@ def _free_port() -> int:
 def test_four_devices_match_one_device(reference, cache, tmp_path):
     ref, ref_report = reference
     script = f"{DRIVER}\nsys.argv = [sys.argv[0], {str(ref / 'wd')!r}, {str(tmp_path)!r}]\n{FOUR_DEVICE_CHECKS}"
-    cmd = [sys.executable, "-c", script, str(tmp_path), "0", "--workdir", str(tmp_path / "wd"), *OVERRIDES]
+    cmd = [sys.executable, "-c", script, str(tmp_path), "0", "0", "--workdir", str(tmp_path / "wd"), *OVERRIDES]
     done = subprocess.run(cmd, cwd=ROOT, env=_env(cache, devices=4), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    # The same global batch split over 4 devices: the same parameters, BatchNorm statistics included.
+    # The same global batch split over 4 devices: the same parameters, and BatchNorm statistics
+    # of the global batch (XLA reduces the batch moments across devices).
     for step in (3, STEPS):
         _close(_saved(tmp_path, 0, step), _saved(ref, 0, step))
     # The same state evaluated on 4 devices: the very same confusion matrix.
@@ -152,9 +156,13 @@ def test_four_devices_match_one_device(reference, cache, tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def _two_processes(cache: Path, out: Path, stop_after: int, use_env: bool) -> list[subprocess.CompletedProcess]:
-    """Train the tiny config with two processes (one CPU device each) sharing one workdir."""
-    port, procs, outs = _free_port(), [], []
+def _two_processes(cache: Path, out: Path, stop_after: int, use_env: bool) -> list[dict]:
+    """Train the tiny config with two processes (one CPU device each) sharing one workdir.
+
+    Returns each process's {"stdout", "stderr"}. Output goes to files: a full pipe
+    must never stall one process while the other waits for it in a collective.
+    """
+    port, procs, logs = _free_port(), [], []
     try:
         for pid in range(2):
             argv = ["--workdir", str(out / "wd"), *OVERRIDES]
@@ -163,18 +171,20 @@ def _two_processes(cache: Path, out: Path, stop_after: int, use_env: bool) -> li
                 env = _env(cache, **{distributed.ENV[k]: v for k, v in launch.items()})
             else:  # the flags
                 env, argv = _env(cache), argv + [f"--{k}={v}" for k, v in launch.items()]
-            cmd = [sys.executable, "-c", DRIVER, str(out), str(stop_after), *argv]
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+            cmd = [sys.executable, "-c", DRIVER, str(out), str(stop_after), "0" if stop_after else "1", *argv]
+            logs.append({k: out / f"p{pid}_s{stop_after}.{k}" for k in ("stdout", "stderr")})
+            with open(logs[-1]["stdout"], "w") as o, open(logs[-1]["stderr"], "w") as e:
+                procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=o, stderr=e))
         for p in procs:
-            stdout, stderr = p.communicate(timeout=240)
-            outs.append(subprocess.CompletedProcess(p.args, p.returncode, stdout.decode(), stderr.decode()))
+            p.wait(timeout=240)
     finally:
-        for p in procs:
+        for p in procs:  # stragglers, after a timeout or a failure
             if p.poll() is None:
                 p.kill()
                 p.wait(timeout=30)
-    for o in outs:
-        assert o.returncode == 0, o.stderr[-3000:]
+    outs = [{k: path.read_text() for k, path in log.items()} for log in logs]
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o["stderr"][-3000:]
     return outs
 
 
@@ -185,17 +195,21 @@ def test_two_processes_train_like_one_and_resume(reference, cache, tmp_path):
     np.testing.assert_equal(_saved(tmp_path, 0, 2), _saved(tmp_path, 1, 2))
     first, second = _two_processes(cache, tmp_path, stop_after=0, use_env=True)
     for o in (first, second):
-        assert "resuming" in o.stderr and "from step 2" in o.stderr
-    # Both processes hold the very same parameters, those of one process on one device.
+        assert "resuming" in o["stderr"] and "from step 2" in o["stderr"]
+    # Both processes hold the very same weights, those of one process on one device.
     np.testing.assert_equal(_saved(tmp_path, 0, STEPS), _saved(tmp_path, 1, STEPS))
     _close(_saved(tmp_path, 0, STEPS), _saved(ref, 0, STEPS))
-    _close(_params(tmp_path / "wd"), _saved(ref, 0, STEPS))  # their checkpoint loads in one process
+    _close(_weights(tmp_path / "wd"), _saved(ref, 0, STEPS))  # their checkpoint loads in one process
     # Metrics are reduced over both processes: each computed the whole confusion matrix.
     reports = [json.loads((tmp_path / f"report_p{pid}.json").read_text()) for pid in range(2)]
     assert reports[0]["confusion_matrix"] == reports[1]["confusion_matrix"]
     assert reports[0]["num_pixels"] == ref_report["num_pixels"]
+    # `python -m fcn.evaluate` with both processes: the same matrix from the restored checkpoint.
+    evaluated = json.loads((tmp_path / "wd" / "eval_val.json").read_text())
+    assert evaluated["step"] == STEPS and evaluated["confusion_matrix"] == reports[0]["confusion_matrix"]
     # Process 0 alone reports and logs, each step once.
-    assert "mean IoU" in first.stdout and "mean IoU" not in second.stdout + second.stderr
+    assert "mean IoU" in first["stdout"] and "wrote" in first["stdout"]
+    assert "mean IoU" not in second["stdout"] + second["stderr"] and "wrote" not in second["stdout"]
     lines = [json.loads(ln) for ln in (tmp_path / "wd" / "metrics.jsonl").read_text().splitlines()]
     assert [ln["step"] for ln in lines if "loss" in ln] == list(range(1, STEPS + 1))
 
@@ -216,6 +230,6 @@ def test_multi_process_settings_are_checked(monkeypatch):
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_LOCALID", "0")
-    assert distributed.detect_cluster() == "slurm"
-    monkeypatch.setenv("SLURM_NTASKS", "1")
-    assert distributed.detect_cluster() != "slurm"
+    assert distributed.detect_cluster() == "slurm"  # a step of `srun` with 2 tasks
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
+    assert distributed.detect_cluster() != "slurm"  # the batch script itself

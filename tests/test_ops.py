@@ -122,14 +122,3 @@ def test_conv_transpose_keeps_nnx_parameters():
     x = random(4, (1, 3, 5, 4), jnp.float32)
     plain = ops.ConvTranspose(4, 3, (2, 2), strides=(2, 2), rngs=nnx.Rngs(0))
     np.testing.assert_array_equal(plain(x), a(x))
-
-
-@pytest.mark.parametrize("shape", [(2, 8, 12, 3), (1, 7, 9, 2)])
-def test_max_pool_2x2_matches_nnx(shape):
-    # A permutation: no ties, so the gradient has one right answer.
-    x = jnp.asarray(np.random.default_rng(5).permutation(np.prod(shape)).reshape(shape), jnp.float32)
-    ref = lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
-    np.testing.assert_array_equal(ops.max_pool_2x2(x), ref(x))
-    r = random(6, ref(x).shape, jnp.float32)
-    grad = lambda pool: jax.jit(jax.grad(lambda x: jnp.sum(pool(x) * r)))(x)  # noqa: E731
-    np.testing.assert_array_equal(grad(ops.max_pool_2x2), grad(ref))

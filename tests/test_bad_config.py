@@ -1,0 +1,91 @@
+"""Bad input through the command line: a one-line message naming the key, value or file, a non-zero
+exit, no traceback, and nothing written (the workdir is not even created) or changed.
+
+The loaders' own checks are tested in test_images.py and test_data_sources.py; here each mistake
+goes through `python train.py`. The runs fail before any compilation, so they run side by side.
+"""
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDER = ["--config.data.source=folder", "--config.data.path={data}", '--config.data.class_names=("bg","object")']
+
+# id: (overrides on top of configs/tiny.py, what stderr must name)
+CASES = {
+    "unknown nested key": (["--config.optimizer.learning_rat=1e-3"], ["learning_rat", 'Did you mean "learning_rate"']),
+    "text for an int": (["--config.batch_size=abc"], ["--config.batch_size=abc", "invalid literal for int()"]),
+    "text for a float": (["--config.optimizer.learning_rate=fast"], ["--config.optimizer.learning_rate=fast"]),
+    "float for an int": (["--config.model.features=2.5"], ["--config.model.features=2.5"]),
+    "zero learning rate": (["--config.optimizer.learning_rate=0"], ["config.optimizer.learning_rate=0.0", "positive"]),
+    "negative learning rate": (["--config.optimizer.learning_rate=-1e-3"], ["config.optimizer.learning_rate=-0.001"]),
+    "unknown choice": (["--config.data.source=camvidd"], ["config.data.source='camvidd'", "camvid, folder"]),
+    "crop larger than images": (
+        ["--config.augment.crop_size=(64,64)"],
+        ["config.augment.crop_size=(64, 64)", "30 x 40"],
+    ),
+    "batch larger than dataset": (["--config.batch_size=32"], ["config.batch_size=32", "16 training examples"]),
+    "one class": ([*FOLDER[:2], '--config.data.class_names=("only",)'], ["data.class_names=('only',)", "at least 2"]),
+    "corrupt image": (FOLDER, ["{data}/images/im03.png: not an image"]),
+}
+
+
+def make_folder(root: Path) -> Path:
+    """Six 24x32 image/mask pairs, im03.png not an image at all."""
+    rng = np.random.default_rng(0)
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(root / "images" / f"im{i:02d}.png")
+        Image.fromarray((rng.random((24, 32)) > 0.5).astype(np.uint8)).save(root / "masks" / f"im{i:02d}.png")
+    (root / "images" / "im03.png").write_bytes(b"this is not a PNG")
+    return root
+
+
+def snapshot(root: Path) -> dict:
+    return {p: (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every case's `python train.py` run, side by side; (result, workdir, data folder, snapshots)."""
+    base = tmp_path_factory.mktemp("bad_config")
+    data = make_folder(base / "data")
+    before = snapshot(data)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "FCN_JAX_CACHE": str(tmp_path_factory.getbasetemp() / "jax_cache")}
+
+    def run(case: str):
+        workdir = base / case.replace(" ", "_")
+        overrides = [o.format(data=data) for o in CASES[case][0]]
+        cmd = [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(workdir), *overrides]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300), workdir
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = dict(zip(CASES, pool.map(run, CASES)))
+    return results, data, before, snapshot(data)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_clear_line_and_writes_nothing(runs, case):
+    results, data, before, after = runs
+    done, workdir = results[case]
+    assert done.returncode != 0
+    for needle in CASES[case][1]:
+        assert needle.format(data=data) in done.stderr, done.stderr
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert not workdir.exists()  # no checkpoint, no config.json, no empty folder
+    assert after == before  # the user's images and masks: same bytes, same times
+
+
+def test_folder_cases_reach_the_checks_they_name(runs):
+    """The folder config is otherwise valid: with two class names it fails on the image, not before."""
+    results, *_ = runs
+    assert "im03.png" in results["corrupt image"][0].stderr and "class_names" not in results["corrupt image"][0].stderr

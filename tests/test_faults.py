@@ -1,0 +1,315 @@
+"""What training survives: SIGKILL at any moment, Ctrl-C and pre-emption, a disk that refuses
+checkpoints, a workdir of another model, a NaN loss. docs/reliability.md sums them up.
+
+Every run here uses configs/tiny.py unchanged (6 steps, a checkpoint and an evaluation every 3), so
+all of them share one XLA compilation through the cache. The moments to interrupt are made exact
+by HOOKS, which hold the training process there until the test has acted.
+"""
+
+import concurrent.futures.thread
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from orbax.checkpoint._src.path import atomicity  # private, but the one place a commit can be held or failed
+
+from configs import tiny
+from fcn import checkpoint, state as state_lib
+from fcn.cli import run_training
+from fcn.train import train_and_evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 240  # seconds any one wait may take before the test fails (and kills what it started)
+
+# `python -c HOOKS ARGS` is train.py, except that it holds, writing $FCN_TEST_MARKER and waiting for
+# $FCN_TEST_MARKER.go: before the batch of step $FCN_TEST_HOLD_STEP + 1 (step N logged, N + 1 not
+# begun), or with checkpoint $FCN_TEST_HOLD_COMMIT fully written but not yet renamed into place.
+HOOKS = """
+import os, sys, time
+from pathlib import Path
+from orbax.checkpoint._src.path import atomicity
+from fcn.data import pipeline
+
+def hold(what):
+    marker = Path(os.environ["FCN_TEST_MARKER"])
+    marker.write_text(what)
+    deadline = time.monotonic() + 120
+    while not marker.with_suffix(".go").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+batch_indices = pipeline.batch_indices
+def held_batch_indices(step, *args):
+    if step == int(os.environ.get("FCN_TEST_HOLD_STEP", -1)):
+        hold(f"step {step}")
+    return batch_indices(step, *args)
+pipeline.batch_indices = held_batch_indices
+
+finalize = atomicity.AtomicRenameTemporaryPath.finalize
+async def held_finalize(self):
+    final = self.get_final()
+    if final.parent.name == "checkpoints" and final.name == os.environ.get("FCN_TEST_HOLD_COMMIT"):
+        hold(f"commit {self.get()}")
+    return await finalize(self)
+atomicity.AtomicRenameTemporaryPath.finalize = held_finalize
+
+sys.argv[0] = "train.py"
+from fcn.cli import train_main
+train_main()
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FCN_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "jax_cache"))
+        yield
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Environment of the training processes: the shared compile cache, the CPU, and torch hidden
+    (installed for benchmarks only, tensorboardX would spend ~9 s importing it in every run)."""
+    shim = tmp_path_factory.mktemp("shim")
+    (shim / "torch").mkdir()
+    (shim / "torch" / "__init__.py").write_text("raise ImportError('hidden by tests/test_faults.py')\n")
+    path = [str(shim), *filter(None, [os.environ.get("PYTHONPATH")])]
+    cache = str(tmp_path_factory.getbasetemp() / "jax_cache")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "JAX_PLATFORMS": "cpu", "FCN_JAX_CACHE": cache}
+
+
+class Training:
+    """`python train.py --config configs/tiny.py --workdir W` with HOOKS, output to files."""
+
+    def __init__(self, workdir: Path, env: dict, name: str, **hold):
+        self.log = workdir.parent / name
+        self.marker = workdir.parent / f"{name}.held"
+        env = {**env, "FCN_TEST_MARKER": str(self.marker), **{f"FCN_TEST_{k.upper()}": str(v) for k, v in hold.items()}}
+        args = [sys.executable, "-c", HOOKS, "--config", "configs/tiny.py", "--workdir", str(workdir)]
+        out, err = open(f"{self.log}.out", "w"), open(f"{self.log}.err", "w")
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+
+    def wait_held(self) -> str:
+        """Wait until the process holds at its hook; returns what it holds at."""
+        deadline = time.monotonic() + TIMEOUT
+        while not self.marker.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                pytest.fail(f"exit code {self.proc.wait()} before the hold:\n{self.stderr()[-3000:]}")
+            time.sleep(0.02)
+        return self.marker.read_text()
+
+    def release(self) -> None:
+        self.marker.with_suffix(".go").touch()
+
+    def wait(self) -> int:
+        try:
+            return self.proc.wait(timeout=TIMEOUT)
+        finally:
+            self.proc.kill()  # nothing if already ended
+
+    def stdout(self) -> str:
+        return Path(f"{self.log}.out").read_text()
+
+    def stderr(self) -> str:
+        return Path(f"{self.log}.err").read_text()
+
+
+def logged(workdir: Path, key: str = "loss") -> list[int]:
+    """Steps of the metrics.jsonl lines holding `key`."""
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(ln)["step"] for ln in lines if f'"{key}"' in ln]
+
+
+def steps_on_disk(workdir: Path, folder: str = "checkpoints") -> list[int]:
+    """Complete checkpoints: orbax gives a checkpoint its step's name only once every file is written."""
+    return sorted(int(p.name) for p in (workdir / folder).iterdir() if p.name.isdigit())
+
+
+def assert_all_restore(workdir: Path) -> None:
+    """Every checkpoint, latest and best, restores with its own step and finite parameters."""
+    _, abstract, _ = state_lib.abstract_state(checkpoint.load_config(workdir), 4)
+    ckpts = checkpoint.Checkpoints(workdir)
+    try:
+        for which, manager in (("latest", ckpts.latest), ("best", ckpts.best)):
+            for step in manager.all_steps():
+                state = ckpts.restore(abstract, which=which, step=step)
+                assert int(state["step"]) == step, (which, step)
+                assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+    finally:
+        ckpts.close()
+
+
+def busy_threads() -> list[threading.Thread]:
+    """Non-daemon threads still running (idle executor workers quit at exit, so they do not count)."""
+    time.sleep(0.5)
+    return [
+        t
+        for t in threading.enumerate()
+        if t.is_alive()
+        and not t.daemon
+        and t is not threading.main_thread()
+        and getattr(t, "_target", None) is not concurrent.futures.thread._worker
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained_to_3(tmp_path_factory):
+    """A tiny run stopped at its first checkpoint (step 3 of 6)."""
+    workdir = tmp_path_factory.mktemp("trained") / "run"
+    train_and_evaluate(tiny.get_config(), workdir, stop_after=3)
+    return workdir
+
+
+@pytest.fixture
+def workdir3(trained_to_3, tmp_path):
+    return Path(shutil.copytree(trained_to_3, tmp_path / "run"))
+
+
+def test_sigkill_between_checkpoints_and_during_a_commit_then_resume(tmp_path, env):
+    """SIGKILL after step 4 (checkpoint 3 done), then SIGKILL with checkpoint 6 written but not yet
+    renamed into place: each re-run of the same command resumes from checkpoint 3, and the finished
+    run has every step logged exactly once, no temporary folder left, and every checkpoint restoring."""
+    workdir = tmp_path / "run"
+    first = Training(workdir, env, "first", hold_step=4)
+    first.wait_held()
+    first.proc.kill()
+    first.wait()
+    assert steps_on_disk(workdir) == [3] and logged(workdir) == [1, 2, 3, 4]
+
+    second = Training(workdir, env, "second", hold_commit=6)
+    assert second.wait_held().startswith("commit ")
+    assert (workdir / "checkpoints" / "6.orbax-checkpoint-tmp" / "default").is_dir()  # all of 6 but its name
+    second.proc.kill()
+    second.wait()
+    assert steps_on_disk(workdir) == [3] and logged(workdir) == [1, 2, 3, 4, 5, 6]
+
+    third = Training(workdir, env, "third")
+    assert third.wait() == 0, third.stderr()[-3000:]
+    assert f"resuming {workdir} from step 3" in third.stderr()
+    assert logged(workdir) == [1, 2, 3, 4, 5, 6]  # the lines past checkpoint 3 were dropped, then redone once
+    assert logged(workdir, "eval_mean_iou") == [3, 6]
+    assert steps_on_disk(workdir) == [3, 6] and steps_on_disk(workdir, "best")
+    assert not [p for p in workdir.rglob("*") if p.name.endswith(".tmp") or "orbax-checkpoint-tmp" in p.name]
+    assert_all_restore(workdir)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_and_sigterm_save_a_checkpoint_and_exit_0(tmp_path, env, sig):
+    """Ctrl-C, or a cluster pre-empting the job, during step 2: a checkpoint at step 2 (not a
+    checkpoint step), exit code 0, and a message naming the step and how to resume."""
+    workdir = tmp_path / "run"
+    run = Training(workdir, env, "run", hold_step=1)
+    run.wait_held()
+    run.proc.send_signal(sig)
+    run.release()
+    assert run.wait() == 0, run.stderr()[-3000:]
+    message = f"{sig.name} received: saved a checkpoint at step 2 in {workdir}; run the same command again to resume."
+    assert message in run.stdout()
+    assert steps_on_disk(workdir) == [2] and logged(workdir) == [1, 2]
+    assert_all_restore(workdir)
+
+
+@pytest.mark.parametrize(
+    ("patched", "oserror"),
+    [
+        ("_create_tmp_directory", OSError(errno.EROFS, "Read-only file system")),  # its folder cannot be made
+        ("AtomicRenameTemporaryPath.finalize", OSError(errno.ENOSPC, "No space left on device")),  # at commit
+    ],
+    ids=["read-only", "disk-full"],
+)
+def test_unwritable_checkpoint_is_one_error_line_and_older_ones_stay(workdir3, monkeypatch, capsys, patched, oserror):
+    """Checkpoint 6 cannot be written (root ignores chmod, so the failure is raised inside orbax):
+    exit code 1, one line naming the step and the reason, no thread left to hang the exit, and
+    checkpoint 3 untouched."""
+    owner, name = (atomicity.AtomicRenameTemporaryPath, "finalize") if "." in patched else (atomicity, patched)
+    original = getattr(owner, name)
+
+    async def failing(*args, **kwargs):
+        if "/6.orbax-checkpoint-tmp" in str(args[0].get() if name == "finalize" else args[1]):
+            raise oserror
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, failing)
+    assert run_training(tiny.get_config(), str(workdir3)) == 1
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert "Traceback" not in err and len(errors) == 1, err
+    assert errors[0].startswith(f"error: could not write a checkpoint at step 6 in {workdir3}: [Errno {oserror.errno}]")
+    assert "Earlier checkpoints are untouched" in errors[0]
+    assert not busy_threads(), "threads left that would hold the process open after the error"
+    assert steps_on_disk(workdir3) == [3]
+    assert_all_restore(workdir3)
+
+
+@pytest.mark.parametrize("in_the_way", ["workdir", "checkpoints"])
+def test_a_file_in_place_of_a_folder_fails_before_training(tmp_path, capsys, in_the_way):
+    """A workdir (or its checkpoints folder) that cannot take files is found before any step is run."""
+    workdir = tmp_path / "run"
+    blocker = workdir if in_the_way == "workdir" else workdir / "checkpoints"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("not a folder")
+    assert run_training(tiny.get_config(), str(workdir)) == 1
+    err = capsys.readouterr().err
+    assert f"error: cannot write to {blocker}:" in err and "Traceback" not in err
+    assert blocker.read_text() == "not a folder" and not (workdir / "metrics.jsonl").exists()
+
+
+def test_resuming_with_another_model_names_the_fields_and_changes_nothing(workdir3, capsys):
+    """A workdir of another model or optimizer structure is refused before any restore, naming each
+    field; a learning rate may change."""
+    before = {p: p.read_bytes() for p in workdir3.rglob("*") if p.is_file()}
+    config = tiny.get_config()
+    config.model.features, config.model.head, config.optimizer.learning_rate = 8, "mlp", 0.5
+    config.optimizer.name, config.optimizer.grad_clip = "sgd", 0.0
+    assert run_training(config, str(workdir3)) == 1
+    err = capsys.readouterr().err
+    assert "holds checkpoints of a different model or optimizer" in err and "Traceback" not in err
+    assert "model.features: workdir has 4, config has 8" in err and "model.head: workdir has 'linear'" in err
+    assert "optimizer.name: workdir has 'adamw', config has 'sgd'" in err
+    assert "optimizer.grad_clip: workdir has 1.0, config has 0.0 (turning it off" in err
+    assert "learning_rate" not in err
+    assert {p: p.read_bytes() for p in workdir3.rglob("*") if p.is_file()} == before
+
+
+def test_a_checkpoint_that_does_not_fit_is_a_checkpoint_error(trained_to_3):
+    """Past that check (evaluate, predict, export restore too), a state of another shape is named, not
+    an orbax traceback."""
+    config = tiny.get_config()
+    config.model.features = 8
+    _, abstract, _ = state_lib.abstract_state(config, 4)
+    ckpts = checkpoint.Checkpoints(trained_to_3)
+    try:
+        with pytest.raises(checkpoint.CheckpointError, match=r"checkpoint 3 in .*checkpoints does not fit this config"):
+            ckpts.restore(abstract)
+    finally:
+        ckpts.close()
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(workdir3, monkeypatch, capsys):
+    """Weights gone NaN after checkpoint 3 (as a diverging update leaves them; done to the restored
+    state, so the compiled step is the same): the error names step 4, says checkpoint 3 is kept and
+    what to try; no checkpoint of the NaN state is written."""
+    restore = checkpoint.Checkpoints.restore
+
+    def diverged(self, *args, **kwargs):
+        state = restore(self, *args, **kwargs)
+        return {**state, "params": jax.tree.map(lambda p: p * np.nan, state["params"])}
+
+    monkeypatch.setattr(checkpoint.Checkpoints, "restore", diverged)
+    assert run_training(tiny.get_config(), str(workdir3)) == 1
+    err = capsys.readouterr().err
+    assert "error: the training loss became nan at step 4. The last good checkpoint (step 3) is kept." in err
+    assert "--config.optimizer.learning_rate=0.0001" in err and "Traceback" not in err
+    assert steps_on_disk(workdir3) == [3] and logged(workdir3) == [1, 2, 3]
+    monkeypatch.undo()
+    assert_all_restore(workdir3)
