@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
 import functools
 import inspect
+import platform
 import time
 
 import numpy as np
@@ -20,6 +23,25 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", type=int, default=11, help="number of classes (CamVid: 11)")
     p.add_argument("--conv_impl", default="auto", help="fcn: config.model.conv_impl (fcn/ops.py)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="fcn: compute dtype")
+    p.add_argument(
+        "--retain_memory",
+        type=int,
+        default=1,
+        help="1: fcn.ops.retain_freed_memory() in every benchmark process (fcn and PyTorch alike)",
+    )
+
+
+def retain_freed_memory(enabled: bool) -> bool:
+    """fcn.ops.retain_freed_memory()'s settings for this process, before jax or torch start threads.
+
+    The same three mallopt calls, repeated here so that PyTorch's processes do
+    not import jax (fcn.ops does) and pay for it in their start-up time.
+    """
+    if not enabled or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
+    return all(libc.mallopt(k, v) == 1 for k, v in ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_arena_max, 1)))
 
 
 def fcn_config(args):

@@ -77,6 +77,7 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=25, help="ops listed")
     p.add_argument("--what", default="train", choices=("train", "predict"), help="training step or inference")
     args = p.parse_args(argv)
+    common.retain_freed_memory(args.retain_memory)
     if args.what == "train":
         step, state, batch = common.fcn_train_step(args)
     else:

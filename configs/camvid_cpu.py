@@ -21,13 +21,14 @@ def get_config():
     c.model.depth = 4
     c.augment.crop_size = (176, 240)  # network pixels: most of a half-resolution frame
     c.augment.scale_range = (0.75, 1.5)
-    c.loss.class_weights = "median_freq"
+    c.loss.class_weights = "median_freq_sqrt"
+    c.loss.dice_weight = 0.5
     c.optimizer.learning_rate = 2e-3
     c.optimizer.warmup_steps = 50
     c.optimizer.weight_decay = 1e-4
     c.batch_size = 8
-    c.num_steps = 400
-    c.eval_every = 200
+    c.num_steps = 800
+    c.eval_every = 400
     c.eval_batch_size = 4
     c.checkpoint_every = 100
     c.log_every = 10

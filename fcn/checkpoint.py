@@ -25,7 +25,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 # Config fields whose change makes an old checkpoint unusable.
-MODEL_FIELDS = ("model.features", "model.depth", "model.norm", "model.upsample", "model.head", "model.bottleneck", "model.input_scale")
+MODEL_FIELDS = (
+    "model.features",
+    "model.depth",
+    "model.norm",
+    "model.upsample",
+    "model.head",
+    "model.bottleneck",
+    "model.input_scale",
+)
 # Optimizer fields that change the structure of the saved optimizer state (the rest may change on resume);
 # for the switches only on (> 0) against off counts.
 OPTIMIZER_FIELDS = ("optimizer.name",)

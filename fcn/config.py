@@ -64,10 +64,10 @@ def default_config() -> ml_collections.ConfigDict:
     m.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
     m.pad_mode = "reflect"  # how inputs are padded up to a multiple of 2**depth
     m.input_scale = 1.0  # run the net at this fraction of the input size, logits resized back
-    m.conv_impl = "xla"  # convolution implementation (fcn/ops.py); "xla" = jax.lax
+    m.conv_impl = "auto"  # convolutions: auto (gemm on CPU, xla elsewhere) | gemm | xla (fcn/ops.py)
 
     c.loss = lo = ml_collections.ConfigDict()
-    lo.class_weights = "none"  # none | median_freq
+    lo.class_weights = "none"  # none | median_freq | median_freq_sqrt (its square root: milder)
     lo.dice_weight = 0.0  # weight of the soft Dice term added to cross-entropy
 
     c.optimizer = o = ml_collections.ConfigDict()
@@ -123,7 +123,7 @@ def validate(config) -> None:
     _choice(config, "model.dtype", ("float32", "bfloat16"))
     _choice(config, "optimizer.name", ("adamw", "sgd"))
     _choice(config, "optimizer.schedule", ("cosine", "constant"))
-    _choice(config, "loss.class_weights", ("none", "median_freq"))
+    _choice(config, "loss.class_weights", ("none", "median_freq", "median_freq_sqrt"))
     for name in ("optimizer.learning_rate", "batch_size", "eval_batch_size", "num_steps", "model.features"):
         _positive(name, config[name.split(".")[0]][name.split(".")[1]] if "." in name else config[name])
     for name in (

@@ -18,8 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from fcn import checkpoint, metrics, sharding
-from fcn import state as state_lib
+from fcn import checkpoint, metrics, sharding, state as state_lib
 from fcn.data import pipeline
 from fcn.data.base import Split
 
@@ -121,6 +120,17 @@ def main(argv=None) -> int:
     except ValueError as e:
         parser.error(str(e))
 
+    from fcn.checkpoint import CheckpointError
+    from fcn.data.images import DataError
+
+    try:
+        return _evaluate(args)
+    except (FileNotFoundError, CheckpointError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _evaluate(args) -> int:
     from fcn.data import get_source  # after argument parsing: --help stays instant
 
     workdir = Path(args.workdir)

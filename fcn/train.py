@@ -17,11 +17,9 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 from tqdm.auto import tqdm
 
-from fcn import checkpoint, losses, sharding
-from fcn import state as state_lib
+from fcn import checkpoint, losses, sharding, state as state_lib
 from fcn.config import ConfigError, validate, validate_against_data
 from fcn.data import get_source, pipeline
 from fcn.evaluate import evaluate_split, format_report, report
@@ -148,104 +146,113 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         raise ConfigError(str(e)) from None
     checkpoint.prepare_workdir(workdir)  # only now: a config or data error leaves no trace
     class_weights = None
-    if config.loss.class_weights == "median_freq":
+    if config.loss.class_weights in ("median_freq", "median_freq_sqrt"):
         class_weights = losses.median_frequency_weights(train_data.labels, source.num_classes, source.ignore_label)
+        if config.loss.class_weights == "median_freq_sqrt":  # milder: rare classes up, common ones not crushed
+            class_weights = class_weights**0.5
         log.info("median-frequency class weights: %s", [round(float(w), 3) for w in class_weights])
     graphs, state, tx = state_lib.create(config, source.num_classes)
     ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
-    start = ckpts.latest_step() or 0
-    if start:
-        state = ckpts.restore(state, sharding=sharding.replicated(mesh))  # each process reads its shards
-        log.info("resuming %s from step %d", workdir, start)
-    if jax.process_index() == 0:
-        checkpoint.write_json_atomic(workdir / "config.json", json.loads(config.to_json()))
-        info = {
-            "source": source.name,
-            "class_names": list(source.class_names),
-            "palette": source.palette.tolist(),
-            "ignore_label": source.ignore_label,
-        }
-        checkpoint.write_json_atomic(workdir / "dataset.json", info)
-    state = jax.device_put(state, sharding.replicated(mesh))
+    metrics_log = None
+    try:
+        start = ckpts.latest_step() or 0
+        if start:
+            state = ckpts.restore(state, sharding=sharding.replicated(mesh))  # each process reads its shards
+            log.info("resuming %s from step %d", workdir, start)
+        if jax.process_index() == 0:
+            checkpoint.write_json_atomic(workdir / "config.json", json.loads(config.to_json()))
+            info = {
+                "source": source.name,
+                "class_names": list(source.class_names),
+                "palette": source.palette.tolist(),
+                "ignore_label": source.ignore_label,
+            }
+            checkpoint.write_json_atomic(workdir / "dataset.json", info)
+        state = jax.device_put(state, sharding.replicated(mesh))
 
-    train_step = jax.jit(
-        state_lib.make_train_step(config, graphs, tx, source.num_classes, source.ignore_label, class_weights),
-        donate_argnums=0,
-        # State and metrics stay replicated, so every process can read the losses it logs.
-        out_shardings=sharding.replicated(mesh),
-    )
-    eval_step = jax.jit(
-        state_lib.make_eval_step(graphs, source.num_classes, source.ignore_label, hflip=config.eval_hflip),
-        out_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),  # (confusion, predictions)
-    )
-    metrics_log = MetricsLog(workdir, start)
-    rows = sharding.process_slice(config.batch_size)
-    last_report: dict = {}
-
-    def evaluate(step: int) -> dict:
-        cm, _ = evaluate_split(eval_step, state, eval_data, config, source.num_classes, mesh)
-        rep = report(cm, source.class_names, split=config.data.eval_split, step=step)
-        metrics_log.write(
-            step,
-            {f"eval_{k}": v for k, v in rep.items() if k in ("mean_iou", "pixel_accuracy", "mean_accuracy", "fw_iou")},
-            "eval",
+        train_step = jax.jit(
+            state_lib.make_train_step(config, graphs, tx, source.num_classes, source.ignore_label, class_weights),
+            donate_argnums=0,
+            # State and metrics stay replicated, so every process can read the losses it logs.
+            out_shardings=sharding.replicated(mesh),
         )
-        return rep
+        eval_step = jax.jit(
+            state_lib.make_eval_step(graphs, source.num_classes, source.ignore_label, hflip=config.eval_hflip),
+            out_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),  # (confusion, predictions)
+        )
+        metrics_log = MetricsLog(workdir, start)
+        rows = sharding.process_slice(config.batch_size)
+        last_report: dict = {}
 
-    bar = tqdm(total=config.num_steps, initial=start, disable=jax.process_index() != 0, dynamic_ncols=True, unit="step")
-    step, t_last, n_last = start, time.time(), start
-    with _StopRequest() as stop, bar:  # the bar ends its line before any error message
-        while step < config.num_steps:
-            idx = pipeline.batch_indices(step, len(canvas), config.batch_size, config.seed)[rows]
-            batch = sharding.put_batch(mesh, canvas.images_NHWC[idx], canvas.labels_NHW[idx], canvas.sizes_N2[idx])
-            state, out = train_step(state, *batch)
-            step += 1
-            bar.update(1)
-            stopping = stop.signum is not None or (stop_after is not None and step - start >= stop_after)
-            last = step == config.num_steps
-            do_eval = eval_data is not None and (last or (config.eval_every and step % config.eval_every == 0))
-            do_save = do_eval or last or stopping or step % config.checkpoint_every == 0
-            if do_save or step % config.log_every == 0:
-                # Fetching the loss waits for the step; done only at log and save points.
-                values = {k: float(v) for k, v in jax.device_get(out).items()}
-                _check_finite(values["loss"], step, config, ckpts)  # never checkpoint a NaN state
-                now = time.time()
-                values["images_per_sec"] = (step - n_last) * config.batch_size / max(now - t_last, 1e-9)
-                values["epoch"] = step * config.batch_size / len(canvas)
-                values["learning_rate"] = float(state_lib.learning_rate_schedule(config)(step - 1))
-                metrics_log.write(step, values)
-                bar.set_postfix(
-                    epoch=f"{values['epoch']:.1f}",
-                    loss=f"{values['loss']:.4f}",
-                    img_s=f"{values['images_per_sec']:.1f}",
-                )
-            if do_eval:
-                last_report = evaluate(step)
-                if jax.process_index() == 0:  # tqdm.write prints even where the bar is disabled
-                    bar.write(
-                        f"step {step}: {config.data.eval_split} mean IoU {100 * (last_report['mean_iou'] or 0):.2f}, "
-                        f"pixel accuracy {100 * (last_report['pixel_accuracy'] or 0):.2f}"
+        def evaluate(step: int) -> dict:
+            cm, _ = evaluate_split(eval_step, state, eval_data, config, source.num_classes, mesh)
+            rep = report(cm, source.class_names, split=config.data.eval_split, step=step)
+            metrics_log.write(
+                step,
+                {f"eval_{k}": rep[k] for k in ("mean_iou", "pixel_accuracy", "mean_accuracy", "fw_iou")},
+                "eval",
+            )
+            return rep
+
+        bar = tqdm(
+            total=config.num_steps, initial=start, disable=jax.process_index() != 0, dynamic_ncols=True, unit="step"
+        )
+        step, t_last, n_last = start, time.time(), start
+        with _StopRequest() as stop, bar:  # the bar ends its line before any error message
+            while step < config.num_steps:
+                idx = pipeline.batch_indices(step, len(canvas), config.batch_size, config.seed)[rows]
+                batch = sharding.put_batch(mesh, canvas.images_NHWC[idx], canvas.labels_NHW[idx], canvas.sizes_N2[idx])
+                state, out = train_step(state, *batch)
+                step += 1
+                bar.update(1)
+                stopping = stop.signum is not None or (stop_after is not None and step - start >= stop_after)
+                last = step == config.num_steps
+                do_eval = eval_data is not None and (last or (config.eval_every and step % config.eval_every == 0))
+                do_save = do_eval or last or stopping or step % config.checkpoint_every == 0
+                if do_save or step % config.log_every == 0:
+                    # Fetching the loss waits for the step; done only at log and save points.
+                    values = {k: float(v) for k, v in jax.device_get(out).items()}
+                    _check_finite(values["loss"], step, config, ckpts)  # never checkpoint a NaN state
+                    now = time.time()
+                    values["images_per_sec"] = (step - n_last) * config.batch_size / max(now - t_last, 1e-9)
+                    values["epoch"] = step * config.batch_size / len(canvas)
+                    values["learning_rate"] = float(state_lib.learning_rate_schedule(config)(step - 1))
+                    metrics_log.write(step, values)
+                    bar.set_postfix(
+                        epoch=f"{values['epoch']:.1f}",
+                        loss=f"{values['loss']:.4f}",
+                        img_s=f"{values['images_per_sec']:.1f}",
                     )
-            if do_save:
-                ckpts.save(step, state, mean_iou=last_report.get("mean_iou") if do_eval else None)
-            if do_save or step % config.log_every == 0:
-                t_last, n_last = time.time(), step  # throughput excludes evaluation and saving
-            if stopping and not last:
-                bar.close()
-                why = (
-                    signal.Signals(stop.signum).name + " received"
-                    if stop.signum
-                    else f"stopped after {stop_after} steps"
-                )
-                print(
-                    f"{why}: saved a checkpoint at step {step} in {workdir}; run the same command again to resume.",
-                    flush=True,
-                )
-                break
-    bar.close()
-    ckpts.wait()
-    ckpts.close()
-    metrics_log.close()
+                if do_eval:
+                    last_report = evaluate(step)
+                    if jax.process_index() == 0:  # tqdm.write prints even where the bar is disabled
+                        bar.write(
+                            f"step {step}: {config.data.eval_split} mean IoU "
+                            f"{100 * (last_report['mean_iou'] or 0):.2f}, "
+                            f"pixel accuracy {100 * (last_report['pixel_accuracy'] or 0):.2f}"
+                        )
+                if do_save:
+                    ckpts.save(step, state, mean_iou=last_report.get("mean_iou") if do_eval else None)
+                if do_save or step % config.log_every == 0:
+                    t_last, n_last = time.time(), step  # throughput excludes evaluation and saving
+                if stopping and not last:
+                    bar.close()
+                    why = (
+                        signal.Signals(stop.signum).name + " received"
+                        if stop.signum
+                        else f"stopped after {stop_after} steps"
+                    )
+                    print(
+                        f"{why}: saved a checkpoint at step {step} in {workdir}; run the same command again to resume.",
+                        flush=True,
+                    )
+                    break
+        bar.close()
+        ckpts.wait()
+    finally:  # also on errors: orbax threads and the event file are closed, never left hanging
+        ckpts.close()
+        if metrics_log is not None:
+            metrics_log.close()
     if last_report and jax.process_index() == 0 and step == config.num_steps:
         print(format_report(last_report))
     return last_report
@@ -258,6 +265,12 @@ def _check_finite(loss: float, step: int, config, ckpts: checkpoint.Checkpoints)
     raise TrainingError(
         f"the training loss became {loss} at step {step}. "
         + (f"The last good checkpoint (step {last}) is kept. " if last else "No checkpoint was written. ")
-        + f"Try a lower learning rate (--config.optimizer.learning_rate={config.optimizer.learning_rate / 10:g}), "
-        "gradient clipping (--config.optimizer.grad_clip=1.0), or float32 compute (--config.model.dtype=float32)."
+        + "Try "
+        + ", ".join(
+            [f"a lower learning rate (--config.optimizer.learning_rate={config.optimizer.learning_rate / 10:g})"]
+            # only what the config does not do already
+            + (["gradient clipping (--config.optimizer.grad_clip=1.0)"] if not config.optimizer.grad_clip else [])
+            + (["float32 compute (--config.model.dtype=float32)"] if config.model.dtype != "float32" else [])
+        )
+        + "."
     )

@@ -66,8 +66,8 @@ def test_stopped_and_resumed_run_equals_unbroken_run(tmp_path):
     assert int(a["step"]) == int(b["step"]) == config.num_steps
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    steps = [json.loads(ln)["step"] for ln in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    train_steps = [s for s, ln in zip(steps, (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) if "loss" in ln]
+    lines = [json.loads(ln) for ln in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [row["step"] for row in lines if "loss" in row]
     assert train_steps == list(range(1, config.num_steps + 1))  # no step lost or repeated
 
 
@@ -98,7 +98,8 @@ def test_command_line_train_evaluate_resume(tmp_path):
 
 
 def test_unknown_config_key_is_named_with_suggestion(tmp_path):
-    cmd = [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(tmp_path), "--config.num_stepz=3"]
+    cmd = [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(tmp_path)]
+    cmd.append("--config.num_stepz=3")
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert out.returncode != 0
     assert "num_stepz" in out.stderr and "num_steps" in out.stderr and "Traceback" not in out.stderr
