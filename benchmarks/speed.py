@@ -56,6 +56,7 @@ def parse(argv=None):
     p.add_argument("--steps", type=int, default=3, help="steps per timed round")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
     p.add_argument("--skip_startup", action="store_true", help="skip the first-step subprocesses")
+    p.add_argument("--skip_throughput", action="store_true", help="only the first-step subprocesses")
     p.add_argument("--json", default="", help="write all results here")
     p.add_argument("--first_step", default="", help=argparse.SUPPRESS)  # internal: subprocess mode
     return p.parse_args(argv)
@@ -257,26 +258,31 @@ def unet_flops(args) -> tuple[float, float]:
 # Report.
 
 
-def table(args, argv, res: dict, start: dict, env) -> str:
-    tput = res["throughput"]
+def table(args, argv, res: dict) -> str:
+    """The markdown report: command, hardware, throughput and ratios, start-up and memory, FLOPs."""
+    tput, start, env = res.get("throughput") or {}, res.get("startup") or {}, res["env"]
     fcn_keys = [k for k in tput if k.startswith("fcn ")]
     torch_keys = [k for k in tput if k.startswith("torch ")]
+    _, train_flops = unet_flops(args)
     lines = [
         f"Command: `python benchmarks/speed.py {' '.join(argv)}`",
         f"Hardware: {env['hardware']}; {env['software']}; date {env['date']}.",
         f"Batch {args.batch} x {args.size[0]}x{args.size[1]}, features {args.features}, depth {args.depth}, "
-        f"{args.classes} classes, {tput['params']:,} parameters both; fcn compute dtype {args.dtype}.",
-        f"Throughput: median of {args.repeats} interleaved rounds of {args.steps} steps, after warm-up; "
-        f"load average {tput['load'][0]:.1f} before, {tput['load'][1]:.1f} after.",
-        "",
-        "| variant | train img/s | infer img/s | train step ms | GFLOP/s (analytic) |",
-        "| --- | --- | --- | --- | --- |",
+        f"{args.classes} classes; fcn compute dtype {args.dtype}.",
     ]
-    _, train_flops = unet_flops(args)
-    for k in fcn_keys + torch_keys:
-        t, p = tput[k]["train"], tput[k]["predict"]
-        rate = train_flops / t["step_s"] / 1e9
-        lines.append(f"| {k} | {t['img_s']:.2f} | {p['img_s']:.2f} | {1e3 * t['step_s']:.0f} | {rate:.1f} |")
+    if tput:
+        lines[-1] = lines[-1][:-1] + f"; {tput['params']:,} parameters in both."
+        lines += [
+            f"Throughput: median of {args.repeats} interleaved rounds of {args.steps} steps, after warm-up; "
+            f"load average {tput['load'][0]:.1f} before, {tput['load'][1]:.1f} after.",
+            "",
+            "| variant | train img/s | infer img/s | train step ms | GFLOP/s (analytic) |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for k in fcn_keys + torch_keys:
+            t, p = tput[k]["train"], tput[k]["predict"]
+            rate = train_flops / t["step_s"] / 1e9
+            lines.append(f"| {k} | {t['img_s']:.2f} | {p['img_s']:.2f} | {1e3 * t['step_s']:.0f} | {rate:.1f} |")
     if fcn_keys and torch_keys:
         lines += ["", "| ratio fcn / PyTorch (best of each) | training | inference |", "| --- | --- | --- |"]
         best = lambda keys, w: max(tput[k][w]["img_s"] for k in keys)  # noqa: E731
@@ -288,28 +294,22 @@ def table(args, argv, res: dict, start: dict, env) -> str:
     if start:
         lines += [
             "",
-            "| first training step (fresh process) | seconds | of which imports | peak memory MiB |",
+            f"| first training step, fresh process (fcn: conv_impl {args.conv_impl}) | seconds "
+            "| of which imports | peak memory MiB |",
             "| --- | --- | --- | --- |",
         ]
         for k, v in start.items():
             if "error" in v:
                 lines.append(f"| {k} | failed: {v['error']} | | |")
             else:
-                lines.append(
-                    f"| {k} cache | {v['first_step_s']:.1f} | {v['import_s']:.1f} | {v['peak_bytes'] / 2**20:.0f} |"
-                )
+                peak = v["peak_bytes"] / 2**20
+                lines.append(f"| {k} cache | {v['first_step_s']:.1f} | {v['import_s']:.1f} | {peak:.0f} |")
     lines += ["", f"Training step FLOPs: {train_flops / 1e9:.1f} G analytic (convolutions, 3 x forward)"]
     if tput.get("xla_flops"):
         lines[-1] += f"; {tput['xla_flops'] / 1e9:.1f} G by XLA's cost analysis of fcn's step"
-    lines.append(
-        "Host memory: "
-        + (
-            "fcn.ops.retain_freed_memory() in every process, fcn's and PyTorch's (no page faults on reused buffers)."
-            if res.get("retained")
-            else "glibc's defaults (freed large buffers go back to the system)."
-        )
-    )
-    if not tput["upsampling_wired"]:
+    memory = "fcn.ops.retain_freed_memory() in every process, fcn's and PyTorch's"
+    lines.append(f"Host memory: {memory if res.get('retained') else 'glibc defaults'}.")
+    if tput and not tput["upsampling_wired"]:
         lines.append(
             "fcn/model.py does not yet build its upsampling with fcn.ops.ConvTranspose: the benchmark "
             "did so itself for conv_impl other than xla (benchmarks/common.py: route_upsampling)."
@@ -354,23 +354,19 @@ def main(argv=None):
     if args.first_step:
         print(json.dumps(first_step(args)))
         return
-    start, env = {}, os.environ
+    res = {"args": vars(args), "retained": retained, "startup": {}, "throughput": {}}
     if not args.skip_startup:
         print("first training step, fresh processes:", flush=True)
-        start, env = startup(args, argv)
+        res["startup"], env = startup(args, argv)
         os.environ.update({k: env[k] for k in ("FCN_JAX_CACHE", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")})
-    from fcn.train import enable_compilation_cache
+    if not args.skip_throughput:
+        from fcn.train import enable_compilation_cache
 
-    enable_compilation_cache()
-    print("throughput, interleaved:", flush=True)
-    res = {
-        "args": vars(args),
-        "retained": retained,
-        "startup": start,
-        "throughput": throughput(args),
-        "env": describe_env(),
-    }
-    text = table(args, argv, res, start, res["env"])
+        enable_compilation_cache()
+        print("throughput, interleaved:", flush=True)
+        res["throughput"] = throughput(args)
+    res["env"] = describe_env()
+    text = table(args, argv, res)
     print(text)
     if args.json:
         with open(args.json, "w") as f:
