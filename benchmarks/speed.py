@@ -38,10 +38,6 @@ import time
 T0 = time.perf_counter()  # start-up times count from here
 # Both frameworks share one GPU in the throughput process: no preallocation by JAX.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-# PyTorch's OpenMP threads sleep when idle instead of spinning: on a machine
-# shared with other work, spinning made its training step 4-5x slower (2 cores,
-# one busy elsewhere: 4.3 s against 0.85 s a step), while XLA's threads coped.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
