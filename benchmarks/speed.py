@@ -1,7 +1,8 @@
 """fcn against the same U-Net in PyTorch, side by side on one machine. Not a test.
 
-    python benchmarks/speed.py                       # CPU: 4 x 256 x 256, float32
-    python benchmarks/speed.py --batch 8 --size 360 480 --dtype bfloat16   # GPU (run_gpu.sh)
+    python benchmarks/speed.py --batch 8 --size 176 240 --features 16   # CPU: configs/camvid_cpu.py's network
+    python benchmarks/speed.py                       # default: 4 x 256 x 256, features 32, float32
+    bash benchmarks/run_gpu.sh                       # GPU: 8 x 360 x 480, bfloat16
 
 Measures, in one run:
   * time to the first training step, in fresh subprocesses: fcn with an empty
@@ -21,7 +22,9 @@ fcn's training step is fcn.state.make_train_step itself (on-device
 augmentation, loss, AdamW, metrics); PyTorch's is forward, cross-entropy,
 backward, clipping, AdamW (benchmarks/unet_torch.py) on batches already in
 tensors, so the comparison leaves fcn's augmentation cost in fcn's figure.
-Prints a markdown table; --json writes every number.
+OMP_WAIT_POLICY is left as found and printed (it moves PyTorch's figures on a
+shared machine; benchmarks/README.md). Prints a markdown table; --json writes
+every number.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -362,6 +366,9 @@ def main(argv=None):
         print("throughput, interleaved:", flush=True)
         res["throughput"] = throughput(args)
     res["env"] = describe_env()
+    if not args.skip_startup:  # the temporary caches made for the start-up runs
+        for key in ("FCN_JAX_CACHE", "TORCHINDUCTOR_CACHE_DIR"):
+            shutil.rmtree(env[key], ignore_errors=True)
     text = table(args, argv, res)
     print(text)
     if args.json:

@@ -399,8 +399,7 @@ def load(path: str | Path, *, which: str = "best", **options) -> Segmenter:
     which: "best" or "latest", for a workdir. options: Segmenter keyword arguments;
     `hflip` and `max_size` default to the run's `eval_hflip` and `data.max_size`.
     """
-    from fcn import checkpoint
-    from fcn import state as state_lib
+    from fcn import checkpoint, state as state_lib
 
     path, step = Path(path), None
     kind = path.parent.name

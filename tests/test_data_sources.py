@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from PIL import Image
 
 from configs.default import get_config
@@ -74,9 +73,7 @@ def test_camvid_png_and_jpg_frames_void_and_splits(tmp_path, no_download):
     np.testing.assert_array_equal(train.images[0], rgb(0))  # png: exact
     assert train.images[1].shape == (6, 8, 3)  # jpg: lossy
     assert train.labels[2][0, 0] == IGNORE_LABEL and (train.labels[2][1:] == 2).all()
-    with pytest.raises(
-        ValueError, match="'test' is not available; available splits: train, val"
-    ):
+    with pytest.raises(ValueError, match="'test' is not available; available splits: train, val"):
         source.load("test")
 
 
@@ -87,24 +84,18 @@ def test_camvid_missing_frame_or_annotation_is_named(tmp_path, no_download):
     source = get_source(config("camvid", path=str(root)))
     with pytest.raises(DataError, match=r"val: no frame .* 1 annotation.*: val1$"):
         source.load("val")
-    with pytest.raises(
-        DataError, match=r"trainannot: no annotation .* 1 frame.*: train2$"
-    ):
+    with pytest.raises(DataError, match=r"trainannot: no annotation .* 1 frame.*: train2$"):
         source.load("train")
 
 
-def test_camvid_explicit_path_must_exist_and_is_not_downloaded_over(
-    tmp_path, no_download
-):
+def test_camvid_explicit_path_must_exist_and_is_not_downloaded_over(tmp_path, no_download):
     with pytest.raises(DataError, match=r"data.path=.*nope does not exist"):
         get_source(config("camvid", path=str(tmp_path / "nope")))
     assert not no_download.exists()
 
 
 def test_camvid_env_var_is_used(tmp_path, no_download, monkeypatch):
-    monkeypatch.setenv(
-        "FCN_CAMVID_DIR", str(make_camvid(tmp_path / "cv", (("val", 1),)))
-    )
+    monkeypatch.setenv("FCN_CAMVID_DIR", str(make_camvid(tmp_path / "cv", (("val", 1),))))
     assert get_source(config("camvid")).splits == ("val",)
 
 
@@ -132,17 +123,12 @@ def make_folder(root, n=10, ext="png"):
 
 
 def folder(path, **overrides):
-    return get_source(
-        config("folder", path=str(path), class_names=("bg", "fg"), **overrides)
-    )
+    return get_source(config("folder", path=str(path), class_names=("bg", "fg"), **overrides))
 
 
 def snapshot(root):
     """Every path under root with its bytes and mtime: loading must change none."""
-    return {
-        p: (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
-        for p in root.rglob("*")
-    }
+    return {p: (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns) for p in root.rglob("*")}
 
 
 def test_folder_pairs_holds_out_val_and_writes_nothing(tmp_path):
@@ -192,7 +178,10 @@ def test_folder_colour_masks(tmp_path):
         (lambda r: save(r / "masks" / "im01.png", np.full((6, 8), 7, np.uint8)), r"im01\.png: label values 7 "),
         (lambda r: (r / "images" / "im01.png").write_bytes(b""), r"im01\.png: empty file"),
         (lambda r: (r / "images" / "im01.png").write_bytes(b"text"), r"im01\.png: not an image"),
-        (lambda r: (r / "images" / "im01.png").write_bytes(save(r / "x.png", rgb(1, 60, 60)).read_bytes()[:300]), r"im01\.png: corrupt or truncated"),
+        (
+            lambda r: (r / "images" / "im01.png").write_bytes(save(r / "x.png", rgb(1, 60, 60)).read_bytes()[:300]),
+            r"im01\.png: corrupt or truncated",
+        ),
     ],
 )  # fmt: skip
 def test_folder_bad_files_are_named(tmp_path, damage, match):
@@ -212,9 +201,7 @@ def test_folder_skip_bad_counts(tmp_path, caplog):
 
 def test_folder_layout_errors(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(
-        DataError, match=r"expected images/ and masks/.*found: \(empty\)"
-    ):
+    with pytest.raises(DataError, match=r"expected images/ and masks/.*found: \(empty\)"):
         folder(tmp_path / "empty")
     root = make_folder(tmp_path / "a", n=3)
     (root / "masks" / "im01.png").unlink()
@@ -274,9 +261,7 @@ def test_folder_loads_or_raises_data_error(size, pixels, fmt, mask_grows, values
         mask_size = (size[0] + mask_grows, size[1])
         mask = rng.choice(np.array(values, np.uint8), mask_size)
         save(root / "masks" / "a.png", mask)
-        source = get_source(
-            config("folder", path=tmp, class_names=("a", "b", "c"), val_fraction=0.0)
-        )
+        source = get_source(config("folder", path=tmp, class_names=("a", "b", "c"), val_fraction=0.0))
         clean = dtype == "uint8" and channels in (1, 3) and fmt == "png" and cut is None
         try:
             split = source.load("train")
@@ -297,9 +282,7 @@ def test_tfds_unknown_dataset_needs_class_names():
 
 
 def test_tfds_oxford_pet_through_mock_data(tmp_path):
-    tfds = pytest.importorskip(
-        "tensorflow_datasets", reason="tensorflow-datasets not installed"
-    )
+    tfds = pytest.importorskip("tensorflow_datasets", reason="tensorflow-datasets not installed")
     import tensorflow as tf
 
     def as_dataset(self, split, **kwargs):
@@ -307,14 +290,9 @@ def test_tfds_oxford_pet_through_mock_data(tmp_path):
 
         def examples():
             for i in range(3):
-                ex = {
-                    k: np.zeros([d or 1 for d in s.shape], s.np_dtype)
-                    for k, s in specs.items()
-                }
+                ex = {k: np.zeros([d or 1 for d in s.shape], s.np_dtype) for k, s in specs.items()}
                 ex["image"] = rgb(i, 10 + i, 12)
-                ex["segmentation_mask"] = np.random.default_rng(i).integers(
-                    1, 4, (10 + i, 12, 1), dtype=np.uint8
-                )
+                ex["segmentation_mask"] = np.random.default_rng(i).integers(1, 4, (10 + i, 12, 1), dtype=np.uint8)
                 ex["file_name"] = f"pet{i}.jpg".encode()
                 yield ex
 
@@ -345,9 +323,7 @@ def test_importing_fcn_data_and_synthetic_loading_do_not_import_tensorflow():
 
 
 def test_synthetic_is_deterministic_and_learnable_looking():
-    c = config(
-        "synthetic", synthetic_size=(24, 32), synthetic_counts={"train": 6, "val": 3}
-    )
+    c = config("synthetic", synthetic_size=(24, 32), synthetic_counts={"train": 6, "val": 3})
     source = get_source(c)
     assert source.splits == ("train", "val")
     assert source.class_names == ("background", "circle", "square", "triangle")

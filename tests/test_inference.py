@@ -6,8 +6,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 from configs import tiny

@@ -1,5 +1,9 @@
 """fcn.ops: every convolution implementation computes jax.lax's function, values and gradients."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,3 +126,12 @@ def test_conv_transpose_keeps_nnx_parameters():
     x = random(4, (1, 3, 5, 4), jnp.float32)
     plain = ops.ConvTranspose(4, 3, (2, 2), strides=(2, 2), rngs=nnx.Rngs(0))
     np.testing.assert_array_equal(plain(x), a(x))
+
+
+def test_retain_freed_memory_in_a_fresh_process():
+    # A process-wide allocator setting: checked in a child, not in the test process.
+    code = "import platform; from fcn import ops; print(ops.retain_freed_memory(), platform.libc_ver()[0])"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    out = run.stdout.split()
+    assert out[0] == str(out[1] == "glibc")

@@ -83,7 +83,10 @@ def test_command_line_train_evaluate_resume(tmp_path):
         assert (workdir / name).exists(), name
     ev = subprocess.run(
         [sys.executable, "-m", "fcn.evaluate", "--workdir", str(workdir), "--split", "val"],
-        cwd=ROOT, env=env, capture_output=True, text=True,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert ev.returncode == 0, ev.stderr
     report = json.loads((workdir / "eval_val.json").read_text())

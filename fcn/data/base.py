@@ -45,8 +45,7 @@ class Source:
     def load(self, split: str) -> Split:
         if split not in self.splits:
             raise ValueError(
-                f"{self.name}: split {split!r} is not available; "
-                f"available splits: {', '.join(self.splits) or '(none)'}"
+                f"{self.name}: split {split!r} is not available; available splits: {', '.join(self.splits) or '(none)'}"
             )
         return self.load_fn(split)
 
