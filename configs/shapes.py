@@ -3,7 +3,7 @@
     python train.py --config configs/shapes.py --workdir runs/shapes
 
 Measured 2026-11-21 on the 2-core development machine (shared with other jobs):
-1 min 41 s for the whole command, val mean IoU 97.0, pixel accuracy 99.6%.
+49 s for the whole command, val mean IoU 96.7, pixel accuracy 99.5%.
 """
 
 from fcn.config import default_config
