@@ -238,11 +238,13 @@ class UNet(nnx.Module):
 def max_pool_2x2(x_BHWC: jax.Array) -> jax.Array:
     """2x2 max pooling, stride 2, on even H and W: the maximum of four strided slices.
 
-    The same values as nnx.max_pool; its gradient is elementwise selects, which
-    XLA:CPU runs far faster than the windowed reduction's scatter (a training
-    step of configs/camvid_cpu.py: 1.2 s against 1.7 s). A max over a reshape
-    was as fast but its gradient (divided by the count of ties) gave NaN under
-    XLA's unoptimised CPU compilation.
+    The same values as nnx.max_pool, with a gradient of elementwise selects
+    instead of the windowed reduction's scatter. Timed once side by side on a
+    loaded 2-core machine, a training step of configs/camvid_cpu.py took 1.2 s
+    against 1.7 s with nnx.max_pool; the benchmark helper saw no step change
+    within noise for a reshape form (docs/benchmarks.md), so treat the gain as
+    unconfirmed. The reshape form's gradient (divided by the count of ties) gave
+    NaN under XLA's unoptimised CPU compilation, hence the slices.
     """
     top = jnp.maximum(x_BHWC[:, 0::2, 0::2], x_BHWC[:, 0::2, 1::2])
     bottom = jnp.maximum(x_BHWC[:, 1::2, 0::2], x_BHWC[:, 1::2, 1::2])
