@@ -26,6 +26,19 @@ def run_training(config, workdir: str) -> int:
     return 0
 
 
+def retain_memory() -> bool:
+    """fcn.ops.retain_freed_memory() unless FCN_RETAIN_MEMORY=0: a command's first call, before JAX's threads.
+
+    On a 2-core CPU it takes about a third off the CamVid CPU training step
+    (docs/benchmarks.md); elsewhere it only keeps freed host memory for reuse.
+    """
+    import os
+
+    from fcn.ops import retain_freed_memory
+
+    return os.environ.get("FCN_RETAIN_MEMORY", "1") != "0" and retain_freed_memory()
+
+
 def _without_traceback(record: logging.LogRecord) -> bool:
     record.exc_info = record.exc_text = None
     return True
@@ -47,6 +60,8 @@ def _define_flags():
 def train_main(argv=None) -> None:
     """`python train.py --config FILE --workdir DIR [--config.key=value ...]`."""
     from absl import app, flags
+
+    retain_memory()
 
     _define_flags()
 
