@@ -30,8 +30,8 @@ def get_config():
     c.optimizer.warmup_steps = 50
     c.optimizer.weight_decay = 1e-4
     c.batch_size = 8
-    c.num_steps = 800
-    c.eval_every = 400
+    c.num_steps = 1400
+    c.eval_every = 700
     c.eval_batch_size = 4
     c.checkpoint_every = 100
     c.log_every = 10

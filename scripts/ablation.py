@@ -70,6 +70,9 @@ def main(argv=None) -> int:
     parser.add_argument("--override", action="append", default=[], help="key=value on top of the config")
     args = parser.parse_args(argv)
 
+    from fcn.cli import retain_memory
+
+    retain_memory()  # as train.py does, before JAX starts its threads
     from flax import nnx
 
     from fcn.model import from_config
