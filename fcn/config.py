@@ -45,10 +45,11 @@ def default_config() -> ml_collections.ConfigDict:
     d.max_size = 0  # resize so the longer side is at most this (0 = keep); labels nearest
     d.decode_workers = 8  # threads decoding files in parallel (once in memory, or each step when streamed)
     # Training set held decoded in memory ("memory"), or read and decoded from its files each step, a few
-    # batches ahead ("stream"); "auto": in memory when N x H x W x 4 bytes (at model.input_scale, the largest
-    # H and W, from image headers) fits max_memory_gb. Same batches either way; eval_split is always in memory.
+    # batches ahead ("stream"); "auto": in memory when loading it fits max_memory_gb (from image headers:
+    # the decoded examples, H x W x 4 bytes each, plus the canvas that stays, N x largest H x largest W x 4
+    # at model.input_scale). Same batches either way; eval_split is always in memory.
     d.storage = "auto"  # auto | memory | stream
-    d.max_memory_gb = 4.0  # storage "auto": bound (GiB) on the decoded training set held in memory
+    d.max_memory_gb = 4.0  # storage "auto": bound (GiB) on the memory taken to hold the training set decoded
     d.prefetch = 4  # storage "stream": batches decoded ahead of the training step
 
     c.augment = a = ml_collections.ConfigDict()

@@ -89,21 +89,23 @@ def stack(split: Split, ignore_label: int, scale: float = 1.0) -> Canvas:
     return dataclasses.replace(canvas, source_labels=list(split.labels) if scale != 1 else None)
 
 
-def canvas_bytes(sizes_N2: np.ndarray) -> int:
-    """Bytes of the canvas holding examples of these (H, W): uint8 RGB + label, padded to the largest."""
+def memory_bytes(source_sizes_N2, sizes_N2) -> tuple[int, int]:
+    """(peak, kept) bytes of holding a split in memory: the decoded examples at their own
+    sizes, plus the canvas (uint8 RGB + label, N x largest H x largest W at the network's
+    scale) that stays; loading holds both for a moment."""
     if not len(sizes_N2):
-        return 0
+        return 0, 0
     h, w = np.max(sizes_N2, axis=0)
-    return int(len(sizes_N2)) * int(h) * int(w) * 4
+    kept = int(len(sizes_N2)) * int(h) * int(w) * 4
+    return kept + int(sum(int(a) * int(b) * 4 for a, b in source_sizes_N2)), kept
 
 
 def training_data(source: Source, config):
     """The training split in memory (a Canvas) or streamed from its files (a `stream.Stream`).
 
-    config.data.storage: "memory", "stream", or "auto": in memory when the
-    canvas (N x largest H x largest W x 4 bytes at the network's scale, from
-    image headers) fits in data.max_memory_gb, streamed otherwise. Both give
-    the same batches for the same (seed, step).
+    config.data.storage: "memory", "stream", or "auto": in memory when loading
+    it (`memory_bytes`, from image headers) fits in data.max_memory_gb, streamed
+    otherwise. Both give the same batches for the same (seed, step).
     """
     d, scale = config.data, config.model.input_scale
     if d.storage == "memory":
@@ -112,19 +114,21 @@ def training_data(source: Source, config):
 
     examples = source.examples(d.train_split)
     desc = f"{source.name} {d.train_split}"
-    ids, sizes = stream.scan_sizes(examples, int(d.decode_workers), bool(d.skip_bad), desc)
-    sizes = np.array([scaled_size(h, w, scale) for h, w in sizes], np.int32).reshape(-1, 2)
-    need, bound = canvas_bytes(sizes), float(d.max_memory_gb) * 2**30
-    fits = d.storage == "auto" and need <= bound
+    ids, source_sizes = stream.scan_sizes(examples, int(d.decode_workers), bool(d.skip_bad), desc)
+    sizes = np.array([scaled_size(h, w, scale) for h, w in source_sizes], np.int32).reshape(-1, 2)
+    peak, kept = memory_bytes(source_sizes, sizes)
+    fits = d.storage == "auto" and peak <= float(d.max_memory_gb) * 2**30
+    how = "held in memory" if fits else f"streamed ({d.decode_workers} threads, {d.prefetch} batches ahead)"
     logger.info(
-        "%s: %d examples, %.1f MiB decoded at the network's scale, data.max_memory_gb=%g: %s",
+        "%s: %d examples; in memory they would take %.1f MiB (%.1f MiB while loading), data.storage=%s, "
+        "data.max_memory_gb=%g: %s",
         desc,
         len(ids),
-        need / 2**20,
+        kept / 2**20,
+        peak / 2**20,
+        d.storage,
         d.max_memory_gb,
-        "held in memory"
-        if fits
-        else f"streamed from the source ({d.decode_workers} threads, {d.prefetch} batches ahead)",
+        how,
     )
     if fits:
         split = decode_all(examples, workers=int(d.decode_workers), skip_bad=bool(d.skip_bad), desc=desc)
