@@ -65,8 +65,12 @@ def read_size(path: PathLike) -> tuple[int, int]:
             w, h = img.size
     except Image.UnidentifiedImageError as e:
         raise DataError(f"{path}: not an image format PIL can read") from e
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: image too large to decode safely ({e})") from e
     except OSError as e:
         raise DataError(f"{path}: cannot read file ({e.strerror or e})") from e
+    except (SyntaxError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: corrupt image header ({e})") from e
     return h, w
 
 
