@@ -1,24 +1,32 @@
-"""Input pipeline against the training step, side by side in one run.
+"""Input pipeline against the training step, in memory and streamed, side by side in one run.
 
     python benchmarks/pipeline.py --config configs/camvid_cpu.py \
-        --data_path ../shared/datasets/camvid [--steps 20]
+        --data_path ../shared/datasets/camvid [--steps 20] [--rounds 3]
 
-Measures, on the same machine in one process:
-  decode      decoding the training split once (parallel threads), images/s
-  pipeline    what the host and the augmentation do per step (batch indices,
-              gather from the in-memory canvas, device_put on the `data` mesh,
-              the jitted random scale / crop / flip / jitter), examples/s
-  train step  the full jitted training step on those batches, examples/s
-and prints the ratio pipeline / train step (target: at least 5x), and the share
-of a training step the host spends preparing the next batch while the device
-is busy (JAX dispatch is asynchronous, so that share is hidden unless it
-exceeds the step).
+Measures, on the same machine in one process, examples/s (median over
+`--rounds` rounds that interleave the variants, so that outside load moves
+them alike):
+  decode        decoding the training split once (parallel threads), images/s
+  in memory     what the host and the augmentation do per step when the split is
+                held in memory (batch indices, gather from the canvas, device_put
+                on the `data` mesh, the jitted random scale / crop / flip /
+                jitter); `host`: the same without the augmentation
+  stream        the same when the split is streamed (config.data.storage =
+                "stream"): each batch read from the files, decoded, rescaled and
+                padded by `data.decode_workers` threads, `data.prefetch` batches
+                ahead, then device_put and augmented
+  train step    the full jitted training step on in-memory batches, and on
+                streamed batches (where decoding and the step share the host)
+and prints the ratios pipeline / train step (target: at least 5x). Every
+streamed round starts from a fresh stream with nothing decoded ahead, so
+prefetching never carries work from one round into the next.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import platform
 import sys
 import time
@@ -29,27 +37,40 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def median_rate(fn, batch: int, steps: int) -> float:
-    fn()  # warm-up (compilation)
-    times = []
-    for _ in range(steps):
+def per_example_ms(stream, scale: float, n: int = 60) -> tuple[float, float]:
+    """Median ms of one thread reading + decoding + checking one example, and of rescaling it."""
+    from fcn.data.images import rescale_pair
+
+    read, rescale = [], []
+    for i in stream.ids[:n]:
         t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return batch / float(np.median(times))
+        image, label = stream.examples.read(i)
+        read.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        rescale_pair(image, label, scale)
+        rescale.append(time.perf_counter() - t)
+    return 1e3 * float(np.median(read)), 1e3 * float(np.median(rescale))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/camvid_cpu.py")
     parser.add_argument("--data_path", default="")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument(
+        "--steps", type=int, default=20, help="steps per pipeline figure (a quarter, 3 or more, per train step figure)"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; figures are their median")
+    parser.add_argument("--retain_memory", type=int, default=1, help="1: fcn.ops.retain_freed_memory(), as train.py")
     args = parser.parse_args(argv)
 
+    from benchmarks import common
+
+    retained = common.retain_freed_memory(args.retain_memory)  # before jax starts its threads
     import jax
 
     from fcn import sharding, state as state_lib
     from fcn.data import get_source, pipeline
+    from fcn.data.stream import Stream
 
     spec = importlib.util.spec_from_file_location("bench_config", args.config)
     module = importlib.util.module_from_spec(spec)
@@ -62,7 +83,13 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     split = source.load(config.data.train_split)
     decode_s = time.perf_counter() - t
-    canvas = pipeline.stack(split, source.ignore_label, config.model.input_scale)
+    memory = pipeline.stack(split, source.ignore_label, config.model.input_scale)
+    n_images = len(split)
+    del split
+    config.data.storage = "stream"
+    t = time.perf_counter()
+    stream = pipeline.training_data(source, config)  # reads every image and mask header
+    scan_s = time.perf_counter() - t
     mesh = sharding.make_mesh()
     b = config.batch_size
     key = jax.random.key(0)
@@ -72,35 +99,99 @@ def main(argv=None) -> int:
     step_fn = jax.jit(
         state_lib.make_train_step(config, graphs, tx, source.num_classes, source.ignore_label), donate_argnums=0
     )
-    counter = iter(range(10**9))
+    counter = iter(range(10**9))  # every batch a new step: no batch is timed twice
+    streams = []
 
-    def host_batch():
-        idx = pipeline.batch_indices(next(counter), len(canvas), b, config.seed)
-        return sharding.put_batch(mesh, canvas.images_NHWC[idx], canvas.labels_NHW[idx], canvas.sizes_N2[idx])
+    def fresh_stream():
+        """A stream of the same examples with nothing pending (the header scan is reused)."""
+        for old in streams:
+            old.close()
+        streams[:] = [
+            Stream(
+                stream.examples,
+                stream.ids,
+                stream.sizes_N2,
+                ignore_label=source.ignore_label,
+                scale=config.model.input_scale,
+                workers=int(config.data.decode_workers),
+                prefetch=int(config.data.prefetch),
+                desc=stream.desc,
+            )
+        ]
 
-    def pipeline_only():
-        x, y = augment(key, *host_batch())
+    def host_batch(kind):
+        data = memory if kind == "memory" else streams[0]
+        return sharding.put_batch(mesh, *data.batch(next(counter), b, config.seed))
+
+    def pipeline_only(kind):
+        x, y = augment(key, *host_batch(kind))
         jax.block_until_ready((x, y))
 
-    def host_only():
-        jax.block_until_ready(host_batch())
+    def host_only(kind):
+        jax.block_until_ready(host_batch(kind))
 
-    def train():
+    def train(kind):
         nonlocal state
-        state, out = step_fn(state, *host_batch())
+        state, out = step_fn(state, *host_batch(kind))
         jax.block_until_ready(out["loss"])
 
-    pipe = median_rate(pipeline_only, b, args.steps)
-    host = median_rate(host_only, b, args.steps)
-    step = median_rate(train, b, max(3, args.steps // 4))
+    train_steps = max(3, args.steps // 4)
+    variants = {  # name: (function of the kind, kind, steps a round)
+        "memory": (pipeline_only, "memory", args.steps),
+        "memory host": (host_only, "memory", args.steps),
+        "stream": (pipeline_only, "stream", args.steps),
+        "stream host": (host_only, "stream", args.steps),
+        "train": (train, "memory", train_steps),
+        "train streamed": (train, "stream", train_steps),
+    }
+    rates = {name: [] for name in variants}
+    try:
+        fresh_stream()
+        for fn, kind, _ in variants.values():
+            fn(kind)  # compile once, outside any round
+        for _ in range(args.rounds):
+            for name, (fn, kind, steps) in variants.items():
+                if kind == "stream":
+                    fresh_stream()
+                t = time.perf_counter()
+                for _ in range(steps):
+                    fn(kind)
+                rates[name].append(b * steps / (time.perf_counter() - t))
+    finally:
+        stream.close()
+        for s in streams:
+            s.close()
+    figures = {name: float(np.median(r)) for name, r in rates.items()}
+    read_ms, rescale_ms = per_example_ms(stream, config.model.input_scale)
     device = jax.devices()[0]
-    print(f"{args.config}, batch {b}, crop {tuple(config.augment.crop_size)}, input_scale {config.model.input_scale}")
-    print(f"machine: {platform.machine()}, {device.platform} {device.device_kind}, jax {jax.__version__}")
-    print(f"decode     {len(split) / decode_s:8.1f} images/s ({len(split)} images in {decode_s:.1f} s, once)")
-    print(f"pipeline   {pipe:8.1f} examples/s (host gather + device_put + augmentation)")
-    print(f"  host     {host:8.1f} examples/s (gather + device_put only)")
-    print(f"train step {step:8.1f} examples/s")
-    print(f"ratio pipeline / train step: {pipe / step:.1f}x; host share of a step: {100 * step / host:.1f}%")
+    d = config.data
+    step = figures["train"]
+    print(
+        f"{args.config}, batch {b}, crop {tuple(config.augment.crop_size)}, input_scale {config.model.input_scale}; "
+        f"median of {args.rounds} rounds of {args.steps} (pipeline) / {train_steps} (train) steps"
+    )
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, {device.platform} {device.device_kind}, "
+        f"jax {jax.__version__}, load average {os.getloadavg()[0]:.1f}, retained memory {retained}"
+    )
+    print(f"decode            {n_images / decode_s:8.1f} images/s ({n_images} images in {decode_s:.1f} s, once)")
+    print(f"stream start      {scan_s:8.2f} s (image and mask headers of {len(stream)} examples)")
+    print(f"in memory         {figures['memory']:8.1f} examples/s (gather + device_put + augmentation)")
+    print(f"  host            {figures['memory host']:8.1f} examples/s (gather + device_put only)")
+    print(
+        f"stream            {figures['stream']:8.1f} examples/s (read + decode + rescale + pad on "
+        f"{d.decode_workers} threads, {d.prefetch} batches ahead, + device_put + augmentation)"
+    )
+    print(f"  host            {figures['stream host']:8.1f} examples/s (without the augmentation)")
+    print(
+        f"  one example     {read_ms:8.2f} ms read + decode + checks, {rescale_ms:.2f} ms rescale (one thread, median)"
+    )
+    print(f"train step        {step:8.1f} examples/s (in-memory batches)")
+    print(f"train, streamed   {figures['train streamed']:8.1f} examples/s (streamed batches, same step)")
+    print(
+        f"ratio to the train step: in memory {figures['memory'] / step:.1f}x, stream {figures['stream'] / step:.1f}x; "
+        f"training streamed / in memory: {figures['train streamed'] / step:.2f}"
+    )
     return 0
 
 

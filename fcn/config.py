@@ -43,7 +43,14 @@ def default_config() -> ml_collections.ConfigDict:
     d.synthetic_size = (96, 128)  # synthetic: image H, W
     d.synthetic_counts = ml_collections.ConfigDict({"train": 256, "val": 64})
     d.max_size = 0  # resize so the longer side is at most this (0 = keep); labels nearest
-    d.decode_workers = 8  # threads decoding files in parallel
+    d.decode_workers = 8  # threads decoding files in parallel (once in memory, or each step when streamed)
+    # Training set held decoded in memory ("memory"), or read and decoded from its files each step, a few
+    # batches ahead ("stream"); "auto": in memory when loading it fits max_memory_gb (from image headers:
+    # the decoded examples, H x W x 4 bytes each, plus the canvas that stays, N x largest H x largest W x 4
+    # at model.input_scale). Same batches either way; eval_split is always in memory.
+    d.storage = "auto"  # auto | memory | stream
+    d.max_memory_gb = 4.0  # storage "auto": bound (GiB) on the memory taken to hold the training set decoded
+    d.prefetch = 4  # storage "stream": batches decoded ahead of the training step
 
     c.augment = a = ml_collections.ConfigDict()
     a.crop_size = (96, 128)  # training crop H, W in network pixels (after model.input_scale)
@@ -124,6 +131,12 @@ def validate(config) -> None:
     _choice(config, "optimizer.name", ("adamw", "sgd"))
     _choice(config, "optimizer.schedule", ("cosine", "constant"))
     _choice(config, "loss.class_weights", ("none", "median_freq", "median_freq_sqrt"))
+    _choice(config, "data.storage", ("auto", "memory", "stream"))
+    _positive("data.max_memory_gb", config.data.max_memory_gb)
+    for name, least in (("decode_workers", 1), ("prefetch", 0)):
+        value = config.data[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"config.data.{name}={value!r} must be an integer of at least {least}")
     for name in ("optimizer.learning_rate", "batch_size", "eval_batch_size", "num_steps", "model.features"):
         _positive(name, config[name.split(".")[0]][name.split(".")[1]] if "." in name else config[name])
     for name in (

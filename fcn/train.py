@@ -129,9 +129,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
     workdir = Path(workdir)
 
     source = get_source(config.data)
-    train_data = source.load(config.data.train_split)
-    canvas = pipeline.stack(train_data, source.ignore_label, config.model.input_scale)
-    validate_against_data(config, source.num_classes, canvas.sizes_N2.tolist())
+    train_data = pipeline.training_data(source, config)  # decoded in memory, or streamed (config.data.storage)
+    validate_against_data(config, source.num_classes, train_data.sizes_N2.tolist())
     eval_data = source.load(config.data.eval_split) if config.data.eval_split in source.splits else None
     if eval_data is None:
         log.warning("%s offers no %r split: training without evaluation", source.name, config.data.eval_split)
@@ -147,7 +146,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
     checkpoint.prepare_workdir(workdir)  # only now: a config or data error leaves no trace
     class_weights = None
     if config.loss.class_weights in ("median_freq", "median_freq_sqrt"):
-        class_weights = losses.median_frequency_weights(train_data.labels, source.num_classes, source.ignore_label)
+        class_weights = losses.median_frequency_weights(train_data.labels(), source.num_classes, source.ignore_label)
         if config.loss.class_weights == "median_freq_sqrt":  # milder: rare classes up, common ones not crushed
             class_weights = class_weights**0.5
         log.info("median-frequency class weights: %s", [round(float(w), 3) for w in class_weights])
@@ -200,8 +199,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         step, t_last, n_last = start, time.time(), start
         with _StopRequest() as stop, bar:  # the bar ends its line before any error message
             while step < config.num_steps:
-                idx = pipeline.batch_indices(step, len(canvas), config.batch_size, config.seed)[rows]
-                batch = sharding.put_batch(mesh, canvas.images_NHWC[idx], canvas.labels_NHW[idx], canvas.sizes_N2[idx])
+                batch = sharding.put_batch(mesh, *train_data.batch(step, config.batch_size, config.seed, rows))
                 state, out = train_step(state, *batch)
                 step += 1
                 bar.update(1)
@@ -215,7 +213,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
                     _check_finite(values["loss"], step, config, ckpts)  # never checkpoint a NaN state
                     now = time.time()
                     values["images_per_sec"] = (step - n_last) * config.batch_size / max(now - t_last, 1e-9)
-                    values["epoch"] = step * config.batch_size / len(canvas)
+                    values["epoch"] = step * config.batch_size / len(train_data)
                     values["learning_rate"] = float(state_lib.learning_rate_schedule(config)(step - 1))
                     metrics_log.write(step, values)
                     bar.set_postfix(
@@ -250,6 +248,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         bar.close()
         ckpts.wait()
     finally:  # also on errors: orbax threads and the event file are closed, never left hanging
+        train_data.close()  # a stream's decoding threads
         ckpts.close()
         if metrics_log is not None:
             metrics_log.close()

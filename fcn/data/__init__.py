@@ -2,7 +2,9 @@
 
     source = get_source(config.data)
     split = source.load("train")  # images uint8 [H, W, 3], labels uint8 [H, W]
+    examples = source.examples("train")  # the same, decoded one at a time: examples.read(i)
 
+Training data is held in memory or streamed: `pipeline.training_data`.
 TensorFlow is imported only when a TFDS split is loaded.
 """
 
@@ -10,13 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from fcn.data.base import IGNORE_LABEL, Source, Split, default_palette
-from fcn.data.images import DataError
+from fcn.data.base import IGNORE_LABEL, DataError, Examples, Source, Split, default_palette
 
 __all__ = [
     "IGNORE_LABEL",
     "SOURCES",
     "DataError",
+    "Examples",
     "Source",
     "Split",
     "default_palette",

@@ -1,13 +1,33 @@
-"""The contract every data source fulfils: decoded uint8 examples, class names, splits."""
+"""The contract every data source fulfils: decoded uint8 examples, class names, splits.
+
+A split comes in two forms: `Examples`, the lazy one (names, and a function that
+reads and decodes example i, with its size from image headers), and `Split`,
+every example decoded and held in memory. Every source provides the lazy form;
+`Source.load` decodes it in parallel threads (`decode_all`), so the two forms
+hold the same pixels by construction.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 IGNORE_LABEL = 255
+_PROGRESS_MIN_EXAMPLES = 100  # below this a progress bar is noise
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Data, or a `config.data` field describing it, cannot be used.
+
+    The message names the file (or the config key) and what would work. The
+    command line prints it instead of a traceback.
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,12 +48,78 @@ class Split:
 
 
 @dataclasses.dataclass(frozen=True)
+class Examples:
+    """The examples of one split, read and decoded only when asked.
+
+    read_fn(i): example i as a Split holds it, (image uint8 [H, W, 3], label
+    uint8 [H, W]), after every check and `data.max_size`; a bad example raises
+    DataError naming its file. size_fn(i): its (H, W), cheaply (image headers)
+    where the source can. Both are called from several threads at once.
+    """
+
+    names: Sequence[str]
+    read_fn: Callable[[int], tuple[np.ndarray, np.ndarray]]
+    size_fn: Callable[[int], tuple[int, int]]
+    unit: str = "examples"  # what one example is called in messages ("pairs" for image/mask files)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.read_fn(i)
+
+    def size(self, i: int) -> tuple[int, int]:
+        return self.size_fn(i)
+
+
+def decode_all(examples: Examples, *, workers: int = 8, skip_bad: bool = False, desc: str = "decoding") -> Split:
+    """Decodes every example in parallel threads into a Split, in order.
+
+    A bad example raises DataError, or with skip_bad=True is logged, skipped
+    and counted.
+    """
+    from tqdm import tqdm  # only needed here; keeps `import fcn.data` light
+
+    images, labels, names, skipped = [], [], [], 0
+    n = len(examples)
+    disable = True if n < _PROGRESS_MIN_EXAMPLES else None  # None: only on a tty
+    # PIL and numpy release the GIL while decoding, so threads give real speed-up.
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
+        futures = [pool.submit(examples.read, i) for i in range(n)]
+        for name, future in tqdm(zip(examples.names, futures), total=n, desc=desc, disable=disable):
+            try:
+                image, label = future.result()
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                skipped += 1
+                logger.warning("skipping bad %s: %s", examples.unit.rstrip("s"), e)
+                continue
+            images.append(image)
+            labels.append(label)
+            names.append(name)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    if skipped:
+        logger.warning("%s: skipped %d of %d %s (data.skip_bad=True)", desc, skipped, n, examples.unit)
+    if n and not images:
+        raise DataError(f"{desc}: all {n} {examples.unit} were unreadable")
+    return Split(images=images, labels=labels, names=names)
+
+
+@dataclasses.dataclass(frozen=True)
 class Source:
-    """A segmentation dataset: what it is called, its classes, and how to load a split."""
+    """A segmentation dataset: what it is called, its classes, and how to read a split.
+
+    examples_fn(split) gives the lazy form of a split; load_fn(split) the
+    decoded one (sources build it with `decode_all` over examples_fn).
+    """
 
     name: str
     class_names: tuple[str, ...]
     splits: tuple[str, ...]
+    examples_fn: Callable[[str], Examples]
     load_fn: Callable[[str], Split]
     palette: np.ndarray  # uint8 [num_classes, 3], colours for pictures
     ignore_label: int = IGNORE_LABEL
@@ -42,11 +128,20 @@ class Source:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def load(self, split: str) -> Split:
+    def _check_split(self, split: str) -> None:
         if split not in self.splits:
             raise ValueError(
                 f"{self.name}: split {split!r} is not available; available splits: {', '.join(self.splits) or '(none)'}"
             )
+
+    def examples(self, split: str) -> Examples:
+        """The split's examples, nothing decoded yet (for streaming)."""
+        self._check_split(split)
+        return self.examples_fn(split)
+
+    def load(self, split: str) -> Split:
+        """The split's examples, all decoded and held in memory."""
+        self._check_split(split)
         return self.load_fn(split)
 
 

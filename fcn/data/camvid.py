@@ -22,8 +22,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from fcn.data import download as dl
-from fcn.data.base import Source, Split
-from fcn.data.images import DataError, decode_pairs
+from fcn.data.base import Examples, Source, Split, decode_all
+from fcn.data.images import DataError, pair_examples
 
 CLASS_NAMES = (
     "Sky",
@@ -190,15 +190,20 @@ def camvid_source(data_config) -> Source:
     root = find_root(data_config.path, data_config.url, data_config.sha256)
     ignore = int(data_config.ignore_label)
 
-    def load(split: str) -> Split:
-        return decode_pairs(
+    def examples(split: str) -> Examples:
+        return pair_examples(
             list_pairs(root, split),
             num_classes=len(CLASS_NAMES),
             ignore_label=ignore,
             value_map={VOID: ignore},
+            max_size=int(data_config.max_size),
+        )
+
+    def load(split: str) -> Split:
+        return decode_all(
+            examples(split),
             workers=int(data_config.decode_workers),
             skip_bad=bool(data_config.skip_bad),
-            max_size=int(data_config.max_size),
             desc=f"camvid {split}",
         )
 
@@ -206,6 +211,7 @@ def camvid_source(data_config) -> Source:
         name="camvid",
         class_names=CLASS_NAMES,
         splits=available_splits(root),
+        examples_fn=examples,
         load_fn=load,
         palette=PALETTE,
         ignore_label=ignore,

@@ -17,13 +17,13 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from fcn.data.base import Source, Split, default_palette
+from fcn.data.base import Examples, Source, Split, decode_all, default_palette
 from fcn.data.images import (
     DataError,
     check_labels_config,
-    decode_pairs,
     normalize_color_map,
     normalize_value_map,
+    pair_examples,
 )
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -142,16 +142,21 @@ def folder_source(data_config) -> Source:
     check_labels_config(len(class_names), ignore, value_map)
     splits = find_splits(root, float(data_config.val_fraction))
 
-    def load(split: str) -> Split:
-        return decode_pairs(
+    def examples(split: str) -> Examples:
+        return pair_examples(
             splits[split],
             num_classes=len(class_names),
             ignore_label=ignore,
             value_map=value_map,
             color_map=color_map,
+            max_size=int(data_config.max_size),
+        )
+
+    def load(split: str) -> Split:
+        return decode_all(
+            examples(split),
             workers=int(data_config.decode_workers),
             skip_bad=bool(data_config.skip_bad),
-            max_size=int(data_config.max_size),
             desc=f"folder {split}",
         )
 
@@ -160,6 +165,7 @@ def folder_source(data_config) -> Source:
         name=f"folder {root}",
         class_names=class_names,
         splits=tuple(splits),
+        examples_fn=examples,
         load_fn=load,
         palette=palette.astype("uint8"),
         ignore_label=ignore,

@@ -20,29 +20,16 @@ Policies, decided once here for every file-based source:
 from __future__ import annotations
 
 import io
-import logging
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from fcn.data.base import IGNORE_LABEL, Split
-
-logger = logging.getLogger(__name__)
+from fcn.data.base import IGNORE_LABEL, DataError, Examples, Split, decode_all
 
 PathLike = str | Path
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
-_PROGRESS_MIN_FILES = 100  # below this a progress bar is noise
-
-
-class DataError(ValueError):
-    """Data, or a `config.data` field describing it, cannot be used.
-
-    The message names the file (or the config key) and what would work. The
-    command line prints it instead of a traceback.
-    """
 
 
 def _open_loaded(path: PathLike) -> Image.Image:
@@ -66,6 +53,25 @@ def _open_loaded(path: PathLike) -> Image.Image:
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DataError(f"{path}: corrupt or truncated image ({e})") from e
     return img
+
+
+def read_size(path: PathLike) -> tuple[int, int]:
+    """(H, W) of an image file from its header, without decoding the pixels."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: empty file (0 bytes)")
+        with Image.open(path) as img:
+            w, h = img.size
+    except Image.UnidentifiedImageError as e:
+        raise DataError(f"{path}: not an image format PIL can read") from e
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: image too large to decode safely ({e})") from e
+    except OSError as e:
+        raise DataError(f"{path}: cannot read file ({e.strerror or e})") from e
+    except (SyntaxError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: corrupt image header ({e})") from e
+    return h, w
 
 
 def as_rgb(array: np.ndarray, name: str) -> np.ndarray:
@@ -274,6 +280,18 @@ def read_mask(
     )
 
 
+def scaled_size(h: int, w: int, scale: float) -> tuple[int, int]:
+    """(H, W) after resizing by `scale`, as `rescale_pair` resizes."""
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def fitted_size(h: int, w: int, max_size: int) -> tuple[int, int]:
+    """(H, W) after `fit_max_size`."""
+    if not max_size or max(h, w) <= max_size:
+        return h, w
+    return scaled_size(h, w, max_size / max(h, w))
+
+
 def fit_max_size(image: np.ndarray, label: np.ndarray, max_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Shrinks a pair so its longer side is at most max_size (0 = keep); labels nearest."""
     h, w = label.shape
@@ -285,7 +303,7 @@ def fit_max_size(image: np.ndarray, label: np.ndarray, max_size: int) -> tuple[n
 def rescale_pair(image: np.ndarray, label: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
     """Resizes a pair by `scale`: antialiased bilinear image, nearest-neighbour label."""
     h, w = label.shape
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # PIL wants (W, H)
+    size = scaled_size(h, w, scale)[::-1]  # PIL wants (W, H)
     if size == (w, h):
         return image, label
     image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
@@ -294,68 +312,68 @@ def rescale_pair(image: np.ndarray, label: np.ndarray, scale: float) -> tuple[np
     return image, label
 
 
+def _check_same_size(image_path: PathLike, image_hw, mask_path: PathLike, mask_hw) -> None:
+    if tuple(image_hw) != tuple(mask_hw):
+        (ih, iw), (mh, mw) = image_hw, mask_hw
+        raise DataError(f"size mismatch: image {image_path} is {ih}x{iw} (HxW) but mask {mask_path} is {mh}x{mw}")
+
+
 def read_pair(
     image_path: PathLike, mask_path: PathLike, *, max_size: int = 0, **mask_kwargs
 ) -> tuple[np.ndarray, np.ndarray]:
     """Reads an (image, mask) pair and checks that their sizes agree."""
     image = read_image(image_path)
     label = read_mask(mask_path, **mask_kwargs)
-    if image.shape[:2] != label.shape:
-        (ih, iw), (mh, mw) = image.shape[:2], label.shape
-        raise DataError(f"size mismatch: image {image_path} is {ih}x{iw} (HxW) but mask {mask_path} is {mh}x{mw}")
+    _check_same_size(image_path, image.shape[:2], mask_path, label.shape)
     return fit_max_size(image, label, max_size)
 
 
-def decode_pairs(
+def pair_size(image_path: PathLike, mask_path: PathLike, *, max_size: int = 0) -> tuple[int, int]:
+    """(H, W) that `read_pair` gives, from the two files' headers; sizes that differ are an error."""
+    image_hw, mask_hw = read_size(image_path), read_size(mask_path)
+    _check_same_size(image_path, image_hw, mask_path, mask_hw)
+    return fitted_size(*image_hw, max_size)
+
+
+def pair_examples(
     pairs: Iterable[tuple[PathLike, PathLike]],
     *,
     num_classes: int,
     ignore_label: int = IGNORE_LABEL,
     value_map: Mapping | None = None,
     color_map: Sequence | np.ndarray | None = None,
-    workers: int = 8,
-    skip_bad: bool = False,
     max_size: int = 0,
-    desc: str = "decoding",
-) -> Split:
-    """Decodes (image, mask) file pairs in parallel threads into a Split.
-
-    Names are the image file stems. A bad pair raises DataError, or with
-    skip_bad=True is logged, skipped and counted.
-    """
-    from tqdm import tqdm  # only needed here; keeps `import fcn.data` light
-
+) -> Examples:
+    """(image, mask) file pairs as lazy Examples, named by the image file stems."""
     pairs = [(Path(i), Path(m)) for i, m in pairs]
-    check_labels_config(num_classes, ignore_label, normalize_value_map(value_map))
+    value_map = normalize_value_map(value_map)
+    check_labels_config(num_classes, ignore_label, value_map)
     kwargs = {
         "num_classes": num_classes,
         "ignore_label": ignore_label,
-        "value_map": normalize_value_map(value_map),
+        "value_map": value_map,
         "color_map": normalize_color_map(color_map, num_classes),
         "max_size": max_size,
     }
-    images, labels, names, skipped = [], [], [], 0
-    disable = True if len(pairs) < _PROGRESS_MIN_FILES else None  # None: only on a tty
-    # PIL and numpy release the GIL while decoding, so threads give real speed-up.
-    pool = ThreadPoolExecutor(max_workers=max(1, workers))
-    try:
-        futures = [pool.submit(read_pair, i, m, **kwargs) for i, m in pairs]
-        for (image_path, _), future in tqdm(zip(pairs, futures), total=len(pairs), desc=desc, disable=disable):
-            try:
-                image, label = future.result()
-            except DataError as e:
-                if not skip_bad:
-                    raise
-                skipped += 1
-                logger.warning("skipping bad pair: %s", e)
-                continue
-            images.append(image)
-            labels.append(label)
-            names.append(image_path.stem)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    if skipped:
-        logger.warning("%s: skipped %d of %d pairs (data.skip_bad=True)", desc, skipped, len(pairs))
-    if pairs and not images:
-        raise DataError(f"{desc}: all {len(pairs)} pairs were unreadable")
-    return Split(images=images, labels=labels, names=names)
+    return Examples(
+        names=[image.stem for image, _ in pairs],
+        read_fn=lambda n: read_pair(*pairs[n], **kwargs),
+        size_fn=lambda n: pair_size(*pairs[n], max_size=max_size),
+        unit="pairs",
+    )
+
+
+def decode_pairs(
+    pairs: Iterable[tuple[PathLike, PathLike]],
+    *,
+    workers: int = 8,
+    skip_bad: bool = False,
+    desc: str = "decoding",
+    **kwargs,
+) -> Split:
+    """Decodes (image, mask) file pairs in parallel threads into a Split.
+
+    kwargs: those of `pair_examples`. Names are the image file stems. A bad
+    pair raises DataError, or with skip_bad=True is logged, skipped and counted.
+    """
+    return decode_all(pair_examples(pairs, **kwargs), workers=workers, skip_bad=skip_bad, desc=desc)

@@ -1,28 +1,35 @@
-"""From decoded examples to device batches: in-memory arrays, data order, augmentation.
+"""From decoded examples to device batches: in memory or streamed, data order, augmentation.
 
 Training data is decoded once and held in memory as one uint8 canvas (CamVid
-train: 367 x 360 x 480 x 4 bytes, about 250 MB). Each step the host only
-gathers B rows by index and hands them to the device; augmentation (random
-scale, crop, flip, photometric jitter) runs on the accelerator inside the
-jitted training step, so the host never becomes the bottleneck.
+train: 367 x 360 x 480 x 4 bytes, about 250 MB) when its estimated size is
+within `data.max_memory_gb` (or `data.storage = "memory"`); each step the
+host then only gathers B rows by index. When it does not fit (or
+`data.storage = "stream"`) the examples are read from their files each step
+by a few threads, some batches ahead (`fcn/data/stream.py`), and padded into
+a canvas of the same shape as the in-memory one. Either way augmentation
+(random scale, crop, flip, photometric jitter) runs on the accelerator inside
+the jitted training step, on the same arrays.
 
 The data order is a pure function of (seed, step): epoch e visits the examples
 in `permutation(seed, e)`, and step s takes items [s*B, (s+1)*B) of that
 endless stream. A resumed run therefore sees exactly the batches an unbroken
-run would have seen.
+run would have seen, in memory or streamed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcn.data.base import Split
-from fcn.data.images import rescale_pair
+from fcn.data.base import Source, Split, decode_all
+from fcn.data.images import rescale_pair, scaled_size
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,15 +37,44 @@ class Canvas:
     """A split stacked into fixed-shape arrays; smaller examples padded at bottom/right.
 
     images_NHWC uint8 (padding 0), labels_NHW uint8 (padding = ignore label),
-    sizes_N2 int32 true (H, W) of each example.
+    sizes_N2 int32 true (H, W) of each example. source_labels: the labels
+    before `input_scale` when it resized them (for class statistics), else None.
     """
 
     images_NHWC: np.ndarray
     labels_NHW: np.ndarray
     sizes_N2: np.ndarray
+    source_labels: Sequence[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.images_NHWC)
+
+    def batch(self, step: int, batch_size: int, seed: int, rows: slice = slice(None)):
+        """This process's `rows` of global batch `step`: (images_BHWC, labels_BHW, sizes_B2)."""
+        idx = batch_indices(step, len(self), batch_size, seed)[rows]
+        return self.images_NHWC[idx], self.labels_NHW[idx], self.sizes_N2[idx]
+
+    def labels(self) -> Iterable[np.ndarray]:
+        """Every example's label before `input_scale`, in order (class frequencies)."""
+        if self.source_labels is not None:
+            return iter(self.source_labels)
+        return (self.labels_NHW[n, :h, :w] for n, (h, w) in enumerate(self.sizes_N2))
+
+    def close(self) -> None:
+        """Nothing to release (a `stream.Stream` has threads to stop)."""
+
+
+def fill(pairs: Sequence[tuple[np.ndarray, np.ndarray]], shape_hw, ignore_label: int) -> Canvas:
+    """(image, label) pairs into one canvas of shape_hw, each at the top left, padded."""
+    h, w = shape_hw
+    images = np.zeros((len(pairs), h, w, 3), np.uint8)
+    labels = np.full((len(pairs), h, w), ignore_label, np.uint8)
+    sizes = np.zeros((len(pairs), 2), np.int32)
+    for n, (image, label) in enumerate(pairs):
+        sizes[n] = label.shape
+        images[n, : label.shape[0], : label.shape[1]] = image
+        labels[n, : label.shape[0], : label.shape[1]] = label
+    return Canvas(images, labels, sizes)
 
 
 def stack(split: Split, ignore_label: int, scale: float = 1.0) -> Canvas:
@@ -48,14 +84,66 @@ def stack(split: Split, ignore_label: int, scale: float = 1.0) -> Canvas:
     `input_scale`, so training sees what the network sees at evaluation).
     """
     pairs = [rescale_pair(i, lab, scale) for i, lab in zip(split.images, split.labels)]
-    sizes = np.array([lab.shape for _, lab in pairs], np.int32).reshape(-1, 2)
-    h, w = sizes.max(axis=0) if len(pairs) else (1, 1)
-    images = np.zeros((len(pairs), h, w, 3), np.uint8)
-    labels = np.full((len(pairs), h, w), ignore_label, np.uint8)
-    for n, (image, label) in enumerate(pairs):
-        images[n, : label.shape[0], : label.shape[1]] = image
-        labels[n, : label.shape[0], : label.shape[1]] = label
-    return Canvas(images, labels, sizes)
+    shape = np.max([lab.shape for _, lab in pairs], axis=0) if pairs else (1, 1)
+    canvas = fill(pairs, shape, ignore_label)
+    return dataclasses.replace(canvas, source_labels=list(split.labels) if scale != 1 else None)
+
+
+def memory_bytes(source_sizes_N2, sizes_N2) -> tuple[int, int]:
+    """(peak, kept) bytes of holding a split in memory: the decoded examples at their own
+    sizes, plus the canvas (uint8 RGB + label, N x largest H x largest W at the network's
+    scale) that stays; loading holds both for a moment."""
+    if not len(sizes_N2):
+        return 0, 0
+    h, w = np.max(sizes_N2, axis=0)
+    kept = int(len(sizes_N2)) * int(h) * int(w) * 4
+    return kept + int(sum(int(a) * int(b) * 4 for a, b in source_sizes_N2)), kept
+
+
+def training_data(source: Source, config):
+    """The training split in memory (a Canvas) or streamed from its files (a `stream.Stream`).
+
+    config.data.storage: "memory", "stream", or "auto": in memory when loading
+    it (`memory_bytes`, from image headers) fits in data.max_memory_gb, streamed
+    otherwise. Both give the same batches for the same (seed, step).
+    """
+    d, scale = config.data, config.model.input_scale
+    if d.storage == "memory":
+        return stack(source.load(d.train_split), source.ignore_label, scale)
+    from fcn.data import stream  # imports this module
+
+    examples = source.examples(d.train_split)
+    desc = f"{source.name} {d.train_split}"
+    ids, source_sizes = stream.scan_sizes(examples, int(d.decode_workers), bool(d.skip_bad), desc)
+    sizes = np.array([scaled_size(h, w, scale) for h, w in source_sizes], np.int32).reshape(-1, 2)
+    peak, kept = memory_bytes(source_sizes, sizes)
+    fits = d.storage == "auto" and peak <= float(d.max_memory_gb) * 2**30
+    how = "held in memory" if fits else f"streamed ({d.decode_workers} threads, {d.prefetch} batches ahead)"
+    logger.info(
+        "%s: %d examples; in memory they would take %.1f MiB (%.1f MiB while loading), data.storage=%s, "
+        "data.max_memory_gb=%g: %s",
+        desc,
+        len(ids),
+        kept / 2**20,
+        peak / 2**20,
+        d.storage,
+        d.max_memory_gb,
+        how,
+    )
+    if fits:
+        split = decode_all(examples, workers=int(d.decode_workers), skip_bad=bool(d.skip_bad), desc=desc)
+        return stack(split, source.ignore_label, scale)
+    return stream.Stream(
+        examples,
+        ids,
+        sizes,
+        ignore_label=source.ignore_label,
+        scale=scale,
+        workers=int(d.decode_workers),
+        prefetch=int(d.prefetch),
+        skip_bad=bool(d.skip_bad),
+        desc=desc,
+    )
 
 
 def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> np.ndarray:

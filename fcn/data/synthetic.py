@@ -20,8 +20,8 @@ import zlib
 
 import numpy as np
 
-from fcn.data.base import Source, Split, default_palette
-from fcn.data.images import DataError, fit_max_size
+from fcn.data.base import Examples, Source, Split, decode_all, default_palette
+from fcn.data.images import DataError, fit_max_size, fitted_size
 
 CLASS_NAMES = ("background", "circle", "square", "triangle")
 MAX_SHAPES = 4
@@ -95,15 +95,19 @@ def make_example(seed: int, index: int, size: tuple[int, int]) -> tuple[np.ndarr
     return np.clip(img, 0, 255).astype(np.uint8), label
 
 
-def generate(split: str, count: int, size: tuple[int, int], max_size: int = 0) -> Split:
-    """count examples of split at size (H, W), shrunk to max_size when set."""
+def examples(split: str, count: int, size: tuple[int, int], max_size: int = 0) -> Examples:
+    """count examples of split at size (H, W), shrunk to max_size when set, made when read."""
     seed = _split_seed(split)
-    images, labels = [], []
-    for i in range(count):
-        image, label = fit_max_size(*make_example(seed, i, size), max_size)
-        images.append(image)
-        labels.append(label)
-    return Split(images=images, labels=labels, names=[f"{split}_{i:05d}" for i in range(count)])
+    return Examples(
+        names=[f"{split}_{i:05d}" for i in range(count)],
+        read_fn=lambda i: fit_max_size(*make_example(seed, i, size), max_size),
+        size_fn=lambda i: fitted_size(*size, max_size),
+    )
+
+
+def generate(split: str, count: int, size: tuple[int, int], max_size: int = 0, workers: int = 1) -> Split:
+    """The examples of `examples(...)`, all made and held in memory."""
+    return decode_all(examples(split, count, size, max_size), workers=workers, desc=f"synthetic {split}")
 
 
 def synthetic_source(data_config) -> Source:
@@ -116,12 +120,13 @@ def synthetic_source(data_config) -> Source:
         raise DataError(
             f'data.synthetic_counts={counts}: expected a positive count per split, e.g. {{"train": 256, "val": 64}}'
         )
-    max_size = int(data_config.max_size)
+    max_size, workers = int(data_config.max_size), int(data_config.decode_workers)
     return Source(
         name="synthetic",
         class_names=CLASS_NAMES,
         splits=tuple(counts),
-        load_fn=lambda split: generate(split, counts[split], (h, w), max_size),
+        examples_fn=lambda split: examples(split, counts[split], (h, w), max_size),
+        load_fn=lambda split: generate(split, counts[split], (h, w), max_size, workers),
         palette=default_palette(len(CLASS_NAMES)),
         ignore_label=int(data_config.ignore_label),
     )

@@ -4,6 +4,12 @@ TensorFlow and tensorflow-datasets are imported only when a split is loaded,
 so `import fcn.data` stays fast and works where they are not installed. TF is
 kept off the GPUs: it is only decoding, and JAX needs the accelerator memory.
 
+A split is read once, in order, keeping image and mask features still encoded
+(PNG / JPEG bytes, `tfds.decode.SkipDecoding`); each example is decoded when
+asked, by the feature's own decoder, so the in-memory and the streamed forms
+hold the same pixels. Streaming a TFDS split therefore still holds its encoded
+bytes in memory (features that are not encoded images are held as arrays).
+
 Datasets whose mask values are not already 0..K-1 get an entry in
 `LABEL_MAPS`; any other dataset needs `data.class_names` (and `data.value_map`
 if its mask values need mapping).
@@ -12,16 +18,18 @@ if its mask values need mapping).
 from __future__ import annotations
 
 import dataclasses
+import io
 from collections.abc import Mapping
 
 import numpy as np
 
-from fcn.data.base import Source, Split, default_palette
+from fcn.data.base import Examples, Source, decode_all, default_palette
 from fcn.data.images import (
     DataError,
     as_rgb,
     check_labels_config,
     fit_max_size,
+    fitted_size,
     map_labels,
     normalize_value_map,
 )
@@ -89,31 +97,60 @@ def _example_name(example: Mapping, split: str, index: int) -> str:
     return str(name) if name is not None else f"{split}[{index}]"
 
 
-def _load_split(data_config, labels: LabelMap, split: str) -> Split:
+def _encoded_size(value, name: str) -> tuple[int, int]:
+    """(H, W) of an encoded image from its header, or of an array."""
+    if not isinstance(value, bytes):
+        return tuple(np.shape(value)[:2])
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(value)) as img:
+            w, h = img.size
+    except (OSError, ValueError) as e:
+        raise DataError(f"{name}: cannot read the image header ({e})") from e
+    return h, w
+
+
+def _read_split(data_config, labels: LabelMap, split: str) -> Examples:
+    """The split's examples, read once with images still encoded, decoded when asked."""
     tfds = _import_tfds()
+    import tensorflow as tf
     from tqdm import tqdm
 
     tfds_split = data_config.tfds_splits[split]
     image_key, mask_key = data_config.tfds_image_key, data_config.tfds_mask_key
+    features = tfds.builder(data_config.tfds_name, data_dir=data_config.path or None).info.features
+    for key, field in ((image_key, "tfds_image_key"), (mask_key, "tfds_mask_key")):
+        if key not in features:
+            raise DataError(
+                f"data.{field}={key!r} is not a feature of {data_config.tfds_name}; "
+                f"features: {', '.join(sorted(features))}"
+            )
+    encoded = [k for k in (image_key, mask_key) if isinstance(features[k], tfds.features.Image)]
     ds = tfds.load(
         data_config.tfds_name,
         split=tfds_split,
         data_dir=data_config.path or None,
         shuffle_files=False,
+        decoders={k: tfds.decode.SkipDecoding() for k in encoded} or None,
     )
-    for key, field in ((image_key, "tfds_image_key"), (mask_key, "tfds_mask_key")):
-        if key not in ds.element_spec:
-            raise DataError(
-                f"data.{field}={key!r} is not a feature of {data_config.tfds_name}; "
-                f"features: {', '.join(sorted(ds.element_spec))}"
-            )
-    ignore = int(data_config.ignore_label)
     images, masks, names = [], [], []
     desc = f"tfds {data_config.tfds_name} {tfds_split}"
     for i, ex in enumerate(tqdm(tfds.as_numpy(ds), desc=desc, disable=None)):
-        name = _example_name(ex, split, i)
-        image = as_rgb(np.asarray(ex[image_key]), name)
-        raw = np.asarray(ex[mask_key])
+        names.append(_example_name(ex, split, i))
+        images.append(ex[image_key])
+        masks.append(ex[mask_key])
+    ignore, max_size = int(data_config.ignore_label), int(data_config.max_size)
+
+    def decoded(value, key: str) -> np.ndarray:
+        if isinstance(value, bytes):  # as tfds.load would decode it
+            return features[key].decode_example(tf.constant(value)).numpy()
+        return np.asarray(value)
+
+    def read(i: int) -> tuple[np.ndarray, np.ndarray]:
+        name = names[i]
+        image = as_rgb(decoded(images[i], image_key), name)
+        raw = decoded(masks[i], mask_key)
         if raw.ndim == 3 and raw.shape[-1] == 1:
             raw = raw[..., 0]
         if raw.shape != image.shape[:2]:
@@ -125,11 +162,15 @@ def _load_split(data_config, labels: LabelMap, split: str) -> Split:
             ignore_label=ignore,
             value_map=labels.value_map,
         )
-        image, label = fit_max_size(image, label, int(data_config.max_size))
-        images.append(image)
-        masks.append(label)
-        names.append(name)
-    return Split(images=images, labels=masks, names=names)
+        return fit_max_size(image, label, max_size)
+
+    def size(i: int) -> tuple[int, int]:
+        image_hw, mask_hw = _encoded_size(images[i], names[i]), _encoded_size(masks[i], names[i])
+        if image_hw != mask_hw:
+            raise DataError(f"{names[i]}: image is {image_hw} but mask is {mask_hw}, expected H, W")
+        return fitted_size(*image_hw, max_size)
+
+    return Examples(names=names, read_fn=read, size_fn=size)
 
 
 def tfds_source(data_config) -> Source:
@@ -144,7 +185,13 @@ def tfds_source(data_config) -> Source:
         name=f"tfds {data_config.tfds_name}",
         class_names=labels.class_names,
         splits=splits,
-        load_fn=lambda split: _load_split(data_config, labels, split),
+        examples_fn=lambda split: _read_split(data_config, labels, split),
+        load_fn=lambda split: decode_all(
+            _read_split(data_config, labels, split),
+            workers=int(data_config.decode_workers),
+            skip_bad=bool(data_config.skip_bad),
+            desc=f"tfds {data_config.tfds_name} {split}",
+        ),
         palette=default_palette(len(labels.class_names)),
         ignore_label=ignore,
     )
