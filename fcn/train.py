@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -194,7 +195,12 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
             return rep
 
         bar = tqdm(
-            total=config.num_steps, initial=start, disable=jax.process_index() != 0, dynamic_ncols=True, unit="step"
+            total=config.num_steps,
+            initial=start,
+            disable=jax.process_index() != 0,
+            dynamic_ncols=True,
+            unit="step",
+            mininterval=0.1 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not every step
         )
         step, t_last, n_last = start, time.time(), start
         with _StopRequest() as stop, bar:  # the bar ends its line before any error message
