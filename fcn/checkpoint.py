@@ -130,11 +130,11 @@ def _manager(directory: Path, **options) -> ocp.CheckpointManager:
             # (read-only or full disk) left threads waiting 20 minutes for them, hanging the exit.
             async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
             # Latest and best save the same step at once, each finishing in background threads that
-            # meet the other processes' at barriers of jax.distributed named after the step alone
-            # ("async_write_complete.6"). Where one process ran late, the other's two threads both
-            # reached the barrier first: one was refused ("already ongoing") and its process failed,
-            # while the late process waited at a second barrier no one else joined, for 20 minutes.
-            # With the folder's name in every barrier name, the two managers never share a barrier.
+            # meet the other processes' at jax.distributed barriers whose names, by default, do not
+            # say which manager they serve ("async_write_complete.6", "...:set_value_start"). When
+            # one process ran late, the other's two threads both reached a barrier first: one was
+            # refused ("already ongoing") and the late process waited at a barrier no one else would
+            # join, for orbax's 20 minutes. Named after the folder, the two never share a barrier.
             multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=directory.name),
             **options,
         ),
