@@ -120,24 +120,34 @@ def prepare_workdir(workdir: Path) -> None:
             ) from e
 
 
+def _manager(directory: Path, **options) -> ocp.CheckpointManager:
+    """An orbax manager of `directory`, all of whose barriers between processes carry its folder's name."""
+    return ocp.CheckpointManager(
+        directory.absolute(),
+        options=ocp.CheckpointManagerOptions(
+            create=True,
+            # Directories made in save() itself: made in orbax's background threads, a failure
+            # (read-only or full disk) left threads waiting 20 minutes for them, hanging the exit.
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+            # Latest and best save the same step at once, each finishing in background threads that
+            # meet the other processes' at jax.distributed barriers whose names, by default, do not
+            # say which manager they serve ("async_write_complete.6", "...:set_value_start"). When
+            # one process ran late, the other's two threads both reached a barrier first: one was
+            # refused ("already ongoing") and the late process waited at a barrier no one else would
+            # join, for orbax's 20 minutes. Named after the folder, the two never share a barrier.
+            multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=directory.name),
+            **options,
+        ),
+    )
+
+
 class Checkpoints:
     """The latest few training states and the best one by eval mean IoU."""
 
     def __init__(self, workdir: str | os.PathLike, keep: int = 3):
         self.workdir = Path(workdir)
-        # Directories made in save() itself: made in orbax's background threads, a failure
-        # (read-only or full disk) left threads waiting 20 minutes for them, hanging the exit.
-        sync_dirs = ocp.AsyncOptions(create_directories_asynchronously=False)
-        self.latest = ocp.CheckpointManager(
-            (self.workdir / "checkpoints").absolute(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, async_options=sync_dirs),
-        )
-        self.best = ocp.CheckpointManager(
-            (self.workdir / "best").absolute(),
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, best_fn=lambda m: m["mean_iou"], best_mode="max", create=True, async_options=sync_dirs
-            ),
-        )
+        self.latest = _manager(self.workdir / "checkpoints", max_to_keep=keep)
+        self.best = _manager(self.workdir / "best", max_to_keep=1, best_fn=lambda m: m["mean_iou"], best_mode="max")
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()

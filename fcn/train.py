@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 from tqdm.auto import tqdm
 
 from fcn import checkpoint, losses, sharding, state as state_lib
@@ -44,14 +45,28 @@ def enable_compilation_cache() -> str:
 
 
 class _StopRequest:
-    """SIGINT / SIGTERM set a flag; the loop then saves a checkpoint and exits cleanly."""
+    """SIGINT / SIGTERM set a flag; the loop then saves a checkpoint and exits cleanly.
+
+    With several processes all must stop after the same step, or one would enter a collective (the
+    next step, a checkpoint's barrier) that the others never join. jax.distributed's preemption
+    service catches SIGTERM itself (in C++, unseen by Python) and lets the processes agree on a
+    step, which `requested(step)`, asked at every step, returns True at; Ctrl-C is passed on to it as
+    a SIGTERM to this process. With that service off (jax_enable_preemption_service=False), the
+    processes all-gather their flags at every step instead.
+    """
 
     def __init__(self):
         self.signum = None
         self._old = {}
+        self._agree = None  # several processes: "preemption" (JAX's service) or "allgather"
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        signals = (signal.SIGINT, signal.SIGTERM)
+        if jax.process_count() > 1:
+            self._agree = "allgather"
+            if jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service:
+                self._agree, signals = "preemption", (signal.SIGINT,)  # SIGTERM stays JAX's
+        for sig in signals:
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone
@@ -62,6 +77,23 @@ class _StopRequest:
         if self.signum is not None:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.signum = signum
+        if self._agree == "preemption":
+            signal.raise_signal(signal.SIGTERM)  # to JAX's handler: a pre-emption notice for every process
+
+    def requested(self, step: int) -> bool:
+        """Whether to save and stop after `step`; the same answer in every process."""
+        if self._agree is None:
+            return self.signum is not None
+        from jax.experimental import multihost_utils
+
+        if self._agree == "preemption":
+            return multihost_utils.reached_preemption_sync_point(step)
+        return bool(multihost_utils.process_allgather(np.int32(self.signum is not None)).any())
+
+    def why(self) -> str:
+        if self.signum is not None:
+            return signal.Signals(self.signum).name + " received"
+        return f"SIGTERM (or Ctrl-C) received by one of the {jax.process_count()} processes"
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -209,7 +241,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
                 state, out = train_step(state, *batch)
                 step += 1
                 bar.update(1)
-                stopping = stop.signum is not None or (stop_after is not None and step - start >= stop_after)
+                signalled = stop.requested(step)
+                stopping = signalled or (stop_after is not None and step - start >= stop_after)
                 last = step == config.num_steps
                 do_eval = eval_data is not None and (last or (config.eval_every and step % config.eval_every == 0))
                 do_save = do_eval or last or stopping or step % config.checkpoint_every == 0
@@ -241,15 +274,13 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
                     t_last, n_last = time.time(), step  # throughput excludes evaluation and saving
                 if stopping and not last:
                     bar.close()
-                    why = (
-                        signal.Signals(stop.signum).name + " received"
-                        if stop.signum
-                        else f"stopped after {stop_after} steps"
-                    )
-                    print(
-                        f"{why}: saved a checkpoint at step {step} in {workdir}; run the same command again to resume.",
-                        flush=True,
-                    )
+                    why = stop.why() if signalled else f"stopped after {stop_after} steps"
+                    if jax.process_index() == 0:
+                        print(
+                            f"{why}: saved a checkpoint at step {step} in {workdir}; run the same command again to "
+                            "resume.",
+                            flush=True,
+                        )
                     break
         bar.close()
         ckpts.wait()

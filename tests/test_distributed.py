@@ -8,9 +8,11 @@ tiny) and one shared compilation cache, so each program compiles once.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -25,18 +27,28 @@ OVERRIDES = ["--config.eval_batch_size=4"]  # divisible by 1, 2 and 4 devices
 STEPS = tiny.get_config().num_steps  # checkpoints at 3 and 6
 # Compiling at -O0 takes a third of the time; every run here uses the same flags.
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+LAUNCH_TIMEOUT = 180  # seconds for one two-process launch; 25 to 60 were needed on a busy 2-core machine
 
 # Runs train.py's main in this process, saving this process's own copy of the parameters and
 # BatchNorm statistics at every checkpoint (checking that the state is replicated) and the last
 # evaluation report it computed; then, when asked, `python -m fcn.evaluate` on the latest checkpoint.
+# Hooks for the tests: $FCN_TEST_HOLD_STEP holds each process before the batch of that step + 1
+# (writing OUT/held_pN, waiting for OUT/go); process $FCN_TEST_SLOW_COMMIT is slow to finish its
+# checkpoint writes, as one process of a busy machine is, so the other's background threads reach
+# orbax's barriers between processes well before its own (the race that hung a CI run while the
+# latest and best managers shared barrier names: see fcn/checkpoint.py); SIGUSR1 prints all stacks.
 DRIVER = r"""
-import json, sys
+import faulthandler, json, os, signal, sys, time
+from pathlib import Path
 import numpy as np
-out, stop_after, then_evaluate, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4:]
+faulthandler.register(signal.SIGUSR1, all_threads=True)
+out, then_evaluate, argv = sys.argv[1], sys.argv[2] == "1", sys.argv[3:]
 sys.modules["tensorboardX"] = None  # metrics.jsonl is enough here, and tensorboardX may import torch (seconds)
 import jax
+from orbax.checkpoint._src.checkpointers import async_checkpointer
 from fcn import checkpoint, train
 from fcn.cli import train_main
+from fcn.data import pipeline
 
 save = checkpoint.Checkpoints.save
 
@@ -50,13 +62,32 @@ def recording_save(self, step, state, **kw):
 run = train.train_and_evaluate
 
 def recording_run(config, workdir):
-    report = run(config, workdir, stop_after=stop_after or None)
+    report = run(config, workdir)
     with open(f"{out}/report_p{jax.process_index()}.json", "w") as f:
         json.dump(report, f)
     return report
 
+batch_indices = pipeline.batch_indices
+
+def held_batch_indices(step, *args):
+    if step == int(os.environ.get("FCN_TEST_HOLD_STEP", -1)):
+        Path(f"{out}/held_p{jax.process_index()}").touch()
+        deadline = time.monotonic() + 60
+        while not Path(f"{out}/go").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    return batch_indices(step, *args)
+
+wait_commit = async_checkpointer._background_wait_for_commit_futures
+
+def slow_wait_commit(*args, **kwargs):
+    if os.environ.get("FCN_TEST_SLOW_COMMIT") == str(jax.process_index()):
+        time.sleep(1.5)
+    return wait_commit(*args, **kwargs)
+
 checkpoint.Checkpoints.save = recording_save
 train.train_and_evaluate = recording_run
+pipeline.batch_indices = held_batch_indices
+async_checkpointer._background_wait_for_commit_futures = slow_wait_commit
 try:
     train_main(["train.py", "--config", "configs/tiny.py", *argv])
 except SystemExit as e:
@@ -106,7 +137,7 @@ def _weights(workdir) -> list[np.ndarray]:
 def reference(cache, tmp_path_factory):
     """The tiny config trained by one process on one device: (output folder, last report)."""
     out = tmp_path_factory.mktemp("reference")
-    cmd = [sys.executable, "-c", DRIVER, str(out), "0", "0", "--workdir", str(out / "wd"), *OVERRIDES]
+    cmd = [sys.executable, "-c", DRIVER, str(out), "0", "--workdir", str(out / "wd"), *OVERRIDES]
     done = subprocess.run(cmd, cwd=ROOT, env=_env(cache), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, json.loads((out / "report_p0.json").read_text())
@@ -139,7 +170,7 @@ def _free_port() -> int:
 def test_four_devices_match_one_device(reference, cache, tmp_path):
     ref, ref_report = reference
     script = f"{DRIVER}\nsys.argv = [sys.argv[0], {str(ref / 'wd')!r}, {str(tmp_path)!r}]\n{FOUR_DEVICE_CHECKS}"
-    cmd = [sys.executable, "-c", script, str(tmp_path), "0", "0", "--workdir", str(tmp_path / "wd"), *OVERRIDES]
+    cmd = [sys.executable, "-c", script, str(tmp_path), "0", "--workdir", str(tmp_path / "wd"), *OVERRIDES]
     done = subprocess.run(cmd, cwd=ROOT, env=_env(cache, devices=4), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     # The same global batch split over 4 devices: the same parameters, and BatchNorm statistics
@@ -156,51 +187,100 @@ def test_four_devices_match_one_device(reference, cache, tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def _two_processes(cache: Path, out: Path, stop_after: int, use_env: bool) -> list[dict]:
-    """Train the tiny config with two processes (one CPU device each) sharing one workdir.
+def _two_processes(cache: Path, out: Path, name: str, *, evaluate: bool, use_env: bool, during=None, **env) -> list:
+    """Train the tiny config with two processes (one CPU device each) sharing one workdir, OUT/wd.
 
     Returns each process's {"stdout", "stderr"}. Output goes to files: a full pipe
     must never stall one process while the other waits for it in a collective.
+    `during(procs, deadline)` runs while they do. Past LAUNCH_TIMEOUT, or 30 s after one process
+    failed, the test fails with the output of both, and the Python stacks of every
+    thread of those still running; none is left behind.
     """
-    port, procs, logs = _free_port(), [], []
+    port, procs, logs, problem, hung = _free_port(), [], [], None, []
     try:
         for pid in range(2):
             argv = ["--workdir", str(out / "wd"), *OVERRIDES]
             launch = {"coordinator": f"127.0.0.1:{port}", "num_processes": "2", "process_id": str(pid)}
             if use_env:  # the FCN_* variables
-                env = _env(cache, **{distributed.ENV[k]: v for k, v in launch.items()})
+                penv = _env(cache, **{distributed.ENV[k]: v for k, v in launch.items()}, **env)
             else:  # the flags
-                env, argv = _env(cache), argv + [f"--{k}={v}" for k, v in launch.items()]
-            cmd = [sys.executable, "-c", DRIVER, str(out), str(stop_after), "0" if stop_after else "1", *argv]
-            logs.append({k: out / f"p{pid}_s{stop_after}.{k}" for k in ("stdout", "stderr")})
+                penv, argv = _env(cache, **env), argv + [f"--{k}={v}" for k, v in launch.items()]
+            cmd = [sys.executable, "-c", DRIVER, str(out), "1" if evaluate else "0", *argv]
+            logs.append({k: out / f"{name}_p{pid}.{k}" for k in ("stdout", "stderr")})
             with open(logs[-1]["stdout"], "w") as o, open(logs[-1]["stderr"], "w") as e:
-                procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=o, stderr=e))
-        for p in procs:
-            p.wait(timeout=240)
+                procs.append(subprocess.Popen(cmd, cwd=ROOT, env=penv, stdout=o, stderr=e))
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        problem = during(procs, deadline) if during else None
+        if problem:
+            deadline = 0
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.returncode for p in procs):  # one failed: the other may wait for it in a collective
+                deadline = min(deadline, time.monotonic() + 30)
+            time.sleep(0.2)
+        hung = [pid for pid, p in enumerate(procs) if p.poll() is None]
+        for pid in hung:
+            procs[pid].send_signal(signal.SIGUSR1)  # faulthandler prints the stacks of all its threads
+        if hung:
+            time.sleep(3)
     finally:
-        for p in procs:  # stragglers, after a timeout or a failure
+        for p in procs:  # stragglers, after a timeout or a failure (or an interrupted test)
             if p.poll() is None:
                 p.kill()
                 p.wait(timeout=30)
     outs = [{k: path.read_text() for k, path in log.items()} for log in logs]
-    for p, o in zip(procs, outs):
-        assert p.returncode == 0, o["stderr"][-3000:]
+    if problem or hung or any(p.returncode for p in procs):
+        what = problem or (f"process(es) {hung} had not exited (killed)" if hung else "a process failed")
+        pytest.fail(
+            f"{what}; exit codes {[p.returncode for p in procs]}\n"
+            + "\n".join(f"--- process {pid} {k}, its end:\n{o[k][-6000:]}" for pid, o in enumerate(outs) for k in o),
+            pytrace=False,
+        )
     return outs
 
 
-@pytest.mark.skipif(
-    os.environ.get("FCN_TEST_MULTIPROCESS") != "1",
-    reason="intermittent hang (a run did not exit within 240 s in 1 of 3 clean-clone CI runs, 2026-11-21) "
-    "under investigation; run with FCN_TEST_MULTIPROCESS=1",
-)
-def test_two_processes_train_like_one_and_resume(reference, cache, tmp_path):
+def _sigterm_to_process_1(out: Path):
+    """`during`: with both processes held after step 1, pre-empt process 1 alone, then let both go on."""
+
+    def during(procs, deadline: float) -> str | None:
+        while not all((out / f"held_p{pid}").exists() for pid in range(2)):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                return "the processes did not both reach step 1"
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)
+        time.sleep(2)  # JAX's preemption service polls for the notice every second
+        (out / "go").touch()
+        return None
+
+    return during
+
+
+def test_two_processes_train_like_one_stop_together_and_resume(reference, cache, tmp_path):
+    """Two processes on 127.0.0.1: SIGTERM to one after step 1 stops both after the same step, each
+    saving it and exiting 0; relaunched (process 1 slow to write its checkpoints), both resume from
+    it, end with the weights of one process on one device, and evaluate the same confusion matrix."""
     ref, ref_report = reference
-    _two_processes(cache, tmp_path, stop_after=2, use_env=False)
-    assert checkpoint.Checkpoints(tmp_path / "wd").latest_step() == 2
-    np.testing.assert_equal(_saved(tmp_path, 0, 2), _saved(tmp_path, 1, 2))
-    first, second = _two_processes(cache, tmp_path, stop_after=0, use_env=True)
+    first, second = _two_processes(
+        cache,
+        tmp_path,
+        "stop",
+        evaluate=False,
+        use_env=False,
+        during=_sigterm_to_process_1(tmp_path),
+        FCN_TEST_HOLD_STEP="1",
+    )
+    # Both stop after the same step S, the one after the largest any had reached when JAX's
+    # preemption service shared the notice: 2, unless the machine is slow to pass it on.
+    stop = checkpoint.Checkpoints(tmp_path / "wd").latest_step()
+    assert 2 <= stop < STEPS, first["stdout"]
+    message = f"SIGTERM (or Ctrl-C) received by one of the 2 processes: saved a checkpoint at step {stop} in "
+    assert message in first["stdout"] and "saved a checkpoint" not in second["stdout"]
+    np.testing.assert_equal(_saved(tmp_path, 0, stop), _saved(tmp_path, 1, stop))
+    lines = [json.loads(ln) for ln in (tmp_path / "wd" / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["step"] for ln in lines if "loss" in ln] == list(range(1, stop + 1))  # no step past S
+
+    first, second = _two_processes(cache, tmp_path, "resume", evaluate=True, use_env=True, FCN_TEST_SLOW_COMMIT="1")
     for o in (first, second):
-        assert "resuming" in o["stderr"] and "from step 2" in o["stderr"]
+        assert f"resuming {tmp_path / 'wd'} from step {stop}" in o["stderr"]
     # Both processes hold the very same weights, those of one process on one device.
     np.testing.assert_equal(_saved(tmp_path, 0, STEPS), _saved(tmp_path, 1, STEPS))
     _close(_saved(tmp_path, 0, STEPS), _saved(ref, 0, STEPS))
