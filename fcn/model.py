@@ -51,7 +51,46 @@ class Norm(nnx.Module):
             raise ValueError(f"model.norm={kind!r}: expected one of {NORMS}")
 
     def __call__(self, x):
+        if self.kind == "batch" and not self.norm.use_running_average:
+            return batch_norm_train(self.norm, x)
         return x if self.norm is None else self.norm(x)
+
+
+def batch_norm_train(bn: nnx.BatchNorm, x_BHWC: jax.Array) -> jax.Array:
+    """nnx.BatchNorm in training mode (batch statistics, running averages updated): same values.
+
+    nnx.BatchNorm writes its running statistics with `mean[...] = new`; under
+    jit that asks the traced value for its sharding, and jax answers with an
+    error message built by walking the whole program traced so far. For the
+    U-Net's 18 batch norms that was about half the time of tracing the
+    training step, paid at every start. Here the statistics are replaced
+    whole (`set_value(new)`), which asks nothing. Settings other than nnx's
+    defaults on the last axis go to nnx.BatchNorm itself.
+    """
+    if bn.axis not in (-1, x_BHWC.ndim - 1) or bn.axis_name is not None or not bn.use_fast_variance:
+        return bn(x_BHWC)
+    scale = bn.scale[...] if bn.scale is not None else None
+    bias = bn.bias[...] if bn.bias is not None else None
+    x_BHWC, _, _, scale, bias = bn.promote_dtype(
+        (x_BHWC, bn.mean.get_value(), bn.var.get_value(), scale, bias), dtype=bn.dtype
+    )
+    # Statistics in at least float32, E[x^2] - E[x]^2, as nnx's use_fast_variance.
+    x32 = x_BHWC.astype(jnp.promote_types(x_BHWC.dtype, jnp.float32))
+    axes = tuple(range(x_BHWC.ndim - 1))
+    mean_C, mean2_C = x32.mean(axes), jax.lax.square(x32).mean(axes)
+    var_C = jnp.maximum(0.0, mean2_C - jax.lax.square(mean_C))
+    m = bn.momentum
+    bn.mean.set_value(jax.lax.stop_gradient(m * bn.mean.get_value() + (1 - m) * mean_C))
+    bn.var.set_value(jax.lax.stop_gradient(m * bn.var.get_value() + (1 - m) * var_C))
+    y = x_BHWC - mean_C
+    mul_C = jax.lax.rsqrt(var_C + bn.epsilon)
+    if scale is not None:
+        mul_C = mul_C * scale
+    y = y * mul_C
+    if bias is not None:
+        y = y + bias
+    out_dtype = bn.dtype or jnp.result_type(*(a for a in (x_BHWC, scale, bias) if a is not None))
+    return y.astype(out_dtype)
 
 
 class ConvBlock(nnx.Module):

@@ -8,6 +8,7 @@ same parameters as one never stopped.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import math
@@ -88,9 +89,7 @@ class MetricsLog:
             tmp.write_text("".join(ln + "\n" for ln in kept))
             os.replace(tmp, self.path)
         try:
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(str(workdir / "tensorboard"))
+            self.writer = _summary_writer_class()(str(workdir / "tensorboard"))
         except ImportError:
             log.info("tensorboardX not installed: no TensorBoard events, metrics.jsonl only")
 
@@ -111,6 +110,35 @@ class MetricsLog:
             self.writer.close()
 
 
+def _in_background(fn, *args) -> concurrent.futures.Future:
+    """fn(*args) in a new thread; .result() waits for it and raises what it raised."""
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fcn")
+    try:
+        return pool.submit(fn, *args)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch.
+
+    tensorboardX imports torch whenever it is installed, only to accept torch
+    tensors: 2 s and more of a 2-core machine's start-up, for scalars that need
+    none of it. torch is hidden during the import unless it is loaded already.
+    """
+    import sys
+
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide and "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 def _line_step(line: str):
     try:
         return int(json.loads(line)["step"])
@@ -129,6 +157,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
     workdir = Path(workdir)
 
     source = get_source(config.data)
+    # The state is made in a thread while the data is decoded (threads too, mostly outside Python's
+    # lock), so the two overlap. A data error is still raised here at once; the exit then waits for
+    # the thread (a second or so with a warm compilation cache).
+    init = _in_background(state_lib.create, config, source.num_classes)
     train_data = source.load(config.data.train_split)
     canvas = pipeline.stack(train_data, source.ignore_label, config.model.input_scale)
     validate_against_data(config, source.num_classes, canvas.sizes_N2.tolist())
@@ -151,7 +183,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         if config.loss.class_weights == "median_freq_sqrt":  # milder: rare classes up, common ones not crushed
             class_weights = class_weights**0.5
         log.info("median-frequency class weights: %s", [round(float(w), 3) for w in class_weights])
-    graphs, state, tx = state_lib.create(config, source.num_classes)
+    graphs, state, tx = init.result()
     ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
     metrics_log = None
     try:

@@ -145,3 +145,39 @@ def test_bad_arguments_are_named():
         tiny(head="dense")
     with pytest.raises(ValueError, match="empty image"):
         tiny()(jnp.zeros((1, 0, 5, 3)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_training_batch_norm_equals_nnx_batch_norm(dtype):
+    """fcn.model.batch_norm_train (the U-Net's batch norm in training): nnx.BatchNorm's output, updated
+    running statistics and input gradient, under jit."""
+    from fcn.model import batch_norm_train
+
+    bn = nnx.BatchNorm(8, momentum=0.9, dtype=dtype, rngs=nnx.Rngs(0))
+    keys = jax.random.split(jax.random.key(1), 3)
+    bn.scale.set_value(jax.random.normal(keys[0], (8,)))
+    bn.bias.set_value(jax.random.normal(keys[1], (8,)))
+    bn.mean.set_value(jnp.arange(8.0))
+    bn.var.set_value(jnp.arange(8.0) + 1)
+    x = 3 * jax.random.normal(keys[2], (2, 5, 7, 8)) + 1
+    graph, state = nnx.split(bn)
+
+    def run(norm, state, x):
+        model = nnx.merge(graph, jax.tree.map(lambda v: v, state))
+        y = norm(model, x)
+        return y, nnx.state(model)
+
+    def both(norm):
+        y, after = jax.jit(lambda s, x: run(norm, s, x))(state, x)
+        loss = lambda x, s: jnp.sum(jnp.sin(run(norm, s, x)[0].astype(jnp.float32)))
+        return y, after, jax.jit(jax.grad(loss))(x, state)
+
+    y_ref, after_ref, dx_ref = both(lambda m, x: m(x))
+    y, after, dx = both(batch_norm_train)
+    assert y.dtype == y_ref.dtype == dtype
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32), rtol=tol, atol=tol)
+    for name in ("mean", "var"):
+        np.testing.assert_allclose(after[name].get_value(), after_ref[name].get_value(), rtol=1e-6)
+        assert not np.allclose(after[name].get_value(), state[name].get_value())  # they were updated
+    np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(dx_ref, np.float32), rtol=tol, atol=tol)
