@@ -147,10 +147,12 @@ def test_bad_arguments_are_named():
         tiny()(jnp.zeros((1, 0, 5, 3)))
 
 
+@pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_training_batch_norm_equals_nnx_batch_norm(dtype):
-    """fcn.model.batch_norm_train (the U-Net's batch norm in training): nnx.BatchNorm's output, updated
-    running statistics and input gradient, under jit."""
+def test_training_batch_norm_equals_nnx_batch_norm(dtype, relu):
+    """fcn.model.batch_norm_train (the U-Net's batch norm in training, fused with the ReLU after it on
+    CPU, with its own gradient): nnx.BatchNorm's output, updated running statistics, and gradients for
+    the input, scale and bias, under jit."""
     from fcn.model import batch_norm_train
 
     bn = nnx.BatchNorm(8, momentum=0.9, dtype=dtype, rngs=nnx.Rngs(0))
@@ -160,24 +162,32 @@ def test_training_batch_norm_equals_nnx_batch_norm(dtype):
     bn.mean.set_value(jnp.arange(8.0))
     bn.var.set_value(jnp.arange(8.0) + 1)
     x = 3 * jax.random.normal(keys[2], (2, 5, 7, 8)) + 1
-    graph, state = nnx.split(bn)
+    graph, params, stats = nnx.split(bn, nnx.Param, ...)
 
-    def run(norm, state, x):
-        model = nnx.merge(graph, jax.tree.map(lambda v: v, state))
-        y = norm(model, x)
-        return y, nnx.state(model)
+    def run(norm, params, x):
+        model = nnx.merge(graph, params, jax.tree.map(lambda v: v, stats))
+        return norm(model, x), nnx.state(model, nnx.BatchStat)
 
     def both(norm):
-        y, after = jax.jit(lambda s, x: run(norm, s, x))(state, x)
-        loss = lambda x, s: jnp.sum(jnp.sin(run(norm, s, x)[0].astype(jnp.float32)))
-        return y, after, jax.jit(jax.grad(loss))(x, state)
+        y, after = jax.jit(lambda p, x: run(norm, p, x))(params, x)
+        loss = lambda x, p: jnp.sum(jnp.sin(3 * run(norm, p, x)[0].astype(jnp.float32)))
+        return y, after, jax.jit(jax.grad(loss, argnums=(0, 1)))(x, params)
 
-    y_ref, after_ref, dx_ref = both(lambda m, x: m(x))
-    y, after, dx = both(batch_norm_train)
+    def reference(model, x):
+        y = model(x)
+        return jax.nn.relu(y) if relu else y
+
+    y_ref, after_ref, (dx_ref, dp_ref) = both(reference)
+    y, after, (dx, dp) = both(lambda m, x: batch_norm_train(m, x, relu=relu))
     assert y.dtype == y_ref.dtype == dtype
-    tol = 1e-6 if dtype == jnp.float32 else 1e-2
-    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32), rtol=tol, atol=tol)
+    assert not relu or (np.asarray(y_ref) == 0).mean() > 0.2  # the ReLU has work to do
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    close = lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), tol, tol)
+    close(y, y_ref)
     for name in ("mean", "var"):
-        np.testing.assert_allclose(after[name].get_value(), after_ref[name].get_value(), rtol=1e-6)
-        assert not np.allclose(after[name].get_value(), state[name].get_value())  # they were updated
-    np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(dx_ref, np.float32), rtol=tol, atol=tol)
+        close(after[name].get_value(), after_ref[name].get_value())
+        assert not np.allclose(after[name].get_value(), stats[name].get_value())  # they were updated
+    close(dx, dx_ref)
+    for name in ("scale", "bias"):
+        assert np.abs(dp_ref[name].get_value()).max() > 0.1
+        close(dp[name].get_value(), dp_ref[name].get_value())
