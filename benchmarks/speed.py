@@ -8,7 +8,9 @@ Measures, in one run:
   * time to the first training step, in fresh subprocesses: fcn with an empty
     and with a warm persistent compilation cache, PyTorch eager, torch.compile
     with an empty and a warm inductor cache; each also reports its peak memory
-    (CPU: peak resident set; GPU: peak device allocation) over 3 steps;
+    (CPU: peak resident set; GPU: peak device allocation) over 3 steps. This
+    is the benchmark's step on synthetic batches; the start-up of `python
+    train.py` itself (data, checkpoints, logging) is benchmarks/first_step.py's;
   * training and inference images per second, after warm-up, in one process
     holding every variant: rounds of `--steps` steps of each variant in turn,
     the median over `--repeats` rounds (interleaved, so that load from other

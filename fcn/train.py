@@ -121,9 +121,7 @@ class MetricsLog:
             tmp.write_text("".join(ln + "\n" for ln in kept))
             os.replace(tmp, self.path)
         try:
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(str(workdir / "tensorboard"))
+            self.writer = _summary_writer_class()(str(workdir / "tensorboard"))
         except ImportError:
             log.info("tensorboardX not installed: no TensorBoard events, metrics.jsonl only")
 
@@ -142,6 +140,26 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch.
+
+    tensorboardX imports torch whenever it is installed, only to accept torch
+    tensors: 2 s and more of a 2-core machine's start-up, for scalars that need
+    none of it. torch is hidden during the import unless it is loaded already.
+    """
+    import sys
+
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide and "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
+    return SummaryWriter
 
 
 def _line_step(line: str):

@@ -145,3 +145,49 @@ def test_bad_arguments_are_named():
         tiny(head="dense")
     with pytest.raises(ValueError, match="empty image"):
         tiny()(jnp.zeros((1, 0, 5, 3)))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_training_batch_norm_equals_nnx_batch_norm(dtype, relu):
+    """fcn.model.batch_norm_train (the U-Net's batch norm in training, fused with the ReLU after it on
+    CPU, with its own gradient): nnx.BatchNorm's output, updated running statistics, and gradients for
+    the input, scale and bias, under jit."""
+    from fcn.model import batch_norm_train
+
+    bn = nnx.BatchNorm(8, momentum=0.9, dtype=dtype, rngs=nnx.Rngs(0))
+    keys = jax.random.split(jax.random.key(1), 3)
+    bn.scale.set_value(jax.random.normal(keys[0], (8,)))
+    bn.bias.set_value(jax.random.normal(keys[1], (8,)))
+    bn.mean.set_value(jnp.arange(8.0))
+    bn.var.set_value(jnp.arange(8.0) + 1)
+    x = 3 * jax.random.normal(keys[2], (2, 5, 7, 8)) + 1
+    graph, params, stats = nnx.split(bn, nnx.Param, ...)
+
+    def run(norm, params, x):
+        model = nnx.merge(graph, params, jax.tree.map(lambda v: v, stats))
+        return norm(model, x), nnx.state(model, nnx.BatchStat)
+
+    def both(norm):
+        y, after = jax.jit(lambda p, x: run(norm, p, x))(params, x)
+        loss = lambda x, p: jnp.sum(jnp.sin(3 * run(norm, p, x)[0].astype(jnp.float32)))
+        return y, after, jax.jit(jax.grad(loss, argnums=(0, 1)))(x, params)
+
+    def reference(model, x):
+        y = model(x)
+        return jax.nn.relu(y) if relu else y
+
+    y_ref, after_ref, (dx_ref, dp_ref) = both(reference)
+    y, after, (dx, dp) = both(lambda m, x: batch_norm_train(m, x, relu=relu))
+    assert y.dtype == y_ref.dtype == dtype
+    assert not relu or (np.asarray(y_ref) == 0).mean() > 0.2  # the ReLU has work to do
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    close = lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), tol, tol)
+    close(y, y_ref)
+    for name in ("mean", "var"):
+        close(after[name].get_value(), after_ref[name].get_value())
+        assert not np.allclose(after[name].get_value(), stats[name].get_value())  # they were updated
+    close(dx, dx_ref)
+    for name in ("scale", "bias"):
+        assert np.abs(dp_ref[name].get_value()).max() > 0.1
+        close(dp[name].get_value(), dp_ref[name].get_value())

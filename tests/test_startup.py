@@ -1,0 +1,73 @@
+"""What a training run does before its first step: the state in one compilation, no torch or TensorFlow.
+
+How long it takes is measured in benchmarks/first_step.py, not here.
+"""
+
+import importlib.util
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import tiny
+from fcn import state as state_lib
+from fcn.model import from_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_state_is_created_by_one_compilation_with_the_eager_values():
+    config = tiny.get_config()
+    compiled = []
+
+    def listener(event, duration, **kwargs):
+        if event.endswith("backend_compile_duration"):
+            compiled.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        _, state, _ = state_lib.create(config, 4)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert len(compiled) == 1, compiled
+    # The same numbers as building the model outside jit, initialiser by initialiser.
+    _, params, rest = nnx.split(from_config(config.model, 4, rngs=nnx.Rngs(config.seed)), nnx.Param, ...)
+    for got, want in zip(jax.tree.leaves((state["params"], state["rest"])), jax.tree.leaves((params, rest))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboardX") is None, reason="tensorboardX not installed")
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch not installed: nothing to keep out")
+def test_training_modules_and_tensorboard_logging_import_no_torch_or_tensorflow(tmp_path):
+    """tensorboardX imports torch when it can (seconds at every start); the metrics log keeps it out."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+        import fcn.cli, fcn.train
+        log = fcn.train.MetricsLog(Path({str(tmp_path)!r}), 0)
+        assert log.writer is not None
+        log.write(1, {{"loss": 0.5}})
+        log.close()
+        print(sorted(m for m in ("torch", "tensorflow", "matplotlib") if m in sys.modules))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    # The event file holds the scalar: TFRecord framing (length, crc, Event proto, crc), tag and value inside.
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    data = events[0].read_bytes()
+    records, pos = [], 0
+    while pos < len(data):
+        (n,) = struct.unpack("<Q", data[pos : pos + 8])
+        records.append(data[pos + 12 : pos + 12 + n])
+        pos += 12 + n + 4
+    assert any(b"train/loss" in r and struct.pack("<f", 0.5) in r for r in records)
