@@ -68,6 +68,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default="runs/ablation")
     parser.add_argument("--override", action="append", default=[], help="key=value on top of the config")
+    parser.add_argument(
+        "--report_only", action="store_true", help="train nothing: the table of the runs already finished"
+    )
     args = parser.parse_args(argv)
 
     from fcn.cli import retain_memory
@@ -89,11 +92,20 @@ def main(argv=None) -> int:
                 config = load_config(args.config, args.override)
                 config.seed, config.model.head, config.model.bottleneck = seed, head, bottleneck
                 workdir = out / f"{name}_s{seed}"
-                train_and_evaluate(config, workdir)
-                loss, speed, miou = train_logs(workdir)
+                if args.report_only:
+                    if not (workdir / "metrics.jsonl").exists():
+                        continue
+                    loss, speed, miou = train_logs(workdir)
+                    if not loss or loss[-1][0] < config.num_steps or miou is None:
+                        continue  # unfinished
+                else:
+                    train_and_evaluate(config, workdir)
+                    loss, speed, miou = train_logs(workdir)
                 mious.append(miou)
                 speeds.extend(speed[1:])  # the first logged interval includes compilation
                 per_seed.append(loss)
+            if not mious:
+                continue
             model = from_config(config.model, num_classes(config), rngs=nnx.Rngs(0))
             _, total = layer_rows(model, (1, 360, 480, 3))
             steps = [s for s, _ in per_seed[0]]
@@ -102,8 +114,8 @@ def main(argv=None) -> int:
                 (
                     name,
                     np.mean(mious),
-                    np.std(mious),
-                    len(mious),
+                    np.std(mious, ddof=1) if len(mious) > 1 else float("nan"),  # sample standard deviation
+                    mious,
                     total["params"],
                     total["flops"],
                     float(np.median(speeds)) if speeds else float("nan"),
@@ -119,12 +131,13 @@ def write_report(out: Path, rows, curves, args) -> None:
         + "".join(f" --override {o}" for o in args.override)
         + "`",
         "",
-        "| variant | val mean IoU (mean ± std) | seeds | parameters | GFLOPs / 360x480 image | train img/s |",
+        "| variant | val mean IoU (mean ± std) | per seed | parameters | GFLOPs / 360x480 image | train img/s |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for name, mean, std, n, params, flops, speed in rows:
+    for name, mean, std, mious, params, flops, speed in rows:
+        seeds = ", ".join(f"{100 * m:.1f}" for m in mious)
         lines.append(
-            f"| {name} | {100 * mean:.2f} ± {100 * std:.2f} | {n} | {params:,} | {flops / 1e9:.1f} | {speed:.1f} |"
+            f"| {name} | {100 * mean:.2f} ± {100 * std:.2f} | {seeds} | {params:,} | {flops / 1e9:.1f} | {speed:.1f} |"
         )
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
