@@ -72,40 +72,45 @@ class Examples:
         return self.size_fn(i)
 
 
-def decode_all(examples: Examples, *, workers: int = 8, skip_bad: bool = False, desc: str = "decoding") -> Split:
-    """Decodes every example in parallel threads into a Split, in order.
+def map_examples(fn, examples: Examples, *, workers: int = 8, skip_bad: bool = False, desc: str = "decoding"):
+    """[(i, fn(i))] for every example, computed in parallel threads, in order.
 
-    A bad example raises DataError, or with skip_bad=True is logged, skipped
-    and counted.
+    A DataError from fn raises, or with skip_bad=True is logged and the example
+    left out; the count left out is logged at the end, and an error raised when
+    nothing is left. A progress bar on a terminal from 100 examples up.
     """
     from tqdm import tqdm  # only needed here; keeps `import fcn.data` light
 
-    images, labels, names, skipped = [], [], [], 0
-    n = len(examples)
+    done, n = [], len(examples)
     disable = True if n < _PROGRESS_MIN_EXAMPLES else None  # None: only on a tty
     # PIL and numpy release the GIL while decoding, so threads give real speed-up.
     pool = ThreadPoolExecutor(max_workers=max(1, workers))
     try:
-        futures = [pool.submit(examples.read, i) for i in range(n)]
-        for name, future in tqdm(zip(examples.names, futures), total=n, desc=desc, disable=disable):
+        futures = [pool.submit(fn, i) for i in range(n)]
+        for i, future in tqdm(enumerate(futures), total=n, desc=desc, disable=disable):
             try:
-                image, label = future.result()
+                done.append((i, future.result()))
             except DataError as e:
                 if not skip_bad:
                     raise
-                skipped += 1
                 logger.warning("skipping bad %s: %s", examples.unit.rstrip("s"), e)
-                continue
-            images.append(image)
-            labels.append(label)
-            names.append(name)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    if skipped:
-        logger.warning("%s: skipped %d of %d %s (data.skip_bad=True)", desc, skipped, n, examples.unit)
-    if n and not images:
+    if len(done) < n:
+        logger.warning("%s: skipped %d of %d %s (data.skip_bad=True)", desc, n - len(done), n, examples.unit)
+    if n and not done:
         raise DataError(f"{desc}: all {n} {examples.unit} were unreadable")
-    return Split(images=images, labels=labels, names=names)
+    return done
+
+
+def decode_all(examples: Examples, *, workers: int = 8, skip_bad: bool = False, desc: str = "decoding") -> Split:
+    """Decodes every example in parallel threads into a Split, in order (bad ones: `map_examples`)."""
+    done = map_examples(examples.read, examples, workers=workers, skip_bad=skip_bad, desc=desc)
+    return Split(
+        images=[image for _, (image, _) in done],
+        labels=[label for _, (_, label) in done],
+        names=[examples.names[i] for i, _ in done],
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,7 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from fcn.data import pipeline
-from fcn.data.base import DataError, Examples
+from fcn.data.base import DataError, Examples, map_examples
 from fcn.data.images import rescale_pair
 
 logger = logging.getLogger(__name__)
@@ -38,26 +38,8 @@ logger = logging.getLogger(__name__)
 
 def scan_sizes(examples: Examples, workers: int, skip_bad: bool, desc: str) -> tuple[list[int], list[tuple[int, int]]]:
     """(ids, sizes): the examples whose size can be read (all unless skip_bad), and their (H, W)."""
-
-    def size(i: int):
-        try:
-            return examples.size(i)
-        except DataError as e:
-            if not skip_bad:
-                raise
-            logger.warning("skipping bad %s: %s", examples.unit.rstrip("s"), e)
-            return None
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        found = list(pool.map(size, range(len(examples))))
-    ids = [i for i, hw in enumerate(found) if hw is not None]
-    if len(ids) < len(found):
-        logger.warning(
-            "%s: skipped %d of %d %s (data.skip_bad=True)", desc, len(found) - len(ids), len(found), examples.unit
-        )
-    if found and not ids:
-        raise DataError(f"{desc}: all {len(found)} {examples.unit} were unreadable")
-    return ids, [tuple(int(v) for v in found[i]) for i in ids]
+    found = map_examples(examples.size, examples, workers=workers, skip_bad=skip_bad, desc=f"{desc} (sizes)")
+    return [i for i, _ in found], [tuple(int(v) for v in hw) for _, hw in found]
 
 
 class Stream:
