@@ -149,8 +149,6 @@ def _summary_writer_class():
     tensors: 2 s and more of a 2-core machine's start-up, for scalars that need
     none of it. torch is hidden during the import unless it is loaded already.
     """
-    import sys
-
     hide = "torch" not in sys.modules
     if hide:
         sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
