@@ -26,15 +26,40 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _with_values(model: nnx.Module) -> nnx.Module:
+    """`model` itself, or for an abstract one (`nnx.eval_shape(lambda: UNet(...))`) a copy holding zeros.
+
+    Shapes are all a summary needs; an abstract model skips the initialisers,
+    which on CPU cost about a second of compilation each.
+    """
+    graphdef, state = nnx.split(model)
+    if not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state)):
+        return model
+
+    def zeros(x):
+        if not isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(np.zeros((*x.shape, 2), np.uint32))
+        return np.zeros(x.shape, x.dtype)
+
+    return nnx.merge(graphdef, jax.tree.map(zeros, state))
+
+
 def layer_rows(model: nnx.Module, input_shape) -> tuple[list[dict], dict]:
-    """(rows for each conv/norm layer, totals) for a forward pass on `input_shape`."""
+    """(rows for each conv/norm layer, totals) for a forward pass on `input_shape`.
+
+    `model` may be abstract (from `nnx.eval_shape`): the figures depend on shapes only.
+    """
+    model = _with_values(model)
     calls = []
 
     def record(row) -> bool:
         calls.append(row)
         return False  # we format our own table
 
-    nnx.tabulate(model, jnp.zeros(input_shape, jnp.float32), compute_flops=True, row_filter=record)
+    # rngs: for dropout, when the model is in training mode (as it is when built).
+    nnx.tabulate(model, jnp.zeros(input_shape, jnp.float32), rngs=nnx.Rngs(0), compute_flops=True, row_filter=record)
     modules = dict(nnx.iter_modules(model))
     rows, total = [], {"flops": 0, "params": _count(model)}
     for call in calls:

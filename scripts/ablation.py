@@ -6,7 +6,7 @@
 Trains every variant (head linear | stacked | mlp, bottleneck 0 | 4) for each
 seed into `OUT/<variant>_s<seed>` (a finished run is not retrained: re-running
 resumes or skips), then writes `OUT/ablation.md` (mean and standard deviation
-of val mean IoU over seeds, parameters, FLOPs per 360x480 image from XLA's cost
+of val mean IoU over seeds, parameters, FLOPs per image (360x480, or --flops_size) from XLA's cost
 analysis, training images per second) and `OUT/loss_curves.png` (mean training
 loss per variant over steps).
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -27,19 +28,41 @@ BOTTLENECKS = (0, 4)
 
 
 def load_config(path: str, overrides: list[str]):
+    """The config file's get_config() with `key=value` overrides, as train.py's --config.key=value.
+
+    Values are Python literals (2e-3, 200, False, "(352, 480)"; anything else is
+    taken as a string); the locked config rejects an unknown key or a value of the
+    wrong type, naming it.
+    """
+    import ast
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("ablation_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
+    config.lock()
     for item in overrides:
-        key, _, value = item.partition("=")
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--override {item!r}: expected key=value")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        if isinstance(value, list):
+            value = tuple(value)
         section = config
         *parents, leaf = key.split(".")
-        for p in parents:
-            section = section[p]
-        section[leaf] = type(section[leaf])(json.loads(value) if not isinstance(section[leaf], str) else value)
+        try:
+            for p in parents:
+                section = section[p]
+            if isinstance(section[leaf], float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            section[leaf] = value
+        except (KeyError, AttributeError, TypeError) as e:
+            why = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() is its repr
+            raise SystemExit(f"--override {item!r}: {why}") from None
     return config
 
 
@@ -68,6 +91,14 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default="runs/ablation")
     parser.add_argument("--override", action="append", default=[], help="key=value on top of the config")
+    parser.add_argument(
+        "--flops_size",
+        type=int,
+        nargs=2,
+        default=(360, 480),
+        metavar=("H", "W"),
+        help="image size for the FLOPs column",
+    )
     parser.add_argument(
         "--report_only", action="store_true", help="train nothing: the table of the runs already finished"
     )
@@ -106,8 +137,9 @@ def main(argv=None) -> int:
                 per_seed.append(loss)
             if not mious:
                 continue
-            model = from_config(config.model, num_classes(config), rngs=nnx.Rngs(0))
-            _, total = layer_rows(model, (1, 360, 480, 3))
+            # Shapes are all the table needs: no initialisers run (nor compile).
+            model = nnx.eval_shape(lambda c=config: from_config(c.model, num_classes(c), rngs=nnx.Rngs(0)))
+            _, total = layer_rows(model, (1, *args.flops_size, 3))
             steps = [s for s, _ in per_seed[0]]
             curves[name] = (steps, np.mean([[v for _, v in run] for run in per_seed], axis=0))
             rows.append(
@@ -128,10 +160,11 @@ def main(argv=None) -> int:
 def write_report(out: Path, rows, curves, args) -> None:
     lines = [
         f"Command: `python scripts/ablation.py --config {args.config} --seeds {args.seeds} --out {args.out}"
-        + "".join(f" --override {o}" for o in args.override)
+        + "".join(f" --override {shlex.quote(o)}" for o in args.override)
         + "`",
         "",
-        "| variant | val mean IoU (mean ± std) | per seed | parameters | GFLOPs / 360x480 image | train img/s |",
+        "| variant | val mean IoU (mean ± std) | per seed | parameters "
+        f"| GFLOPs / {args.flops_size[0]}x{args.flops_size[1]} image | train img/s |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, mean, std, mious, params, flops, speed in rows:

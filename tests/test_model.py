@@ -138,6 +138,13 @@ def test_summary_table_has_totals_matching_parameter_count():
     assert "(1, 37, 41, 3)" in text and "FLOPs" in text and "ConvTranspose" in text
 
 
+def test_summary_of_an_abstract_model_equals_the_built_one_dropout_too():
+    # nnx.eval_shape skips the initialisers (about a second of compilation each on CPU).
+    built = tiny(depth=2, dropout=0.1)
+    abstract = nnx.eval_shape(lambda: tiny(depth=2, dropout=0.1))
+    assert fcn.summary(abstract, (1, 20, 24, 3)) == fcn.summary(built, (1, 20, 24, 3))
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="num_classes"):
         UNet(1, rngs=nnx.Rngs(0))

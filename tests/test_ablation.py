@@ -1,0 +1,76 @@
+"""scripts/ablation.py: its overrides (as train.py's --config.key=value) and its report."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("ablation", ROOT / "scripts" / "ablation.py")
+ablation = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ablation)
+TINY = str(ROOT / "configs" / "tiny.py")
+
+
+def test_overrides_take_python_literals_and_keep_types():
+    c = ablation.load_config(
+        TINY,
+        [
+            "augment.crop_size=(16, 24)",
+            "eval_hflip=True",
+            "optimizer.learning_rate=1",
+            "num_steps=7",
+            "model.dtype=bfloat16",
+        ],
+    )
+    assert c.augment.crop_size == (16, 24)
+    assert c.eval_hflip is True
+    assert c.optimizer.learning_rate == 1.0 and isinstance(c.optimizer.learning_rate, float)
+    assert c.num_steps == 7
+    assert c.model.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    "item, names",
+    [
+        ("num_stepz=3", "num_steps"),
+        ("num_steps=abc", "num_steps"),
+        ("augment.crop_size=3", "crop_size"),
+        ("seed", "key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(item, names):
+    with pytest.raises(SystemExit) as e:
+        ablation.load_config(TINY, [item])
+    assert names in str(e.value) and item in str(e.value)
+
+
+def test_report_only_tabulates_finished_runs(tmp_path, monkeypatch):
+    # Two finished seeds of `linear`, one unfinished of `stacked`: only linear is reported.
+    def write(name, seed, miou, last_step):
+        d = tmp_path / f"{name}_s{seed}"
+        d.mkdir()
+        rows = [{"step": s, "loss": 1.0 / s, "images_per_sec": 10.0 + s} for s in range(1, last_step + 1)]
+        if last_step == 6:
+            rows.append({"step": 6, "eval_mean_iou": miou})
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    write("linear", 0, 0.30, 6)
+    write("linear", 1, 0.40, 6)
+    write("stacked", 0, 0.50, 3)
+    monkeypatch.setattr(sys, "argv", ["ablation.py"])
+    monkeypatch.setattr("fcn.cli.retain_memory", lambda: False)  # leave this process's malloc settings alone
+    assert (
+        ablation.main(
+            ["--config", TINY, "--seeds", "0,1", "--out", str(tmp_path), "--report_only", "--flops_size", "24", "32"]
+        )
+        == 0
+    )
+    table = (tmp_path / "ablation.md").read_text()
+    lines = [row for row in table.splitlines() if row.startswith("| linear ")]
+    assert len(lines) == 1 and "stacked" not in table
+    assert "35.00 ± 7.07" in lines[0]  # mean and sample std (ddof=1) of 30 and 40
+    assert "30.0, 40.0" in lines[0]
+    assert (tmp_path / "loss_curves.png").stat().st_size > 0
