@@ -72,7 +72,7 @@ def test_stopped_and_resumed_run_equals_unbroken_run(tmp_path):
 
 
 def test_command_line_train_evaluate_resume(tmp_path):
-    env = {**os.environ, "FCN_JAX_CACHE": str(tmp_path / "cache")}
+    env = dict(os.environ)  # FCN_JAX_CACHE: the module's cache, which the tests above filled for this config
     workdir = tmp_path / "run"
     train = [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(workdir)]
     subprocess.run(train + ["--config.num_steps=4"], cwd=ROOT, env=env, check=True, capture_output=True)
