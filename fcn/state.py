@@ -68,23 +68,17 @@ def make_optimizer(config) -> optax.GradientTransformation:
     return tx
 
 
-def create(config, num_classes: int) -> tuple[Graphs, State, optax.GradientTransformation]:
-    """Initialise the model and optimizer state from `config.seed`.
-
-    Under one jax.jit: one compilation, and one persistent-cache entry to load
-    on later runs, instead of one per initialiser (about a hundred, which made
-    creating the state 2-3 s of a warm start on 2 cores).
-    """
+def _initialiser(config, num_classes: int):
+    """(init, tx, graphs): init() -> State builds the model and optimizer state; graphs() after it ran."""
     tx = make_optimizer(config)
-    graphs = None
+    graphs = []
 
     def init() -> State:
-        nonlocal graphs
         model = from_config(config.model, num_classes, rngs=nnx.Rngs(config.seed))
         graph_train, params, rest = nnx.split(model, nnx.Param, ...)
         model.eval()
         graph_eval, _, _ = nnx.split(model, nnx.Param, ...)
-        graphs = Graphs(graph_train, graph_eval)
+        graphs.append(Graphs(graph_train, graph_eval))
         return {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
@@ -93,21 +87,32 @@ def create(config, num_classes: int) -> tuple[Graphs, State, optax.GradientTrans
             "ema": params if config.optimizer.ema_decay > 0 else None,
         }
 
-    state = jax.jit(init)()
-    return graphs, state, tx
+    return init, tx, lambda: graphs[-1]
+
+
+def create(config, num_classes: int) -> tuple[Graphs, State, optax.GradientTransformation]:
+    """Initialise the model and optimizer state from `config.seed`.
+
+    Under one jax.jit: one compilation, and one persistent-cache entry to load
+    on later runs, instead of one per initialiser (about a hundred, which made
+    creating the state 2-3 s of a warm start on 2 cores). On CPU that program
+    is compiled without LLVM's optimisation: it runs once, and optimising its
+    random-number and inverse-erf code took most of a cold start's state
+    creation (configs/camvid_cpu.py on 2 cores: 7.9 s at -O2, 2.5 s at -O0).
+    The values differ from an optimised build's in rounding only (at most
+    4.5e-8 there).
+    """
+    init, tx, graphs = _initialiser(config, num_classes)
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    state = jax.jit(init, compiler_options=options)()
+    return graphs(), state, tx
 
 
 def abstract_state(config, num_classes: int) -> tuple[Graphs, State, optax.GradientTransformation]:
     """Shapes and dtypes of the state, without computing it (for restoring)."""
-    graphs, tx = None, None
-
-    def init():
-        nonlocal graphs, tx
-        graphs, state, tx = create(config, num_classes)
-        return state
-
+    init, tx, graphs = _initialiser(config, num_classes)
     state = jax.eval_shape(init)
-    return graphs, state, tx
+    return graphs(), state, tx
 
 
 def eval_model(graphs: Graphs, state: State) -> UNet:
