@@ -99,8 +99,9 @@ def create(config, num_classes: int) -> tuple[Graphs, State, optax.GradientTrans
     is compiled without LLVM's optimisation: it runs once, and optimising its
     random-number and inverse-erf code took most of a cold start's state
     creation (configs/camvid_cpu.py on 2 cores: 7.9 s at -O2, 2.5 s at -O0).
-    The values differ from an optimised build's in rounding only (at most
-    4.5e-8 there).
+    The values equal those of building the model eagerly (whose initialisers
+    are compiled the same way, fcn.model.eager_fast) bit for bit, and differ
+    from an optimised build's in rounding only (at most 4.5e-8 there).
     """
     init, tx, graphs = _initialiser(config, num_classes)
     options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None

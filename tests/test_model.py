@@ -148,6 +148,27 @@ def test_summary_of_an_abstract_model_equals_the_built_one_dropout_too():
     assert fcn.summary(abstract, (1, 20, 24, 3)) == fcn.summary(built, (1, 20, 24, 3))
 
 
+def test_eager_call_runs_jitted_with_the_traced_values_and_updates_batch_norm():
+    model = tiny(depth=2)
+    x = np.random.default_rng(0).random((2, 20, 24, 3), np.float32)
+    graph, state = nnx.split(model)
+
+    @jax.jit
+    def traced(state, x):  # the plain path: inside a trace UNet.__call__ runs operation by operation
+        m = nnx.merge(graph, state)
+        return m(x), nnx.state(m)
+
+    means = lambda s: [np.array(v) for p, v in nnx.to_flat_state(s) if p[-1] == "mean"]  # noqa: E731
+    before = means(state)
+    assert before and not any(np.any(m) for m in before)  # running means start at 0
+    want, want_state = traced(state, x)
+    got = model(x)  # eager: through fcn.model._call_jitted
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    for got_m, want_m in zip(means(nnx.state(model)), means(want_state), strict=True):
+        assert np.any(got_m)  # the eager call updated the module's statistics, as eager code would
+        np.testing.assert_allclose(got_m, want_m, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="num_classes"):
         UNet(1, rngs=nnx.Rngs(0))
