@@ -47,7 +47,8 @@ def eager_fast(init: Callable) -> Callable:
     compiled without LLVM optimisation.
 
     Building a U-Net eagerly (`UNet(...)` in a notebook) compiled each initialiser's random-number
-    code once per weight shape, about a second each on 2 CPU cores: 10.7 s for the default network.
+    code once per weight shape, about a second each on 2 CPU cores: 10.5-12.4 s for the default
+    network, 3.9-4.3 s now (benchmarks/notebook_start.py).
     Under a trace it is `init` itself; fcn.state.create builds the state under one jit, compiled the
     same way, and gets the same values bit for bit. Against an optimised build they differ in
     rounding only (4.5e-8 for configs/camvid_cpu.py).
@@ -402,8 +403,8 @@ def pad_to_multiple(x_BHWC: jax.Array, multiple: int, mode: str = "reflect"):
 def _call_jitted(model: UNet, x_BHWC, rngs, prescaled: bool):
     """UNet.__call__ under nnx.jit: called eagerly, the network compiles once per input shape (and
     mode) instead of once per operation and shape: a first call of the default network on a
-    37 x 101 image took 5.7 s before, 0.9 s now (2 CPU cores). Batch-norm statistics and dropout
-    keys are updated as they are eagerly."""
+    37 x 101 image took 5.1 s before, 0.8-1.1 s now (2 CPU cores, benchmarks/notebook_start.py).
+    Batch-norm statistics and dropout keys are updated as they are eagerly."""
     return model(x_BHWC, rngs=rngs, prescaled=prescaled)
 
 
