@@ -8,11 +8,12 @@ its logits are resized back, so evaluation is on the full 360 x 480 val
 images against full-resolution labels.
 
 Measured 2026-11-21 with the command above on the 2-core development machine
-(AMD EPYC, 24 GiB, no GPU; jax on CPU; load average about 1.4, nothing else
-training): 1400 steps, 16 min 37 s for the whole command (data decoding,
-compilation, training, two full-resolution evaluations, checkpoints), val mean
-IoU 58.4, pixel accuracy 89.2% (per class in docs/results.md). The same config
-on the code before the batch-norm change reached 57.5 (rounding differs).
+(AMD EPYC, 24 GiB, no GPU; jax on CPU; nothing else running), on the code as
+committed: 1400 steps, 17 min 7 s for the whole command from an empty
+compilation cache (data decoding, compilation, training, two full-resolution
+evaluations, checkpoints), val mean IoU 57.3, pixel accuracy 88.8% (per class
+in docs/results.md). Earlier code that rounds differently reached 58.4 (16 min
+37 s) and 57.5 with the same config: about a point of run-to-run variation.
 """
 
 from fcn.config import default_config

@@ -55,10 +55,10 @@ def eager_fast(init: Callable) -> Callable:
     """
 
     @functools.wraps(init)
-    def wrapped(key, shape, dtype=jnp.float32):
-        if _outside_traces(key):
+    def wrapped(key, shape, dtype=jnp.float32, **kwargs):
+        if _outside_traces(key) and not kwargs:  # (kwargs such as out_sharding: the plain path)
             return _unoptimised_jit(init)(key, tuple(shape), dtype)
-        return init(key, shape, dtype)
+        return init(key, shape, dtype, **kwargs)
 
     return wrapped
 
