@@ -169,6 +169,24 @@ def test_eager_call_runs_jitted_with_the_traced_values_and_updates_batch_norm():
         np.testing.assert_allclose(got_m, want_m, rtol=1e-5, atol=1e-6)
 
 
+def test_eager_gradient_steps_through_the_jitted_call_reduce_the_loss():
+    # A hand-written notebook loop: nnx.value_and_grad outside jit, the images concrete, so the
+    # model's call goes through fcn.model._call_jitted with traced parameters.
+    import optax
+
+    model = tiny(depth=2)
+    rng = np.random.default_rng(0)
+    x, y = rng.random((2, 16, 16, 3), np.float32), rng.integers(0, 3, (2, 16, 16))
+    loss_fn = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()  # noqa: E731
+    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    losses = []
+    for _ in range(4):
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        losses.append(float(loss))
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="num_classes"):
         UNet(1, rngs=nnx.Rngs(0))
