@@ -92,11 +92,15 @@ def _parse_flags(argv):
 
     try:
         return flags.FLAGS(argv)
-    except (AttributeError, KeyError) as e:
+    except (AttributeError, KeyError, flags.Error) as e:
+        print(f"error: {flag_error(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def flag_error(e: Exception) -> str:
+    """One line for an error parsing flags, --config.key=value overrides included."""
+    if isinstance(e, (AttributeError, KeyError)):
         # ml_collections raises these for an unknown --config.key, naming the closest valid key.
         msg = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
-        print(f"error: unknown config key in the command line: {msg}", file=sys.stderr)
-        sys.exit(2)
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return f"unknown config key in the command line: {msg}"
+    return str(e)

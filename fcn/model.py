@@ -36,10 +36,18 @@ def _outside_traces(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def run_once_compiler_options() -> dict | None:
+    """jax.jit compiler options for programs that run once (initialisers): on CPU, no LLVM optimisation.
+
+    Optimising the random-number and inverse-erf code of the initialisers took
+    most of their compilation time, for code that runs a single time.
+    """
+    return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+
+
 @functools.cache
 def _unoptimised_jit(init: Callable) -> Callable:
-    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-    return jax.jit(init, static_argnums=(1, 2), compiler_options=options)
+    return jax.jit(init, static_argnums=(1, 2), compiler_options=run_once_compiler_options())
 
 
 def eager_fast(init: Callable) -> Callable:
@@ -338,8 +346,6 @@ class UNet(nnx.Module):
         if x_BHWC.ndim != 4:
             raise ValueError(f"UNet expects images [B, H, W, C], got shape {x_BHWC.shape}")
         if _outside_traces(x_BHWC):  # eagerly (a notebook): one compiled program, not one per operation
-            if min(x_BHWC.shape[1:3]) < 1:
-                raise ValueError(f"UNet got an empty image of size {x_BHWC.shape[1]}x{x_BHWC.shape[2]}")
             return _call_jitted(self, x_BHWC, rngs, prescaled)
         b, h, w, c = x_BHWC.shape
         if h < 1 or w < 1:

@@ -18,7 +18,7 @@ from flax import nnx
 
 from fcn import losses, metrics
 from fcn.data import pipeline
-from fcn.model import UNet, from_config
+from fcn.model import UNet, from_config, run_once_compiler_options
 
 State = dict[str, Any]  # {"step", "params", "rest", "opt_state", "ema"}
 
@@ -104,8 +104,7 @@ def create(config, num_classes: int) -> tuple[Graphs, State, optax.GradientTrans
     from an optimised build's in rounding only (at most 4.5e-8 there).
     """
     init, tx, graphs = _initialiser(config, num_classes)
-    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-    state = jax.jit(init, compiler_options=options)()
+    state = jax.jit(init, compiler_options=run_once_compiler_options())()
     return graphs(), state, tx
 
 

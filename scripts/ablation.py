@@ -28,42 +28,24 @@ BOTTLENECKS = (0, 4)
 
 
 def load_config(path: str, overrides: list[str]):
-    """The config file's get_config() with `key=value` overrides, as train.py's --config.key=value.
+    """The config file with `key=value` overrides, parsed as train.py parses `--config.key=value`.
 
-    Values are Python literals (2e-3, 200, False, "(352, 480)"; anything else is
-    taken as a string); the locked config rejects an unknown key or a value of the
-    wrong type, naming it.
+    The same ml_collections config flag (in a flag set of its own), locked: an
+    unknown key or a value of the wrong type is an error that names it.
     """
-    import ast
-    import importlib.util
+    from absl import flags
+    from ml_collections import config_flags
 
-    spec = importlib.util.spec_from_file_location("ablation_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.lock()
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--override {item!r}: expected key=value")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        if isinstance(value, list):
-            value = tuple(value)
-        section = config
-        *parents, leaf = key.split(".")
-        try:
-            for p in parents:
-                section = section[p]
-            if isinstance(section[leaf], float) and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            section[leaf] = value
-        except (KeyError, AttributeError, TypeError) as e:
-            why = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() is its repr
-            raise SystemExit(f"--override {item!r}: {why}") from None
-    return config
+    from fcn.cli import flag_error
+
+    argv = [sys.argv[0], f"--config={path}", *(f"--config.{o}" for o in overrides)]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True, sys_argv=argv)
+    try:
+        values(argv)
+        return values.config
+    except (AttributeError, KeyError, flags.Error) as e:
+        raise SystemExit(f"error: {flag_error(e)}") from None
 
 
 def num_classes(config) -> int:

@@ -29,6 +29,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:?usage: bash scripts/run_gpu.sh camvid|ablation [--minutes M] [--smoke] [flags ...]}
 shift
+case "$what" in
+  camvid|ablation) ;;
+  *) echo "unknown: $what (camvid or ablation)" >&2; exit 2 ;;
+esac
 minutes=8
 smoke=0
 extra=()
@@ -86,7 +90,6 @@ case "$what" in
     done
     (cd "$out" 2>/dev/null && tar czf "$OUT_DIR/ablation_metrics.tgz" ./*/metrics.jsonl ./*/config.json 2>/dev/null) || true
     ;;
-  *) echo "unknown: $what (camvid or ablation)" >&2; exit 2 ;;
 esac
 echo "results in $OUT_DIR: $(ls "$OUT_DIR" | tr '\n' ' ')"
 exit $status

@@ -14,7 +14,7 @@ spec.loader.exec_module(ablation)
 TINY = str(ROOT / "configs" / "tiny.py")
 
 
-def test_overrides_take_python_literals_and_keep_types():
+def test_overrides_parse_as_train_py_parses_them():
     c = ablation.load_config(
         TINY,
         [
@@ -37,14 +37,13 @@ def test_overrides_take_python_literals_and_keep_types():
     [
         ("num_stepz=3", "num_steps"),
         ("num_steps=abc", "num_steps"),
-        ("augment.crop_size=3", "crop_size"),
-        ("seed", "key=value"),
+        ("seed", "seed"),
     ],
 )
 def test_bad_overrides_name_the_key(item, names):
     with pytest.raises(SystemExit) as e:
         ablation.load_config(TINY, [item])
-    assert names in str(e.value) and item in str(e.value)
+    assert names in str(e.value) and item.split("=")[0] in str(e.value)
 
 
 def test_report_only_tabulates_finished_runs(tmp_path, monkeypatch):

@@ -19,3 +19,6 @@ def test_gpu_script_names_what_it_runs():
     assert Path("scripts/run_gpu.sh") in SCRIPTS and Path("scripts/gpu_env.sh") in SCRIPTS
     done = subprocess.run(["bash", "scripts/run_gpu.sh"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode != 0 and "camvid|ablation" in done.stderr
+    done = subprocess.run(["bash", "scripts/run_gpu.sh", "camvd"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "unknown: camvd (camvid or ablation)" in done.stderr
+    assert "jax" not in done.stdout  # refused before setting up the environment
