@@ -79,7 +79,7 @@ def fcn_train_step(args):
     config = fcn_config(args)
     with route_upsampling(args.conv_impl):
         graphs, state, tx = state_lib.create(config, args.classes)
-    step = jax.jit(state_lib.make_train_step(config, graphs, tx, args.classes, 255), donate_argnums=0)
+    step = state_lib.jit_train_step(config, graphs, tx, args.classes, 255)
     batch = tuple(jax.device_put(a) for a in synthetic_batch(args))
     return step, state, batch
 

@@ -96,9 +96,7 @@ def main(argv=None) -> int:
     augment = jax.jit(lambda k, i, lab, s: pipeline.augment(k, i, lab, s, config.augment, source.ignore_label))
     graphs, state, tx = state_lib.create(config, source.num_classes)
     state = jax.device_put(state, sharding.replicated(mesh))
-    step_fn = jax.jit(
-        state_lib.make_train_step(config, graphs, tx, source.num_classes, source.ignore_label), donate_argnums=0
-    )
+    step_fn = state_lib.jit_train_step(config, graphs, tx, source.num_classes, source.ignore_label)
     counter = iter(range(10**9))  # every batch a new step: no batch is timed twice
     streams = []
 

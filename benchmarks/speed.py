@@ -20,7 +20,7 @@ Measures, in one run:
     step), the rate reached, and on GPU the model FLOPs utilisation against a
     bfloat16 matrix product timed in the same run.
 
-fcn's training step is fcn.state.make_train_step itself (on-device
+fcn's training step is fcn.state.jit_train_step itself (on-device
 augmentation, loss, AdamW, metrics); PyTorch's is forward, cross-entropy,
 backward, clipping, AdamW (benchmarks/unet_torch.py) on batches already in
 tensors, so the comparison leaves fcn's augmentation cost in fcn's figure.

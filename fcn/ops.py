@@ -20,7 +20,9 @@ model uses (`config.model.conv_impl`); `ConvTranspose` routes the transposed
           (nine shifted products, im2col, lax patches) ran 1.1-2.5x slower
           still, all U-Net shapes: each copies the input 3 to 9 times.
   "auto"  "gemm" when the default backend is the CPU, else "xla" (cuDNN on GPU
-          has no such weakness).
+          has no such weakness). On the CPU the training step is also
+          compiled with `train_compiler_options`: its 3x3 convolutions run
+          through XLA's Eigen kernels instead of YNNPACK's.
 
 Every rewrite computes the same function as jax.lax.conv_general_dilated, values
 and gradients, float32 and bfloat16 (tests/test_ops.py). Measurements:
@@ -59,6 +61,29 @@ def _auto(*args, **kwargs):
     # Decided at trace time: one process traces for one backend.
     conv = conv_general_dilated if jax.default_backend() == "cpu" else lax.conv_general_dilated
     return conv(*args, **kwargs)
+
+
+# XLA:CPU's YNNPACK library fusions (jaxlib 0.10) less its convolutions: reductions and
+# matrix products stay YNNPACK's. Its default is these two plus individual convolutions.
+_YNN_WITHOUT_CONVOLUTIONS = "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+
+
+def train_compiler_options(name: str) -> dict | None:
+    """jax.jit compiler options for the training step under `config.model.conv_impl` = name.
+
+    "auto" on the CPU: 3x3 convolutions by XLA's Eigen kernels, not YNNPACK's.
+    YNNPACK runs the convolutions of the U-Net's middle levels on one core;
+    Eigen's use both, and their weight gradients are 1.4-2.2x faster at 64
+    channels and more. The whole training step (median of 5-7, alternating in
+    one process, 2-core AMD EPYC): default network 4 x 256 x 256 1869 -> 1309 ms,
+    configs/camvid_cpu.py 670 -> 643 ms. Evaluation and inference keep
+    YNNPACK: the default network's forward pass was 6% slower without it
+    (docs/benchmarks.md). None elsewhere: jax's defaults.
+    """
+    conv_fn(name)  # checks the name
+    if name == "auto" and jax.default_backend() == "cpu":
+        return {"xla_cpu_experimental_ynn_fusion_type": _YNN_WITHOUT_CONVOLUTIONS}
+    return None
 
 
 def conv_general_dilated(

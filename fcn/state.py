@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from fcn import losses, metrics
+from fcn import losses, metrics, ops
 from fcn.data import pipeline
 from fcn.model import UNet, from_config, run_once_compiler_options
 
@@ -160,6 +160,17 @@ def make_train_step(config, graphs: Graphs, tx, num_classes: int, ignore_label: 
         return new_state, out
 
     return train_step
+
+
+def jit_train_step(config, graphs: Graphs, tx, num_classes: int, ignore_label: int, class_weights=None, **jit_kwargs):
+    """make_train_step's step under jax.jit: the state donated, compiled with the options of
+    `config.model.conv_impl` for this backend (fcn.ops.train_compiler_options)."""
+    return jax.jit(
+        make_train_step(config, graphs, tx, num_classes, ignore_label, class_weights),
+        donate_argnums=0,
+        compiler_options=ops.train_compiler_options(config.model.get("conv_impl", "xla")),
+        **jit_kwargs,
+    )
 
 
 def make_eval_step(graphs: Graphs, num_classes: int, ignore_label: int, hflip: bool = False):

@@ -218,9 +218,13 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
             checkpoint.write_json_atomic(workdir / "dataset.json", info)
         state = jax.device_put(state, sharding.replicated(mesh))
 
-        train_step = jax.jit(
-            state_lib.make_train_step(config, graphs, tx, source.num_classes, source.ignore_label, class_weights),
-            donate_argnums=0,
+        train_step = state_lib.jit_train_step(
+            config,
+            graphs,
+            tx,
+            source.num_classes,
+            source.ignore_label,
+            class_weights,
             # State and metrics stay replicated, so every process can read the losses it logs.
             out_shardings=sharding.replicated(mesh),
         )

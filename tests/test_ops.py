@@ -115,6 +115,35 @@ def test_conv_transpose_2x2_stride_2_is_a_matrix_product():
     assert "conv_general_dilated" not in primitives(jax.grad(lambda m: m(x).sum()), layer)
 
 
+def _library_fusions(fn, compiler_options, *args) -> dict[str, int]:
+    """How many of each XLA:CPU op the compiled program runs: YNNPACK fusions, bare convolutions."""
+    text = jax.jit(fn).lower(*args).compile(compiler_options=compiler_options).as_text()
+    return {"ynn": text.count('"kind":"__ynn_fusion"'), "convolution": text.count(" convolution(")}
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's library fusions")
+def test_train_compiler_options_move_only_convolutions_off_ynnpack():
+    """The training step's option is accepted by this jaxlib and does what fcn.ops says: the 3x3
+    convolution leaves YNNPACK for XLA's own kernels, the reduction stays YNNPACK's, values agree."""
+    options = ops.train_compiler_options("auto")
+    assert options is not None
+    assert ops.train_compiler_options("xla") is None and ops.train_compiler_options("gemm") is None
+    with pytest.raises(ValueError, match="conv_impl='fast'"):
+        ops.train_compiler_options("fast")
+    # 32 channels: YNNPACK takes convolutions this wide (not 8 or 16 channels).
+    x, w = random(0, (1, 16, 12, 32), jnp.float32), random(1, (3, 3, 32, 32), jnp.float32)
+    conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)  # noqa: E731
+    dw = jax.grad(lambda w, x: conv(x, w).sum())
+    for fn in (conv, lambda x, w: dw(w, x)):
+        assert _library_fusions(fn, None, x, w)["ynn"] >= 1
+        assert _library_fusions(fn, options, x, w) == {"ynn": 0, "convolution": 1}
+        want = jax.jit(fn)(x, w)
+        got = jax.jit(fn).lower(x, w).compile(compiler_options=options)(x, w)
+        assert rel_err(got, want) < 1e-5
+    total = lambda x: jnp.sum(x, axis=(0, 1, 2))  # noqa: E731
+    assert _library_fusions(total, options, x)["ynn"] == 1
+
+
 def test_conv_transpose_keeps_nnx_parameters():
     a = nnx.ConvTranspose(4, 3, (2, 2), strides=(2, 2), rngs=nnx.Rngs(0))
     b = ops.ConvTranspose(4, 3, (2, 2), strides=(2, 2), rngs=nnx.Rngs(0), conv_general_dilated=ops.conv_fn("gemm"))

@@ -38,7 +38,7 @@ def test_tiny_model_overfits_one_batch():
     labels = np.stack(split.labels[:4])
     sizes = np.array([lab.shape for lab in split.labels[:4]], np.int32)
     graphs, state, tx = state_lib.create(config, 4)
-    step = jax.jit(state_lib.make_train_step(config, graphs, tx, 4, 255), donate_argnums=0)
+    step = state_lib.jit_train_step(config, graphs, tx, 4, 255)
     for _ in range(config.num_steps):
         state, out = step(state, images, labels, sizes)
     model = state_lib.eval_model(graphs, state)
