@@ -6,8 +6,8 @@ Default flags: `--config configs/camvid_cpu.py --config.data.path=../shared/data
 --config.num_steps=1`, i.e. what `make train` runs, stopped after one step.
 Each run is a fresh process running `fcn.cli.train_main` (exactly what
 `python train.py` runs) in a new workdir; the first run starts from an empty
-compilation cache (FCN_JAX_CACHE, a temporary folder), later runs find it
-warm. Inside the child, timestamps from process start are taken at:
+cache folder (FCN_CACHE_DIR, a temporary folder: compilations and decoded
+splits), later runs find it warm. Inside the child, timestamps from process start are taken at:
 python imports done, each data split decoded, the state created, and the
 first step's metrics on the host (what the progress bar shows as step 1);
 jax.monitoring's events add tracing, lowering, backend compilation and
@@ -48,7 +48,11 @@ def child(flags: list[str], out_path: str) -> None:
     events: collections.Counter = collections.Counter()
     counts: collections.Counter = collections.Counter()
     detail: list = []
-    mark = lambda name: marks.append((name, time.perf_counter() - T0, time.process_time()))  # noqa: E731
+    import resource
+
+    def mark(name: str) -> None:
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # pages touched for the first time
+        marks.append((name, time.perf_counter() - T0, time.process_time(), faults))
 
     from fcn import cli  # what train.py imports
 
@@ -114,16 +118,20 @@ def wrap(owner, name: str, label, mark, once: bool = False) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=2, help="fresh processes; the first with an empty cache")
-    p.add_argument("--cache", default="", help="compilation cache folder (default: a new temporary one)")
+    p.add_argument(
+        "--cache", default="", help="FCN_CACHE_DIR: compilations and decoded splits (default: a new temporary one)"
+    )
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     args, flags = p.parse_known_args()
     flags = [f for f in flags if f != "--"] or DEFAULT_FLAGS
     if args.child:
         child(flags, args.child)
         return
-    cache = args.cache or tempfile.mkdtemp(prefix="fcn_jax_cache_")
-    env = dict(os.environ, FCN_JAX_CACHE=cache)
-    print(f"python train.py {' '.join(flags)} --workdir NEW; FCN_JAX_CACHE={cache}; load {os.getloadavg()[0]:.1f}")
+    cache = args.cache or tempfile.mkdtemp(prefix="fcn_cache_")
+    # Compilations and decoded splits both (FCN_JAX_CACHE overrides FCN_CACHE_DIR/jax).
+    env = dict(os.environ, FCN_CACHE_DIR=cache)
+    env.pop("FCN_JAX_CACHE", None)
+    print(f"python train.py {' '.join(flags)} --workdir NEW; FCN_CACHE_DIR={cache}; load {os.getloadavg()[0]:.1f}")
     for run in range(args.runs):
         workdir = tempfile.mkdtemp(prefix="fcn_first_step_")
         out = os.path.join(workdir, "timing.json")
@@ -137,11 +145,14 @@ def main() -> None:
         res = json.load(open(out))
         shutil.rmtree(workdir, ignore_errors=True)
         print(f"run {run + 1} ({'empty' if run == 0 and not args.cache else 'warm'} cache), wall {wall:.1f} s:")
-        print("  wall s  (+ phase)   CPU s (+ phase)")
-        prev = prev_cpu = 0.0
-        for name, t_end, cpu in res["marks"]:
-            print(f"  {t_end:6.2f}  (+{t_end - prev:5.2f})  {cpu:6.2f} (+{cpu - prev_cpu:5.2f})  {name}")
-            prev, prev_cpu = t_end, cpu
+        print("  wall s  (+ phase)   CPU s (+ phase)   page faults (+ phase)")
+        prev = prev_cpu = prev_faults = 0.0
+        for name, t_end, cpu, faults in res["marks"]:
+            print(
+                f"  {t_end:6.2f}  (+{t_end - prev:5.2f})  {cpu:6.2f} (+{cpu - prev_cpu:5.2f})  "
+                f"{faults:8d} (+{faults - prev_faults:7.0f})  {name}"
+            )
+            prev, prev_cpu, prev_faults = t_end, cpu, faults
         for t_end, name, fun, duration in res["detail"]:
             print(f"  {t_end:6.2f} s  {duration:6.2f} s  {name} {fun}")
         print("  compilation cache:", res["counts"])

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from fcn import checkpoint, losses, sharding, state as state_lib
 from fcn.config import ConfigError, validate, validate_against_data
 from fcn.data import get_source, pipeline
+from fcn.data.cache import cache_root
 from fcn.evaluate import evaluate_split, format_report, report
 
 log = logging.getLogger("fcn")
@@ -35,9 +36,7 @@ class TrainingError(RuntimeError):
 
 def enable_compilation_cache() -> str:
     """Persist XLA compilations, so a second run starts without recompiling."""
-    cache = os.environ.get("FCN_JAX_CACHE") or os.path.join(
-        os.environ.get("FCN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fcn"), "jax"
-    )
+    cache = os.environ.get("FCN_JAX_CACHE") or str(cache_root() / "jax")
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

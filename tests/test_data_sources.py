@@ -339,3 +339,83 @@ def test_synthetic_is_deterministic_and_learnable_looking():
         2,
         3,
     }
+
+
+# --- decoded splits kept on disk (fcn/data/cache.py) ------------------------
+
+
+def cached_entries():
+    from fcn.data import cache
+
+    return sorted(cache.decoded_dir().glob("*.split"))
+
+
+def no_decoding(monkeypatch):
+    """Any decoding from here on fails the test: what loads must come from the cache."""
+
+    def fail(*a, **k):
+        raise AssertionError("decoded although cached")
+
+    monkeypatch.setattr("fcn.data.images.read_pair", fail)
+
+
+def test_decoded_split_is_cached_and_read_back_bit_for_bit(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("FCN_CACHE_DIR", str(tmp_path / "cache"))
+    root = make_folder(tmp_path / "data", n=5, ext="jpg")
+    before = snapshot(root)
+    first = folder(root, val_fraction=0.0).load("train")
+    assert len(cached_entries()) == 1
+    with monkeypatch.context() as m:
+        no_decoding(m)
+        caplog.set_level("INFO", logger="fcn.data.cache")
+        again = folder(root, val_fraction=0.0).load("train")
+    assert "5 decoded examples read from" in caplog.text
+    assert list(again.names) == list(first.names)
+    for a, b in zip([*again.images, *again.labels], [*first.images, *first.labels]):
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+    assert snapshot(root) == before  # the data folder itself is never written
+
+
+def test_decoded_cache_misses_when_a_file_or_setting_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("FCN_CACHE_DIR", str(tmp_path / "cache"))
+    root = make_folder(tmp_path / "data", n=3)
+    assert int(folder(root, val_fraction=0.0).load("train").labels[1].max()) == 1
+    mask = root / "masks" / "im01.png"
+    save(mask, np.zeros((6, 8), np.uint8))  # same size on disk or not: a new modification time
+    assert int(folder(root, val_fraction=0.0).load("train").labels[1].max()) == 0
+    assert len(folder(root, val_fraction=0.0, max_size=4).load("train").images[0]) == 3  # another setting
+    assert len(cached_entries()) == 3
+    (root / "images" / "im02.png").write_bytes(b"")
+    split = folder(root, val_fraction=0.0, skip_bad=True).load("train")  # skip_bad is in the key too
+    assert list(split.names) == ["im00", "im01"] and len(cached_entries()) == 4
+
+
+def test_unreadable_cache_entry_is_decoded_again_and_replaced(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("FCN_CACHE_DIR", str(tmp_path / "cache"))
+    root = make_folder(tmp_path / "data", n=3)
+    first = folder(root, val_fraction=0.0).load("train")
+    (entry,) = cached_entries()
+    entry.write_bytes(entry.read_bytes()[:100])  # truncated, as by a full disk
+    split = folder(root, val_fraction=0.0).load("train")
+    assert "unreadable" in caplog.text and "decoding again" in caplog.text
+    assert all(np.array_equal(a, b) for a, b in zip(split.images, first.images))
+    with monkeypatch.context() as m:
+        no_decoding(m)
+        assert list(folder(root, val_fraction=0.0).load("train").names) == list(first.names)
+
+
+def test_cache_decoded_false_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("FCN_CACHE_DIR", str(tmp_path / "cache"))
+    root = make_folder(tmp_path / "data", n=3)
+    folder(root, val_fraction=0.0, cache_decoded=False).load("train")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_decoded_cache_keeps_the_most_recently_used_within_its_limit(tmp_path):
+    from fcn.data import cache
+
+    for i, name in enumerate(["old", "mid", "new"]):
+        (tmp_path / f"{name}.split").write_bytes(b"x" * 100)
+        os.utime(tmp_path / f"{name}.split", (1000 + i, 1000 + i))
+    cache.trim(tmp_path, limit=250)
+    assert sorted(p.stem for p in tmp_path.glob("*.split")) == ["mid", "new"]

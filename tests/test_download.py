@@ -219,7 +219,9 @@ def test_camvid_downloads_extracts_caches_and_loads(server, cache):
     train = source.load("train")
     assert len(train) == 3 and train.images[0].shape == (6, 8, 3)
     assert train.labels[0][0, 0] == 255  # void 11 -> ignore
-    assert sorted(p.name for p in cache.iterdir()) == ["camvid"]  # archive dropped
+    # The archive dropped; the extracted copy and the decoded split (fcn/data/cache.py) kept.
+    assert sorted(p.name for p in cache.iterdir()) == ["camvid", "decoded"]
+    assert not [p for p in cache.rglob("*") if p.suffix == ".zip"]
     # Second time: found in the cache, no network needed.
     assert len(get_source(camvid_config(closed_port_url())).load("val")) == 2
 

@@ -10,6 +10,7 @@ hold the same pixels by construction.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +62,9 @@ class Examples:
     read_fn: Callable[[int], tuple[np.ndarray, np.ndarray]]
     size_fn: Callable[[int], tuple[int, int]]
     unit: str = "examples"  # what one example is called in messages ("pairs" for image/mask files)
+    # What the decoded split depends on, as a string (fcn.data.cache.files_key), for `decode_all` to
+    # keep it decoded on disk; None: decoded afresh every time.
+    key_fn: Callable[[], str] | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -104,13 +108,28 @@ def map_examples(fn, examples: Examples, *, workers: int = 8, skip_bad: bool = F
 
 
 def decode_all(examples: Examples, *, workers: int = 8, skip_bad: bool = False, desc: str = "decoding") -> Split:
-    """Decodes every example in parallel threads into a Split, in order (bad ones: `map_examples`)."""
+    """Decodes every example in parallel threads into a Split, in order (bad ones: `map_examples`).
+
+    With `examples.key_fn`, the split decoded by an earlier run is read back
+    instead while nothing it depends on has changed (fcn/data/cache.py).
+    """
+    key = None
+    if examples.key_fn is not None:
+        from fcn.data import cache
+
+        key = hashlib.sha256(f"{examples.key_fn()}\0skip_bad={bool(skip_bad)}".encode()).hexdigest()[:32]
+        split = cache.load(key, desc)
+        if split is not None:
+            return split
     done = map_examples(examples.read, examples, workers=workers, skip_bad=skip_bad, desc=desc)
-    return Split(
+    split = Split(
         images=[image for _, (image, _) in done],
         labels=[label for _, (_, label) in done],
         names=[examples.names[i] for i, _ in done],
     )
+    if key is not None:
+        cache.save(key, split, desc)
+    return split
 
 
 @dataclasses.dataclass(frozen=True)

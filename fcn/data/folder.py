@@ -150,6 +150,7 @@ def folder_source(data_config) -> Source:
             value_map=value_map,
             color_map=color_map,
             max_size=int(data_config.max_size),
+            cache=bool(data_config.get("cache_decoded", False)),
         )
 
     def load(split: str) -> Split:

@@ -343,8 +343,13 @@ def pair_examples(
     value_map: Mapping | None = None,
     color_map: Sequence | np.ndarray | None = None,
     max_size: int = 0,
+    cache: bool = False,
 ) -> Examples:
-    """(image, mask) file pairs as lazy Examples, named by the image file stems."""
+    """(image, mask) file pairs as lazy Examples, named by the image file stems.
+
+    cache: give them a key (`Examples.key_fn`), so that `decode_all` keeps the
+    decoded split on disk for the next run (fcn/data/cache.py).
+    """
     pairs = [(Path(i), Path(m)) for i, m in pairs]
     value_map = normalize_value_map(value_map)
     check_labels_config(num_classes, ignore_label, value_map)
@@ -355,11 +360,25 @@ def pair_examples(
         "color_map": normalize_color_map(color_map, num_classes),
         "max_size": max_size,
     }
+
+    def key() -> str:
+        from fcn.data import base, cache
+
+        color = kwargs["color_map"]
+        settings = {
+            **kwargs,
+            "color_map": None if color is None else color.tolist(),
+            # The JPEG and PNG decoders are PIL's (libjpeg's version moves pixels).
+            "versions": (Image.__version__, np.__version__),
+        }
+        return cache.files_key(pairs, settings, code=(__file__, base.__file__))
+
     return Examples(
         names=[image.stem for image, _ in pairs],
         read_fn=lambda n: read_pair(*pairs[n], **kwargs),
         size_fn=lambda n: pair_size(*pairs[n], max_size=max_size),
         unit="pairs",
+        key_fn=key if cache else None,
     )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -77,13 +78,18 @@ def fill(pairs: Sequence[tuple[np.ndarray, np.ndarray]], shape_hw, ignore_label:
     return Canvas(images, labels, sizes)
 
 
-def stack(split: Split, ignore_label: int, scale: float = 1.0) -> Canvas:
+def stack(split: Split, ignore_label: int, scale: float = 1.0, workers: int = 8) -> Canvas:
     """Stack a split into one canvas (padding varied sizes up to the largest).
 
     scale: resize every example by this factor first (the model's
-    `input_scale`, so training sees what the network sees at evaluation).
+    `input_scale`, so training sees what the network sees at evaluation), in
+    `workers` threads (PIL resizes without the GIL).
     """
-    pairs = [rescale_pair(i, lab, scale) for i, lab in zip(split.images, split.labels)]
+    if scale == 1:
+        pairs = list(zip(split.images, split.labels))
+    else:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            pairs = list(pool.map(lambda p: rescale_pair(*p, scale), zip(split.images, split.labels)))
     shape = np.max([lab.shape for _, lab in pairs], axis=0) if pairs else (1, 1)
     canvas = fill(pairs, shape, ignore_label)
     return dataclasses.replace(canvas, source_labels=list(split.labels) if scale != 1 else None)
@@ -109,7 +115,7 @@ def training_data(source: Source, config):
     """
     d, scale = config.data, config.model.input_scale
     if d.storage == "memory":
-        return stack(source.load(d.train_split), source.ignore_label, scale)
+        return stack(source.load(d.train_split), source.ignore_label, scale, int(d.decode_workers))
     from fcn.data import stream  # imports this module
 
     examples = source.examples(d.train_split)
@@ -132,7 +138,7 @@ def training_data(source: Source, config):
     )
     if fits:
         split = decode_all(examples, workers=int(d.decode_workers), skip_bad=bool(d.skip_bad), desc=desc)
-        return stack(split, source.ignore_label, scale)
+        return stack(split, source.ignore_label, scale, int(d.decode_workers))
     return stream.Stream(
         examples,
         ids,

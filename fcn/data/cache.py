@@ -1,0 +1,143 @@
+"""fcn's cache folder, and decoded splits kept there so that a second run skips the decoding.
+
+Decoding CamVid's training split (367 JPEG frames and PNG masks) took 1.2-1.4 s
+of a 6 s warm start on 2 cores; reading it back decoded takes a tenth of that
+(docs/benchmarks.md). `decode_all` stores a split here when its `Examples`
+carry a key (`Examples.key_fn`; the image/mask folder sources give one, from
+`data.cache_decoded`) and reads it back while the key is unchanged.
+
+The key covers everything the decoded pixels depend on: each file's path,
+size, inode and modification and change times, the decoding settings (class count, ignore label,
+value and colour maps, max_size, skip_bad), and the source of the decoding
+code itself. Change any one and the entry is not found, so a stale split is
+never used. An entry that cannot be read (truncated, foreign) is logged,
+deleted and decoded afresh. Entries are written to a temporary file and
+renamed into place, so a run stopped midway leaves no half entry; the oldest
+are deleted once the folder holds more than $FCN_DECODED_CACHE_GB
+(default 4) GiB. Deleting the folder is always safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+FORMAT = 1  # bump when the layout of an entry changes
+_SUFFIX = ".split"
+
+
+def cache_root() -> Path:
+    """$FCN_CACHE_DIR, else $XDG_CACHE_HOME/fcn, else ~/.cache/fcn."""
+    if os.environ.get("FCN_CACHE_DIR"):
+        return Path(os.environ["FCN_CACHE_DIR"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "fcn"
+
+
+def decoded_dir() -> Path:
+    return cache_root() / "decoded"
+
+
+def _limit_bytes() -> int:
+    return int(float(os.environ.get("FCN_DECODED_CACHE_GB", "4")) * 2**30)
+
+
+def files_key(files: Sequence[Sequence[os.PathLike | str]], settings: dict, code: Sequence[str]) -> str:
+    """A key for decoding `files` (one tuple of paths per example) with `settings`, by the code in
+    the modules `code` (their file names): it changes when any of them does."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"format": FORMAT, "settings": settings}, sort_keys=True, default=repr).encode())
+    for module_file in code:
+        h.update(Path(module_file).read_bytes())
+    for example in files:
+        for f in example:
+            st = os.stat(f)
+            # A file rewritten in place changes mtime and ctime; one replaced, its inode too.
+            stamp = (os.path.abspath(f), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+            h.update(("\0".join(map(str, stamp)) + "\n").encode())
+    return h.hexdigest()[:32]
+
+
+def load(key: str, desc: str):
+    """The Split stored under `key`, or None (not there, or unreadable: then deleted)."""
+    from fcn.data.base import Split
+
+    path = decoded_dir() / f"{key}{_SUFFIX}"
+    if not path.exists():
+        return None
+    t = time.perf_counter()
+    try:
+        with open(path, "rb") as f:  # four .npy arrays one after the other, read straight into memory
+            images, labels, shapes, names = (np.load(f, allow_pickle=False) for _ in range(4))
+        names = [str(n) for n in names]
+        if shapes.ndim != 2 or shapes.shape[1] != 2 or len(names) != len(shapes):
+            raise ValueError(f"shapes {shapes.shape} for {len(names)} names")
+        pixels = shapes.prod(axis=1)
+        if images.size != 3 * pixels.sum() or labels.size != pixels.sum():
+            raise ValueError("pixel counts do not match the shapes")
+        ends = np.cumsum(pixels)[:-1]
+        split = Split(
+            images=[a.reshape(h, w, 3) for a, (h, w) in zip(np.split(images, 3 * ends), shapes)],
+            labels=[a.reshape(h, w) for a, (h, w) in zip(np.split(labels, ends), shapes)],
+            names=names,
+        )
+    except Exception as e:  # a truncated or foreign file: decode afresh, never fail on the cache
+        logger.warning("%s: cached decoded split %s is unreadable (%s); decoding again", desc, path, e)
+        path.unlink(missing_ok=True)
+        return None
+    os.utime(path)  # recently used: kept longest
+    logger.info("%s: %d decoded examples read from %s in %.2f s", desc, len(split), path, time.perf_counter() - t)
+    return split
+
+
+def save(key: str, split, desc: str) -> None:
+    """Stores `split` under `key` (atomically), then trims the folder to its size limit."""
+    folder = decoded_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        shapes = np.array([lab.shape for lab in split.labels], np.int64).reshape(-1, 2)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for array in (_flat(split.images), _flat(split.labels), shapes, np.array(list(split.names), str)):
+                    np.save(f, array, allow_pickle=False)
+            os.replace(tmp, folder / f"{key}{_SUFFIX}")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as e:  # a full or read-only disk costs the next run its decoding, nothing else
+        logger.warning("%s: could not cache the decoded split in %s (%s)", desc, folder, e)
+        return
+    logger.info("%s: decoded split cached in %s (data.cache_decoded=False turns this off)", desc, folder)
+    trim(folder, _limit_bytes())
+
+
+def _flat(arrays) -> np.ndarray:
+    return np.concatenate([np.ravel(a) for a in arrays]) if len(arrays) else np.zeros(0, np.uint8)
+
+
+def trim(folder: Path, limit: int) -> None:
+    """Deletes the least recently used entries until the folder holds at most `limit` bytes."""
+    entries = []
+    for p in folder.glob(f"*{_SUFFIX}"):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        entries.append((st.st_mtime, st.st_size, p))
+    total = sum(size for _, size, _ in entries)
+    for _, size, p in sorted(entries):
+        if total <= limit:
+            break
+        p.unlink(missing_ok=True)
+        total -= size
