@@ -11,10 +11,10 @@ Measures, in one run:
     (CPU: peak resident set; GPU: peak device allocation) over 3 steps. This
     is the benchmark's step on synthetic batches; the start-up of `python
     train.py` itself (data, checkpoints, logging) is benchmarks/first_step.py's;
-  * training and inference images per second, after warm-up, in one process
-    holding every variant: rounds of `--steps` steps of each variant in turn,
+  * training and inference images per second, after warm-up, each variant in
+    a process of its own: rounds of `--steps` steps of each variant in turn,
     the median over `--repeats` rounds (interleaved, so that load from other
-    processes falls on all variants alike);
+    processes falls on all variants alike; one variant runs at a time);
   * the step's FLOPs (analytic: 2 x multiply-adds of every convolution,
     forward and both backward products; and XLA's cost analysis of fcn's
     step), the rate reached, and on GPU the model FLOPs utilisation against a
@@ -42,7 +42,7 @@ import tempfile
 import time
 
 T0 = time.perf_counter()  # start-up times count from here
-# Both frameworks share one GPU in the throughput process: no preallocation by JAX.
+# The variants' processes share one GPU: no preallocation by JAX.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -137,68 +137,117 @@ def startup(args, argv) -> dict:
 
 
 def throughput(args) -> dict:
-    import jax
+    """Every variant in a process of its own, driven in interleaved rounds from this one.
 
-    from benchmarks import torch_side
+    Separate processes, as users run them: with torch and jax in one process
+    (this benchmark's first form), the default network's fcn training step took
+    2159-2370 ms against 1191 ms alone (4 x 256 x 256, glibc settings of
+    `retain_freed_memory` shared by both frameworks' allocations).
+    """
+    import multiprocessing
 
-    variants = {}
-    for impl in args.conv_impls.split(","):
-        a = argparse.Namespace(**{**vars(args), "conv_impl": impl})
-        step, state, batch = common.fcn_train_step(a)
-        predict, pstate, images = common.fcn_predict(a)
-        variants[f"fcn {impl}"] = _FcnRunner(step, state, batch, predict, pstate, images)
-    for name in args.torch_variants.split(","):
-        try:
-            variants[f"torch {name}"] = torch_side.Variant(args, name)
-        except Exception as e:  # noqa: BLE001 -- report why a variant cannot run (e.g. torch.compile)
-            print(f"torch {name}: cannot run: {type(e).__name__}: {e}", file=sys.stderr)
-    n_fcn = common.num_params(next(v for k, v in variants.items() if k.startswith("fcn")).state)
-    for k, v in variants.items():
-        if k.startswith("torch"):
-            assert v.num_params == n_fcn, f"{k}: {v.num_params} parameters, fcn has {n_fcn}"
-    warm = {}
-    for k, v in list(variants.items()):
-        try:
-            t = time.perf_counter()
-            for _ in range(2):
-                v.train()
-                v.predict()
-            v.sync()
-            warm[k] = time.perf_counter() - t
-        except Exception as e:  # noqa: BLE001 -- torch.compile may fail on a machine without a toolchain
-            print(f"{k}: failed at warm-up: {type(e).__name__}: {str(e)[:2000]}", file=sys.stderr)
-            del variants[k]
-    times = {k: {"train": [], "predict": []} for k in variants}
-    load0 = os.getloadavg()[0]
-    for _ in range(args.repeats):
-        for what in ("train", "predict"):
-            for k, v in variants.items():
-                fn = getattr(v, what)
-                t = time.perf_counter()
-                for _ in range(args.steps):
-                    fn()
-                v.sync()
-                times[k][what].append((time.perf_counter() - t) / args.steps)
     import numpy as np
 
-    res = {"params": n_fcn, "warmup_s": warm, "load": (load0, os.getloadavg()[0])}
-    res["upsampling_wired"] = common.upsampling_wired()
+    ctx = multiprocessing.get_context("spawn")
+    names = [f"fcn {impl}" for impl in args.conv_impls.split(",") if impl]
+    names += [f"torch {name}" for name in args.torch_variants.split(",") if name]
+    workers, info = {}, {}
+    for name in names:  # built and warmed up one at a time: no variant's compilation slows another's
+        conn, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(child, vars(args), name), daemon=True)
+        proc.start()
+        status, payload = conn.recv()
+        if status != "ready":  # e.g. torch.compile on a machine without a toolchain
+            print(f"{name}: cannot run: {payload}", file=sys.stderr)
+            proc.join()
+            continue
+        workers[name], info[name] = (proc, conn), payload
+    n_fcn = next(v["num_params"] for k, v in info.items() if k.startswith("fcn"))
+    for k, v in info.items():
+        assert v["num_params"] == n_fcn, f"{k}: {v['num_params']} parameters, fcn has {n_fcn}"
+    times = {k: {"train": [], "predict": []} for k in workers}
+    load0 = os.getloadavg()[0]
+    try:
+        for _ in range(args.repeats):
+            for what in ("train", "predict"):
+                for k, (_, conn) in workers.items():
+                    conn.send(what)
+                    times[k][what].append(conn.recv())
+    finally:
+        for proc, conn in workers.values():
+            conn.send(None)
+            proc.join()
+    fcn0 = next(v for k, v in info.items() if k.startswith("fcn"))
+    res = {
+        "params": n_fcn,
+        "warmup_s": {k: v["warmup_s"] for k, v in info.items()},
+        "load": (load0, os.getloadavg()[0]),
+        "upsampling_wired": fcn0["upsampling_wired"],
+        "xla_flops": fcn0["xla_flops"],
+        "device": fcn0["device"],
+    }
+    if "bf16_matmul_flops" in fcn0:
+        res["bf16_matmul_flops"] = fcn0["bf16_matmul_flops"]
     for k, t in times.items():
         res[k] = {
             w: {"step_s": float(np.median(v)), "all_s": v, "img_s": args.batch / float(np.median(v))}
             for w, v in t.items()
         }
-    fcn0 = next(v for k, v in variants.items() if k.startswith("fcn"))
-    try:
-        cost = fcn0.step.lower(fcn0.state, *fcn0.batch).compile().cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        res["xla_flops"] = float(cost.get("flops", 0.0)) or None
-    except Exception:  # noqa: BLE001 -- cost analysis is not offered on every backend
-        res["xla_flops"] = None
-    res["device"] = str(jax.devices()[0].device_kind)
-    if jax.devices()[0].platform == "gpu":
-        res["bf16_matmul_flops"] = _matmul_rate()
     return res
+
+
+def _worker(conn, args: dict, name: str) -> None:
+    """One variant in this (spawned) process: build, warm up, report; then time rounds on request."""
+    args = argparse.Namespace(**args)
+    common.retain_freed_memory(args.retain_memory)  # first, before jax or torch start threads
+    try:
+        kind, _, variant = name.partition(" ")
+        t = time.perf_counter()
+        if kind == "fcn":
+            runner, info = _fcn_variant(argparse.Namespace(**{**vars(args), "conv_impl": variant}))
+        else:
+            from benchmarks import torch_side
+
+            runner = torch_side.Variant(args, variant)
+            info = {"num_params": runner.num_params}
+        for _ in range(2):
+            runner.train()
+            runner.predict()
+        runner.sync()
+        info["warmup_s"] = time.perf_counter() - t
+    except Exception as e:  # noqa: BLE001 -- report why a variant cannot run
+        conn.send(("error", f"{type(e).__name__}: {str(e)[:2000]}"))
+        return
+    conn.send(("ready", info))
+    while (what := conn.recv()) is not None:
+        fn = getattr(runner, what)
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            fn()
+        runner.sync()
+        conn.send((time.perf_counter() - t) / args.steps)
+
+
+def _fcn_variant(args):
+    import jax
+
+    from fcn.train import enable_compilation_cache
+
+    enable_compilation_cache()
+    step, state, batch = common.fcn_train_step(args)
+    predict, pstate, images = common.fcn_predict(args)
+    runner = _FcnRunner(step, state, batch, predict, pstate, images)
+    info = {"num_params": common.num_params(state), "upsampling_wired": common.upsampling_wired()}
+    try:
+        cost = step.lower(state, *batch).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        info["xla_flops"] = float(cost.get("flops", 0.0)) or None
+    except Exception:  # noqa: BLE001 -- cost analysis is not offered on every backend
+        info["xla_flops"] = None
+    info["device"] = str(jax.devices()[0].device_kind)
+    if jax.devices()[0].platform == "gpu":
+        info["bf16_matmul_flops"] = _matmul_rate()
+    return runner, info
 
 
 class _FcnRunner:
@@ -362,9 +411,6 @@ def main(argv=None):
         res["startup"], env = startup(args, argv)
         os.environ.update({k: env[k] for k in ("FCN_JAX_CACHE", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")})
     if not args.skip_throughput:
-        from fcn.train import enable_compilation_cache
-
-        enable_compilation_cache()
         print("throughput, interleaved:", flush=True)
         res["throughput"] = throughput(args)
     res["env"] = describe_env()
