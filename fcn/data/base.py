@@ -117,8 +117,11 @@ def decode_all(examples: Examples, *, workers: int = 8, skip_bad: bool = False, 
     if examples.key_fn is not None:
         from fcn.data import cache
 
-        key = hashlib.sha256(f"{examples.key_fn()}\0skip_bad={bool(skip_bad)}".encode()).hexdigest()[:32]
-        split = cache.load(key, desc)
+        try:
+            key = hashlib.sha256(f"{examples.key_fn()}\0skip_bad={bool(skip_bad)}".encode()).hexdigest()[:32]
+        except OSError:  # a file gone since it was listed: decoding names it (DataError)
+            key = None
+        split = cache.load(key, desc) if key else None
         if split is not None:
             return split
     done = map_examples(examples.read, examples, workers=workers, skip_bad=skip_bad, desc=desc)
@@ -127,8 +130,8 @@ def decode_all(examples: Examples, *, workers: int = 8, skip_bad: bool = False, 
         labels=[label for _, (_, label) in done],
         names=[examples.names[i] for i, _ in done],
     )
-    if key is not None:
-        cache.save(key, split, desc)
+    if key is not None and len(split) == len(examples):  # a split with bad files skipped is not kept:
+        cache.save(key, split, desc)  # each run then says again what it skipped
     return split
 
 

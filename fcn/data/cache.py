@@ -10,7 +10,8 @@ The key covers everything the decoded pixels depend on: each file's path,
 size, inode and modification and change times, the decoding settings (class count, ignore label,
 value and colour maps, max_size, skip_bad), and the source of the decoding
 code itself. Change any one and the entry is not found, so a stale split is
-never used. An entry that cannot be read (truncated, foreign) is logged,
+never used. A split with bad files skipped (`data.skip_bad`) is not kept, so
+every run reports what it skipped. An entry that cannot be read (truncated, foreign) is logged,
 deleted and decoded afresh. Entries are written to a temporary file and
 renamed into place, so a run stopped midway leaves no half entry; the oldest
 are deleted once the folder holds more than $FCN_DECODED_CACHE_GB
@@ -95,7 +96,10 @@ def load(key: str, desc: str):
         logger.warning("%s: cached decoded split %s is unreadable (%s); decoding again", desc, path, e)
         path.unlink(missing_ok=True)
         return None
-    os.utime(path)  # recently used: kept longest
+    try:
+        os.utime(path)  # recently used: kept longest
+    except OSError:  # a read-only cache is still read
+        pass
     logger.info("%s: %d decoded examples read from %s in %.2f s", desc, len(split), path, time.perf_counter() - t)
     return split
 
