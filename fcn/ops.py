@@ -32,6 +32,7 @@ docs/benchmarks.md.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 
 import jax
@@ -40,6 +41,7 @@ from flax import nnx
 from jax import lax
 
 CONV_IMPLS = ("xla", "gemm", "auto")
+logger = logging.getLogger(__name__)
 
 # Dimension numbers of NHWC inputs and outputs with HWIO kernels (flax's).
 _NHWC = (0, 3, 1, 2)
@@ -81,9 +83,23 @@ def train_compiler_options(name: str) -> dict | None:
     (docs/benchmarks.md). None elsewhere: jax's defaults.
     """
     conv_fn(name)  # checks the name
-    if name == "auto" and jax.default_backend() == "cpu":
-        return {"xla_cpu_experimental_ynn_fusion_type": _YNN_WITHOUT_CONVOLUTIONS}
+    if name == "auto" and jax.default_backend() == "cpu" and _accepted(_YNN_OPTIONS):
+        return dict(_YNN_OPTIONS)
     return None
+
+
+_YNN_OPTIONS = (("xla_cpu_experimental_ynn_fusion_type", _YNN_WITHOUT_CONVOLUTIONS),)
+
+
+@functools.cache
+def _accepted(options: tuple) -> bool:
+    """Whether this jaxlib compiles with `options` (another version may name them otherwise)."""
+    try:
+        jax.jit(lambda x: x + 1).lower(jnp.zeros((), jnp.float32)).compile(compiler_options=dict(options))
+    except Exception as e:  # noqa: BLE001 -- XLA reports an unknown option or value as a runtime error
+        logger.warning("compiler options %s not accepted by this jaxlib (%s); jax's defaults instead", options, e)
+        return False
+    return True
 
 
 def conv_general_dilated(

@@ -144,6 +144,11 @@ def test_train_compiler_options_move_only_convolutions_off_ynnpack():
     assert _library_fusions(total, options, x)["ynn"] == 1
 
 
+def test_compiler_options_this_jaxlib_rejects_fall_back_to_defaults(caplog):
+    assert ops._accepted((("xla_cpu_experimental_ynn_fusion_type", "LIBRARY_FUSION_TYPE_NO_SUCH_THING"),)) is False
+    assert "not accepted by this jaxlib" in caplog.text
+
+
 def test_conv_transpose_keeps_nnx_parameters():
     a = nnx.ConvTranspose(4, 3, (2, 2), strides=(2, 2), rngs=nnx.Rngs(0))
     b = ops.ConvTranspose(4, 3, (2, 2), strides=(2, 2), rngs=nnx.Rngs(0), conv_general_dilated=ops.conv_fn("gemm"))
