@@ -10,9 +10,11 @@ prints a per-class table and the summary scores, and writes
 from __future__ import annotations
 
 import argparse
+import collections
 import math
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -24,12 +26,14 @@ from fcn.data.base import Split
 
 
 def evaluate_split(
-    eval_step, state, split: Split, config, num_classes: int, mesh, *, keep_examples: int = 0
+    eval_step, state, split: Split, config, num_classes: int, mesh, *, keep_examples: int = 0, in_flight=None
 ) -> tuple[np.ndarray, list]:
     """Run `eval_step` over a whole split; returns ([K, K] int64 confusion, kept examples).
 
     kept examples: up to `keep_examples` (image, label, prediction) triples at
-    full resolution, for pictures.
+    full resolution, for pictures. in_flight: batches evaluated at once
+    (`batches_in_flight()` when None); the sums, and so the result, are the
+    same for any value.
     """
     sharding.check_batch_size(config.eval_batch_size, "eval_batch_size")
     rows = sharding.process_slice(config.eval_batch_size)
@@ -40,15 +44,49 @@ def evaluate_split(
     batches = pipeline.eval_batches(
         split, config.eval_batch_size, multiple, config.data.ignore_label, config.model.pad_mode
     )
-    for images, labels, _, sizes in batches:
+
+    def run(images, labels):
         x, y = sharding.put_batch(mesh, images[rows], labels[rows])
-        cm, preds = eval_step(state, x, y)
+        return eval_step(state, x, y)
+
+    def consume(images, labels, sizes, cm, preds):
         acc.add(cm, labels.size)
         if len(kept) < keep_examples and jax.process_count() == 1:
             preds = np.asarray(preds)
             for row, (h, w) in enumerate(sizes[: keep_examples - len(kept)]):
                 kept.append((images[row, :h, :w], labels[row, :h, :w], preds[row, :h, :w]))
+
+    in_flight = batches_in_flight() if in_flight is None else in_flight
+    if in_flight <= 1:
+        for images, labels, _, sizes in batches:
+            consume(images, labels, sizes, *run(images, labels))
+        return acc.result(), kept
+    pending: collections.deque = collections.deque()
+    with ThreadPoolExecutor(max_workers=in_flight) as pool:
+        for images, labels, _, sizes in batches:
+            # Each thread waits for its own batch: XLA:CPU then runs the programs side by side.
+            task = pool.submit(lambda i, lab: jax.block_until_ready(run(i, lab)), images, labels)
+            pending.append((images, labels, sizes, task))
+            if len(pending) >= in_flight:
+                images, labels, sizes, task = pending.popleft()
+                consume(images, labels, sizes, *task.result())
+        while pending:
+            images, labels, sizes, task = pending.popleft()
+            consume(images, labels, sizes, *task.result())
     return acc.result(), kept
+
+
+def batches_in_flight() -> int:
+    """Batches `evaluate_split` runs at once: 2 on a CPU backend in a single process, else 1.
+
+    XLA:CPU runs some convolutions on one core (YNNPACK, the middle levels of
+    the U-Net); two programs started from two threads run side by side. On 2
+    cores, evaluating CamVid val with configs/camvid_cpu.py went from 3.3-3.5 s
+    to 2.4-3.0 s; three at once gave no more (docs/benchmarks.md). Not with several
+    processes, whose collectives must come in the same order everywhere, nor on
+    accelerators, which queue programs asynchronously anyway.
+    """
+    return 2 if jax.default_backend() == "cpu" and jax.process_count() == 1 else 1
 
 
 def report(cm: np.ndarray, class_names, *, split: str, step: int | None = None) -> dict:

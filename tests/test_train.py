@@ -106,3 +106,26 @@ def test_unknown_config_key_is_named_with_suggestion(tmp_path):
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert out.returncode != 0
     assert "num_stepz" in out.stderr and "num_steps" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_evaluation_with_batches_in_flight_equals_one_at_a_time():
+    """On CPU, evaluate_split runs two batches at once (fcn.evaluate.batches_in_flight); the confusion
+    matrix and the kept examples must be those of one batch at a time, in the same order."""
+    from fcn import evaluate, sharding
+
+    config = tiny.get_config()
+    config.data.synthetic_counts.val = 7  # 4 batches of 2, the last one short
+    source = get_source(config.data)
+    split = source.load("val")
+    graphs, state, _ = state_lib.create(config, source.num_classes)
+    step = jax.jit(state_lib.make_eval_step(graphs, source.num_classes, source.ignore_label))
+    mesh = sharding.make_mesh()
+    run = lambda k: evaluate.evaluate_split(  # noqa: E731
+        step, state, split, config, source.num_classes, mesh, keep_examples=5, in_flight=k
+    )
+    (cm1, kept1), (cm3, kept3) = run(1), run(3)
+    assert cm1.sum() == sum(lab.size for lab in split.labels) and np.array_equal(cm1, cm3)
+    assert len(kept1) == len(kept3) == 5
+    for a, b in zip(kept1, kept3):
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert evaluate.batches_in_flight() == (2 if jax.default_backend() == "cpu" else 1)
