@@ -422,3 +422,22 @@ def test_decoded_cache_keeps_the_most_recently_used_within_its_limit(tmp_path):
         os.utime(tmp_path / f"{name}.split", (1000 + i, 1000 + i))
     cache.trim(tmp_path, limit=250)
     assert sorted(p.stem for p in tmp_path.glob("*.split")) == ["mid", "new"]
+
+
+@pytest.mark.parametrize("shapes", [[(5, 7), (3, 2), (9, 4)], []])
+def test_decoded_cache_round_trips_mixed_sizes_and_empty_splits(tmp_path, monkeypatch, shapes):
+    from fcn.data import cache
+    from fcn.data.base import Split
+
+    monkeypatch.setenv("FCN_CACHE_DIR", str(tmp_path))
+    rng = np.random.default_rng(0)
+    split = Split(
+        images=[rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes],
+        labels=[rng.integers(0, 5, (h, w), dtype=np.uint8) for h, w in shapes],
+        names=[f"n{i}" for i in range(len(shapes))],
+    )
+    cache.save("key", split, "test")
+    back = cache.load("key", "test")
+    assert list(back.names) == list(split.names)
+    for a, b in zip([*back.images, *back.labels], [*split.images, *split.labels]):
+        assert a.shape == b.shape and np.array_equal(a, b)

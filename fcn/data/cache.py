@@ -50,7 +50,12 @@ def decoded_dir() -> Path:
 
 
 def _limit_bytes() -> int:
-    return int(float(os.environ.get("FCN_DECODED_CACHE_GB", "4")) * 2**30)
+    value = os.environ.get("FCN_DECODED_CACHE_GB", "4")
+    try:
+        return int(float(value) * 2**30)
+    except ValueError:
+        logger.warning("FCN_DECODED_CACHE_GB=%r is not a number of GiB; using 4", value)
+        return 4 * 2**30
 
 
 def files_key(files: Sequence[Sequence[os.PathLike | str]], settings: dict, code: Sequence[str]) -> str:
@@ -113,8 +118,10 @@ def save(key: str, split, desc: str) -> None:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                for array in (_flat(split.images), _flat(split.labels), shapes, np.array(list(split.names), str)):
-                    np.save(f, array, allow_pickle=False)
+                _save_flat(f, split.images)  # no concatenated copy of the split in memory
+                _save_flat(f, split.labels)
+                np.save(f, shapes, allow_pickle=False)
+                np.save(f, np.array(list(split.names), str), allow_pickle=False)
             os.replace(tmp, folder / f"{key}{_SUFFIX}")
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -126,8 +133,12 @@ def save(key: str, split, desc: str) -> None:
     trim(folder, _limit_bytes())
 
 
-def _flat(arrays) -> np.ndarray:
-    return np.concatenate([np.ravel(a) for a in arrays]) if len(arrays) else np.zeros(0, np.uint8)
+def _save_flat(f, arrays) -> None:
+    """The uint8 arrays, one after the other, as one flat .npy array."""
+    total = sum(int(np.size(a)) for a in arrays)
+    np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (total,)})
+    for a in arrays:
+        np.ascontiguousarray(a, np.uint8).tofile(f)
 
 
 def trim(folder: Path, limit: int) -> None:
