@@ -9,11 +9,12 @@ images against full-resolution labels.
 
 Measured 2026-11-21 with the command above on the 2-core development machine
 (AMD EPYC, 24 GiB, no GPU; jax on CPU; nothing else running), on the code as
-committed: 1400 steps, 17 min 7 s for the whole command from an empty
-compilation cache (data decoding, compilation, training, two full-resolution
-evaluations, checkpoints), val mean IoU 57.3, pixel accuracy 88.8% (per class
-in docs/results.md). Earlier code that rounds differently reached 58.4 (16 min
-37 s) and 57.5 with the same config: about a point of run-to-run variation.
+committed: 1400 steps, 19 min 38 s for the whole command from empty caches
+(data decoding, compilation, training, two full-resolution evaluations,
+checkpoints) on a slower hour of that virtual machine, val mean IoU 57.5, pixel
+accuracy 88.7% (per class in docs/results.md). Earlier code that rounds
+differently reached 57.3 (17 min 7 s), 58.4 (16 min 37 s) and 57.5 with the
+same config: about a point of run-to-run variation.
 """
 
 from fcn.config import default_config
