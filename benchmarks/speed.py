@@ -141,8 +141,7 @@ def throughput(args) -> dict:
 
     Separate processes, as users run them: with torch and jax in one process
     (this benchmark's first form), the default network's fcn training step took
-    2159-2370 ms against 1191 ms alone (4 x 256 x 256, glibc settings of
-    `retain_freed_memory` shared by both frameworks' allocations).
+    2159-2370 ms against 1191 ms alone (4 x 256 x 256; docs/benchmarks.md).
     """
     import multiprocessing
 
@@ -156,7 +155,11 @@ def throughput(args) -> dict:
         conn, child = ctx.Pipe()
         proc = ctx.Process(target=_worker, args=(child, vars(args), name), daemon=True)
         proc.start()
-        status, payload = conn.recv()
+        try:
+            status, payload = conn.recv()
+        except EOFError:  # the worker died before it could say why (a crash, the OOM killer)
+            proc.join()
+            status, payload = "error", f"the worker process exited with code {proc.exitcode}"
         if status != "ready":  # e.g. torch.compile on a machine without a toolchain
             print(f"{name}: cannot run: {payload}", file=sys.stderr)
             proc.join()

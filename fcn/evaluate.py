@@ -61,18 +61,21 @@ def evaluate_split(
         for images, labels, _, sizes in batches:
             consume(images, labels, sizes, *run(images, labels))
         return acc.result(), kept
-    pending: collections.deque = collections.deque()
+    pending: collections.deque = collections.deque()  # consumed in batch order: the same kept examples
+
+    def finish_oldest():
+        images, labels, sizes, task = pending.popleft()
+        consume(images, labels, sizes, *task.result())
+
     with ThreadPoolExecutor(max_workers=in_flight) as pool:
         for images, labels, _, sizes in batches:
             # Each thread waits for its own batch: XLA:CPU then runs the programs side by side.
             task = pool.submit(lambda i, lab: jax.block_until_ready(run(i, lab)), images, labels)
             pending.append((images, labels, sizes, task))
             if len(pending) >= in_flight:
-                images, labels, sizes, task = pending.popleft()
-                consume(images, labels, sizes, *task.result())
+                finish_oldest()
         while pending:
-            images, labels, sizes, task = pending.popleft()
-            consume(images, labels, sizes, *task.result())
+            finish_oldest()
     return acc.result(), kept
 
 

@@ -67,28 +67,26 @@ def _auto(*args, **kwargs):
 
 # XLA:CPU's YNNPACK library fusions (jaxlib 0.10) less its convolutions: reductions and
 # matrix products stay YNNPACK's. Its default is these two plus individual convolutions.
-_YNN_WITHOUT_CONVOLUTIONS = "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+_YNN_WITHOUT_CONVOLUTIONS = (
+    ("xla_cpu_experimental_ynn_fusion_type", "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"),
+)
 
 
 def train_compiler_options(name: str) -> dict | None:
     """jax.jit compiler options for the training step under `config.model.conv_impl` = name.
 
     "auto" on the CPU: 3x3 convolutions by XLA's Eigen kernels, not YNNPACK's.
-    YNNPACK runs the convolutions of the U-Net's middle levels on one core;
-    Eigen's use both, and their weight gradients are 1.4-2.2x faster at 64
-    channels and more. The whole training step (median of 5-7, alternating in
-    one process, 2-core AMD EPYC): default network 4 x 256 x 256 1869 -> 1309 ms,
-    configs/camvid_cpu.py 670 -> 643 ms. Evaluation and inference keep
-    YNNPACK: the default network's forward pass was 6% slower without it
-    (docs/benchmarks.md). None elsewhere: jax's defaults.
+    YNNPACK runs the convolutions of the U-Net's middle levels on one core,
+    Eigen's use both (benchmarks/conv_threads.py). The whole training step
+    (median of 5-7, alternating in one process, 2-core AMD EPYC): default
+    network 4 x 256 x 256 1869 -> 1309 ms, configs/camvid_cpu.py 670 -> 643 ms.
+    Evaluation and inference keep YNNPACK: the default network's forward pass
+    was 6% slower without it (docs/benchmarks.md). None elsewhere: jax's defaults.
     """
     conv_fn(name)  # checks the name
-    if name == "auto" and jax.default_backend() == "cpu" and _accepted(_YNN_OPTIONS):
-        return dict(_YNN_OPTIONS)
+    if name == "auto" and jax.default_backend() == "cpu" and _accepted(_YNN_WITHOUT_CONVOLUTIONS):
+        return dict(_YNN_WITHOUT_CONVOLUTIONS)
     return None
-
-
-_YNN_OPTIONS = (("xla_cpu_experimental_ynn_fusion_type", _YNN_WITHOUT_CONVOLUTIONS),)
 
 
 @functools.cache

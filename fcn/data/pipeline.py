@@ -85,11 +85,8 @@ def stack(split: Split, ignore_label: int, scale: float = 1.0, workers: int = 8)
     `input_scale`, so training sees what the network sees at evaluation), in
     `workers` threads (PIL resizes without the GIL).
     """
-    if scale == 1:
-        pairs = list(zip(split.images, split.labels))
-    else:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            pairs = list(pool.map(lambda p: rescale_pair(*p, scale), zip(split.images, split.labels)))
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # at scale 1, rescale_pair returns its input
+        pairs = list(pool.map(lambda p: rescale_pair(*p, scale), zip(split.images, split.labels)))
     shape = np.max([lab.shape for _, lab in pairs], axis=0) if pairs else (1, 1)
     canvas = fill(pairs, shape, ignore_label)
     return dataclasses.replace(canvas, source_labels=list(split.labels) if scale != 1 else None)
