@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fcn import ops
+
 ARTIFACT, METADATA, SAVED_MODEL, TFLITE = "model.jax", "model.json", "saved_model", "model.tflite"
 PAD_MODES = ("reflect", "symmetric", "edge", "wrap", "constant")
 
@@ -89,6 +91,12 @@ def export_model(
     model, out: str | Path, info: dict, *, platforms=None, saved_model=True, tflite_size=None
 ) -> list[Path]:
     """Write the artifacts described in the module docstring; returns their paths."""
+    # Traced without fcn's CPU custom calls (fcn.ops.portable): the artifacts run anywhere.
+    with ops.portable():
+        return _export_model(model, out, info, platforms=platforms, saved_model=saved_model, tflite_size=tflite_size)
+
+
+def _export_model(model, out, info: dict, *, platforms, saved_model, tflite_size) -> list[Path]:
     from jax import export
 
     out = Path(out)

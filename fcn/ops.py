@@ -4,33 +4,38 @@
 model uses (`config.model.conv_impl`); `ConvTranspose` routes the transposed
 (upsampling) convs through the same function.
 
-  "xla"   jax.lax's own convolution everywhere.
-  "gemm"  the convolutions XLA:CPU is slow at, rewritten as matrix products;
-          every other convolution is jax.lax's:
-          - a transposed conv whose kernel equals its stride (the U-Net's 2x2,
-            stride-2 upsampling) is one product [B*H*W, C] x [C, s*s*K] and a
-            depth-to-space reshape. XLA:CPU runs it as an input-dilated
-            convolution whose weight gradient goes to a generic convolution
-            with an image-sized window: 40% of the default U-Net's training
-            step on CPU, against 2% as a product (benchmarks/profile_step.py);
-          - a 1x1 conv is the product [B*H*W, C] x [C, K] (its gradients,
-            3-4x faster than the convolution's).
-          3x3 convs stay jax.lax's. Their weight gradient is XLA:CPU's slowest
-          piece left (YNNPACK, 2-3x the forward pass), but every rewrite tried
-          (nine shifted products, im2col, lax patches) ran 1.1-2.5x slower
-          still, all U-Net shapes: each copies the input 3 to 9 times.
-  "auto"  "gemm" when the default backend is the CPU, else "xla" (cuDNN on GPU
-          has no such weakness). On the CPU the training step is also
-          compiled with `train_compiler_options`: its 3x3 convolutions run
-          through XLA's Eigen kernels instead of YNNPACK's.
+  "xla"    jax.lax's own convolution everywhere.
+  "gemm"   the convolutions XLA:CPU is slow at, rewritten as matrix products;
+           every other convolution is jax.lax's:
+           - a transposed conv whose kernel equals its stride (the U-Net's 2x2,
+             stride-2 upsampling) is one product [B*H*W, C] x [C, s*s*K] and a
+             depth-to-space reshape. XLA:CPU runs it as an input-dilated
+             convolution whose weight gradient goes to a generic convolution
+             with an image-sized window: 40% of the default U-Net's training
+             step on CPU, against 2% as a product (benchmarks/profile_step.py);
+           - a 1x1 conv is the product [B*H*W, C] x [C, K] (its gradients,
+             3-4x faster than the convolution's).
+           3x3 convs stay jax.lax's: every rewrite in jax tried (nine shifted
+           products, im2col, lax patches) ran 1.1-2.5x slower than XLA's.
+  "onednn" "gemm", with the 3x3 convs (any float32 NHWC conv without dilation
+           or groups) by oneDNN through XLA's FFI (fcn.onednn): forward, input
+           and weight gradient. CPU only; an error where oneDNN is not
+           available (fcn.onednn.unavailable_reason() says why).
+  "auto"   on the CPU "onednn" where it is available, else "gemm" (with a
+           warning that says why); elsewhere "xla" (cuDNN on GPU has no such
+           weakness). On the CPU the training step is also compiled with
+           `train_compiler_options`: convolutions left to XLA run through its
+           Eigen kernels instead of YNNPACK's.
 
 Every rewrite computes the same function as jax.lax.conv_general_dilated, values
-and gradients, float32 and bfloat16 (tests/test_ops.py). Measurements:
-docs/benchmarks.md.
+and gradients (tests/test_ops.py). `portable()` keeps oneDNN out of code traced
+to run elsewhere (fcn.export). Measurements: docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 from collections.abc import Callable, Sequence
@@ -40,7 +45,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-CONV_IMPLS = ("xla", "gemm", "auto")
+from fcn import onednn
+
+CONV_IMPLS = ("xla", "gemm", "onednn", "auto")
 logger = logging.getLogger(__name__)
 
 # Dimension numbers of NHWC inputs and outputs with HWIO kernels (flax's).
@@ -54,6 +61,10 @@ def conv_fn(name: str) -> Callable | None:
         return None
     if name == "gemm":
         return conv_general_dilated
+    if name == "onednn":
+        if not onednn.available():
+            raise RuntimeError(f"model.conv_impl='onednn': {onednn.unavailable_reason()}")
+        return functools.partial(conv_general_dilated, onednn_ok=True)
     if name == "auto":
         return _auto
     raise ValueError(f"model.conv_impl={name!r}: expected one of {', '.join(CONV_IMPLS)}")
@@ -61,8 +72,32 @@ def conv_fn(name: str) -> Callable | None:
 
 def _auto(*args, **kwargs):
     # Decided at trace time: one process traces for one backend.
-    conv = conv_general_dilated if jax.default_backend() == "cpu" else lax.conv_general_dilated
-    return conv(*args, **kwargs)
+    if jax.default_backend() != "cpu":
+        return lax.conv_general_dilated(*args, **kwargs)
+    return conv_general_dilated(*args, onednn_ok=_onednn_usable(), **kwargs)
+
+
+@functools.cache
+def _onednn_usable() -> bool:
+    """fcn.onednn.available(), with a warning (once) when it is not and nobody turned it off."""
+    if onednn.available():
+        return True
+    if onednn.unavailable_reason() != "FCN_ONEDNN=0":
+        logger.warning("oneDNN convolutions unavailable, XLA's instead: %s", onednn.unavailable_reason())
+    return False
+
+
+_portable = contextvars.ContextVar("fcn_ops_portable", default=False)
+
+
+@contextlib.contextmanager
+def portable():
+    """While inside, convolutions are traced without custom calls: for artifacts that run elsewhere."""
+    token = _portable.set(True)
+    try:
+        yield
+    finally:
+        _portable.reset(token)
 
 
 # XLA:CPU's YNNPACK library fusions (jaxlib 0.10) less its convolutions: reductions and
@@ -112,9 +147,12 @@ def conv_general_dilated(
     batch_group_count: int = 1,
     precision=None,
     preferred_element_type=None,
+    *,
+    onednn_ok: bool = False,
     **kwargs,
 ):
-    """jax.lax.conv_general_dilated, with the cases XLA:CPU is slow at done as matrix products."""
+    """jax.lax.conv_general_dilated, with the cases XLA:CPU is slow at done as matrix products,
+    and with `onednn_ok` the others by oneDNN where fcn.onednn supports them."""
     args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
     kind = _gemm_kind(*args, feature_group_count, batch_group_count)
     dot = functools.partial(_dot2d, precision=precision, preferred_element_type=preferred_element_type)
@@ -123,6 +161,9 @@ def conv_general_dilated(
         return dot(lhs.reshape(b * h * w, c), rhs.reshape(c, -1)).reshape(b, h, w, -1)
     if kind:
         return _depth_to_space_conv(lhs, rhs, kind, dot)
+    pads = _onednn_pads(*args, feature_group_count, batch_group_count, preferred_element_type) if onednn_ok else None
+    if pads is not None:
+        return onednn.conv(lhs, rhs, tuple(int(s) for s in window_strides), pads)
     return lax.conv_general_dilated(
         *args,
         feature_group_count=feature_group_count,
@@ -137,6 +178,29 @@ def _dot2d(a_MK, b_KN, *, precision, preferred_element_type):
     # Two-dimensional operands: XLA:CPU then runs one matrix product with no
     # layout copies (a 4-D einsum of the same product ran 2-3x slower).
     return jnp.dot(a_MK, b_KN, precision=precision, preferred_element_type=preferred_element_type)
+
+
+def _onednn_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dn, groups, batch_groups, preferred):
+    """((lo, hi), (lo, hi)) when fcn.onednn.conv computes this convolution, else None."""
+    if _portable.get() or jax.default_backend() != "cpu" or jax.device_count() != 1:
+        return None
+    if lhs.ndim != 4 or rhs.ndim != 4 or groups != 1 or batch_groups != 1:
+        return None
+    if lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32 or preferred not in (None, jnp.float32):
+        return None
+    if not all(isinstance(d, int) and d > 0 for d in (*lhs.shape, *rhs.shape)):
+        return None  # symbolic (export) or empty shapes
+    if tuple(lhs_dilation or (1, 1)) != (1, 1) or tuple(rhs_dilation or (1, 1)) != (1, 1):
+        return None
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dn)
+    if tuple(dn.lhs_spec) != _NHWC or tuple(dn.rhs_spec) != _HWIO or tuple(dn.out_spec) != _NHWC:
+        return None
+    pads = tuple(onednn.padding_pairs(padding, lhs.shape[1:3], rhs.shape[:2], window_strides))
+    if min(v for p in pads for v in p) < 0 or min(window_strides) < 1:
+        return None
+    if any(n + lo + hi < k for n, (lo, hi), k in zip(lhs.shape[1:3], pads, rhs.shape[:2])):
+        return None  # an empty output
+    return pads
 
 
 def _gemm_kind(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dn, groups, batch_groups):

@@ -1,0 +1,200 @@
+// 2D convolutions for XLA:CPU through oneDNN, as XLA FFI handlers (fcn/onednn.py builds and
+// registers them). float32, NHWC activations, HWIO kernels, any strides and non-negative
+// padding, no dilation or groups: what fcn's U-Net needs.
+//
+//   fcn_onednn_conv_fwd(x[B,H,W,C], w[KH,KW,C,K])      -> y[B,OH,OW,K]
+//   fcn_onednn_conv_bwd_data(g[B,OH,OW,K], w)          -> dx[B,H,W,C]
+//   fcn_onednn_conv_bwd_weights(x, g)                  -> dw[KH,KW,C,K]
+//   attributes: strides (sh, sw), padding (lo_h, hi_h, lo_w, hi_w)
+//
+// Activations stay NHWC (no reorder); kernels are reordered to and from the layout the
+// primitive picks (small). Primitives are built once per shape and kept; each call makes its
+// own stream and scratchpad, so concurrent calls from XLA's threads are safe.
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = memory::format_tag;
+
+namespace {
+
+enum Kind { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
+
+struct Geometry {
+  int64_t b, h, w, c, kh, kw, k, oh, ow, sh, sw, pt, pb, pl, pr;
+  std::string key(Kind kind) const {
+    std::ostringstream s;
+    s << kind;
+    for (int64_t v : {b, h, w, c, kh, kw, k, oh, ow, sh, sw, pt, pb, pl, pr}) s << ',' << v;
+    return s.str();
+  }
+};
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// A primitive with the descriptors its caller needs: the user's kernel layout (HWIO) and the
+// primitive's own, and the size of its scratchpad.
+struct Entry {
+  dnnl::primitive prim;
+  memory::desc user_w, prim_w;
+  size_t scratch = 0;
+};
+
+Entry Build(Kind kind, const Geometry& g) {
+  auto& eng = Engine();
+  memory::dims src{g.b, g.c, g.h, g.w}, wei{g.k, g.c, g.kh, g.kw}, dst{g.b, g.k, g.oh, g.ow};
+  memory::dims strides{g.sh, g.sw}, pad_l{g.pt, g.pl}, pad_r{g.pb, g.pr};
+  auto f32 = memory::data_type::f32;
+  memory::desc src_md(src, f32, tag::nhwc), dst_md(dst, f32, tag::nhwc), any_w(wei, f32, tag::any);
+  memory::desc user_w(wei, f32, tag::hwio);
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  auto alg = dnnl::algorithm::convolution_direct;
+  dnnl::convolution_forward::primitive_desc fwd(eng, dnnl::prop_kind::forward_training, alg, src_md, any_w, dst_md,
+                                                strides, pad_l, pad_r, attr);
+  if (kind == kFwd) return {dnnl::convolution_forward(fwd), user_w, fwd.weights_desc(), fwd.scratchpad_desc().get_size()};
+  if (kind == kBwdData) {
+    dnnl::convolution_backward_data::primitive_desc pd(eng, alg, src_md, any_w, dst_md, strides, pad_l, pad_r, fwd,
+                                                       attr);
+    return {dnnl::convolution_backward_data(pd), user_w, pd.weights_desc(), pd.scratchpad_desc().get_size()};
+  }
+  dnnl::convolution_backward_weights::primitive_desc pd(eng, alg, src_md, any_w, dst_md, strides, pad_l, pad_r, fwd,
+                                                        attr);
+  return {dnnl::convolution_backward_weights(pd), user_w, pd.diff_weights_desc(), pd.scratchpad_desc().get_size()};
+}
+
+const Entry& Get(Kind kind, const Geometry& g) {
+  static std::mutex mu;
+  static std::unordered_map<std::string, std::unique_ptr<Entry>> cache;
+  std::string key = g.key(kind);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(key);
+    if (it != cache.end()) return *it->second;
+  }
+  auto entry = std::make_unique<Entry>(Build(kind, g));  // outside the lock: can take milliseconds
+  std::lock_guard<std::mutex> lock(mu);
+  auto [it, inserted] = cache.emplace(key, std::move(entry));
+  return *it->second;
+}
+
+ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, ffi::Span<const int64_t> y,
+                        ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding, Geometry& g) {
+  if (x.size() != 4 || w.size() != 4 || y.size() != 4 || strides.size() != 2 || padding.size() != 4)
+    return ffi::Error::InvalidArgument("fcn onednn conv: expected rank-4 operands, 2 strides and 4 pads");
+  g = Geometry{x[0],       x[1],       x[2],       x[3],       w[0],       w[1],       w[3],      y[1],
+               y[2],       strides[0], strides[1], padding[0], padding[1], padding[2], padding[3]};
+  bool ok = w[2] == g.c && y[0] == g.b && y[3] == g.k && g.sh > 0 && g.sw > 0 && g.pt >= 0 && g.pb >= 0 &&
+            g.pl >= 0 && g.pr >= 0 && g.oh == (g.h + g.pt + g.pb - g.kh) / g.sh + 1 &&
+            g.ow == (g.w + g.pl + g.pr - g.kw) / g.sw + 1;
+  if (!ok) return ffi::Error::InvalidArgument("fcn onednn conv: inconsistent shapes, strides or padding");
+  return ffi::Error::Success();
+}
+
+// Runs the primitive for `kind`; `w` is the kernel in HWIO (an input, or the output for kBwdWeights).
+ffi::Error Run(Kind kind, const Geometry& g, void* src, void* w, void* dst) {
+  // One call at a time: each already uses every core (OpenMP), and XLA starts independent
+  // operations side by side, which would oversubscribe the cores.
+  static std::mutex run_mu;
+  std::lock_guard<std::mutex> lock(run_mu);
+  try {
+    const Entry& e = Get(kind, g);
+    auto& eng = Engine();
+    dnnl::stream stream(eng);
+    memory user_w(e.user_w, eng, w);
+    memory prim_w = user_w;
+    // Uninitialised buffers (a std::vector would zero them first).
+    std::unique_ptr<char[]> w_buf, scratch_buf(new char[e.scratch > 0 ? e.scratch : 1]);
+    if (e.prim_w != e.user_w) {
+      w_buf.reset(new char[e.prim_w.get_size()]);
+      prim_w = memory(e.prim_w, eng, w_buf.get());
+      if (kind != kBwdWeights) dnnl::reorder(user_w, prim_w).execute(stream, user_w, prim_w);
+    }
+    memory::dims src_dims{g.b, g.c, g.h, g.w}, dst_dims{g.b, g.k, g.oh, g.ow};
+    auto f32 = memory::data_type::f32;
+    memory src_m({src_dims, f32, tag::nhwc}, eng, src), dst_m({dst_dims, f32, tag::nhwc}, eng, dst);
+    std::unordered_map<int, memory> args;
+    if (e.scratch > 0) {
+      memory::desc scratch_md({static_cast<memory::dim>(e.scratch)}, memory::data_type::u8, tag::a);
+      args.insert({DNNL_ARG_SCRATCHPAD, memory(scratch_md, eng, scratch_buf.get())});
+    }
+    if (kind == kFwd) {
+      args.insert({{DNNL_ARG_SRC, src_m}, {DNNL_ARG_WEIGHTS, prim_w}, {DNNL_ARG_DST, dst_m}});
+    } else if (kind == kBwdData) {
+      args.insert({{DNNL_ARG_DIFF_SRC, src_m}, {DNNL_ARG_WEIGHTS, prim_w}, {DNNL_ARG_DIFF_DST, dst_m}});
+    } else {
+      args.insert({{DNNL_ARG_SRC, src_m}, {DNNL_ARG_DIFF_WEIGHTS, prim_w}, {DNNL_ARG_DIFF_DST, dst_m}});
+    }
+    e.prim.execute(stream, args);
+    if (kind == kBwdWeights && e.prim_w != e.user_w) dnnl::reorder(prim_w, user_w).execute(stream, prim_w, user_w);
+    stream.wait();
+  } catch (const dnnl::error& err) {
+    return ffi::Error::Internal(std::string("fcn onednn conv: ") + err.what());
+  } catch (const std::exception& err) {
+    return ffi::Error::Internal(std::string("fcn onednn conv: ") + err.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Fwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
+               ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
+  Geometry g;
+  if (auto err = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), strides, padding, g); err.failure()) return err;
+  return Run(kFwd, g, x.untyped_data(), w.untyped_data(), y->untyped_data());
+}
+
+ffi::Error BwdData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx,
+                   ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
+  Geometry g;
+  if (auto err = MakeGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), strides, padding, g); err.failure()) return err;
+  return Run(kBwdData, g, dx->untyped_data(), w.untyped_data(), dy.untyped_data());
+}
+
+ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
+                      ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
+  Geometry g;
+  if (auto err = MakeGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), strides, padding, g); err.failure()) return err;
+  return Run(kBwdWeights, g, x.untyped_data(), dw->untyped_data(), dy.untyped_data());
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnOnednnConvFwd, Fwd,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("padding"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnOnednnConvBwdData, BwdData,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("padding"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnOnednnConvBwdWeights, BwdWeights,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("padding"));
+
+// For the loader: which oneDNN this was built against, checked against the one it loads.
+extern "C" int FcnOnednnVersion() { return DNNL_VERSION_MAJOR * 10000 + DNNL_VERSION_MINOR * 100 + DNNL_VERSION_PATCH; }

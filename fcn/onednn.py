@@ -1,0 +1,187 @@
+"""3x3 (any k x k) convolutions on XLA:CPU by oneDNN, through XLA's FFI.
+
+XLA:CPU's own convolutions (Eigen, YNNPACK) are slowest where the U-Net is
+widest: at the full-resolution level (16-32 channels) the weight gradient ran at
+about 40 GFLOP/s. oneDNN, the library PyTorch's CPU convolutions use, ran the
+same three convolutions (forward, input and weight gradient) 4-5x faster on the
+same two cores (docs/benchmarks.md, fifth session).
+
+`conv(x, w, strides, padding)` is a jax function with a custom VJP whose
+forward pass and both gradients are XLA custom calls into oneDNN
+(fcn/csrc/onednn_conv.cc). fcn.ops uses it for `conv_impl` "onednn", and for
+"auto" on a CPU when `available()`; everything else keeps jax.lax's.
+
+The handlers are compiled at first use with the C++ compiler (`$CXX`, else
+g++) against jaxlib's FFI headers and the oneDNN of the pip packages
+`onednn-cpu-gomp` and `onednn-devel-cpu-gomp` (or `$FCN_ONEDNN_ROOT`, a folder
+with include/ and lib/), and kept in `<cache root>/ext/` (fcn.data.cache:
+$FCN_CACHE_DIR, else ~/.cache/fcn) under a key of the source, jaxlib and
+oneDNN, so later processes only load them. Anything missing makes
+`available()` False with the reason in `unavailable_reason()`; nothing is
+half-written (the library is compiled to a temporary name and renamed).
+`FCN_ONEDNN=0` turns it off.
+
+Limits: float32, NHWC inputs with HWIO kernels, no dilation or groups, concrete
+shapes, one device. Its gradient cannot be differentiated again.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "onednn_conv.cc"
+_TARGETS = {
+    "fcn_onednn_conv_fwd": "FcnOnednnConvFwd",
+    "fcn_onednn_conv_bwd_data": "FcnOnednnConvBwdData",
+    "fcn_onednn_conv_bwd_weights": "FcnOnednnConvBwdWeights",
+}
+_LIB = "libdnnl.so.3"
+_reason: str | None = None
+
+
+def unavailable_reason() -> str | None:
+    """Why `available()` is False (None when it is True or was not asked yet)."""
+    return _reason
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the oneDNN convolutions are built, loaded and registered with XLA (once per process)."""
+    global _reason
+    try:
+        if os.environ.get("FCN_ONEDNN", "1") == "0":
+            raise _Unavailable("FCN_ONEDNN=0")
+        lib = ctypes.CDLL(str(_build(_onednn_root())))
+        _register(lib)
+    except _Unavailable as e:
+        _reason = str(e)
+        return False
+    except OSError as e:  # a library that does not load
+        _reason = f"cannot load the oneDNN convolutions: {e}"
+        return False
+    return True
+
+
+class _Unavailable(Exception):
+    pass
+
+
+_registered: ctypes.CDLL | None = None
+
+
+def _register(lib: ctypes.CDLL) -> None:
+    """Register the handlers with XLA, once per process (XLA refuses a second library's)."""
+    global _registered
+    if _registered is None:
+        for target, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+        _registered = lib
+
+
+def _onednn_root() -> Path:
+    """The folder whose include/ has oneDNN's headers and lib/ its library."""
+    candidates = [os.environ["FCN_ONEDNN_ROOT"]] if os.environ.get("FCN_ONEDNN_ROOT") else [sys.prefix]
+    for root in map(Path, candidates):
+        if (root / "include" / "oneapi" / "dnnl" / "dnnl.hpp").is_file() and (root / "lib" / _LIB).is_file():
+            return root
+    raise _Unavailable(
+        f"no oneDNN under {', '.join(candidates)} (include/oneapi/dnnl/dnnl.hpp and lib/{_LIB}): "
+        "pip install onednn-cpu-gomp onednn-devel-cpu-gomp, or set FCN_ONEDNN_ROOT"
+    )
+
+
+def _build(root: Path) -> Path:
+    """The compiled handlers for oneDNN at `root`: from the cache, else compiled into it."""
+    from fcn.data.cache import cache_root
+
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        raise _Unavailable("no C++ compiler (g++, c++ or $CXX) to build the oneDNN convolutions")
+    lib = root / "lib" / _LIB
+    st = lib.stat()
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), jax.ffi.include_dir().encode(), jax.__version__.encode(), cxx.encode()):
+        key.update(part + b"\0")
+    key.update(f"{lib.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    out = cache_root() / "ext" / f"onednn_conv-{key.hexdigest()[:20]}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp")
+    os.close(fd)
+    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-I", jax.ffi.include_dir(), "-I", str(root / "include")]
+    cmd += [str(SOURCE), "-o", tmp, str(lib), f"-Wl,-rpath,{lib.parent}"]
+    logger.info("compiling the oneDNN convolutions (once): %s", " ".join(cmd))
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise _Unavailable(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
+        os.replace(tmp, out)  # atomic: another process sees the whole library or none
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def padding_pairs(padding, in_hw: Sequence[int], window: Sequence[int], strides: Sequence[int]) -> list:
+    """lax's padding ("SAME", "VALID" or pairs) as [(lo, hi), (lo, hi)] for the two spatial dims."""
+    if isinstance(padding, str):
+        return [tuple(p) for p in jax.lax.padtype_to_pads(in_hw, window, strides, padding)]
+    return [tuple(int(v) for v in p) for p in padding]
+
+
+def _out_size(n: int, k: int, s: int, lo: int, hi: int) -> int:
+    return (n + lo + hi - k) // s + 1
+
+
+def _attrs(strides, pads):
+    return dict(strides=np.asarray(strides, np.int64), padding=np.asarray([v for p in pads for v in p], np.int64))
+
+
+def _call(target: str, shape, *operands, strides, pads):
+    out = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*operands, **_attrs(strides, pads))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv(x_BHWC, w_HWIO, strides: tuple, pads: tuple):
+    """Cross-correlation of x [B, H, W, C] with w [KH, KW, C, K] (lax's convolution), float32."""
+    return _forward(x_BHWC, w_HWIO, strides, pads)
+
+
+def _forward(x, w, strides, pads):
+    (b, h, wd, _), (kh, kw, _, k) = x.shape, w.shape
+    oh = _out_size(h, kh, strides[0], *pads[0])
+    ow = _out_size(wd, kw, strides[1], *pads[1])
+    return _call("fcn_onednn_conv_fwd", (b, oh, ow, k), x, w, strides=strides, pads=pads)
+
+
+def _conv_fwd(x, w, strides, pads):
+    return _forward(x, w, strides, pads), (x, w)
+
+
+def _conv_bwd(strides, pads, res, dy):
+    x, w = res
+    dy = dy.astype(jnp.float32)
+    dx = _call("fcn_onednn_conv_bwd_data", x.shape, dy, w, strides=strides, pads=pads)
+    dw = _call("fcn_onednn_conv_bwd_weights", w.shape, x, dy, strides=strides, pads=pads)
+    return dx, dw
+
+
+conv.defvjp(_conv_fwd, _conv_bwd)

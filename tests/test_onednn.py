@@ -1,0 +1,130 @@
+"""fcn.onednn: oneDNN's convolutions through XLA's FFI compute jax.lax's function, and the seam
+uses them only where it should."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from fcn import onednn, ops
+
+DN = ("NHWC", "HWIO", "NHWC")
+CPU = jax.default_backend() == "cpu"
+
+
+def random(seed, shape):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
+def hlo(fn, *args) -> str:
+    return jax.jit(fn).lower(*args).as_text()
+
+
+def value_and_grads(conv, x, w):
+    r = random(9, jax.eval_shape(conv, x, w).shape)
+    loss = lambda x, w: jnp.sum(conv(x, w) * r)  # noqa: E731
+    return jax.jit(lambda x, w: (conv(x, w), *jax.grad(loss, argnums=(0, 1))(x, w)))(x, w)
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """available() asked again, in an empty cache; the module's state is restored afterwards."""
+    monkeypatch.setenv("FCN_CACHE_DIR", str(tmp_path))
+    onednn.available.cache_clear()
+    ops._onednn_usable.cache_clear()
+    yield tmp_path
+    monkeypatch.undo()
+    onednn.available.cache_clear()
+    ops._onednn_usable.cache_clear()
+
+
+@pytest.mark.skipif(not CPU, reason="oneDNN's convolutions are XLA:CPU custom calls")
+def test_available_here():
+    # requirements.txt installs oneDNN; the test machine has a C++ compiler.
+    assert onednn.available(), onednn.unavailable_reason()
+
+
+@pytest.mark.skipif(not CPU, reason="oneDNN's convolutions are XLA:CPU custom calls")
+@pytest.mark.parametrize(
+    ("shape", "k", "c_out", "strides", "padding"),
+    [
+        ((2, 17, 13, 3), 3, 5, (1, 1), "SAME"),  # the U-Net's first conv: 3 input channels
+        ((1, 12, 16, 16), 3, 16, (1, 1), "SAME"),
+        ((2, 16, 15, 8), 3, 4, (2, 2), "SAME"),  # strided, odd width
+        ((1, 9, 7, 4), 3, 6, (1, 1), [(0, 2), (1, 0)]),  # uneven padding
+        ((2, 10, 10, 6), 5, 3, (1, 2), "VALID"),
+        ((3, 8, 8, 4), 1, 4, (1, 1), "VALID"),
+    ],
+)
+def test_matches_lax(shape, k, c_out, strides, padding):
+    x, w = random(0, shape), random(1, (k, k, shape[-1], c_out))
+    ref = value_and_grads(lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN), x, w)
+    pads = tuple(onednn.padding_pairs(padding, shape[1:3], (k, k), strides))
+    got = value_and_grads(lambda x, w: onednn.conv(x, w, strides, pads), x, w)
+    for name, g, r in zip(("value", "dx", "dw"), got, ref):
+        assert g.shape == r.shape and g.dtype == r.dtype, name
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * float(jnp.abs(r).max()), err_msg=name)
+
+
+@pytest.mark.skipif(not CPU, reason="oneDNN's convolutions are XLA:CPU custom calls")
+def test_seam_uses_onednn_only_where_it_applies():
+    x, w = random(0, (1, 8, 8, 4)), random(1, (3, 3, 4, 4))
+    conv = ops.conv_fn("auto")
+    call = lambda x, w, **kw: conv(x, w, (1, 1), "SAME", dimension_numbers=DN, **kw)  # noqa: E731
+    grad = jax.value_and_grad(lambda x, w: call(x, w).sum(), argnums=(0, 1))
+    text = hlo(grad, x, w)
+    for target in ("fcn_onednn_conv_fwd", "fcn_onednn_conv_bwd_data", "fcn_onednn_conv_bwd_weights"):
+        assert target in text
+    # Not for: bfloat16, dilation, groups, NCHW, or code traced to run elsewhere.
+    assert "fcn_onednn" not in hlo(call, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    assert "fcn_onednn" not in hlo(lambda x, w: call(x, w, rhs_dilation=(2, 2)), x, w)
+    assert "fcn_onednn" not in hlo(lambda x, w: call(x, w[:, :, :2], feature_group_count=2), x, w)
+    nchw = lambda x, w: conv(x, w, (1, 1), "SAME", dimension_numbers=("NCHW", "HWIO", "NCHW"))  # noqa: E731
+    assert "fcn_onednn" not in hlo(nchw, x.transpose(0, 3, 1, 2), w)
+    with ops.portable():
+        assert "fcn_onednn" not in hlo(call, x, w)
+    assert "fcn_onednn" not in hlo(lambda x, w: ops.conv_fn("gemm")(x, w, (1, 1), "SAME", dimension_numbers=DN), x, w)
+
+
+def test_turned_off(fresh, monkeypatch, caplog):
+    monkeypatch.setenv("FCN_ONEDNN", "0")
+    with pytest.raises(RuntimeError, match="conv_impl='onednn': FCN_ONEDNN=0"):
+        ops.conv_fn("onednn")
+    x, w = random(0, (1, 6, 6, 2)), random(1, (3, 3, 2, 2))
+    with caplog.at_level(logging.WARNING):
+        y = jax.jit(lambda x, w: ops.conv_fn("auto")(x, w, (1, 1), "SAME", dimension_numbers=DN))(x, w)
+    np.testing.assert_allclose(y, lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN), rtol=1e-5)
+    assert "oneDNN" not in caplog.text  # turned off on purpose: no warning
+
+
+def test_missing_library_falls_back_with_a_warning(fresh, monkeypatch, caplog):
+    monkeypatch.setenv("FCN_ONEDNN_ROOT", str(fresh / "nowhere"))
+    x, w = random(0, (1, 6, 6, 2)), random(1, (3, 3, 2, 2))
+    with caplog.at_level(logging.WARNING):
+        text = hlo(lambda x, w: ops.conv_fn("auto")(x, w, (1, 1), "SAME", dimension_numbers=DN), x, w)
+    assert "fcn_onednn" not in text
+    assert "no oneDNN under" in caplog.text and "nowhere" in caplog.text and "onednn-cpu-gomp" in caplog.text
+    with pytest.raises(RuntimeError, match="no oneDNN under"):
+        ops.conv_fn("onednn")
+
+
+@pytest.mark.skipif(not CPU, reason="oneDNN's convolutions are XLA:CPU custom calls")
+def test_failed_build_leaves_nothing_behind(fresh, monkeypatch):
+    monkeypatch.setenv("CXX", "false")  # a compiler that always fails
+    assert not onednn.available()
+    assert "compiling onednn_conv.cc failed" in onednn.unavailable_reason()
+    assert list((fresh / "ext").iterdir()) == []  # no half-written library
+
+
+@pytest.mark.skipif(not CPU, reason="oneDNN's convolutions are XLA:CPU custom calls")
+def test_built_once_then_loaded(fresh):
+    assert onednn.available(), onednn.unavailable_reason()
+    built = list((fresh / "ext").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"
+    stamp = built[0].stat().st_mtime_ns
+    onednn.available.cache_clear()
+    assert onednn.available()
+    assert list((fresh / "ext").iterdir()) == built and built[0].stat().st_mtime_ns == stamp
