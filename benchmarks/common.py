@@ -41,7 +41,7 @@ def retain_freed_memory(enabled: bool) -> bool:
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
-    return all(libc.mallopt(k, v) == 1 for k, v in ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_arena_max, 1)))
+    return all(libc.mallopt(k, v) == 1 for k, v in ((m_mmap_max, 0), (m_trim_threshold, -1), (m_arena_max, 1)))
 
 
 def fcn_config(args):

@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,7 @@ def parse(argv=None):
     p.add_argument("--torch_variants", default="eager+cl,compile", help="eager, compile; '+cl' = channels_last")
     p.add_argument("--steps", type=int, default=3, help="steps per timed round")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
+    p.add_argument("--warmup_rounds", type=int, default=4, help="untimed interleaved rounds before them")
     p.add_argument("--skip_startup", action="store_true", help="skip the first-step subprocesses")
     p.add_argument("--skip_throughput", action="store_true", help="only the first-step subprocesses")
     p.add_argument("--json", default="", help="write all results here")
@@ -169,13 +171,19 @@ def throughput(args) -> dict:
     for k, v in info.items():
         assert v["num_params"] == n_fcn, f"{k}: {v['num_params']} parameters, fcn has {n_fcn}"
     times = {k: {"train": [], "predict": []} for k in workers}
+    faults = {k: {"train": [], "predict": []} for k in workers}
     load0 = os.getloadavg()[0]
     try:
-        for _ in range(args.repeats):
+        # Untimed rounds first, interleaved like the timed ones: a process's heap keeps growing
+        # (and faulting pages in) over its first steps of alternating training and inference.
+        for r in range(args.warmup_rounds + args.repeats):
             for what in ("train", "predict"):
                 for k, (_, conn) in workers.items():
                     conn.send(what)
-                    times[k][what].append(conn.recv())
+                    t, f = conn.recv()
+                    if r >= args.warmup_rounds:
+                        times[k][what].append(t)
+                        faults[k][what].append(f)
     finally:
         for proc, conn in workers.values():
             conn.send(None)
@@ -193,7 +201,12 @@ def throughput(args) -> dict:
         res["bf16_matmul_flops"] = fcn0["bf16_matmul_flops"]
     for k, t in times.items():
         res[k] = {
-            w: {"step_s": float(np.median(v)), "all_s": v, "img_s": args.batch / float(np.median(v))}
+            w: {
+                "step_s": float(np.median(v)),
+                "all_s": v,
+                "img_s": args.batch / float(np.median(v)),
+                "page_faults_minor_major": faults[k][w],  # per timed round
+            }
             for w, v in t.items()
         }
     return res
@@ -224,11 +237,18 @@ def _worker(conn, args: dict, name: str) -> None:
     conn.send(("ready", info))
     while (what := conn.recv()) is not None:
         fn = getattr(runner, what)
+        faults = _page_faults()
         t = time.perf_counter()
         for _ in range(args.steps):
             fn()
         runner.sync()
-        conn.send((time.perf_counter() - t) / args.steps)
+        conn.send(((time.perf_counter() - t) / args.steps, [a - b for a, b in zip(_page_faults(), faults)]))
+
+
+def _page_faults() -> tuple[int, int]:
+    """(minor, major) page faults of this process so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_minflt, r.ru_majflt
 
 
 def _fcn_variant(args):
@@ -327,7 +347,8 @@ def table(args, argv, res: dict) -> str:
     if tput:
         lines[-1] = lines[-1][:-1] + f"; {tput['params']:,} parameters in both."
         lines += [
-            f"Throughput: median of {args.repeats} interleaved rounds of {args.steps} steps, after warm-up; "
+            f"Throughput: median of {args.repeats} interleaved rounds of {args.steps} steps, after "
+            f"{args.warmup_rounds} untimed rounds; "
             f"load average {tput['load'][0]:.1f} before, {tput['load'][1]:.1f} after.",
             "",
             "| variant | train img/s | infer img/s | train step ms | GFLOP/s (analytic) |",
