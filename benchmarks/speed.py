@@ -13,7 +13,9 @@ Measures, in one run:
     train.py` itself (data, checkpoints, logging) is benchmarks/first_step.py's;
   * training and inference images per second, after warm-up, each variant in
     a process of its own: rounds of `--steps` steps of each variant in turn,
-    the median over `--repeats` rounds (interleaved, so that load from other
+    `--warmup_rounds` untimed (a process's heap grows over its first rounds of
+    alternating training and inference; each timed round's page faults are in
+    the JSON), then the median over `--repeats` rounds (interleaved, so that load from other
     processes falls on all variants alike; one variant runs at a time);
   * the step's FLOPs (analytic: 2 x multiply-adds of every convolution,
     forward and both backward products; and XLA's cost analysis of fcn's

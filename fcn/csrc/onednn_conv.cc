@@ -172,29 +172,16 @@ ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::Re
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnOnednnConvFwd, Fwd,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("padding"));
+// All three take two float32 operands and return one, with the same attributes.
+static auto Binding() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<ffi::Span<const int64_t>>("strides")
+      .Attr<ffi::Span<const int64_t>>("padding");
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnOnednnConvBwdData, BwdData,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("padding"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnOnednnConvBwdWeights, BwdWeights,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("padding"));
-
-// For the loader: which oneDNN this was built against, checked against the one it loads.
-extern "C" int FcnOnednnVersion() { return DNNL_VERSION_MAJOR * 10000 + DNNL_VERSION_MINOR * 100 + DNNL_VERSION_PATCH; }
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnOnednnConvFwd, Fwd, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnOnednnConvBwdData, BwdData, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnOnednnConvBwdWeights, BwdWeights, Binding());
