@@ -9,12 +9,12 @@ images against full-resolution labels.
 
 Measured 2026-11-21 with the command above on the 2-core development machine
 (AMD EPYC, 24 GiB, no GPU; jax on CPU; nothing else running), on the code as
-committed: 1400 steps, 19 min 38 s for the whole command from empty caches
-(data decoding, compilation, training, two full-resolution evaluations,
-checkpoints) on a slower hour of that virtual machine, val mean IoU 57.5, pixel
-accuracy 88.7% (per class in docs/results.md). Earlier code that rounds
-differently reached 57.3 (17 min 7 s), 58.4 (16 min 37 s) and 57.5 with the
-same config: about a point of run-to-run variation.
+committed (3x3 convolutions by oneDNN, fcn/onednn.py): 1400 steps, 12 min 19 s
+for the whole command from empty caches (data decoding, compilation, training,
+two full-resolution evaluations, checkpoints), val mean IoU 58.3, pixel
+accuracy 89.6% (per class in docs/results.md). Earlier code that rounds
+differently reached 57.5 (19 min 38 s, XLA's convolutions), 57.3, 58.4 and 57.5
+with the same config: about a point of run-to-run variation.
 """
 
 from fcn.config import default_config

@@ -141,9 +141,7 @@ ffi::Error Run(Kind kind, const Geometry& g, void* src, void* w, void* dst) {
     e.prim.execute(stream, args);
     if (kind == kBwdWeights && e.prim_w != e.user_w) dnnl::reorder(prim_w, user_w).execute(stream, prim_w, user_w);
     stream.wait();
-  } catch (const dnnl::error& err) {
-    return ffi::Error::Internal(std::string("fcn onednn conv: ") + err.what());
-  } catch (const std::exception& err) {
+  } catch (const std::exception& err) {  // dnnl::error among them
     return ffi::Error::Internal(std::string("fcn onednn conv: ") + err.what());
   }
   return ffi::Error::Success();
