@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -122,9 +123,13 @@ def _build(root: Path) -> Path:
     out = cache_root() / "ext" / f"onednn_conv-{key.hexdigest()[:20]}.so"
     if out.is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp")
+    except OSError as e:
+        raise _Unavailable(f"cannot build the oneDNN convolutions in {out.parent}: {e}") from e
     os.close(fd)
+    _remove_stale(out.parent)
     cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-I", jax.ffi.include_dir(), "-I", str(root / "include")]
     cmd += [str(SOURCE), "-o", tmp, str(lib), f"-Wl,-rpath,{lib.parent}"]
     logger.info("compiling the oneDNN convolutions (once): %s", " ".join(cmd))
@@ -137,6 +142,16 @@ def _build(root: Path) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def _remove_stale(folder: Path, age_s: float = 3600) -> None:
+    """Temporary files of builds that were killed (a live build renames or removes its own)."""
+    for f in folder.glob("*.tmp"):
+        try:
+            if time.time() - f.stat().st_mtime > age_s:
+                f.unlink()
+        except OSError:
+            pass  # another process's, gone or not ours to remove
 
 
 def padding_pairs(padding, in_hw: Sequence[int], window: Sequence[int], strides: Sequence[int]) -> list:

@@ -2,6 +2,7 @@
 uses them only where it should."""
 
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -128,3 +129,26 @@ def test_built_once_then_loaded(fresh):
     onednn.available.cache_clear()
     assert onednn.available()
     assert list((fresh / "ext").iterdir()) == built and built[0].stat().st_mtime_ns == stamp
+
+
+@pytest.mark.skipif(not CPU, reason="oneDNN's convolutions are XLA:CPU custom calls")
+def test_cache_folder_that_cannot_be_written(fresh, monkeypatch):
+    blocker = fresh / "not_a_folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("FCN_CACHE_DIR", str(blocker))
+    assert not onednn.available()
+    assert "cannot build the oneDNN convolutions in" in onednn.unavailable_reason()
+    assert str(blocker) in onednn.unavailable_reason()
+    assert blocker.read_text() == "a file where the cache folder should be"  # untouched
+
+
+@pytest.mark.skipif(not CPU, reason="oneDNN's convolutions are XLA:CPU custom calls")
+def test_stale_temporaries_of_killed_builds_are_removed(fresh):
+    ext = fresh / "ext"
+    ext.mkdir()
+    old, recent = ext / "onednn_conv-x.so.abc.tmp", ext / "onednn_conv-x.so.def.tmp"
+    for f in (old, recent):
+        f.write_bytes(b"half a library")
+    os.utime(old, (0, 0))
+    assert onednn.available(), onednn.unavailable_reason()
+    assert not old.exists() and recent.exists()  # a recent one may be another process's build
