@@ -131,6 +131,7 @@ def validate(config) -> None:
     _choice(config, "model.upsample", UPSAMPLES)
     _choice(config, "model.head", HEADS)
     _choice(config, "model.dtype", ("float32", "bfloat16"))
+    _check_conv_impl(config)
     _choice(config, "optimizer.name", ("adamw", "sgd"))
     _choice(config, "optimizer.schedule", ("cosine", "constant"))
     _choice(config, "loss.class_weights", ("none", "median_freq", "median_freq_sqrt"))
@@ -166,6 +167,24 @@ def validate(config) -> None:
     lo, hi = config.augment.scale_range
     if not 0 < lo <= hi:
         raise ConfigError(f"config.augment.scale_range=({lo}, {hi}) needs 0 < min <= max")
+
+
+def _check_conv_impl(config) -> None:
+    from fcn import onednn, ops  # jax and flax: only once a run is being validated
+
+    _choice(config, "model.conv_impl", ops.CONV_IMPLS)
+    if config.model.conv_impl == "onednn":
+        import jax
+
+        if jax.default_backend() != "cpu":
+            raise ConfigError(
+                f"config.model.conv_impl='onednn' runs on a CPU; this backend is {jax.default_backend()}: use auto"
+            )
+        if not onednn.available():
+            raise ConfigError(
+                f"config.model.conv_impl='onednn': {onednn.unavailable_reason()}"
+                " (conv_impl='auto' uses XLA's convolutions instead)"
+            )
 
 
 def validate_against_data(config, num_classes: int, train_sizes) -> None:

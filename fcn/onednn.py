@@ -53,6 +53,7 @@ _TARGETS = {
     "fcn_onednn_conv_bwd_weights": "FcnOnednnConvBwdWeights",
 }
 _LIB = "libdnnl.so.3"
+TURNED_OFF = "FCN_ONEDNN=0"  # unavailable_reason() when the user turned it off
 _reason: str | None = None
 
 
@@ -67,7 +68,7 @@ def available() -> bool:
     global _reason
     try:
         if os.environ.get("FCN_ONEDNN", "1") == "0":
-            raise _Unavailable("FCN_ONEDNN=0")
+            raise _Unavailable(TURNED_OFF)
         lib = ctypes.CDLL(str(_build(_onednn_root())))
         _register(lib)
     except _Unavailable as e:

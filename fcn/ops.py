@@ -82,7 +82,7 @@ def _onednn_usable() -> bool:
     """fcn.onednn.available(), with a warning (once) when it is not and nobody turned it off."""
     if onednn.available():
         return True
-    if onednn.unavailable_reason() != "FCN_ONEDNN=0":
+    if onednn.unavailable_reason() != onednn.TURNED_OFF:
         logger.warning("oneDNN convolutions unavailable, XLA's instead: %s", onednn.unavailable_reason())
     return False
 

@@ -27,6 +27,7 @@ CASES = {
     "zero learning rate": (["--config.optimizer.learning_rate=0"], ["config.optimizer.learning_rate=0.0", "positive"]),
     "negative learning rate": (["--config.optimizer.learning_rate=-1e-3"], ["config.optimizer.learning_rate=-0.001"]),
     "unknown choice": (["--config.data.source=camvidd"], ["config.data.source='camvidd'", "camvid, folder"]),
+    "unknown conv_impl": (["--config.model.conv_impl=fast"], ["config.model.conv_impl='fast'", "gemm, onednn, auto"]),
     "crop larger than images": (
         ["--config.augment.crop_size=(64,64)"],
         ["config.augment.crop_size=(64, 64)", "30 x 40"],

@@ -101,6 +101,18 @@ def test_turned_off(fresh, monkeypatch, caplog):
     assert "oneDNN" not in caplog.text  # turned off on purpose: no warning
 
 
+def test_config_asking_for_onednn_where_it_is_off_is_refused(fresh, monkeypatch):
+    from fcn.config import ConfigError, default_config, validate
+
+    monkeypatch.setenv("FCN_ONEDNN", "0")
+    config = default_config()
+    config.model.conv_impl = "onednn"
+    with pytest.raises(ConfigError, match="conv_impl='onednn': FCN_ONEDNN=0.*conv_impl='auto'"):
+        validate(config)
+    config.model.conv_impl = "auto"
+    validate(config)  # falls back, no error
+
+
 def test_missing_library_falls_back_with_a_warning(fresh, monkeypatch, caplog):
     monkeypatch.setenv("FCN_ONEDNN_ROOT", str(fresh / "nowhere"))
     x, w = random(0, (1, 6, 6, 2)), random(1, (3, 3, 2, 2))
