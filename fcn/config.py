@@ -95,8 +95,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_every = 250  # steps between evaluations on the eval split (0 = only at the end)
     c.eval_batch_size = 4
     c.eval_hflip = False  # test-time augmentation: average logits with the flipped image
-    c.log_every = 25  # steps between metrics.jsonl lines
-    c.checkpoint_every = 250
+    c.log_every = 25  # steps between metrics.jsonl lines (0 = only at checkpoints and the end)
+    c.checkpoint_every = 250  # steps between checkpoints (0 = only at evaluations and the end)
     c.keep_checkpoints = 3  # latest checkpoints kept (the best one is kept apart)
     return c
 

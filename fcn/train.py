@@ -30,6 +30,11 @@ from fcn.evaluate import evaluate_split, format_report, report
 log = logging.getLogger("fcn")
 
 
+def _every(step: int, period: int) -> bool:
+    """Whether `step` is on the grid of `period` steps (0: never; the last step is handled apart)."""
+    return bool(period) and step % period == 0
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to try."""
 
@@ -263,9 +268,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
                 signalled = stop.requested(step)
                 stopping = signalled or (stop_after is not None and step - start >= stop_after)
                 last = step == config.num_steps
-                do_eval = eval_data is not None and (last or (config.eval_every and step % config.eval_every == 0))
-                do_save = do_eval or last or stopping or step % config.checkpoint_every == 0
-                if do_save or step % config.log_every == 0:
+                do_eval = eval_data is not None and (last or _every(step, config.eval_every))
+                do_save = do_eval or last or stopping or _every(step, config.checkpoint_every)
+                if do_save or _every(step, config.log_every):
                     # Fetching the loss waits for the step; done only at log and save points.
                     values = {k: float(v) for k, v in jax.device_get(out).items()}
                     _check_finite(values["loss"], step, config, ckpts)  # never checkpoint a NaN state
@@ -289,7 +294,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
                         )
                 if do_save:
                     ckpts.save(step, state, mean_iou=last_report.get("mean_iou") if do_eval else None)
-                if do_save or step % config.log_every == 0:
+                if do_save or _every(step, config.log_every):
                     t_last, n_last = time.time(), step  # throughput excludes evaluation and saving
                 if stopping and not last:
                     bar.close()

@@ -71,6 +71,15 @@ def test_stopped_and_resumed_run_equals_unbroken_run(tmp_path):
     assert train_steps == list(range(1, config.num_steps + 1))  # no step lost or repeated
 
 
+def test_zero_periods_mean_only_at_the_end(tmp_path):
+    config = tiny.get_config()
+    config.eval_every = config.checkpoint_every = config.log_every = 0
+    train_and_evaluate(config, tmp_path / "run")
+    assert checkpoint.Checkpoints(tmp_path / "run").latest_step() == config.num_steps
+    lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in lines if "loss" in row] == [config.num_steps]
+
+
 def test_command_line_train_evaluate_resume(tmp_path):
     env = dict(os.environ)  # FCN_JAX_CACHE: the module's cache, which the tests above filled for this config
     workdir = tmp_path / "run"
