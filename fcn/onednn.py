@@ -32,6 +32,7 @@ import functools
 import hashlib
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -115,6 +116,7 @@ def _build(root: Path) -> Path:
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not cxx:
         raise _Unavailable("no C++ compiler (g++, c++ or $CXX) to build the oneDNN convolutions")
+    compiler = shlex.split(cxx)  # $CXX may carry a wrapper or flags ("ccache g++")
     lib = root / "lib" / _LIB
     st = lib.stat()
     key = hashlib.sha256()
@@ -131,11 +133,14 @@ def _build(root: Path) -> Path:
         raise _Unavailable(f"cannot build the oneDNN convolutions in {out.parent}: {e}") from e
     os.close(fd)
     _remove_stale(out.parent)
-    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-I", jax.ffi.include_dir(), "-I", str(root / "include")]
+    cmd = [*compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-I", jax.ffi.include_dir(), "-I", str(root / "include")]
     cmd += [str(SOURCE), "-o", tmp, str(lib), f"-Wl,-rpath,{lib.parent}"]
     logger.info("compiling the oneDNN convolutions (once): %s", " ".join(cmd))
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as e:
+            raise _Unavailable(f"cannot run the C++ compiler {cxx!r}: {e}") from e
         if done.returncode != 0:
             raise _Unavailable(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
         os.replace(tmp, out)  # atomic: another process sees the whole library or none

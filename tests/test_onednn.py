@@ -132,6 +132,13 @@ def test_failed_build_leaves_nothing_behind(fresh, monkeypatch):
     assert list((fresh / "ext").iterdir()) == []  # no half-written library
 
 
+def test_compiler_that_does_not_exist(fresh, monkeypatch):
+    monkeypatch.setenv("CXX", str(fresh / "no-such-compiler"))
+    assert not onednn.available()
+    assert "cannot run the C++ compiler" in onednn.unavailable_reason()
+    assert "no-such-compiler" in onednn.unavailable_reason()
+
+
 @pytest.mark.skipif(not CPU, reason="oneDNN's convolutions are XLA:CPU custom calls")
 def test_built_once_then_loaded(fresh):
     assert onednn.available(), onednn.unavailable_reason()
