@@ -94,8 +94,6 @@ def main(argv=None):
 
     run()
     hlo = step.lower(state, *batch).compile().as_text()
-    if os.environ.get("FCN_PROFILE_HLO"):
-        open(os.environ["FCN_PROFILE_HLO"], "w").write(hlo)
     names = _instructions(hlo)
     logdir = tempfile.mkdtemp(prefix="fcn_profile_")
     jax.profiler.start_trace(logdir)

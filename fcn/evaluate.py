@@ -82,10 +82,12 @@ def evaluate_split(
 def batches_in_flight() -> int:
     """Batches `evaluate_split` runs at once: 2 on a CPU backend in a single process, else 1.
 
-    XLA:CPU runs some convolutions on one core (YNNPACK, the middle levels of
-    the U-Net); two programs started from two threads run side by side. On 2
-    cores, evaluating CamVid val with configs/camvid_cpu.py went from 3.3-3.5 s
-    to 2.4-3.0 s; three at once gave no more (docs/benchmarks.md). Not with several
+    With XLA's own convolutions, some run on one core (YNNPACK, the middle
+    levels of the U-Net); two programs started from two threads run side by
+    side. On 2 cores, evaluating CamVid val with configs/camvid_cpu.py went from
+    3.3-3.5 s to 2.4-3.0 s; three at once gave no more. With oneDNN's
+    convolutions (one call at a time, each on every core) one and two at once
+    measured alike (docs/benchmarks.md, fifth session). Not with several
     processes, whose collectives must come in the same order everywhere, nor on
     accelerators, which queue programs asynchronously anyway.
     """

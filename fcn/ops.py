@@ -22,10 +22,10 @@ model uses (`config.model.conv_impl`); `ConvTranspose` routes the transposed
            and weight gradient. CPU only; an error where oneDNN is not
            available (fcn.onednn.unavailable_reason() says why).
   "auto"   on the CPU "onednn" where it is available, else "gemm" (with a
-           warning that says why); elsewhere "xla" (cuDNN on GPU has no such
-           weakness). On the CPU the training step is also compiled with
-           `train_compiler_options`: convolutions left to XLA run through its
-           Eigen kernels instead of YNNPACK's.
+           warning that says why; the training step is then compiled with
+           `train_compiler_options`: XLA's Eigen kernels for its convolutions
+           instead of YNNPACK's); elsewhere "xla" (cuDNN on GPU has no such
+           weakness).
 
 Every rewrite computes the same function as jax.lax.conv_general_dilated, values
 and gradients (tests/test_ops.py). `portable()` keeps oneDNN out of code traced
@@ -110,17 +110,19 @@ _YNN_WITHOUT_CONVOLUTIONS = (
 def train_compiler_options(name: str) -> dict | None:
     """jax.jit compiler options for the training step under `config.model.conv_impl` = name.
 
-    "auto" on the CPU: 3x3 convolutions by XLA's Eigen kernels, not YNNPACK's.
-    YNNPACK runs the convolutions of the U-Net's middle levels on one core,
-    Eigen's use both (benchmarks/conv_threads.py). The whole training step
-    (median of 5-7, alternating in one process, 2-core AMD EPYC): default
+    "auto" on the CPU without oneDNN: 3x3 convolutions by XLA's Eigen kernels,
+    not YNNPACK's. YNNPACK runs the convolutions of the U-Net's middle levels on
+    one core, Eigen's use both (benchmarks/conv_threads.py). The whole training
+    step (median of 5-7, alternating in one process, 2-core AMD EPYC): default
     network 4 x 256 x 256 1869 -> 1309 ms, configs/camvid_cpu.py 670 -> 643 ms.
     Evaluation and inference keep YNNPACK: the default network's forward pass
-    was 6% slower without it (docs/benchmarks.md). None elsewhere: jax's defaults.
+    was 6% slower without it (docs/benchmarks.md). With oneDNN no convolution is
+    left to XLA, and elsewhere jax's defaults apply: None.
     """
-    conv_fn(name)  # checks the name
-    if name == "auto" and jax.default_backend() == "cpu" and _accepted(_YNN_WITHOUT_CONVOLUTIONS):
-        return dict(_YNN_WITHOUT_CONVOLUTIONS)
+    if name not in CONV_IMPLS:
+        conv_fn(name)  # raises, naming the choices
+    if name == "auto" and jax.default_backend() == "cpu" and not _onednn_usable():
+        return dict(_YNN_WITHOUT_CONVOLUTIONS) if _accepted(_YNN_WITHOUT_CONVOLUTIONS) else None
     return None
 
 

@@ -122,9 +122,11 @@ def _library_fusions(fn, compiler_options, *args) -> dict[str, int]:
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's library fusions")
-def test_train_compiler_options_move_only_convolutions_off_ynnpack():
-    """The training step's option is accepted by this jaxlib and does what fcn.ops says: the 3x3
-    convolution leaves YNNPACK for XLA's own kernels, the reduction stays YNNPACK's, values agree."""
+def test_train_compiler_options_move_only_convolutions_off_ynnpack(monkeypatch):
+    """Without oneDNN, the training step's option is accepted by this jaxlib and does what fcn.ops says:
+    the 3x3 convolution leaves YNNPACK for XLA's own kernels, the reduction stays YNNPACK's, values agree."""
+    assert ops.train_compiler_options("auto") is None  # oneDNN here: no convolution left to XLA
+    monkeypatch.setattr(ops, "_onednn_usable", lambda: False)
     options = ops.train_compiler_options("auto")
     assert options is not None
     assert ops.train_compiler_options("xla") is None and ops.train_compiler_options("gemm") is None
