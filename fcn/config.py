@@ -45,7 +45,8 @@ def default_config() -> ml_collections.ConfigDict:
     d.max_size = 0  # resize so the longer side is at most this (0 = keep); labels nearest
     d.decode_workers = 8  # threads decoding files in parallel (once in memory, or each step when streamed)
     # camvid, folder: keep splits decoded in memory also decoded on disk ($FCN_CACHE_DIR/decoded, default
-    # ~/.cache/fcn), reused while the files, these settings and fcn's decoding code are unchanged.
+    # ~/.cache/fcn), with the training canvas made from them; reused (memory-mapped) while the files, these
+    # settings and fcn's decoding code are unchanged.
     d.cache_decoded = True
     # Training set held decoded in memory ("memory"), or read and decoded from its files each step, a few
     # batches ahead ("stream"); "auto": in memory when loading it fits max_memory_gb (from image headers:

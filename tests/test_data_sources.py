@@ -441,3 +441,49 @@ def test_decoded_cache_round_trips_mixed_sizes_and_empty_splits(tmp_path, monkey
     assert list(back.names) == list(split.names)
     for a, b in zip([*back.images, *back.labels], [*split.images, *split.labels]):
         assert a.shape == b.shape and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_training_canvas_is_cached_and_read_back_bit_for_bit(tmp_path, monkeypatch, scale):
+    from fcn.data import pipeline
+
+    monkeypatch.setenv("FCN_CACHE_DIR", str(tmp_path / "cache"))
+    root = make_folder(tmp_path / "data", n=4)
+    save(root / "images" / "im03.png", rgb(3)[:4, :6])  # one smaller pair: padded in the canvas
+    save(root / "masks" / "im03.png", np.ones((4, 6), np.uint8))
+    first = pipeline.stack(folder(root, val_fraction=0.0).load("train"), IGNORE_LABEL, scale)
+    assert len(cached_entries()) == 2  # the split and its canvas
+    with monkeypatch.context() as m:
+        no_decoding(m)
+        m.setattr(pipeline, "rescale_pair", lambda *a: pytest.fail("resized although cached"))
+        again = pipeline.stack(folder(root, val_fraction=0.0).load("train"), IGNORE_LABEL, scale)
+    for a, b in [
+        (again.images_NHWC, first.images_NHWC),
+        (again.labels_NHW, first.labels_NHW),
+        (again.sizes_N2, first.sizes_N2),
+    ]:
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+    h, w = again.sizes_N2[3]
+    assert h < again.labels_NHW.shape[1] and again.labels_NHW[3, h:].min() == IGNORE_LABEL  # padding too
+    assert not again.images_NHWC.flags.writeable  # memory-mapped, read-only: nothing can change the entry
+    if scale != 1:  # class statistics still see the labels at their own size
+        assert [lab.shape for lab in again.labels()] == [lab.shape for lab in first.labels()]
+    other = pipeline.stack(folder(root, val_fraction=0.0).load("train"), IGNORE_LABEL, 0.75)
+    assert other.images_NHWC.shape[1:3] != first.images_NHWC.shape[1:3]  # another scale: another entry
+    assert len(cached_entries()) == 3
+
+
+def test_unreadable_canvas_entry_is_made_again(tmp_path, monkeypatch, caplog):
+    from fcn.data import pipeline
+
+    monkeypatch.setenv("FCN_CACHE_DIR", str(tmp_path / "cache"))
+    root = make_folder(tmp_path / "data", n=3)
+    split = folder(root, val_fraction=0.0).load("train")
+    split_entries = set(cached_entries())
+    first = pipeline.stack(split, IGNORE_LABEL, 0.5)
+    (canvas_entry,) = set(cached_entries()) - split_entries
+    canvas_entry.write_bytes(canvas_entry.read_bytes()[:-10])  # truncated
+    again = pipeline.stack(folder(root, val_fraction=0.0).load("train"), IGNORE_LABEL, 0.5)
+    assert "unreadable" in caplog.text
+    assert np.array_equal(again.images_NHWC, first.images_NHWC)
+    assert len(cached_entries()) == 2

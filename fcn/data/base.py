@@ -37,12 +37,15 @@ class Split:
 
     images: uint8 arrays [H, W, 3]; labels: uint8 arrays [H, W] whose values are
     class ids in [0, num_classes) or the source's ignore label. names: one id per
-    example (a file stem), used in error messages and reports.
+    example (a file stem), used in error messages and reports. key: what the
+    pixels depend on, as kept in fcn's cache folder (`decode_all`), or None; what
+    is derived from the split (the training canvas) is cached under it too.
     """
 
     images: Sequence[np.ndarray]
     labels: Sequence[np.ndarray]
     names: Sequence[str]
+    key: str | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -132,6 +135,7 @@ def decode_all(examples: Examples, *, workers: int = 8, skip_bad: bool = False, 
     )
     if key is not None and len(split) == len(examples):  # a split with bad files skipped is not kept:
         cache.save(key, split, desc)  # each run then says again what it skipped
+        return dataclasses.replace(split, key=key)
     return split
 
 

@@ -1,10 +1,13 @@
 """fcn's cache folder, and decoded splits kept there so that a second run skips the decoding.
 
 Decoding CamVid's training split (367 JPEG frames and PNG masks) took 1.2-1.4 s
-of a 6 s warm start on 2 cores; reading it back decoded takes a tenth of that
-(docs/benchmarks.md). `decode_all` stores a split here when its `Examples`
-carry a key (`Examples.key_fn`; the image/mask folder sources give one, from
-`data.cache_decoded`) and reads it back while the key is unchanged.
+of a 6 s warm start on 2 cores (docs/benchmarks.md). `decode_all` stores a
+split here when its `Examples` carry a key (`Examples.key_fn`; the image/mask
+folder sources give one, from `data.cache_decoded`) and reads it back while the
+key is unchanged; `fcn.data.pipeline.stack` keeps the training canvas made from
+it under a key derived from the split's. Entries are read memory-mapped
+(`load_arrays`): reading the split into memory took 0.5-1.1 s, most of it page
+faults of fresh memory on a virtual machine; mapped, nothing is read until used.
 
 The key covers everything the decoded pixels depend on: each file's path,
 size, inode and modification and change times, the decoding settings (class count, ignore label,
@@ -25,7 +28,6 @@ import json
 import logging
 import os
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -78,13 +80,8 @@ def load(key: str, desc: str):
     """The Split stored under `key`, or None (not there, or unreadable: then deleted)."""
     from fcn.data.base import Split
 
-    path = decoded_dir() / f"{key}{_SUFFIX}"
-    if not path.exists():
-        return None
-    t = time.perf_counter()
-    try:
-        with open(path, "rb") as f:  # four .npy arrays one after the other, read straight into memory
-            images, labels, shapes, names = (np.load(f, allow_pickle=False) for _ in range(4))
+    def split_of(arrays):
+        images, labels, shapes, names = arrays
         names = [str(n) for n in names]
         if shapes.ndim != 2 or shapes.shape[1] != 2 or len(names) != len(shapes):
             raise ValueError(f"shapes {shapes.shape} for {len(names)} names")
@@ -92,45 +89,98 @@ def load(key: str, desc: str):
         if images.size != 3 * pixels.sum() or labels.size != pixels.sum():
             raise ValueError("pixel counts do not match the shapes")
         ends = np.cumsum(pixels)[:-1]
-        split = Split(
+        return Split(
             images=[a.reshape(h, w, 3) for a, (h, w) in zip(np.split(images, 3 * ends), shapes)],
             labels=[a.reshape(h, w) for a, (h, w) in zip(np.split(labels, ends), shapes)],
             names=names,
+            key=key,
         )
+
+    split = load_arrays(key, desc, 4, split_of)
+    if split is not None:
+        logger.info("%s: %d decoded examples read from %s", desc, len(split), decoded_dir() / f"{key}{_SUFFIX}")
+    return split
+
+
+def load_arrays(key: str, desc: str, count: int, build=lambda arrays: arrays):
+    """build(the `count` arrays stored under `key`), or None: not there, or unreadable or
+    refused by `build` (a ValueError), then deleted.
+
+    The arrays are memory-mapped, read-only: nothing is read until used, and the
+    pages come from the page cache (a split that took 0.5-0.9 s to read into
+    memory on 2 cores maps in milliseconds; docs/benchmarks.md).
+    """
+    path = decoded_dir() / f"{key}{_SUFFIX}"
+    if not path.exists():
+        return None
+    try:
+        arrays = _map_arrays(path)
+        if len(arrays) != count:
+            raise ValueError(f"{len(arrays)} arrays, expected {count}")
+        out = build(arrays)
     except Exception as e:  # a truncated or foreign file: decode afresh, never fail on the cache
-        logger.warning("%s: cached decoded split %s is unreadable (%s); decoding again", desc, path, e)
+        logger.warning("%s: cached decoded data %s is unreadable (%s); decoding again", desc, path, e)
         path.unlink(missing_ok=True)
         return None
     try:
         os.utime(path)  # recently used: kept longest
     except OSError:  # a read-only cache is still read
         pass
-    logger.info("%s: %d decoded examples read from %s in %.2f s", desc, len(split), path, time.perf_counter() - t)
-    return split
+    return out
+
+
+def _map_arrays(path: Path) -> list[np.ndarray]:
+    """The .npy arrays stored one after the other in `path`, memory-mapped read-only."""
+    arrays = []
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        while f.tell() < size:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(f)
+            if fortran_order or dtype.hasobject:
+                raise ValueError(f"array {len(arrays)}: not a plain C-ordered array")
+            offset, nbytes = f.tell(), int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if offset + nbytes > size:
+                raise ValueError(f"array {len(arrays)} ends past the end of the file")
+            # np.memmap refuses empty arrays; a view keeps the mapping alive as a plain ndarray.
+            arrays.append(np.memmap(path, dtype, "r", offset, shape).view(np.ndarray) if nbytes else np.empty(shape, dtype))
+            f.seek(offset + nbytes)
+    return arrays
 
 
 def save(key: str, split, desc: str) -> None:
     """Stores `split` under `key` (atomically), then trims the folder to its size limit."""
+    shapes = np.array([lab.shape for lab in split.labels], np.int64).reshape(-1, 2)
+    names = np.array(list(split.names), str)
+    if save_arrays(key, [list(split.images), list(split.labels), shapes, names], desc):
+        logger.info("%s: decoded split cached in %s (data.cache_decoded=False turns this off)", desc, decoded_dir())
+
+
+def save_arrays(key: str, arrays, desc: str) -> bool:
+    """Stores `arrays` under `key` (atomically; a list of uint8 arrays is stored as one flat
+    array, without a concatenated copy in memory), then trims the folder to its size limit.
+    False when the disk refused (logged): the next run decodes again, nothing else is lost."""
     folder = decoded_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        shapes = np.array([lab.shape for lab in split.labels], np.int64).reshape(-1, 2)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                _save_flat(f, split.images)  # no concatenated copy of the split in memory
-                _save_flat(f, split.labels)
-                np.save(f, shapes, allow_pickle=False)
-                np.save(f, np.array(list(split.names), str), allow_pickle=False)
+                for a in arrays:
+                    if isinstance(a, list):
+                        _save_flat(f, a)
+                    else:
+                        np.save(f, a, allow_pickle=False)
             os.replace(tmp, folder / f"{key}{_SUFFIX}")
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
     except OSError as e:  # a full or read-only disk costs the next run its decoding, nothing else
-        logger.warning("%s: could not cache the decoded split in %s (%s)", desc, folder, e)
-        return
-    logger.info("%s: decoded split cached in %s (data.cache_decoded=False turns this off)", desc, folder)
+        logger.warning("%s: could not cache decoded data in %s (%s)", desc, folder, e)
+        return False
     trim(folder, _limit_bytes())
+    return True
 
 
 def _save_flat(f, arrays) -> None:

@@ -19,9 +19,11 @@ run would have seen, in memory or streamed.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -83,13 +85,41 @@ def stack(split: Split, ignore_label: int, scale: float = 1.0, workers: int = 8)
 
     scale: resize every example by this factor first (the model's
     `input_scale`, so training sees what the network sees at evaluation), in
-    `workers` threads (PIL resizes without the GIL).
+    `workers` threads (PIL resizes without the GIL). A split with a cache key
+    (`Split.key`) has its canvas kept in fcn's cache folder too, and read back
+    memory-mapped by later runs: a warm start then neither resizes nor copies
+    the split (fcn/data/cache.py).
     """
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # at scale 1, rescale_pair returns its input
-        pairs = list(pool.map(lambda p: rescale_pair(*p, scale), zip(split.images, split.labels)))
-    shape = np.max([lab.shape for _, lab in pairs], axis=0) if pairs else (1, 1)
-    canvas = fill(pairs, shape, ignore_label)
+    from fcn.data import cache
+
+    key = None
+    if split.key is not None:
+        stamp = f"{split.key}\0canvas scale={float(scale)!r} ignore={int(ignore_label)}\0".encode()
+        key = hashlib.sha256(stamp + Path(__file__).read_bytes()).hexdigest()[:32]
+    canvas = None if key is None else cache.load_arrays(key, f"canvas of {len(split)} examples", 3, _canvas_of(split))
+    if canvas is None:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # at scale 1, rescale_pair returns its input
+            pairs = list(pool.map(lambda p: rescale_pair(*p, scale), zip(split.images, split.labels)))
+        shape = np.max([lab.shape for _, lab in pairs], axis=0) if pairs else (1, 1)
+        canvas = fill(pairs, shape, ignore_label)
+        if key is not None:
+            cache.save_arrays(key, [canvas.images_NHWC, canvas.labels_NHW, canvas.sizes_N2], "training canvas")
     return dataclasses.replace(canvas, source_labels=list(split.labels) if scale != 1 else None)
+
+
+def _canvas_of(split: Split):
+    """Canvas from its three cached arrays, checked against the split it was made from."""
+
+    def build(arrays) -> Canvas:
+        images, labels, sizes = arrays
+        n = len(split)
+        if images.shape[:1] != (n,) or images.shape[3:] != (3,) or labels.shape != images.shape[:3]:
+            raise ValueError(f"canvas {images.shape} / {labels.shape} for {n} examples")
+        if sizes.shape != (n, 2) or sizes.dtype != np.int32 or images.dtype != np.uint8 or labels.dtype != np.uint8:
+            raise ValueError("canvas arrays of the wrong shape or type")
+        return Canvas(images, labels, sizes)
+
+    return build
 
 
 def memory_bytes(source_sizes_N2, sizes_N2) -> tuple[int, int]:
