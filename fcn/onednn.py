@@ -48,7 +48,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "onednn_conv.cc"
-_TARGETS = {
+TARGETS = {  # custom-call target -> handler symbol in the built library
     "fcn_onednn_conv_fwd": "FcnOnednnConvFwd",
     "fcn_onednn_conv_bwd_data": "FcnOnednnConvBwdData",
     "fcn_onednn_conv_bwd_weights": "FcnOnednnConvBwdWeights",
@@ -92,7 +92,7 @@ def _register(lib: ctypes.CDLL) -> None:
     """Register the handlers with XLA, once per process (XLA refuses a second library's)."""
     global _registered
     if _registered is None:
-        for target, symbol in _TARGETS.items():
+        for target, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
         _registered = lib
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -162,15 +163,39 @@ def make_train_step(config, graphs: Graphs, tx, num_classes: int, ignore_label: 
     return train_step
 
 
-def jit_train_step(config, graphs: Graphs, tx, num_classes: int, ignore_label: int, class_weights=None, **jit_kwargs):
+def jit_train_step(
+    config,
+    graphs: Graphs,
+    tx,
+    num_classes: int,
+    ignore_label: int,
+    class_weights=None,
+    *,
+    keep_traced=False,
+    **jit_kwargs,
+):
     """make_train_step's step under jax.jit: the state donated, compiled with the options of
-    `config.model.conv_impl` for this backend (fcn.ops.train_compiler_options)."""
-    return jax.jit(
-        make_train_step(config, graphs, tx, num_classes, ignore_label, class_weights),
-        donate_argnums=0,
-        compiler_options=ops.train_compiler_options(config.model.get("conv_impl", "xla")),
-        **jit_kwargs,
-    )
+    `config.model.conv_impl` for this backend (fcn.ops.train_compiler_options).
+
+    keep_traced: trace and lower it once per machine, and keep it in fcn's cache
+    folder for later processes (fcn.traced.TracedStep; what train.py does).
+    """
+    step = make_train_step(config, graphs, tx, num_classes, ignore_label, class_weights)
+    conv_impl = config.model.get("conv_impl", "xla")
+    jit_kwargs = {"compiler_options": ops.train_compiler_options(conv_impl), **jit_kwargs}
+    plain = jax.jit(step, donate_argnums=0, **jit_kwargs)
+    if not keep_traced:
+        return plain
+    from fcn import traced
+
+    key = {
+        "step": "train",
+        "config": config.to_json(),
+        "num_classes": num_classes,
+        "ignore_label": ignore_label,
+        "class_weights": None if class_weights is None else np.asarray(class_weights, np.float32).tolist(),
+    }
+    return traced.TracedStep(step, plain, key, uses_onednn=conv_impl in ("auto", "onednn"), **jit_kwargs)
 
 
 def make_eval_step(graphs: Graphs, num_classes: int, ignore_label: int, hflip: bool = False):

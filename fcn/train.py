@@ -229,6 +229,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
             source.num_classes,
             source.ignore_label,
             class_weights,
+            keep_traced=True,  # a warm start skips tracing it (fcn/traced.py)
             # State and metrics stay replicated, so every process can read the losses it logs.
             out_shardings=sharding.replicated(mesh),
         )

@@ -136,7 +136,9 @@ def _map_arrays(path: Path) -> list[np.ndarray]:
     with open(path, "rb") as f:
         while f.tell() < size:
             version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
             shape, fortran_order, dtype = read_header(f)
             if fortran_order or dtype.hasobject:
                 raise ValueError(f"array {len(arrays)}: not a plain C-ordered array")
@@ -144,7 +146,9 @@ def _map_arrays(path: Path) -> list[np.ndarray]:
             if offset + nbytes > size:
                 raise ValueError(f"array {len(arrays)} ends past the end of the file")
             # np.memmap refuses empty arrays; a view keeps the mapping alive as a plain ndarray.
-            arrays.append(np.memmap(path, dtype, "r", offset, shape).view(np.ndarray) if nbytes else np.empty(shape, dtype))
+            arrays.append(
+                np.memmap(path, dtype, "r", offset, shape).view(np.ndarray) if nbytes else np.empty(shape, dtype)
+            )
             f.seek(offset + nbytes)
     return arrays
 
@@ -162,25 +166,35 @@ def save_arrays(key: str, arrays, desc: str) -> bool:
     array, without a concatenated copy in memory), then trims the folder to its size limit.
     False when the disk refused (logged): the next run decodes again, nothing else is lost."""
     folder = decoded_dir()
+
+    def write(f) -> None:
+        for a in arrays:
+            if isinstance(a, list):
+                _save_flat(f, a)
+            else:
+                np.save(f, a, allow_pickle=False)
+
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for a in arrays:
-                    if isinstance(a, list):
-                        _save_flat(f, a)
-                    else:
-                        np.save(f, a, allow_pickle=False)
-            os.replace(tmp, folder / f"{key}{_SUFFIX}")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(folder / f"{key}{_SUFFIX}", write)
     except OSError as e:  # a full or read-only disk costs the next run its decoding, nothing else
         logger.warning("%s: could not cache decoded data in %s (%s)", desc, folder, e)
         return False
     trim(folder, _limit_bytes())
     return True
+
+
+def write_atomic(path: Path, write) -> None:
+    """write(binary file) into a temporary file beside `path`, renamed into place: a run stopped
+    midway leaves no half entry. Raises OSError where the disk refuses."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _save_flat(f, arrays) -> None:
@@ -191,10 +205,11 @@ def _save_flat(f, arrays) -> None:
         np.ascontiguousarray(a, np.uint8).tofile(f)
 
 
-def trim(folder: Path, limit: int) -> None:
-    """Deletes the least recently used entries until the folder holds at most `limit` bytes."""
+def trim(folder: Path, limit: int, suffix: str = _SUFFIX) -> None:
+    """Deletes the least recently used entries (files ending in `suffix`) until the folder holds at
+    most `limit` bytes."""
     entries = []
-    for p in folder.glob(f"*{_SUFFIX}"):
+    for p in folder.glob(f"*{suffix}"):
         try:
             st = p.stat()
         except OSError:

@@ -1,0 +1,178 @@
+"""The training step traced and lowered once, kept in fcn's cache folder (jax.export), for warm starts.
+
+JAX's persistent compilation cache saves compiling the step, but not tracing
+and lowering it, which each start still paid: 1.3-1.7 s of a 6 s warm start of
+`make train` on 2 cores, in one Python thread. `TracedStep` keeps the step as
+a serialized `jax.export.Exported` (StableHLO, about 0.1-1 MB) in
+`<cache root>/traced/`, and a later process deserializes it (10 ms) and lowers
+only the call to it (0.5 s); the compiled program is then the one the
+compilation cache already holds. Measured: docs/benchmarks.md.
+
+The key covers everything the traced program depends on: the whole config and
+the step's other arguments, the shapes and types of every input and the state's
+structure, the source of every fcn module, the versions of jax, jaxlib, flax,
+optax and numpy, every jax configuration value, the backend and its devices,
+whether oneDNN's convolutions are in use, and the FCN_, JAX_ and XLA_
+environment variables. Change any one and the entry is not found, so a stale
+program is never run. An entry that cannot be read is logged, deleted and
+traced afresh; entries are written to a temporary file and renamed into place;
+the folder is trimmed to its 256 MiB, least recently used first. Only for one
+process on one device (the program is exported for one);
+`FCN_TRACE_CACHE=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from fcn import onednn
+from fcn.data import cache
+
+logger = logging.getLogger(__name__)
+
+_SUFFIX = ".jaxexport"
+_LIMIT_BYTES = 256 * 2**20
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def folder() -> Path:
+    return cache.cache_root() / "traced"
+
+
+def enabled() -> bool:
+    """One process, one device, and not turned off with FCN_TRACE_CACHE=0."""
+    return os.environ.get("FCN_TRACE_CACHE", "1") != "0" and jax.process_count() == 1 and jax.device_count() == 1
+
+
+@functools.cache
+def _source_digest() -> str:
+    h = hashlib.sha256()
+    for p in sorted([*_PACKAGE.rglob("*.py"), *_PACKAGE.rglob("*.cc")]):
+        h.update(str(p.relative_to(_PACKAGE)).encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+def fingerprint(uses_onednn: bool) -> dict:
+    """What a traced program depends on beyond its own arguments (see the module docstring)."""
+    import flax
+    import jaxlib
+    import optax
+
+    return {
+        "versions": [jax.__version__, jaxlib.__version__, flax.__version__, optax.__version__, np.__version__],
+        "fcn": _source_digest(),
+        "jax_config": sorted((k, repr(v)) for k, v in jax.config.values.items()),
+        "backend": [jax.default_backend(), [d.device_kind for d in jax.devices()]],
+        # Loading oneDNN registers its handlers, which the deserialized program calls.
+        "onednn": uses_onednn and jax.default_backend() == "cpu" and onednn.available(),
+        "env": sorted((k, v) for k, v in os.environ.items() if k.startswith(("FCN_", "JAX_", "XLA_"))),
+    }
+
+
+def _path(key: str) -> Path:
+    return folder() / f"{key}{_SUFFIX}"
+
+
+def load(key: str):
+    """The Exported stored under `key`, or None (not there; unreadable: then deleted)."""
+    from jax import export
+
+    path = _path(key)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        logger.warning("traced step %s cannot be read (%s); tracing it again", path, e)
+        return None
+    try:
+        exported = export.deserialize(bytearray(data))
+    except Exception as e:  # truncated or foreign: trace afresh, never fail on the cache
+        logger.warning("traced step %s is unreadable (%s); tracing it again", path, e)
+        path.unlink(missing_ok=True)
+        return None
+    try:
+        os.utime(path)  # recently used: kept longest
+    except OSError:
+        pass
+    return exported
+
+
+def save(key: str, exported) -> None:
+    """Stores `exported` under `key` atomically; a disk that refuses costs the next start its tracing."""
+    out = folder()
+    try:
+        cache.write_atomic(_path(key), lambda f: f.write(exported.serialize()))
+    except OSError as e:
+        logger.warning("could not keep the traced step in %s (%s)", out, e)
+        return
+    cache.trim(out, _LIMIT_BYTES, _SUFFIX)
+
+
+class TracedStep:
+    """fn(state, *batch) -> (new state, outputs) under jax.jit, traced once per key and machine.
+
+    fn must return a state of the same structure as it is given, and outputs
+    that are plain dicts, lists or tuples of arrays. `plain` is the same step
+    under jax.jit, used where the cache is off or does not apply (another
+    batch shape, several devices). `key`: JSON-able, everything fn depends on
+    beyond the fingerprint; jit_kwargs and donation are those of `plain`.
+    """
+
+    def __init__(self, fn, plain, key, *, uses_onednn: bool, **jit_kwargs):
+        self._fn, self._plain, self._key, self._uses_onednn = fn, plain, key, uses_onednn
+        self._jit_kwargs = jit_kwargs
+        self._built = None  # (batch signature, jitted call of the exported step)
+
+    def __call__(self, state, *batch):
+        signature = [(tuple(np.shape(b)), str(getattr(b, "dtype", type(b)))) for b in batch]
+        if self._built is None:
+            self._built = (signature, self._build(state, batch) if enabled() else self._plain)
+        return (self._built[1] if self._built[0] == signature else self._plain)(state, *batch)
+
+    def _build(self, state, batch):
+        from jax import export
+
+        leaves, treedef = jax.tree.flatten(state)
+        specs = [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in [*leaves, *batch]]
+        key = hashlib.sha256(
+            json.dumps(
+                {
+                    "key": self._key,
+                    "inputs": [(s.shape, str(s.dtype)) for s in specs],
+                    "state": str(treedef),
+                    "jit": repr(sorted(self._jit_kwargs.items())),
+                    "fingerprint": fingerprint(self._uses_onednn),
+                },
+                sort_keys=True,
+                default=repr,
+            ).encode()
+        ).hexdigest()[:32]
+        exported = load(key)
+        if exported is None:
+
+            def flat(state_leaves, *batch):
+                new_state, outputs = self._fn(jax.tree.unflatten(treedef, state_leaves), *batch)
+                new_leaves, new_treedef = jax.tree.flatten(new_state)
+                if new_treedef != treedef:
+                    raise ValueError("the step returns a state of another structure")
+                return new_leaves, outputs
+
+            checks = [export.DisabledSafetyCheck.custom_call(t) for t in onednn.TARGETS]
+            exported = export.export(jax.jit(flat), disabled_checks=checks)(specs[: len(leaves)], *specs[len(leaves) :])
+            save(key, exported)
+            logger.info("training step traced and kept in %s", folder())
+
+        def step(state, *batch):
+            new_leaves, outputs = exported.call(jax.tree.leaves(state), *batch)
+            return jax.tree.unflatten(treedef, new_leaves), outputs
+
+        return jax.jit(step, donate_argnums=0, **self._jit_kwargs)

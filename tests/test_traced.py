@@ -1,0 +1,110 @@
+"""The training step kept traced in fcn's cache folder (fcn/traced.py): same results, never stale."""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from fcn import state as state_lib, traced
+
+
+@pytest.fixture(autouse=True)
+def _folders(tmp_path, tmp_path_factory, monkeypatch):
+    from fcn.train import enable_compilation_cache
+
+    monkeypatch.setenv("FCN_CACHE_DIR", str(tmp_path / "cache"))  # a traced folder of its own per test
+    monkeypatch.setenv("FCN_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "jax_cache"))  # compilations shared
+    enable_compilation_cache()
+
+
+def _setup(**overrides):
+    config = tiny.get_config()
+    for k, v in overrides.items():
+        node, *path = k.split(".")
+        target = config[node]
+        for p in path[:-1]:
+            target = target[p]
+        target[path[-1]] = v
+    graphs, state, tx = state_lib.create(config, 4)
+    rng = np.random.default_rng(0)
+    batch = (
+        rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8),
+        rng.integers(0, 4, (2, 32, 32), dtype=np.uint8),
+        np.full((2, 2), 32, np.int32),
+    )
+    return config, graphs, state, tx, batch
+
+
+def _run(keep_traced, config, graphs, state, tx, batch, steps=2):
+    step = state_lib.jit_train_step(config, graphs, tx, 4, 255, keep_traced=keep_traced)
+    state = jax.tree.map(np.array, state)  # a copy: the step donates its state
+    for _ in range(steps):
+        state, out = step(state, *batch)
+    return jax.tree.leaves(state), out
+
+
+def _entries():
+    return sorted(traced.folder().glob("*.jaxexport"))
+
+
+def _same(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_kept_step_equals_the_plain_one_and_is_read_back_without_tracing(monkeypatch):
+    setup = _setup()
+    plain = _run(False, *setup)
+    assert not _entries()
+    first = _run(True, *setup)  # traced, exported, kept
+    assert len(_entries()) == 1
+    _same(first, plain)
+    with monkeypatch.context() as m:  # a later start: read back, nothing traced
+        m.setattr(jax.export, "export", lambda *a, **k: pytest.fail("traced although kept"))
+        m.setattr(state_lib.losses, "cross_entropy", lambda *a, **k: pytest.fail("traced although kept"))
+        again = _run(True, *setup)
+    _same(again, plain)
+
+
+def test_another_config_or_batch_shape_is_another_program():
+    config, graphs, state, tx, batch = _setup()
+    step = state_lib.jit_train_step(config, graphs, tx, 4, 255, keep_traced=True)
+    state = jax.tree.map(np.array, state)
+    state, _ = step(state, *batch)
+    smaller = tuple(b[:1] for b in batch)
+    state, out = step(state, *smaller)  # another shape: the plain step, still right
+    assert np.isfinite(float(out["loss"])) and int(state["step"]) == 2
+    assert len(_entries()) == 1
+    _run(True, *_setup(**{"optimizer.learning_rate": 0.5}), steps=1)
+    assert len(_entries()) == 2
+
+
+def test_unreadable_entry_is_traced_again_and_replaced(caplog):
+    setup = _setup()
+    plain = _run(False, *setup)
+    _run(True, *setup)
+    (entry,) = _entries()
+    entry.write_bytes(entry.read_bytes()[:200])  # truncated
+    again = _run(True, *setup)
+    assert "unreadable" in caplog.text and "tracing it again" in caplog.text
+    _same(again, plain)
+    (entry,) = _entries()
+    assert entry.stat().st_size > 200
+
+
+def test_turned_off_keeps_nothing(monkeypatch):
+    monkeypatch.setenv("FCN_TRACE_CACHE", "0")
+    setup = _setup()
+    _same(_run(True, *setup), _run(False, *setup))
+    assert not traced.folder().exists()
+
+
+def test_the_key_follows_fcn_source_and_jax_settings(monkeypatch):
+    base = traced.fingerprint(False)
+    with monkeypatch.context() as m:
+        m.setattr(traced, "_source_digest", lambda: "edited")
+        assert traced.fingerprint(False) != base
+    with jax.default_matmul_precision("highest"):
+        assert traced.fingerprint(False) != base
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=true")
+    assert traced.fingerprint(False) != base
