@@ -108,3 +108,16 @@ def test_the_key_follows_fcn_source_and_jax_settings(monkeypatch):
         assert traced.fingerprint(False) != base
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=true")
     assert traced.fingerprint(False) != base
+
+
+def test_a_step_jax_export_refuses_runs_plain(monkeypatch, caplog):
+    setup = _setup()
+    plain = _run(False, *setup)
+
+    def refuse(*a, **k):
+        raise ValueError("custom call not allowed")
+
+    monkeypatch.setattr(jax.export, "export", refuse)
+    _same(_run(True, *setup), plain)
+    assert "cannot be kept traced" in caplog.text and "custom call not allowed" in caplog.text
+    assert not _entries()
