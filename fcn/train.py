@@ -203,7 +203,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         if config.loss.class_weights == "median_freq_sqrt":  # milder: rare classes up, common ones not crushed
             class_weights = class_weights**0.5
         log.info("median-frequency class weights: %s", [round(float(w), 3) for w in class_weights])
-    graphs, state, tx = state_lib.create(config, source.num_classes)
+    graphs, state, tx = state_lib.create(config, source.num_classes, keep=True)  # a warm start reads it back
     ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
     metrics_log = None
     try:

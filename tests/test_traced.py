@@ -1,6 +1,8 @@
-"""The training step kept traced in fcn's cache folder (fcn/traced.py): same results, never stale."""
+"""The training step kept traced, and the initial state kept, in fcn's cache folder (fcn/traced.py):
+same results, never stale."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -121,3 +123,67 @@ def test_a_step_jax_export_refuses_runs_plain(monkeypatch, caplog):
     _same(_run(True, *setup), plain)
     assert "cannot be kept traced" in caplog.text and "custom call not allowed" in caplog.text
     assert not _entries()
+
+
+def _states():
+    return sorted(traced.state_folder().glob("*.state"))
+
+
+def test_kept_state_equals_a_fresh_one_bit_for_bit_and_is_read_back_without_computing(monkeypatch):
+    config = tiny.get_config()
+    graphs, fresh, _ = state_lib.create(config, 4)
+    assert not _states()
+    kept_graphs, first, _ = state_lib.create(config, 4, keep=True)  # computed, kept
+    assert len(_states()) == 1
+    with monkeypatch.context() as m:  # a later start: read back, nothing built
+        m.setattr(state_lib, "from_config", lambda *a, **k: pytest.fail("built although kept"))
+        read_graphs, again, _ = state_lib.create(config, 4, keep=True)
+    assert read_graphs == graphs == kept_graphs
+    assert jax.tree.structure(again) == jax.tree.structure(fresh)
+    _same(first, fresh)
+    _same(again, fresh)
+    # What is read back trains like what was computed (the step donates it: fresh buffers, not the file).
+    setup = _setup()
+    _same(_run(False, config, read_graphs, again, *setup[3:]), _run(False, *setup))
+    state_lib.create(config, 5, keep=True)  # another class count: another entry
+    assert len(_states()) == 2
+
+
+def test_kept_state_round_trips_keys_bfloat16_and_scalars():
+    tree = {
+        "key": jax.random.key(3),
+        "keys": jax.random.split(jax.random.key(4, impl="rbg"), 2),
+        "half": jnp.arange(6, dtype=jnp.bfloat16).reshape(2, 3),
+        "step": jnp.int32(7),
+        "empty": jnp.zeros((0, 4)),
+        "none": None,
+    }
+    static, out = traced.kept_state(lambda: ("graphs", tree), {"test": 1})
+    static, out = traced.kept_state(lambda: pytest.fail("built although kept"), {"test": 1})
+    assert static == "graphs" and jax.tree.structure(out) == jax.tree.structure(tree)
+    for name in ("key", "keys"):
+        assert jax.random.key_impl(out[name]) == jax.random.key_impl(tree[name])
+        np.testing.assert_array_equal(jax.random.key_data(out[name]), jax.random.key_data(tree[name]))
+    for name in ("half", "step", "empty"):
+        assert out[name].dtype == tree[name].dtype and out[name].shape == tree[name].shape
+        np.testing.assert_array_equal(np.asarray(out[name]), np.asarray(tree[name]))
+
+
+def test_unreadable_kept_state_is_computed_again_and_replaced(caplog):
+    config = tiny.get_config()
+    _, fresh, _ = state_lib.create(config, 4)
+    state_lib.create(config, 4, keep=True)
+    (entry,) = _states()
+    entry.write_bytes(entry.read_bytes()[:300])  # truncated
+    _, again, _ = state_lib.create(config, 4, keep=True)
+    assert "unreadable" in caplog.text and "computing it again" in caplog.text
+    _same(again, fresh)
+    (entry,) = _states()
+    assert entry.stat().st_size > 300
+
+
+def test_kept_state_turned_off_keeps_nothing(monkeypatch):
+    monkeypatch.setenv("FCN_TRACE_CACHE", "0")
+    config = tiny.get_config()
+    _same(state_lib.create(config, 4, keep=True)[1], state_lib.create(config, 4)[1])
+    assert not traced.state_folder().exists()

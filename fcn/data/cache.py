@@ -114,7 +114,7 @@ def load_arrays(key: str, desc: str, count: int, build=lambda arrays: arrays):
     if not path.exists():
         return None
     try:
-        arrays = _map_arrays(path)
+        arrays = map_arrays(path)
         if len(arrays) != count:
             raise ValueError(f"{len(arrays)} arrays, expected {count}")
         out = build(arrays)
@@ -129,7 +129,7 @@ def load_arrays(key: str, desc: str, count: int, build=lambda arrays: arrays):
     return out
 
 
-def _map_arrays(path: Path) -> list[np.ndarray]:
+def map_arrays(path: Path) -> list[np.ndarray]:
     """The .npy arrays stored one after the other in `path`, memory-mapped read-only."""
     arrays = []
     size = path.stat().st_size
