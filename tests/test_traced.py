@@ -135,8 +135,8 @@ def test_kept_state_equals_a_fresh_one_bit_for_bit_and_is_read_back_without_comp
     assert not _states()
     kept_graphs, first, _ = state_lib.create(config, 4, keep=True)  # computed, kept
     assert len(_states()) == 1
-    with monkeypatch.context() as m:  # a later start: read back, nothing built
-        m.setattr(state_lib, "from_config", lambda *a, **k: pytest.fail("built although kept"))
+    with monkeypatch.context() as m:  # a later start: read back, nothing compiled or run (only traced abstractly)
+        m.setattr(state_lib, "run_once_compiler_options", lambda *a, **k: pytest.fail("built although kept"))
         read_graphs, again, _ = state_lib.create(config, 4, keep=True)
     assert read_graphs == graphs == kept_graphs
     assert jax.tree.structure(again) == jax.tree.structure(fresh)
@@ -158,8 +158,9 @@ def test_kept_state_round_trips_keys_bfloat16_and_scalars():
         "empty": jnp.zeros((0, 4)),
         "none": None,
     }
-    static, out = traced.kept_state(lambda: ("graphs", tree), {"test": 1})
-    static, out = traced.kept_state(lambda: pytest.fail("built although kept"), {"test": 1})
+    abstract = lambda: ("graphs", jax.eval_shape(lambda: tree))  # noqa: E731
+    static, out = traced.kept_state(lambda: ("graphs", tree), abstract, {"test": 1})
+    static, out = traced.kept_state(lambda: pytest.fail("built although kept"), abstract, {"test": 1})
     assert static == "graphs" and jax.tree.structure(out) == jax.tree.structure(tree)
     for name in ("key", "keys"):
         assert jax.random.key_impl(out[name]) == jax.random.key_impl(tree[name])
@@ -167,6 +168,22 @@ def test_kept_state_round_trips_keys_bfloat16_and_scalars():
     for name in ("half", "step", "empty"):
         assert out[name].dtype == tree[name].dtype and out[name].shape == tree[name].shape
         np.testing.assert_array_equal(np.asarray(out[name]), np.asarray(tree[name]))
+
+
+def test_kept_state_of_another_structure_or_shape_is_computed_again(caplog):
+    tree = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
+    traced.kept_state(lambda: (None, tree), lambda: pytest.fail("read although not kept"), {"test": 2})
+    for other in (
+        {"w": jnp.ones((3, 2)), "b": jnp.zeros(3)},
+        {"w": jnp.ones((2, 3))},
+        {**tree, "b": jnp.zeros(3, int)},
+    ):
+        caplog.clear()
+        build = lambda t=other: (None, t)  # noqa: E731
+        _, out = traced.kept_state(build, lambda t=other: (None, jax.eval_shape(lambda: t)), {"test": 2})
+        assert "unreadable" in caplog.text and "another structure" in caplog.text
+        assert jax.tree.structure(out) == jax.tree.structure(other)
+        _same(out, other)
 
 
 def test_unreadable_kept_state_is_computed_again_and_replaced(caplog):
