@@ -260,6 +260,7 @@ def _write_state(path: Path, tree, desc: str) -> None:
         logger.warning("could not keep the %s in %s (%s)", desc, path.parent, e)
         return
     cache.trim(path.parent, _STATE_LIMIT_BYTES, _STATE_SUFFIX)
+    logger.info("%s kept in %s (FCN_TRACE_CACHE=0 turns this off)", desc, path.parent)
 
 
 def _read_state(path: Path, shapes):

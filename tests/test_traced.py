@@ -83,14 +83,17 @@ def test_another_config_or_batch_shape_is_another_program():
 
 def test_unreadable_entry_is_traced_again_and_replaced(caplog):
     setup = _setup()
-    plain = _run(False, *setup)
-    _run(True, *setup)
-    (entry,) = _entries()
-    entry.write_bytes(entry.read_bytes()[:200])  # truncated
-    again = _run(True, *setup)
-    assert "unreadable" in caplog.text and "tracing it again" in caplog.text
-    _same(again, plain)
-    (entry,) = _entries()
+    _truncated_entry_is_replaced(_entries, lambda: _run(True, *setup), _run(False, *setup), "tracing it again", caplog)
+
+
+def _truncated_entry_is_replaced(entries, run, expected, message, caplog):
+    """run() keeps one entry; truncated, the next run() logs `message`, gives `expected` and keeps it anew."""
+    run()
+    (entry,) = entries()
+    entry.write_bytes(entry.read_bytes()[:200])
+    _same(run(), expected)
+    assert "unreadable" in caplog.text and message in caplog.text
+    (entry,) = entries()
     assert entry.stat().st_size > 200
 
 
@@ -188,15 +191,10 @@ def test_kept_state_of_another_structure_or_shape_is_computed_again(caplog):
 
 def test_unreadable_kept_state_is_computed_again_and_replaced(caplog):
     config = tiny.get_config()
-    _, fresh, _ = state_lib.create(config, 4)
-    state_lib.create(config, 4, keep=True)
-    (entry,) = _states()
-    entry.write_bytes(entry.read_bytes()[:300])  # truncated
-    _, again, _ = state_lib.create(config, 4, keep=True)
-    assert "unreadable" in caplog.text and "computing it again" in caplog.text
-    _same(again, fresh)
-    (entry,) = _states()
-    assert entry.stat().st_size > 300
+    fresh = state_lib.create(config, 4)[1]
+    _truncated_entry_is_replaced(
+        _states, lambda: state_lib.create(config, 4, keep=True)[1], fresh, "computing it again", caplog
+    )
 
 
 def test_kept_state_turned_off_keeps_nothing(monkeypatch):
