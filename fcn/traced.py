@@ -207,7 +207,8 @@ def kept_state(build, abstract, key, desc: str = "initial state"):
     all that build depends on beyond `fingerprint`. Arrays come back as fresh device arrays on
     the default device, never views of the file. Used where `enabled()`; an entry that cannot be
     read or does not match is logged, deleted and built afresh; the folder is trimmed to 1 GiB.
-    Nothing is pickled: the file holds a JSON header and raw arrays.
+    Nothing is pickled: the file holds a JSON header and raw arrays. A tree with weakly typed
+    leaves is not kept (the file would bring them back strongly typed).
     """
     if not enabled():
         return build()
@@ -244,6 +245,9 @@ def _layout(leaf) -> list:
 
 def _write_state(path: Path, tree, desc: str) -> None:
     leaves, treedef = jax.tree.flatten(tree)
+    if any(getattr(x, "weak_type", False) for x in leaves):  # a weak type would not survive the file
+        logger.info("%s not kept: it has weakly typed leaves", desc)
+        return
     layout = [_layout(x) for x in leaves]
     impls = [str(jax.random.key_impl(x)) if key_type else None for x, (_, _, key_type) in zip(leaves, layout)]
     header = {"format": 1, "treedef": str(treedef), "leaves": layout, "impls": impls}

@@ -173,6 +173,13 @@ def test_kept_state_round_trips_keys_bfloat16_and_scalars():
         np.testing.assert_array_equal(np.asarray(out[name]), np.asarray(tree[name]))
 
 
+def test_a_weakly_typed_state_is_not_kept():
+    tree = {"w": jnp.ones(3), "lr": jnp.asarray(0.1)}  # a weak float: would come back a strong one
+    assert tree["lr"].weak_type
+    _, out = traced.kept_state(lambda: (None, tree), lambda: pytest.fail("read although not kept"), {"test": 3})
+    assert out is tree and not _states()
+
+
 def test_kept_state_of_another_structure_or_shape_is_computed_again(caplog):
     tree = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
     traced.kept_state(lambda: (None, tree), lambda: pytest.fail("read although not kept"), {"test": 2})
