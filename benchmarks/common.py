@@ -84,6 +84,21 @@ def fcn_train_step(args):
     return step, state, batch
 
 
+def fcn_augment(args):
+    """fcn's on-device augmentation of the training step alone, jitted: augment(n, images, labels, sizes)."""
+    import jax
+
+    from fcn.data import pipeline
+
+    config = fcn_config(args)
+    key = jax.random.key(config.seed)
+    return jax.jit(
+        lambda n, images, labels, sizes: pipeline.augment(
+            jax.random.fold_in(key, n), images, labels, sizes, config.augment, 255
+        )
+    )
+
+
 def fcn_predict(args, batch_size: int | None = None):
     """fcn's jitted inference: eval-mode model on uint8 images -> per-pixel class ids."""
     import jax

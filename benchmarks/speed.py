@@ -25,7 +25,9 @@ Measures, in one run:
 fcn's training step is fcn.state.jit_train_step itself (on-device
 augmentation, loss, AdamW, metrics); PyTorch's is forward, cross-entropy,
 backward, clipping, AdamW (benchmarks/unet_torch.py) on batches already in
-tensors, so the comparison leaves fcn's augmentation cost in fcn's figure.
+tensors, so the comparison leaves fcn's augmentation cost in fcn's figure; the
+augmentation is also timed alone, in the same rounds, and the report gives
+fcn's rate less it as an estimate beside the ratio.
 OMP_WAIT_POLICY is left as found and printed (it moves PyTorch's figures on a
 shared machine; benchmarks/README.md). Prints a markdown table; --json writes
 every number.
@@ -172,15 +174,17 @@ def throughput(args) -> dict:
     n_fcn = next(v["num_params"] for k, v in info.items() if k.startswith("fcn"))
     for k, v in info.items():
         assert v["num_params"] == n_fcn, f"{k}: {v['num_params']} parameters, fcn has {n_fcn}"
-    times = {k: {"train": [], "predict": []} for k in workers}
-    faults = {k: {"train": [], "predict": []} for k in workers}
+    times = {k: {"train": [], "predict": [], **({"augment": []} if k.startswith("fcn") else {})} for k in workers}
+    faults = {k: {w: [] for w in v} for k, v in times.items()}
     load0 = os.getloadavg()[0]
     try:
         # Untimed rounds first, interleaved like the timed ones: a process's heap keeps growing
         # (and faulting pages in) over its first steps of alternating training and inference.
         for r in range(args.warmup_rounds + args.repeats):
-            for what in ("train", "predict"):
+            for what in ("train", "predict", "augment"):
                 for k, (_, conn) in workers.items():
+                    if what == "augment" and not k.startswith("fcn"):
+                        continue  # fcn's on-device augmentation alone; PyTorch's step starts from tensors
                     conn.send(what)
                     t, f = conn.recv()
                     if r >= args.warmup_rounds:
@@ -261,7 +265,7 @@ def _fcn_variant(args):
     enable_compilation_cache()
     step, state, batch = common.fcn_train_step(args)
     predict, pstate, images = common.fcn_predict(args)
-    runner = _FcnRunner(step, state, batch, predict, pstate, images)
+    runner = _FcnRunner(step, state, batch, predict, pstate, images, common.fcn_augment(args))
     info = {"num_params": common.num_params(state), "upsampling_wired": common.upsampling_wired()}
     try:
         cost = step.lower(state, *batch).compile().cost_analysis()
@@ -276,9 +280,10 @@ def _fcn_variant(args):
 
 
 class _FcnRunner:
-    def __init__(self, step, state, batch, predict, pstate, images):
+    def __init__(self, step, state, batch, predict, pstate, images, augment):
         self.step, self.state, self.batch = step, state, batch
         self.predict_fn, self.pstate, self.images = predict, pstate, images
+        self.augment_fn, self.augments = augment, 0
         self.out = None
 
     def train(self):
@@ -286,6 +291,10 @@ class _FcnRunner:
 
     def predict(self):
         self.out = self.predict_fn(self.pstate, self.images)
+
+    def augment(self):  # what the training step does first, alone (a new key each time, as the step's)
+        self.augments += 1
+        self.out = self.augment_fn(self.augments, *self.batch)
 
     def sync(self):
         import jax
@@ -368,6 +377,16 @@ def table(args, argv, res: dict) -> str:
                 f"| {k} / best torch | {tput[k]['train']['img_s'] / best(torch_keys, 'train'):.2f}x "
                 f"| {tput[k]['predict']['img_s'] / best(torch_keys, 'predict'):.2f}x |"
             )
+        for k in fcn_keys:
+            if "augment" in tput[k]:
+                aug, step = tput[k]["augment"]["step_s"], tput[k]["train"]["step_s"]
+                rate = args.batch / (step - aug) if step > aug else float("nan")
+                lines.append(
+                    f"{k}'s training step includes its on-device augmentation, timed alone in the same "
+                    f"rounds at {1e3 * aug:.1f} ms ({100 * aug / step:.0f}% of the step); PyTorch's step starts "
+                    f"from ready tensors. Less it (an estimate): {rate:.2f} img/s, "
+                    f"{rate / best(torch_keys, 'train'):.2f}x."
+                )
     if start:
         lines += [
             "",
