@@ -116,14 +116,11 @@ def create(config, num_classes: int, *, keep: bool = False) -> tuple[Graphs, Sta
         state = jax.jit(init, compiler_options=run_once_compiler_options())()
         return graphs(), state
 
-    def abstract():
-        shapes = jax.eval_shape(init)
-        return graphs(), shapes
-
     if keep:
         from fcn import traced
 
-        built = traced.kept_state(build, abstract, {"init": config.to_json(), "num_classes": num_classes})
+        key = {"init": config.to_json(), "num_classes": num_classes}
+        built = traced.kept_state(build, lambda: abstract_state(config, num_classes)[:2], key)
     else:
         built = build()
     return *built, tx
