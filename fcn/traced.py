@@ -95,36 +95,16 @@ def load(key: str):
     """The Exported stored under `key`, or None (not there; unreadable: then deleted)."""
     from jax import export
 
-    path = _path(key)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        logger.warning("traced step %s cannot be read (%s); tracing it again", path, e)
-        return None
-    try:
-        exported = export.deserialize(bytearray(data))
-    except Exception as e:  # truncated or foreign: trace afresh, never fail on the cache
-        logger.warning("traced step %s is unreadable (%s); tracing it again", path, e)
-        path.unlink(missing_ok=True)
-        return None
-    try:
-        os.utime(path)  # recently used: kept longest
-    except OSError:
-        pass
-    return exported
+    return cache.read_entry(
+        _path(key), lambda p: export.deserialize(bytearray(p.read_bytes())), "traced step", "tracing it again"
+    )
 
 
 def save(key: str, exported) -> None:
     """Stores `exported` under `key` atomically; a disk that refuses costs the next start its tracing."""
-    out = folder()
-    try:
-        cache.write_atomic(_path(key), lambda f: f.write(exported.serialize()))
-    except OSError as e:
-        logger.warning("could not keep the traced step in %s (%s)", out, e)
-        return
-    cache.trim(out, _LIMIT_BYTES, _SUFFIX)
+    cache.write_entry(
+        _path(key), lambda f: f.write(exported.serialize()), _LIMIT_BYTES, "could not keep the traced step"
+    )
 
 
 class TracedStep:
@@ -214,18 +194,10 @@ def kept_state(build, abstract, key, desc: str = "initial state"):
         return build()
     digest = _digest({"key": key, "fingerprint": fingerprint(False)})
     path = state_folder() / f"{digest}{_STATE_SUFFIX}"
-    if path.exists():
+    if path.exists():  # the structure is traced only to read an entry back
         static, shapes = abstract()
-        try:
-            tree = _read_state(path, shapes)
-        except Exception as e:  # truncated, foreign or stale: build afresh, never fail on the cache
-            logger.warning("%s %s is unreadable (%s); computing it again", desc, path, e)
-            path.unlink(missing_ok=True)
-        else:
-            try:
-                os.utime(path)  # recently used: kept longest
-            except OSError:
-                pass
+        tree = cache.read_entry(path, lambda p: _read_state(p, shapes), desc, "computing it again")
+        if tree is not None:
             return static, tree
     static, tree = build()
     _write_state(path, tree, desc)
@@ -258,13 +230,8 @@ def _write_state(path: Path, tree, desc: str) -> None:
         for a in data:  # as bytes: any dtype (bfloat16 too) and shape round-trips through the layout
             np.save(f, np.ascontiguousarray(a).reshape(-1).view(np.uint8), allow_pickle=False)
 
-    try:
-        cache.write_atomic(path, write)
-    except OSError as e:
-        logger.warning("could not keep the %s in %s (%s)", desc, path.parent, e)
-        return
-    cache.trim(path.parent, _STATE_LIMIT_BYTES, _STATE_SUFFIX)
-    logger.info("%s kept in %s (FCN_TRACE_CACHE=0 turns this off)", desc, path.parent)
+    if cache.write_entry(path, write, _STATE_LIMIT_BYTES, f"could not keep the {desc}"):
+        logger.info("%s kept in %s (FCN_TRACE_CACHE=0 turns this off)", desc, path.parent)
 
 
 def _read_state(path: Path, shapes):

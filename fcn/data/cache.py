@@ -110,23 +110,51 @@ def load_arrays(key: str, desc: str, count: int, build=lambda arrays: arrays):
     pages come from the page cache (a split that took 0.5-0.9 s to read into
     memory on 2 cores maps in milliseconds; docs/benchmarks.md).
     """
-    path = decoded_dir() / f"{key}{_SUFFIX}"
-    if not path.exists():
-        return None
-    try:
+
+    def read(path: Path):
         arrays = map_arrays(path)
         if len(arrays) != count:
             raise ValueError(f"{len(arrays)} arrays, expected {count}")
-        out = build(arrays)
-    except Exception as e:  # a truncated or foreign file: decode afresh, never fail on the cache
-        logger.warning("%s: cached decoded data %s is unreadable (%s); decoding again", desc, path, e)
-        path.unlink(missing_ok=True)
+        return build(arrays)
+
+    return read_entry(decoded_dir() / f"{key}{_SUFFIX}", read, f"{desc}: cached decoded data", "decoding again")
+
+
+def read_entry(path: Path, read, what: str, again: str):
+    """read(path) for an entry of fcn's cache folder, or None: not there, or unreadable (any
+    error from `read`: truncated, foreign, stale), then logged as "WHAT PATH is unreadable (...);
+    AGAIN" and deleted, never failing the run. An entry read is marked recently used (`trim`
+    keeps it longest). Shared by every cache kept here: decoded splits, canvases, kept steps
+    and states."""
+    if not path.exists():
+        return None
+    try:
+        out = read(path)
+    except Exception as e:  # noqa: BLE001 -- whatever is wrong with a cache entry, it is made afresh
+        logger.warning("%s %s is unreadable (%s); %s", what, path, e, again)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:  # a read-only cache: still made afresh, just not replaced
+            pass
         return None
     try:
         os.utime(path)  # recently used: kept longest
     except OSError:  # a read-only cache is still read
         pass
     return out
+
+
+def write_entry(path: Path, write, limit: int, failure: str) -> bool:
+    """write(binary file) into the cache entry `path` atomically (`write_atomic`), then trims its
+    folder's entries (same suffix) to `limit` bytes. False where the disk refused, logged as
+    "FAILURE in FOLDER (...)": the next run makes the entry again, nothing else is lost."""
+    try:
+        write_atomic(path, write)
+    except OSError as e:
+        logger.warning("%s in %s (%s)", failure, path.parent, e)
+        return False
+    trim(path.parent, limit, path.suffix)
+    return True
 
 
 def map_arrays(path: Path) -> list[np.ndarray]:
@@ -165,7 +193,6 @@ def save_arrays(key: str, arrays, desc: str) -> bool:
     """Stores `arrays` under `key` (atomically; a list of uint8 arrays is stored as one flat
     array, without a concatenated copy in memory), then trims the folder to its size limit.
     False when the disk refused (logged): the next run decodes again, nothing else is lost."""
-    folder = decoded_dir()
 
     def write(f) -> None:
         for a in arrays:
@@ -174,13 +201,8 @@ def save_arrays(key: str, arrays, desc: str) -> bool:
             else:
                 np.save(f, a, allow_pickle=False)
 
-    try:
-        write_atomic(folder / f"{key}{_SUFFIX}", write)
-    except OSError as e:  # a full or read-only disk costs the next run its decoding, nothing else
-        logger.warning("%s: could not cache decoded data in %s (%s)", desc, folder, e)
-        return False
-    trim(folder, _limit_bytes())
-    return True
+    path = decoded_dir() / f"{key}{_SUFFIX}"
+    return write_entry(path, write, _limit_bytes(), f"{desc}: could not cache decoded data")
 
 
 def write_atomic(path: Path, write) -> None:
