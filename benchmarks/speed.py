@@ -2,7 +2,7 @@
 
     python benchmarks/speed.py --batch 8 --size 176 240 --features 16   # CPU: configs/camvid_cpu.py's network
     python benchmarks/speed.py                       # default: 4 x 256 x 256, features 32, float32
-    bash benchmarks/run_gpu.sh                       # GPU: 8 x 360 x 480, bfloat16
+    bash benchmarks/run_gpu.sh                       # GPU: 16 x 360 x 480, bfloat16
 
 Measures, in one run:
   * time to the first training step, in fresh subprocesses: fcn with an empty
@@ -81,6 +81,7 @@ def first_step(args) -> dict:
     if kind.startswith("fcn"):
         import jax
 
+        from fcn.ops import one_step_at_a_time
         from fcn.train import enable_compilation_cache
 
         enable_compilation_cache()  # FCN_JAX_CACHE, set by the caller
@@ -89,7 +90,9 @@ def first_step(args) -> dict:
         state, out = step(state, *batch)
         jax.block_until_ready(out)
         t_first = time.perf_counter() - t0
-        for _ in range(2):
+        for _ in range(2):  # as train.py: on a CPU, each step waits for the one before (one_step_at_a_time)
+            if one_step_at_a_time():
+                jax.block_until_ready(out)
             state, out = step(state, *batch)
         jax.block_until_ready(out)
         dev = jax.devices()[0]
@@ -285,8 +288,13 @@ class _FcnRunner:
         self.predict_fn, self.pstate, self.images = predict, pstate, images
         self.augment_fn, self.augments = augment, 0
         self.out = None
+        from fcn.ops import one_step_at_a_time
+
+        self.one_at_a_time = one_step_at_a_time()
 
     def train(self):
+        if self.one_at_a_time and self.out is not None:  # as train.py: one step's temporaries at a time on a CPU
+            self.sync()
         self.state, self.out = self.step(self.state, *self.batch)
 
     def predict(self):

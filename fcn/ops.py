@@ -298,6 +298,26 @@ class ConvTranspose(nnx.ConvTranspose):
         return y if bias is None else y + bias
 
 
+def one_step_at_a_time(devices=None) -> bool:
+    """Whether a training loop should wait for each step before starting the next: True on XLA:CPU.
+
+    XLA:CPU takes a program's temporaries (the activations a training step
+    keeps for its backward pass: 600 MB for configs/camvid_cpu.py, 9.7 GB for
+    the full CamVid recipe) from the host heap when the program starts and
+    frees them when it ends. A step queued behind the one before starts as
+    soon as that one's outputs are ready, before its temporaries are freed, so
+    two or three steps' temporaries were alive at once; and under
+    `retain_freed_memory` the heap keeps that peak for good (train.py on the
+    CamVid CPU config: peak resident 1.9-3.8 GB, median 2.9, against 1.9-2.6,
+    median 1.9, waiting; the same speed within the spread; docs/benchmarks.md,
+    eighth session). The loop still prepares the next batch while a step runs,
+    and then waits for it. Accelerators allocate on the device's own stream:
+    no waiting there.
+    """
+    devices = jax.devices() if devices is None else devices
+    return all(d.platform == "cpu" for d in devices)
+
+
 def retain_freed_memory() -> bool:
     """Keep freed host memory in the process (glibc): no page faults on buffers reused every step.
 

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from fcn import checkpoint, losses, sharding, state as state_lib
+from fcn import checkpoint, losses, ops, sharding, state as state_lib
 from fcn.config import ConfigError, validate, validate_against_data
 from fcn.data import get_source, pipeline
 from fcn.data.cache import cache_root
@@ -260,10 +260,16 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
             mininterval=0.1 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not every step
         )
         step, t_last, n_last = start, time.time(), start
+        # On a CPU, one step's temporaries at a time: the next batch is made while a step runs, then
+        # the loop waits for it (fcn.ops.one_step_at_a_time).
+        one_at_a_time, running = ops.one_step_at_a_time(mesh.devices.flat), None
         with _StopRequest() as stop, bar:  # the bar ends its line before any error message
             while step < config.num_steps:
                 batch = sharding.put_batch(mesh, *train_data.batch(step, config.batch_size, config.seed, rows))
+                if running is not None:
+                    jax.block_until_ready(running)
                 state, out = train_step(state, *batch)
+                running = out if one_at_a_time else None
                 step += 1
                 bar.update(1)
                 signalled = stop.requested(step)

@@ -138,3 +138,33 @@ def test_evaluation_with_batches_in_flight_equals_one_at_a_time():
     for a, b in zip(kept1, kept3):
         assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert evaluate.batches_in_flight() == (2 if jax.default_backend() == "cpu" else 1)
+
+
+def test_cpu_training_starts_a_step_only_after_the_one_before(tmp_path, monkeypatch):
+    # XLA:CPU keeps a step's temporaries in host memory until it ends; two steps overlapping hold two
+    # sets (fcn.ops.one_step_at_a_time). The loop may prepare the next batch, but not dispatch early.
+    from fcn import ops
+
+    assert ops.one_step_at_a_time(jax.devices("cpu"))
+    assert not ops.one_step_at_a_time([type("Gpu", (), {"platform": "gpu"})()])
+    seen = []
+    jit_train_step = state_lib.jit_train_step
+
+    def recording(*args, **kwargs):
+        step = jit_train_step(*args, **kwargs)
+        previous = []
+
+        def run(state, *batch):
+            seen.append(all(x.is_ready() for x in jax.tree.leaves(previous)))
+            new_state, out = step(state, *batch)
+            previous[:] = [out]
+            return new_state, out
+
+        return run
+
+    monkeypatch.setattr(state_lib, "jit_train_step", recording)
+    config = tiny.get_config()
+    config.eval_every = config.checkpoint_every = config.log_every = 0
+    config.num_steps = 6
+    train_and_evaluate(config, tmp_path / "run")
+    assert seen == [True] * 6
