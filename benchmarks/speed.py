@@ -36,6 +36,7 @@ every number.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -240,6 +241,7 @@ def _worker(conn, args: dict, name: str) -> None:
             runner.predict()
         runner.sync()
         info["warmup_s"] = time.perf_counter() - t
+        gc.freeze()  # as train.py: the set-up's objects are not walked by the cyclic collector again
     except Exception as e:  # noqa: BLE001 -- report why a variant cannot run
         conn.send(("error", f"{type(e).__name__}: {str(e)[:2000]}"))
         return

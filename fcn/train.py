@@ -8,6 +8,7 @@ same parameters as one never stopped.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -263,6 +264,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         # On a CPU, one step's temporaries at a time: the next batch is made while a step runs, then
         # the loop waits for it (fcn.ops.one_step_at_a_time).
         one_at_a_time, running = ops.one_step_at_a_time(mesh.devices.flat), None
+        # The objects made so far (jax, flax, the compiled step: about 240,000) stay for the whole run;
+        # Python's cyclic collector no longer walks them. A full walk took 180 ms, once every ~20 steps.
+        gc.freeze()
         with _StopRequest() as stop, bar:  # the bar ends its line before any error message
             while step < config.num_steps:
                 batch = sharding.put_batch(mesh, *train_data.batch(step, config.batch_size, config.seed, rows))
