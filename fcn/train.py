@@ -206,7 +206,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         log.info("median-frequency class weights: %s", [round(float(w), 3) for w in class_weights])
     graphs, state, tx = state_lib.create(config, source.num_classes, keep=True)  # a warm start reads it back
     ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
-    metrics_log = None
+    metrics_log, froze = None, False
     try:
         start = ckpts.latest_step() or 0
         if start:
@@ -265,8 +265,11 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         # the loop waits for it (fcn.ops.one_step_at_a_time).
         one_at_a_time, running = ops.one_step_at_a_time(mesh.devices.flat), None
         # The objects made so far (jax, flax, the compiled step: about 240,000) stay for the whole run;
-        # Python's cyclic collector no longer walks them. A full walk took 180 ms, once every ~20 steps.
-        gc.freeze()
+        # Python's cyclic collector no longer walks them (a full walk took 180-200 ms). They are handed
+        # back at the end, so what became garbage meanwhile is collected then (a notebook trains again).
+        froze = gc.get_freeze_count() == 0
+        if froze:
+            gc.freeze()
         with _StopRequest() as stop, bar:  # the bar ends its line before any error message
             while step < config.num_steps:
                 batch = sharding.put_batch(mesh, *train_data.batch(step, config.batch_size, config.seed, rows))
@@ -320,6 +323,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         bar.close()
         ckpts.wait()
     finally:  # also on errors: orbax threads and the event file are closed, never left hanging
+        if froze:
+            gc.unfreeze()
         train_data.close()  # a stream's decoding threads
         ckpts.close()
         if metrics_log is not None:

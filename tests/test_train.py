@@ -1,5 +1,6 @@
 """Training end to end on the tiny config: learn, evaluate, stop, resume, report."""
 
+import gc
 import json
 import os
 import subprocess
@@ -168,3 +169,4 @@ def test_cpu_training_starts_a_step_only_after_the_one_before(tmp_path, monkeypa
     config.num_steps = 6
     train_and_evaluate(config, tmp_path / "run")
     assert seen == [True] * 6
+    assert gc.get_freeze_count() == 0  # the objects frozen for the loop (gc.freeze) are handed back
