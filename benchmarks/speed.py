@@ -91,8 +91,9 @@ def first_step(args) -> dict:
         state, out = step(state, *batch)
         jax.block_until_ready(out)
         t_first = time.perf_counter() - t0
-        for _ in range(2):  # as train.py: on a CPU, each step waits for the one before (one_step_at_a_time)
-            if one_step_at_a_time():
+        one_at_a_time = one_step_at_a_time()
+        for _ in range(2):  # as train.py: on a CPU, each step waits for the one before
+            if one_at_a_time:
                 jax.block_until_ready(out)
             state, out = step(state, *batch)
         jax.block_until_ready(out)

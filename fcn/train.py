@@ -8,6 +8,7 @@ same parameters as one never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -47,6 +48,23 @@ def enable_compilation_cache() -> str:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return cache
+
+
+@contextlib.contextmanager
+def _set_up_objects_frozen():
+    """Python's cyclic collector leaves alone the objects made so far (jax, flax, the compiled
+    step: about 240,000, alive for the whole run) while inside: a full walk of them took
+    180-200 ms, once every 20-60 steps (docs/benchmarks.md, eighth session). They are handed
+    back on leaving, so a notebook that trains again gets its garbage collected; a freeze of
+    the caller's own is left as it is."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 class _StopRequest:
@@ -206,7 +224,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         log.info("median-frequency class weights: %s", [round(float(w), 3) for w in class_weights])
     graphs, state, tx = state_lib.create(config, source.num_classes, keep=True)  # a warm start reads it back
     ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
-    metrics_log, froze = None, False
+    metrics_log = None
     try:
         start = ckpts.latest_step() or 0
         if start:
@@ -264,13 +282,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         # On a CPU, one step's temporaries at a time: the next batch is made while a step runs, then
         # the loop waits for it (fcn.ops.one_step_at_a_time).
         one_at_a_time, running = ops.one_step_at_a_time(mesh.devices.flat), None
-        # The objects made so far (jax, flax, the compiled step: about 240,000) stay for the whole run;
-        # Python's cyclic collector no longer walks them (a full walk took 180-200 ms). They are handed
-        # back at the end, so what became garbage meanwhile is collected then (a notebook trains again).
-        froze = gc.get_freeze_count() == 0
-        if froze:
-            gc.freeze()
-        with _StopRequest() as stop, bar:  # the bar ends its line before any error message
+        with _StopRequest() as stop, bar, _set_up_objects_frozen():  # the bar ends its line before any error
             while step < config.num_steps:
                 batch = sharding.put_batch(mesh, *train_data.batch(step, config.batch_size, config.seed, rows))
                 if running is not None:
@@ -323,8 +335,6 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         bar.close()
         ckpts.wait()
     finally:  # also on errors: orbax threads and the event file are closed, never left hanging
-        if froze:
-            gc.unfreeze()
         train_data.close()  # a stream's decoding threads
         ckpts.close()
         if metrics_log is not None:
