@@ -331,7 +331,12 @@ def retain_freed_memory() -> bool:
     default network's heap, alternating training and inference steps, was
     trimmed from 2.9 to 1.0 GiB and faulted back in, 460,000 faults; -1 turns
     trimming off.) Call it first, before jax starts its threads (arenas made
-    earlier stay).
+    earlier stay). The one arena has one lock, which XLA's threads then wait
+    on: about 670 context switches per camvid_cpu step, against about 290
+    with jemalloc preloaded instead (the same speed within the spread once
+    compiled; docs/benchmarks.md, ninth session). More arenas would let the
+    step's temporaries land in a thread's arena, which glibc serves with mmap
+    above 64 MB whatever M_MMAP_MAX says: faults at every step again.
     Returns False where the C library is not glibc (nothing changed).
     """
     import ctypes
