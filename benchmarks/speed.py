@@ -16,7 +16,9 @@ Measures, in one run:
     `--warmup_rounds` untimed (a process's heap grows over its first rounds of
     alternating training and inference; each timed round's page faults are in
     the JSON), then the median over `--repeats` rounds (interleaved, so that load from other
-    processes falls on all variants alike; one variant runs at a time);
+    processes falls on all variants alike; one variant runs at a time). With
+    `--one_at_a_time` each variant's process is started, timed and ended
+    before the next, for sizes whose variants do not fit in memory together;
   * the step's FLOPs (analytic: 2 x multiply-adds of every convolution,
     forward and both backward products; and XLA's cost analysis of fcn's
     step, which counts nothing inside custom calls such as the oneDNN
@@ -65,6 +67,12 @@ def parse(argv=None):
     p.add_argument("--steps", type=int, default=3, help="steps per timed round")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
     p.add_argument("--warmup_rounds", type=int, default=4, help="untimed interleaved rounds before them")
+    p.add_argument(
+        "--one_at_a_time",
+        action="store_true",
+        help="throughput: each variant's process started, timed and ended before the next (when "
+        "the variants do not fit in memory together); rounds then do not interleave variants",
+    )
     p.add_argument("--skip_startup", action="store_true", help="skip the first-step subprocesses")
     p.add_argument("--skip_throughput", action="store_true", help="only the first-step subprocesses")
     p.add_argument("--json", default="", help="write all results here")
@@ -145,7 +153,7 @@ def startup(args, argv) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# Throughput, every variant in one process, interleaved.
+# Throughput: every variant in a process of its own, interleaved (or one after another).
 
 
 def throughput(args) -> dict:
@@ -155,51 +163,43 @@ def throughput(args) -> dict:
     (this benchmark's first form), the default network's fcn training step took
     2159-2370 ms against 1191 ms alone (4 x 256 x 256; docs/benchmarks.md).
     """
-    import multiprocessing
-
     import numpy as np
 
-    ctx = multiprocessing.get_context("spawn")
     names = [f"fcn {impl}" for impl in args.conv_impls.split(",") if impl]
     names += [f"torch {name}" for name in args.torch_variants.split(",") if name]
-    workers, info = {}, {}
-    for name in names:  # built and warmed up one at a time: no variant's compilation slows another's
-        conn, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(child, vars(args), name), daemon=True)
-        proc.start()
+    # Interleaved: all variants alive together, one round of each in turn. One at a time: each
+    # variant's process started, timed and ended before the next (sizes whose variants do not
+    # fit in memory together), so load from other processes no longer falls on all alike.
+    groups = [[name] for name in names] if args.one_at_a_time else [names]
+    info, times, faults = {}, {}, {}
+    load0 = os.getloadavg()[0]
+    for group in groups:
+        workers = _start_workers(args, group, info)
+        for k in workers:
+            times[k] = {"train": [], "predict": [], **({"augment": []} if k.startswith("fcn") else {})}
+            faults[k] = {w: [] for w in times[k]}
         try:
-            status, payload = conn.recv()
-        except EOFError:  # the worker died before it could say why (a crash, the OOM killer)
-            proc.join()
-            status, payload = "error", f"the worker process exited with code {proc.exitcode}"
-        if status != "ready":  # e.g. torch.compile on a machine without a toolchain
-            print(f"{name}: cannot run: {payload}", file=sys.stderr)
-            proc.join()
-            continue
-        workers[name], info[name] = (proc, conn), payload
+            # Untimed rounds first, interleaved like the timed ones: a process's heap keeps growing
+            # (and faulting pages in) over its first steps of alternating training and inference.
+            for r in range(args.warmup_rounds + args.repeats):
+                for what in ("train", "predict", "augment"):
+                    for k, (_, conn) in workers.items():
+                        if what == "augment" and not k.startswith("fcn"):
+                            continue  # fcn's on-device augmentation alone; PyTorch's step starts from tensors
+                        conn.send(what)
+                        t, f = conn.recv()
+                        if r >= args.warmup_rounds:
+                            times[k][what].append(t)
+                            faults[k][what].append(f)
+        finally:
+            for proc, conn in workers.values():
+                conn.send(None)
+                proc.join()
+    if not any(k.startswith("fcn") for k in info):
+        raise SystemExit("no fcn variant could run (see above)")
     n_fcn = next(v["num_params"] for k, v in info.items() if k.startswith("fcn"))
     for k, v in info.items():
         assert v["num_params"] == n_fcn, f"{k}: {v['num_params']} parameters, fcn has {n_fcn}"
-    times = {k: {"train": [], "predict": [], **({"augment": []} if k.startswith("fcn") else {})} for k in workers}
-    faults = {k: {w: [] for w in v} for k, v in times.items()}
-    load0 = os.getloadavg()[0]
-    try:
-        # Untimed rounds first, interleaved like the timed ones: a process's heap keeps growing
-        # (and faulting pages in) over its first steps of alternating training and inference.
-        for r in range(args.warmup_rounds + args.repeats):
-            for what in ("train", "predict", "augment"):
-                for k, (_, conn) in workers.items():
-                    if what == "augment" and not k.startswith("fcn"):
-                        continue  # fcn's on-device augmentation alone; PyTorch's step starts from tensors
-                    conn.send(what)
-                    t, f = conn.recv()
-                    if r >= args.warmup_rounds:
-                        times[k][what].append(t)
-                        faults[k][what].append(f)
-    finally:
-        for proc, conn in workers.values():
-            conn.send(None)
-            proc.join()
     fcn0 = next(v for k, v in info.items() if k.startswith("fcn"))
     res = {
         "params": n_fcn,
@@ -223,6 +223,30 @@ def throughput(args) -> dict:
             for w, v in t.items()
         }
     return res
+
+
+def _start_workers(args, names: list, info: dict) -> dict:
+    """A spawned process per variant, built and warmed up one at a time (no variant's compilation
+    slows another's): {name: (process, pipe)} of those that run; `info` gets what each reported."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    workers = {}
+    for name in names:
+        conn, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(child, vars(args), name), daemon=True)
+        proc.start()
+        try:
+            status, payload = conn.recv()
+        except EOFError:  # the worker died before it could say why (a crash, the OOM killer)
+            proc.join()
+            status, payload = "error", f"the worker process exited with code {proc.exitcode}"
+        if status != "ready":  # e.g. torch.compile on a machine without a toolchain
+            print(f"{name}: cannot run: {payload}", file=sys.stderr)
+            proc.join()
+            continue
+        workers[name], info[name] = (proc, conn), payload
+    return workers
 
 
 def _worker(conn, args: dict, name: str) -> None:
@@ -372,9 +396,14 @@ def table(args, argv, res: dict) -> str:
         f"{args.classes} classes; fcn compute dtype {args.dtype}.",
     ]
     if tput:
+        order = (
+            "consecutive (--one_at_a_time: one variant's process after another)"
+            if args.one_at_a_time
+            else "interleaved"
+        )
         lines[-1] = lines[-1][:-1] + f"; {tput['params']:,} parameters in both."
         lines += [
-            f"Throughput: median of {args.repeats} interleaved rounds of {args.steps} steps, after "
+            f"Throughput: median of {args.repeats} {order} rounds of {args.steps} steps, after "
             f"{args.warmup_rounds} untimed rounds; "
             f"load average {tput['load'][0]:.1f} before, {tput['load'][1]:.1f} after.",
             "",
@@ -474,7 +503,7 @@ def main(argv=None):
         res["startup"], env = startup(args, argv)
         os.environ.update({k: env[k] for k in ("FCN_JAX_CACHE", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")})
     if not args.skip_throughput:
-        print("throughput, interleaved:", flush=True)
+        print(f"throughput, {'one variant at a time' if args.one_at_a_time else 'interleaved'}:", flush=True)
         res["throughput"] = throughput(args)
     res["env"] = describe_env()
     if not args.skip_startup:  # the temporary caches made for the start-up runs
