@@ -311,8 +311,10 @@ def one_step_at_a_time(devices=None) -> bool:
     CamVid CPU config: peak resident 1.9-3.8 GB, median 2.9, against 1.9-2.6,
     median 1.9, waiting; the same speed within the spread; docs/benchmarks.md,
     eighth session). The loop still prepares the next batch while a step runs,
-    and then waits for it. Accelerators allocate on the device's own stream:
-    no waiting there.
+    and then waits for it. Waiting does not keep the heap at one set in every
+    run: glibc can place the next step's temporaries beside a freed block it
+    has partly reused, and the heap keeps both (eleventh session). Accelerators
+    allocate on the device's own stream: no waiting there.
     """
     devices = jax.devices() if devices is None else devices
     return all(d.platform == "cpu" for d in devices)
