@@ -6,6 +6,13 @@ Traces a few steps with jax.profiler (XLA:CPU's per-thunk trace events, turned
 on with --xla_cpu_enable_xprof_traceme), sums each thunk's time over the traced
 steps and threads, and names it from the compiled HLO: convolution forward,
 input gradient (dx) or weight gradient (dw), dot, fusion, copy. Not a test.
+
+The traced steps come after --warmup untimed ones: with `retain_freed_memory`
+the heap can still grow by a whole set of the step's temporaries in a
+process's first steps (docs/benchmarks.md, the ninth and eleventh sessions),
+and a traced step that faults those pages in shows its fusions several times
+slower than they run once the heap has settled. The report gives the traced
+steps' page faults and says when they were that many.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import collections
 import glob
 import os
 import re
+import resource
 import sys
 import tempfile
 import time
@@ -26,6 +34,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+
+# Page faults a traced step may take before its times are not the settled step's
+# (about 150,000 when a 596 MB set of temporaries is faulted in; 0-300 once settled).
+_FAULTS_WARN = 5000
 
 
 def _instructions(hlo_text: str) -> dict[str, str]:
@@ -52,7 +64,18 @@ def _instructions(hlo_text: str) -> dict[str, str]:
     return out
 
 
+# fcn.onednn's FFI targets, named as the kinds XLA's own convolutions get below.
+_ONEDNN_KINDS = {
+    "fcn_onednn_conv_fwd": "oneDNN conv",
+    "fcn_onednn_conv_bwd_data": "oneDNN conv dx",
+    "fcn_onednn_conv_bwd_weights": "oneDNN conv dw",
+}
+
+
 def _describe(op: str, shape: str, body: str, line: str) -> str:
+    target = re.search(r'custom_call_target="([^"]+)"', line)
+    if op == "custom-call" and target:
+        return f"{_ONEDNN_KINDS.get(target.group(1), target.group(1))} -> {shape}"
     if "convolution(" in body:
         conv = next(b for b in body.splitlines() if "convolution(" in b)
         window = re.search(r"window=\{size=([\dx]+)", conv)
@@ -73,7 +96,8 @@ def _describe(op: str, shape: str, body: str, line: str) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_model_flags(p)
-    p.add_argument("--steps", type=int, default=2, help="traced steps")
+    p.add_argument("--steps", type=int, default=4, help="traced steps")
+    p.add_argument("--warmup", type=int, default=12, help="untimed steps before them (the heap settles)")
     p.add_argument("--top", type=int, default=25, help="ops listed")
     p.add_argument("--what", default="train", choices=("train", "predict"), help="training step or inference")
     args = p.parse_args(argv)
@@ -92,15 +116,18 @@ def main(argv=None):
             out = step(state, *batch)
         jax.block_until_ready(out)
 
-    run()
+    for _ in range(max(1, args.warmup)):
+        run()
     hlo = step.lower(state, *batch).compile().as_text()
     names = _instructions(hlo)
     logdir = tempfile.mkdtemp(prefix="fcn_profile_")
     jax.profiler.start_trace(logdir)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     for _ in range(args.steps):
         run()
     wall = (time.perf_counter() - t0) / args.steps
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.steps
     jax.profiler.stop_trace()
     from jax._src.lib import _profile_data
 
@@ -117,7 +144,15 @@ def main(argv=None):
     by_kind: collections.Counter = collections.Counter()
     for name, ms in per_op.items():
         by_kind[names[name].split(" ->")[0].split(" (")[0].split(" 3x3")[0].split(" 1x1")[0]] += ms
-    print(f"step wall {wall * 1e3:.0f} ms; summed thunk time {total:.0f} ms (over threads)")
+    print(
+        f"step wall {wall * 1e3:.0f} ms; summed thunk time {total:.0f} ms (over threads); "
+        f"{faults:.0f} page faults a step"
+    )
+    if faults > _FAULTS_WARN:
+        print(
+            f"  the heap was still growing in the traced steps ({faults:.0f} page faults a step): "
+            "the ops that touched new pages are inflated; run again with a larger --warmup"
+        )
     print("by kind:")
     for kind, ms in by_kind.most_common():
         print(f"  {ms:9.1f} ms {100 * ms / total:5.1f}%  {kind}")
