@@ -3,18 +3,28 @@
 # pillow, matplotlib, tqdm and torch but no ml_collections, tensorboardX or
 # TensorFlow, and no network.
 #
-# Wheels carried in wheels/ (git-ignored) are installed into /tmp/fcn_site and
-# put first on PYTHONPATH. Fetch them once, on a machine with a package index:
+# Wheels carried in wheels/ (git-ignored) are installed into $FCN_SITE (default
+# /tmp/fcn_site) and put first on PYTHONPATH. Fetch them once, on a machine with
+# a package index:
 #
 #   pip download --no-deps --only-binary=:all: -d wheels/ \
 #       ml_collections==1.1.0 tensorboardX==2.6.5 flax==0.12.8 orbax-checkpoint==0.12.8
 #
 # (flax and orbax pinned to the versions the tests run with; their own
-# dependencies are on that machine.) Then print what the run will use.
+# dependencies are on that machine.) The machine's jax (0.11 when last read) is
+# newer than the one the tests run with (0.10.2): if fcn does not import with the
+# carried flax and orbax, they are dropped and the machine's own are used, and
+# the line printed says so. Then print what the run will use.
 PY=${PYTHON:-python3}
+FCN_SITE=${FCN_SITE:-/tmp/fcn_site}
 if compgen -G "wheels/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fcn_site wheels/*.whl
-  export PYTHONPATH=/tmp/fcn_site${PYTHONPATH:+:$PYTHONPATH}
+  rm -rf "$FCN_SITE"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$FCN_SITE" wheels/*.whl
+  export PYTHONPATH=$FCN_SITE${PYTHONPATH:+:$PYTHONPATH}
+  if ! err=$("$PY" -c "import fcn.model, fcn.state, fcn.checkpoint" 2>&1); then
+    echo "fcn does not import with the carried flax/orbax (${err##*$'\n'}); using the machine's own" >&2
+    rm -rf "$FCN_SITE"/flax* "$FCN_SITE"/orbax*
+  fi
 fi
 export PYTHONUNBUFFERED=1
 OUT_DIR=${OUT:-/tmp/fcn_out}

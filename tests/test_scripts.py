@@ -22,3 +22,43 @@ def test_gpu_script_names_what_it_runs():
     done = subprocess.run(["bash", "scripts/run_gpu.sh", "camvd"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and "unknown: camvd (camvid or ablation)" in done.stderr
     assert "jax" not in done.stdout  # refused before setting up the environment
+
+
+def _wheel(path: Path, name: str, version: str, init: str) -> None:
+    """A minimal pure-Python wheel of package `name` whose __init__ is `init`."""
+    import zipfile
+
+    info = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}/__init__.py": init,
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{f},,\n" for f in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(path / f"{name}-{version}-py3-none-any.whl", "w") as z:
+        for f, text in files.items():
+            z.writestr(f, text)
+
+
+def test_gpu_env_drops_carried_flax_that_breaks_fcn(tmp_path):
+    """A carried flax that fcn cannot import with (say, against a newer jax) gives way to the machine's own."""
+    import sys
+    from importlib.metadata import version
+
+    (tmp_path / "wheels").mkdir()
+    _wheel(tmp_path / "wheels", "flax", "99.0", "raise ImportError('flax 99 needs another jax')\n")
+    (tmp_path / "fcn").symlink_to(ROOT / "fcn")
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "OUT": str(tmp_path / "out")}
+    env["FCN_SITE"] = str(tmp_path / "site")
+    done = subprocess.run(
+        ["bash", "-c", f"set -euo pipefail; source {ROOT}/scripts/gpu_env.sh; echo PYTHONPATH=$PYTHONPATH"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "does not import with the carried flax/orbax (ImportError: flax 99 needs another jax)" in done.stderr
+    assert f"flax {version('flax')} |" in done.stdout  # the environment's own, not 99.0
+    assert not list((tmp_path / "site").glob("flax*"))
