@@ -143,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         f"wrote class maps and overlays of {len(files) - len(failed)} of {len(files)} images to {out}", file=sys.stderr
     )
     if errors or failed:
+        n = len(errors) + len(failed)
         print(
-            f"{len(errors) + len(failed)} inputs failed:",
+            f"{n} input{'s' if n > 1 else ''} failed:",
             *(f"  {m}" for m in errors + failed),
             sep="\n",
             file=sys.stderr,

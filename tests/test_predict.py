@@ -71,6 +71,14 @@ def test_bad_inputs_are_named_skipped_and_fail_the_exit_code(workdir, tmp_path, 
     assert "4 inputs failed" in err
 
 
+def test_one_bad_input_is_counted_in_the_singular(workdir, tmp_path, capsys):
+    _write(tmp_path / "good.png", 20, 20)
+    (tmp_path / "bad.png").write_text("not an image")
+    assert main(["--workdir", workdir, "--out", str(tmp_path / "out"), str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "1 input failed:" in err and "bad.png" in err
+
+
 def test_nothing_to_predict_fails_before_loading_the_model(tmp_path, capsys):
     (tmp_path / "empty_dir").mkdir()
     assert main(["--workdir", str(tmp_path / "no_run"), "--out", str(tmp_path / "o"), str(tmp_path / "empty_dir")]) == 1
