@@ -91,20 +91,22 @@ def first_step(args) -> dict:
     if kind.startswith("fcn"):
         import jax
 
-        from fcn.ops import one_step_at_a_time
+        from fcn.ops import StepPacer
         from fcn.train import enable_compilation_cache
 
         enable_compilation_cache()  # FCN_JAX_CACHE, set by the caller
         t_import = time.perf_counter() - t0
         step, state, batch = common.fcn_train_step(args)
+        pacer = StepPacer()  # as train.py: on a CPU, each step waits for the one before and its temporaries
+        pacer.wait()
         state, out = step(state, *batch)
         jax.block_until_ready(out)
         t_first = time.perf_counter() - t0
-        one_at_a_time = one_step_at_a_time()
-        for _ in range(2):  # as train.py: on a CPU, each step waits for the one before
-            if one_at_a_time:
-                jax.block_until_ready(out)
+        pacer.started(out)
+        for _ in range(2):
+            pacer.wait()
             state, out = step(state, *batch)
+            pacer.started(out)
         jax.block_until_ready(out)
         dev = jax.devices()[0]
         peak = (dev.memory_stats() or {}).get("peak_bytes_in_use") if dev.platform != "cpu" else None
@@ -320,14 +322,14 @@ class _FcnRunner:
         self.predict_fn, self.pstate, self.images = predict, pstate, images
         self.augment_fn, self.augments = augment, 0
         self.out = None
-        from fcn.ops import one_step_at_a_time
+        from fcn.ops import StepPacer
 
-        self.one_at_a_time = one_step_at_a_time()
+        self.pacer = StepPacer()  # as train.py: one step's temporaries at a time on a CPU
 
     def train(self):
-        if self.one_at_a_time and self.out is not None:  # as train.py: one step's temporaries at a time on a CPU
-            self.sync()
+        self.pacer.wait()
         self.state, self.out = self.step(self.state, *self.batch)
+        self.pacer.started(self.out)
 
     def predict(self):
         self.out = self.predict_fn(self.pstate, self.images)

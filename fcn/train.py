@@ -280,15 +280,14 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         )
         step, t_last, n_last = start, time.time(), start
         # On a CPU, one step's temporaries at a time: the next batch is made while a step runs, then
-        # the loop waits for it (fcn.ops.one_step_at_a_time).
-        one_at_a_time, running = ops.one_step_at_a_time(mesh.devices.flat), None
+        # the loop waits for it and for its temporaries to be freed (fcn.ops.StepPacer).
+        pacer = ops.StepPacer(mesh.devices.flat)
         with _StopRequest() as stop, bar, _set_up_objects_frozen():  # the bar ends its line before any error
             while step < config.num_steps:
                 batch = sharding.put_batch(mesh, *train_data.batch(step, config.batch_size, config.seed, rows))
-                if running is not None:
-                    jax.block_until_ready(running)
+                pacer.wait()
                 state, out = train_step(state, *batch)
-                running = out if one_at_a_time else None
+                pacer.started(out)
                 step += 1
                 bar.update(1)
                 signalled = stop.requested(step)
@@ -333,6 +332,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
                         )
                     break
         bar.close()
+        if pacer.waits:
+            log.debug("waited %d times, %.1f ms, for steps' temporaries to be freed", pacer.waits, 1e3 * pacer.waited_s)
         ckpts.wait()
     finally:  # also on errors: orbax threads and the event file are closed, never left hanging
         train_data.close()  # a stream's decoding threads
