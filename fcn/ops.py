@@ -38,6 +38,7 @@ import contextlib
 import contextvars
 import functools
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -367,8 +368,6 @@ class StepPacer:
     def _settle(self) -> None:
         if self._in_use is None or self._before is None:
             return
-        import time
-
         added = self._in_use() - self._before
         if added < self.min_bytes:
             return  # freed already, or too little to matter
@@ -385,13 +384,9 @@ class StepPacer:
 def heap_in_use() -> Callable[[], int] | None:
     """A function giving the bytes glibc's malloc has handed out (mallinfo2: heap and mmap), or None."""
     import ctypes
-    import ctypes.util
-    import platform
 
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    if not hasattr(libc, "mallinfo2"):  # glibc before 2.33
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):  # not glibc, or glibc before 2.33
         return None
     names = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
 
@@ -428,15 +423,22 @@ def retain_freed_memory() -> bool:
     above 64 MB whatever M_MMAP_MAX says: faults at every step again.
     Returns False where the C library is not glibc (nothing changed).
     """
-    import ctypes
-    import ctypes.util
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if libc is None:
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # <malloc.h>
     ok = libc.mallopt(m_mmap_max, 0) == 1
     ok &= libc.mallopt(m_trim_threshold, -1) == 1  # -1: never trim
     ok &= libc.mallopt(m_arena_max, 1) == 1
     return bool(ok)
+
+
+def _glibc():
+    """The C library through ctypes where it is glibc (Linux), else None."""
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
