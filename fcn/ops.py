@@ -19,8 +19,12 @@ model uses (`config.model.conv_impl`); `ConvTranspose` routes the transposed
            products, im2col, lax patches) ran 1.1-2.5x slower than XLA's.
   "onednn" "gemm", with the 3x3 convs (any float32 NHWC conv without dilation
            or groups) by oneDNN through XLA's FFI (fcn.onednn): forward, input
-           and weight gradient. CPU only; an error where oneDNN is not
-           available (fcn.onednn.unavailable_reason() says why).
+           and weight gradient; the products of the 1x1 convs and of the
+           upsampling too, as oneDNN 1x1 convolutions (XLA:CPU ran their weight
+           gradients, a sum over every pixel into a few hundred numbers, on one
+           core: 23 ms of a camvid_cpu step for the head against 10 ms, on a
+           2-core Xeon). CPU only; an error where oneDNN is not available
+           (fcn.onednn.unavailable_reason() says why).
   "auto"   on the CPU "onednn" where it is available, else "gemm" (with a
            warning that says why; the training step is then compiled with
            `train_compiler_options`: XLA's Eigen kernels for its convolutions
@@ -155,16 +159,17 @@ def conv_general_dilated(
     **kwargs,
 ):
     """jax.lax.conv_general_dilated, with the cases XLA:CPU is slow at done as matrix products,
-    and with `onednn_ok` the others by oneDNN where fcn.onednn supports them."""
+    and with `onednn_ok` all of them by oneDNN where fcn.onednn supports them (the products as
+    1x1 convolutions)."""
     args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
     kind = _gemm_kind(*args, feature_group_count, batch_group_count)
-    dot = functools.partial(_dot2d, precision=precision, preferred_element_type=preferred_element_type)
-    if kind == "1x1":
-        b, h, w, c = lhs.shape
-        return dot(lhs.reshape(b * h * w, c), rhs.reshape(c, -1)).reshape(b, h, w, -1)
+    onednn_ok = onednn_ok and _onednn_operands(lhs, rhs, preferred_element_type)
     if kind:
-        return _depth_to_space_conv(lhs, rhs, kind, dot)
-    pads = _onednn_pads(*args, feature_group_count, batch_group_count, preferred_element_type) if onednn_ok else None
+        # With oneDNN, the products as 1x1 convolutions: its weight gradient splits the long
+        # sum over pixels across the cores, where XLA:CPU's product ran on one.
+        pixelwise = _onednn_1x1 if onednn_ok else functools.partial(_dot_1x1, precision, preferred_element_type)
+        return pixelwise(lhs, rhs) if kind == "1x1" else _depth_to_space_conv(lhs, rhs, kind, pixelwise)
+    pads = _onednn_pads(*args, feature_group_count, batch_group_count) if onednn_ok else None
     if pads is not None:
         return onednn.conv(lhs, rhs, tuple(int(s) for s in window_strides), pads)
     return lax.conv_general_dilated(
@@ -177,22 +182,41 @@ def conv_general_dilated(
     )
 
 
-def _dot2d(a_MK, b_KN, *, precision, preferred_element_type):
-    # Two-dimensional operands: XLA:CPU then runs one matrix product with no
-    # layout copies (a 4-D einsum of the same product ran 2-3x slower).
-    return jnp.dot(a_MK, b_KN, precision=precision, preferred_element_type=preferred_element_type)
+def _dot_1x1(precision, preferred_element_type, x_BHWC, w_11CK):
+    """The 1x1 convolution as one matrix product [B*H*W, C] x [C, K].
+
+    Two-dimensional operands: XLA:CPU then runs one matrix product with no
+    layout copies (a 4-D einsum of the same product ran 2-3x slower).
+    """
+    b, h, w, c = x_BHWC.shape
+    y = jnp.dot(
+        x_BHWC.reshape(b * h * w, c),
+        w_11CK.reshape(c, -1),
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+    return y.reshape(b, h, w, -1)
 
 
-def _onednn_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dn, groups, batch_groups, preferred):
-    """((lo, hi), (lo, hi)) when fcn.onednn.conv computes this convolution, else None."""
+def _onednn_1x1(x_BHWC, w_11CK):
+    return onednn.conv(x_BHWC, w_11CK, (1, 1), ((0, 0), (0, 0)))
+
+
+def _onednn_operands(lhs, rhs, preferred) -> bool:
+    """Whether fcn.onednn.conv takes these operands here: float32 NHWC/HWIO of concrete shapes, one CPU."""
     if _portable.get() or jax.default_backend() != "cpu" or jax.device_count() != 1:
-        return None
-    if lhs.ndim != 4 or rhs.ndim != 4 or groups != 1 or batch_groups != 1:
-        return None
+        return False
+    if lhs.ndim != 4 or rhs.ndim != 4:
+        return False
     if lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32 or preferred not in (None, jnp.float32):
+        return False
+    return all(isinstance(d, int) and d > 0 for d in (*lhs.shape, *rhs.shape))  # not symbolic (export) or empty
+
+
+def _onednn_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dn, groups, batch_groups):
+    """((lo, hi), (lo, hi)) when fcn.onednn.conv computes this convolution (operands checked), else None."""
+    if groups != 1 or batch_groups != 1:
         return None
-    if not all(isinstance(d, int) and d > 0 for d in (*lhs.shape, *rhs.shape)):
-        return None  # symbolic (export) or empty shapes
     if tuple(lhs_dilation or (1, 1)) != (1, 1) or tuple(rhs_dilation or (1, 1)) != (1, 1):
         return None
     dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dn)
@@ -235,12 +259,15 @@ def _gemm_kind(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dn
     return None
 
 
-def _depth_to_space_conv(x_BHWC, w_SSCK, s: int, dot):
-    """out[b, s*i + r, s*j + q, k] = sum_c x[b, i, j, c] * w[s - 1 - r, s - 1 - q, c, k]."""
+def _depth_to_space_conv(x_BHWC, w_SSCK, s: int, conv_1x1):
+    """out[b, s*i + r, s*j + q, k] = sum_c x[b, i, j, c] * w[s - 1 - r, s - 1 - q, c, k].
+
+    One 1x1 convolution from C to s*s*K channels (`conv_1x1`), then depth to space.
+    """
     b, h, w, c = x_BHWC.shape
     k = w_SSCK.shape[-1]
-    w_CSSK = w_SSCK[::-1, ::-1].transpose(2, 0, 1, 3).reshape(c, s * s * k)
-    y_BHWSSK = dot(x_BHWC.reshape(b * h * w, c), w_CSSK).reshape(b, h, w, s, s, k)
+    w_11CN = w_SSCK[::-1, ::-1].transpose(2, 0, 1, 3).reshape(1, 1, c, s * s * k)
+    y_BHWSSK = conv_1x1(x_BHWC, w_11CN).reshape(b, h, w, s, s, k)
     return y_BHWSSK.transpose(0, 1, 3, 2, 4, 5).reshape(b, h * s, w * s, k)
 
 

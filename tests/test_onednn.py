@@ -90,6 +90,28 @@ def test_seam_uses_onednn_only_where_it_applies():
     assert "fcn_onednn" not in hlo(lambda x, w: ops.conv_fn("gemm")(x, w, (1, 1), "SAME", dimension_numbers=DN), x, w)
 
 
+@pytest.mark.skipif(not CPU, reason="oneDNN's convolutions are XLA:CPU custom calls")
+@pytest.mark.parametrize("impl", ["onednn", "auto", "gemm"])
+@pytest.mark.parametrize("kind", ["1x1", "transposed 2x2, stride 2"])
+def test_pixelwise_products_go_to_onednn_with_it(kind, impl):
+    # The 1x1 head and the upsampling's product: oneDNN 1x1 convolutions with "onednn" and "auto"
+    # (XLA:CPU ran their weight gradients on one core), matrix products with "gemm".
+    x = random(0, (2, 6, 8, 4))
+    if kind == "1x1":
+        w, kw = random(1, (1, 1, 4, 3)), dict(padding="VALID")
+    else:
+        w, kw = random(1, (2, 2, 4, 3)), dict(padding=[(1, 1), (1, 1)], lhs_dilation=(2, 2))
+    conv = ops.conv_fn(impl)
+    call = lambda x, w: conv(x, w, (1, 1), dimension_numbers=DN, **kw)  # noqa: E731
+    text = hlo(jax.value_and_grad(lambda x, w: call(x, w).sum(), argnums=(0, 1)), x, w)
+    targets = ("fcn_onednn_conv_fwd", "fcn_onednn_conv_bwd_data", "fcn_onednn_conv_bwd_weights")
+    assert all((t in text) == (impl != "gemm") for t in targets)
+    assert ("dot_general" in text) == (impl == "gemm")
+    ref = value_and_grads(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), dimension_numbers=DN, **kw), x, w)
+    for name, g, r in zip(("value", "dx", "dw"), value_and_grads(call, x, w), ref):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * float(jnp.abs(r).max()), err_msg=name)
+
+
 def test_turned_off(fresh, monkeypatch, caplog):
     monkeypatch.setenv("FCN_ONEDNN", "0")
     with pytest.raises(RuntimeError, match="conv_impl='onednn': FCN_ONEDNN=0"):

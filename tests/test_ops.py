@@ -76,17 +76,18 @@ def test_1x1_conv_is_a_matrix_product():
     assert "conv_general_dilated" not in primitives(jax.grad(lambda x, w: fn(x, w).sum(), argnums=(0, 1)), x, w)
 
 
+@pytest.mark.parametrize("impl", ["gemm", "auto"])  # auto: the products by oneDNN where it is available
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize(
     ("kernel", "stride", "padding"), [(2, 2, "SAME"), (2, 2, "VALID"), (4, 4, "SAME"), (3, 2, "SAME")]
 )
-def test_conv_transpose_matches_nnx(kernel, stride, padding, dtype):
+def test_conv_transpose_matches_nnx(kernel, stride, padding, dtype, impl):
     def build(cls, **kw):
         return cls(
             6, 5, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype, rngs=nnx.Rngs(0), **kw
         )
 
-    ref_layer, layer = build(nnx.ConvTranspose), build(ops.ConvTranspose, conv_general_dilated=ops.conv_fn("gemm"))
+    ref_layer, layer = build(nnx.ConvTranspose), build(ops.ConvTranspose, conv_general_dilated=ops.conv_fn(impl))
     x = random(2, (2, 5, 7, 6), dtype)
 
     def run(m, x):
