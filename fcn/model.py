@@ -93,6 +93,25 @@ class Norm(nnx.Module):
         else:
             raise ValueError(f"model.norm={kind!r}: expected one of {NORMS}")
 
+    def folded(self):
+        """(scale, shift) per channel with norm(x) = x * scale + shift, for batch norm on its running
+        statistics (inference) in float32; else None."""
+        bn = self.norm
+        if (
+            self.kind != "batch"
+            or not bn.use_running_average
+            or bn.axis not in (-1,)
+            or bn.dtype not in (None, jnp.float32)
+        ):
+            return None
+        scale_C = jax.lax.rsqrt(bn.var[...] + bn.epsilon)
+        if bn.scale is not None:
+            scale_C = scale_C * bn.scale[...]
+        shift_C = -bn.mean[...] * scale_C
+        if bn.bias is not None:
+            shift_C = shift_C + bn.bias[...]
+        return scale_C, shift_C
+
     def __call__(self, x, *, relu: bool = False):
         """norm(x), then a ReLU when `relu` (fused with batch norm's training form on CPU)."""
         if self.kind == "batch" and not self.norm.use_running_average:
@@ -213,7 +232,11 @@ class ConvBlock(nnx.Module):
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             if len(self.reduce):
                 x_BHWC = jax.nn.relu(self.reduce[i](x_BHWC))
-            x_BHWC = norm(conv(x_BHWC), relu=True)
+            folded = norm.folded() if ops.fuses_conv_bias_relu(conv, x_BHWC) else None
+            if folded is not None:  # inference with oneDNN: conv, batch norm and ReLU in one call
+                x_BHWC = ops.conv_bias_relu(conv, x_BHWC, *folded)
+            else:
+                x_BHWC = norm(conv(x_BHWC), relu=True)
         return x_BHWC
 
 

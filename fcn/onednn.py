@@ -10,6 +10,8 @@ same two cores (docs/benchmarks.md, fifth session).
 forward pass and both gradients are XLA custom calls into oneDNN
 (fcn/csrc/onednn_conv.cc). fcn.ops uses it for `conv_impl` "onednn", and for
 "auto" on a CPU when `available()`; everything else keeps jax.lax's.
+`conv_bias_relu(x, w, b, ...)` is max(conv + b, 0) in one call, for inference:
+the U-Net folds batch norm's running statistics into w and b (fcn.model.ConvBlock).
 
 The handlers are compiled at first use with the C++ compiler (`$CXX`, else
 g++) against jaxlib's FFI headers and the oneDNN of the pip packages
@@ -52,6 +54,7 @@ TARGETS = {  # custom-call target -> handler symbol in the built library
     "fcn_onednn_conv_fwd": "FcnOnednnConvFwd",
     "fcn_onednn_conv_bwd_data": "FcnOnednnConvBwdData",
     "fcn_onednn_conv_bwd_weights": "FcnOnednnConvBwdWeights",
+    "fcn_onednn_conv_bias_relu": "FcnOnednnConvBiasRelu",
 }
 _LIB = "libdnnl.so.3"
 TURNED_OFF = "FCN_ONEDNN=0"  # unavailable_reason() when the user turned it off
@@ -206,3 +209,31 @@ def _conv_bwd(strides, pads, res, dy):
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def conv_bias_relu(x_BHWC, w_HWIO, b_K, strides: tuple, pads: tuple):
+    """max(conv(x, w) + b, 0) in one oneDNN call: the bias and the ReLU applied as the output is written.
+
+    For inference, where batch norm's running statistics fold into w and b. Its
+    gradient (the ReLU's mask, then `conv`'s) lets it be differentiated all the same.
+    """
+    (b, h, wd, _), (kh, kw, _, k) = x_BHWC.shape, w_HWIO.shape
+    oh = _out_size(h, kh, strides[0], *pads[0])
+    ow = _out_size(wd, kw, strides[1], *pads[1])
+    return _call("fcn_onednn_conv_bias_relu", (b, oh, ow, k), x_BHWC, w_HWIO, b_K, strides=strides, pads=pads)
+
+
+def _bias_relu_fwd(x, w, b, strides, pads):
+    y = conv_bias_relu(x, w, b, strides, pads)
+    return y, (x, w, y)
+
+
+def _bias_relu_bwd(strides, pads, res, dy):
+    x, w, y = res
+    d = jnp.where(y > 0, dy, 0).astype(jnp.float32)
+    dx, dw = _conv_bwd(strides, pads, (x, w), d)
+    return dx, dw, d.sum((0, 1, 2))
+
+
+conv_bias_relu.defvjp(_bias_relu_fwd, _bias_relu_bwd)

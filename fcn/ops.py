@@ -213,6 +213,51 @@ def _onednn_operands(lhs, rhs, preferred) -> bool:
     return all(isinstance(d, int) and d > 0 for d in (*lhs.shape, *rhs.shape))  # not symbolic (export) or empty
 
 
+def _seam_uses_onednn(seam) -> bool:
+    """Whether convolutions through `seam` (a conv_fn result) go to oneDNN here."""
+    if seam is _auto:
+        return jax.default_backend() == "cpu" and _onednn_usable()
+    return isinstance(seam, functools.partial) and seam.func is conv_general_dilated and seam.keywords.get("onednn_ok")
+
+
+def _bias_relu_geometry(conv: nnx.Conv, x_BHWC):
+    """(strides, pads) when `conv_bias_relu` runs this nnx.Conv on x in one oneDNN call, else None."""
+    kernel = conv.kernel[...]
+    if (
+        not _seam_uses_onednn(conv.conv_general_dilated)
+        or conv.mask is not None
+        or conv.dtype not in (None, jnp.float32)
+    ):
+        return None
+    if not _onednn_operands(x_BHWC, kernel, conv.preferred_element_type) or conv.feature_group_count != 1:
+        return None
+    as_pair = lambda v: (v, v) if isinstance(v, int) else tuple(v or (1, 1))  # noqa: E731
+    strides = as_pair(conv.strides)
+    if as_pair(conv.input_dilation) != (1, 1) or as_pair(conv.kernel_dilation) != (1, 1):
+        return None
+    if not (isinstance(conv.padding, str) and conv.padding in ("SAME", "VALID")):
+        return None
+    pads = _onednn_pads(x_BHWC, kernel, strides, conv.padding, None, None, ("NHWC", "HWIO", "NHWC"), 1, 1)
+    return None if pads is None else (strides, pads)
+
+
+def fuses_conv_bias_relu(conv: nnx.Conv, x_BHWC) -> bool:
+    """Whether `conv_bias_relu(conv, x, ...)` is one oneDNN call here (else it is not to be used)."""
+    return _bias_relu_geometry(conv, x_BHWC) is not None
+
+
+def conv_bias_relu(conv: nnx.Conv, x_BHWC, scale_K, shift_K):
+    """max(conv(x) * scale + shift, 0) as one oneDNN call: an inference-mode batch norm and ReLU after
+    the conv, folded in (the scale into the kernel, the shift a bias added as the output is written).
+
+    Only where `fuses_conv_bias_relu(conv, x)`.
+    """
+    strides, pads = _bias_relu_geometry(conv, x_BHWC)
+    w = conv.kernel[...] * scale_K
+    b = shift_K if conv.bias is None else conv.bias[...] * scale_K + shift_K
+    return onednn.conv_bias_relu(x_BHWC, w, b.astype(jnp.float32), strides, pads)
+
+
 def _onednn_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dn, groups, batch_groups):
     """((lo, hi), (lo, hi)) when fcn.onednn.conv computes this convolution (operands checked), else None."""
     if groups != 1 or batch_groups != 1:

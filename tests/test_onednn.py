@@ -193,3 +193,45 @@ def test_stale_temporaries_of_killed_builds_are_removed(fresh):
     os.utime(old, (0, 0))
     assert onednn.available(), onednn.unavailable_reason()
     assert not old.exists() and recent.exists()  # a recent one may be another process's build
+
+
+@pytest.mark.skipif(not CPU, reason="oneDNN's convolutions are XLA:CPU custom calls")
+def test_conv_bias_relu_matches_lax():
+    assert onednn.available(), onednn.unavailable_reason()  # registers the handlers in this process
+    x, w, b = random(0, (2, 9, 11, 5)), random(1, (3, 3, 5, 6)), random(2, (6,))
+    pads = ((1, 1), (1, 1))
+
+    def ref(x, w, b):
+        return jax.nn.relu(lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=DN) + b)
+
+    r = random(9, (2, 9, 11, 6))
+    both = lambda f: jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a) * r), argnums=(0, 1, 2)))(x, w, b)  # noqa: E731
+    (v, grads), (v_ref, grads_ref) = both(lambda x, w, b: onednn.conv_bias_relu(x, w, b, (1, 1), pads)), both(ref)
+    assert (np.asarray(ref(x, w, b)) == 0).mean() > 0.3  # the ReLU has work to do
+    np.testing.assert_allclose(v, v_ref, rtol=1e-4)
+    for name, g, want in zip(("dx", "dw", "db"), grads, grads_ref):
+        np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()), err_msg=name)
+
+
+@pytest.mark.skipif(not CPU, reason="oneDNN's convolutions are XLA:CPU custom calls")
+def test_inference_folds_batch_norm_into_the_onednn_convolutions():
+    from flax import nnx
+
+    from fcn.model import UNet
+
+    def build(conv):
+        model = UNet(3, features=4, depth=2, rngs=nnx.Rngs(0), conv_general_dilated=conv)
+        norms = [v for _, v in nnx.iter_graph(model) if isinstance(v, nnx.BatchNorm)]
+        for i, bn in enumerate(norms):  # running statistics other than the initial 0 and 1
+            bn.mean.set_value(0.1 * random(2 * i, bn.mean.shape))
+            bn.var.set_value(0.5 + jnp.abs(random(2 * i + 1, bn.var.shape)))
+        model.eval()
+        return model
+
+    x = jnp.asarray(np.random.default_rng(0).random((2, 20, 28, 3), np.float32))
+    fused, plain = build(ops.conv_fn("auto")), build(None)
+    assert "fcn_onednn_conv_bias_relu" in hlo(lambda x: fused(x), x)
+    np.testing.assert_allclose(fused(x), plain(x), rtol=1e-4, atol=1e-4)
+    fused.train()  # batch statistics: not folded
+    graph, state = nnx.split(fused)
+    assert "fcn_onednn_conv_bias_relu" not in hlo(lambda s, x: nnx.merge(graph, s)(x), state, x)

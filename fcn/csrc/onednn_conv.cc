@@ -5,6 +5,7 @@
 //   fcn_onednn_conv_fwd(x[B,H,W,C], w[KH,KW,C,K])      -> y[B,OH,OW,K]
 //   fcn_onednn_conv_bwd_data(g[B,OH,OW,K], w)          -> dx[B,H,W,C]
 //   fcn_onednn_conv_bwd_weights(x, g)                  -> dw[KH,KW,C,K]
+//   fcn_onednn_conv_bias_relu(x, w, b[K])              -> max(conv(x, w) + b, 0)  (inference)
 //   attributes: strides (sh, sw), padding (lo_h, hi_h, lo_w, hi_w)
 //
 // Activations stay NHWC (no reorder); kernels are reordered to and from the layout the
@@ -28,7 +29,7 @@ using tag = memory::format_tag;
 
 namespace {
 
-enum Kind { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
+enum Kind { kFwd = 0, kBwdData = 1, kBwdWeights = 2, kFwdBiasRelu = 3 };
 
 struct Geometry {
   int64_t b, h, w, c, kh, kw, k, oh, ow, sh, sw, pt, pb, pl, pr;
@@ -63,6 +64,15 @@ Entry Build(Kind kind, const Geometry& g) {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   auto alg = dnnl::algorithm::convolution_direct;
+  if (kind == kFwdBiasRelu) {  // the bias added and the ReLU applied as the output is written
+    dnnl::post_ops ops;
+    ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    attr.set_post_ops(ops);
+    memory::desc bias_md({g.k}, f32, tag::a);
+    dnnl::convolution_forward::primitive_desc pd(eng, dnnl::prop_kind::forward_inference, alg, src_md, any_w, bias_md,
+                                                 dst_md, strides, pad_l, pad_r, attr);
+    return {dnnl::convolution_forward(pd), user_w, pd.weights_desc(), pd.scratchpad_desc().get_size()};
+  }
   dnnl::convolution_forward::primitive_desc fwd(eng, dnnl::prop_kind::forward_training, alg, src_md, any_w, dst_md,
                                                 strides, pad_l, pad_r, attr);
   if (kind == kFwd) return {dnnl::convolution_forward(fwd), user_w, fwd.weights_desc(), fwd.scratchpad_desc().get_size()};
@@ -105,7 +115,7 @@ ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, 
 }
 
 // Runs the primitive for `kind`; `w` is the kernel in HWIO (an input, or the output for kBwdWeights).
-ffi::Error Run(Kind kind, const Geometry& g, void* src, void* w, void* dst) {
+ffi::Error Run(Kind kind, const Geometry& g, void* src, void* w, void* dst, void* bias = nullptr) {
   // One call at a time: each already uses every core (OpenMP), and XLA starts independent
   // operations side by side, which would oversubscribe the cores.
   static std::mutex run_mu;
@@ -131,8 +141,9 @@ ffi::Error Run(Kind kind, const Geometry& g, void* src, void* w, void* dst) {
       memory::desc scratch_md({static_cast<memory::dim>(e.scratch)}, memory::data_type::u8, tag::a);
       args.insert({DNNL_ARG_SCRATCHPAD, memory(scratch_md, eng, scratch_buf.get())});
     }
-    if (kind == kFwd) {
+    if (kind == kFwd || kind == kFwdBiasRelu) {
       args.insert({{DNNL_ARG_SRC, src_m}, {DNNL_ARG_WEIGHTS, prim_w}, {DNNL_ARG_DST, dst_m}});
+      if (kind == kFwdBiasRelu) args.insert({DNNL_ARG_BIAS, memory({{g.k}, f32, tag::a}, eng, bias)});
     } else if (kind == kBwdData) {
       args.insert({{DNNL_ARG_DIFF_SRC, src_m}, {DNNL_ARG_WEIGHTS, prim_w}, {DNNL_ARG_DIFF_DST, dst_m}});
     } else {
@@ -168,9 +179,19 @@ ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::Re
   return Run(kBwdWeights, g, x.untyped_data(), dw->untyped_data(), dy.untyped_data());
 }
 
+ffi::Error FwdBiasRelu(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
+                       ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> strides,
+                       ffi::Span<const int64_t> padding) {
+  Geometry g;
+  if (auto err = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), strides, padding, g); err.failure()) return err;
+  if (b.dimensions().size() != 1 || b.dimensions()[0] != g.k)
+    return ffi::Error::InvalidArgument("fcn onednn conv: the bias must have one value per output channel");
+  return Run(kFwdBiasRelu, g, x.untyped_data(), w.untyped_data(), y->untyped_data(), b.untyped_data());
+}
+
 }  // namespace
 
-// All three take two float32 operands and return one, with the same attributes.
+// The first three take two float32 operands and return one, with the same attributes.
 static auto Binding() {
   return ffi::Ffi::Bind()
       .Arg<ffi::Buffer<ffi::F32>>()
@@ -183,3 +204,11 @@ static auto Binding() {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnOnednnConvFwd, Fwd, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnOnednnConvBwdData, BwdData, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnOnednnConvBwdWeights, BwdWeights, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnOnednnConvBiasRelu, FwdBiasRelu,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("padding"));
