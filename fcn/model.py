@@ -97,12 +97,7 @@ class Norm(nnx.Module):
         """(scale, shift) per channel with norm(x) = x * scale + shift, for batch norm on its running
         statistics (inference) in float32; else None."""
         bn = self.norm
-        if (
-            self.kind != "batch"
-            or not bn.use_running_average
-            or bn.axis not in (-1,)
-            or bn.dtype not in (None, jnp.float32)
-        ):
+        if self.kind != "batch" or not bn.use_running_average or bn.axis != -1 or bn.dtype not in (None, jnp.float32):
             return None
         scale_C = jax.lax.rsqrt(bn.var[...] + bn.epsilon)
         if bn.scale is not None:
@@ -232,11 +227,9 @@ class ConvBlock(nnx.Module):
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             if len(self.reduce):
                 x_BHWC = jax.nn.relu(self.reduce[i](x_BHWC))
-            folded = norm.folded() if ops.fuses_conv_bias_relu(conv, x_BHWC) else None
-            if folded is not None:  # inference with oneDNN: conv, batch norm and ReLU in one call
-                x_BHWC = ops.conv_bias_relu(conv, x_BHWC, *folded)
-            else:
-                x_BHWC = norm(conv(x_BHWC), relu=True)
+            folded = norm.folded()  # inference with oneDNN: conv, batch norm and ReLU in one call
+            y = None if folded is None else ops.conv_bias_relu(conv, x_BHWC, *folded)
+            x_BHWC = y if y is not None else norm(conv(x_BHWC), relu=True)
         return x_BHWC
 
 

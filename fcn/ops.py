@@ -241,21 +241,19 @@ def _bias_relu_geometry(conv: nnx.Conv, x_BHWC):
     return None if pads is None else (strides, pads)
 
 
-def fuses_conv_bias_relu(conv: nnx.Conv, x_BHWC) -> bool:
-    """Whether `conv_bias_relu(conv, x, ...)` is one oneDNN call here (else it is not to be used)."""
-    return _bias_relu_geometry(conv, x_BHWC) is not None
-
-
 def conv_bias_relu(conv: nnx.Conv, x_BHWC, scale_K, shift_K):
     """max(conv(x) * scale + shift, 0) as one oneDNN call: an inference-mode batch norm and ReLU after
     the conv, folded in (the scale into the kernel, the shift a bias added as the output is written).
 
-    Only where `fuses_conv_bias_relu(conv, x)`.
+    None where that one call does not apply (no oneDNN, another dtype or geometry): the caller
+    then runs the three steps itself.
     """
-    strides, pads = _bias_relu_geometry(conv, x_BHWC)
+    geometry = _bias_relu_geometry(conv, x_BHWC)
+    if geometry is None:
+        return None
     w = conv.kernel[...] * scale_K
     b = shift_K if conv.bias is None else conv.bias[...] * scale_K + shift_K
-    return onednn.conv_bias_relu(x_BHWC, w, b.astype(jnp.float32), strides, pads)
+    return onednn.conv_bias_relu(x_BHWC, w, b.astype(jnp.float32), *geometry)
 
 
 def _onednn_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dn, groups, batch_groups):
