@@ -1,4 +1,5 @@
 # make test   create .venv if needed, install pinned dependencies, run the test suite
+#             (TEST_WORKERS processes, pytest-xdist, one test file per process at a time)
 # make train  the same environment, then train the default config (configs/camvid_cpu.py)
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,6 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fcn-installed
 CONFIG ?= configs/camvid_cpu.py
 WORKDIR ?= runs/$(basename $(notdir $(CONFIG)))
+TEST_WORKERS ?= 2
 
 # The development copy of CamVid beside the repository, when there is one.
 ifneq ($(wildcard ../shared/datasets/camvid),)
@@ -24,7 +26,7 @@ $(STAMP): requirements.txt pyproject.toml
 	@touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 train: $(STAMP)
 	$(PY) train.py --config $(CONFIG) --workdir $(WORKDIR)

@@ -68,23 +68,15 @@ train_main()
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FCN_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "jax_cache"))
-        yield
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """Environment of the training processes: the shared compile cache, the CPU, and torch hidden
+    """Environment of the training processes: the session's compile cache (conftest.py), the CPU, and torch hidden
     (installed for benchmarks only, tensorboardX would spend ~9 s importing it in every run)."""
     shim = tmp_path_factory.mktemp("shim")
     (shim / "torch").mkdir()
     (shim / "torch" / "__init__.py").write_text("raise ImportError('hidden by tests/test_faults.py')\n")
     path = [str(shim), *filter(None, [os.environ.get("PYTHONPATH")])]
-    cache = str(tmp_path_factory.getbasetemp() / "jax_cache")
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "JAX_PLATFORMS": "cpu", "FCN_JAX_CACHE": cache}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "JAX_PLATFORMS": "cpu"}
 
 
 class Training:

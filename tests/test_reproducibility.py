@@ -18,11 +18,6 @@ from fcn.train import train_and_evaluate
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("FCN_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "jax_cache"))
-
-
 def train_in_a_new_process(workdir: Path, tmp_path: Path) -> str:
     """`python train.py --config configs/tiny.py`, with torch hidden (tensorboardX would import it, ~9 s)."""
     (tmp_path / "shim" / "torch").mkdir(parents=True)

@@ -17,11 +17,6 @@ from fcn.train import train_and_evaluate
 SIZES = [(20, 28), (24, 32), (18, 30), (24, 26), (22, 32), (16, 20), (24, 24)]  # (H, W), varied
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("FCN_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "jax_cache"))
-
-
 def make_folder(root, sizes=SIZES):
     """images/ (PNG, one JPEG) and masks/ of varied sizes; mask values 0, 1, and 255 (ignored)."""
     (root / "images").mkdir(parents=True)

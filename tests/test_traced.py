@@ -11,12 +11,8 @@ from fcn import state as state_lib, traced
 
 
 @pytest.fixture(autouse=True)
-def _folders(tmp_path, tmp_path_factory, monkeypatch):
-    from fcn.train import enable_compilation_cache
-
+def _folders(tmp_path, monkeypatch):
     monkeypatch.setenv("FCN_CACHE_DIR", str(tmp_path / "cache"))  # a traced folder of its own per test
-    monkeypatch.setenv("FCN_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "jax_cache"))  # compilations shared
-    enable_compilation_cache()
 
 
 def _setup(**overrides):
@@ -37,9 +33,15 @@ def _setup(**overrides):
     return config, graphs, state, tx, batch
 
 
+def _copy(state):
+    """A copy on the device, as the step's own outputs are: the step donates its state, and host arrays
+    for the first call would make the second call (device arrays) another program to compile."""
+    return jax.device_put(jax.tree.map(np.array, state), jax.devices()[0])
+
+
 def _run(keep_traced, config, graphs, state, tx, batch, steps=2):
     step = state_lib.jit_train_step(config, graphs, tx, 4, 255, keep_traced=keep_traced)
-    state = jax.tree.map(np.array, state)  # a copy: the step donates its state
+    state = _copy(state)
     for _ in range(steps):
         state, out = step(state, *batch)
     return jax.tree.leaves(state), out
@@ -71,7 +73,7 @@ def test_kept_step_equals_the_plain_one_and_is_read_back_without_tracing(monkeyp
 def test_another_config_or_batch_shape_is_another_program():
     config, graphs, state, tx, batch = _setup()
     step = state_lib.jit_train_step(config, graphs, tx, 4, 255, keep_traced=True)
-    state = jax.tree.map(np.array, state)
+    state = _copy(state)
     state, _ = step(state, *batch)
     smaller = tuple(b[:1] for b in batch)
     state, out = step(state, *smaller)  # another shape: the plain step, still right
