@@ -107,15 +107,18 @@ class Norm(nnx.Module):
             shift_C = shift_C + bn.bias[...]
         return scale_C, shift_C
 
-    def __call__(self, x, *, relu: bool = False):
-        """norm(x), then a ReLU when `relu` (fused with batch norm's training form on CPU)."""
+    def __call__(self, x, *, relu: bool = False, conv: nnx.Conv | None = None):
+        """norm(x), then a ReLU when `relu` (fused with batch norm's training form on CPU; by oneDNN
+        where `conv`, the convolution x came from, runs on oneDNN)."""
         if self.kind == "batch" and not self.norm.use_running_average:
-            return batch_norm_train(self.norm, x, relu=relu)
+            return batch_norm_train(self.norm, x, relu=relu, conv=conv)
         x = x if self.norm is None else self.norm(x)
         return jax.nn.relu(x) if relu else x
 
 
-def batch_norm_train(bn: nnx.BatchNorm, x_BHWC: jax.Array, *, relu: bool = False) -> jax.Array:
+def batch_norm_train(
+    bn: nnx.BatchNorm, x_BHWC: jax.Array, *, relu: bool = False, conv: nnx.Conv | None = None
+) -> jax.Array:
     """nnx.BatchNorm in training mode (batch statistics, running averages updated), then ReLU if asked.
 
     The values are nnx.BatchNorm's, computed the same way. Two differences:
@@ -127,7 +130,9 @@ def batch_norm_train(bn: nnx.BatchNorm, x_BHWC: jax.Array, *, relu: bool = False
       replaced whole (`set_value(new)`), which asks nothing.
     - On CPU, batch norm + ReLU is one function with a hand-written gradient
       (`_bn_relu`): the training step ran 4-8% faster than with XLA:CPU's own
-      differentiation of it (docs/benchmarks.md).
+      differentiation of it (docs/benchmarks.md). Where `conv`, the convolution
+      x came from, runs on oneDNN, so do batch norm + ReLU and their gradient
+      (fcn.ops.bn_relu), in float32.
     Settings other than nnx's defaults on the last axis go to nnx.BatchNorm itself.
     """
     if bn.axis not in (-1, x_BHWC.ndim - 1) or bn.axis_name is not None or not bn.use_fast_variance:
@@ -139,7 +144,11 @@ def batch_norm_train(bn: nnx.BatchNorm, x_BHWC: jax.Array, *, relu: bool = False
         (x_BHWC, bn.mean.get_value(), bn.var.get_value(), scale, bias), dtype=bn.dtype
     )
     out_dtype = bn.dtype or jnp.result_type(*(a for a in (x_BHWC, scale, bias) if a is not None))
-    if relu and scale is not None and bias is not None and jax.default_backend() == "cpu":
+    fused = relu and scale is not None and bias is not None and jax.default_backend() == "cpu"
+    by_onednn = ops.bn_relu(conv, x_BHWC, scale, bias, bn.epsilon) if fused and conv is not None else None
+    if by_onednn is not None:
+        y, mean_C, var_C = by_onednn
+    elif fused:
         y, mean_C, var_C = _bn_relu(x_BHWC, scale, bias, bn.epsilon, out_dtype)
     else:
         y, mean_C, var_C = _bn_forward(x_BHWC, scale, bias, bn.epsilon, out_dtype, barrier=False)
@@ -229,7 +238,7 @@ class ConvBlock(nnx.Module):
                 x_BHWC = jax.nn.relu(self.reduce[i](x_BHWC))
             folded = norm.folded()  # inference with oneDNN: conv, batch norm and ReLU in one call
             y = None if folded is None else ops.conv_bias_relu(conv, x_BHWC, *folded)
-            x_BHWC = y if y is not None else norm(conv(x_BHWC), relu=True)
+            x_BHWC = y if y is not None else norm(conv(x_BHWC), relu=True, conv=conv)
         return x_BHWC
 
 

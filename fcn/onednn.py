@@ -12,6 +12,11 @@ forward pass and both gradients are XLA custom calls into oneDNN
 "auto" on a CPU when `available()`; everything else keeps jax.lax's.
 `conv_bias_relu(x, w, b, ...)` is max(conv + b, 0) in one call, for inference:
 the U-Net folds batch norm's running statistics into w and b (fcn.model.ConvBlock).
+`bn_relu(x, scale, shift, epsilon)` is batch norm on the batch's statistics and a
+ReLU, for training: oneDNN's batch normalization with the ReLU fused, its gradient
+oneDNN's too (reading the ReLU's mask from the workspace, a bit per value, that the
+forward pass kept). Forward and gradient took about half the time of XLA:CPU's
+(docs/benchmarks.md, the fourteenth session).
 
 The handlers are compiled at first use with the C++ compiler (`$CXX`, else
 g++) against jaxlib's FFI headers and the oneDNN of the pip packages
@@ -24,7 +29,7 @@ half-written (the library is compiled to a temporary name and renamed).
 `FCN_ONEDNN=0` turns it off.
 
 Limits: float32, NHWC inputs with HWIO kernels, no dilation or groups, concrete
-shapes, one device. Its gradient cannot be differentiated again.
+shapes, one device. Their gradients cannot be differentiated again.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ TARGETS = {  # custom-call target -> handler symbol in the built library
     "fcn_onednn_conv_bwd_data": "FcnOnednnConvBwdData",
     "fcn_onednn_conv_bwd_weights": "FcnOnednnConvBwdWeights",
     "fcn_onednn_conv_bias_relu": "FcnOnednnConvBiasRelu",
+    "fcn_onednn_bn_relu_fwd": "FcnOnednnBnReluFwd",
+    "fcn_onednn_bn_relu_bwd": "FcnOnednnBnReluBwd",
 }
 _LIB = "libdnnl.so.3"
 TURNED_OFF = "FCN_ONEDNN=0"  # unavailable_reason() when the user turned it off
@@ -237,3 +244,59 @@ def _bias_relu_bwd(strides, pads, res, dy):
 
 
 conv_bias_relu.defvjp(_bias_relu_fwd, _bias_relu_bwd)
+
+
+def _workspace_bytes(shape) -> int:
+    """The size of the ReLU mask bn_relu's forward keeps for its gradient, as oneDNN lays it out."""
+    if _registered is None:
+        raise RuntimeError("fcn.onednn.bn_relu: oneDNN is not loaded (check fcn.onednn.available() first)")
+    fn = _registered.FcnOnednnBnWorkspaceBytes
+    fn.restype, fn.argtypes = ctypes.c_int64, [ctypes.c_int64] * 4
+    size = fn(*(int(v) for v in shape))
+    if size < 0:
+        raise ValueError(f"fcn.onednn.bn_relu: oneDNN has no batch normalization for shape {tuple(shape)}")
+    return size
+
+
+def _bn_relu_forward(x_BHWC, scale_C, shift_C, epsilon):
+    c = x_BHWC.shape[-1]
+    outs = (
+        jax.ShapeDtypeStruct(x_BHWC.shape, jnp.float32),
+        jax.ShapeDtypeStruct((c,), jnp.float32),
+        jax.ShapeDtypeStruct((c,), jnp.float32),
+        jax.ShapeDtypeStruct((_workspace_bytes(x_BHWC.shape),), jnp.uint8),
+    )
+    call = jax.ffi.ffi_call("fcn_onednn_bn_relu_fwd", outs, vmap_method="sequential")
+    return call(x_BHWC, scale_C, shift_C, epsilon=np.float32(epsilon))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def bn_relu(x_BHWC, scale_C, shift_C, epsilon: float):
+    """max(batch norm(x), 0) on the batch's statistics -> (y, batch mean, batch variance), float32.
+
+    The variance is the biased one (over the batch's B * H * W values per channel), as
+    nnx.BatchNorm's. The gradient flows through y only.
+    """
+    y, mean_C, var_C, _ = _bn_relu_forward(x_BHWC, scale_C, shift_C, epsilon)
+    return y, mean_C, var_C
+
+
+def _bn_relu_fwd(x, scale, shift, epsilon):
+    y, mean, var, workspace = _bn_relu_forward(x, scale, shift, epsilon)
+    return (y, mean, var), (x, scale, mean, var, workspace)
+
+
+def _bn_relu_bwd(epsilon, res, cotangents):
+    x, scale, mean, var, workspace = res
+    c = x.shape[-1]
+    outs = (
+        jax.ShapeDtypeStruct(x.shape, jnp.float32),
+        jax.ShapeDtypeStruct((c,), jnp.float32),
+        jax.ShapeDtypeStruct((c,), jnp.float32),
+    )
+    call = jax.ffi.ffi_call("fcn_onednn_bn_relu_bwd", outs, vmap_method="sequential")
+    dy = cotangents[0].astype(jnp.float32)
+    return call(x, dy, scale, mean, var, workspace, epsilon=np.float32(epsilon))
+
+
+bn_relu.defvjp(_bn_relu_fwd, _bn_relu_bwd)

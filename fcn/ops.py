@@ -202,15 +202,21 @@ def _onednn_1x1(x_BHWC, w_11CK):
     return onednn.conv(x_BHWC, w_11CK, (1, 1), ((0, 0), (0, 0)))
 
 
+def _onednn_here() -> bool:
+    """One CPU device, and not tracing for elsewhere (`portable`)."""
+    return not _portable.get() and jax.default_backend() == "cpu" and jax.device_count() == 1
+
+
+def _concrete_float32(*arrays) -> bool:
+    """float32 arrays of concrete shapes (not symbolic, as in export), none empty."""
+    return all(a.dtype == jnp.float32 and all(isinstance(d, int) and d > 0 for d in a.shape) for a in arrays)
+
+
 def _onednn_operands(lhs, rhs, preferred) -> bool:
     """Whether fcn.onednn.conv takes these operands here: float32 NHWC/HWIO of concrete shapes, one CPU."""
-    if _portable.get() or jax.default_backend() != "cpu" or jax.device_count() != 1:
+    if not _onednn_here() or lhs.ndim != 4 or rhs.ndim != 4 or preferred not in (None, jnp.float32):
         return False
-    if lhs.ndim != 4 or rhs.ndim != 4:
-        return False
-    if lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32 or preferred not in (None, jnp.float32):
-        return False
-    return all(isinstance(d, int) and d > 0 for d in (*lhs.shape, *rhs.shape))  # not symbolic (export) or empty
+    return _concrete_float32(lhs, rhs)
 
 
 def _seam_uses_onednn(seam) -> bool:
@@ -254,6 +260,20 @@ def conv_bias_relu(conv: nnx.Conv, x_BHWC, scale_K, shift_K):
     w = conv.kernel[...] * scale_K
     b = shift_K if conv.bias is None else conv.bias[...] * scale_K + shift_K
     return onednn.conv_bias_relu(x_BHWC, w, b.astype(jnp.float32), *geometry)
+
+
+def bn_relu(conv: nnx.Conv, x_BHWC, scale_C, shift_C, epsilon: float):
+    """max(batch norm(x), 0) on the batch's statistics -> (y, batch mean, batch variance) by oneDNN
+    (fcn.onednn.bn_relu), for the batch norm in training that follows `conv`, where that conv runs on
+    oneDNN here: float32, one CPU.
+
+    None elsewhere: the caller then computes it (fcn.model.batch_norm_train).
+    """
+    if not _seam_uses_onednn(conv.conv_general_dilated) or not _onednn_here():
+        return None
+    if x_BHWC.ndim != 4 or not _concrete_float32(x_BHWC, scale_C, shift_C):
+        return None
+    return onednn.bn_relu(x_BHWC, scale_C, shift_C, float(epsilon))
 
 
 def _onednn_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dn, groups, batch_groups):

@@ -158,6 +158,10 @@ def _env(cache: Path, devices: int = 1, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", *distributed.ENV.values())}
     xla = FAST_XLA + (f" --xla_force_host_platform_device_count={devices}" if devices > 1 else "")
     env.update(XLA_FLAGS=xla, FCN_JAX_CACHE=str(cache), PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    # XLA's kernels in every run: oneDNN's (fcn/onednn.py) serve one device only, and the one-device
+    # reference must compute what the others do (oneDNN's batch norm rounds otherwise: 1e-4 apart
+    # after 6 steps).
+    env["FCN_ONEDNN"] = "0"
     return {**env, **extra}
 
 

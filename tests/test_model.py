@@ -10,6 +10,8 @@ from hypothesis import given, settings, strategies as st
 import fcn
 from fcn.model import UNet
 
+CPU = jax.default_backend() == "cpu"
+
 
 def tiny(**kw):
     kw = {"features": 4, "depth": 2, **kw}
@@ -196,13 +198,19 @@ def test_bad_arguments_are_named():
         tiny()(jnp.zeros((1, 0, 5, 3)))
 
 
+@pytest.mark.parametrize("follows", ["xla conv", "onednn conv"])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_training_batch_norm_equals_nnx_batch_norm(dtype, relu):
+def test_training_batch_norm_equals_nnx_batch_norm(dtype, relu, follows):
     """fcn.model.batch_norm_train (the U-Net's batch norm in training, fused with the ReLU after it on
-    CPU, with its own gradient): nnx.BatchNorm's output, updated running statistics, and gradients for
-    the input, scale and bias, under jit."""
+    CPU, with its own gradient; after a oneDNN conv, in float32, oneDNN's): nnx.BatchNorm's output,
+    updated running statistics, and gradients for the input, scale and bias, under jit."""
+    from fcn import onednn, ops
     from fcn.model import batch_norm_train
+
+    impl = "auto" if follows == "onednn conv" else "xla"
+    conv = nnx.Conv(8, 8, (3, 3), conv_general_dilated=ops.conv_fn(impl), rngs=nnx.Rngs(0))
+    by_onednn = impl == "auto" and relu and dtype == jnp.float32 and CPU and onednn.available()
 
     bn = nnx.BatchNorm(8, momentum=0.9, dtype=dtype, rngs=nnx.Rngs(0))
     keys = jax.random.split(jax.random.key(1), 3)
@@ -227,7 +235,10 @@ def test_training_batch_norm_equals_nnx_batch_norm(dtype, relu):
         return jax.nn.relu(y) if relu else y
 
     y_ref, after_ref, (dx_ref, dp_ref) = both(reference)
-    y, after, (dx, dp) = both(lambda m, x: batch_norm_train(m, x, relu=relu))
+    ours = lambda m, x: batch_norm_train(m, x, relu=relu, conv=conv)  # noqa: E731
+    y, after, (dx, dp) = both(ours)
+    text = jax.jit(jax.grad(lambda x: run(ours, params, x)[0].sum())).lower(x).as_text()
+    assert ("fcn_onednn_bn_relu_fwd" in text and "fcn_onednn_bn_relu_bwd" in text) == by_onednn
     assert y.dtype == y_ref.dtype == dtype
     assert not relu or (np.asarray(y_ref) == 0).mean() > 0.2  # the ReLU has work to do
     tol = 1e-5 if dtype == jnp.float32 else 2e-2

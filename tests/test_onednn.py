@@ -235,3 +235,22 @@ def test_inference_folds_batch_norm_into_the_onednn_convolutions():
     fused.train()  # batch statistics: not folded
     graph, state = nnx.split(fused)
     assert "fcn_onednn_conv_bias_relu" not in hlo(lambda s, x: nnx.merge(graph, s)(x), state, x)
+
+
+@pytest.mark.skipif(not CPU, reason="oneDNN's convolutions are XLA:CPU custom calls")
+@pytest.mark.parametrize("impl", ["auto", "onednn", "gemm", "xla"])
+def test_training_batch_norms_go_to_onednn_with_the_convolutions(impl):
+    # Every batch norm + ReLU of the U-Net in training, and its gradient: one oneDNN call each where
+    # the convolutions are oneDNN's; none where they are not.
+    from flax import nnx
+
+    from fcn.model import UNet
+
+    model = UNet(3, features=4, depth=2, rngs=nnx.Rngs(0), conv_general_dilated=ops.conv_fn(impl))
+    num_norms = sum(isinstance(v, nnx.BatchNorm) for _, v in nnx.iter_graph(model))
+    graph, state = nnx.split(model)
+    x = jnp.asarray(np.random.default_rng(0).random((2, 20, 28, 3), np.float32))
+    text = hlo(jax.grad(lambda s, x: nnx.merge(graph, s)(x).sum()), state, x)
+    expected = num_norms if impl in ("auto", "onednn") else 0
+    assert num_norms == 10
+    assert text.count("@fcn_onednn_bn_relu_fwd(") == text.count("@fcn_onednn_bn_relu_bwd(") == expected

@@ -8,6 +8,12 @@
 //   fcn_onednn_conv_bias_relu(x, w, b[K])              -> max(conv(x, w) + b, 0)  (inference)
 //   attributes: strides (sh, sw), padding (lo_h, hi_h, lo_w, hi_w)
 //
+// and batch normalization in training (batch statistics) followed by a ReLU:
+//
+//   fcn_onednn_bn_relu_fwd(x[B,H,W,C], scale[C], shift[C]) -> y, mean[C], var[C], workspace (the ReLU's mask)
+//   fcn_onednn_bn_relu_bwd(x, dy, scale, mean, var, workspace) -> dx, dscale[C], dshift[C]
+//   attribute: epsilon; FcnOnednnBnWorkspaceBytes(b, h, w, c) gives the workspace's size.
+//
 // Activations stay NHWC (no reorder); kernels are reordered to and from the layout the
 // primitive picks (small). Primitives are built once per shape and kept; each call makes its
 // own stream and scratchpad, so concurrent calls from XLA's threads are safe.
@@ -115,19 +121,32 @@ ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, 
 }
 
 // Runs the primitive for `kind`; `w` is the kernel in HWIO (an input, or the output for kBwdWeights).
+// One call at a time: each already uses every core (OpenMP), and XLA starts independent
+// operations side by side, which would oversubscribe the cores.
+std::mutex& RunMutex() {
+  static std::mutex mu;
+  return mu;
+}
+
+// A user-mode scratchpad of `bytes` (uninitialised: a std::vector would zero it first) in `args`.
+std::unique_ptr<char[]> AddScratchpad(size_t bytes, std::unordered_map<int, memory>& args) {
+  std::unique_ptr<char[]> buf(new char[bytes > 0 ? bytes : 1]);
+  if (bytes > 0) {
+    memory::desc md({static_cast<memory::dim>(bytes)}, memory::data_type::u8, tag::a);
+    args.insert({DNNL_ARG_SCRATCHPAD, memory(md, Engine(), buf.get())});
+  }
+  return buf;
+}
+
 ffi::Error Run(Kind kind, const Geometry& g, void* src, void* w, void* dst, void* bias = nullptr) {
-  // One call at a time: each already uses every core (OpenMP), and XLA starts independent
-  // operations side by side, which would oversubscribe the cores.
-  static std::mutex run_mu;
-  std::lock_guard<std::mutex> lock(run_mu);
+  std::lock_guard<std::mutex> lock(RunMutex());
   try {
     const Entry& e = Get(kind, g);
     auto& eng = Engine();
     dnnl::stream stream(eng);
     memory user_w(e.user_w, eng, w);
     memory prim_w = user_w;
-    // Uninitialised buffers (a std::vector would zero them first).
-    std::unique_ptr<char[]> w_buf, scratch_buf(new char[e.scratch > 0 ? e.scratch : 1]);
+    std::unique_ptr<char[]> w_buf;  // uninitialised
     if (e.prim_w != e.user_w) {
       w_buf.reset(new char[e.prim_w.get_size()]);
       prim_w = memory(e.prim_w, eng, w_buf.get());
@@ -137,10 +156,7 @@ ffi::Error Run(Kind kind, const Geometry& g, void* src, void* w, void* dst, void
     auto f32 = memory::data_type::f32;
     memory src_m({src_dims, f32, tag::nhwc}, eng, src), dst_m({dst_dims, f32, tag::nhwc}, eng, dst);
     std::unordered_map<int, memory> args;
-    if (e.scratch > 0) {
-      memory::desc scratch_md({static_cast<memory::dim>(e.scratch)}, memory::data_type::u8, tag::a);
-      args.insert({DNNL_ARG_SCRATCHPAD, memory(scratch_md, eng, scratch_buf.get())});
-    }
+    auto scratch_buf = AddScratchpad(e.scratch, args);
     if (kind == kFwd || kind == kFwdBiasRelu) {
       args.insert({{DNNL_ARG_SRC, src_m}, {DNNL_ARG_WEIGHTS, prim_w}, {DNNL_ARG_DST, dst_m}});
       if (kind == kFwdBiasRelu) args.insert({DNNL_ARG_BIAS, memory({{g.k}, f32, tag::a}, eng, bias)});
@@ -189,7 +205,128 @@ ffi::Error FwdBiasRelu(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Bu
   return Run(kFwdBiasRelu, g, x.untyped_data(), w.untyped_data(), y->untyped_data(), b.untyped_data());
 }
 
+// Batch normalization + ReLU, training: the forward and backward primitives of one shape.
+struct BnEntry {
+  dnnl::batch_normalization_forward fwd;
+  dnnl::batch_normalization_backward bwd;
+  memory::desc data, stat, workspace;
+  size_t fwd_scratch = 0, bwd_scratch = 0;
+};
+
+const BnEntry& GetBn(int64_t b, int64_t h, int64_t w, int64_t c, float epsilon) {
+  static std::mutex mu;
+  static std::unordered_map<std::string, std::unique_ptr<BnEntry>> cache;
+  std::ostringstream key;
+  key << b << ',' << h << ',' << w << ',' << c << ',' << epsilon;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(key.str());
+    if (it != cache.end()) return *it->second;
+  }
+  auto& eng = Engine();
+  auto f32 = memory::data_type::f32;
+  memory::desc data({b, c, h, w}, f32, tag::nhwc), stat({c}, f32, tag::a);
+  auto flags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift |
+               dnnl::normalization_flags::fuse_norm_relu;
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  dnnl::batch_normalization_forward::primitive_desc fwd(eng, dnnl::prop_kind::forward_training, data, data, epsilon,
+                                                        flags, attr);
+  dnnl::batch_normalization_backward::primitive_desc bwd(eng, dnnl::prop_kind::backward, data, data, data, epsilon,
+                                                         flags, fwd, attr);
+  auto entry = std::make_unique<BnEntry>(BnEntry{dnnl::batch_normalization_forward(fwd),
+                                                 dnnl::batch_normalization_backward(bwd), data, stat,
+                                                 fwd.workspace_desc(), fwd.scratchpad_desc().get_size(),
+                                                 bwd.scratchpad_desc().get_size()});
+  std::lock_guard<std::mutex> lock(mu);
+  auto [it, inserted] = cache.emplace(key.str(), std::move(entry));
+  return *it->second;
+}
+
+ffi::Error BnCheck(ffi::Span<const int64_t> x, std::initializer_list<ffi::Span<const int64_t>> per_channel,
+                   size_t workspace_bytes, const BnEntry& e) {
+  for (auto dims : per_channel)
+    if (dims.size() != 1 || dims[0] != x[3])
+      return ffi::Error::InvalidArgument("fcn onednn batch norm: scale, shift and statistics need one value per channel");
+  if (workspace_bytes != e.workspace.get_size())
+    return ffi::Error::InvalidArgument("fcn onednn batch norm: the workspace has the wrong size");
+  return ffi::Error::Success();
+}
+
+ffi::Error BnReluFwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
+                     ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> var,
+                     ffi::ResultBuffer<ffi::U8> workspace, float epsilon) {
+  auto d = x.dimensions();
+  if (d.size() != 4) return ffi::Error::InvalidArgument("fcn onednn batch norm: expected a rank-4 input");
+  std::lock_guard<std::mutex> lock(RunMutex());
+  try {
+    const BnEntry& e = GetBn(d[0], d[1], d[2], d[3], epsilon);
+    auto err = BnCheck(d, {scale.dimensions(), shift.dimensions(), mean->dimensions(), var->dimensions()},
+                       workspace->size_bytes(), e);
+    if (err.failure()) return err;
+    auto& eng = Engine();
+    std::unordered_map<int, memory> args{
+        {DNNL_ARG_SRC, memory(e.data, eng, x.untyped_data())},
+        {DNNL_ARG_DST, memory(e.data, eng, y->untyped_data())},
+        {DNNL_ARG_SCALE, memory(e.stat, eng, scale.untyped_data())},
+        {DNNL_ARG_SHIFT, memory(e.stat, eng, shift.untyped_data())},
+        {DNNL_ARG_MEAN, memory(e.stat, eng, mean->untyped_data())},
+        {DNNL_ARG_VARIANCE, memory(e.stat, eng, var->untyped_data())},
+        {DNNL_ARG_WORKSPACE, memory(e.workspace, eng, workspace->untyped_data())}};
+    auto scratch = AddScratchpad(e.fwd_scratch, args);
+    dnnl::stream stream(eng);
+    e.fwd.execute(stream, args);
+    stream.wait();
+  } catch (const std::exception& err) {
+    return ffi::Error::Internal(std::string("fcn onednn batch norm: ") + err.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error BnReluBwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> scale,
+                     ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var, ffi::Buffer<ffi::U8> workspace,
+                     ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dscale,
+                     ffi::ResultBuffer<ffi::F32> dshift, float epsilon) {
+  auto d = x.dimensions();
+  if (d.size() != 4) return ffi::Error::InvalidArgument("fcn onednn batch norm: expected a rank-4 input");
+  std::lock_guard<std::mutex> lock(RunMutex());
+  try {
+    const BnEntry& e = GetBn(d[0], d[1], d[2], d[3], epsilon);
+    auto err = BnCheck(d, {scale.dimensions(), mean.dimensions(), var.dimensions(), dscale->dimensions(),
+                           dshift->dimensions()},
+                       workspace.size_bytes(), e);
+    if (err.failure()) return err;
+    auto& eng = Engine();
+    std::unordered_map<int, memory> args{
+        {DNNL_ARG_SRC, memory(e.data, eng, x.untyped_data())},
+        {DNNL_ARG_DIFF_DST, memory(e.data, eng, dy.untyped_data())},
+        {DNNL_ARG_SCALE, memory(e.stat, eng, scale.untyped_data())},
+        {DNNL_ARG_MEAN, memory(e.stat, eng, mean.untyped_data())},
+        {DNNL_ARG_VARIANCE, memory(e.stat, eng, var.untyped_data())},
+        {DNNL_ARG_WORKSPACE, memory(e.workspace, eng, workspace.untyped_data())},
+        {DNNL_ARG_DIFF_SRC, memory(e.data, eng, dx->untyped_data())},
+        {DNNL_ARG_DIFF_SCALE, memory(e.stat, eng, dscale->untyped_data())},
+        {DNNL_ARG_DIFF_SHIFT, memory(e.stat, eng, dshift->untyped_data())}};
+    auto scratch = AddScratchpad(e.bwd_scratch, args);
+    dnnl::stream stream(eng);
+    e.bwd.execute(stream, args);
+    stream.wait();
+  } catch (const std::exception& err) {
+    return ffi::Error::Internal(std::string("fcn onednn batch norm: ") + err.what());
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+// The size in bytes of the workspace fcn_onednn_bn_relu_fwd returns for x [b, h, w, c]; -1 on failure.
+extern "C" int64_t FcnOnednnBnWorkspaceBytes(int64_t b, int64_t h, int64_t w, int64_t c) {
+  try {
+    return static_cast<int64_t>(GetBn(b, h, w, c, 1e-5f).workspace.get_size());
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
 
 // The first three take two float32 operands and return one, with the same attributes.
 static auto Binding() {
@@ -212,3 +349,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnOnednnConvBiasRelu, FwdBiasRelu,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<ffi::Span<const int64_t>>("strides")
                                   .Attr<ffi::Span<const int64_t>>("padding"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnOnednnBnReluFwd, BnReluFwd,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>()
+                                  .Attr<float>("epsilon"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnOnednnBnReluBwd, BnReluBwd,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("epsilon"));
