@@ -54,7 +54,8 @@ def _instructions(hlo_text: str) -> dict[str, str]:
     out = {}
     for lines in comps.values():
         for line in lines:
-            m = re.match(r"^(?:ROOT\s+)?%(\S+)\s*=\s*(\S+)\s+(\w[\w-]*)\(", line)
+            # The shape: one array's, or a tuple's (several outputs; no parentheses inside).
+            m = re.match(r"^(?:ROOT\s+)?%(\S+)\s*=\s*(\(.*?\)|\S+)\s+(\w[\w-]*)\(", line)
             if not m:
                 continue
             name, shape, op = m.groups()
@@ -69,6 +70,9 @@ _ONEDNN_KINDS = {
     "fcn_onednn_conv_fwd": "oneDNN conv",
     "fcn_onednn_conv_bwd_data": "oneDNN conv dx",
     "fcn_onednn_conv_bwd_weights": "oneDNN conv dw",
+    "fcn_onednn_conv_bias_relu": "oneDNN conv",
+    "fcn_onednn_bn_relu_fwd": "oneDNN batch norm",
+    "fcn_onednn_bn_relu_bwd": "oneDNN batch norm grad",
 }
 
 
