@@ -253,29 +253,26 @@ ffi::Error BnCheck(ffi::Span<const int64_t> x, std::initializer_list<ffi::Span<c
   return ffi::Error::Success();
 }
 
-ffi::Error BnReluFwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
-                     ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> var,
-                     ffi::ResultBuffer<ffi::U8> workspace, float epsilon) {
-  auto d = x.dimensions();
+// Runs the forward (`backward` false) or backward primitive for x's dimensions `d`, once the
+// per-channel operands and the workspace are checked; `args_of(entry, engine)` gives its arguments.
+template <typename ArgsOf>
+ffi::Error RunBn(ffi::Span<const int64_t> d, float epsilon,
+                 std::initializer_list<ffi::Span<const int64_t>> per_channel, size_t workspace_bytes,
+                 bool backward, ArgsOf args_of) {
   if (d.size() != 4) return ffi::Error::InvalidArgument("fcn onednn batch norm: expected a rank-4 input");
   std::lock_guard<std::mutex> lock(RunMutex());
   try {
     const BnEntry& e = GetBn(d[0], d[1], d[2], d[3], epsilon);
-    auto err = BnCheck(d, {scale.dimensions(), shift.dimensions(), mean->dimensions(), var->dimensions()},
-                       workspace->size_bytes(), e);
-    if (err.failure()) return err;
+    if (auto err = BnCheck(d, per_channel, workspace_bytes, e); err.failure()) return err;
     auto& eng = Engine();
-    std::unordered_map<int, memory> args{
-        {DNNL_ARG_SRC, memory(e.data, eng, x.untyped_data())},
-        {DNNL_ARG_DST, memory(e.data, eng, y->untyped_data())},
-        {DNNL_ARG_SCALE, memory(e.stat, eng, scale.untyped_data())},
-        {DNNL_ARG_SHIFT, memory(e.stat, eng, shift.untyped_data())},
-        {DNNL_ARG_MEAN, memory(e.stat, eng, mean->untyped_data())},
-        {DNNL_ARG_VARIANCE, memory(e.stat, eng, var->untyped_data())},
-        {DNNL_ARG_WORKSPACE, memory(e.workspace, eng, workspace->untyped_data())}};
-    auto scratch = AddScratchpad(e.fwd_scratch, args);
+    std::unordered_map<int, memory> args = args_of(e, eng);
+    auto scratch = AddScratchpad(backward ? e.bwd_scratch : e.fwd_scratch, args);
     dnnl::stream stream(eng);
-    e.fwd.execute(stream, args);
+    if (backward) {
+      e.bwd.execute(stream, args);
+    } else {
+      e.fwd.execute(stream, args);
+    }
     stream.wait();
   } catch (const std::exception& err) {
     return ffi::Error::Internal(std::string("fcn onednn batch norm: ") + err.what());
@@ -283,38 +280,42 @@ ffi::Error BnReluFwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ffi::
   return ffi::Error::Success();
 }
 
+ffi::Error BnReluFwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
+                     ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> var,
+                     ffi::ResultBuffer<ffi::U8> workspace, float epsilon) {
+  auto per_channel = {scale.dimensions(), shift.dimensions(), mean->dimensions(), var->dimensions()};
+  return RunBn(x.dimensions(), epsilon, per_channel, workspace->size_bytes(), false,
+               [&](const BnEntry& e, dnnl::engine& eng) {
+                 return std::unordered_map<int, memory>{
+                     {DNNL_ARG_SRC, memory(e.data, eng, x.untyped_data())},
+                     {DNNL_ARG_DST, memory(e.data, eng, y->untyped_data())},
+                     {DNNL_ARG_SCALE, memory(e.stat, eng, scale.untyped_data())},
+                     {DNNL_ARG_SHIFT, memory(e.stat, eng, shift.untyped_data())},
+                     {DNNL_ARG_MEAN, memory(e.stat, eng, mean->untyped_data())},
+                     {DNNL_ARG_VARIANCE, memory(e.stat, eng, var->untyped_data())},
+                     {DNNL_ARG_WORKSPACE, memory(e.workspace, eng, workspace->untyped_data())}};
+               });
+}
+
 ffi::Error BnReluBwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> scale,
                      ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var, ffi::Buffer<ffi::U8> workspace,
                      ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dscale,
                      ffi::ResultBuffer<ffi::F32> dshift, float epsilon) {
-  auto d = x.dimensions();
-  if (d.size() != 4) return ffi::Error::InvalidArgument("fcn onednn batch norm: expected a rank-4 input");
-  std::lock_guard<std::mutex> lock(RunMutex());
-  try {
-    const BnEntry& e = GetBn(d[0], d[1], d[2], d[3], epsilon);
-    auto err = BnCheck(d, {scale.dimensions(), mean.dimensions(), var.dimensions(), dscale->dimensions(),
-                           dshift->dimensions()},
-                       workspace.size_bytes(), e);
-    if (err.failure()) return err;
-    auto& eng = Engine();
-    std::unordered_map<int, memory> args{
-        {DNNL_ARG_SRC, memory(e.data, eng, x.untyped_data())},
-        {DNNL_ARG_DIFF_DST, memory(e.data, eng, dy.untyped_data())},
-        {DNNL_ARG_SCALE, memory(e.stat, eng, scale.untyped_data())},
-        {DNNL_ARG_MEAN, memory(e.stat, eng, mean.untyped_data())},
-        {DNNL_ARG_VARIANCE, memory(e.stat, eng, var.untyped_data())},
-        {DNNL_ARG_WORKSPACE, memory(e.workspace, eng, workspace.untyped_data())},
-        {DNNL_ARG_DIFF_SRC, memory(e.data, eng, dx->untyped_data())},
-        {DNNL_ARG_DIFF_SCALE, memory(e.stat, eng, dscale->untyped_data())},
-        {DNNL_ARG_DIFF_SHIFT, memory(e.stat, eng, dshift->untyped_data())}};
-    auto scratch = AddScratchpad(e.bwd_scratch, args);
-    dnnl::stream stream(eng);
-    e.bwd.execute(stream, args);
-    stream.wait();
-  } catch (const std::exception& err) {
-    return ffi::Error::Internal(std::string("fcn onednn batch norm: ") + err.what());
-  }
-  return ffi::Error::Success();
+  auto per_channel = {scale.dimensions(), mean.dimensions(), var.dimensions(), dscale->dimensions(),
+                      dshift->dimensions()};
+  return RunBn(x.dimensions(), epsilon, per_channel, workspace.size_bytes(), true,
+               [&](const BnEntry& e, dnnl::engine& eng) {
+                 return std::unordered_map<int, memory>{
+                     {DNNL_ARG_SRC, memory(e.data, eng, x.untyped_data())},
+                     {DNNL_ARG_DIFF_DST, memory(e.data, eng, dy.untyped_data())},
+                     {DNNL_ARG_SCALE, memory(e.stat, eng, scale.untyped_data())},
+                     {DNNL_ARG_MEAN, memory(e.stat, eng, mean.untyped_data())},
+                     {DNNL_ARG_VARIANCE, memory(e.stat, eng, var.untyped_data())},
+                     {DNNL_ARG_WORKSPACE, memory(e.workspace, eng, workspace.untyped_data())},
+                     {DNNL_ARG_DIFF_SRC, memory(e.data, eng, dx->untyped_data())},
+                     {DNNL_ARG_DIFF_SCALE, memory(e.stat, eng, dscale->untyped_data())},
+                     {DNNL_ARG_DIFF_SHIFT, memory(e.stat, eng, dshift->untyped_data())}};
+               });
 }
 
 }  // namespace
