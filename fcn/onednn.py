@@ -1,4 +1,4 @@
-"""3x3 (any k x k) convolutions on XLA:CPU by oneDNN, through XLA's FFI.
+"""3x3 (any k x k) convolutions, and batch norm + ReLU, on XLA:CPU by oneDNN, through XLA's FFI.
 
 XLA:CPU's own convolutions (Eigen, YNNPACK) are slowest where the U-Net is
 widest: at the full-resolution level (16-32 channels) the weight gradient ran at
@@ -104,6 +104,8 @@ def _register(lib: ctypes.CDLL) -> None:
     if _registered is None:
         for target, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+        lib.FcnOnednnBnWorkspaceBytes.restype = ctypes.c_int64
+        lib.FcnOnednnBnWorkspaceBytes.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_float]
         _registered = lib
 
 
@@ -246,13 +248,12 @@ def _bias_relu_bwd(strides, pads, res, dy):
 conv_bias_relu.defvjp(_bias_relu_fwd, _bias_relu_bwd)
 
 
-def _workspace_bytes(shape) -> int:
-    """The size of the ReLU mask bn_relu's forward keeps for its gradient, as oneDNN lays it out."""
+def _workspace_bytes(shape, epsilon) -> int:
+    """The size of the ReLU mask bn_relu's forward keeps for its gradient, as oneDNN lays it out
+    (asked of the primitive the call will run, which is built here once, at trace time)."""
     if _registered is None:
         raise RuntimeError("fcn.onednn.bn_relu: oneDNN is not loaded (check fcn.onednn.available() first)")
-    fn = _registered.FcnOnednnBnWorkspaceBytes
-    fn.restype, fn.argtypes = ctypes.c_int64, [ctypes.c_int64] * 4
-    size = fn(*(int(v) for v in shape))
+    size = _registered.FcnOnednnBnWorkspaceBytes(*(int(v) for v in shape), float(epsilon))
     if size < 0:
         raise ValueError(f"fcn.onednn.bn_relu: oneDNN has no batch normalization for shape {tuple(shape)}")
     return size
@@ -264,7 +265,7 @@ def _bn_relu_forward(x_BHWC, scale_C, shift_C, epsilon):
         jax.ShapeDtypeStruct(x_BHWC.shape, jnp.float32),
         jax.ShapeDtypeStruct((c,), jnp.float32),
         jax.ShapeDtypeStruct((c,), jnp.float32),
-        jax.ShapeDtypeStruct((_workspace_bytes(x_BHWC.shape),), jnp.uint8),
+        jax.ShapeDtypeStruct((_workspace_bytes(x_BHWC.shape, epsilon),), jnp.uint8),
     )
     call = jax.ffi.ffi_call("fcn_onednn_bn_relu_fwd", outs, vmap_method="sequential")
     return call(x_BHWC, scale_C, shift_C, epsilon=np.float32(epsilon))

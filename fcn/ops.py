@@ -23,8 +23,10 @@ model uses (`config.model.conv_impl`); `ConvTranspose` routes the transposed
            upsampling too, as oneDNN 1x1 convolutions (XLA:CPU ran their weight
            gradients, a sum over every pixel into a few hundred numbers, on one
            core: 23 ms of a camvid_cpu step for the head against 10 ms, on a
-           2-core Xeon). CPU only; an error where oneDNN is not available
-           (fcn.onednn.unavailable_reason() says why).
+           2-core Xeon). The U-Net's batch norm + ReLU after such a conv runs
+           by oneDNN too (`bn_relu` in training, folded into the conv by
+           `conv_bias_relu` in inference). CPU only; an error where oneDNN is
+           not available (fcn.onednn.unavailable_reason() says why).
   "auto"   on the CPU "onednn" where it is available, else "gemm" (with a
            warning that says why; the training step is then compiled with
            `train_compiler_options`: XLA's Eigen kernels for its convolutions

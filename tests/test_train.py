@@ -76,8 +76,8 @@ def test_zero_periods_mean_only_at_the_end(tmp_path):
 
 
 def test_command_line_train_evaluate_resume(tmp_path):
-    # FCN_JAX_CACHE: the module's cache. The first run is the tiny config as it is, which the tests
-    # above compiled already; the second trains it for longer, resuming from the first's last step.
+    # FCN_JAX_CACHE: the session's cache (conftest.py). The first run is the tiny config as it is, which
+    # the tests above compiled already; the second trains it for longer, resuming from the first's last step.
     env = dict(os.environ)
     workdir = tmp_path / "run"
     train = [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(workdir)]

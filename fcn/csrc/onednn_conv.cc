@@ -12,7 +12,7 @@
 //
 //   fcn_onednn_bn_relu_fwd(x[B,H,W,C], scale[C], shift[C]) -> y, mean[C], var[C], workspace (the ReLU's mask)
 //   fcn_onednn_bn_relu_bwd(x, dy, scale, mean, var, workspace) -> dx, dscale[C], dshift[C]
-//   attribute: epsilon; FcnOnednnBnWorkspaceBytes(b, h, w, c) gives the workspace's size.
+//   attribute: epsilon; FcnOnednnBnWorkspaceBytes(b, h, w, c, epsilon) gives the workspace's size.
 //
 // Activations stay NHWC (no reorder); kernels are reordered to and from the layout the
 // primitive picks (small). Primitives are built once per shape and kept; each call makes its
@@ -321,9 +321,9 @@ ffi::Error BnReluBwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::Buf
 }  // namespace
 
 // The size in bytes of the workspace fcn_onednn_bn_relu_fwd returns for x [b, h, w, c]; -1 on failure.
-extern "C" int64_t FcnOnednnBnWorkspaceBytes(int64_t b, int64_t h, int64_t w, int64_t c) {
+extern "C" int64_t FcnOnednnBnWorkspaceBytes(int64_t b, int64_t h, int64_t w, int64_t c, float epsilon) {
   try {
-    return static_cast<int64_t>(GetBn(b, h, w, c, 1e-5f).workspace.get_size());
+    return static_cast<int64_t>(GetBn(b, h, w, c, epsilon).workspace.get_size());
   } catch (const std::exception&) {
     return -1;
   }
