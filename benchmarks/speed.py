@@ -424,6 +424,18 @@ def table(args, argv, res: dict) -> str:
                 f"| {k} / best torch | {tput[k]['train']['img_s'] / best(torch_keys, 'train'):.2f}x "
                 f"| {tput[k]['predict']['img_s'] / best(torch_keys, 'predict'):.2f}x |"
             )
+        if not args.one_at_a_time:  # rounds interleaved: each round's ratio sees the same load on both sides
+            lines += [
+                "",
+                f"| per round, fcn / fastest torch variant of the round: median (lowest-highest of {args.repeats}) "
+                "| training | inference |",
+                "| --- | --- | --- |",
+            ]
+            for k in fcn_keys:
+                lines.append(
+                    f"| {k} | {_round_ratios(tput, k, torch_keys, 'train')} "
+                    f"| {_round_ratios(tput, k, torch_keys, 'predict')} |"
+                )
         for k in fcn_keys:
             if "augment" in tput[k]:
                 aug, step = tput[k]["augment"]["step_s"], tput[k]["train"]["step_s"]
@@ -466,6 +478,18 @@ def table(args, argv, res: dict) -> str:
         for k in fcn_keys + torch_keys:
             lines.append(f"- {k}: {100 * train_flops / tput[k]['train']['step_s'] / rate:.1f}%")
     return "\n".join(lines)
+
+
+def _round_ratios(tput: dict, fcn_key: str, torch_keys: list, what: str) -> str:
+    """fcn's speed over the fastest PyTorch variant's, round by round (times of one interleaved round
+    are paired): the median ratio and its range. On a machine whose speed drifts, a ratio of medians
+    compares rounds run under different loads; paired ratios do not."""
+    import numpy as np
+
+    fcn_s = tput[fcn_key][what]["all_s"]
+    torch_s = np.min([tput[k][what]["all_s"] for k in torch_keys], axis=0)
+    ratios = np.asarray(torch_s) / np.asarray(fcn_s)
+    return f"{np.median(ratios):.2f}x ({ratios.min():.2f}-{ratios.max():.2f})"
 
 
 def describe_env() -> dict:
