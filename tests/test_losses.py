@@ -21,13 +21,19 @@ def numpy_ce(logits, labels, ignore, weights=None):
     return num / den if den else 0.0
 
 
-@pytest.mark.parametrize("weighted", [False, True])
-def test_cross_entropy_matches_numpy(weighted):
-    rng = np.random.default_rng(0)
+def logits_labels_weights(seed, weighted):
+    """Logits [2, 5, 6, 4], labels with about 30% ignored (255), and class weights or None."""
+    rng = np.random.default_rng(seed)
     logits = rng.normal(size=(2, 5, 6, 4)).astype(np.float32) * 3
     labels = rng.integers(0, 4, size=(2, 5, 6)).astype(np.int32)
     labels[rng.random(labels.shape) < 0.3] = 255
     weights = rng.uniform(0.1, 3, size=4).astype(np.float32) if weighted else None
+    return rng, logits, labels, weights
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cross_entropy_matches_numpy(weighted):
+    _, logits, labels, weights = logits_labels_weights(0, weighted)
     got = losses.cross_entropy(logits, labels, ignore_label=255, class_weights_K=weights)
     np.testing.assert_allclose(float(got), numpy_ce(logits, labels, 255, weights), rtol=1e-5)
 
@@ -35,20 +41,16 @@ def test_cross_entropy_matches_numpy(weighted):
 @pytest.mark.parametrize("weighted", [False, True])
 def test_cross_entropy_gradient_is_softmax_minus_one_hot(weighted):
     # d loss / d logits_i = w_i (softmax_i - onehot_i) / sum w over valid pixels; 0 on ignored ones.
-    rng = np.random.default_rng(3)
-    logits = rng.normal(size=(2, 5, 6, 4)).astype(np.float32) * 3
-    labels = rng.integers(0, 4, size=(2, 5, 6)).astype(np.int32)
-    labels[rng.random(labels.shape) < 0.3] = 255
-    weights = rng.uniform(0.1, 3, size=4).astype(np.float32) if weighted else np.ones(4, np.float32)
+    rng, logits, labels, weights = logits_labels_weights(3, weighted)
     valid = labels != 255
     safe = np.where(valid, labels, 0)
-    w = np.where(valid, weights[safe], 0.0)
+    w = np.where(valid, (np.ones(4, np.float32) if weights is None else weights)[safe], 0.0)
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     want = w[..., None] * (p - np.eye(4)[safe]) / w.sum()
 
     def loss(x):
-        return losses.cross_entropy(x, labels, ignore_label=255, class_weights_K=weights if weighted else None)
+        return losses.cross_entropy(x, labels, ignore_label=255, class_weights_K=weights)
 
     np.testing.assert_allclose(np.asarray(jax.grad(loss)(logits)), want, atol=1e-7)
     # Forward mode too (the rule is a JVP): the derivative along a direction is <gradient, direction>.
