@@ -44,10 +44,12 @@ def _nll(logits_BHWK, labels_BHW):
     """Per-pixel negative log-likelihood of the labels, with the textbook derivative (softmax - one-hot).
 
     Derived by jax through log_softmax and take_along_axis, the gradient was a scatter (the
-    gather's), a broadcast and several passes: the loss's value and gradient on 8 x 176 x 240
-    x 11 logits took 36 and 48 ms (medians of 30, two runs, 2-core Xeon); with this rule 12 and
-    13.5 ms, the same values to float32 rounding (docs/benchmarks.md, fifteenth session). A JVP
-    rule, not a VJP: jax transposes it for gradients, and forward mode still works.
+    gather's), a broadcast and several passes. Alone, both forms take about 11 ms on 8 x 176 x
+    240 x 11 logits (2-core Xeon, freed memory retained as in training); inside camvid_cpu's
+    training step the loss's fusions took 15.2-19.6 ms before, 10.4-12.5 ms with this rule
+    (four alternating profiles; docs/benchmarks.md, the fifteenth session). The same values to
+    float32 rounding. A JVP rule, not a VJP: jax transposes it for gradients, and forward mode
+    still works.
     """
     return _nll_parts(logits_BHWK, labels_BHW)[0]
 

@@ -424,10 +424,10 @@ def _max_pool_2x2_jvp(primals, tangents):
     """The tangent of the first maximum of each window, written with x seen as [B, H/2, 2, W/2, 2, C]
     (a reshape, no copy): the gradient, its transpose, is one elementwise pass that writes each
     window's four values at once. jax's own derivative of the four slices' maximum split the
-    gradient among tied maxima (ReLU zeros tie often; the ReLU's gradient is 0 there either way),
-    and its fusions were slower: in camvid_cpu's training step on a 2-core Xeon the four pooling
-    gradients took 14.2 ms, now 10.5 ms (benchmarks/profile_step.py, one profile each;
-    docs/benchmarks.md, the fifteenth session).
+    gradient among tied maxima (ReLU zeros tie often; the ReLU's gradient is 0 there either way).
+    Alone the two take about the same time; inside camvid_cpu's training step on a 2-core Xeon
+    the four pooling gradients took 11.0-15.4 ms before, 9.8-11.7 ms after (four alternating
+    profiles, benchmarks/profile_step.py; docs/benchmarks.md, the fifteenth session).
     """
     (x_BHWC,), (dx_BHWC,) = primals, tangents
     y_BHWC = max_pool_2x2(x_BHWC)
