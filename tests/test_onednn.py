@@ -71,6 +71,29 @@ def test_matches_lax(shape, k, c_out, strides, padding):
 
 
 @pytest.mark.skipif(not CPU, reason="oneDNN's convolutions are XLA:CPU custom calls")
+def test_calls_from_several_threads_at_once():
+    # The handlers share one scratchpad and one kernel buffer between calls (one call at a time):
+    # convolutions of different sizes started from four threads at once keep their own values.
+    import concurrent.futures
+
+    assert onednn.available(), onednn.unavailable_reason()  # registers the handlers in this process
+    cases = []
+    for seed, (shape, c_out) in enumerate((((2, 24, 20, 16), 32), ((1, 12, 10, 64), 8))):
+        x, w = random(seed, shape), random(seed + 10, (3, 3, shape[-1], c_out))
+        f = jax.jit(lambda x, w: value_and_grads(lambda x, w: onednn.conv(x, w, (1, 1), ((1, 1), (1, 1))), x, w))
+        cases.append((f, x, w, [np.asarray(a) for a in f(x, w)]))
+
+    def run(i):
+        f, x, w, want = cases[i % 2]
+        for _ in range(15):
+            for g, r in zip(f(x, w), want):
+                np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(np.abs(r).max()))
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(run, range(4)))
+
+
+@pytest.mark.skipif(not CPU, reason="oneDNN's convolutions are XLA:CPU custom calls")
 def test_seam_uses_onednn_only_where_it_applies():
     x, w = random(0, (1, 8, 8, 4)), random(1, (3, 3, 4, 4))
     conv = ops.conv_fn("auto")
