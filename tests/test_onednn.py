@@ -80,6 +80,7 @@ def test_calls_from_several_threads_at_once():
     cases = []
     for seed, (shape, c_out) in enumerate((((2, 24, 20, 16), 32), ((1, 12, 10, 64), 8))):
         x, w = random(seed, shape), random(seed + 10, (3, 3, shape[-1], c_out))
+        # Jitted once here: value_and_grads jits a new function at every call.
         f = jax.jit(lambda x, w: value_and_grads(lambda x, w: onednn.conv(x, w, (1, 1), ((1, 1), (1, 1))), x, w))
         cases.append((f, x, w, [np.asarray(a) for a in f(x, w)]))
 
