@@ -1,11 +1,14 @@
-"""Where the time of fcn's compiled training step goes on CPU: per-op time, by kind.
+"""Where the time of fcn's compiled training step goes, on CPU or GPU: per-op time, by kind.
 
     python benchmarks/profile_step.py --batch 8 --size 176 240 --features 16 [--conv_impl auto] [--what predict]
+    python benchmarks/profile_step.py --batch 16 --size 360 480 --dtype bfloat16   # on a GPU
 
-Traces a few steps with jax.profiler (XLA:CPU's per-thunk trace events, turned
-on with --xla_cpu_enable_xprof_traceme), sums each thunk's time over the traced
-steps and threads, and names it from the compiled HLO: convolution forward,
-input gradient (dx) or weight gradient (dw), dot, fusion, copy. Not a test.
+Traces a few steps with jax.profiler, sums each op's time over the traced steps
+(CPU: XLA's per-thunk trace events, turned on with
+--xla_cpu_enable_xprof_traceme, summed over threads; GPU: the device's "XLA
+Ops" line, and the kernels by name), and names it from the compiled HLO:
+convolution forward, input gradient (dx) or weight gradient (dw), dot, fusion,
+copy. Not a test.
 
 The traced steps come after --warmup untimed ones: with `retain_freed_memory`
 the heap can still grow by a whole set of the step's temporaries in a
@@ -73,6 +76,11 @@ _ONEDNN_KINDS = {
     "fcn_onednn_conv_bias_relu": "oneDNN conv",
     "fcn_onednn_bn_relu_fwd": "oneDNN batch norm",
     "fcn_onednn_bn_relu_bwd": "oneDNN batch norm grad",
+    # XLA:GPU's cuDNN calls.
+    "__cudnn$convForward": "cuDNN conv",
+    "__cudnn$convBackwardInput": "cuDNN conv dx",
+    "__cudnn$convBackwardFilter": "cuDNN conv dw",
+    "__cudnn$convBiasActivationForward": "cuDNN conv+bias+act",
 }
 
 
@@ -136,15 +144,21 @@ def main(argv=None):
     from jax._src.lib import _profile_data
 
     data = _profile_data.ProfileData.from_file(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)[-1])
+    gpu = jax.default_backend() == "gpu"
     per_op: collections.Counter = collections.Counter()
+    kernels: collections.Counter = collections.Counter()
     for plane in data.planes:
+        if gpu and not plane.name.startswith("/device:GPU"):
+            continue  # the host's thunk launches would count the device's time again
         for line in plane.lines:
             if line.name == "python":
                 continue
             for ev in line.events:
-                if ev.name in names:
+                if gpu and line.name.startswith("Stream"):
+                    kernels[ev.name[:110]] += ev.duration_ns / 1e6 / args.steps
+                elif ev.name in names and (not gpu or line.name == "XLA Ops"):
                     per_op[ev.name] += ev.duration_ns / 1e6 / args.steps
-    total = sum(per_op.values())
+    total = sum(per_op.values()) or float("nan")  # nothing matched: the kernels below still print
     by_kind: collections.Counter = collections.Counter()
     for name, ms in per_op.items():
         by_kind[names[name].split(" ->")[0].split(" (")[0].split(" 3x3")[0].split(" 1x1")[0]] += ms
@@ -163,6 +177,10 @@ def main(argv=None):
     print(f"top {args.top} ops:")
     for name, ms in per_op.most_common(args.top):
         print(f"  {ms:9.1f} ms {100 * ms / total:5.1f}%  {name}: {names[name]}")
+    if kernels:
+        print(f"top {args.top} kernels (device streams, {sum(kernels.values()):.1f} ms a step in all):")
+        for name, ms in kernels.most_common(args.top):
+            print(f"  {ms:9.2f} ms  {name}")
     np.set_printoptions()
 
 

@@ -30,8 +30,9 @@ model uses (`config.model.conv_impl`); `ConvTranspose` routes the transposed
   "auto"   on the CPU "onednn" where it is available, else "gemm" (with a
            warning that says why; the training step is then compiled with
            `train_compiler_options`: XLA's Eigen kernels for its convolutions
-           instead of YNNPACK's); elsewhere "xla" (cuDNN on GPU has no such
-           weakness).
+           instead of YNNPACK's); elsewhere "gemm": on an H200 (bfloat16,
+           16 x 360 x 480) its training step took 15 ms against "xla"'s 30 ms
+           (docs/benchmarks.md).
 
 Every rewrite computes the same function as jax.lax.conv_general_dilated, values
 and gradients (tests/test_ops.py). `portable()` keeps oneDNN out of code traced
@@ -78,10 +79,8 @@ def conv_fn(name: str) -> Callable | None:
 
 
 def _auto(*args, **kwargs):
-    # Decided at trace time: one process traces for one backend.
-    if jax.default_backend() != "cpu":
-        return lax.conv_general_dilated(*args, **kwargs)
-    return conv_general_dilated(*args, onednn_ok=_onednn_usable(), **kwargs)
+    # Decided at trace time: one process traces for one backend. Off the CPU: "gemm".
+    return conv_general_dilated(*args, onednn_ok=jax.default_backend() == "cpu" and _onednn_usable(), **kwargs)
 
 
 @functools.cache

@@ -76,6 +76,15 @@ def test_1x1_conv_is_a_matrix_product():
     assert "conv_general_dilated" not in primitives(jax.grad(lambda x, w: fn(x, w).sum(), argnums=(0, 1)), x, w)
 
 
+def test_auto_off_the_cpu_is_gemm(monkeypatch):
+    # On an H200 "gemm" trained twice as fast as "xla" (docs/benchmarks.md): auto must pick it there.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    x, w = jnp.ones((2, 4, 4, 3)), jnp.ones((1, 1, 3, 5))
+    fn = lambda x, w: ops.conv_fn("auto")(x, w, (1, 1), "SAME", dimension_numbers=DN)  # noqa: E731
+    assert primitives(fn, x, w) & {"dot_general"}
+    assert not primitives(fn, x, w) & {"conv_general_dilated", "ffi_call"}
+
+
 @pytest.mark.parametrize("impl", ["gemm", "auto"])  # auto: the products by oneDNN where it is available
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize(
