@@ -5,10 +5,11 @@
 
 Traces a few steps with jax.profiler, sums each op's time over the traced steps
 (CPU: XLA's per-thunk trace events, turned on with
---xla_cpu_enable_xprof_traceme, summed over threads; GPU: the device's "XLA
-Ops" line, and the kernels by name), and names it from the compiled HLO:
-convolution forward, input gradient (dx) or weight gradient (dw), dot, fusion,
-copy. Not a test.
+--xla_cpu_enable_xprof_traceme, summed over threads; GPU: the kernels on the
+device's streams, each given to the HLO instruction it ran for where its trace
+stats or its name say so, and also summed by class and by name), and names it
+from the compiled HLO: convolution forward, input gradient (dx) or weight
+gradient (dw), dot, fusion, copy. Not a test.
 
 The traced steps come after --warmup untimed ones: with `retain_freed_memory`
 the heap can still grow by a whole set of the step's temporaries in a
@@ -105,6 +106,34 @@ def _describe(op: str, shape: str, body: str, line: str) -> str:
     return f"{op} -> {shape}"
 
 
+def _gpu_op(ev, names: dict[str, str]) -> str | None:
+    """The HLO instruction a GPU kernel ran for, where its trace stats or its name say (XLA names a
+    fusion's kernel after the instruction, '.' as '_'); None where neither does."""
+    for _, value in ev.stats:
+        for token in re.findall(r"[\w.-]+", str(value)):
+            if token in names:
+                return token
+    m = re.match(r"^(.*)_(\d+)$", ev.name)
+    for candidate in (ev.name, f"{m.group(1)}.{m.group(2)}" if m else None):
+        if candidate in names:
+            return candidate
+    return None
+
+
+def _kernel_class(name: str) -> str:
+    """A GPU kernel's class, from its name: cuDNN's convolutions, XLA's matrix products, XLA's fusions."""
+    if any(k in name for k in ("fprop", "dgrad", "wgrad", "cudnn", "ImplicitGemmConvolution")):
+        kind = "wgrad" if "wgrad" in name else "dgrad" if "dgrad" in name else "fprop" if "fprop" in name else ""
+        return f"cuDNN convolution {kind}".strip()
+    if "gemm" in name or "cublas" in name or name.startswith(("triton", "dot")):
+        return "matrix product"
+    if "memcpy" in name.lower() or "memset" in name.lower():
+        return "copy or fill"
+    if "fusion" in name:
+        return "XLA fusion " + name.split("_")[0]  # loop_ (elementwise) or input_ (reductions, concatenations)
+    return "other"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_model_flags(p)
@@ -154,10 +183,14 @@ def main(argv=None):
             if line.name == "python":
                 continue
             for ev in line.events:
+                ms = ev.duration_ns / 1e6 / args.steps
                 if gpu and line.name.startswith("Stream"):
-                    kernels[ev.name[:110]] += ev.duration_ns / 1e6 / args.steps
-                elif ev.name in names and (not gpu or line.name == "XLA Ops"):
-                    per_op[ev.name] += ev.duration_ns / 1e6 / args.steps
+                    kernels[ev.name[:110]] += ms
+                    op = _gpu_op(ev, names)
+                    if op:
+                        per_op[op] += ms
+                elif not gpu and ev.name in names:
+                    per_op[ev.name] += ms
     total = sum(per_op.values()) or float("nan")  # nothing matched: the kernels below still print
     by_kind: collections.Counter = collections.Counter()
     for name, ms in per_op.items():
@@ -178,7 +211,14 @@ def main(argv=None):
     for name, ms in per_op.most_common(args.top):
         print(f"  {ms:9.1f} ms {100 * ms / total:5.1f}%  {name}: {names[name]}")
     if kernels:
-        print(f"top {args.top} kernels (device streams, {sum(kernels.values()):.1f} ms a step in all):")
+        all_ms = sum(kernels.values())
+        print(f"kernels by class (device streams, {all_ms:.1f} ms a step in all):")
+        by_class: collections.Counter = collections.Counter()
+        for name, ms in kernels.items():
+            by_class[_kernel_class(name)] += ms
+        for kind, ms in by_class.most_common():
+            print(f"  {ms:9.2f} ms {100 * ms / all_ms:5.1f}%  {kind}")
+        print(f"top {args.top} kernels:")
         for name, ms in kernels.most_common(args.top):
             print(f"  {ms:9.2f} ms  {name}")
     np.set_printoptions()

@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/run_gpu.sh            # CamVid full recipe: 16 x 360 x 480, bfloat16
 #   bash benchmarks/run_gpu.sh --tiny     # seconds-long check of the script itself (any machine)
+#   bash benchmarks/run_gpu.sh --profile  # where fcn's training and inference steps spend the GPU's time
 #
 # Extra arguments go to benchmarks/speed.py. Python packages the machine lacks
 # come from wheels/ (scripts/gpu_env.sh says which and how to fetch them); the
@@ -13,6 +14,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/gpu_env.sh   # sets PY and OUT_DIR; carried wheels first on PYTHONPATH
 
+if [[ "${1:-}" == "--profile" ]]; then
+  # benchmarks/profile_step.py at the same size: kernels by class and by name, to $OUT_DIR/profile_*.log.
+  # The two steps share XLA's autotuning through a compilation cache (a second call on a warm machine too).
+  shift
+  export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/fcn_profile_cache}
+  for what in train predict; do
+    "$PY" benchmarks/profile_step.py --batch 16 --size 360 480 --features 32 --depth 4 --dtype bfloat16 \
+      --steps 5 --warmup 5 --top 40 --what "$what" "$@" 2>&1 | grep -v cuda_timer | tee "$OUT_DIR/profile_$what.log"
+  done
+  exit 0
+fi
 if [[ "${1:-}" == "--tiny" ]]; then
   shift
   args=(--batch 2 --size 36 48 --features 4 --depth 2 --steps 1 --repeats 2 --torch_variants eager+cl)
