@@ -197,7 +197,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
     steps; re-running resumes. For time-sliced jobs, and for tests.
     """
     validate(config)
-    enable_compilation_cache()
+    jax_cache = enable_compilation_cache()
     workdir = Path(workdir)
 
     source = get_source(config.data)
@@ -270,6 +270,14 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
             )
             return rep
 
+        if start < config.num_steps:
+            # The first call compiles: seconds on a CPU, 150-170 s on an H200 with an empty
+            # cache, 6 s from it (docs/benchmarks.md): say so before a bar that does not move.
+            log.info(
+                "compiling the training step (a first run on a GPU takes minutes: XLA times each "
+                "convolution's algorithms); kept in %s for later runs",
+                jax_cache,
+            )
         bar = tqdm(
             total=config.num_steps,
             initial=start,

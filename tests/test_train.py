@@ -85,6 +85,9 @@ def test_command_line_train_evaluate_resume(tmp_path):
     done = subprocess.run(train + ["--config.num_steps=8"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert f"resuming {workdir} from step {tiny.get_config().num_steps}" in done.stderr and "mean IoU" in done.stdout
+    # Before the first step's compilation, which takes minutes on a GPU, the user is told where it is kept.
+    assert "compiling the training step (a first run on a GPU takes minutes" in done.stderr
+    assert env["FCN_JAX_CACHE"] in done.stderr
     lines = [json.loads(ln) for ln in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in lines if "loss" in row] == list(range(1, 9))  # no step lost or repeated
     for name in ("config.json", "dataset.json", "metrics.jsonl", "checkpoints", "best", "tensorboard"):
