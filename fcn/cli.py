@@ -68,6 +68,9 @@ def train_main(argv=None) -> None:
     def main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        # app.run put absl's handler on the root logger, which prefixes every line with a level, time,
+        # thread and file: plain messages instead, as run_training asks (it leaves a caller's handlers be).
+        logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
         from fcn.distributed import maybe_initialize
 
         try:  # first, before JAX touches a device

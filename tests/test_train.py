@@ -86,7 +86,7 @@ def test_command_line_train_evaluate_resume(tmp_path):
     assert done.returncode == 0, done.stderr
     assert f"resuming {workdir} from step {tiny.get_config().num_steps}" in done.stderr and "mean IoU" in done.stdout
     # Before the first step's compilation, which takes minutes on a GPU, the user is told where it is kept.
-    assert "compiling the training step (a first run on a GPU takes minutes" in done.stderr
+    assert "\ncompiling the training step (a first run on a GPU takes minutes" in done.stderr  # a plain line
     assert env["FCN_JAX_CACHE"] in done.stderr
     lines = [json.loads(ln) for ln in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in lines if "loss" in row] == list(range(1, 9))  # no step lost or repeated
