@@ -22,6 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fcn import checkpoint, losses, ops, sharding, state as state_lib
 from fcn.config import ConfigError, validate, validate_against_data
@@ -290,7 +291,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         # On a CPU, one step's temporaries at a time: the next batch is made while a step runs, then
         # the loop waits for it and for its temporaries to be freed (fcn.ops.StepPacer).
         pacer = ops.StepPacer(mesh.devices.flat)
-        with _StopRequest() as stop, bar, _set_up_objects_frozen():  # the bar ends its line before any error
+        # The bar ends its line before any error; log lines print above it, not into it.
+        with _StopRequest() as stop, bar, logging_redirect_tqdm(tqdm_class=tqdm), _set_up_objects_frozen():
             while step < config.num_steps:
                 batch = sharding.put_batch(mesh, *train_data.batch(step, config.batch_size, config.seed, rows))
                 pacer.wait()

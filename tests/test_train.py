@@ -3,6 +3,7 @@
 import gc
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,10 @@ def test_command_line_train_evaluate_resume(tmp_path):
     # Before the first step's compilation, which takes minutes on a GPU, the user is told where it is kept.
     assert "\ncompiling the training step (a first run on a GPU takes minutes" in done.stderr  # a plain line
     assert env["FCN_JAX_CACHE"] in done.stderr
+    # Lines logged while the progress bar runs (the traced step kept) print above it, not after it.
+    assert "training step traced and kept" in done.stderr
+    bars = [seg for seg in re.split(r"[\r\n]", done.stderr) if "%|" in seg]
+    assert bars and all(seg.rstrip().endswith("]") for seg in bars), bars
     lines = [json.loads(ln) for ln in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in lines if "loss" in row] == list(range(1, 9))  # no step lost or repeated
     for name in ("config.json", "dataset.json", "metrics.jsonl", "checkpoints", "best", "tensorboard"):
