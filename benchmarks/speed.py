@@ -31,6 +31,9 @@ backward, clipping, AdamW (benchmarks/unet_torch.py) on batches already in
 tensors, so the comparison leaves fcn's augmentation cost in fcn's figure; the
 augmentation is also timed alone, in the same rounds, and the report gives
 fcn's rate less it as an estimate beside the ratio.
+With --trees NAME=PATH, each fcn variant also runs from another source tree's
+fcn package in the same rounds, and the report adds the per-round ratio of the
+two: a code change measured against the code before it in one run.
 OMP_WAIT_POLICY is left as found and printed (it moves PyTorch's figures on a
 shared machine; benchmarks/README.md). Prints a markdown table; --json writes
 every number.
@@ -64,6 +67,13 @@ def parse(argv=None):
     common.add_model_flags(p)
     p.add_argument("--conv_impls", default="xla,auto", help="fcn variants: comma-separated conv_impl values")
     p.add_argument("--torch_variants", default="eager+cl,compile", help="eager, compile; '+cl' = channels_last")
+    p.add_argument(
+        "--trees",
+        default="",
+        help="A/B of fcn's code in one interleaved run: NAME=PATH[,NAME=PATH]: each conv_impl also "
+        "runs as 'fcn IMPL @NAME' with the fcn package of the source tree at PATH (a copy or a git "
+        "worktree with a change; the benchmark itself is this tree's)",
+    )
     p.add_argument("--steps", type=int, default=3, help="steps per timed round")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
     p.add_argument("--warmup_rounds", type=int, default=4, help="untimed interleaved rounds before them")
@@ -167,7 +177,9 @@ def throughput(args) -> dict:
     """
     import numpy as np
 
-    names = [f"fcn {impl}" for impl in args.conv_impls.split(",") if impl]
+    impls = [impl for impl in args.conv_impls.split(",") if impl]
+    names = [f"fcn {impl}" for impl in impls]
+    names += [f"fcn {impl} @{tree}" for tree in _trees(args) for impl in impls]
     names += [f"torch {name}" for name in args.torch_variants.split(",") if name]
     # Interleaved: all variants alive together, one round of each in turn. One at a time: each
     # variant's process started, timed and ended before the next (sizes whose variants do not
@@ -208,6 +220,7 @@ def throughput(args) -> dict:
         "warmup_s": {k: v["warmup_s"] for k, v in info.items()},
         "load": (load0, os.getloadavg()[0]),
         "upsampling_wired": fcn0["upsampling_wired"],
+        "fcn_from": {k: v["fcn_from"] for k, v in info.items() if "fcn_from" in v},
         "xla_flops": fcn0["xla_flops"],
         "xla_flops_custom_calls": fcn0.get("xla_flops_custom_calls", 0),
         "device": fcn0["device"],
@@ -225,6 +238,18 @@ def throughput(args) -> dict:
             for w, v in t.items()
         }
     return res
+
+
+def _trees(args) -> dict[str, str]:
+    """--trees as {name: absolute path}, each checked to hold an fcn package."""
+    out = {}
+    for item in filter(None, args.trees.split(",")):
+        name, sep, path = item.partition("=")
+        path = os.path.abspath(os.path.expanduser(path))
+        if not sep or not name or not os.path.isfile(os.path.join(path, "fcn", "__init__.py")):
+            raise SystemExit(f"--trees {item!r}: expected NAME=PATH, PATH a source tree with fcn/__init__.py")
+        out[name] = path
+    return out
 
 
 def _start_workers(args, names: list, info: dict) -> dict:
@@ -257,9 +282,15 @@ def _worker(conn, args: dict, name: str) -> None:
     common.retain_freed_memory(args.retain_memory)  # first, before jax or torch start threads
     try:
         kind, _, variant = name.partition(" ")
+        variant, _, tree = variant.partition(" @")
+        if tree:  # before anything imports fcn in this (spawned) process
+            sys.path.insert(0, _trees(args)[tree])
         t = time.perf_counter()
         if kind == "fcn":
             runner, info = _fcn_variant(argparse.Namespace(**{**vars(args), "conv_impl": variant}))
+            import fcn
+
+            info["fcn_from"] = os.path.dirname(os.path.dirname(os.path.abspath(fcn.__file__)))
         else:
             from benchmarks import torch_side
 
@@ -421,6 +452,8 @@ def table(args, argv, res: dict) -> str:
             t, p = tput[k]["train"], tput[k]["predict"]
             rate = train_flops / t["step_s"] / 1e9
             lines.append(f"| {k} | {t['img_s']:.2f} | {p['img_s']:.2f} | {1e3 * t['step_s']:.0f} | {rate:.1f} |")
+        if any(" @" in k for k in fcn_keys):  # --trees: say which code each fcn variant ran
+            lines.append("fcn's code: " + "; ".join(f"{k} from {tput['fcn_from'].get(k, '?')}" for k in fcn_keys) + ".")
     if fcn_keys and torch_keys:
         lines += ["", "| ratio fcn / PyTorch (best of each) | training | inference |", "| --- | --- | --- |"]
         best = lambda keys, w: max(tput[k][w]["img_s"] for k in keys)  # noqa: E731
@@ -441,6 +474,19 @@ def table(args, argv, res: dict) -> str:
                     f"| {k} | {_round_ratios(tput, k, torch_keys, 'train')} "
                     f"| {_round_ratios(tput, k, torch_keys, 'predict')} |"
                 )
+            pairs = [(k.split(" @")[0], k) for k in fcn_keys if " @" in k and k.split(" @")[0] in tput]
+            if pairs:  # --trees: the A/B itself, paired by round
+                lines += [
+                    "",
+                    f"| per round, this tree's speed / the other tree's: median (lowest-highest of {args.repeats}) "
+                    "| training | inference |",
+                    "| --- | --- | --- |",
+                ]
+                for mine, other in pairs:
+                    lines.append(
+                        f"| {mine} / {other} | {_round_ratios(tput, mine, [other], 'train')} "
+                        f"| {_round_ratios(tput, mine, [other], 'predict')} |"
+                    )
         for k in fcn_keys:
             if "augment" in tput[k]:
                 aug, step = tput[k]["augment"]["step_s"], tput[k]["train"]["step_s"]
@@ -524,6 +570,7 @@ def describe_env() -> dict:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
+    _trees(args)  # a wrong --trees fails now, not after the start-up runs
     retained = common.retain_freed_memory(args.retain_memory)
     if args.first_step:
         print(json.dumps(first_step(args)))

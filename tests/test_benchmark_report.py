@@ -1,5 +1,7 @@
 """benchmarks/speed.py's report: the per-round ratios pair the rounds of one interleaved run."""
 
+import pytest
+
 from benchmarks import speed
 
 
@@ -13,3 +15,34 @@ def test_round_ratios_pair_each_round_with_its_fastest_torch_variant():
     }
     # Per round the fastest torch step: 1.2, 2.0, 0.8 -> ratios 1.2, 1.0, 0.8.
     assert speed._round_ratios(tput, "fcn auto", ["torch eager", "torch compile"], "train") == "1.00x (0.80-1.20)"
+
+
+def _variant(all_s):
+    med = sorted(all_s)[len(all_s) // 2]
+    return {w: {"all_s": all_s, "step_s": med, "img_s": 4 / med} for w in ("train", "predict")}
+
+
+def test_trees_are_compared_round_by_round_and_named(tmp_path):
+    (tmp_path / "fcn").mkdir()
+    (tmp_path / "fcn" / "__init__.py").write_text("")
+    args = speed.parse(["--batch", "4", "--conv_impls", "gemm", "--trees", f"before={tmp_path}", "--skip_startup"])
+    assert speed._trees(args) == {"before": str(tmp_path)}
+    tput = {
+        "params": 10,
+        "load": (0.0, 0.0),
+        "upsampling_wired": True,
+        "fcn_from": {"fcn gemm": "/here", "fcn gemm @before": str(tmp_path)},
+        "fcn gemm": _variant([1.0, 2.0, 1.0]),
+        "fcn gemm @before": _variant([1.1, 2.4, 1.0]),
+        "torch eager": _variant([1.5, 2.2, 0.8]),
+    }
+    res = {"throughput": tput, "startup": {}, "env": {"hardware": "h", "software": "s", "date": "d"}}
+    text = speed.table(args, [], res)
+    # This tree over the other, per round: 1.1, 1.2, 1.0 -> median 1.1.
+    assert "| fcn gemm / fcn gemm @before | 1.10x (1.00-1.20) | 1.10x (1.00-1.20) |" in text
+    assert f"fcn gemm @before from {tmp_path}" in text
+
+
+def test_trees_must_hold_an_fcn_package(tmp_path):
+    with pytest.raises(SystemExit, match="before=.*fcn/__init__.py"):
+        speed._trees(speed.parse(["--trees", f"before={tmp_path}"]))
