@@ -7,13 +7,12 @@
 # /tmp/fcn_site) and put first on PYTHONPATH. Fetch them once, on a machine with
 # a package index:
 #
-#   pip download --no-deps --only-binary=:all: -d wheels/ \
-#       ml_collections==1.1.0 tensorboardX==2.6.5 flax==0.12.8 orbax-checkpoint==0.12.8
+#   pip download --no-deps --only-binary=:all: -d wheels/ ml_collections==1.1.0 tensorboardX==2.6.5
 #
-# (flax and orbax pinned to the versions the tests run with; their own
-# dependencies are on that machine.) The machine's jax (0.11 when last read) is
-# newer than the one the tests run with (0.10.2): if fcn does not import with the
-# carried flax and orbax, they are dropped and the machine's own are used, and
+# The machine's own flax and orbax serve: on 2026-11-22 its jax 0.11.2 ran fcn with
+# its flax 0.12.10 and orbax-checkpoint 0.12.4, and the flax the tests run with
+# (0.12.8) did not import there. Should flax or orbax wheels be carried anyway and
+# fcn not import with them, they are dropped and the machine's own are used, and
 # the line printed says so. Then print what the run will use.
 PY=${PYTHON:-python3}
 FCN_SITE=${FCN_SITE:-/tmp/fcn_site}
