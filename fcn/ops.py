@@ -32,7 +32,7 @@ model uses (`config.model.conv_impl`); `ConvTranspose` routes the transposed
            `train_compiler_options`: XLA's Eigen kernels for its convolutions
            instead of YNNPACK's); elsewhere "gemm": on an H200 (bfloat16,
            16 x 360 x 480) its training step took 15 ms against "xla"'s 30 ms
-           (docs/benchmarks.md).
+           (docs/benchmarks.md; no TPU has been measured).
 
 Every rewrite computes the same function as jax.lax.conv_general_dilated, values
 and gradients (tests/test_ops.py). `portable()` keeps oneDNN out of code traced
