@@ -3,13 +3,12 @@
     python benchmarks/profile_step.py --batch 8 --size 176 240 --features 16 [--conv_impl auto] [--what predict]
     python benchmarks/profile_step.py --batch 16 --size 360 480 --dtype bfloat16   # on a GPU
 
-Traces a few steps with jax.profiler, sums each op's time over the traced steps
-(CPU: XLA's per-thunk trace events, turned on with
---xla_cpu_enable_xprof_traceme, summed over threads; GPU: the kernels on the
-device's streams, each given to the HLO instruction it ran for where its trace
-stats or its name say so, and also summed by class and by name), and names it
-from the compiled HLO: convolution forward, input gradient (dx) or weight
-gradient (dw), dot, fusion, copy. Not a test.
+Traces a few steps with jax.profiler. On a CPU: XLA's per-thunk trace events
+(turned on with --xla_cpu_enable_xprof_traceme), each thunk's time summed over
+the traced steps and threads and named from the compiled HLO: convolution
+forward, input gradient (dx) or weight gradient (dw), dot, fusion, copy. On a
+GPU: the kernels on the device's streams, summed by name and by class (cuDNN's
+convolutions, matrix products, XLA's fusions). Not a test.
 
 The traced steps come after --warmup untimed ones: with `retain_freed_memory`
 the heap can still grow by a whole set of the step's temporaries in a
@@ -77,11 +76,6 @@ _ONEDNN_KINDS = {
     "fcn_onednn_conv_bias_relu": "oneDNN conv",
     "fcn_onednn_bn_relu_fwd": "oneDNN batch norm",
     "fcn_onednn_bn_relu_bwd": "oneDNN batch norm grad",
-    # XLA:GPU's cuDNN calls.
-    "__cudnn$convForward": "cuDNN conv",
-    "__cudnn$convBackwardInput": "cuDNN conv dx",
-    "__cudnn$convBackwardFilter": "cuDNN conv dw",
-    "__cudnn$convBiasActivationForward": "cuDNN conv+bias+act",
 }
 
 
@@ -104,20 +98,6 @@ def _describe(op: str, shape: str, body: str, line: str) -> str:
         ops = sorted({m.split("/")[-1] for m in re.findall(r'op_name="([^"]+)"', body)})
         return f"fusion ({' '.join(ops)[:90] or '?'}) -> {shape}"
     return f"{op} -> {shape}"
-
-
-def _gpu_op(ev, names: dict[str, str]) -> str | None:
-    """The HLO instruction a GPU kernel ran for, where its trace stats or its name say (XLA names a
-    fusion's kernel after the instruction, '.' as '_'); None where neither does."""
-    for _, value in ev.stats:
-        for token in re.findall(r"[\w.-]+", str(value)):
-            if token in names:
-                return token
-    m = re.match(r"^(.*)_(\d+)$", ev.name)
-    for candidate in (ev.name, f"{m.group(1)}.{m.group(2)}" if m else None):
-        if candidate in names:
-            return candidate
-    return None
 
 
 def _kernel_class(name: str) -> str:
@@ -159,8 +139,8 @@ def main(argv=None):
 
     for _ in range(max(1, args.warmup)):
         run()
-    hlo = step.lower(state, *batch).compile().as_text()
-    names = _instructions(hlo)
+    gpu = jax.default_backend() == "gpu"  # a GPU's kernels are named by the trace itself
+    names = {} if gpu else _instructions(step.lower(state, *batch).compile().as_text())
     logdir = tempfile.mkdtemp(prefix="fcn_profile_")
     jax.profiler.start_trace(logdir)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -173,7 +153,6 @@ def main(argv=None):
     from jax._src.lib import _profile_data
 
     data = _profile_data.ProfileData.from_file(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)[-1])
-    gpu = jax.default_backend() == "gpu"
     per_op: collections.Counter = collections.Counter()
     kernels: collections.Counter = collections.Counter()
     for plane in data.planes:
@@ -186,12 +165,12 @@ def main(argv=None):
                 ms = ev.duration_ns / 1e6 / args.steps
                 if gpu and line.name.startswith("Stream"):
                     kernels[ev.name[:110]] += ms
-                    op = _gpu_op(ev, names)
-                    if op:
-                        per_op[op] += ms
                 elif not gpu and ev.name in names:
                     per_op[ev.name] += ms
-    total = sum(per_op.values()) or float("nan")  # nothing matched: the kernels below still print
+    if gpu:
+        _print_kernels(wall, kernels, args.top)
+        return
+    total = sum(per_op.values())
     by_kind: collections.Counter = collections.Counter()
     for name, ms in per_op.items():
         by_kind[names[name].split(" ->")[0].split(" (")[0].split(" 3x3")[0].split(" 1x1")[0]] += ms
@@ -210,18 +189,22 @@ def main(argv=None):
     print(f"top {args.top} ops:")
     for name, ms in per_op.most_common(args.top):
         print(f"  {ms:9.1f} ms {100 * ms / total:5.1f}%  {name}: {names[name]}")
-    if kernels:
-        all_ms = sum(kernels.values())
-        print(f"kernels by class (device streams, {all_ms:.1f} ms a step in all):")
-        by_class: collections.Counter = collections.Counter()
-        for name, ms in kernels.items():
-            by_class[_kernel_class(name)] += ms
-        for kind, ms in by_class.most_common():
-            print(f"  {ms:9.2f} ms {100 * ms / all_ms:5.1f}%  {kind}")
-        print(f"top {args.top} kernels:")
-        for name, ms in kernels.most_common(args.top):
-            print(f"  {ms:9.2f} ms  {name}")
     np.set_printoptions()
+
+
+def _print_kernels(wall: float, kernels: collections.Counter, top: int) -> None:
+    """A GPU step: its kernels' time by class and by name, per step."""
+    all_ms = sum(kernels.values())
+    print(f"step wall {wall * 1e3:.1f} ms; kernels on the device's streams {all_ms:.1f} ms a step")
+    by_class: collections.Counter = collections.Counter()
+    for name, ms in kernels.items():
+        by_class[_kernel_class(name)] += ms
+    print("kernels by class:")
+    for kind, ms in by_class.most_common():
+        print(f"  {ms:9.2f} ms {100 * ms / all_ms:5.1f}%  {kind}")
+    print(f"top {top} kernels:")
+    for name, ms in kernels.most_common(top):
+        print(f"  {ms:9.2f} ms  {name}")
 
 
 if __name__ == "__main__":
