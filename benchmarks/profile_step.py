@@ -105,8 +105,12 @@ def _kernel_class(name: str) -> str:
     if any(k in name for k in ("fprop", "dgrad", "wgrad", "cudnn", "ImplicitGemmConvolution")):
         kind = "wgrad" if "wgrad" in name else "dgrad" if "dgrad" in name else "fprop" if "fprop" in name else ""
         return f"cuDNN convolution {kind}".strip()
-    if "gemm" in name or "cublas" in name or name.startswith(("triton", "dot")):
+    # cuBLAS's Hopper kernels are named nvjet_*; XLA's own products gemm_fusion_*, triton_gemm_*, dot_*.
+    # A Triton kernel with neither gemm nor dot in its name is one of XLA's fusions (a normalization).
+    if any(k in name for k in ("gemm", "cublas", "nvjet", "cutlass")) or name.startswith("dot"):
         return "matrix product"
+    if "triton" in name:
+        return "XLA fusion (Triton)" if "dot" not in name else "matrix product"
     if "memcpy" in name.lower() or "memset" in name.lower():
         return "copy or fill"
     if "fusion" in name:

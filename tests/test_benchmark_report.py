@@ -1,8 +1,9 @@
-"""benchmarks/speed.py's report: the per-round ratios pair the rounds of one interleaved run."""
+"""benchmarks/speed.py's report: the per-round ratios pair the rounds of one interleaved run; and
+profile_step.py's classes of GPU kernels."""
 
 import pytest
 
-from benchmarks import speed
+from benchmarks import profile_step, speed
 
 
 def test_round_ratios_pair_each_round_with_its_fastest_torch_variant():
@@ -46,3 +47,21 @@ def test_trees_are_compared_round_by_round_and_named(tmp_path):
 def test_trees_must_hold_an_fcn_package(tmp_path):
     with pytest.raises(SystemExit, match="before=.*fcn/__init__.py"):
         speed._trees(speed.parse(["--trees", f"before={tmp_path}"]))
+
+
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "cuDNN convolution fprop"),
+        ("sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "cuDNN convolution dgrad"),
+        ("sm90_xmma_wgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "cuDNN convolution wgrad"),
+        ("nvjet_hsh_128x256_64x4_1x2_h_bz_coopA_NNT", "matrix product"),  # cuBLAS on Hopper
+        ("gemm_fusion_dot_12", "matrix product"),
+        ("triton_softmax_fusion_3", "XLA fusion (Triton)"),
+        ("loop_add_fusion_7", "XLA fusion loop"),
+        ("input_reduce_fusion_2", "XLA fusion input"),
+        ("memcpy32_post", "copy or fill"),
+    ],
+)
+def test_gpu_kernels_are_classed_by_name(name, kind):
+    assert profile_step._kernel_class(name) == kind
