@@ -16,7 +16,8 @@ Measures, in one run:
     `--warmup_rounds` untimed (a process's heap grows over its first rounds of
     alternating training and inference; each timed round's page faults are in
     the JSON), then the median over `--repeats` rounds (interleaved, so that load from other
-    processes falls on all variants alike; one variant runs at a time). With
+    processes falls on all variants alike; one variant runs at a time, in an order that
+    changes each round so that no variant always follows the same one). With
     `--one_at_a_time` each variant's process is started, timed and ended
     before the next, for sizes whose variants do not fit in memory together;
   * the step's FLOPs (analytic: 2 x multiply-adds of every convolution,
@@ -196,8 +197,10 @@ def throughput(args) -> dict:
             # Untimed rounds first, interleaved like the timed ones: a process's heap keeps growing
             # (and faulting pages in) over its first steps of alternating training and inference.
             for r in range(args.warmup_rounds + args.repeats):
+                order = _round_order(list(workers), r - args.warmup_rounds)
                 for what in ("train", "predict", "augment"):
-                    for k, (_, conn) in workers.items():
+                    for k in order:
+                        conn = workers[k][1]
                         if what == "augment" and not k.startswith("fcn"):
                             continue  # fcn's on-device augmentation alone; PyTorch's step starts from tensors
                         conn.send(what)
@@ -238,6 +241,26 @@ def throughput(args) -> dict:
             for w, v in t.items()
         }
     return res
+
+
+def _round_order(names: list, r: int) -> list:
+    """The variants' order in round r, from a Williams design (a balanced Latin square).
+
+    Over len(names) rounds each variant runs once in every position, and, for an
+    even count, right after every other variant exactly once (an odd count takes
+    twice the rounds, the rows reversed in the second half). In a fixed order each
+    variant always followed the same one, and whatever that one left behind
+    (threads still spinning, the caches' contents, a GPU's clock) fell on it alone.
+    """
+    n = len(names)
+    base, lo, hi = [0], 1, n - 1
+    while len(base) < n:  # 0, 1, n-1, 2, n-2, ...
+        base.append(lo if len(base) % 2 else hi)
+        lo, hi = (lo + 1, hi) if len(base) % 2 == 0 else (lo, hi - 1)
+    row = [(b + r) % n for b in base]
+    if n % 2 and (r // n) % 2:
+        row.reverse()
+    return [names[i] for i in row]
 
 
 def _trees(args) -> dict[str, str]:

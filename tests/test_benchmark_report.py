@@ -1,6 +1,8 @@
 """benchmarks/speed.py's report: the per-round ratios pair the rounds of one interleaved run; and
 profile_step.py's classes of GPU kernels."""
 
+import collections
+
 import pytest
 
 from benchmarks import profile_step, speed
@@ -65,3 +67,17 @@ def test_trees_must_hold_an_fcn_package(tmp_path):
 )
 def test_gpu_kernels_are_classed_by_name(name, kind):
     assert profile_step._kernel_class(name) == kind
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 6])
+def test_rounds_balance_the_variants_order(n):
+    """Over a full cycle of rounds (n, or 2n for an odd n) every variant runs in every position
+    equally often and right after every other variant equally often."""
+    names = [f"v{i}" for i in range(n)]
+    rounds = n if n % 2 == 0 else 2 * n
+    orders = [speed._round_order(names, r) for r in range(rounds)]
+    assert all(sorted(o) == names for o in orders)  # every variant once a round
+    for pos in range(n):
+        assert sorted(o[pos] for o in orders) == sorted(names * (rounds // n))
+    pairs = collections.Counter((o[i - 1], o[i]) for o in orders for i in range(1, n))
+    assert len(pairs) == n * (n - 1) and set(pairs.values()) == {rounds // n}
