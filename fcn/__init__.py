@@ -8,10 +8,19 @@ print(fcn.summary(model, (1, 360, 480, 3)))
 """
 
 from fcn import losses, metrics
-from fcn.export import load_exported
 from fcn.inference import Segmenter, load
 from fcn.model import UNet, predict_proba
 from fcn.summary import summary
 
 __all__ = ["Segmenter", "UNet", "load", "load_exported", "losses", "metrics", "predict_proba", "summary"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # fcn.load_exported on first use: imported here eagerly, fcn.export was already in sys.modules
+    # when `python -m fcn.export` ran it, and Python warned about that on every export.
+    if name == "load_exported":
+        from fcn.export import load_exported
+
+        return load_exported
+    raise AttributeError(f"module 'fcn' has no attribute {name!r}")

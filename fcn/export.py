@@ -1,6 +1,6 @@
 """Export a trained model for use without this package's model code.
 
-    python -m fcn.export --workdir runs/camvid_cpu --out exported/camvid
+    python -m fcn.export --workdir runs/camvid_cpu --out exported/camvid --size 360,480
 
 writes into --out:
   model.jax       a serialized `jax.export` artifact (StableHLO and its calling
@@ -8,12 +8,19 @@ writes into --out:
                   float32 [B, H, W, K]; a softmax over K gives probabilities.
                   Reload with `jax.export.deserialize(bytes).call(images)`, or
                   `load_exported(dir)`, which adds class names and predict().
-  model.json      class names, palette, ignore label, and this contract.
+  model.json      class names, palette, ignore label, and this contract ("size":
+                  [H, W] when exported for one size, else null).
   saved_model/    where TensorFlow is installed (it is imported only for this):
                   a TF SavedModel through jax2tf for TF Serving, signature
                   "serving_default": images -> {"logits"}, the same contract.
   model.tflite    with --tflite_size H,W: a TFLite model for one H x W image
                   (TFLite needs static shapes; the other two take any size).
+
+With --size H,W the artifact and the SavedModel take images of that size only
+(any B). A model trained with `model.input_scale` below 1 (configs/camvid_cpu.py)
+needs it: its first step resizes the image by input_scale, which needs concrete
+sizes, so it is exported for one size (CamVid: --size 360,480). `load_exported`
+then refuses other sizes with a message that names the exported one.
 
 Shapes. B, H and W are all symbolic ("b, h, w, 3"): one artifact for every
 size >= 1. The model pads its input up to a multiple M = 2**depth with jnp.pad,
@@ -70,12 +77,18 @@ def pad_to_multiple(x_BHWC: jax.Array, multiple: int, mode: str) -> jax.Array:
     return x_BHWC
 
 
-def serving_fn(model):
-    """images float32 [B, H, W, 3] in [0, 1] -> logits float32 [B, H, W, K], any sizes."""
+def serving_fn(model, size: tuple[int, int] | None = None):
+    """images float32 [B, H, W, 3] in [0, 1] -> logits float32 [B, H, W, K]: any sizes, or with `size`
+    = (H, W) images of that size (the model then runs as it is, its resizing and padding included)."""
     multiple, mode = 2**model.depth, model.pad_mode
+    if size is not None:
+        return lambda images_BHWC: model(images_BHWC.astype(jnp.float32))
     if getattr(model, "input_scale", 1) != 1:
         # Resizing by input_scale needs concrete sizes; a symbolic H, W has none.
-        raise ValueError(f"model.input_scale={model.input_scale}: only models with input_scale=1 can be exported")
+        raise ValueError(
+            f"model.input_scale={model.input_scale}: the model resizes its input, which needs a concrete "
+            "image size; export it for one size with --size H,W (CamVid: --size 360,480)"
+        )
 
     def logits_fn(images_BHWC):
         _, h, w, _ = images_BHWC.shape
@@ -88,28 +101,34 @@ def serving_fn(model):
 
 
 def export_model(
-    model, out: str | Path, info: dict, *, platforms=None, saved_model=True, tflite_size=None
+    model, out: str | Path, info: dict, *, platforms=None, saved_model=True, tflite_size=None, size=None
 ) -> list[Path]:
-    """Write the artifacts described in the module docstring; returns their paths."""
+    """Write the artifacts described in the module docstring; returns their paths.
+
+    size: (H, W) to export for images of that size only (any batch); None for any size.
+    """
+    fn = serving_fn(model, size)  # refuses a model that needs a size, before anything is written
     # Traced without fcn's CPU custom calls (fcn.ops.portable): the artifacts run anywhere.
     with ops.portable():
-        return _export_model(model, out, info, platforms=platforms, saved_model=saved_model, tflite_size=tflite_size)
+        return _export_model(fn, out, info, platforms, saved_model, tflite_size, size)
 
 
-def _export_model(model, out, info: dict, *, platforms, saved_model, tflite_size) -> list[Path]:
+def _export_model(fn, out, info: dict, platforms, saved_model, tflite_size, size) -> list[Path]:
     from jax import export
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    fn = serving_fn(model)
-    spec = jax.ShapeDtypeStruct(export.symbolic_shape("b, h, w, 3"), jnp.float32)
+    dims = "h, w" if size is None else f"{size[0]}, {size[1]}"
+    spec = jax.ShapeDtypeStruct(export.symbolic_shape(f"b, {dims}, 3"), jnp.float32)
     exported = export.export(jax.jit(fn), platforms=platforms)(spec)
     (out / ARTIFACT).write_bytes(exported.serialize())
     meta = {
         "class_names": list(info["class_names"]),
         "palette": np.asarray(info.get("palette", []), np.uint8).tolist(),
         "ignore_label": int(info.get("ignore_label", 255)),
-        "input": "images float32 [B, H, W, 3], values in [0, 1], any B, H, W >= 1",
+        "input": "images float32 [B, H, W, 3], values in [0, 1], any B, "
+        + ("H, W >= 1" if size is None else f"H = {size[0]}, W = {size[1]} only"),
+        "size": None if size is None else list(size),  # [H, W] when exported for one size
         "output": "logits float32 [B, H, W, K]; softmax over K for probabilities",
         "platforms": list(exported.platforms),
         # Training shrank images to this longer side (0 = no): resize inputs alike.
@@ -118,7 +137,7 @@ def _export_model(model, out, info: dict, *, platforms, saved_model, tflite_size
     (out / METADATA).write_text(json.dumps(meta, indent=2))
     written = [out / ARTIFACT, out / METADATA]
     if saved_model or tflite_size:
-        written += _export_tf(fn, out, exported.platforms, saved_model, tflite_size)
+        written += _export_tf(fn, out, exported.platforms, saved_model, tflite_size, size)
     return written
 
 
@@ -130,18 +149,19 @@ def tensorflow_available() -> bool:
     return True
 
 
-def _export_tf(fn, out: Path, platforms, saved_model: bool, tflite_size) -> list[Path]:
-    """SavedModel (any size) and/or TFLite (fixed size) through jax2tf; TF imported here only."""
+def _export_tf(fn, out: Path, platforms, saved_model: bool, tflite_size, size) -> list[Path]:
+    """SavedModel (any size, or `size`) and/or TFLite (fixed size) through jax2tf; TF imported here only."""
     import tensorflow as tf
     from jax.experimental import jax2tf
 
     written = []
     if saved_model:
+        dims = "h, w" if size is None else f"{size[0]}, {size[1]}"
         tf_fn = jax2tf.convert(
-            fn, polymorphic_shapes=["(b, h, w, 3)"], with_gradient=False, native_serialization_platforms=platforms
+            fn, polymorphic_shapes=[f"(b, {dims}, 3)"], with_gradient=False, native_serialization_platforms=platforms
         )
         module = tf.Module()
-        images = tf.TensorSpec([None, None, None, 3], tf.float32, name="images")
+        images = tf.TensorSpec([None, *(size or (None, None)), 3], tf.float32, name="images")
         module.serve = tf.function(lambda x: {"logits": tf_fn(x)}, input_signature=[images], autograph=False)
         tf.saved_model.save(module, str(out / SAVED_MODEL), signatures={"serving_default": module.serve})
         written.append(out / SAVED_MODEL)
@@ -175,6 +195,7 @@ class ExportedModel:
         self.class_names = tuple(meta["class_names"])
         self.palette = np.asarray(meta["palette"], np.uint8).reshape(-1, 3)
         self.ignore_label = meta["ignore_label"]
+        self.size = tuple(meta["size"]) if meta.get("size") else None  # (H, W) when exported for one size
 
     def logits(self, images) -> np.ndarray:
         """float32 logits [B, H, W, K] (or [H, W, K]) of uint8 or [0, 1] float images [B, H, W, 3] (or [H, W, 3])."""
@@ -182,6 +203,12 @@ class ExportedModel:
         x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
         if x.ndim not in (3, 4) or x.shape[-1] != 3 or 0 in x.shape:
             raise ValueError(f"images of shape {x.shape}: expected [H, W, 3] or [B, H, W, 3], H, W >= 1")
+        if self.size is not None and tuple(x.shape[-3:-1]) != self.size:
+            h, w = self.size
+            raise ValueError(
+                f"images of size {x.shape[-3]}x{x.shape[-2]}: this model was exported for {h}x{w} images "
+                f"only (python -m fcn.export --size {h},{w}); resize them, or export again with --size"
+            )
         out = np.asarray(self.exported.call(x[None] if x.ndim == 3 else x))
         return out[0] if x.ndim == 3 else out
 
@@ -207,13 +234,14 @@ def main(argv=None) -> int:
     parser.add_argument("--platforms", default="", help="comma-separated, e.g. cpu,cuda (default: this machine's)")
     parser.add_argument("--no_saved_model", action="store_true", help="skip the TF SavedModel")
     parser.add_argument("--tflite_size", default="", help="H,W: also write a TFLite model for that fixed size")
+    parser.add_argument(
+        "--size",
+        default="",
+        help="H,W: export for images of that size only (needed for models with input_scale below 1, "
+        "such as configs/camvid_cpu.py's: --size 360,480)",
+    )
     args = parser.parse_args(argv)
-    try:
-        tflite_size = tuple(int(v) for v in args.tflite_size.split(",")) if args.tflite_size else None
-        if tflite_size is not None and (len(tflite_size) != 2 or min(tflite_size) < 1):
-            raise ValueError
-    except ValueError:
-        parser.error(f"--tflite_size={args.tflite_size!r}: expected H,W, e.g. 360,480")
+    tflite_size, size = _size_flag(parser, "tflite_size", args.tflite_size), _size_flag(parser, "size", args.size)
     saved_model = not args.no_saved_model and tensorflow_available()
     if not args.no_saved_model and not saved_model:
         print("note: tensorflow is not installed: no SavedModel (pip install tensorflow-cpu)", file=sys.stderr)
@@ -232,11 +260,28 @@ def main(argv=None) -> int:
     info = {"class_names": seg.class_names, "palette": seg.palette, "ignore_label": seg.ignore_label}
     info["max_size"] = seg.max_size
     platforms = tuple(p for p in args.platforms.split(",") if p) or None
-    written = export_model(
-        seg.model, args.out, info, platforms=platforms, saved_model=saved_model, tflite_size=tflite_size
-    )
+    try:
+        written = export_model(
+            seg.model, args.out, info, platforms=platforms, saved_model=saved_model, tflite_size=tflite_size, size=size
+        )
+    except ValueError as e:  # a model that cannot be exported as asked: say why, write nothing
+        print(f"error: {args.workdir}: {e}", file=sys.stderr)
+        return 1
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _size_flag(parser, name: str, value: str) -> tuple[int, int] | None:
+    """--NAME=H,W as (H, W); '' as None; anything else a usage error that names the flag."""
+    if not value:
+        return None
+    try:
+        size = tuple(int(v) for v in value.split(","))
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--{name}={value!r}: expected H,W, e.g. 360,480")
+    return size
 
 
 if __name__ == "__main__":

@@ -79,3 +79,63 @@ def test_tf_saved_model_and_tflite_match_the_jax_model(workdir, tmp_path):
     interpreter.invoke()
     tflite = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
     np.testing.assert_allclose(tflite, model_logits(workdir, x1), atol=1e-4)
+
+
+def test_a_model_that_resizes_its_input_exports_for_one_size(tmp_path):
+    """input_scale < 1 (configs/camvid_cpu.py): the resize needs concrete sizes, so the export asks for
+    --size; exported for one size (any batch), it gives the model's own logits and refuses other sizes."""
+    from fcn.export import export_model
+    from fcn.model import UNet
+
+    model = UNet(num_classes=3, features=4, depth=2, input_scale=0.5, rngs=nnx.Rngs(0))
+    model.eval()
+    info = {"class_names": ("a", "b", "c"), "palette": [[0, 0, 0], [1, 1, 1], [2, 2, 2]]}
+    with pytest.raises(ValueError, match=r"--size H,W"):
+        export_model(model, tmp_path / "any", info, saved_model=False)
+    assert not (tmp_path / "any" / "model.jax").exists()
+
+    export_model(model, tmp_path / "fixed", info, saved_model=False, size=(20, 30))
+    exported = load_exported(tmp_path / "fixed")
+    assert exported.size == (20, 30)
+    assert [str(d) for d in exported.exported.in_avals[0].shape] == ["b", "20", "30", "3"]
+    graphdef, state = nnx.split(model)
+    for batch in (1, 3):  # the batch stays symbolic
+        x = np.random.default_rng(batch).random((batch, 20, 30, 3), np.float32)
+        expected = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x))
+        np.testing.assert_allclose(exported.logits(x), expected, atol=1e-5)
+    with pytest.raises(ValueError, match=r"exported for 20x30 images only .*--size 20,30"):
+        exported.predict(np.zeros((21, 30, 3), np.uint8))
+
+
+def test_size_flag(workdir, tmp_path, capsys):
+    out = tmp_path / "exported"
+    assert main(["--workdir", workdir, "--out", str(out), "--no_saved_model", "--size", "24,32"]) == 0
+    exported = load_exported(out)
+    assert exported.size == (24, 32)
+    x = np.random.default_rng(3).random((2, 24, 32, 3), np.float32)
+    np.testing.assert_allclose(exported.logits(x), model_logits(workdir, x), atol=1e-5)
+    with pytest.raises(SystemExit):
+        main(["--workdir", workdir, "--out", str(out), "--size", "24"])
+    assert "--size='24': expected H,W" in capsys.readouterr().err
+
+
+def test_tf_saved_model_for_one_size(tmp_path):
+    tf = pytest.importorskip("tensorflow", reason="tensorflow is not installed: no SavedModel to test")
+    from fcn.export import export_model
+    from fcn.model import UNet
+
+    model = UNet(num_classes=3, features=4, depth=2, input_scale=0.5, rngs=nnx.Rngs(0))
+    model.eval()
+    export_model(model, tmp_path, {"class_names": ("a", "b", "c")}, size=(20, 30))
+    serve = tf.saved_model.load(str(tmp_path / "saved_model")).signatures["serving_default"]
+    x = np.random.default_rng(4).random((2, 20, 30, 3), np.float32)
+    graphdef, state = nnx.split(model)
+    expected = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x))
+    np.testing.assert_allclose(serve(images=tf.constant(x))["logits"].numpy(), expected, atol=1e-5)
+
+
+def test_the_command_runs_without_python_warning_about_its_module():
+    # fcn/__init__ once imported fcn.export eagerly: `python -m fcn.export` then warned on every run.
+    done = subprocess.run([sys.executable, "-m", "fcn.export", "--help"], capture_output=True, text=True, check=True)
+    assert "usage: python -m fcn.export" in done.stdout
+    assert "RuntimeWarning" not in done.stderr, done.stderr
