@@ -264,7 +264,7 @@ def main(argv=None) -> int:
         written = export_model(
             seg.model, args.out, info, platforms=platforms, saved_model=saved_model, tflite_size=tflite_size, size=size
         )
-    except ValueError as e:  # a model that cannot be exported as asked: say why, write nothing
+    except ValueError as e:  # a model that cannot be exported as asked: say why (no artifact is written)
         print(f"error: {args.workdir}: {e}", file=sys.stderr)
         return 1
     print("wrote " + ", ".join(str(p) for p in written))
