@@ -15,6 +15,9 @@ two full-resolution evaluations, checkpoints), val mean IoU 58.3, pixel
 accuracy 89.6% (per class in docs/results.md). Earlier code that rounds
 differently reached 57.5 (19 min 38 s, XLA's convolutions), 57.3, 58.4 and 57.5
 with the same config: about a point of run-to-run variation.
+
+Export: `python -m fcn.export --workdir runs/camvid_cpu --out exported/camvid --size 360,480`.
+The network resizes its input by input_scale, which needs a fixed image size.
 """
 
 from fcn.config import default_config

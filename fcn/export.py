@@ -80,9 +80,9 @@ def pad_to_multiple(x_BHWC: jax.Array, multiple: int, mode: str) -> jax.Array:
 def serving_fn(model, size: tuple[int, int] | None = None):
     """images float32 [B, H, W, 3] in [0, 1] -> logits float32 [B, H, W, K]: any sizes, or with `size`
     = (H, W) images of that size (the model then runs as it is, its resizing and padding included)."""
-    multiple, mode = 2**model.depth, model.pad_mode
     if size is not None:
         return lambda images_BHWC: model(images_BHWC.astype(jnp.float32))
+    multiple, mode = 2**model.depth, model.pad_mode
     if getattr(model, "input_scale", 1) != 1:
         # Resizing by input_scale needs concrete sizes; a symbolic H, W has none.
         raise ValueError(
@@ -118,8 +118,7 @@ def _export_model(fn, out, info: dict, platforms, saved_model, tflite_size, size
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dims = "h, w" if size is None else f"{size[0]}, {size[1]}"
-    spec = jax.ShapeDtypeStruct(export.symbolic_shape(f"b, {dims}, 3"), jnp.float32)
+    spec = jax.ShapeDtypeStruct(export.symbolic_shape(_input_shape(size)), jnp.float32)
     exported = export.export(jax.jit(fn), platforms=platforms)(spec)
     (out / ARTIFACT).write_bytes(exported.serialize())
     meta = {
@@ -141,6 +140,11 @@ def _export_model(fn, out, info: dict, platforms, saved_model, tflite_size, size
     return written
 
 
+def _input_shape(size: tuple[int, int] | None) -> str:
+    """The images' shape for jax.export and jax2tf: a symbolic batch, and H, W symbolic too unless `size`."""
+    return "b, h, w, 3" if size is None else f"b, {size[0]}, {size[1]}, 3"
+
+
 def tensorflow_available() -> bool:
     try:
         import tensorflow  # noqa: F401
@@ -156,9 +160,11 @@ def _export_tf(fn, out: Path, platforms, saved_model: bool, tflite_size, size) -
 
     written = []
     if saved_model:
-        dims = "h, w" if size is None else f"{size[0]}, {size[1]}"
         tf_fn = jax2tf.convert(
-            fn, polymorphic_shapes=[f"(b, {dims}, 3)"], with_gradient=False, native_serialization_platforms=platforms
+            fn,
+            polymorphic_shapes=[f"({_input_shape(size)})"],
+            with_gradient=False,
+            native_serialization_platforms=platforms,
         )
         module = tf.Module()
         images = tf.TensorSpec([None, *(size or (None, None)), 3], tf.float32, name="images")

@@ -275,8 +275,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
             # The first call compiles: seconds on a CPU, 150-170 s on an H200 with an empty
             # cache, 6 s from it (docs/benchmarks.md): say so before a bar that does not move.
             log.info(
-                "compiling the training step (a first run on a GPU takes minutes: XLA times each "
-                "convolution's algorithms); kept in %s for later runs",
+                "compiling the training step, or reading it from the compilation cache in %s (a first "
+                "compilation on a GPU takes minutes: XLA times each convolution's algorithms)",
                 jax_cache,
             )
         bar = tqdm(
