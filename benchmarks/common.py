@@ -8,6 +8,7 @@ import ctypes
 import ctypes.util
 import functools
 import inspect
+import os
 import platform
 import time
 
@@ -27,15 +28,27 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         "--retain_memory",
         type=int,
         default=1,
-        help="1: fcn.ops.retain_freed_memory() in every benchmark process (fcn and PyTorch alike)",
+        help="1: fcn.host_memory.retain_freed_memory() in every benchmark process (fcn and PyTorch alike)",
     )
 
 
+def trees(args) -> dict[str, str]:
+    """--trees as {name: absolute path}, each checked to hold an fcn package."""
+    out = {}
+    for item in filter(None, args.trees.split(",")):
+        name, sep, path = item.partition("=")
+        path = os.path.abspath(os.path.expanduser(path))
+        if not sep or not name or not os.path.isfile(os.path.join(path, "fcn", "__init__.py")):
+            raise SystemExit(f"--trees {item!r}: expected NAME=PATH, PATH a source tree with fcn/__init__.py")
+        out[name] = path
+    return out
+
+
 def retain_freed_memory(enabled: bool) -> bool:
-    """fcn.ops.retain_freed_memory()'s settings for this process, before jax or torch start threads.
+    """fcn.host_memory.retain_freed_memory()'s settings for this process, before jax or torch start threads.
 
     The same three mallopt calls, repeated here so that PyTorch's processes do
-    not import jax (fcn.ops does) and pay for it in their start-up time.
+    not import jax (fcn.host_memory does) and pay for it in their start-up time.
     """
     if not enabled or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

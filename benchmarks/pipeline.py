@@ -60,7 +60,9 @@ def main(argv=None) -> int:
         "--steps", type=int, default=20, help="steps per pipeline figure (a quarter, 3 or more, per train step figure)"
     )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; figures are their median")
-    parser.add_argument("--retain_memory", type=int, default=1, help="1: fcn.ops.retain_freed_memory(), as train.py")
+    parser.add_argument(
+        "--retain_memory", type=int, default=1, help="1: fcn.host_memory.retain_freed_memory(), as train.py"
+    )
     args = parser.parse_args(argv)
 
     from benchmarks import common

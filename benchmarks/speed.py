@@ -43,11 +43,8 @@ every number.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -60,7 +57,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, report, variants  # noqa: E402
 
 
 def parse(argv=None):
@@ -102,7 +99,7 @@ def first_step(args) -> dict:
     if kind.startswith("fcn"):
         import jax
 
-        from fcn.ops import StepPacer
+        from fcn.host_memory import StepPacer
         from fcn.train import enable_compilation_cache
 
         enable_compilation_cache()  # FCN_JAX_CACHE, set by the caller
@@ -180,7 +177,7 @@ def throughput(args) -> dict:
 
     impls = [impl for impl in args.conv_impls.split(",") if impl]
     names = [f"fcn {impl}" for impl in impls]
-    names += [f"fcn {impl} @{tree}" for tree in _trees(args) for impl in impls]
+    names += [f"fcn {impl} @{tree}" for tree in common.trees(args) for impl in impls]
     names += [f"torch {name}" for name in args.torch_variants.split(",") if name]
     # Interleaved: all variants alive together, one round of each in turn. One at a time: each
     # variant's process started, timed and ended before the next (sizes whose variants do not
@@ -189,7 +186,7 @@ def throughput(args) -> dict:
     info, times, faults = {}, {}, {}
     load0 = os.getloadavg()[0]
     for group in groups:
-        workers = _start_workers(args, group, info)
+        workers = variants.start(args, group, info)
         for k in workers:
             times[k] = {"train": [], "predict": [], **({"augment": []} if k.startswith("fcn") else {})}
             faults[k] = {w: [] for w in times[k]}
@@ -263,337 +260,10 @@ def _round_order(names: list, r: int) -> list:
     return [names[i] for i in row]
 
 
-def _trees(args) -> dict[str, str]:
-    """--trees as {name: absolute path}, each checked to hold an fcn package."""
-    out = {}
-    for item in filter(None, args.trees.split(",")):
-        name, sep, path = item.partition("=")
-        path = os.path.abspath(os.path.expanduser(path))
-        if not sep or not name or not os.path.isfile(os.path.join(path, "fcn", "__init__.py")):
-            raise SystemExit(f"--trees {item!r}: expected NAME=PATH, PATH a source tree with fcn/__init__.py")
-        out[name] = path
-    return out
-
-
-def _start_workers(args, names: list, info: dict) -> dict:
-    """A spawned process per variant, built and warmed up one at a time (no variant's compilation
-    slows another's): {name: (process, pipe)} of those that run; `info` gets what each reported."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    workers = {}
-    for name in names:
-        conn, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(child, vars(args), name), daemon=True)
-        proc.start()
-        try:
-            status, payload = conn.recv()
-        except EOFError:  # the worker died before it could say why (a crash, the OOM killer)
-            proc.join()
-            status, payload = "error", f"the worker process exited with code {proc.exitcode}"
-        if status != "ready":  # e.g. torch.compile on a machine without a toolchain
-            print(f"{name}: cannot run: {payload}", file=sys.stderr)
-            proc.join()
-            continue
-        workers[name], info[name] = (proc, conn), payload
-    return workers
-
-
-def _worker(conn, args: dict, name: str) -> None:
-    """One variant in this (spawned) process: build, warm up, report; then time rounds on request."""
-    args = argparse.Namespace(**args)
-    common.retain_freed_memory(args.retain_memory)  # first, before jax or torch start threads
-    try:
-        kind, _, variant = name.partition(" ")
-        variant, _, tree = variant.partition(" @")
-        if tree:  # before anything imports fcn in this (spawned) process
-            sys.path.insert(0, _trees(args)[tree])
-        t = time.perf_counter()
-        if kind == "fcn":
-            runner, info = _fcn_variant(argparse.Namespace(**{**vars(args), "conv_impl": variant}))
-            import fcn
-
-            info["fcn_from"] = os.path.dirname(os.path.dirname(os.path.abspath(fcn.__file__)))
-        else:
-            from benchmarks import torch_side
-
-            runner = torch_side.Variant(args, variant)
-            info = {"num_params": runner.num_params}
-        for _ in range(2):
-            runner.train()
-            runner.predict()
-        runner.sync()
-        info["warmup_s"] = time.perf_counter() - t
-        gc.freeze()  # as train.py: the set-up's objects are not walked by the cyclic collector again
-    except Exception as e:  # noqa: BLE001 -- report why a variant cannot run
-        conn.send(("error", f"{type(e).__name__}: {str(e)[:2000]}"))
-        return
-    conn.send(("ready", info))
-    while (what := conn.recv()) is not None:
-        fn = getattr(runner, what)
-        faults = _page_faults()
-        t = time.perf_counter()
-        for _ in range(args.steps):
-            fn()
-        runner.sync()
-        conn.send(((time.perf_counter() - t) / args.steps, [a - b for a, b in zip(_page_faults(), faults)]))
-
-
-def _page_faults() -> tuple[int, int]:
-    """(minor, major) page faults of this process so far."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_minflt, r.ru_majflt
-
-
-def _fcn_variant(args):
-    import jax
-
-    from fcn.train import enable_compilation_cache
-
-    enable_compilation_cache()
-    step, state, batch = common.fcn_train_step(args)
-    predict, pstate, images = common.fcn_predict(args)
-    runner = _FcnRunner(step, state, batch, predict, pstate, images, common.fcn_augment(args))
-    info = {"num_params": common.num_params(state), "upsampling_wired": common.upsampling_wired()}
-    try:
-        compiled = step.lower(state, *batch).compile()
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        info["xla_flops"] = float(cost.get("flops", 0.0)) or None
-        # XLA counts nothing inside a custom call: the oneDNN convolutions on CPU.
-        info["xla_flops_custom_calls"] = compiled.as_text().count('custom_call_target="fcn_onednn')
-    except Exception:  # noqa: BLE001 -- cost analysis is not offered on every backend
-        info["xla_flops"] = None
-    info["device"] = str(jax.devices()[0].device_kind)
-    if jax.devices()[0].platform == "gpu":
-        info["bf16_matmul_flops"] = _matmul_rate()
-    return runner, info
-
-
-class _FcnRunner:
-    def __init__(self, step, state, batch, predict, pstate, images, augment):
-        self.step, self.state, self.batch = step, state, batch
-        self.predict_fn, self.pstate, self.images = predict, pstate, images
-        self.augment_fn, self.augments = augment, 0
-        self.out = None
-        from fcn.ops import StepPacer
-
-        self.pacer = StepPacer()  # as train.py: one step's temporaries at a time on a CPU
-
-    def train(self):
-        self.pacer.wait()
-        self.state, self.out = self.step(self.state, *self.batch)
-        self.pacer.started(self.out)
-
-    def predict(self):
-        self.out = self.predict_fn(self.pstate, self.images)
-
-    def augment(self):  # what the training step does first, alone (a new key each time, as the step's)
-        self.augments += 1
-        self.out = self.augment_fn(self.augments, *self.batch)
-
-    def sync(self):
-        import jax
-
-        jax.block_until_ready(self.out)
-
-
-def _matmul_rate(n: int = 8192, repeats: int = 5, back_to_back: int = 20) -> float:
-    """bfloat16 matrix-product FLOP/s of this device through XLA (random data, median).
-
-    Each timing is of `back_to_back` products queued before one wait: timed one
-    at a time, the wait's latency took 13% off the rate on an H200 (622 against
-    716 TFLOP/s; PyTorch's products, queued alike, 694).
-    """
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    ka, kb = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(ka, (n, n), jnp.bfloat16)
-    b = jax.random.normal(kb, (n, n), jnp.bfloat16)
-    mm = jax.jit(lambda a, b: a @ b)
-    mm(a, b).block_until_ready()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready([mm(a, b) for _ in range(back_to_back)])
-        ts.append((time.perf_counter() - t) / back_to_back)
-    return 2 * n**3 / float(np.median(ts))
-
-
-def unet_flops(args) -> tuple[float, float]:
-    """Analytic FLOPs (2 x multiply-adds) of the U-Net's convolutions: (forward, training step = 3 x forward)."""
-    h, w = args.size
-    h, w = -(-h // 2**args.depth) * 2**args.depth, -(-w // 2**args.depth) * 2**args.depth
-    widths = [args.features * 2**i for i in range(args.depth + 1)]
-    macs, c = 0, 3
-    for i, wd in enumerate(widths):  # down blocks and the bottom block
-        px = (h >> i) * (w >> i)
-        macs += px * 9 * (c * wd + wd * wd)
-        c = wd
-    for i in reversed(range(args.depth)):  # transposed conv 2x2/2, then a block on [up, skip]
-        px = (h >> i) * (w >> i)
-        macs += px * widths[i + 1] * widths[i] + px * 9 * (2 * widths[i] * widths[i] + widths[i] * widths[i])
-    macs += h * w * widths[0] * args.classes
-    fwd = 2.0 * macs * args.batch
-    return fwd, 3 * fwd
-
-
-# ---------------------------------------------------------------------------
-# Report.
-
-
-def table(args, argv, res: dict) -> str:
-    """The markdown report: command, hardware, throughput and ratios, start-up and memory, FLOPs."""
-    tput, start, env = res.get("throughput") or {}, res.get("startup") or {}, res["env"]
-    fcn_keys = [k for k in tput if k.startswith("fcn ")]
-    torch_keys = [k for k in tput if k.startswith("torch ")]
-    _, train_flops = unet_flops(args)
-    lines = [
-        f"Command: `python benchmarks/speed.py {' '.join(argv)}`",
-        f"Hardware: {env['hardware']}; {env['software']}; date {env['date']}.",
-        f"Batch {args.batch} x {args.size[0]}x{args.size[1]}, features {args.features}, depth {args.depth}, "
-        f"{args.classes} classes; fcn compute dtype {args.dtype}.",
-    ]
-    if tput:
-        order = (
-            "consecutive (--one_at_a_time: one variant's process after another)"
-            if args.one_at_a_time
-            else "interleaved"
-        )
-        lines[-1] = lines[-1][:-1] + f"; {tput['params']:,} parameters in both."
-        lines += [
-            f"Throughput: median of {args.repeats} {order} rounds of {args.steps} steps, after "
-            f"{args.warmup_rounds} untimed rounds; "
-            f"load average {tput['load'][0]:.1f} before, {tput['load'][1]:.1f} after.",
-            "",
-            "| variant | train img/s | infer img/s | train step ms | GFLOP/s (analytic) |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        for k in fcn_keys + torch_keys:
-            t, p = tput[k]["train"], tput[k]["predict"]
-            rate = train_flops / t["step_s"] / 1e9
-            lines.append(f"| {k} | {t['img_s']:.2f} | {p['img_s']:.2f} | {1e3 * t['step_s']:.0f} | {rate:.1f} |")
-        if any(" @" in k for k in fcn_keys):  # --trees: say which code each fcn variant ran
-            lines.append("fcn's code: " + "; ".join(f"{k} from {tput['fcn_from'].get(k, '?')}" for k in fcn_keys) + ".")
-    if fcn_keys and torch_keys:
-        lines += ["", "| ratio fcn / PyTorch (best of each) | training | inference |", "| --- | --- | --- |"]
-        best = lambda keys, w: max(tput[k][w]["img_s"] for k in keys)  # noqa: E731
-        for k in fcn_keys:
-            lines.append(
-                f"| {k} / best torch | {tput[k]['train']['img_s'] / best(torch_keys, 'train'):.2f}x "
-                f"| {tput[k]['predict']['img_s'] / best(torch_keys, 'predict'):.2f}x |"
-            )
-        if not args.one_at_a_time:  # rounds interleaved: each round's ratio sees the same load on both sides
-            lines += [
-                "",
-                f"| per round, fcn / fastest torch variant of the round: median (lowest-highest of {args.repeats}) "
-                "| training | inference |",
-                "| --- | --- | --- |",
-            ]
-            for k in fcn_keys:
-                lines.append(
-                    f"| {k} | {_round_ratios(tput, k, torch_keys, 'train')} "
-                    f"| {_round_ratios(tput, k, torch_keys, 'predict')} |"
-                )
-            pairs = [(k.split(" @")[0], k) for k in fcn_keys if " @" in k and k.split(" @")[0] in tput]
-            if pairs:  # --trees: the A/B itself, paired by round
-                lines += [
-                    "",
-                    f"| per round, this tree's speed / the other tree's: median (lowest-highest of {args.repeats}) "
-                    "| training | inference |",
-                    "| --- | --- | --- |",
-                ]
-                for mine, other in pairs:
-                    lines.append(
-                        f"| {mine} / {other} | {_round_ratios(tput, mine, [other], 'train')} "
-                        f"| {_round_ratios(tput, mine, [other], 'predict')} |"
-                    )
-        for k in fcn_keys:
-            if "augment" in tput[k]:
-                aug, step = tput[k]["augment"]["step_s"], tput[k]["train"]["step_s"]
-                rate = args.batch / (step - aug) if step > aug else float("nan")
-                lines.append(
-                    f"{k}'s training step includes its on-device augmentation, timed alone in the same "
-                    f"rounds at {1e3 * aug:.1f} ms ({100 * aug / step:.0f}% of the step); PyTorch's step starts "
-                    f"from ready tensors. Less it (an estimate): {rate:.2f} img/s, "
-                    f"{rate / best(torch_keys, 'train'):.2f}x."
-                )
-    if start:
-        lines += [
-            "",
-            f"| first training step, fresh process (fcn: conv_impl {args.conv_impl}) | seconds "
-            "| of which imports | peak memory MiB |",
-            "| --- | --- | --- | --- |",
-        ]
-        for k, v in start.items():
-            if "error" in v:
-                lines.append(f"| {k} | failed: {v['error']} | | |")
-            else:
-                peak = v["peak_bytes"] / 2**20
-                lines.append(f"| {k} cache | {v['first_step_s']:.1f} | {v['import_s']:.1f} | {peak:.0f} |")
-    lines += ["", f"Training step FLOPs: {train_flops / 1e9:.1f} G analytic (convolutions, 3 x forward)"]
-    if tput.get("xla_flops"):
-        lines[-1] += f"; {tput['xla_flops'] / 1e9:.1f} G by XLA's cost analysis of fcn's step"
-        if tput.get("xla_flops_custom_calls"):
-            lines[-1] += f", which leaves out its {tput['xla_flops_custom_calls']} oneDNN convolutions (custom calls)"
-    memory = "fcn.ops.retain_freed_memory() in every process, fcn's and PyTorch's"
-    lines.append(f"Host memory: {memory if res.get('retained') else 'glibc defaults'}.")
-    if tput and not tput["upsampling_wired"]:
-        lines.append(
-            "fcn/model.py does not yet build its upsampling with fcn.ops.ConvTranspose: the benchmark "
-            "did so itself for conv_impl other than xla (benchmarks/common.py: route_upsampling)."
-        )
-    if tput.get("bf16_matmul_flops"):
-        rate = tput["bf16_matmul_flops"]
-        lines.append(f"bfloat16 matmul rate measured here: {rate / 1e12:.0f} TFLOP/s.")
-        lines.append("MFU (analytic FLOPs / step time / that rate):")
-        for k in fcn_keys + torch_keys:
-            lines.append(f"- {k}: {100 * train_flops / tput[k]['train']['step_s'] / rate:.1f}%")
-    return "\n".join(lines)
-
-
-def _round_ratios(tput: dict, fcn_key: str, torch_keys: list, what: str) -> str:
-    """fcn's speed over the fastest PyTorch variant's, round by round (times of one interleaved round
-    are paired): the median ratio and its range. On a machine whose speed drifts, a ratio of medians
-    compares rounds run under different loads; paired ratios do not."""
-    import numpy as np
-
-    fcn_s = tput[fcn_key][what]["all_s"]
-    torch_s = np.min([tput[k][what]["all_s"] for k in torch_keys], axis=0)
-    ratios = np.asarray(torch_s) / np.asarray(fcn_s)
-    return f"{np.median(ratios):.2f}x ({ratios.min():.2f}-{ratios.max():.2f})"
-
-
-def describe_env() -> dict:
-    import jax
-
-    hw = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            hw = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    hw = f"{hw}, {os.cpu_count()} CPU cores"
-    if jax.devices()[0].platform != "cpu":
-        hw = f"{jax.devices()[0].device_kind}; host {hw}"
-    sw = f"jax {jax.__version__}"
-    try:
-        import flax
-        import torch
-
-        sw += f", flax {flax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads, "
-        sw += f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})"
-    except ImportError:
-        pass
-    return {"hardware": hw, "software": sw, "date": time.strftime("%Y-%m-%d")}
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
-    _trees(args)  # a wrong --trees fails now, not after the start-up runs
+    common.trees(args)  # a wrong --trees fails now, not after the start-up runs
     retained = common.retain_freed_memory(args.retain_memory)
     if args.first_step:
         print(json.dumps(first_step(args)))
@@ -606,11 +276,11 @@ def main(argv=None):
     if not args.skip_throughput:
         print(f"throughput, {'one variant at a time' if args.one_at_a_time else 'interleaved'}:", flush=True)
         res["throughput"] = throughput(args)
-    res["env"] = describe_env()
+    res["env"] = report.describe_env()
     if not args.skip_startup:  # the temporary caches made for the start-up runs
         for key in ("FCN_JAX_CACHE", "TORCHINDUCTOR_CACHE_DIR"):
             shutil.rmtree(env[key], ignore_errors=True)
-    text = table(args, argv, res)
+    text = report.table(args, argv, res)
     print(text)
     if args.json:
         with open(args.json, "w") as f:

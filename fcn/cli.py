@@ -27,14 +27,14 @@ def run_training(config, workdir: str) -> int:
 
 
 def retain_memory() -> bool:
-    """fcn.ops.retain_freed_memory() unless FCN_RETAIN_MEMORY=0: a command's first call, before JAX's threads.
+    """fcn.host_memory.retain_freed_memory() unless FCN_RETAIN_MEMORY=0: a command's first call, before JAX's threads.
 
     On a 2-core CPU it takes about a third off the CamVid CPU training step
     (docs/benchmarks.md); elsewhere it only keeps freed host memory for reuse.
     """
     import os
 
-    from fcn.ops import retain_freed_memory
+    from fcn.host_memory import retain_freed_memory
 
     return os.environ.get("FCN_RETAIN_MEMORY", "1") != "0" and retain_freed_memory()
 

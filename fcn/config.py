@@ -15,7 +15,8 @@ import difflib
 
 import ml_collections
 
-from fcn.model import HEADS, NORMS, UPSAMPLES
+from fcn.model import HEADS, UPSAMPLES
+from fcn.norm import NORMS
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from fcn import checkpoint, losses, ops, sharding, state as state_lib
+from fcn import checkpoint, host_memory, losses, sharding, state as state_lib
 from fcn.config import ConfigError, validate, validate_against_data
 from fcn.data import get_source, pipeline
 from fcn.data.cache import cache_root
@@ -289,8 +289,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         )
         step, t_last, n_last = start, time.time(), start
         # On a CPU, one step's temporaries at a time: the next batch is made while a step runs, then
-        # the loop waits for it and for its temporaries to be freed (fcn.ops.StepPacer).
-        pacer = ops.StepPacer(mesh.devices.flat)
+        # the loop waits for it and for its temporaries to be freed (fcn.host_memory.StepPacer).
+        pacer = host_memory.StepPacer(mesh.devices.flat)
         # The bar ends its line before any error; log lines print above it, not into it.
         with _StopRequest() as stop, bar, logging_redirect_tqdm(tqdm_class=tqdm), _set_up_objects_frozen():
             while step < config.num_steps:

@@ -5,7 +5,7 @@ import collections
 
 import pytest
 
-from benchmarks import profile_step, speed
+from benchmarks import common, profile_step, report, speed
 
 
 def test_round_ratios_pair_each_round_with_its_fastest_torch_variant():
@@ -17,7 +17,7 @@ def test_round_ratios_pair_each_round_with_its_fastest_torch_variant():
         "torch compile": {"train": {"all_s": [1.2, 2.0, 0.9]}},
     }
     # Per round the fastest torch step: 1.2, 2.0, 0.8 -> ratios 1.2, 1.0, 0.8.
-    assert speed._round_ratios(tput, "fcn auto", ["torch eager", "torch compile"], "train") == "1.00x (0.80-1.20)"
+    assert report.round_ratios(tput, "fcn auto", ["torch eager", "torch compile"], "train") == "1.00x (0.80-1.20)"
 
 
 def _variant(all_s):
@@ -29,7 +29,7 @@ def test_trees_are_compared_round_by_round_and_named(tmp_path):
     (tmp_path / "fcn").mkdir()
     (tmp_path / "fcn" / "__init__.py").write_text("")
     args = speed.parse(["--batch", "4", "--conv_impls", "gemm", "--trees", f"before={tmp_path}", "--skip_startup"])
-    assert speed._trees(args) == {"before": str(tmp_path)}
+    assert common.trees(args) == {"before": str(tmp_path)}
     tput = {
         "params": 10,
         "load": (0.0, 0.0),
@@ -40,7 +40,7 @@ def test_trees_are_compared_round_by_round_and_named(tmp_path):
         "torch eager": _variant([1.5, 2.2, 0.8]),
     }
     res = {"throughput": tput, "startup": {}, "env": {"hardware": "h", "software": "s", "date": "d"}}
-    text = speed.table(args, [], res)
+    text = report.table(args, [], res)
     # This tree over the other, per round: 1.1, 1.2, 1.0 -> median 1.1.
     assert "| fcn gemm / fcn gemm @before | 1.10x (1.00-1.20) | 1.10x (1.00-1.20) |" in text
     assert f"fcn gemm @before from {tmp_path}" in text
@@ -48,7 +48,7 @@ def test_trees_are_compared_round_by_round_and_named(tmp_path):
 
 def test_trees_must_hold_an_fcn_package(tmp_path):
     with pytest.raises(SystemExit, match="before=.*fcn/__init__.py"):
-        speed._trees(speed.parse(["--trees", f"before={tmp_path}"]))
+        common.trees(speed.parse(["--trees", f"before={tmp_path}"]))
 
 
 @pytest.mark.parametrize(

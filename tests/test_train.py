@@ -149,11 +149,11 @@ def test_evaluation_with_batches_in_flight_equals_one_at_a_time():
 
 def test_cpu_training_starts_a_step_only_after_the_one_before(tmp_path, monkeypatch):
     # XLA:CPU keeps a step's temporaries in host memory until it ends; two steps overlapping hold two
-    # sets (fcn.ops.one_step_at_a_time). The loop may prepare the next batch, but not dispatch early.
-    from fcn import ops
+    # sets (fcn.host_memory.one_step_at_a_time). The loop may prepare the next batch, but not dispatch early.
+    from fcn import host_memory
 
-    assert ops.one_step_at_a_time(jax.devices("cpu"))
-    assert not ops.one_step_at_a_time([type("Gpu", (), {"platform": "gpu"})()])
+    assert host_memory.one_step_at_a_time(jax.devices("cpu"))
+    assert not host_memory.one_step_at_a_time([type("Gpu", (), {"platform": "gpu"})()])
     seen = []
     jit_train_step = state_lib.jit_train_step
 

@@ -1,0 +1,158 @@
+"""Normalisation after the U-Net's convolutions: batch norm, group norm or none, by name.
+
+Batch norm in training (`batch_norm_train`) is nnx.BatchNorm's function with
+the ReLU after it fused in where it can be: by oneDNN where the convolution
+before runs on oneDNN, else on CPU with a hand-written gradient (`_bn_relu`).
+In inference `Norm.folded` gives the per-channel scale and shift that fcn.ops
+folds into the convolution before it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fcn import ops
+
+NORMS = ("batch", "group", "none")
+
+
+def _groups(channels: int, max_groups: int = 8) -> int:
+    """The largest group count <= max_groups that divides `channels`."""
+    return max(g for g in range(1, max_groups + 1) if channels % g == 0)
+
+
+class Norm(nnx.Module):
+    """Batch norm, group norm, or identity, chosen by name."""
+
+    def __init__(self, channels: int, kind: str, *, dtype, rngs: nnx.Rngs):
+        self.kind = kind
+        if kind == "batch":
+            self.norm = nnx.BatchNorm(channels, momentum=0.9, dtype=dtype, rngs=rngs)
+        elif kind == "group":
+            self.norm = nnx.GroupNorm(channels, num_groups=_groups(channels), dtype=dtype, rngs=rngs)
+        elif kind == "none":
+            self.norm = None
+        else:
+            raise ValueError(f"model.norm={kind!r}: expected one of {NORMS}")
+
+    def folded(self):
+        """(scale, shift) per channel with norm(x) = x * scale + shift, for batch norm on its running
+        statistics (inference) in float32; else None."""
+        bn = self.norm
+        if self.kind != "batch" or not bn.use_running_average or bn.axis != -1 or bn.dtype not in (None, jnp.float32):
+            return None
+        scale_C = jax.lax.rsqrt(bn.var[...] + bn.epsilon)
+        if bn.scale is not None:
+            scale_C = scale_C * bn.scale[...]
+        shift_C = -bn.mean[...] * scale_C
+        if bn.bias is not None:
+            shift_C = shift_C + bn.bias[...]
+        return scale_C, shift_C
+
+    def __call__(self, x, *, relu: bool = False, conv: nnx.Conv | None = None):
+        """norm(x), then a ReLU when `relu` (fused with batch norm's training form on CPU; by oneDNN
+        where `conv`, the convolution x came from, runs on oneDNN)."""
+        if self.kind == "batch" and not self.norm.use_running_average:
+            return batch_norm_train(self.norm, x, relu=relu, conv=conv)
+        x = x if self.norm is None else self.norm(x)
+        return jax.nn.relu(x) if relu else x
+
+
+def batch_norm_train(
+    bn: nnx.BatchNorm, x_BHWC: jax.Array, *, relu: bool = False, conv: nnx.Conv | None = None
+) -> jax.Array:
+    """nnx.BatchNorm in training mode (batch statistics, running averages updated), then ReLU if asked.
+
+    The values are nnx.BatchNorm's, computed the same way. Two differences:
+    - nnx.BatchNorm writes its running statistics with `mean[...] = new`;
+      under jit that asks the traced value for its sharding, and jax answers
+      with an error message built by walking the whole program traced so
+      far. For the U-Net's 18 batch norms that was about half the time of
+      tracing the training step, paid at every start. Here the statistics are
+      replaced whole (`set_value(new)`), which asks nothing.
+    - On CPU, batch norm + ReLU is one function with a hand-written gradient
+      (`_bn_relu`): the training step ran 4-8% faster than with XLA:CPU's own
+      differentiation of it (docs/benchmarks.md). Where `conv`, the convolution
+      x came from, runs on oneDNN, so do batch norm + ReLU and their gradient
+      (fcn.ops.bn_relu), in float32.
+    Settings other than nnx's defaults on the last axis go to nnx.BatchNorm itself.
+    """
+    if bn.axis not in (-1, x_BHWC.ndim - 1) or bn.axis_name is not None or not bn.use_fast_variance:
+        y = bn(x_BHWC)
+        return jax.nn.relu(y) if relu else y
+    scale = bn.scale[...] if bn.scale is not None else None
+    bias = bn.bias[...] if bn.bias is not None else None
+    x_BHWC, _, _, scale, bias = bn.promote_dtype(
+        (x_BHWC, bn.mean.get_value(), bn.var.get_value(), scale, bias), dtype=bn.dtype
+    )
+    out_dtype = bn.dtype or jnp.result_type(*(a for a in (x_BHWC, scale, bias) if a is not None))
+    fused = relu and scale is not None and bias is not None and jax.default_backend() == "cpu"
+    by_onednn = ops.bn_relu(conv, x_BHWC, scale, bias, bn.epsilon) if fused and conv is not None else None
+    if by_onednn is not None:
+        y, mean_C, var_C = by_onednn
+    elif fused:
+        y, mean_C, var_C = _bn_relu(x_BHWC, scale, bias, bn.epsilon, out_dtype)
+    else:
+        y, mean_C, var_C = _bn_forward(x_BHWC, scale, bias, bn.epsilon, out_dtype, barrier=False)
+        y = jax.nn.relu(y) if relu else y
+    m = bn.momentum
+    bn.mean.set_value(jax.lax.stop_gradient(m * bn.mean.get_value() + (1 - m) * mean_C))
+    bn.var.set_value(jax.lax.stop_gradient(m * bn.var.get_value() + (1 - m) * var_C))
+    return y
+
+
+def _bn_forward(x_BHWC, scale, bias, epsilon, out_dtype, *, barrier: bool):
+    """(normalised x, batch mean, batch variance), as nnx.BatchNorm computes them (use_fast_variance)."""
+    x32 = x_BHWC.astype(jnp.promote_types(x_BHWC.dtype, jnp.float32))  # statistics in at least float32
+    axes = tuple(range(x_BHWC.ndim - 1))
+    mean_C, mean2_C = x32.mean(axes), jax.lax.square(x32).mean(axes)
+    var_C = jnp.maximum(0.0, mean2_C - jax.lax.square(mean_C))
+    mul_C = jax.lax.rsqrt(var_C + epsilon)
+    if scale is not None:
+        mul_C = mul_C * scale
+    shift_C = mean_C
+    if barrier:  # per-channel numbers computed once, not inside the loop over every pixel
+        shift_C, mul_C = jax.lax.optimization_barrier((shift_C, mul_C))
+    y = (x_BHWC - shift_C) * mul_C
+    if bias is not None:
+        y = y + bias
+    return y.astype(out_dtype), mean_C, var_C
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _bn_relu(x_BHWC, scale_C, bias_C, epsilon, out_dtype):
+    """relu(batch norm(x)) -> (y, batch mean, batch variance); the gradient flows through y only."""
+    y, mean_C, var_C = _bn_forward(x_BHWC, scale_C, bias_C, epsilon, out_dtype, barrier=True)
+    return jax.nn.relu(y), mean_C, var_C
+
+
+def _bn_relu_fwd(x_BHWC, scale_C, bias_C, epsilon, out_dtype):
+    y, mean_C, var_C = _bn_relu(x_BHWC, scale_C, bias_C, epsilon, out_dtype)
+    return (y, mean_C, var_C), (x_BHWC, y, mean_C, var_C, scale_C, bias_C)
+
+
+def _bn_relu_bwd(epsilon, out_dtype, res, cotangents):
+    # With d = dy where y > 0 and xhat = (x - mean) / std, over the N pixels of each channel:
+    # dbias = sum d, dscale = sum d * xhat, dx = scale / std * (d - mean(d) - xhat * mean(d * xhat)).
+    # dscale is taken as (sum d * x - mean * sum d) / std: XLA then reads x in the sum and does
+    # not write xhat out whole first (the gradient of batch norm + ReLU at 8 x 176 x 240 x 16
+    # ran 17.0 -> 12.5 ms on a 2-core Xeon; docs/benchmarks.md, the thirteenth session).
+    x_BHWC, y, mean_C, var_C, scale_C, bias_C = res
+    dy = cotangents[0]
+    axes = tuple(range(x_BHWC.ndim - 1))
+    n = x_BHWC.size // x_BHWC.shape[-1]
+    inv_C = jax.lax.rsqrt(var_C + epsilon)
+    mean_C, inv_C = jax.lax.optimization_barrier((mean_C, inv_C))
+    d = jnp.where(y > 0, dy, 0).astype(inv_C.dtype)
+    dbias_C, dx_sum_C = d.sum(axes), (d * x_BHWC.astype(inv_C.dtype)).sum(axes)
+    dscale_C = inv_C * (dx_sum_C - mean_C * dbias_C)
+    k_C, dmean_C, c_C = jax.lax.optimization_barrier((scale_C * inv_C, dbias_C / n, dscale_C * inv_C / n))
+    dx = k_C * (d - dmean_C - (x_BHWC - mean_C) * c_C)
+    return dx.astype(x_BHWC.dtype), dscale_C.astype(scale_C.dtype), dbias_C.astype(bias_C.dtype)
+
+
+_bn_relu.defvjp(_bn_relu_fwd, _bn_relu_bwd)
