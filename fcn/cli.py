@@ -107,3 +107,39 @@ def flag_error(e: Exception) -> str:
         msg = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
         return f"unknown config key in the command line: {msg}"
     return str(e)
+
+
+DATA_OVERRIDE = "--config.data."
+
+
+def with_data_overrides(config, overrides: list[str]):
+    """`config` (a workdir's) with `--config.data.KEY=VALUE` overrides, parsed as train.py parses its own.
+
+    For the commands that read a trained workdir's data (python -m fcn.evaluate): where and how the
+    data is read may change (its path, a download URL), the model and training settings may not.
+    ml_collections parses each value by the field's type; a ValueError names an unknown key (with
+    the closest valid one) or a value the field cannot take.
+    """
+    if not overrides:
+        return config
+    from absl import flags
+    from ml_collections import ConfigDict, config_flags
+
+    # The workdir's config.json gave lists where the config file had tuples; ml_collections overrides tuples.
+    config.data = ConfigDict(_lists_to_tuples(config.data.to_dict()))
+    argv = ["fcn", *overrides]
+    flag_values = flags.FlagValues()
+    try:  # (an unknown key fails already here, where ml_collections defines a flag per override)
+        config_flags.DEFINE_config_dict("config", config, flag_values=flag_values, sys_argv=argv)
+        rest = flag_values(argv)
+    except (AttributeError, KeyError, flags.Error) as e:
+        raise ValueError(flag_error(e)) from None
+    if len(rest) > 1:
+        raise ValueError(f"unexpected arguments: {' '.join(rest[1:])}")
+    return flag_values.config
+
+
+def _lists_to_tuples(value):
+    if isinstance(value, dict):
+        return {k: _lists_to_tuples(v) for k, v in value.items()}
+    return tuple(_lists_to_tuples(v) for v in value) if isinstance(value, list) else value

@@ -1,10 +1,12 @@
 """Evaluate a trained workdir on a split: dataset-wide metrics, a report, and pictures.
 
-    python -m fcn.evaluate --workdir runs/camvid_cpu --split val
+    python -m fcn.evaluate --workdir runs/camvid_cpu --split val [--config.data.path=DIR]
 
 prints a per-class table and the summary scores, and writes
 `{workdir}/eval_{split}.json`, `eval_{split}_confusion.png`,
-`eval_{split}_iou.png` and `eval_{split}_examples.png`.
+`eval_{split}_iou.png` and `eval_{split}_examples.png`. The model and the data
+settings are the workdir's (config.json); `--config.data.KEY=VALUE` overrides a
+data setting as train.py does, e.g. the data's path when it has moved.
 """
 
 from __future__ import annotations
@@ -128,12 +130,16 @@ def format_report(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def load_for_eval(workdir: str | Path, which: str = "best", mesh=None):
+def load_for_eval(workdir: str | Path, which: str = "best", mesh=None, data_overrides: list[str] = ()):
     """(config, dataset info, graphs, state) of a workdir; falls back to latest without a best.
 
     mesh: restore the state replicated over it (needed with several processes).
+    data_overrides: `--config.data.KEY=VALUE` arguments (fcn.cli.with_data_overrides), applied
+    before anything is restored.
     """
-    config = checkpoint.load_config(workdir)
+    from fcn.cli import with_data_overrides
+
+    config = with_data_overrides(checkpoint.load_config(workdir), list(data_overrides))
     info = checkpoint.load_dataset_info(workdir)
     graphs, abstract, _ = state_lib.abstract_state(config, len(info["class_names"]))
     ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
@@ -145,7 +151,14 @@ def load_for_eval(workdir: str | Path, which: str = "best", mesh=None):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fcn.evaluate", description=__doc__.split("\n")[0])
+    from fcn.cli import DATA_OVERRIDE
+
+    parser = argparse.ArgumentParser(
+        prog="python -m fcn.evaluate",
+        description=__doc__.split("\n")[0],
+        epilog=f"{DATA_OVERRIDE}KEY=VALUE overrides a data setting of the workdir's config, as in train.py: "
+        f"e.g. {DATA_OVERRIDE}path=DIR when the data has moved.",
+    )
     parser.add_argument("--workdir", required=True, help="a workdir written by train.py")
     parser.add_argument("--split", default="val", help="a split the data source offers (default: val)")
     parser.add_argument("--checkpoint", default="best", choices=("best", "latest"), help="which checkpoint")
@@ -154,7 +167,14 @@ def main(argv=None) -> int:
     parser.add_argument("--coordinator", help="host:port of process 0 of a multi-process run (or FCN_COORDINATOR)")
     parser.add_argument("--num_processes", type=int, help="processes of a multi-process run (or FCN_NUM_PROCESSES)")
     parser.add_argument("--process_id", type=int, help="this process's index (or FCN_PROCESS_ID)")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    args.data_overrides = rest  # --config.data.KEY=VALUE (or KEY VALUE): parsed against the workdir's config
+    stray = [a for a in rest if a.startswith("-") and not a.lstrip("-").startswith(DATA_OVERRIDE[2:])]
+    if stray:
+        parser.error(
+            f"unrecognized arguments: {' '.join(stray)} (the model and training settings are the workdir's; "
+            f"{DATA_OVERRIDE}KEY=VALUE overrides a data setting)"
+        )
 
     from fcn.distributed import maybe_initialize
 
@@ -178,7 +198,7 @@ def _evaluate(args) -> int:
 
     workdir = Path(args.workdir)
     mesh = sharding.make_mesh()
-    config, info, graphs, state = load_for_eval(workdir, args.checkpoint, mesh)
+    config, info, graphs, state = load_for_eval(workdir, args.checkpoint, mesh, args.data_overrides)
     source = get_source(config.data)
     split = source.load(args.split)
     state = jax.device_put(state, sharding.replicated(mesh))

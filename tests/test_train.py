@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import tiny
 from fcn import checkpoint, state as state_lib
@@ -114,6 +115,28 @@ def test_command_line_train_evaluate_resume(tmp_path):
     assert "mean IoU" in ev.stdout and "background" in ev.stdout
     for suffix in ("confusion", "iou", "examples"):
         assert (workdir / f"eval_val_{suffix}.png").stat().st_size > 1000
+
+    # A data setting of the workdir's config overridden as train.py's are (e.g. the data's path when it
+    # has moved): here the synthetic val split's size, which the report then counts (tiny.py: 5).
+    from fcn import evaluate
+
+    ev = subprocess.run(
+        [sys.executable, "-m", "fcn.evaluate", "--workdir", str(workdir), "--examples", "0"]
+        + ["--config.data.synthetic_counts.val", "3"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert ev.returncode == 0 and "val split, 3 images" in ev.stdout, ev.stderr
+    assert json.loads((workdir / "config.json").read_text())["data"]["synthetic_counts"]["val"] == 5  # not saved
+    # A misspelt data key is named with the closest one; a model or training setting is refused: those
+    # are the workdir's.
+    with pytest.raises(ValueError, match='"path" instead of "pth"'):
+        evaluate.load_for_eval(workdir, data_overrides=["--config.data.pth=/x"])
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(["--workdir", str(workdir), "--config.model.features=8"])
+    assert exit_.value.code == 2
 
 
 def test_unknown_config_key_is_named_with_suggestion(tmp_path):
