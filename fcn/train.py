@@ -232,7 +232,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
             state = ckpts.restore(state, sharding=sharding.replicated(mesh))  # each process reads its shards
             log.info("resuming %s from step %d", workdir, start)
         if jax.process_index() == 0:
-            checkpoint.write_json_atomic(workdir / "config.json", json.loads(config.to_json()))
+            saved = json.loads(config.to_json())
+            if source.found_at and not config.data.path:  # where the environment pointed, for evaluation later
+                saved["data"]["path"] = source.found_at
+            checkpoint.write_json_atomic(workdir / "config.json", saved)
             info = {
                 "source": source.name,
                 "class_names": list(source.class_names),

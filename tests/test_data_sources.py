@@ -1,5 +1,6 @@
 """Data sources: CamVid layout, the user's folders, TFDS (mocked), synthetic shapes."""
 
+import json
 import os
 import subprocess
 import sys
@@ -97,6 +98,26 @@ def test_camvid_explicit_path_must_exist_and_is_not_downloaded_over(tmp_path, no
 def test_camvid_env_var_is_used(tmp_path, no_download, monkeypatch):
     monkeypatch.setenv("FCN_CAMVID_DIR", str(make_camvid(tmp_path / "cv", (("val", 1),))))
     assert get_source(config("camvid")).splits == ("val",)
+
+
+def test_camvid_found_through_the_environment_is_recorded_for_evaluation(tmp_path, no_download, monkeypatch):
+    # `make train` points FCN_CAMVID_DIR at the data; `python -m fcn.evaluate` later, in a shell without
+    # the variable, reads the path that train.py recorded in the workdir's config.json.
+    from configs import tiny
+    from fcn import evaluate
+    from fcn.train import train_and_evaluate
+
+    root = make_camvid(tmp_path / "cv", (("train", 4), ("val", 2)))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FCN_CAMVID_DIR", "cv")  # relative: recorded absolute
+    assert get_source(config("camvid")).found_at == str(root.resolve())
+    assert get_source(config("camvid", path=str(root))).found_at == ""  # named in the config: kept as given
+    c = tiny.get_config()
+    c.data.source, c.augment.crop_size = "camvid", (6, 8)
+    train_and_evaluate(c, str(tmp_path / "run"))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["path"] == str(root.resolve())
+    monkeypatch.delenv("FCN_CAMVID_DIR")
+    assert evaluate.main(["--workdir", str(tmp_path / "run"), "--examples", "0"]) == 0
 
 
 @pytest.mark.skipif(not REAL_CAMVID.is_dir(), reason=f"no dev copy at {REAL_CAMVID}")

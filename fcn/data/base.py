@@ -154,6 +154,10 @@ class Source:
     load_fn: Callable[[str], Split]
     palette: np.ndarray  # uint8 [num_classes, 3], colours for pictures
     ignore_label: int = IGNORE_LABEL
+    # The folder the data was found in through the environment ($FCN_CAMVID_DIR) while
+    # config.data.path was empty: train.py records it as data.path in the workdir's config.json,
+    # so that evaluating the workdir later finds the data in a shell without the variable.
+    found_at: str = ""
 
     @property
     def num_classes(self) -> int:

@@ -181,6 +181,7 @@ def _by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
 def camvid_source(data_config) -> Source:
     """The CamVid source for a `config.data` ConfigDict (fields path, url, sha256, ...)."""
     root = find_root(data_config.path, data_config.url, data_config.sha256)
+    from_env = not data_config.path and bool(os.environ.get("FCN_CAMVID_DIR", ""))  # find_root's order
     ignore = int(data_config.ignore_label)
 
     def examples(split: str) -> Examples:
@@ -209,4 +210,5 @@ def camvid_source(data_config) -> Source:
         load_fn=load,
         palette=PALETTE,
         ignore_label=ignore,
+        found_at=str(root.resolve()) if from_env else "",
     )
