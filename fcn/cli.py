@@ -112,6 +112,11 @@ def flag_error(e: Exception) -> str:
 DATA_OVERRIDE = "--config.data."
 
 
+def is_data_override(arg: str) -> bool:
+    """Whether a command-line argument is a `--config.data.KEY[=VALUE]` override (one dash or two)."""
+    return arg.startswith("-") and arg.lstrip("-").startswith(DATA_OVERRIDE.lstrip("-"))
+
+
 def with_data_overrides(config, overrides: list[str]):
     """`config` (a workdir's) with `--config.data.KEY=VALUE` overrides, parsed as train.py parses its own.
 
@@ -122,6 +127,9 @@ def with_data_overrides(config, overrides: list[str]):
     """
     if not overrides:
         return config
+    others = [a for a in overrides if a.startswith("-") and not is_data_override(a)]
+    if others:
+        raise ValueError(f"{' '.join(others)}: only {DATA_OVERRIDE}KEY=VALUE overrides; the rest is the model's")
     from absl import flags
     from ml_collections import ConfigDict, config_flags
 

@@ -151,7 +151,7 @@ def load_for_eval(workdir: str | Path, which: str = "best", mesh=None, data_over
 
 
 def main(argv=None) -> int:
-    from fcn.cli import DATA_OVERRIDE
+    from fcn.cli import DATA_OVERRIDE, is_data_override
 
     parser = argparse.ArgumentParser(
         prog="python -m fcn.evaluate",
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     parser.add_argument("--process_id", type=int, help="this process's index (or FCN_PROCESS_ID)")
     args, rest = parser.parse_known_args(argv)
     args.data_overrides = rest  # --config.data.KEY=VALUE (or KEY VALUE): parsed against the workdir's config
-    stray = [a for a in rest if a.startswith("-") and not a.lstrip("-").startswith(DATA_OVERRIDE[2:])]
+    stray = [a for a in rest if a.startswith("-") and not is_data_override(a)]
     if stray:
         parser.error(
             f"unrecognized arguments: {' '.join(stray)} (the model and training settings are the workdir's; "

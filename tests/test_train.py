@@ -134,6 +134,8 @@ def test_command_line_train_evaluate_resume(tmp_path):
     # are the workdir's.
     with pytest.raises(ValueError, match='"path" instead of "pth"'):
         evaluate.load_for_eval(workdir, data_overrides=["--config.data.pth=/x"])
+    with pytest.raises(ValueError, match="only --config.data.KEY=VALUE"):
+        evaluate.load_for_eval(workdir, data_overrides=["--config.model.features=8"])
     with pytest.raises(SystemExit) as exit_:
         evaluate.main(["--workdir", str(workdir), "--config.model.features=8"])
     assert exit_.value.code == 2
