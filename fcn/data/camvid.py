@@ -83,16 +83,19 @@ def _check_given(path: Path, what: str) -> Path:
     raise DataError(f"{what}={path} holds no CamVid split: expected {_LAYOUT}.{hint}")
 
 
-def find_root(path: str = "", url: str = "", sha256: str = "", timeout: float = 60) -> Path:
-    """Finds (or downloads into the cache) the CamVid root folder; see module doc."""
+def find_root(path: str = "", url: str = "", sha256: str = "", timeout: float = 60) -> tuple[Path, str]:
+    """Finds (or downloads into the cache) the CamVid root folder; see module doc.
+
+    Returns the folder and where it was found: "data.path", "$FCN_CAMVID_DIR" or "cache".
+    """
     if path:
-        return _check_given(Path(path).expanduser(), "data.path")
+        return _check_given(Path(path).expanduser(), "data.path"), "data.path"
     env = os.environ.get("FCN_CAMVID_DIR", "")
     if env:
-        return _check_given(Path(env).expanduser(), "$FCN_CAMVID_DIR")
+        return _check_given(Path(env).expanduser(), "$FCN_CAMVID_DIR"), "$FCN_CAMVID_DIR"
     cached = cache_root() / "camvid"
     if available_splits(cached):
-        return cached
+        return cached, "cache"
     if cached.exists() and any(cached.iterdir()):
         raise DataError(
             f"cache folder {cached} exists but holds no CamVid split ({_LAYOUT}); "
@@ -115,7 +118,7 @@ def find_root(path: str = "", url: str = "", sha256: str = "", timeout: float = 
             "or allow the download (network access to the URL, or "
             "--config.data.url=URL of a reachable copy of the archive)."
         ) from e
-    return cached
+    return cached, "cache"
 
 
 def _download_into(url: str, sha256: str, dest: Path, timeout: float) -> None:
@@ -180,8 +183,7 @@ def _by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
 
 def camvid_source(data_config) -> Source:
     """The CamVid source for a `config.data` ConfigDict (fields path, url, sha256, ...)."""
-    root = find_root(data_config.path, data_config.url, data_config.sha256)
-    from_env = not data_config.path and bool(os.environ.get("FCN_CAMVID_DIR", ""))  # find_root's order
+    root, found_in = find_root(data_config.path, data_config.url, data_config.sha256)
     ignore = int(data_config.ignore_label)
 
     def examples(split: str) -> Examples:
@@ -210,5 +212,5 @@ def camvid_source(data_config) -> Source:
         load_fn=load,
         palette=PALETTE,
         ignore_label=ignore,
-        found_at=str(root.resolve()) if from_env else "",
+        found_at=str(root.resolve()) if found_in == "$FCN_CAMVID_DIR" else "",
     )
