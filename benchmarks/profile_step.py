@@ -79,8 +79,23 @@ _ONEDNN_KINDS = {
 }
 
 
+# XLA:GPU's cuDNN convolution calls, by what they compute.
+_CUDNN_KINDS = {
+    "__cudnn$convForward": "cuDNN conv fprop",
+    "__cudnn$convBackwardInput": "cuDNN conv dgrad",
+    "__cudnn$convBackwardFilter": "cuDNN conv wgrad",
+    "__cudnn$convBiasActivationForward": "cuDNN conv fprop+bias+activation",
+}
+
+
 def _describe(op: str, shape: str, body: str, line: str) -> str:
     target = re.search(r'custom_call_target="([^"]+)"', line)
+    if op == "custom-call" and target and target.group(1) in _CUDNN_KINDS:
+        window = re.search(r"window=\{size=([\dx]+)", line)
+        operands = re.findall(r"(\w+\[[\d,]*\])\{", line.split("custom-call(", 1)[1])
+        return (
+            f"{_CUDNN_KINDS[target.group(1)]} {window.group(1) if window else '?'} {' '.join(operands[:2])} -> {shape}"
+        )
     if op == "custom-call" and target:
         return f"{_ONEDNN_KINDS.get(target.group(1), target.group(1))} -> {shape}"
     if "convolution(" in body:
@@ -125,6 +140,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=12, help="untimed steps before them (the heap settles)")
     p.add_argument("--top", type=int, default=25, help="ops listed")
     p.add_argument("--what", default="train", choices=("train", "predict"), help="training step or inference")
+    p.add_argument("--hlo", default="", help="also write the compiled step's optimised HLO to this file")
     args = p.parse_args(argv)
     common.retain_freed_memory(args.retain_memory)
     if args.what == "train":
@@ -144,7 +160,11 @@ def main(argv=None):
     for _ in range(max(1, args.warmup)):
         run()
     gpu = jax.default_backend() == "gpu"  # a GPU's kernels are named by the trace itself
-    names = {} if gpu else _instructions(step.lower(state, *batch).compile().as_text())
+    hlo = step.lower(state, *batch).compile().as_text()
+    if args.hlo:
+        with open(args.hlo, "w") as f:
+            f.write(hlo)
+    names = _instructions(hlo)
     logdir = tempfile.mkdtemp(prefix="fcn_profile_")
     jax.profiler.start_trace(logdir)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -159,6 +179,7 @@ def main(argv=None):
     data = _profile_data.ProfileData.from_file(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)[-1])
     per_op: collections.Counter = collections.Counter()
     kernels: collections.Counter = collections.Counter()
+    gpu_ops: collections.Counter = collections.Counter()  # a GPU's time by HLO instruction ("XLA Ops")
     for plane in data.planes:
         if gpu and not plane.name.startswith("/device:GPU"):
             continue  # the host's thunk launches would count the device's time again
@@ -169,10 +190,16 @@ def main(argv=None):
                 ms = ev.duration_ns / 1e6 / args.steps
                 if gpu and line.name.startswith("Stream"):
                     kernels[ev.name[:110]] += ms
+                elif gpu and line.name == "XLA Ops":
+                    gpu_ops[ev.name.split(" = ")[0].lstrip("%")] += ms
                 elif not gpu and ev.name in names:
                     per_op[ev.name] += ms
     if gpu:
-        _print_kernels(wall, kernels, args.top)
+        _print_kernels(wall, kernels, args.top, names)
+        if gpu_ops:
+            print(f"top {args.top} HLO instructions (the trace's XLA Ops line):")
+            for name, ms in gpu_ops.most_common(args.top):
+                print(f"  {ms:9.3f} ms  {name}: {names.get(name, '?')}")
         return
     total = sum(per_op.values())
     by_kind: collections.Counter = collections.Counter()
@@ -196,7 +223,7 @@ def main(argv=None):
     np.set_printoptions()
 
 
-def _print_kernels(wall: float, kernels: collections.Counter, top: int) -> None:
+def _print_kernels(wall: float, kernels: collections.Counter, top: int, names: dict[str, str]) -> None:
     """A GPU step: its kernels' time by class and by name, per step."""
     all_ms = sum(kernels.values())
     print(f"step wall {wall * 1e3:.1f} ms; kernels on the device's streams {all_ms:.1f} ms a step")
@@ -207,8 +234,11 @@ def _print_kernels(wall: float, kernels: collections.Counter, top: int) -> None:
     for kind, ms in by_class.most_common():
         print(f"  {ms:9.2f} ms {100 * ms / all_ms:5.1f}%  {kind}")
     print(f"top {top} kernels:")
+    # XLA's fusions' kernels are named after their HLO instruction, with '_' for its '.' and '-'.
+    by_kernel = {k.replace(".", "_").replace("-", "_"): v for k, v in names.items()}
     for name, ms in kernels.most_common(top):
-        print(f"  {ms:9.2f} ms  {name}")
+        what = names.get(name) or by_kernel.get(name)
+        print(f"  {ms:9.2f} ms  {name}" + (f": {what}" if what else ""))
 
 
 if __name__ == "__main__":
