@@ -203,7 +203,7 @@ def test_bad_arguments_are_named():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_training_batch_norm_equals_nnx_batch_norm(dtype, relu, follows):
     """fcn.norm.batch_norm_train (the U-Net's batch norm in training, fused with the ReLU after it,
-    CPU, with its own gradient; after a oneDNN conv, in float32, oneDNN's): nnx.BatchNorm's output,
+    with its own gradient; after a oneDNN conv, in float32, oneDNN's): nnx.BatchNorm's output,
     updated running statistics, and gradients for the input, scale and bias, under jit."""
     from fcn import onednn, ops
     from fcn.norm import batch_norm_train
