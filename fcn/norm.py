@@ -43,7 +43,7 @@ class Norm(nnx.Module):
         """(scale, shift) per channel with norm(x) = x * scale + shift, for batch norm on its running
         statistics (inference) in float32; else None."""
         bn = self.norm
-        if self.kind != "batch" or not bn.use_running_average or bn.axis != -1 or bn.dtype not in (None, jnp.float32):
+        if self.kind != "batch" or not bn.use_running_average or bn.axis != -1:
             return None
         scale_C = jax.lax.rsqrt(bn.var[...] + bn.epsilon)
         if bn.scale is not None:

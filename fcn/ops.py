@@ -226,6 +226,11 @@ def _seam_uses_onednn(seam) -> bool:
     return isinstance(seam, functools.partial) and seam.func is conv_general_dilated and seam.keywords.get("onednn_ok")
 
 
+def _pair(v) -> tuple[int, int]:
+    """An nnx.Conv's strides or dilation (an int, a pair, or None for 1) as a pair."""
+    return (v, v) if isinstance(v, int) else tuple(v or (1, 1))
+
+
 def _bias_relu_geometry(conv: nnx.Conv, x_BHWC):
     """(strides, pads) when `conv_bias_relu` runs this nnx.Conv on x in one oneDNN call, else None."""
     kernel = conv.kernel[...]
@@ -237,9 +242,8 @@ def _bias_relu_geometry(conv: nnx.Conv, x_BHWC):
         return None
     if not _onednn_operands(x_BHWC, kernel, conv.preferred_element_type) or conv.feature_group_count != 1:
         return None
-    as_pair = lambda v: (v, v) if isinstance(v, int) else tuple(v or (1, 1))  # noqa: E731
-    strides = as_pair(conv.strides)
-    if as_pair(conv.input_dilation) != (1, 1) or as_pair(conv.kernel_dilation) != (1, 1):
+    strides = _pair(conv.strides)
+    if _pair(conv.input_dilation) != (1, 1) or _pair(conv.kernel_dilation) != (1, 1):
         return None
     if not (isinstance(conv.padding, str) and conv.padding in ("SAME", "VALID")):
         return None
@@ -248,18 +252,39 @@ def _bias_relu_geometry(conv: nnx.Conv, x_BHWC):
 
 
 def conv_bias_relu(conv: nnx.Conv, x_BHWC, scale_K, shift_K):
-    """max(conv(x) * scale + shift, 0) as one oneDNN call: an inference-mode batch norm and ReLU after
-    the conv, folded in (the scale into the kernel, the shift a bias added as the output is written).
+    """max(conv(x) * scale + shift, 0) with an inference-mode batch norm and the ReLU after the conv
+    folded in: the scale into the kernel, the shift a bias. By oneDNN in one call where the conv runs
+    on oneDNN; off the CPU, by the conv's own seam, with the bias and ReLU left to XLA (which gives
+    them to cuDNN as the convolution's epilogue).
 
-    None where that one call does not apply (no oneDNN, another dtype or geometry): the caller
+    None where neither applies (XLA:CPU, or a conv with a mask, groups or dilation): the caller
     then runs the three steps itself.
     """
     geometry = _bias_relu_geometry(conv, x_BHWC)
-    if geometry is None:
+    if geometry is None and (jax.default_backend() == "cpu" or not _plain(conv)):
         return None
     w = conv.kernel[...] * scale_K
     b = shift_K if conv.bias is None else conv.bias[...] * scale_K + shift_K
-    return onednn.conv_bias_relu(x_BHWC, w, b.astype(jnp.float32), *geometry)
+    if geometry is not None:
+        return onednn.conv_bias_relu(x_BHWC, w, b.astype(jnp.float32), *geometry)
+    x_BHWC, w = conv.promote_dtype((x_BHWC, w), dtype=conv.dtype)
+    kwargs = {} if conv.preferred_element_type is None else {"preferred_element_type": conv.preferred_element_type}
+    seam = conv.conv_general_dilated or lax.conv_general_dilated
+    y = seam(x_BHWC, w, _pair(conv.strides), conv.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), **kwargs)
+    return jax.nn.relu(y + b.astype(y.dtype))
+
+
+def _plain(conv: nnx.Conv) -> bool:
+    """Whether nnx.Conv computes conv_general_dilated(x, kernel, strides, padding) on NHWC, plus bias."""
+    return (
+        conv.mask is None
+        and conv.feature_group_count == 1
+        and conv.precision is None
+        and _pair(conv.input_dilation) == _pair(conv.kernel_dilation) == (1, 1)
+        and isinstance(conv.padding, str)
+        and conv.padding in ("SAME", "VALID")
+        and len(conv.kernel_size) == 2
+    )
 
 
 def bn_relu(conv: nnx.Conv, x_BHWC, scale_C, shift_C, epsilon: float):
