@@ -133,7 +133,7 @@ def _bn_relu(x_BHWC, scale_C, bias_C, epsilon, out_dtype):
 
 def _bn_relu_fwd(x_BHWC, scale_C, bias_C, epsilon, out_dtype):
     y, mean_C, var_C = _bn_relu(x_BHWC, scale_C, bias_C, epsilon, out_dtype)
-    return (y, mean_C, var_C), (x_BHWC, y, mean_C, var_C, scale_C, bias_C)
+    return (y, mean_C, var_C), (x_BHWC, mean_C, var_C, scale_C, bias_C)
 
 
 def _bn_relu_bwd(epsilon, out_dtype, res, cotangents):
@@ -142,14 +142,18 @@ def _bn_relu_bwd(epsilon, out_dtype, res, cotangents):
     # dscale is taken as (sum d * x - mean * sum d) / std: XLA then reads x in the sum and does
     # not write xhat out whole first (the gradient of batch norm + ReLU at 8 x 176 x 240 x 16
     # ran 17.0 -> 12.5 ms on a 2-core Xeon; docs/benchmarks.md, the thirteenth session).
-    x_BHWC, y, mean_C, var_C, scale_C, bias_C = res
+    # The ReLU's mask is recomputed from x, as the forward computed y, rather than read from y: each
+    # of the two passes over the activations below then reads two of them (dy, x), not three.
+    x_BHWC, mean_C, var_C, scale_C, bias_C = res
     dy = cotangents[0]
     axes = tuple(range(x_BHWC.ndim - 1))
     n = x_BHWC.size // x_BHWC.shape[-1]
     inv_C = jax.lax.rsqrt(var_C + epsilon)
-    mean_C, inv_C = jax.lax.optimization_barrier((mean_C, inv_C))
-    d = jnp.where(y > 0, dy, 0).astype(inv_C.dtype)
-    dbias_C, dx_sum_C = d.sum(axes), (d * x_BHWC.astype(inv_C.dtype)).sum(axes)
+    mul_C = inv_C * scale_C  # as _bn_forward's
+    mean_C, inv_C, mul_C = jax.lax.optimization_barrier((mean_C, inv_C, mul_C))
+    x32 = x_BHWC.astype(inv_C.dtype)
+    d = jnp.where((x32 - mean_C) * mul_C + bias_C > 0, dy, 0).astype(inv_C.dtype)
+    dbias_C, dx_sum_C = d.sum(axes), (d * x32).sum(axes)
     dscale_C = inv_C * (dx_sum_C - mean_C * dbias_C)
     k_C, dmean_C, c_C = jax.lax.optimization_barrier((scale_C * inv_C, dbias_C / n, dscale_C * inv_C / n))
     dx = k_C * (d - dmean_C - (x_BHWC - mean_C) * c_C)
