@@ -117,7 +117,7 @@ def _bn_forward(x_BHWC, scale, bias, epsilon, out_dtype, *, barrier: bool):
         mul_C = mul_C * scale
     shift_C = mean_C
     if barrier:  # per-channel numbers computed once, not inside the loop over every pixel
-        shift_C, mul_C = jax.lax.optimization_barrier((shift_C, mul_C))
+        shift_C, mul_C = _per_channel((shift_C, mul_C))
     y = (x_BHWC - shift_C) * mul_C
     if bias is not None:
         y = y + bias
@@ -150,14 +150,21 @@ def _bn_relu_bwd(epsilon, out_dtype, res, cotangents):
     n = x_BHWC.size // x_BHWC.shape[-1]
     inv_C = jax.lax.rsqrt(var_C + epsilon)
     mul_C = inv_C * scale_C  # as _bn_forward's
-    mean_C, inv_C, mul_C = jax.lax.optimization_barrier((mean_C, inv_C, mul_C))
+    mean_C, inv_C, mul_C = _per_channel((mean_C, inv_C, mul_C))
     x32 = x_BHWC.astype(inv_C.dtype)
     d = jnp.where((x32 - mean_C) * mul_C + bias_C > 0, dy, 0).astype(inv_C.dtype)
     dbias_C, dx_sum_C = d.sum(axes), (d * x32).sum(axes)
     dscale_C = inv_C * (dx_sum_C - mean_C * dbias_C)
-    k_C, dmean_C, c_C = jax.lax.optimization_barrier((scale_C * inv_C, dbias_C / n, dscale_C * inv_C / n))
+    k_C, dmean_C, c_C = _per_channel((scale_C * inv_C, dbias_C / n, dscale_C * inv_C / n))
     dx = k_C * (d - dmean_C - (x_BHWC - mean_C) * c_C)
     return dx.astype(x_BHWC.dtype), dscale_C.astype(scale_C.dtype), dbias_C.astype(bias_C.dtype)
 
 
 _bn_relu.defvjp(_bn_relu_fwd, _bn_relu_bwd)
+
+
+def _per_channel(values):
+    """Per-channel vectors computed once, before a loop over every pixel uses them: XLA:CPU would
+    otherwise recompute them inside the loop. Left to XLA elsewhere: on a GPU the barrier adds
+    small kernels of its own."""
+    return jax.lax.optimization_barrier(values) if jax.default_backend() == "cpu" else values
