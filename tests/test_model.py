@@ -198,16 +198,18 @@ def test_bad_arguments_are_named():
         tiny()(jnp.zeros((1, 0, 5, 3)))
 
 
-@pytest.mark.parametrize("follows", ["xla conv", "onednn conv"])
+@pytest.mark.parametrize("follows", ["xla conv", "onednn conv", "xla conv off the CPU"])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_training_batch_norm_equals_nnx_batch_norm(dtype, relu, follows):
+def test_training_batch_norm_equals_nnx_batch_norm(dtype, relu, follows, monkeypatch):
     """fcn.norm.batch_norm_train (the U-Net's batch norm in training, fused with the ReLU after it,
     with its own gradient; after a oneDNN conv, in float32, oneDNN's): nnx.BatchNorm's output,
     updated running statistics, and gradients for the input, scale and bias, under jit."""
     from fcn import onednn, ops
     from fcn.norm import batch_norm_train
 
+    if follows.endswith("off the CPU"):  # fcn.norm's GPU and TPU form: no optimization barriers
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     impl = "auto" if follows == "onednn conv" else "xla"
     conv = nnx.Conv(8, 8, (3, 3), conv_general_dilated=ops.conv_fn(impl), rngs=nnx.Rngs(0))
     by_onednn = impl == "auto" and relu and dtype == jnp.float32 and CPU and onednn.available()
@@ -239,6 +241,7 @@ def test_training_batch_norm_equals_nnx_batch_norm(dtype, relu, follows):
     y, after, (dx, dp) = both(ours)
     text = jax.jit(jax.grad(lambda x: run(ours, params, x)[0].sum())).lower(x).as_text()
     assert ("fcn_onednn_bn_relu_fwd" in text and "fcn_onednn_bn_relu_bwd" in text) == by_onednn
+    assert ("optimization_barrier" in text) == (relu and not by_onednn and jax.default_backend() == "cpu")
     assert y.dtype == y_ref.dtype == dtype
     assert not relu or (np.asarray(y_ref) == 0).mean() > 0.2  # the ReLU has work to do
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
@@ -251,6 +254,37 @@ def test_training_batch_norm_equals_nnx_batch_norm(dtype, relu, follows):
     for name in ("scale", "bias"):
         assert np.abs(dp_ref[name].get_value()).max() > 0.1
         close(dp[name].get_value(), dp_ref[name].get_value())
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_inference_off_the_cpu_folds_batch_norm_into_the_convolution(dtype, monkeypatch):
+    """Off the CPU, inference's batch norm is folded into the conv before it (scale into the kernel,
+    shift a bias), leaving conv + bias + ReLU, which XLA:GPU gives to cuDNN as one call: the same
+    outputs as batch norm applied after the conv, and no per-pixel multiply left."""
+    from fcn import ops
+
+    model = UNet(3, features=8, depth=2, dtype=dtype, conv_general_dilated=ops.conv_fn("xla"), rngs=nnx.Rngs(0))
+    for i, bn in enumerate(v for _, v in nnx.iter_graph(model) if isinstance(v, nnx.BatchNorm)):
+        k = jax.random.split(jax.random.key(i), 4)  # running statistics and affine other than 0 and 1
+        bn.mean.set_value(0.3 * jax.random.normal(k[0], bn.mean.shape))
+        bn.var.set_value(0.5 + jax.random.uniform(k[1], bn.var.shape))
+        bn.scale.set_value(1 + 0.3 * jax.random.normal(k[2], bn.scale.shape))
+        bn.bias.set_value(0.2 * jax.random.normal(k[3], bn.bias.shape))
+    model.eval()
+    x = jax.random.uniform(jax.random.key(9), (2, 24, 40, 3))
+    forward = lambda m, x: m(x)  # noqa: E731
+    activation = f"tensor<2x24x40x8x{'f32' if dtype == jnp.float32 else 'bf16'}>"
+
+    def multiplies(m):  # per-pixel multiplies at the first level's activations
+        text = nnx.jit(forward).lower(m, x).as_text()
+        return sum(activation in line for line in text.splitlines() if "stablehlo.multiply" in line)
+
+    assert multiplies(model) > 0 or not CPU  # XLA:CPU: batch norm after the conv
+    plain = np.asarray(nnx.jit(forward)(model, x), np.float32)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert multiplies(model) == 0
+    folded = np.asarray(nnx.jit(forward)(model, x), np.float32)
+    assert np.linalg.norm(folded - plain) / np.linalg.norm(plain) < (1e-6 if dtype == jnp.float32 else 2e-2)
 
 
 def test_max_pool_values_and_gradient_equal_xla_pooling_ties_included():
