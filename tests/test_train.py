@@ -201,3 +201,24 @@ def test_cpu_training_starts_a_step_only_after_the_one_before(tmp_path, monkeypa
     train_and_evaluate(config, tmp_path / "run")
     assert seen == [True] * 6
     assert gc.get_freeze_count() == 0  # the objects frozen for the loop (gc.freeze) are handed back
+
+
+def test_progress_bar_clock_restarts_after_the_first_step():
+    # The first step compiles (minutes on a GPU); the bar's rate and time left must not count it.
+    import io
+    import time
+
+    from tqdm import tqdm
+
+    from fcn.train import _restart_clock
+
+    bar = tqdm(total=100, initial=10, file=io.StringIO(), mininterval=0)
+    time.sleep(0.6)  # "compiling"
+    bar.update(1)
+    assert bar.format_dict["elapsed"] >= 0.6
+    _restart_clock(bar)
+    assert bar.n == 11 and bar.total == 100 and bar.format_dict["elapsed"] < 0.3
+    for _ in range(5):
+        bar.update(1)
+    assert bar.n == 16 and bar.format_dict["elapsed"] < 0.3
+    bar.close()
