@@ -234,19 +234,11 @@ def _pair(v) -> tuple[int, int]:
 def _bias_relu_geometry(conv: nnx.Conv, x_BHWC):
     """(strides, pads) when `conv_bias_relu` runs this nnx.Conv on x in one oneDNN call, else None."""
     kernel = conv.kernel[...]
-    if (
-        not _seam_uses_onednn(conv.conv_general_dilated)
-        or conv.mask is not None
-        or conv.dtype not in (None, jnp.float32)
-    ):
+    if not _seam_uses_onednn(conv.conv_general_dilated) or not _plain(conv) or conv.dtype not in (None, jnp.float32):
         return None
-    if not _onednn_operands(x_BHWC, kernel, conv.preferred_element_type) or conv.feature_group_count != 1:
+    if not _onednn_operands(x_BHWC, kernel, conv.preferred_element_type):
         return None
     strides = _pair(conv.strides)
-    if _pair(conv.input_dilation) != (1, 1) or _pair(conv.kernel_dilation) != (1, 1):
-        return None
-    if not (isinstance(conv.padding, str) and conv.padding in ("SAME", "VALID")):
-        return None
     pads = _onednn_pads(x_BHWC, kernel, strides, conv.padding, None, None, ("NHWC", "HWIO", "NHWC"), 1, 1)
     return None if pads is None else (strides, pads)
 
