@@ -179,7 +179,6 @@ def main(argv=None):
     data = _profile_data.ProfileData.from_file(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)[-1])
     per_op: collections.Counter = collections.Counter()
     kernels: collections.Counter = collections.Counter()
-    gpu_ops: collections.Counter = collections.Counter()  # a GPU's time by HLO instruction ("XLA Ops")
     for plane in data.planes:
         if gpu and not plane.name.startswith("/device:GPU"):
             continue  # the host's thunk launches would count the device's time again
@@ -190,16 +189,10 @@ def main(argv=None):
                 ms = ev.duration_ns / 1e6 / args.steps
                 if gpu and line.name.startswith("Stream"):
                     kernels[ev.name[:110]] += ms
-                elif gpu and line.name == "XLA Ops":
-                    gpu_ops[ev.name.split(" = ")[0].lstrip("%")] += ms
                 elif not gpu and ev.name in names:
                     per_op[ev.name] += ms
     if gpu:
         _print_kernels(wall, kernels, args.top, names)
-        if gpu_ops:
-            print(f"top {args.top} HLO instructions (the trace's XLA Ops line):")
-            for name, ms in gpu_ops.most_common(args.top):
-                print(f"  {ms:9.3f} ms  {name}: {names.get(name, '?')}")
         return
     total = sum(per_op.values())
     by_kind: collections.Counter = collections.Counter()

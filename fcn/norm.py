@@ -41,7 +41,7 @@ class Norm(nnx.Module):
 
     def folded(self):
         """(scale, shift) per channel with norm(x) = x * scale + shift, for batch norm on its running
-        statistics (inference) in float32; else None."""
+        statistics (inference), computed in float32 whatever the model's dtype; else None."""
         bn = self.norm
         if self.kind != "batch" or not bn.use_running_average or bn.axis != -1:
             return None

@@ -232,9 +232,9 @@ def _pair(v) -> tuple[int, int]:
 
 
 def _bias_relu_geometry(conv: nnx.Conv, x_BHWC):
-    """(strides, pads) when `conv_bias_relu` runs this nnx.Conv on x in one oneDNN call, else None."""
+    """(strides, pads) when `conv_bias_relu` runs this (`_plain`) nnx.Conv on x in one oneDNN call, else None."""
     kernel = conv.kernel[...]
-    if not _seam_uses_onednn(conv.conv_general_dilated) or not _plain(conv) or conv.dtype not in (None, jnp.float32):
+    if not _seam_uses_onednn(conv.conv_general_dilated) or conv.dtype not in (None, jnp.float32):
         return None
     if not _onednn_operands(x_BHWC, kernel, conv.preferred_element_type):
         return None
@@ -246,15 +246,16 @@ def _bias_relu_geometry(conv: nnx.Conv, x_BHWC):
 def conv_bias_relu(conv: nnx.Conv, x_BHWC, scale_K, shift_K):
     """max(conv(x) * scale + shift, 0) with an inference-mode batch norm and the ReLU after the conv
     folded in: the scale into the kernel, the shift a bias. By oneDNN in one call where the conv runs
-    on oneDNN; off the CPU, by the conv's own seam, with the bias and ReLU left to XLA (which gives
-    them to cuDNN as the convolution's epilogue).
+    on oneDNN; elsewhere by the conv's own seam, with the bias and ReLU left to XLA, which on a GPU
+    gives them to cuDNN as the convolution's epilogue (inference 1.20x faster on an H200; on XLA:CPU
+    1.01-1.04x; docs/benchmarks.md, the twentieth session).
 
-    None where neither applies (XLA:CPU, or a conv with a mask, groups or dilation): the caller
-    then runs the three steps itself.
+    None for a conv with a mask, groups, dilation or explicit padding: the caller then runs the
+    three steps itself.
     """
-    geometry = _bias_relu_geometry(conv, x_BHWC)
-    if geometry is None and (jax.default_backend() == "cpu" or not _plain(conv)):
+    if not _plain(conv):
         return None
+    geometry = _bias_relu_geometry(conv, x_BHWC)
     w = conv.kernel[...] * scale_K
     b = shift_K if conv.bias is None else conv.bias[...] * scale_K + shift_K
     if geometry is not None:
