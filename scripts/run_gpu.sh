@@ -24,7 +24,10 @@
 #   mkdir -p data && cp -r ../shared/datasets/camvid data/camvid   # 37 MB; delete after
 #   device run: carry ["wheels", "data"], timeout_s 600
 #
-# Python packages the machine lacks come from wheels/: see scripts/gpu_env.sh.
+# Python packages the machine lacks come from wheels/: see scripts/gpu_env.sh. So do XLA's
+# autotuning results carried in autotune/: with them the first step skips choosing the
+# convolutions' algorithms (about 3 minutes on an empty cache), so a run timed as a new user's
+# first is one without autotune/ in its carry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:?usage: bash scripts/run_gpu.sh camvid|ablation [--minutes M] [--smoke] [flags ...]}

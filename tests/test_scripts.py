@@ -62,3 +62,52 @@ def test_gpu_env_drops_carried_flax_that_breaks_fcn(tmp_path):
     assert "does not import with the carried flax/orbax (ImportError: flax 99 needs another jax)" in done.stderr
     assert f"flax {version('flax')} |" in done.stdout  # the environment's own, not 99.0
     assert not list((tmp_path / "site").glob("flax*"))
+
+
+def _source_gpu_env(cwd: Path, then: str, **env) -> subprocess.CompletedProcess:
+    import sys
+
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "FCN_SITE": str(cwd / "site"), **env}
+    done = subprocess.run(
+        ["bash", "-c", f"set -euo pipefail; source {ROOT}/scripts/gpu_env.sh; {then}"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_gpu_env_carries_xla_autotuning_results_to_the_next_call(tmp_path):
+    """A call's autotuning results come back in $OUT/autotune.tgz; unpacked into autotune/, they seed the
+    next call's cache, but only when made with the same jaxlib, CUDA plugin, cuDNN and device."""
+    import tarfile
+
+    first = _source_gpu_env(
+        tmp_path,
+        'echo algo > "$FCN_AUTOTUNE_DIR/0a1b.textproto"',  # as XLA would write one
+        OUT=str(tmp_path / "out1"),
+        FCN_JAX_CACHE=str(tmp_path / "cache1"),
+    )
+    assert "seeded" not in first.stdout
+    with tarfile.open(tmp_path / "out1" / "autotune.tgz") as t:
+        t.extractall(tmp_path / "autotune", filter="data")
+    assert sorted(p.name for p in (tmp_path / "autotune").iterdir()) == ["0a1b.textproto", "KEY"]
+
+    second = _source_gpu_env(
+        tmp_path,
+        'cat "$FCN_AUTOTUNE_DIR/0a1b.textproto"; ls "$FCN_AUTOTUNE_DIR"',
+        OUT=str(tmp_path / "out2"),
+        FCN_JAX_CACHE=str(tmp_path / "cache2"),
+    )
+    assert "XLA autotuning results: 1 seeded from autotune/" in second.stdout
+    assert second.stdout.splitlines()[-2:] == ["algo", "0a1b.textproto"]  # the key stays out of XLA's folder
+
+    (tmp_path / "autotune" / "KEY").write_text("jaxlib==0.1 another_GPU\n")
+    third = _source_gpu_env(
+        tmp_path, 'ls "$FCN_AUTOTUNE_DIR" | wc -l', OUT=str(tmp_path / "out3"), FCN_JAX_CACHE=str(tmp_path / "cache3")
+    )
+    assert "autotune/ was made with jaxlib==0.1 another_GPU, not jaxlib==" in third.stdout
+    assert third.stdout.splitlines()[-1].strip() == "0" and not (tmp_path / "out3" / "autotune.tgz").exists()
