@@ -1,0 +1,107 @@
+"""On-device augmentation (fcn.data.pipeline.augment): bilinear images, nearest-neighbour labels, flips, bounds."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from fcn.data import pipeline
+
+IGNORE = 255
+
+
+def settings(crop, scale=(1.0, 1.0), hflip=False, jitter=0.0):
+    a = ml_collections.ConfigDict()
+    a.crop_size, a.scale_range, a.hflip = crop, scale, hflip
+    a.brightness = a.contrast = a.saturation = jitter
+    return a
+
+
+def batch(rng, b=3, h=13, w=17, sizes=None):
+    """Random uint8 images and labels 0-4 on a canvas of h x w; `sizes` the true (H, W) of each."""
+    images = rng.integers(0, 256, (b, h, w, 3), dtype=np.uint8)
+    labels = rng.integers(0, 5, (b, h, w), dtype=np.uint8)
+    sizes = np.array(sizes or [(h, w)] * b, np.int32)
+    return images, labels, sizes
+
+
+def run(key, images, labels, sizes, settings):
+    fn = jax.jit(lambda k, im, lab, s: pipeline.augment(k, im, lab, s, settings, IGNORE))
+    x, y = fn(key, images, labels, sizes)
+    return np.asarray(x), np.asarray(y)
+
+
+def reference_bilinear(image_HWC, ys, xs):
+    """Bilinear samples with coordinates clamped to the image, the textbook way, in float64."""
+    h, w = image_HWC.shape[:2]
+    img = image_HWC.astype(np.float64)
+    ys, xs = np.clip(ys, 0, h - 1), np.clip(xs, 0, w - 1)
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    wy, wx = (ys - y0)[..., None], (xs - x0)[..., None]
+    top = img[y0, x0] * (1 - wx) + img[y0, x1] * wx
+    return top * (1 - wy) + (img[y1, x0] * (1 - wx) + img[y1, x1] * wx) * wy
+
+
+@pytest.mark.parametrize("h, w", [(13, 17), (2, 5), (1, 1), (1, 4)])
+def test_bilinear_sampling_matches_the_textbook_formula(h, w):
+    """Inside, on the borders and beyond them (clamped), for canvases down to one pixel."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    ys = rng.uniform(-2.0, h + 1.0, (7, 11)).astype(np.float32)
+    xs = rng.uniform(-2.0, w + 1.0, (7, 11)).astype(np.float32)
+    ys[0, :4] = [0.0, h - 1, -0.5, h - 0.5]  # exactly on the first and last rows, and half a pixel out
+    xs[1, :4] = [0.0, w - 1, -0.5, w - 0.5]
+    got = np.asarray(jax.jit(pipeline._sample_bilinear)(image, ys, xs))
+    np.testing.assert_allclose(got, reference_bilinear(image, ys, xs), rtol=0, atol=1e-3)
+
+
+def test_unit_scale_full_crop_without_flip_or_jitter_is_the_identity():
+    images, labels, sizes = batch(np.random.default_rng(1))
+    x, y = run(jax.random.key(0), images, labels, sizes, settings((13, 17)))
+    np.testing.assert_allclose(x, images / 255.0, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(y, labels)
+
+
+def test_flip_mirrors_image_and_labels_together_and_both_happen():
+    images, labels, sizes = batch(np.random.default_rng(2), b=8)
+    x, y = run(jax.random.key(3), images, labels, sizes, settings((13, 17), hflip=True))
+    flipped = [bool(np.array_equal(y[i], labels[i, :, ::-1])) for i in range(8)]
+    for i, f in enumerate(flipped):
+        source_x, source_y = (images[i, :, ::-1], labels[i, :, ::-1]) if f else (images[i], labels[i])
+        np.testing.assert_allclose(x[i], source_x / 255.0, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(y[i], source_y)
+    assert 0 < sum(flipped) < 8  # with this key, some of each
+
+
+def test_labels_are_only_ever_copied_and_outside_is_ignored():
+    """Random scales 0.5-2: every label comes from the source labels (nearest neighbour, never a
+    blend of two classes); pixels outside the true image are the ignore label, black before the
+    photometric jitter (which then moves them with the rest of the image)."""
+    rng = np.random.default_rng(4)
+    images, labels, sizes = batch(rng, b=6, h=20, w=24, sizes=[(20, 24), (11, 9), (20, 7), (5, 24), (20, 24), (3, 3)])
+    for b, (h, w) in enumerate(sizes):
+        labels[b, h:], labels[b, :, w:] = 7, 7  # the canvas's padding: never to be seen
+    for seed, jitter in [(0, 0.0), (1, 0.0), (2, 0.3), (3, 0.3)]:
+        settings_ = settings((16, 20), scale=(0.5, 2.0), hflip=True, jitter=jitter)
+        x, y = run(jax.random.key(seed), images, labels, sizes, settings_)
+        assert x.shape == (6, 16, 20, 3) and y.shape == (6, 16, 20) and y.dtype == np.int32
+        assert x.min() >= 0.0 and x.max() <= 1.0
+        assert set(np.unique(y)) <= {0, 1, 2, 3, 4, IGNORE}
+        outside = y == IGNORE
+        assert jitter or np.all(x[outside] == 0.0)
+        assert outside[5].mean() > 0.5  # a 3 x 3 image covers at most 6 x 6 of the 16 x 20 crop
+        assert not outside[0].all()
+
+
+def test_scale_two_is_a_bilinear_upsampling_with_pixel_centres_on_pixel_centres():
+    """scale_range (2, 2) and a crop of exactly twice the image: no offset is left to draw, so the
+    crop is the whole image upsampled, output pixel i sampling source row (i + 0.5) / 2 - 0.5; each
+    label is the nearest source pixel's."""
+    images, labels, sizes = batch(np.random.default_rng(5), b=2, h=6, w=7)
+    x, y = run(jax.random.key(0), images, labels, sizes, settings((12, 14), scale=(2.0, 2.0)))
+    ys = np.broadcast_to(((np.arange(12) + 0.5) / 2 - 0.5)[:, None], (12, 14))
+    xs = np.broadcast_to(((np.arange(14) + 0.5) / 2 - 0.5)[None, :], (12, 14))
+    for i in range(2):
+        np.testing.assert_allclose(x[i], reference_bilinear(images[i], ys, xs) / 255.0, rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(y[i], labels[i][np.arange(12)[:, None] // 2, np.arange(14)[None, :] // 2])
