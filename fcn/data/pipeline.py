@@ -195,40 +195,54 @@ def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> n
 
 
 def _sample_bilinear(image_HWC: jax.Array, y_hw: jax.Array, x_hw: jax.Array) -> jax.Array:
-    """Bilinear samples of image at fractional (y, x); coordinates clamped to the image."""
-    h, w = image_HWC.shape[:2]
-    y0 = jnp.clip(jnp.floor(y_hw), 0, h - 1)
-    x0 = jnp.clip(jnp.floor(x_hw), 0, w - 1)
-    y1, x1 = jnp.minimum(y0 + 1, h - 1), jnp.minimum(x0 + 1, w - 1)
+    """Bilinear samples of image at fractional (y, x); coordinates clamped to the image.
+
+    Each sample reads its 2 x 2 neighbourhood with one gather: the patch at (floor(y), floor(x)),
+    moved back inside the image at its last row and column, with the weights measured from the
+    patch's corner (so a sample past the last row weighs that row alone). One gather of uint8
+    patches in place of one per corner, each of which XLA:CPU wrote out whole in float32.
+    """
+    h, w, c = image_HWC.shape
+    ph, pw = min(2, h), min(2, w)  # a canvas one pixel high or wide has one row or column to read
+    y0 = jnp.clip(jnp.floor(y_hw), 0, h - ph)
+    x0 = jnp.clip(jnp.floor(x_hw), 0, w - pw)
     wy = jnp.clip(y_hw - y0, 0, 1)[..., None]
     wx = jnp.clip(x_hw - x0, 0, 1)[..., None]
-    y0, x0, y1, x1 = (v.astype(jnp.int32) for v in (y0, x0, y1, x1))
-    img = image_HWC.astype(jnp.float32)
-    top = img[y0, x0] * (1 - wx) + img[y0, x1] * wx
-    bottom = img[y1, x0] * (1 - wx) + img[y1, x1] * wx
+    starts = (y0.astype(jnp.int32).reshape(-1), x0.astype(jnp.int32).reshape(-1))
+    patch = jax.vmap(lambda y, x: jax.lax.dynamic_slice(image_HWC, (y, x, 0), (ph, pw, c)))(*starts)
+    patch = patch.reshape(*y_hw.shape, ph, pw, c)
+    p00, p01, p10, p11 = (patch[..., i, j, :].astype(jnp.float32) for i in (0, ph - 1) for j in (0, pw - 1))
+    top = p00 * (1 - wx) + p01 * wx
+    bottom = p10 * (1 - wx) + p11 * wx
     return top * (1 - wy) + bottom * wy
 
 
-def _augment_one(key, image_HWC, label_HW, size_2, *, crop, scale_range, hflip, jitter, ignore_label):
+# The uniform numbers each example's augmentation draws, in this order (`_augment_one`).
+_DRAWS = ("scale", "offset_y", "offset_x", "flip", "brightness", "contrast", "saturation")
+
+
+def _augment_one(u_7, image_HWC, label_HW, size_2, *, crop, scale_range, hflip, jitter, ignore_label):
+    """One example's augmentation, given its uniform [0, 1) numbers `u_7` (named in `_DRAWS`)."""
+    u = dict(zip(_DRAWS, u_7))
     ch, cw = crop
-    k_scale, k_y, k_x, k_flip, k_b, k_c, k_s = jax.random.split(key, 7)
     lo, hi = np.log(scale_range[0]), np.log(scale_range[1])
-    s = jnp.exp(jax.random.uniform(k_scale, (), minval=lo, maxval=hi))
+    s = jnp.exp(lo + (hi - lo) * u["scale"])
     h, w = size_2[0].astype(jnp.float32), size_2[1].astype(jnp.float32)
     # Place the crop window in the rescaled image (or the image in the window
     # when the image is smaller): offset uniform over all valid placements.
     span_y, span_x = h * s - ch, w * s - cw
-    oy = jnp.minimum(span_y, 0) + jax.random.uniform(k_y) * jnp.abs(span_y)
-    ox = jnp.minimum(span_x, 0) + jax.random.uniform(k_x) * jnp.abs(span_x)
+    oy = jnp.minimum(span_y, 0) + u["offset_y"] * jnp.abs(span_y)
+    ox = jnp.minimum(span_x, 0) + u["offset_x"] * jnp.abs(span_x)
     oy, ox = jnp.floor(oy), jnp.floor(ox)
     ii = jnp.arange(ch, dtype=jnp.float32)[:, None]
     jj = jnp.arange(cw, dtype=jnp.float32)[None, :]
-    flip = hflip & jax.random.bernoulli(k_flip)
+    flip = hflip & (u["flip"] < 0.5)
     jj = jnp.where(flip, cw - 1 - jj, jj)
     # Pixel centres map to pixel centres: src = (dst + 0.5) / s - 0.5.
-    ys = jnp.broadcast_to((oy + ii + 0.5) / s - 0.5, (ch, cw))
-    xs = jnp.broadcast_to((ox + jj + 0.5) / s - 0.5, (ch, cw))
-    inside = (ys > -0.5) & (ys < h - 0.5) & (xs > -0.5) & (xs < w - 0.5)
+    y_h1, x_1w = (oy + ii + 0.5) / s - 0.5, (ox + jj + 0.5) / s - 0.5
+    ys, xs = jnp.broadcast_to(y_h1, (ch, cw)), jnp.broadcast_to(x_1w, (ch, cw))
+    in_rows, in_cols = (y_h1 > -0.5) & (y_h1 < h - 0.5), (x_1w > -0.5) & (x_1w < w - 0.5)
+    inside = in_rows & in_cols
     x_hwc = _sample_bilinear(image_HWC, ys, xs) / 255.0
     # Labels are only ever resampled with nearest neighbour.
     yn = jnp.clip(jnp.round(ys), 0, image_HWC.shape[0] - 1).astype(jnp.int32)
@@ -237,13 +251,15 @@ def _augment_one(key, image_HWC, label_HW, size_2, *, crop, scale_range, hflip, 
     x_hwc = jnp.where(inside[..., None], x_hwc, 0.0)
 
     b, c, sat = jitter
-    x_hwc = x_hwc * (1 + jax.random.uniform(k_b, minval=-b, maxval=b))
-    mean = jnp.sum(x_hwc * inside[..., None]) / jnp.maximum(3 * jnp.sum(inside), 1)
-    x_hwc = (x_hwc - mean) * (1 + jax.random.uniform(k_c, minval=-c, maxval=c)) + mean
+    x_hwc = x_hwc * (1 + b * (2 * u["brightness"] - 1))
+    # The mean over the pixels inside the image: those outside are 0 here, and the inside ones form
+    # a rectangle, rows times columns of them.
+    mean = jnp.sum(x_hwc) / jnp.maximum(3 * jnp.sum(in_rows) * jnp.sum(in_cols), 1)
+    x_hwc = (x_hwc - mean) * (1 + c * (2 * u["contrast"] - 1)) + mean
     # The channel mean as two adds: a mean over the 3-wide last axis became a YNNPACK reduction
     # on XLA:CPU, 2% of camvid_cpu's training step.
     gray = (x_hwc[..., 0:1] + x_hwc[..., 1:2] + x_hwc[..., 2:3]) * np.float32(1 / 3)
-    x_hwc = (x_hwc - gray) * (1 + jax.random.uniform(k_s, minval=-sat, maxval=sat)) + gray
+    x_hwc = (x_hwc - gray) * (1 + sat * (2 * u["saturation"] - 1)) + gray
     return jnp.clip(x_hwc, 0.0, 1.0), y_hw.astype(jnp.int32)
 
 
@@ -254,8 +270,8 @@ def augment(key, images_BHWC, labels_BHW, sizes_B2, augment_config, ignore_label
     [B, crop_h, crop_w]; pixels from outside the image are labelled ignore.
     """
     fn = jax.vmap(
-        lambda k, i, lab, s: _augment_one(
-            k,
+        lambda u, i, lab, s: _augment_one(
+            u,
             i,
             lab,
             s,
@@ -270,8 +286,11 @@ def augment(key, images_BHWC, labels_BHW, sizes_B2, augment_config, ignore_label
             ignore_label=ignore_label,
         )
     )
-    keys = jax.random.split(key, images_BHWC.shape[0])
-    return fn(keys, images_BHWC, labels_BHW, sizes_B2)
+    # Every example's random numbers in one draw. Split into a key per example and then one per
+    # number, they were most of the compiled augmentation's 93 operations (XLA:CPU; 29 now), each
+    # a kernel of its own on a GPU.
+    u_B7 = jax.random.uniform(key, (images_BHWC.shape[0], len(_DRAWS)))
+    return fn(u_B7, images_BHWC, labels_BHW, sizes_B2)
 
 
 # ----------------------------------------------------------------------------
