@@ -1,6 +1,6 @@
 """Where the time of fcn's compiled training step goes, on CPU or GPU: per-op time, by kind.
 
-    python benchmarks/profile_step.py --batch 8 --size 176 240 --features 16 [--conv_impl auto] [--what predict]
+    python benchmarks/profile_step.py --batch 8 --size 176 240 --features 16 [--conv_impl auto] [--what predict|augment]
     python benchmarks/profile_step.py --batch 16 --size 360 480 --dtype bfloat16   # on a GPU
 
 Traces a few steps with jax.profiler. On a CPU: XLA's per-thunk trace events
@@ -139,15 +139,23 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=4, help="traced steps")
     p.add_argument("--warmup", type=int, default=12, help="untimed steps before them (the heap settles)")
     p.add_argument("--top", type=int, default=25, help="ops listed")
-    p.add_argument("--what", default="train", choices=("train", "predict"), help="training step or inference")
+    p.add_argument(
+        "--what",
+        default="train",
+        choices=("train", "predict", "augment"),
+        help="training step, inference, or the training step's on-device augmentation alone",
+    )
     p.add_argument("--hlo", default="", help="also write the compiled step's optimised HLO to this file")
     args = p.parse_args(argv)
     common.retain_freed_memory(args.retain_memory)
     if args.what == "train":
         step, state, batch = common.fcn_train_step(args)
-    else:
+    elif args.what == "predict":
         step, state, images = common.fcn_predict(args)
         batch = (images,)
+    else:  # augment(n, images, labels, sizes): state is the step number
+        step, state = common.fcn_augment(args), 0
+        batch = tuple(jax.device_put(a) for a in common.synthetic_batch(args))
 
     def run():
         nonlocal state
@@ -165,6 +173,10 @@ def main(argv=None):
         with open(args.hlo, "w") as f:
             f.write(hlo)
     names = _instructions(hlo)
+    entry = collections.Counter(
+        re.findall(r"= \S+ (fusion|copy|custom-call|convolution|dot|gather)\(", hlo[hlo.find("ENTRY") :])
+    )
+    print(f"compiled program: {sum(entry.values())} operations in its entry ({dict(entry.most_common())})")
     logdir = tempfile.mkdtemp(prefix="fcn_profile_")
     jax.profiler.start_trace(logdir)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

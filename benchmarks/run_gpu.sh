@@ -15,10 +15,10 @@ cd "$(dirname "$0")/.."
 source scripts/gpu_env.sh   # sets PY and OUT_DIR; carried wheels first on PYTHONPATH
 
 if [[ "${1:-}" == "--profile" ]]; then
-  # benchmarks/profile_step.py at the same size: kernels by class and by name, to $OUT_DIR/profile_*.log.
+  # benchmarks/profile_step.py at the same size (training, inference, the augmentation alone): kernels by class and by name, to $OUT_DIR/profile_*.log.
   # The two steps share XLA's autotuning through the call's compilation cache (scripts/gpu_env.sh).
   shift
-  for what in train predict; do
+  for what in train predict augment; do
     "$PY" benchmarks/profile_step.py --batch 16 --size 360 480 --features 32 --depth 4 --dtype bfloat16 \
       --steps 5 --warmup 5 --top 40 --what "$what" "$@" 2>&1 | grep -v cuda_timer | tee "$OUT_DIR/profile_$what.log"
   done
