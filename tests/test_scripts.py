@@ -40,30 +40,6 @@ def _wheel(path: Path, name: str, version: str, init: str) -> None:
             z.writestr(f, text)
 
 
-def test_gpu_env_drops_carried_flax_that_breaks_fcn(tmp_path):
-    """A carried flax that fcn cannot import with (say, against a newer jax) gives way to the machine's own."""
-    import sys
-    from importlib.metadata import version
-
-    (tmp_path / "wheels").mkdir()
-    _wheel(tmp_path / "wheels", "flax", "99.0", "raise ImportError('flax 99 needs another jax')\n")
-    (tmp_path / "fcn").symlink_to(ROOT / "fcn")
-    env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "OUT": str(tmp_path / "out")}
-    env["FCN_SITE"] = str(tmp_path / "site")
-    done = subprocess.run(
-        ["bash", "-c", f"set -euo pipefail; source {ROOT}/scripts/gpu_env.sh; echo PYTHONPATH=$PYTHONPATH"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "does not import with the carried flax/orbax (ImportError: flax 99 needs another jax)" in done.stderr
-    assert f"flax {version('flax')} |" in done.stdout  # the environment's own, not 99.0
-    assert not list((tmp_path / "site").glob("flax*"))
-
-
 def _source_gpu_env(cwd: Path, then: str, **env) -> subprocess.CompletedProcess:
     import sys
 
@@ -78,6 +54,19 @@ def _source_gpu_env(cwd: Path, then: str, **env) -> subprocess.CompletedProcess:
     )
     assert done.returncode == 0, done.stderr
     return done
+
+
+def test_gpu_env_drops_carried_flax_that_breaks_fcn(tmp_path):
+    """A carried flax that fcn cannot import with (say, against a newer jax) gives way to the machine's own."""
+    from importlib.metadata import version
+
+    (tmp_path / "wheels").mkdir()
+    _wheel(tmp_path / "wheels", "flax", "99.0", "raise ImportError('flax 99 needs another jax')\n")
+    (tmp_path / "fcn").symlink_to(ROOT / "fcn")
+    done = _source_gpu_env(tmp_path, "echo PYTHONPATH=$PYTHONPATH", OUT=str(tmp_path / "out"))
+    assert "does not import with the carried flax/orbax (ImportError: flax 99 needs another jax)" in done.stderr
+    assert f"flax {version('flax')} |" in done.stdout  # the environment's own, not 99.0
+    assert not list((tmp_path / "site").glob("flax*"))
 
 
 def test_gpu_env_carries_xla_autotuning_results_to_the_next_call(tmp_path):
