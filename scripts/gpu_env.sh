@@ -43,14 +43,30 @@ export FCN_JAX_CACHE=${FCN_JAX_CACHE:-/tmp/fcn_jax_cache}
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$FCN_JAX_CACHE}
 FCN_AUTOTUNE_DIR=$JAX_COMPILATION_CACHE_DIR/xla_gpu_per_fusion_autotune_cache_dir
 mkdir -p "$FCN_AUTOTUNE_DIR"
-FCN_AUTOTUNE_KEY=$("$PY" - <<'PYEOF'
-from importlib.metadata import distributions
+# One Python start (jax's import and the GPU's set-up take seconds) prints what the run will use
+# and writes to a file the jaxlib, CUDA plugin, cuDNN and GPU that autotuning results are valid for.
+_fcn_key_file=$(mktemp)
+"$PY" - "$_fcn_key_file" <<'PYEOF'
+import sys
+from importlib.metadata import PackageNotFoundError, distributions, version
 import jax
+parts = [f"jax {jax.__version__} {jax.devices()}"]
+for name in ("flax", "optax", "orbax-checkpoint", "ml_collections", "tensorboardX", "torch"):
+    try:
+        parts.append(f"{name} {version(name)}")
+    except PackageNotFoundError:
+        parts.append(f"{name} MISSING")
+print(" | ".join(parts), flush=True)
+missing = [p.split()[0] for p in parts if p.endswith("MISSING") and not p.startswith("torch")]
+if missing:
+    print(f"missing: {', '.join(missing)}: carry them as wheels (see scripts/gpu_env.sh)", flush=True)
 names = ("jaxlib", "jax-cuda", "jax_cuda", "nvidia-cudnn", "nvidia_cudnn")
-found = sorted({f"{d.metadata['Name']}=={d.version}" for d in distributions() if (d.metadata["Name"] or "").lower().startswith(names)})
-print(" ".join([*found, jax.devices()[0].device_kind.replace(" ", "_")]))
+found = {f"{d.metadata['Name']}=={d.version}" for d in distributions() if (d.metadata["Name"] or "").lower().startswith(names)}
+with open(sys.argv[1], "w") as f:
+    print(" ".join([*sorted(found), jax.devices()[0].device_kind.replace(" ", "_")]), file=f)
 PYEOF
-)
+FCN_AUTOTUNE_KEY=$(cat "$_fcn_key_file")
+rm -f "$_fcn_key_file"
 if [[ -f autotune/KEY ]]; then
   if [[ "$(cat autotune/KEY)" == "$FCN_AUTOTUNE_KEY" ]]; then
     find autotune -mindepth 1 -maxdepth 1 ! -name KEY -exec cp -r {} "$FCN_AUTOTUNE_DIR/" \;
@@ -69,18 +85,4 @@ _fcn_save_autotune() {
   fi
 }
 trap _fcn_save_autotune EXIT
-"$PY" - <<'PYEOF'
-from importlib.metadata import PackageNotFoundError, version
-import jax
-parts = [f"jax {jax.__version__} {jax.devices()}"]
-for name in ("flax", "optax", "orbax-checkpoint", "ml_collections", "tensorboardX", "torch"):
-    try:
-        parts.append(f"{name} {version(name)}")
-    except PackageNotFoundError:
-        parts.append(f"{name} MISSING")
-print(" | ".join(parts), flush=True)
-missing = [p.split()[0] for p in parts if p.endswith("MISSING") and not p.startswith("torch")]
-if missing:
-    print(f"missing: {', '.join(missing)}: carry them as wheels (see scripts/gpu_env.sh)", flush=True)
-PYEOF
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv || true
