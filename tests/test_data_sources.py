@@ -83,10 +83,25 @@ def test_camvid_missing_frame_or_annotation_is_named(tmp_path, no_download):
     (root / "val" / "val1.jpg").unlink()
     (root / "trainannot" / "train2.png").unlink()
     source = get_source(config("camvid", path=str(root)))
-    with pytest.raises(DataError, match=r"val: no frame .* 1 annotation.*: val1$"):
+    with pytest.raises(DataError, match=r"valannot: 1 annotation\(s\) with no frame .*: val1$"):
         source.load("val")
-    with pytest.raises(DataError, match=r"trainannot: no annotation .* 1 frame.*: train2$"):
+    with pytest.raises(DataError, match=r"train: 1 frame\(s\) with no annotation .*: train2$"):
         source.load("train")
+
+
+def test_pairing_by_stem_skips_hidden_files_and_refuses_two_files_of_one_stem(tmp_path, no_download):
+    """Both sources pair through fcn.data.images.pair_by_stem: the same rules and messages."""
+    root = make_folder(tmp_path / "f", n=3)
+    (root / "images" / ".DS_Store").write_bytes(b"junk")
+    (root / "masks" / "notes").mkdir()
+    assert list(folder(root, val_fraction=0.0).load("train").names) == ["im00", "im01", "im02"]
+    save(root / "images" / "im01.jpg", rgb(1))
+    with pytest.raises(DataError, match=r"images: two image files for stem 'im01': im01.jpg, im01.png"):
+        folder(root)
+    cv = make_camvid(tmp_path / "cv")
+    save(cv / "trainannot" / "train2.PNG", np.zeros((6, 8), np.uint8))  # suffixes match in any case
+    with pytest.raises(DataError, match=r"trainannot: two annotation files for stem 'train2'"):
+        get_source(config("camvid", path=str(cv))).load("train")
 
 
 def test_camvid_explicit_path_must_exist_and_is_not_downloaded_over(tmp_path, no_download):
@@ -226,16 +241,16 @@ def test_folder_layout_errors(tmp_path):
         folder(tmp_path / "empty")
     root = make_folder(tmp_path / "a", n=3)
     (root / "masks" / "im01.png").unlink()
-    with pytest.raises(DataError, match=r"1 images have no mask .*: im01"):
+    with pytest.raises(DataError, match=r"images: 1 image\(s\) with no mask .*: im01"):
         folder(root)
     (root / "images" / "im01.png").unlink()
     (root / "images" / "im02.png").unlink()
-    with pytest.raises(DataError, match=r"1 masks have no image .*: im02"):
+    with pytest.raises(DataError, match=r"masks: 1 mask\(s\) with no image .*: im02"):
         folder(root)
     for stem in ("im00", "im02"):
         (root / "masks" / f"{stem}.png").unlink()
     (root / "images" / "im00.png").unlink()
-    with pytest.raises(DataError, match=r"images: no images \(.png"):
+    with pytest.raises(DataError, match=r"images: no image files \(.png"):
         folder(root)
     with pytest.raises(DataError, match="data.class_names"):
         get_source(config("folder", path=str(root)))

@@ -24,7 +24,7 @@ import numpy as np
 from fcn.data import download as dl
 from fcn.data.base import Examples, Source, Split, decode_all
 from fcn.data.cache import cache_root
-from fcn.data.images import DataError, pair_examples
+from fcn.data.images import DataError, pair_by_stem, pair_examples
 
 CLASS_NAMES = (
     "Sky",
@@ -148,37 +148,9 @@ def camvid_prefix(names: Sequence[str]) -> str:
 
 def list_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
     """(frame, annotation) paths of a split, paired by stem; errors name what is missing."""
-    frames_dir, annot_dir = root / split, root / f"{split}annot"
-    frames = _by_stem(frames_dir, FRAME_SUFFIXES)
-    annots = _by_stem(annot_dir, (".png",))
-    if not frames and not annots:
-        raise DataError(f"{frames_dir} and {annot_dir}: no frames and no annotations")
-    no_frame = sorted(set(annots) - set(frames))
-    if no_frame:
-        raise DataError(
-            f"{frames_dir}: no frame (.png or .jpg) for {len(no_frame)} annotation(s) "
-            f"in {annot_dir}: {_shown(no_frame)}"
-        )
-    no_annot = sorted(set(frames) - set(annots))
-    if no_annot:
-        raise DataError(
-            f"{annot_dir}: no annotation PNG for {len(no_annot)} frame(s) in {frames_dir}: {_shown(no_annot)}"
-        )
-    return [(frames[s], annots[s]) for s in sorted(frames)]
-
-
-def _shown(stems: list[str], n: int = 5) -> str:
-    return ", ".join(stems[:n]) + (f", ... ({len(stems)} in all)" if len(stems) > n else "")
-
-
-def _by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
-    files: dict[str, Path] = {}
-    for p in folder.iterdir():
-        if p.suffix.lower() in suffixes and p.is_file() and not p.name.startswith("."):
-            if p.stem in files:
-                raise DataError(f"{folder}: two files for stem {p.stem!r}: {files[p.stem].name}, {p.name}")
-            files[p.stem] = p
-    return files
+    return pair_by_stem(
+        root / split, FRAME_SUFFIXES, root / f"{split}annot", (".png",), nouns=("frame", "annotation"), expected=_LAYOUT
+    )
 
 
 def camvid_source(data_config) -> Source:

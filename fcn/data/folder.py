@@ -23,7 +23,9 @@ from fcn.data.images import (
     check_labels_config,
     normalize_color_map,
     normalize_value_map,
+    pair_by_stem,
     pair_examples,
+    shown,
 )
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -34,48 +36,9 @@ _LAYOUT = "images/ and masks/, or train/images and train/masks (and val/...)"
 Pairs = list[tuple[Path, Path]]
 
 
-def _shown(items: list[str], n: int = 5) -> str:
-    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
-
-
-def _by_stem(folder: Path, suffixes: tuple[str, ...], what: str) -> dict[str, Path]:
-    """Files of folder with one of suffixes, by stem; errors when there are none."""
-    if not folder.is_dir():
-        raise DataError(f"{folder}: folder not found (expected {_LAYOUT})")
-    files: dict[str, Path] = {}
-    others = []
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or not p.is_file():
-            continue  # hidden files (.DS_Store) and subfolders are not data
-        if p.suffix.lower() not in suffixes:
-            others.append(p.name)
-        elif p.stem in files:
-            raise DataError(f"{folder}: two {what} for stem {p.stem!r}: {files[p.stem].name}, {p.name}")
-        else:
-            files[p.stem] = p
-    if not files:
-        extra = f"; other files there: {_shown(others)}" if others else ""
-        raise DataError(f"{folder}: no {what} ({', '.join(suffixes)}){extra}")
-    return files
-
-
 def pair_files(folder: Path) -> Pairs:
     """(image, mask) pairs of folder/images and folder/masks, sorted by stem."""
-    images = _by_stem(folder / "images", IMAGE_SUFFIXES, "images")
-    masks = _by_stem(folder / "masks", MASK_SUFFIXES, "masks")
-    no_mask = sorted(set(images) - set(masks))
-    if no_mask:
-        raise DataError(
-            f"{folder / 'images'}: {len(no_mask)} images have no mask of the same stem "
-            f"in {folder / 'masks'}: {_shown(no_mask)}"
-        )
-    no_image = sorted(set(masks) - set(images))
-    if no_image:
-        raise DataError(
-            f"{folder / 'masks'}: {len(no_image)} masks have no image of the same stem "
-            f"in {folder / 'images'}: {_shown(no_image)}"
-        )
-    return [(images[s], masks[s]) for s in sorted(images)]
+    return pair_by_stem(folder / "images", IMAGE_SUFFIXES, folder / "masks", MASK_SUFFIXES, expected=_LAYOUT)
 
 
 def hold_out(pairs: Pairs, val_fraction: float) -> tuple[Pairs, Pairs]:
@@ -105,7 +68,7 @@ def find_splits(root: Path, val_fraction: float) -> dict[str, Pairs]:
     if (root / "images").is_dir() or (root / "masks").is_dir() or not split_dirs:
         if not (root / "images").is_dir() and not (root / "masks").is_dir():
             found = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
-            raise DataError(f"data.path={root}: expected {_LAYOUT}; found: {_shown(found) or '(empty)'}")
+            raise DataError(f"data.path={root}: expected {_LAYOUT}; found: {shown(found) or '(empty)'}")
         splits = {"train": pair_files(root)}
     else:
         if "train" not in split_dirs:
