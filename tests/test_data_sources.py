@@ -90,7 +90,7 @@ def test_camvid_missing_frame_or_annotation_is_named(tmp_path, no_download):
 
 
 def test_pairing_by_stem_skips_hidden_files_and_refuses_two_files_of_one_stem(tmp_path, no_download):
-    """Both sources pair through fcn.data.images.pair_by_stem: the same rules and messages."""
+    """Both sources pair through fcn.data.folder.pair_by_stem: the same rules and messages."""
     root = make_folder(tmp_path / "f", n=3)
     (root / "images" / ".DS_Store").write_bytes(b"junk")
     (root / "masks" / "notes").mkdir()

@@ -9,12 +9,13 @@ Two layouts under `data.path`, pairing files by stem (`images/a.jpg` with
 
 The held-out stems are those with the smallest SHA-256 of their name, so the
 choice is deterministic, needs no seed, and adding files moves no other file
-between train and val.
+between train and val. The pairing (`pair_by_stem`) serves the CamVid source too.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 from fcn.data.base import Examples, Source, Split, decode_all, default_palette
@@ -23,9 +24,7 @@ from fcn.data.images import (
     check_labels_config,
     normalize_color_map,
     normalize_value_map,
-    pair_by_stem,
     pair_examples,
-    shown,
 )
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -34,6 +33,60 @@ SPLITS = ("train", "val", "test")
 _LAYOUT = "images/ and masks/, or train/images and train/masks (and val/...)"
 
 Pairs = list[tuple[Path, Path]]
+
+
+def _shown(items: Sequence[str], n: int = 5) -> str:
+    """The first n of items, comma-separated, with how many there are in all when there are more."""
+    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def _files_by_stem(folder: Path, suffixes: tuple[str, ...], what: str, *, expected: str = "") -> dict[str, Path]:
+    """The files of `folder` with one of `suffixes` (any case), by stem. Hidden files and
+    subfolders are not data. An error names the folder when it is missing, holds none of them
+    (listing what it holds), or holds two for one stem. `what`: the files' noun ("mask");
+    `expected`: the layout, for the message when the folder is missing."""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: folder not found" + (f" (expected {expected})" if expected else ""))
+    files: dict[str, Path] = {}
+    others = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or not p.is_file():
+            continue  # .DS_Store and the like
+        if p.suffix.lower() not in suffixes:
+            others.append(p.name)
+        elif p.stem in files:
+            raise DataError(f"{folder}: two {what} files for stem {p.stem!r}: {files[p.stem].name}, {p.name}")
+        else:
+            files[p.stem] = p
+    if not files:
+        extra = f"; other files there: {_shown(others)}" if others else ""
+        raise DataError(f"{folder}: no {what} files ({', '.join(suffixes)}){extra}")
+    return files
+
+
+def pair_by_stem(
+    image_dir: Path,
+    image_suffixes: tuple[str, ...],
+    mask_dir: Path,
+    mask_suffixes: tuple[str, ...],
+    *,
+    nouns: tuple[str, str] = ("image", "mask"),
+    expected: str = "",
+) -> list[tuple[Path, Path]]:
+    """(image, mask) paths paired by stem (`images/a.jpg` with `masks/a.png`), sorted by stem.
+    A file of either folder without a partner is an error that names both folders and the stems."""
+    images = _files_by_stem(image_dir, image_suffixes, nouns[0], expected=expected)
+    masks = _files_by_stem(mask_dir, mask_suffixes, nouns[1], expected=expected)
+    for (a_dir, a, a_noun), (b_dir, b, b_noun) in (
+        ((image_dir, images, nouns[0]), (mask_dir, masks, nouns[1])),
+        ((mask_dir, masks, nouns[1]), (image_dir, images, nouns[0])),
+    ):
+        alone = sorted(set(a) - set(b))
+        if alone:
+            raise DataError(
+                f"{a_dir}: {len(alone)} {a_noun}(s) with no {b_noun} of the same stem in {b_dir}: {_shown(alone)}"
+            )
+    return [(images[s], masks[s]) for s in sorted(images)]
 
 
 def pair_files(folder: Path) -> Pairs:
@@ -68,7 +121,7 @@ def find_splits(root: Path, val_fraction: float) -> dict[str, Pairs]:
     if (root / "images").is_dir() or (root / "masks").is_dir() or not split_dirs:
         if not (root / "images").is_dir() and not (root / "masks").is_dir():
             found = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
-            raise DataError(f"data.path={root}: expected {_LAYOUT}; found: {shown(found) or '(empty)'}")
+            raise DataError(f"data.path={root}: expected {_LAYOUT}; found: {_shown(found) or '(empty)'}")
         splits = {"train": pair_files(root)}
     else:
         if "train" not in split_dirs:
