@@ -45,10 +45,8 @@ from flax import nnx
 from PIL import Image
 
 from fcn.data.base import default_palette
-from fcn.data.images import DataError, read_image
+from fcn.data.images import DataError, pil_rgb, read_image
 from fcn.model import UNet
-
-_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 # ----------------------------------------------------------------------------
 # Inputs
@@ -61,9 +59,7 @@ def read_input(image, name: str = "image") -> np.ndarray:
             raise DataError(f"{image}: is a directory, not an image file")
         return read_image(image)
     if isinstance(image, Image.Image):
-        if image.mode in _HIGH_BIT_MODES:
-            raise DataError(f"{name}: PIL image of mode {image.mode}; convert it to 8-bit RGB first")
-        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+        return pil_rgb(image, name)
     try:
         array = np.asarray(image)
     except Exception as e:  # noqa: BLE001 - anything numpy cannot read is not an image

@@ -157,6 +157,7 @@ def test_group_norm_falls_back_to_exact_per_size_buckets():
         (np.full((4, 4, 3), np.nan, np.float32), "[0, 1]"),
         (None, "shape"),
         ("no/such/file.png", "no/such/file.png"),
+        (Image.fromarray(np.zeros((4, 4), np.uint16)), "image: I;16 image (more than 8 bits"),
     ],
 )
 def test_bad_inputs_raise_a_clear_value_error(seg, bad, words):

@@ -90,17 +90,22 @@ def as_rgb(array: np.ndarray, name: str) -> np.ndarray:
 def read_image(path: PathLike) -> np.ndarray:
     """Reads an image file as uint8 [H, W, 3] (see the module docstring for modes)."""
     with _open_loaded(path) as img:
-        if img.mode in _HIGH_BIT_MODES:
-            raise DataError(
-                f"{path}: {img.mode} image (more than 8 bits per channel); fcn reads "
-                "8-bit images: convert it to 8-bit RGB or grayscale first"
-            )
-        if img.mode not in ("RGB", "L"):
-            try:
-                img = img.convert("RGB")
-            except (ValueError, OSError) as e:
-                raise DataError(f"{path}: cannot convert mode {img.mode} to RGB") from e
-        return as_rgb(np.asarray(img), str(path))
+        return pil_rgb(img, str(path))
+
+
+def pil_rgb(img: Image.Image, name: str) -> np.ndarray:
+    """A decoded PIL image as uint8 [H, W, 3], by the module docstring's rules; `name` for errors."""
+    if img.mode in _HIGH_BIT_MODES:
+        raise DataError(
+            f"{name}: {img.mode} image (more than 8 bits per channel); fcn reads "
+            "8-bit images: convert it to 8-bit RGB or grayscale first"
+        )
+    if img.mode not in ("RGB", "L"):
+        try:
+            img = img.convert("RGB")
+        except (ValueError, OSError) as e:
+            raise DataError(f"{name}: cannot convert mode {img.mode} to RGB") from e
+    return as_rgb(np.asarray(img), name)
 
 
 def _mask_values(img: Image.Image, path: PathLike, color_map: np.ndarray | None) -> np.ndarray:
