@@ -20,6 +20,22 @@ def test_round_ratios_pair_each_round_with_its_fastest_torch_variant():
     assert report.round_ratios(tput, "fcn auto", ["torch eager", "torch compile"], "train") == "1.00x (0.80-1.20)"
 
 
+def test_the_medians_interval_comes_from_order_statistics():
+    """Distribution-free: the k-th smallest and largest of n values, k the largest whose coverage,
+    1 - 2 P(Binomial(n, 1/2) < k), is still at least 95%."""
+    values = [1.0 + 0.01 * i for i in (7, 3, 11, 0, 14, 5, 9, 1, 12, 6, 2, 13, 8, 4, 10)]  # 1.00 .. 1.14
+    lo, hi, coverage = report.median_interval(values)
+    assert (lo, hi) == (1.03, 1.11)  # k = 4: the 4th smallest and the 4th largest
+    assert coverage == pytest.approx(1 - 2 * (1 + 15 + 105 + 455) / 2**15)  # 0.965
+    assert 1 - 2 * (1 + 15 + 105 + 455 + 1365) / 2**15 < 0.95  # k = 5 would cover less
+    assert report.median_interval([3.0, 1.0, 2.0, 5.0, 4.0]) == (1.0, 5.0, 1 - 2 / 32)  # 5 rounds: the range, 94%
+    # Printed with the ratios once the rounds give 95%: 15 rounds of fcn 1.0 s against torch 0.9-1.04 s.
+    tput = {"fcn": {"train": {"all_s": [1.0] * 15}}, "torch": {"train": {"all_s": [v - 0.1 for v in values]}}}
+    assert (
+        report.round_ratios(tput, "fcn", ["torch"], "train") == "0.97x (0.90-1.04; the median's 96% interval 0.93-1.01)"
+    )
+
+
 def _variant(all_s):
     med = sorted(all_s)[len(all_s) // 2]
     return {w: {"all_s": all_s, "step_s": med, "img_s": 4 / med} for w in ("train", "predict")}
