@@ -124,6 +124,7 @@ def _manager(directory: Path, **options) -> ocp.CheckpointManager:
     """An orbax manager of `directory`, all of whose barriers between processes carry its folder's name."""
     return ocp.CheckpointManager(
         directory.absolute(),
+        item_handlers=ocp.StandardCheckpointHandler(),  # so that a fresh manager reads a step's metadata too
         options=ocp.CheckpointManagerOptions(
             create=True,
             # Directories made in save() itself: made in orbax's background threads, a failure
@@ -139,6 +140,31 @@ def _manager(directory: Path, **options) -> ocp.CheckpointManager:
             **options,
         ),
     )
+
+
+def _misfit(manager: ocp.CheckpointManager, step: int, target) -> str:
+    """How the arrays of checkpoint `step` differ from `target`'s in name or shape, in words ("" when
+    they do not), from the checkpoint's metadata alone. Checked before restoring: orbax starts reading
+    every array at once, and one that does not fit stopped the restore with the others' reads left
+    pending, and named one array in its own terms."""
+    try:
+        saved_tree = manager.item_metadata(step).tree
+    except Exception:  # noqa: BLE001 - no readable metadata: the restore itself will say what is wrong
+        return ""
+    is_array = lambda m: hasattr(m, "name") and hasattr(m, "shape")  # noqa: E731
+    saved = {m.name: tuple(m.shape) for m in jax.tree.leaves(saved_tree, is_leaf=is_array) if is_array(m)}
+    wanted = {k: tuple(t.shape) for k, t in ocp.tree.to_flat_dict(target, sep=".").items() if t is not None}
+    order = lambda k: (not k.startswith("params."), k)  # noqa: E731 - the model's own arrays named first
+    problems = [f"it has no {k}" for k in sorted(wanted.keys() - saved.keys(), key=order)]
+    problems += [f"it has {k}, which this config does not" for k in sorted(saved.keys() - wanted.keys(), key=order)]
+    problems += [
+        f"{k} is {saved[k]} there, {wanted[k]} here"
+        for k in sorted(wanted.keys() & saved.keys(), key=order)
+        if saved[k] != wanted[k]
+    ]
+    if not problems:
+        return ""
+    return problems[0] + (f" (and {len(problems) - 1} more differences)" if len(problems) > 1 else "")
 
 
 class Checkpoints:
@@ -192,6 +218,12 @@ class Checkpoints:
         # Never the saved sharding: a checkpoint written by several processes must load in one.
         sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=sharding), target)
+        misfit = _misfit(manager, step, target)
+        if misfit:
+            raise CheckpointError(
+                f"checkpoint {step} in {manager.directory} does not fit this config: {misfit}. "
+                "Was it written with other model or optimizer settings?"
+            )
         try:
             return manager.restore(step, args=ocp.args.StandardRestore(target))
         except ValueError as e:  # orbax: the tree structures or shapes do not match
