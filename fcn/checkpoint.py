@@ -154,6 +154,8 @@ def _misfit(manager: ocp.CheckpointManager, step: int, target) -> str:
     is_array = lambda m: hasattr(m, "name") and hasattr(m, "shape")  # noqa: E731
     saved = {m.name: tuple(m.shape) for m in jax.tree.leaves(saved_tree, is_leaf=is_array) if is_array(m)}
     wanted = {k: tuple(t.shape) for k, t in ocp.tree.to_flat_dict(target, sep=".").items() if t is not None}
+    if not wanted.keys() & saved.keys():  # names in another scheme (another orbax?): never refuse on that
+        return ""
     order = lambda k: (not k.startswith("params."), k)  # noqa: E731 - the model's own arrays named first
     problems = [f"it has no {k}" for k in sorted(wanted.keys() - saved.keys(), key=order)]
     problems += [f"it has {k}, which this config does not" for k in sorted(saved.keys() - wanted.keys(), key=order)]

@@ -77,11 +77,9 @@ def pair_by_stem(
     A file of either folder without a partner is an error that names both folders and the stems."""
     images = _files_by_stem(image_dir, image_suffixes, nouns[0], expected=expected)
     masks = _files_by_stem(mask_dir, mask_suffixes, nouns[1], expected=expected)
-    for (a_dir, a, a_noun), (b_dir, b, b_noun) in (
-        ((image_dir, images, nouns[0]), (mask_dir, masks, nouns[1])),
-        ((mask_dir, masks, nouns[1]), (image_dir, images, nouns[0])),
-    ):
-        alone = sorted(set(a) - set(b))
+    sides = [(image_dir, images, nouns[0]), (mask_dir, masks, nouns[1])]
+    for (a_dir, a, a_noun), (b_dir, b, b_noun) in (sides, sides[::-1]):
+        alone = sorted(a.keys() - b.keys())
         if alone:
             raise DataError(
                 f"{a_dir}: {len(alone)} {a_noun}(s) with no {b_noun} of the same stem in {b_dir}: {_shown(alone)}"
