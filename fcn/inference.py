@@ -34,18 +34,17 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from PIL import Image
 
+from fcn import canvas
 from fcn.data.base import default_palette
-from fcn.data.images import DataError, pil_rgb, read_image
+from fcn.data.images import DataError, fitted_size, pil_rgb, read_image
 from fcn.model import UNet
 
 # ----------------------------------------------------------------------------
@@ -120,10 +119,8 @@ def _resize(x_HWC: np.ndarray, h: int, w: int) -> np.ndarray:
 
 
 def _shrink(image_HWC: np.ndarray, max_size: int) -> np.ndarray:
-    """Shrink so the longer side is max_size (as `data.max_size` did in training)."""
-    h, w = image_HWC.shape[:2]
-    s = max_size / max(h, w)
-    return _resize(_to01(image_HWC), max(1, round(h * s)), max(1, round(w * s)))
+    """Shrink so the longer side is max_size (to the size `data.max_size` gave in training)."""
+    return _resize(_to01(image_HWC), *fitted_size(*image_HWC.shape[:2], max_size))
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -132,79 +129,6 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     np.exp(logits, out=logits)
     logits /= logits.sum(axis=-1, keepdims=True)
     return logits
-
-
-# ----------------------------------------------------------------------------
-# Exact bucketing: convolutions that see zeros outside each example's region
-
-_REGION = threading.local()
-
-
-@contextlib.contextmanager
-def _valid_region(valid_B2: jax.Array, canvas_hw: tuple[int, int]):
-    """While tracing the model, masked convolutions read the valid (H, W) of each row."""
-    _REGION.value = (valid_B2, canvas_hw)
-    try:
-        yield
-    finally:
-        _REGION.value = None
-
-
-def _masked(conv: Callable) -> Callable:
-    """Wrap a conv primitive: zero its input outside the valid region first.
-
-    Zeros there are exactly the 'SAME' zero padding the convolution would see
-    on a canvas of the valid size. Every level of the U-Net is a power-of-two
-    fraction of the canvas, and valid sizes are multiples of 2**depth.
-    """
-
-    def masked_conv(lhs_BHWC, rhs, *args, **kwargs):
-        region = getattr(_REGION, "value", None)
-        if region is not None:
-            valid_B2, (ch, cw) = region
-            h, w = lhs_BHWC.shape[1:3]
-            rows = jnp.arange(h)[None, :] < (valid_B2[:, 0] // (ch // h))[:, None]
-            cols = jnp.arange(w)[None, :] < (valid_B2[:, 1] // (cw // w))[:, None]
-            inside_BHW1 = (rows[:, :, None] & cols[:, None, :])[..., None]
-            lhs_BHWC = jnp.where(inside_BHW1, lhs_BHWC, jnp.zeros((), lhs_BHWC.dtype))
-        return conv(lhs_BHWC, rhs, *args, **kwargs)
-
-    return masked_conv
-
-
-def _maskable(model: UNet) -> bool:
-    """Whether zeroing conv inputs makes a large canvas equal to the exact one."""
-    modules = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)]
-    per_pixel = not any(isinstance(m, nnx.GroupNorm | nnx.LayerNorm) for m in modules)
-    resizes = getattr(model, "upsample_kind", "resize") != "transpose" or getattr(model, "input_scale", 1) != 1
-    return per_pixel and not resizes
-
-
-# ----------------------------------------------------------------------------
-# Tiles
-
-
-def _ceil_to(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def _tile_starts(n: int, tile: int, stride: int, multiple: int) -> list[int]:
-    """Tile origins along one axis: multiples of `multiple`, the last one ending past n by < multiple."""
-    if n <= tile:
-        return [0]
-    last = _ceil_to(n - tile, multiple)
-    return list(range(0, last, stride)) + [last]
-
-
-def _ramp(n: int, overlap: int, rise: bool, fall: bool) -> np.ndarray:
-    """Blending weight along one tile axis: linear over the overlap, 1 at image borders."""
-    w = np.ones(n, np.float32)
-    ramp = (np.arange(n, dtype=np.float32) + 1) / (overlap + 1)
-    if rise:
-        w = np.minimum(w, ramp)
-    if fall:
-        w = np.minimum(w, ramp[::-1])
-    return w
 
 
 class Segmenter:
@@ -250,12 +174,12 @@ class Segmenter:
         self.multiple, self.pad_mode = 2**model.depth, model.pad_mode
         m = self.multiple
         self.tile = max(m, tile // m * m)
-        self.overlap = min(_ceil_to(max(overlap, 0), m), self.tile - m)
-        self.exact_buckets = _maskable(model)
+        self.overlap = min(canvas.ceil_to(max(overlap, 0), m), self.tile - m)
+        self.exact_buckets = canvas.maskable(model)
         # A model that resizes its input (input_scale < 1) pads after resizing: any padding
         # of ours would change its result, so it gets images and tiles at their own size.
         self._align = m if getattr(model, "input_scale", 1) == 1 else 1
-        self.bucket = _ceil_to(max(bucket, 1), m) if self.exact_buckets else self._align
+        self.bucket = canvas.ceil_to(max(bucket, 1), m) if self.exact_buckets else self._align
         self.batch_size = max(1, batch_size)
         self.model = nnx.merge(*nnx.split(model))  # a copy: the caller's stays as is
         self.model.eval()
@@ -263,7 +187,7 @@ class Segmenter:
         if self.exact_buckets:
             for _, module in nnx.iter_graph(clone):
                 if isinstance(module, nnx.Conv):
-                    module.conv_general_dilated = _masked(module.conv_general_dilated)
+                    module.conv_general_dilated = canvas.masked(module.conv_general_dilated)
         self._graphdef, self._state = nnx.split(clone)
         # The input shape of each trace, hence of each compilation.
         self.traced_shapes: list[tuple[int, ...]] = []
@@ -291,7 +215,7 @@ class Segmenter:
     def _traced_logits(self, state, x_BHWC: jax.Array, valid_B2: jax.Array) -> jax.Array:
         self.traced_shapes.append(tuple(x_BHWC.shape))  # Python: runs once per trace
         model = nnx.merge(self._graphdef, state)
-        masked = _valid_region(valid_B2, x_BHWC.shape[1:3]) if self.exact_buckets else contextlib.nullcontext()
+        masked = canvas.valid_region(valid_B2, x_BHWC.shape[1:3]) if self.exact_buckets else contextlib.nullcontext()
         with masked:
             return model(x_BHWC)
 
@@ -337,9 +261,9 @@ class Segmenter:
         for i, im in enumerate(todo):
             groups.setdefault(self._canvas(*im.shape[:2]), []).append(i)
         out: list = [None] * len(todo)
-        for canvas, members in groups.items():
+        for canvas_hw, members in groups.items():
             crops = (todo[i] for i in members)
-            for i, logits in zip(members, self._run(crops, canvas), strict=True):
+            for i, logits in zip(members, self._run(crops, canvas_hw), strict=True):
                 out[i] = logits
         if hflip:
             n = len(images)
@@ -348,15 +272,14 @@ class Segmenter:
 
     def _canvas(self, h: int, w: int) -> tuple[int, int]:
         """Canvas (H, W) of an image or of its tiles: bucketed, at most the tile size."""
-        a, b, t = self._align, self.bucket, self.tile
-        return tuple(min(_ceil_to(_ceil_to(min(n, t), a), b), t) for n in (h, w))
+        return canvas.size(h, w, self._align, self.bucket, self.tile)
 
-    def _run(self, crops: Iterable[np.ndarray], canvas: tuple[int, int]) -> Iterator[np.ndarray]:
+    def _run(self, crops: Iterable[np.ndarray], canvas_hw: tuple[int, int]) -> Iterator[np.ndarray]:
         """Logits of each crop, `batch_size` crops per call on one canvas shape."""
         crops = iter(crops)
         while chunk := list(itertools.islice(crops, self.batch_size)):
             rows = min(1 << (len(chunk) - 1).bit_length(), self.batch_size)
-            x_BHWC = np.zeros((rows, *canvas, 3), np.float32)
+            x_BHWC = np.zeros((rows, *canvas_hw, 3), np.float32)
             valid_B2 = np.zeros((rows, 2), np.int32)
             for i, crop in enumerate(chunk):
                 h, w = crop.shape[:2]
@@ -373,19 +296,9 @@ class Segmenter:
     def _tiled(self, image_HWC: np.ndarray) -> np.ndarray:
         """Logits of a large image from overlapping tiles, blended."""
         h, w = image_HWC.shape[:2]
-        t, stride = self.tile, self.tile - self.overlap
-        starts = [_tile_starts(n, t, stride, self._align) for n in (h, w)]
-        boxes = list(itertools.product(*starts))
-        acc_HWK = np.zeros((h, w, self.num_classes), np.float32)
-        weight_HW = np.zeros((h, w), np.float32)
-        crops = (image_HWC[y : y + t, x : x + t] for y, x in boxes)
-        for (y, x), logits in zip(boxes, self._run(crops, self._canvas(h, w)), strict=True):
-            th, tw = logits.shape[:2]
-            wgt = np.outer(_ramp(th, self.overlap, y > 0, y + th < h), _ramp(tw, self.overlap, x > 0, x + tw < w))
-            acc_HWK[y : y + th, x : x + tw] += wgt[..., None] * logits
-            weight_HW[y : y + th, x : x + tw] += wgt
-        acc_HWK /= weight_HW[..., None]
-        return acc_HWK
+        boxes = canvas.tile_boxes(h, w, self.tile, self.overlap, self._align)
+        crops = (image_HWC[y : y + self.tile, x : x + self.tile] for y, x in boxes)
+        return canvas.blend(boxes, self._run(crops, self._canvas(h, w)), (h, w, self.num_classes), self.overlap)
 
 
 def load(path: str | Path, *, which: str = "best", **options) -> Segmenter:

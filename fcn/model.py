@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fcn import ops
-from fcn.norm import Norm
+from fcn.norm import Norm, conv_bias_relu
 
 HEADS = ("linear", "stacked", "mlp")
 UPSAMPLES = ("transpose", "resize")
@@ -98,8 +98,8 @@ class ConvBlock(nnx.Module):
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             if len(self.reduce):
                 x_BHWC = jax.nn.relu(self.reduce[i](x_BHWC))
-            folded = norm.folded()  # inference: batch norm folded into the conv (ops.conv_bias_relu)
-            y = None if folded is None else ops.conv_bias_relu(conv, x_BHWC, *folded)
+            folded = norm.folded()  # inference: batch norm folded into the conv
+            y = None if folded is None else conv_bias_relu(conv, x_BHWC, *folded)
             x_BHWC = y if y is not None else norm(conv(x_BHWC), relu=True, conv=conv)
         return x_BHWC
 

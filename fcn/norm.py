@@ -3,8 +3,8 @@
 Batch norm in training (`batch_norm_train`) is nnx.BatchNorm's function with
 the ReLU after it fused in where it can be: by oneDNN where the convolution
 before runs on oneDNN, else with a hand-written gradient (`_bn_relu`).
-In inference `Norm.folded` gives the per-channel scale and shift that fcn.ops
-folds into the convolution before it.
+In inference `Norm.folded` gives the per-channel scale and shift that
+`conv_bias_relu` folds into the convolution before it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fcn import ops
+from fcn import onednn, ops
 
 NORMS = ("batch", "group", "none")
 
@@ -79,7 +79,7 @@ def batch_norm_train(
       differentiation of it, and 4% faster on an H200 in bfloat16 (15 -> 14.5 ms
       at 16 x 360 x 480; docs/benchmarks.md). Where `conv`, the convolution
       x came from, runs on oneDNN, so do batch norm + ReLU and their gradient
-      (fcn.ops.bn_relu), in float32.
+      (fcn.onednn.bn_relu), in float32.
     Settings other than nnx's defaults on the last axis go to nnx.BatchNorm itself.
     """
     if bn.axis not in (-1, x_BHWC.ndim - 1) or bn.axis_name is not None or not bn.use_fast_variance:
@@ -92,9 +92,8 @@ def batch_norm_train(
     )
     out_dtype = bn.dtype or jnp.result_type(*(a for a in (x_BHWC, scale, bias) if a is not None))
     fused = relu and scale is not None and bias is not None
-    by_onednn = ops.bn_relu(conv, x_BHWC, scale, bias, bn.epsilon) if fused and conv is not None else None
-    if by_onednn is not None:
-        y, mean_C, var_C = by_onednn
+    if fused and conv is not None and x_BHWC.ndim == 4 and ops.runs_on_onednn(conv, x_BHWC, scale, bias):
+        y, mean_C, var_C = onednn.bn_relu(x_BHWC, scale, bias, float(bn.epsilon))
     elif fused:
         y, mean_C, var_C = _bn_relu(x_BHWC, scale, bias, bn.epsilon, out_dtype)
     else:
@@ -104,6 +103,43 @@ def batch_norm_train(
     bn.mean.set_value(jax.lax.stop_gradient(m * bn.mean.get_value() + (1 - m) * mean_C))
     bn.var.set_value(jax.lax.stop_gradient(m * bn.var.get_value() + (1 - m) * var_C))
     return y
+
+
+def conv_bias_relu(conv: nnx.Conv, x_BHWC, scale_K, shift_K):
+    """max(conv(x) * scale + shift, 0) with an inference-mode batch norm and the ReLU after the conv
+    folded in: the scale into the kernel, the shift a bias. By oneDNN in one call where the conv runs
+    on oneDNN; elsewhere by the conv's own seam, with the bias and ReLU left to XLA, which on a GPU
+    gives them to cuDNN as the convolution's epilogue (inference 1.20x faster on an H200; on XLA:CPU
+    1.01-1.04x; docs/benchmarks.md, the twentieth session).
+
+    None for a conv with a mask, groups, dilation or explicit padding: the caller then runs the
+    three steps itself.
+    """
+    if not _plain(conv):
+        return None
+    geometry = ops.onednn_geometry(conv, x_BHWC)
+    w = conv.kernel[...] * scale_K
+    b = shift_K if conv.bias is None else conv.bias[...] * scale_K + shift_K
+    if geometry is not None:
+        return onednn.conv_bias_relu(x_BHWC, w, b.astype(jnp.float32), *geometry)
+    x_BHWC, w = conv.promote_dtype((x_BHWC, w), dtype=conv.dtype)
+    kwargs = {} if conv.preferred_element_type is None else {"preferred_element_type": conv.preferred_element_type}
+    seam = conv.conv_general_dilated or jax.lax.conv_general_dilated
+    y = seam(x_BHWC, w, ops.pair(conv.strides), conv.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), **kwargs)
+    return jax.nn.relu(y + b.astype(y.dtype))
+
+
+def _plain(conv: nnx.Conv) -> bool:
+    """Whether nnx.Conv computes conv_general_dilated(x, kernel, strides, padding) on NHWC, plus bias."""
+    return (
+        conv.mask is None
+        and conv.feature_group_count == 1
+        and conv.precision is None
+        and ops.pair(conv.input_dilation) == ops.pair(conv.kernel_dilation) == (1, 1)
+        and isinstance(conv.padding, str)
+        and conv.padding in ("SAME", "VALID")
+        and len(conv.kernel_size) == 2
+    )
 
 
 def _bn_forward(x_BHWC, scale, bias, epsilon, out_dtype, *, barrier: bool):

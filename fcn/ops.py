@@ -24,8 +24,8 @@ model uses (`config.model.conv_impl`); `ConvTranspose` routes the transposed
            gradients, a sum over every pixel into a few hundred numbers, on one
            core: 23 ms of a camvid_cpu step for the head against 10 ms, on a
            2-core Xeon). The U-Net's batch norm + ReLU after such a conv runs
-           by oneDNN too (`bn_relu` in training, folded into the conv by
-           `conv_bias_relu` in inference). CPU only; an error where oneDNN is
+           by oneDNN too (fcn.norm: in training, and folded into the conv in
+           inference). CPU only; an error where oneDNN is
            not available (fcn.onednn.unavailable_reason() says why).
   "auto"   on the CPU "onednn" where it is available, else "gemm" (with a
            warning that says why; the training step is then compiled with
@@ -226,72 +226,29 @@ def _seam_uses_onednn(seam) -> bool:
     return isinstance(seam, functools.partial) and seam.func is conv_general_dilated and seam.keywords.get("onednn_ok")
 
 
-def _pair(v) -> tuple[int, int]:
+def pair(v) -> tuple[int, int]:
     """An nnx.Conv's strides or dilation (an int, a pair, or None for 1) as a pair."""
     return (v, v) if isinstance(v, int) else tuple(v or (1, 1))
 
 
-def _bias_relu_geometry(conv: nnx.Conv, x_BHWC):
-    """(strides, pads) when `conv_bias_relu` runs this (`_plain`) nnx.Conv on x in one oneDNN call, else None."""
+def runs_on_onednn(conv: nnx.Conv, *arrays) -> bool:
+    """Whether `conv` runs on oneDNN here and `arrays` (what comes with it) are float32 of concrete
+    shapes: then oneDNN can do the work that follows the conv too (fcn.norm: batch norm + ReLU)."""
+    return _seam_uses_onednn(conv.conv_general_dilated) and _onednn_here() and _concrete_float32(*arrays)
+
+
+def onednn_geometry(conv: nnx.Conv, x_BHWC):
+    """(strides, pads) when oneDNN runs this nnx.Conv on x in one call (with a bias and a ReLU: fcn.norm
+    .conv_bias_relu), else None. For convs that compute conv_general_dilated(x, kernel, strides, padding)
+    (no mask, groups or dilation; fcn.norm checks)."""
     kernel = conv.kernel[...]
     if not _seam_uses_onednn(conv.conv_general_dilated) or conv.dtype not in (None, jnp.float32):
         return None
     if not _onednn_operands(x_BHWC, kernel, conv.preferred_element_type):
         return None
-    strides = _pair(conv.strides)
+    strides = pair(conv.strides)
     pads = _onednn_pads(x_BHWC, kernel, strides, conv.padding, None, None, ("NHWC", "HWIO", "NHWC"), 1, 1)
     return None if pads is None else (strides, pads)
-
-
-def conv_bias_relu(conv: nnx.Conv, x_BHWC, scale_K, shift_K):
-    """max(conv(x) * scale + shift, 0) with an inference-mode batch norm and the ReLU after the conv
-    folded in: the scale into the kernel, the shift a bias. By oneDNN in one call where the conv runs
-    on oneDNN; elsewhere by the conv's own seam, with the bias and ReLU left to XLA, which on a GPU
-    gives them to cuDNN as the convolution's epilogue (inference 1.20x faster on an H200; on XLA:CPU
-    1.01-1.04x; docs/benchmarks.md, the twentieth session).
-
-    None for a conv with a mask, groups, dilation or explicit padding: the caller then runs the
-    three steps itself.
-    """
-    if not _plain(conv):
-        return None
-    geometry = _bias_relu_geometry(conv, x_BHWC)
-    w = conv.kernel[...] * scale_K
-    b = shift_K if conv.bias is None else conv.bias[...] * scale_K + shift_K
-    if geometry is not None:
-        return onednn.conv_bias_relu(x_BHWC, w, b.astype(jnp.float32), *geometry)
-    x_BHWC, w = conv.promote_dtype((x_BHWC, w), dtype=conv.dtype)
-    kwargs = {} if conv.preferred_element_type is None else {"preferred_element_type": conv.preferred_element_type}
-    seam = conv.conv_general_dilated or lax.conv_general_dilated
-    y = seam(x_BHWC, w, _pair(conv.strides), conv.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), **kwargs)
-    return jax.nn.relu(y + b.astype(y.dtype))
-
-
-def _plain(conv: nnx.Conv) -> bool:
-    """Whether nnx.Conv computes conv_general_dilated(x, kernel, strides, padding) on NHWC, plus bias."""
-    return (
-        conv.mask is None
-        and conv.feature_group_count == 1
-        and conv.precision is None
-        and _pair(conv.input_dilation) == _pair(conv.kernel_dilation) == (1, 1)
-        and isinstance(conv.padding, str)
-        and conv.padding in ("SAME", "VALID")
-        and len(conv.kernel_size) == 2
-    )
-
-
-def bn_relu(conv: nnx.Conv, x_BHWC, scale_C, shift_C, epsilon: float):
-    """max(batch norm(x), 0) on the batch's statistics -> (y, batch mean, batch variance) by oneDNN
-    (fcn.onednn.bn_relu), for the batch norm in training that follows `conv`, where that conv runs on
-    oneDNN here: float32, one CPU.
-
-    None elsewhere: the caller then computes it (fcn.norm.batch_norm_train).
-    """
-    if not _seam_uses_onednn(conv.conv_general_dilated) or not _onednn_here():
-        return None
-    if x_BHWC.ndim != 4 or not _concrete_float32(x_BHWC, scale_C, shift_C):
-        return None
-    return onednn.bn_relu(x_BHWC, scale_C, shift_C, float(epsilon))
 
 
 def _onednn_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dn, groups, batch_groups):

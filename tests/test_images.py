@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fcn.data.folder import decode_pairs
 from fcn.data.images import (
     DataError,
     check_labels_config,
-    decode_pairs,
     map_labels,
     normalize_value_map,
     read_image,

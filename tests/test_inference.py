@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 from configs import tiny
+from fcn import canvas
 from fcn.data.images import DataError
 from fcn.data.synthetic import make_example
 from fcn.inference import Segmenter, load
@@ -100,6 +101,28 @@ def test_tiled_matches_whole_image_in_bounded_tiles(workdir, seg):
     assert (tiled.argmax(-1) == whole.argmax(-1)).mean() > 0.99
     # Memory is bounded by one tile batch: no call ever saw more than batch_size tiles of 64 x 64.
     assert seg.traced_shapes[n:] and all(s[0] <= seg.batch_size and max(s[1:3]) <= 64 for s in seg.traced_shapes)
+
+
+def test_tiles_cover_the_image_and_blending_keeps_agreeing_logits():
+    # 150 x 230 in 64-px tiles overlapping by 32 px, origins on multiples of 16.
+    boxes = canvas.tile_boxes(150, 230, 64, 32, 16)
+    assert all(y % 16 == 0 and x % 16 == 0 for y, x in boxes)
+    covered = np.zeros((150, 230), bool)
+    for y, x in boxes:
+        covered[y : y + 64, x : x + 64] = True
+    assert covered.all()
+    assert max(y for y, _ in boxes) + 64 - 150 < 16 and max(x for _, x in boxes) + 64 - 230 < 16
+    # Tiles that agree blend to the same logits; one tile counts everywhere it covers, in part where others do too.
+    tile = np.full((64, 64, 2), 3.0, np.float32)
+    agreed = canvas.blend(boxes, (tile[: 150 - y, : 230 - x] for y, x in boxes), (150, 230, 2), 32)
+    np.testing.assert_allclose(agreed, 3.0, rtol=1e-6)
+    alone = [
+        np.full((min(64, 150 - y), min(64, 230 - x), 1), float(i == 4), np.float32) for i, (y, x) in enumerate(boxes)
+    ]
+    share = canvas.blend(boxes, alone, (150, 230, 1), 32)[..., 0]
+    inside = np.zeros((150, 230), bool)
+    inside[boxes[4][0] : boxes[4][0] + 64, boxes[4][1] : boxes[4][1] + 64] = True
+    assert (share[inside] > 0).all() and (share[~inside] == 0).all() and share.max() < 1
 
 
 def test_every_input_form_gives_the_same_answer(seg, tmp_path):

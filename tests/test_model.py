@@ -261,7 +261,7 @@ def test_inference_folds_batch_norm_into_the_convolution(dtype, monkeypatch):
     """Inference's batch norm is folded into the conv before it (scale into the kernel, shift a
     bias), leaving conv + bias + ReLU, which XLA:GPU gives to cuDNN as one call: the same outputs as
     batch norm applied after the conv, and no per-pixel multiply left."""
-    from fcn import ops
+    from fcn import model as model_lib, ops
 
     model = UNet(3, features=8, depth=2, dtype=dtype, conv_general_dilated=ops.conv_fn("xla"), rngs=nnx.Rngs(0))
     for i, bn in enumerate(v for _, v in nnx.iter_graph(model) if isinstance(v, nnx.BatchNorm)):
@@ -281,7 +281,7 @@ def test_inference_folds_batch_norm_into_the_convolution(dtype, monkeypatch):
 
     assert multiplies(model) == 0
     folded = np.asarray(nnx.jit(forward)(model, x), np.float32)
-    monkeypatch.setattr(ops, "conv_bias_relu", lambda *args: None)  # batch norm after the conv
+    monkeypatch.setattr(model_lib, "conv_bias_relu", lambda *args: None)  # batch norm after the conv
     assert multiplies(model) > 0
     plain = np.asarray(nnx.jit(forward)(model, x), np.float32)
     assert np.linalg.norm(folded - plain) / np.linalg.norm(plain) < (1e-6 if dtype == jnp.float32 else 2e-2)

@@ -24,8 +24,8 @@ import numpy as np
 from fcn.data import download as dl
 from fcn.data.base import Examples, Source, Split, decode_all
 from fcn.data.cache import cache_root
-from fcn.data.folder import pair_by_stem
-from fcn.data.images import DataError, pair_examples
+from fcn.data.folder import pair_by_stem, pair_examples
+from fcn.data.images import DataError
 
 CLASS_NAMES = (
     "Sky",

@@ -9,23 +9,22 @@ Two layouts under `data.path`, pairing files by stem (`images/a.jpg` with
 
 The held-out stems are those with the smallest SHA-256 of their name, so the
 choice is deterministic, needs no seed, and adding files moves no other file
-between train and val. The pairing (`pair_by_stem`) serves the CamVid source too.
+between train and val. The pairing (`pair_by_stem`) and the pairs as examples
+(`pair_examples`, read by fcn.data.images) serve the CamVid source too.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from fcn.data.base import Examples, Source, Split, decode_all, default_palette
-from fcn.data.images import (
-    DataError,
-    check_labels_config,
-    normalize_color_map,
-    normalize_value_map,
-    pair_examples,
-)
+import numpy as np
+from PIL import Image
+
+from fcn.data import images
+from fcn.data.base import IGNORE_LABEL, Examples, Source, Split, decode_all, default_palette
+from fcn.data.images import DataError, PathLike
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
@@ -151,9 +150,9 @@ def folder_source(data_config) -> Source:
         raise DataError(f"data.path is empty: set --config.data.path=DIR to a folder holding {_LAYOUT}")
     root = Path(data_config.path).expanduser()
     ignore = int(data_config.ignore_label)
-    value_map = normalize_value_map(data_config.value_map)
-    color_map = normalize_color_map(data_config.color_map, len(class_names))
-    check_labels_config(len(class_names), ignore, value_map)
+    value_map = images.normalize_value_map(data_config.value_map)
+    color_map = images.normalize_color_map(data_config.color_map, len(class_names))
+    images.check_labels_config(len(class_names), ignore, value_map)
     splits = find_splits(root, float(data_config.val_fraction))
 
     def examples(split: str) -> Examples:
@@ -185,3 +184,66 @@ def folder_source(data_config) -> Source:
         palette=palette.astype("uint8"),
         ignore_label=ignore,
     )
+
+
+def pair_examples(
+    pairs: Iterable[tuple[PathLike, PathLike]],
+    *,
+    num_classes: int,
+    ignore_label: int = IGNORE_LABEL,
+    value_map: Mapping | None = None,
+    color_map: Sequence | np.ndarray | None = None,
+    max_size: int = 0,
+    cache: bool = False,
+) -> Examples:
+    """(image, mask) file pairs as lazy Examples, named by the image file stems.
+
+    cache: give them a key (`Examples.key_fn`), so that `decode_all` keeps the
+    decoded split on disk for the next run (fcn/data/cache.py).
+    """
+    pairs = [(Path(i), Path(m)) for i, m in pairs]
+    value_map = images.normalize_value_map(value_map)
+    images.check_labels_config(num_classes, ignore_label, value_map)
+    kwargs = {
+        "num_classes": num_classes,
+        "ignore_label": ignore_label,
+        "value_map": value_map,
+        "color_map": images.normalize_color_map(color_map, num_classes),
+        "max_size": max_size,
+    }
+
+    def key() -> str:
+        from fcn.data import base, cache
+
+        color = kwargs["color_map"]
+        settings = {
+            **kwargs,
+            "color_map": None if color is None else color.tolist(),
+            # The JPEG and PNG decoders are PIL's (libjpeg's version moves pixels).
+            "versions": (Image.__version__, np.__version__),
+        }
+        return cache.files_key(pairs, settings, code=(__file__, images.__file__, base.__file__))
+
+    return Examples(
+        names=[image.stem for image, _ in pairs],
+        read_fn=lambda n: images.read_pair(*pairs[n], **kwargs),
+        size_fn=lambda n: images.pair_size(*pairs[n], max_size=max_size),
+        unit="pairs",
+        key_fn=key if cache else None,
+    )
+
+
+def decode_pairs(
+    pairs: Iterable[tuple[PathLike, PathLike]],
+    *,
+    workers: int = 8,
+    skip_bad: bool = False,
+    desc: str = "decoding",
+    **kwargs,
+) -> Split:
+    """Decodes (image, mask) file pairs in parallel threads into a Split.
+
+    kwargs: those of `pair_examples`. Names are the image file stems. A bad
+    pair raises DataError, or with skip_bad=True is logged, skipped and counted.
+    """
+    return decode_all(pair_examples(pairs, **kwargs), workers=workers, skip_bad=skip_bad, desc=desc)

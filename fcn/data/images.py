@@ -20,13 +20,13 @@ Policies, decided once here for every file-based source:
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from fcn.data.base import IGNORE_LABEL, DataError, Examples, Split, decode_all
+from fcn.data.base import IGNORE_LABEL, DataError
 
 PathLike = str | Path
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
@@ -338,66 +338,3 @@ def pair_size(image_path: PathLike, mask_path: PathLike, *, max_size: int = 0) -
     image_hw, mask_hw = read_size(image_path), read_size(mask_path)
     _check_same_size(image_path, image_hw, mask_path, mask_hw)
     return fitted_size(*image_hw, max_size)
-
-
-def pair_examples(
-    pairs: Iterable[tuple[PathLike, PathLike]],
-    *,
-    num_classes: int,
-    ignore_label: int = IGNORE_LABEL,
-    value_map: Mapping | None = None,
-    color_map: Sequence | np.ndarray | None = None,
-    max_size: int = 0,
-    cache: bool = False,
-) -> Examples:
-    """(image, mask) file pairs as lazy Examples, named by the image file stems.
-
-    cache: give them a key (`Examples.key_fn`), so that `decode_all` keeps the
-    decoded split on disk for the next run (fcn/data/cache.py).
-    """
-    pairs = [(Path(i), Path(m)) for i, m in pairs]
-    value_map = normalize_value_map(value_map)
-    check_labels_config(num_classes, ignore_label, value_map)
-    kwargs = {
-        "num_classes": num_classes,
-        "ignore_label": ignore_label,
-        "value_map": value_map,
-        "color_map": normalize_color_map(color_map, num_classes),
-        "max_size": max_size,
-    }
-
-    def key() -> str:
-        from fcn.data import base, cache
-
-        color = kwargs["color_map"]
-        settings = {
-            **kwargs,
-            "color_map": None if color is None else color.tolist(),
-            # The JPEG and PNG decoders are PIL's (libjpeg's version moves pixels).
-            "versions": (Image.__version__, np.__version__),
-        }
-        return cache.files_key(pairs, settings, code=(__file__, base.__file__))
-
-    return Examples(
-        names=[image.stem for image, _ in pairs],
-        read_fn=lambda n: read_pair(*pairs[n], **kwargs),
-        size_fn=lambda n: pair_size(*pairs[n], max_size=max_size),
-        unit="pairs",
-        key_fn=key if cache else None,
-    )
-
-
-def decode_pairs(
-    pairs: Iterable[tuple[PathLike, PathLike]],
-    *,
-    workers: int = 8,
-    skip_bad: bool = False,
-    desc: str = "decoding",
-    **kwargs,
-) -> Split:
-    """Decodes (image, mask) file pairs in parallel threads into a Split.
-
-    kwargs: those of `pair_examples`. Names are the image file stems. A bad
-    pair raises DataError, or with skip_bad=True is logged, skipped and counted.
-    """
-    return decode_all(pair_examples(pairs, **kwargs), workers=workers, skip_bad=skip_bad, desc=desc)
