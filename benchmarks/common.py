@@ -73,6 +73,16 @@ def fcn_config(args):
     return c
 
 
+def config_file(path: str):
+    """get_config() of a config file (configs/*.py), as train.py's --config reads it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 def synthetic_batch(args, seed: int = 0):
     """uint8 images [B, H, W, 3], uint8 labels [B, H, W] and sizes [B, 2], as the data pipeline gives them."""
     rng = np.random.default_rng(seed)

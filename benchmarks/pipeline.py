@@ -25,7 +25,6 @@ prefetching never carries work from one round into the next.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import sys
@@ -74,10 +73,7 @@ def main(argv=None) -> int:
     from fcn.data import get_source, pipeline
     from fcn.data.stream import Stream
 
-    spec = importlib.util.spec_from_file_location("bench_config", args.config)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = common.config_file(args.config)
     if args.data_path:
         config.data.path = args.data_path
 

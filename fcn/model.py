@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fcn import ops
+from fcn import ops, resize
 from fcn.norm import Norm, conv_bias_relu
 
 HEADS = ("linear", "stacked", "mlp")
@@ -242,7 +242,7 @@ class UNet(nnx.Module):
             raise ValueError(f"UNet got an empty image of size {h}x{w}")
         hs, ws = (h, w) if prescaled else scaled_size(h, w, self.input_scale)
         if (hs, ws) != (h, w):
-            x_BHWC = jax.image.resize(x_BHWC.astype(jnp.float32), (b, hs, ws, c), "linear", antialias=True)
+            x_BHWC = resize.linear(x_BHWC.astype(jnp.float32), (hs, ws), antialias=True)
         mean = jnp.asarray(_MEAN[: x_BHWC.shape[-1]], jnp.float32)
         std = jnp.asarray(_STD[: x_BHWC.shape[-1]], jnp.float32)
         x_BHWC = ((x_BHWC.astype(jnp.float32) - mean) / std).astype(self.dtype)
@@ -261,7 +261,7 @@ class UNet(nnx.Module):
             x_BHWC = block(x_BHWC)
         logits_BHWK = self.head(x_BHWC).astype(jnp.float32)[:, :hs, :ws]
         if (hs, ws) != (h, w):
-            logits_BHWK = jax.image.resize(logits_BHWK, (b, h, w, self.num_classes), "linear")
+            logits_BHWK = resize.linear(logits_BHWK, (h, w))  # jax.image.resize(..., "linear")'s values
         return logits_BHWK
 
 

@@ -309,3 +309,40 @@ def test_max_pool_values_and_gradient_equal_xla_pooling_ties_included():
     _, along = jax.jvp(max_pool_2x2, (x,), (direction,))
     _, along_xla = jax.jvp(xla_pool, (x,), (direction,))
     np.testing.assert_array_equal(np.asarray(along), np.asarray(along_xla))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    size_in=st.tuples(st.integers(1, 50), st.integers(1, 50)),
+    size_out=st.tuples(st.integers(1, 120), st.integers(1, 120)),
+    antialias=st.booleans(),
+)
+def test_linear_resize_equals_jax_image_resize(size_in, size_out, antialias):
+    """fcn.resize.linear (the model's input and logits resizes): jax.image.resize's values, up and
+    down, antialiased or not, computed from a few gathered taps instead of dense weight matrices."""
+    from fcn import resize
+
+    x = np.random.default_rng(sum(size_in + size_out)).random((2, *size_in, 3), dtype=np.float32)
+    want = jax.image.resize(x, (2, *size_out, 3), "linear", antialias=antialias)
+    got = jax.jit(lambda v: resize.linear(v, size_out, antialias=antialias))(x)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    if size_in != size_out:
+        jaxpr = str(jax.make_jaxpr(lambda v: resize.linear(v, size_out, antialias=antialias))(x))
+        assert "gather" in jaxpr and "dot_general" not in jaxpr
+
+
+def test_linear_resize_with_a_symbolic_batch_and_the_model_with_input_scale():
+    from fcn import resize
+
+    (b,) = jax.export.symbolic_shape("b")
+    spec = jax.ShapeDtypeStruct((b, 9, 14, 3), jnp.float32)
+    exported = jax.export.export(jax.jit(lambda v: resize.linear(v, (20, 5))))(spec)
+    x = np.random.default_rng(0).random((3, 9, 14, 3), dtype=np.float32)
+    np.testing.assert_allclose(exported.call(x), jax.image.resize(x, (3, 20, 5, 3), "linear"), atol=1e-5, rtol=0)
+    # A model that runs at half size resizes its input down (antialiased) and its logits back up.
+    model = UNet(3, features=4, depth=2, input_scale=0.5, rngs=nnx.Rngs(0))
+    model.eval()
+    x = jax.random.uniform(jax.random.key(1), (1, 37, 50, 3))
+    small = jax.image.resize(x, (1, 18, 25, 3), "linear", antialias=True)
+    want = jax.image.resize(model(small, prescaled=True), (1, 37, 50, 3), "linear")
+    np.testing.assert_allclose(model(x), want, atol=1e-4, rtol=0)
