@@ -11,7 +11,11 @@ size), times in interleaved rounds (median of 3 calls each round):
     labels of `--size`, with the config's initial state. Both steps' confusion matrices
     must agree;
   - the predictor (`fcn.Segmenter(model).predict` of `--batch` images, as `fcn.load` gives
-    it), likewise; both must give the same class maps. Not a test.
+    it), likewise; both must give the same class maps;
+  - the config's network with `model.upsample = "resize"` (bilinear upsampling, then a 3x3
+    conv) at its training crop size and batch: its forward pass in evaluation mode, and
+    its training step (augmentation, loss, gradient, update) on a random batch.
+Not a test.
 """
 
 from __future__ import annotations
@@ -50,6 +54,32 @@ def _median_ms(fn, *args, calls: int = 3) -> float:
     return 1e3 * float(np.median(times))
 
 
+def _upsampling_parts(config, k: int, rng) -> tuple:
+    """(forward, x) and (training step, batch) of the config's network with bilinear upsampling,
+    traced now with the model's current resize."""
+    config = config.copy_and_resolve_references()
+    config.model.upsample, config.model.input_scale = "resize", 1.0
+    (ch, cw), n = config.augment.crop_size, config.batch_size
+    graphs, state, tx = state_lib.create(config, k)
+    x = rng.random((n, ch, cw, 3), dtype=np.float32)
+    forward = jax.jit(lambda s, x: state_lib.eval_model(graphs, s)(x))
+    jax.block_until_ready(forward(state, x))
+    batch = (
+        rng.integers(0, 256, (n, ch, cw, 3), dtype=np.uint8),
+        rng.integers(0, k, (n, ch, cw)).astype(np.uint8),
+        np.tile(np.int32([[ch, cw]]), (n, 1)),
+    )
+    train_step = state_lib.jit_train_step(config, graphs, tx, k, 255)
+    held = {"state": jax.tree.map(jnp.copy, state)}  # the step donates its state
+
+    def step(*batch):
+        held["state"], metrics = train_step(held["state"], *batch)
+        return metrics
+
+    jax.block_until_ready(step(*batch))
+    return (forward, state, x), (step, *batch)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/camvid_cpu.py")
@@ -80,13 +110,16 @@ def main() -> None:
         confusion = jax.block_until_ready((down(x), up(logits), step(state, images, labels)))[2][0]
         maps = seg.predict(list(images))  # traced now, with this resize
         parts = ((down, x), (up, logits), (step, state, images, labels), (seg.predict, list(images)))
+        parts += _upsampling_parts(config, k, rng)
         variants[name] = parts, (np.asarray(confusion), np.stack(maps))
     model_lib.resize = resize
     (_, (cm_a, maps_a)), (_, (cm_b, maps_b)) = variants.values()
     if not (cm_a == cm_b).all() or not (maps_a == maps_b).all():
         sys.exit("the two evaluation steps' confusion matrices, or the predictors' maps, differ")
 
-    times = {(name, part): [] for name in variants for part in range(4)}
+    labels_of_parts = ("input resize", "logits resize", "evaluation step", f"predict({b} images)")
+    labels_of_parts += ("upsample='resize': forward", "upsample='resize': training step")
+    times = {(name, part): [] for name in variants for part in range(len(labels_of_parts))}
     for _ in range(args.rounds):
         for name, (parts, _) in variants.items():
             for i, (fn, *fn_args) in enumerate(parts):
@@ -94,7 +127,7 @@ def main() -> None:
     print(f"{args.config}: {b} x {h} x {w} images, network at {hs} x {ws}, {k} classes; {args.rounds} rounds")
     print(f"load average {os.getloadavg()[0]:.1f}; jax {jax.__version__}; {jax.devices()[0].device_kind}")
     print("| | " + " | ".join(variants) + " | ratio |\n| --- | --- | --- | --- |")
-    for i, part in enumerate(("input resize", "logits resize", "evaluation step", f"predict({b} images)")):
+    for i, part in enumerate(labels_of_parts):
         old, new = (np.median(times[name, i]) for name in variants)
         lo, hi = (min(times[name, i]) for name in variants), (max(times[name, i]) for name in variants)
         ranges = [f"{m:.1f} ms ({a:.1f}-{z:.1f})" for m, a, z in zip((old, new), lo, hi)]

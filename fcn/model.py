@@ -223,8 +223,8 @@ class UNet(nnx.Module):
 
     def _upsample(self, i: int, x_BHWC):
         if self.upsample_kind == "resize":
-            b, h, w, c = x_BHWC.shape
-            x_BHWC = jax.image.resize(x_BHWC, (b, 2 * h, 2 * w, c), "bilinear")
+            h, w = x_BHWC.shape[1:3]
+            x_BHWC = resize.linear(x_BHWC, (2 * h, 2 * w))  # jax.image.resize's "bilinear"
         return self.up[i](x_BHWC)
 
     def __call__(self, x_BHWC: jax.Array, *, rngs: nnx.Rngs | None = None, prescaled: bool = False) -> jax.Array:

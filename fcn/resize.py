@@ -7,14 +7,19 @@ to 360 x 480 (4 images, 11 classes) took 73 ms, and resizing the input to half s
 two nonzero weights per output pixel, and a few more where an antialiased
 downsampling widens the kernel (four for a factor of 2). `linear` computes the same
 weight matrix as jax once per size pair, in numpy, and sums that many gathered rows,
-then columns, each times its weight: 7-9 ms and 2.5-3 ms; the evaluation step
-1.24-1.31x faster, `fcn.load(...).predict` 1.31x (`python benchmarks/resize.py`,
+then columns, each times its weight: 7-18 ms and 2.5-4 ms; camvid_cpu's evaluation step
+1.23-1.31x faster, `fcn.load(...).predict` 1.31-1.42x (`python benchmarks/resize.py`,
 2-core Xeon, 2026-11-23). The values equal jax.image.resize's up to float rounding
 (tests/test_model.py): of CamVid's 17.2 million val pixels, a model trained 60 steps
 predicted one differently (a near tie between two classes).
 
-For inference and evaluation: under a gradient the gathers become scatter-adds, which
-XLA:CPU runs on one core; training's batches come resized already (`prescaled`).
+The gradient is gathers too, through the transposed weight matrix, which has as few
+nonzeros per column (jax would make scatter-adds of the forward gathers, which XLA:CPU
+runs on one core: 115-136 ms against jax's 64-94 ms for the top level's upsampling).
+So the U-Net's bilinear upsampling (`model.upsample = "resize"`) uses it as well: that
+network's forward pass ran 1.18-1.20x faster, its training step 1.07x. Being a
+custom_vjp, it has no forward-mode derivative (jax.jvp); reverse mode is the one
+training uses.
 """
 
 from __future__ import annotations
@@ -35,14 +40,32 @@ def linear(x_BHWC: jax.Array, size_hw: tuple[int, int], *, antialias: bool = Tru
         return jax.image.resize(x_BHWC, (b, *size_hw, c), "linear", antialias=antialias)
     for axis, n_out in ((1, size_hw[0]), (2, size_hw[1])):
         if x_BHWC.shape[axis] != n_out:
-            x_BHWC = _resize_axis(x_BHWC, axis, n_out, antialias)
+            x_BHWC = _resize_axis(x_BHWC, axis, x_BHWC.shape[axis], n_out, antialias)
     return x_BHWC
 
 
-def _resize_axis(x, axis: int, n_out: int, antialias: bool):
-    index_KO, weight_KO = _taps(x.shape[axis], n_out, antialias)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _resize_axis(x, axis: int, n_in: int, n_out: int, antialias: bool):
+    return _gather_taps(x, axis, *_taps(n_in, n_out, antialias, False))
+
+
+def _resize_axis_fwd(x, axis, n_in, n_out, antialias):
+    return _resize_axis(x, axis, n_in, n_out, antialias), None
+
+
+def _resize_axis_bwd(axis, n_in, n_out, antialias, _, dy):
+    # The transposed weight matrix has as few nonzeros per column: the gradient is gathers
+    # too, not the scatter-adds that jax would make of the forward gathers.
+    return (_gather_taps(dy, axis, *_taps(n_in, n_out, antialias, True)),)
+
+
+_resize_axis.defvjp(_resize_axis_fwd, _resize_axis_bwd)
+
+
+def _gather_taps(x, axis: int, index_KO, weight_KO):
+    """sum over k of x's entries index[k] along `axis`, each times weight[k] (per output entry)."""
     shape = [1] * x.ndim
-    shape[axis] = n_out
+    shape[axis] = index_KO.shape[1]
     y = None
     for index_O, weight_O in zip(index_KO, weight_KO, strict=True):
         term = jnp.take(x, index_O, axis=axis, mode="clip") * jnp.asarray(weight_O, x.dtype).reshape(shape)
@@ -50,17 +73,20 @@ def _resize_axis(x, axis: int, n_out: int, antialias: bool):
     return y
 
 
-@functools.lru_cache(maxsize=64)
-def _taps(n_in: int, n_out: int, antialias: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(input index, weight), each [taps, n_out]: the nonzero entries of `_weights`' columns,
-    which are contiguous (a triangle kernel), padded with weight 0."""
-    w_IO = _weights(n_in, n_out, antialias)
-    nonzero = w_IO != 0
+@functools.lru_cache(maxsize=128)
+def _taps(n_in: int, n_out: int, antialias: bool, transposed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(source index, weight), each [taps, destination]: the nonzero entries of each column of
+    `_weights` (source = input, destination = output), or of its transpose; with a triangle
+    kernel they are contiguous. Padded with weight 0."""
+    w = _weights(n_in, n_out, antialias)
+    w = w.T if transposed else w
+    n_src = w.shape[0]
+    nonzero = w != 0
     k = max(1, int(nonzero.sum(0).max()))
-    first_O = np.where(nonzero.any(0), nonzero.argmax(0), 0)
-    index_KO = first_O[None, :] + np.arange(k)[:, None]
-    weight_KO = np.where(index_KO < n_in, np.take_along_axis(w_IO, np.minimum(index_KO, n_in - 1), 0), 0)
-    return np.minimum(index_KO, n_in - 1).astype(np.int32), weight_KO.astype(np.float32)
+    first = np.where(nonzero.any(0), nonzero.argmax(0), 0)
+    index = first[None, :] + np.arange(k)[:, None]
+    weight = np.where(index < n_src, np.take_along_axis(w, np.minimum(index, n_src - 1), 0), 0)
+    return np.minimum(index, n_src - 1).astype(np.int32), weight.astype(np.float32)
 
 
 def _weights(n_in: int, n_out: int, antialias: bool) -> np.ndarray:

@@ -331,6 +331,25 @@ def test_linear_resize_equals_jax_image_resize(size_in, size_out, antialias):
         assert "gather" in jaxpr and "dot_general" not in jaxpr
 
 
+@pytest.mark.parametrize(
+    "size_in, size_out, antialias",
+    [((1, 1), (2, 2), True), ((5, 3), (10, 6), True), ((22, 30), (44, 60), False), ((9, 14), (4, 31), True)],
+)
+def test_linear_resize_gradient_is_jax_image_resizes_without_scatters(size_in, size_out, antialias):
+    """The gradient (the U-Net's bilinear upsampling is trained through it) is jax.image.resize's,
+    computed by gathers over the transposed weights: no scatter, no dense product."""
+    from fcn import resize
+
+    rng = np.random.default_rng(0)
+    x = rng.random((2, *size_in, 3), dtype=np.float32)
+    w = rng.normal(size=(2, *size_out, 3)).astype(np.float32)
+    ours = lambda v: jnp.sum(resize.linear(v, size_out, antialias=antialias) * w)  # noqa: E731
+    theirs = lambda v: jnp.sum(jax.image.resize(v, (2, *size_out, 3), "linear", antialias=antialias) * w)  # noqa: E731
+    np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(theirs)(x), atol=1e-5, rtol=1e-5)
+    jaxpr = str(jax.make_jaxpr(jax.grad(ours))(x))
+    assert "gather" in jaxpr and "scatter" not in jaxpr and "dot_general" not in jaxpr
+
+
 def test_linear_resize_with_a_symbolic_batch_and_the_model_with_input_scale():
     from fcn import resize
 
