@@ -70,15 +70,27 @@ def output_names(files: list[Path], out: Path) -> list[tuple[Path, Path]]:
     return names
 
 
-def _save_png(image, path: Path) -> None:
+def _save_png(image, path: Path, compress_level: int = 6) -> None:
     """Write through a temporary file, so an interrupted run leaves no half-written PNG."""
     tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        image.save(tmp, format="PNG", compress_level=compress_level)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def predict_files(segmenter, files: list[Path], out: Path, *, alpha: float = 0.5) -> list[str]:
-    """Predict each file and write its outputs; returns one error message per failed file."""
+def predict_files(segmenter, files: list[Path], out: Path, *, alpha: float = 0.5, workers: int = 4) -> list[str]:
+    """Predict each file and write its outputs; returns one error message per failed file, in order.
+
+    The model predicts `segmenter.batch_size` images per call while `workers` threads read the
+    next images and encode and write the finished ones (PIL leaves Python's lock while it
+    decodes and encodes): on a CPU the files' work took about as long as the model's
+    (docs/benchmarks.md, the twenty-third session). At most two batches wait on each side.
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
     from PIL import Image
     from tqdm import tqdm
 
@@ -86,23 +98,77 @@ def predict_files(segmenter, files: list[Path], out: Path, *, alpha: float = 0.5
     from fcn.data.images import DataError
     from fcn.inference import read_input
 
-    errors = []
     names = output_names(files, out)
+    errors: dict[int, str] = {}
+    ahead = 2 * segmenter.batch_size
     disable = True if len(files) < _PROGRESS_MIN_FILES else None  # None: only on a terminal
-    for path, (classes_path, overlay_path) in tqdm(
-        list(zip(files, names)), desc="predicting", unit="image", disable=disable, file=sys.stderr
-    ):
+    bar = tqdm(total=len(files), desc="predicting", unit="image", disable=disable, file=sys.stderr)
+
+    def report(i: int, e: Exception) -> None:
+        """File i failed: say so now, list it at the end, count it as done."""
+        msg = str(e) if str(files[i]) in str(e) else f"{files[i]}: {e}"
+        errors[i] = msg
+        tqdm.write(f"error: {msg}", file=sys.stderr)
+        bar.update(1)
+
+    def settle(i: int, future):
+        """File i's read or write, waited for; None when it failed."""
         try:
-            image_HWC = read_input(path)
-            classes_HW = segmenter.predict(image_HWC)
-            _save_png(viz.palette_image(classes_HW, segmenter.palette), classes_path)
-            blend = viz.overlay(image_HWC, classes_HW, segmenter.palette, alpha, ignore_label=segmenter.ignore_label)
-            _save_png(Image.fromarray(blend), overlay_path)
+            return future.result()
         except (DataError, OSError) as e:
-            msg = str(e) if str(path) in str(e) else f"{path}: {e}"
-            errors.append(msg)
-            tqdm.write(f"error: {msg}", file=sys.stderr)
-    return errors
+            report(i, e)
+            return None
+
+    def write(i: int, image_HWC, classes_HW) -> None:
+        classes_path, overlay_path = names[i]
+        _save_png(viz.palette_image(classes_HW, segmenter.palette), classes_path)
+        blend = viz.overlay(image_HWC, classes_HW, segmenter.palette, alpha, ignore_label=segmenter.ignore_label)
+        # zlib's fastest level: a CamVid overlay took 19 ms and 244 KiB, against 71 ms and 229 KiB
+        # at PIL's default (6), more than the model's own time for it on a CPU.
+        _save_png(Image.fromarray(blend), overlay_path, compress_level=1)
+        bar.update(1)
+
+    with bar, ThreadPoolExecutor(workers, thread_name_prefix="fcn-predict-io") as pool:
+        todo = iter(range(len(files)))
+        reads: deque = deque()
+        writes: deque = deque()
+        while True:
+            while len(reads) < ahead and (i := next(todo, None)) is not None:
+                reads.append((i, pool.submit(read_input, files[i])))
+            if not reads:
+                break
+            batch = []
+            while reads and len(batch) < segmenter.batch_size:
+                i, future = reads.popleft()
+                image_HWC = settle(i, future)
+                if image_HWC is not None:
+                    batch.append((i, image_HWC))
+            for (i, image_HWC), classes_HW in zip(batch, _predicted(segmenter, batch, report), strict=True):
+                if classes_HW is not None:
+                    writes.append((i, pool.submit(write, i, image_HWC, classes_HW)))
+            while len(writes) > ahead:
+                settle(*writes.popleft())
+        while writes:
+            settle(*writes.popleft())
+    return [errors[i] for i in sorted(errors)]
+
+
+def _predicted(segmenter, batch: list, report) -> list:
+    """Class maps of a batch's images in one call; image by image when the batch fails, so
+    that a failure names its own file (`report(i, error)`, then None for it)."""
+    from fcn.data.images import DataError
+
+    try:
+        return segmenter.predict([image_HWC for _, image_HWC in batch])
+    except DataError:
+        maps = []
+        for i, image_HWC in batch:
+            try:
+                maps.append(segmenter.predict(image_HWC))
+            except DataError as e:
+                report(i, e)
+                maps.append(None)
+        return maps
 
 
 def main(argv: list[str] | None = None) -> int:

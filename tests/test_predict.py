@@ -9,7 +9,7 @@ from test_inference import train_tiny
 
 from fcn.data.synthetic import make_example
 from fcn.inference import load
-from fcn.predict import main
+from fcn.predict import main, predict_files
 
 
 @pytest.fixture(scope="session")
@@ -102,3 +102,29 @@ def test_outputs_next_to_inputs_never_overwrite_them(workdir, tmp_path):
     after = _digests(tmp_path)
     assert all(after[name] == digest for name, digest in before.items())
     assert {"a-2_classes.png", "a-2_overlay.png", "a_classes_classes.png"} <= set(after)
+
+
+def test_files_in_batches_with_failures_among_them(workdir, tmp_path):
+    """Files are read ahead, predicted a batch at a time and written behind: each class map is the
+    file's own prediction, and a bad file, unreadable or unwritable, fails alone, reported in order."""
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    out.mkdir()
+    images = {}
+    for i in range(11):  # three batches of 4 and more, sizes varied
+        name = f"f{i:02d}.png"
+        if i in (3, 7):
+            (inputs / name).write_text("not an image")
+        else:
+            images[name] = _write(inputs / name, 20 + 4 * (i % 3), 24 + 8 * (i % 2), i)
+    (out / "f05_classes.png").mkdir()  # its class map cannot be written there
+    seg = load(workdir)
+    files = sorted(inputs.iterdir())
+    errors = predict_files(seg, files, out, workers=3)
+    assert [e.split(":")[0] for e in errors] == [str(inputs / n) for n in ("f03.png", "f05.png", "f07.png")]
+    assert "not an image" in errors[0] and "not an image" in errors[2]
+    assert not list(out.glob("*.tmp"))  # the failed write left nothing behind
+    for name, image in images.items():
+        if name != "f05.png":
+            classes = np.asarray(Image.open(out / name.replace(".png", "_classes.png")))
+            np.testing.assert_array_equal(classes, seg.predict(image), err_msg=name)
