@@ -100,7 +100,7 @@ def first_step(args) -> dict:
         import jax
 
         from fcn.host_memory import StepPacer
-        from fcn.train import enable_compilation_cache
+        from fcn.traced import enable_compilation_cache
 
         enable_compilation_cache()  # FCN_JAX_CACHE, set by the caller
         t_import = time.perf_counter() - t0

@@ -87,7 +87,7 @@ def _page_faults() -> tuple[int, int]:
 def _fcn_variant(args):
     import jax
 
-    from fcn.train import enable_compilation_cache
+    from fcn.traced import enable_compilation_cache
 
     enable_compilation_cache()
     step, state, batch = common.fcn_train_step(args)

@@ -195,7 +195,9 @@ def main(argv=None) -> int:
 
 def _evaluate(args) -> int:
     from fcn.data import get_source  # after argument parsing: --help stays instant
+    from fcn.traced import enable_compilation_cache
 
+    enable_compilation_cache()  # a second evaluation reads the compiled step back
     workdir = Path(args.workdir)
     mesh = sharding.make_mesh()
     config, info, graphs, state = load_for_eval(workdir, args.checkpoint, mesh, args.data_overrides)

@@ -196,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from fcn.checkpoint import CheckpointError
     from fcn.inference import load  # after argument checks: --help and errors stay fast
+    from fcn.traced import enable_compilation_cache
 
+    enable_compilation_cache()  # a second run reads the compiled model back
     try:
         options = dict(which=args.checkpoint, tile=args.tile, overlap=args.overlap)
         segmenter = load(args.workdir, **options, **({"hflip": True} if args.hflip else {}))

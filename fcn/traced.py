@@ -62,6 +62,16 @@ def enabled() -> bool:
     return os.environ.get("FCN_TRACE_CACHE", "1") != "0" and jax.process_count() == 1 and jax.device_count() == 1
 
 
+def enable_compilation_cache() -> str:
+    """Persist XLA compilations in fcn's cache folder (or FCN_JAX_CACHE), so that a second run of a
+    command (train.py, fcn.evaluate, fcn.predict) starts without recompiling; returns the folder."""
+    cache_dir = os.environ.get("FCN_JAX_CACHE") or str(cache.cache_root() / "jax")
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return cache_dir
+
+
 @functools.cache
 def _source_digest() -> str:
     h = hashlib.sha256()

@@ -27,8 +27,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from fcn import checkpoint, host_memory, losses, sharding, state as state_lib
 from fcn.config import ConfigError, validate, validate_against_data
 from fcn.data import get_source, pipeline
-from fcn.data.cache import cache_root
 from fcn.evaluate import evaluate_split, format_report, report
+from fcn.traced import enable_compilation_cache
 
 log = logging.getLogger("fcn")
 
@@ -40,15 +40,6 @@ def _every(step: int, period: int) -> bool:
 
 class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to try."""
-
-
-def enable_compilation_cache() -> str:
-    """Persist XLA compilations, so a second run starts without recompiling."""
-    cache = os.environ.get("FCN_JAX_CACHE") or str(cache_root() / "jax")
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return cache
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ def _fcn_cache_dir(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FCN_CACHE_DIR", str(root / "fcn_cache"))
         mp.setenv("FCN_JAX_CACHE", str(root / "jax_cache"))
-        from fcn.train import enable_compilation_cache
+        from fcn.traced import enable_compilation_cache
 
         enable_compilation_cache()
         yield
