@@ -311,7 +311,7 @@ def test_max_pool_values_and_gradient_equal_xla_pooling_ties_included():
     np.testing.assert_array_equal(np.asarray(along), np.asarray(along_xla))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(
     size_in=st.tuples(st.integers(1, 50), st.integers(1, 50)),
     size_out=st.tuples(st.integers(1, 120), st.integers(1, 120)),
