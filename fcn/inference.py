@@ -14,6 +14,9 @@ as a list, or stacked. Anything else raises `DataError` (a ValueError) naming it
 Compilations. XLA compiles once per input shape, so each image is placed on a
 canvas whose sides are rounded up to a multiple of `bucket` px and a batch is
 rounded up to a power of two: 20 random sizes compile a few times, not 20.
+The first `exact_sizes` image sizes seen get canvases of their own padded size
+instead: a folder of CamVid's 360 x 480 frames runs at 368 x 480, not 384 x 512
+(10% fewer pixels; docs/benchmarks.md, the twenty-third session).
 The image is padded to the model's own multiple (2**depth) exactly as the model
 would pad it, and every convolution zeroes its input outside that region (a mask
 through the model's `conv_general_dilated` seam), so the bucketed result equals
@@ -143,6 +146,8 @@ class Segmenter:
         larger images are tiled.
       overlap: px shared by neighbouring tiles (rounded up to a multiple of 2**depth).
       bucket: canvas sides are multiples of this (rounded up to a multiple of 2**depth).
+      exact_sizes: the first this many distinct image sizes get canvases of their own
+        size (rounded up to 2**depth only); later ones share the bucketed canvases.
       batch_size: images or tiles per compiled call.
       hflip: average the logits with those of the mirrored image.
       max_size: shrink images whose longer side exceeds this, as in training
@@ -159,6 +164,7 @@ class Segmenter:
         tile: int = 512,
         overlap: int = 128,
         bucket: int = 64,
+        exact_sizes: int = 4,
         batch_size: int = 4,
         hflip: bool = False,
         max_size: int = 0,
@@ -180,6 +186,8 @@ class Segmenter:
         # of ours would change its result, so it gets images and tiles at their own size.
         self._align = m if getattr(model, "input_scale", 1) == 1 else 1
         self.bucket = canvas.ceil_to(max(bucket, 1), m) if self.exact_buckets else self._align
+        self.exact_sizes = max(0, exact_sizes)
+        self._own_canvases: set[tuple[int, int]] = set()  # the sizes given canvases of their own
         self.batch_size = max(1, batch_size)
         self.model = nnx.merge(*nnx.split(model))  # a copy: the caller's stays as is
         self.model.eval()
@@ -271,7 +279,12 @@ class Segmenter:
         return out
 
     def _canvas(self, h: int, w: int) -> tuple[int, int]:
-        """Canvas (H, W) of an image or of its tiles: bucketed, at most the tile size."""
+        """Canvas (H, W) of an image or of its tiles, at most the tile size: its own padded size
+        while `exact_sizes` allows (or when that canvas exists already), else bucketed."""
+        own = canvas.size(h, w, self._align, self._align, self.tile)
+        if own in self._own_canvases or len(self._own_canvases) < self.exact_sizes:
+            self._own_canvases.add(own)
+            return own
         return canvas.size(h, w, self._align, self.bucket, self.tile)
 
     def _run(self, crops: Iterable[np.ndarray], canvas_hw: tuple[int, int]) -> Iterator[np.ndarray]:

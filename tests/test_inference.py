@@ -84,11 +84,22 @@ def test_compilations_bounded_over_20_random_sizes(workdir):
     sizes = np.random.default_rng(1).integers(1, 65, size=(20, 2))
     for h, w in sizes:
         assert seg.predict(random_image(h, w)).shape == (h, w)
-    # Canvases are multiples of 32 up to the 64 px tile: at most 2 x 2 shapes.
-    assert seg.compilations <= 4 < len({tuple(s) for s in sizes})
+    # Canvases are multiples of 32 up to the 64 px tile (at most 2 x 2 shapes), but for the first
+    # `exact_sizes` (4) sizes, which get their own.
+    assert seg.compilations <= 4 + seg.exact_sizes < len({tuple(s) for s in sizes})
     before = seg.compilations
     seg.predict([random_image(h, w) for h, w in sizes[:3]])
     assert seg.compilations - before <= 2  # at most a new batch size, never a new image size
+
+
+def test_the_first_sizes_get_canvases_of_their_own_size(workdir):
+    seg = load(workdir, bucket=32, tile=64, exact_sizes=1)
+    m = seg.multiple
+    first, second = random_image(m + 3, 2 * m + 1, seed=1), random_image(m + 5, m + 2, seed=2)
+    for image in (first, second, first):
+        np.testing.assert_allclose(seg.predict_proba(image), reference_proba(seg, image), atol=1e-5)
+    own = (2 * m, 3 * m)  # the first size's own padded size; the second is bucketed to 32
+    assert [s[1:3] for s in seg.traced_shapes] == [own, (-(-(m + 5) // 32) * 32, -(-(m + 2) // 32) * 32)]
 
 
 def test_tiled_matches_whole_image_in_bounded_tiles(workdir, seg):
