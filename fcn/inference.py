@@ -282,10 +282,11 @@ class Segmenter:
         """Canvas (H, W) of an image or of its tiles, at most the tile size: its own padded size
         while `exact_sizes` allows (or when that canvas exists already), else bucketed."""
         own = canvas.size(h, w, self._align, self._align, self.tile)
-        if own in self._own_canvases or len(self._own_canvases) < self.exact_sizes:
-            self._own_canvases.add(own)
+        bucketed = canvas.size(h, w, self._align, self.bucket, self.tile)
+        if own != bucketed and (own in self._own_canvases or len(self._own_canvases) < self.exact_sizes):
+            self._own_canvases.add(own)  # a size that is a bucket's takes no place here
             return own
-        return canvas.size(h, w, self._align, self.bucket, self.tile)
+        return bucketed
 
     def _run(self, crops: Iterable[np.ndarray], canvas_hw: tuple[int, int]) -> Iterator[np.ndarray]:
         """Logits of each crop, `batch_size` crops per call on one canvas shape."""

@@ -96,10 +96,13 @@ def test_the_first_sizes_get_canvases_of_their_own_size(workdir):
     seg = load(workdir, bucket=32, tile=64, exact_sizes=1)
     m = seg.multiple
     first, second = random_image(m + 3, 2 * m + 1, seed=1), random_image(m + 5, m + 2, seed=2)
-    for image in (first, second, first):
+    on_a_bucket = random_image(32, 32, seed=3)  # its own size is a bucket's: it takes no place
+    for image in (on_a_bucket, first, second, first):
         np.testing.assert_allclose(seg.predict_proba(image), reference_proba(seg, image), atol=1e-5)
-    own = (2 * m, 3 * m)  # the first size's own padded size; the second is bucketed to 32
-    assert [s[1:3] for s in seg.traced_shapes] == [own, (-(-(m + 5) // 32) * 32, -(-(m + 2) // 32) * 32)]
+    # The first size got its own padded size; the second, past exact_sizes, the 32 px bucket that
+    # the first image compiled already.
+    assert [s[1:3] for s in seg.traced_shapes] == [(32, 32), (2 * m, 3 * m)]
+    assert m + 5 <= 32 and seg._canvas(*second.shape[:2]) == (32, 32)
 
 
 def test_tiled_matches_whole_image_in_bounded_tiles(workdir, seg):
