@@ -85,13 +85,16 @@ def _taps(n_in: int, n_out: int, antialias: bool, transposed: bool) -> tuple[np.
     k = max(1, int(nonzero.sum(0).max()))
     first = np.where(nonzero.any(0), nonzero.argmax(0), 0)
     index = first[None, :] + np.arange(k)[:, None]
-    weight = np.where(index < n_src, np.take_along_axis(w, np.minimum(index, n_src - 1), 0), 0)
-    return np.minimum(index, n_src - 1).astype(np.int32), weight.astype(np.float32)
+    clipped = np.minimum(index, n_src - 1)  # past the last source: weight 0
+    weight = np.where(index < n_src, np.take_along_axis(w, clipped, 0), 0)
+    return clipped.astype(np.int32), weight.astype(np.float32)
 
 
 def _weights(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
     """[n_in, n_out] float32: jax.image.scale.compute_weight_mat for the triangle kernel, no
-    translation and no edge padding, computed as jax computes it (in float32)."""
+    translation and no edge padding, computed as jax computes it (in float32). Not jax's own:
+    it is private, and getting its matrix through jax.image.resize of an identity took 1.5-1.8 s
+    per size pair on a 2-core Xeon (eager dispatch); this one equals it to 3e-8."""
     f32 = np.float32
     inv_scale = f32(1.0 / (n_out / n_in))  # jax's scale is a Python float, cast when used
     kernel_scale = max(inv_scale, f32(1)) if antialias else f32(1)

@@ -74,16 +74,16 @@ def pair_by_stem(
 ) -> list[tuple[Path, Path]]:
     """(image, mask) paths paired by stem (`images/a.jpg` with `masks/a.png`), sorted by stem.
     A file of either folder without a partner is an error that names both folders and the stems."""
-    images = _files_by_stem(image_dir, image_suffixes, nouns[0], expected=expected)
-    masks = _files_by_stem(mask_dir, mask_suffixes, nouns[1], expected=expected)
-    sides = [(image_dir, images, nouns[0]), (mask_dir, masks, nouns[1])]
+    image_files = _files_by_stem(image_dir, image_suffixes, nouns[0], expected=expected)
+    mask_files = _files_by_stem(mask_dir, mask_suffixes, nouns[1], expected=expected)
+    sides = [(image_dir, image_files, nouns[0]), (mask_dir, mask_files, nouns[1])]
     for (a_dir, a, a_noun), (b_dir, b, b_noun) in (sides, sides[::-1]):
         alone = sorted(a.keys() - b.keys())
         if alone:
             raise DataError(
                 f"{a_dir}: {len(alone)} {a_noun}(s) with no {b_noun} of the same stem in {b_dir}: {_shown(alone)}"
             )
-    return [(images[s], masks[s]) for s in sorted(images)]
+    return [(image_files[s], mask_files[s]) for s in sorted(image_files)]
 
 
 def pair_files(folder: Path) -> Pairs:
