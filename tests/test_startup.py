@@ -86,3 +86,35 @@ def test_training_modules_and_tensorboard_logging_import_no_torch_or_tensorflow(
         records.append(data[pos + 12 : pos + 12 + n])
         pos += 12 + n + 4
     assert any(b"train/loss" in r and struct.pack("<f", 0.5) in r for r in records)
+
+
+def test_a_fresh_workdir_starts_without_importing_orbax_and_saves_and_resumes_with_it(tmp_path):
+    """orbax (0.2-0.3 s to import) is imported at the first save, not before a fresh run's first step;
+    a later Checkpoints of the same workdir finds and restores that save."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+        import jax.numpy as jnp
+        import fcn.cli, fcn.train
+        from fcn import checkpoint
+        workdir = Path({str(tmp_path / "run")!r})
+        checkpoint.prepare_workdir(workdir)
+        ckpts = checkpoint.Checkpoints(workdir)
+        assert ckpts.latest_step() is None
+        ckpts.wait()
+        before = "orbax" in sys.modules
+        state = {{"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.asarray(7)}}
+        ckpts.save(7, state, mean_iou=0.5)
+        ckpts.close()
+        again = checkpoint.Checkpoints(workdir)
+        back = again.restore(state)
+        assert again.latest_step() == 7 and again.best.best_step() == 7
+        assert (back["w"] == state["w"]).all() and int(back["step"]) == 7
+        again.close()
+        print("orbax before the first save:", before)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "orbax before the first save: False"
