@@ -14,12 +14,11 @@ and no half-written one is ever restored.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
 from pathlib import Path
-
-import functools
 
 import jax
 import ml_collections
