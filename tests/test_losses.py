@@ -110,3 +110,16 @@ def test_median_frequency_weights():
     f0, f1 = 24 / 31, 7 / 15
     med = np.median([f0, f1])
     np.testing.assert_allclose(w, [med / f0, med / f1, 0.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32])
+def test_label_frequencies_equal_counting_the_valid_pixels(dtype):
+    rng = np.random.default_rng(0)
+    labels = [rng.integers(0, 5, (7, 9)).astype(dtype) for _ in range(6)]
+    for i, label in enumerate(labels):
+        label[rng.random(label.shape) < 0.1 * i] = 255  # none in the first image, many in the last
+    labels[2][labels[2] == 3] = 0  # a class absent from one image
+    counts, image_pixels = losses.label_frequencies(labels, num_classes=5)
+    for k in range(5):
+        assert counts[k] == sum(int((y == k).sum()) for y in labels)
+        assert image_pixels[k] == sum(int((y != 255).sum()) for y in labels if (y == k).any())
