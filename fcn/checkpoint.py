@@ -27,7 +27,7 @@ import numpy as np
 
 class _Orbax:
     """orbax.checkpoint, imported at its first use: a training run in a fresh workdir then starts its
-    first step without waiting for that import (0.3 s on a 2-core Xeon) and makes it at its first save."""
+    first step without waiting for that import (0.2-0.3 s on a 2-core Xeon) and makes it at its first save."""
 
     def __getattr__(self, name: str):
         import orbax.checkpoint

@@ -81,8 +81,10 @@ def label_frequencies(labels, num_classes: int, ignore_label: int = 255) -> tupl
     """Per-class pixel counts, and pixel counts of the images in which each class appears."""
     counts = np.zeros(num_classes, np.int64)
     image_pixels = np.zeros(num_classes, np.int64)
-    for label_HW in labels:  # one count of every value, the ignored one's too: no masked copy (0.34 -> 0.15 s
-        every = np.bincount(np.ravel(label_HW), minlength=max(num_classes, ignore_label + 1))  # for CamVid train)
+    # One count of every value, the ignored one's too, rather than a count of a masked copy: 0.15 s
+    # against 0.34 s for CamVid train's 367 labels (2-core Xeon), at every start that weights classes.
+    for label_HW in labels:
+        every = np.bincount(np.ravel(label_HW), minlength=max(num_classes, ignore_label + 1))
         c = every[:num_classes]
         counts += c
         image_pixels += np.where(c > 0, np.size(label_HW) - int(every[ignore_label]), 0)
