@@ -201,11 +201,20 @@ class Checkpoints:
     def _made(self) -> list:
         return [self.__dict__[name] for name in ("latest", "best") if name in self.__dict__]
 
+    def _holds_steps(self, which: str) -> bool:
+        """Whether the folder of `which` ("latest" or "best") holds anything: a missing or empty one
+        holds no step, and is then left as it is (a manager would create it)."""
+        if which in self.__dict__:
+            return True
+        folder = self.workdir / ("best" if which == "best" else "checkpoints")
+        return folder.is_dir() and any(folder.iterdir())
+
     def latest_step(self) -> int | None:
-        folder = self.workdir / "checkpoints"
-        if "latest" not in self.__dict__ and not (folder.is_dir() and any(folder.iterdir())):
-            return None  # an empty folder holds no step: no manager needed yet
-        return self.latest.latest_step()
+        return self.latest.latest_step() if self._holds_steps("latest") else None
+
+    def best_or_latest(self) -> str:
+        """The best checkpoint's name, "best", when one was saved, else "latest" (a run not evaluated yet)."""
+        return "best" if self._holds_steps("best") and self.best.best_step() is not None else "latest"
 
     def save(self, step: int, state, *, mean_iou: float | None = None) -> None:
         """Save the state as latest (and as best when `mean_iou` beats the best so far)."""
@@ -239,6 +248,11 @@ class Checkpoints:
         several processes it must be given, each process then reads its shards.
         By default, this process's first device, whatever the devices that wrote it.
         """
+        if not self._holds_steps(which):  # reading makes no folder
+            raise CheckpointError(
+                f"no {which} checkpoint in {self.workdir}: its {'best' if which == 'best' else 'checkpoints'}/ "
+                "folder is missing or empty (has the run saved a checkpoint yet?)"
+            )
         manager = self.best if which == "best" else self.latest
         step = step if step is not None else (manager.best_step() if which == "best" else manager.latest_step())
         if step is None:

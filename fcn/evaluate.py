@@ -143,8 +143,8 @@ def load_for_eval(workdir: str | Path, which: str = "best", mesh=None, data_over
     info = checkpoint.load_dataset_info(workdir)
     graphs, abstract, _ = state_lib.abstract_state(config, len(info["class_names"]))
     ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
-    if which == "best" and ckpts.best.best_step() is None:
-        which = "latest"
+    if which == "best":
+        which = ckpts.best_or_latest()
     state = ckpts.restore(abstract, which=which, sharding=None if mesh is None else sharding.replicated(mesh))
     ckpts.close()
     return config, info, graphs, state

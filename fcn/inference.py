@@ -334,8 +334,8 @@ def load(path: str | Path, *, which: str = "best", **options) -> Segmenter:
     graphs, abstract, _ = state_lib.abstract_state(config, len(info["class_names"]))
     ckpts = checkpoint.Checkpoints(path, keep=config.keep_checkpoints)
     try:
-        if which == "best" and step is None and ckpts.best.best_step() is None:
-            which = "latest"
+        if which == "best" and step is None:
+            which = ckpts.best_or_latest()
         state = ckpts.restore(abstract, which=which, step=step)
     finally:
         ckpts.close()

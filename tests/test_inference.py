@@ -1,6 +1,7 @@
 """The trained predictor: inputs of every kind, exact bucketing, bounded compilations, tiling."""
 
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -71,6 +72,24 @@ def test_load_one_checkpoint_folder(workdir):
     image = random_image(20, 20)
     latest = load(os.path.join(workdir, "checkpoints", "6"))
     np.testing.assert_allclose(latest.predict_proba(image), load(workdir, which="latest").predict_proba(image))
+
+
+def test_a_workdir_without_checkpoints_is_one_clear_error_and_stays_as_it_was(workdir, tmp_path):
+    """A run stopped before its first save (config.json and dataset.json, no checkpoint folders):
+    loading or evaluating it names what is missing, and creates no folder in it."""
+    from fcn.checkpoint import CheckpointError
+    from fcn.evaluate import load_for_eval
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "dataset.json"):
+        shutil.copy(os.path.join(workdir, name), bare / name)
+    (bare / "checkpoints").mkdir()  # made at the start of training, empty until the first save
+    for read in (load, load_for_eval):
+        with pytest.raises(CheckpointError, match=r"no latest checkpoint in .*bare: its checkpoints/ folder is"):
+            read(bare)
+    assert sorted(p.name for p in bare.iterdir()) == ["checkpoints", "config.json", "dataset.json"]
+    assert not any((bare / "checkpoints").iterdir())
 
 
 def test_bucketed_prediction_equals_unpadded(seg):
