@@ -213,7 +213,7 @@ class Checkpoints:
         return self.latest.latest_step() if self._holds_steps("latest") else None
 
     def best_or_latest(self) -> str:
-        """The best checkpoint's name, "best", when one was saved, else "latest" (a run not evaluated yet)."""
+        """Which checkpoint to read for the best: "best" once one was saved, else "latest" (no evaluation yet)."""
         return "best" if self._holds_steps("best") and self.best.best_step() is not None else "latest"
 
     def save(self, step: int, state, *, mean_iou: float | None = None) -> None:
