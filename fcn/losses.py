@@ -78,7 +78,10 @@ def soft_dice(logits_BHWK: jax.Array, labels_BHW: jax.Array, *, ignore_label: in
 
 
 def label_frequencies(labels, num_classes: int, ignore_label: int = 255) -> tuple[np.ndarray, np.ndarray]:
-    """Per-class pixel counts, and pixel counts of the images in which each class appears."""
+    """Per-class pixel counts, and pixel counts of the images in which each class appears.
+
+    labels: arrays of non-negative class ids; `ignore_label` (>= 0) marks pixels counted nowhere.
+    """
     counts = np.zeros(num_classes, np.int64)
     image_pixels = np.zeros(num_classes, np.int64)
     # One count of every value, the ignored one's too, rather than a count of a masked copy: 0.15 s
