@@ -25,6 +25,7 @@ def start(args, names: list, info: dict) -> dict:
         conn, child = ctx.Pipe()
         proc = ctx.Process(target=_run, args=(child, vars(args), name), daemon=True)
         proc.start()
+        child.close()  # the worker holds the only other end: its death (an abort, the OOM killer) ends recv
         try:
             status, payload = conn.recv()
         except EOFError:  # the worker died before it could say why (a crash, the OOM killer)

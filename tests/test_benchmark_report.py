@@ -1,11 +1,11 @@
-"""benchmarks/speed.py's report: the per-round ratios pair the rounds of one interleaved run; and
-profile_step.py's classes of GPU kernels."""
+"""benchmarks/speed.py's report: the per-round ratios pair the rounds of one interleaved run;
+profile_step.py's classes of GPU kernels; and a variant whose process dies is named, not waited for."""
 
 import collections
 
 import pytest
 
-from benchmarks import common, profile_step, report, speed
+from benchmarks import common, profile_step, report, speed, variants
 
 
 def test_round_ratios_pair_each_round_with_the_fastest_torch_variant_by_median():
@@ -98,3 +98,16 @@ def test_rounds_balance_the_variants_order(n):
         assert sorted(o[pos] for o in orders) == sorted(names * (rounds // n))
     pairs = collections.Counter((o[i - 1], o[i]) for o in orders for i in range(1, n))
     assert len(pairs) == n * (n - 1) and set(pairs.values()) == {rounds // n}
+
+
+def test_a_variant_whose_process_dies_is_reported_and_the_run_goes_on(tmp_path, capsys):
+    # A tree whose fcn kills its process at import, as XLA does with an unknown flag in XLA_FLAGS
+    # (a C++ abort, no Python exception). Before, the parent kept its own copy of the worker's end of
+    # the pipe, so it waited for a message forever; now it names the variant and moves on.
+    (tmp_path / "fcn").mkdir()
+    (tmp_path / "fcn" / "__init__.py").write_text("import os\nos.abort()\n")
+    args = speed.parse(["--batch", "2", "--conv_impls", "xla", "--trees", f"dead={tmp_path}", "--skip_startup"])
+    info = {}
+    workers = variants.start(args, ["fcn xla @dead"], info)
+    assert workers == {} and info == {}
+    assert "fcn xla @dead: cannot run: the worker process exited with code -6" in capsys.readouterr().err
