@@ -93,13 +93,17 @@ def synthetic_batch(args, seed: int = 0):
     return images, labels, sizes
 
 
-def fcn_train_step(args):
-    """fcn's own jitted training step (fcn.state.make_train_step, augmentation included), state, batch."""
+def fcn_train_step(args, configure=None):
+    """fcn's own jitted training step (fcn.state.make_train_step, augmentation included), state, batch.
+
+    configure: a function that changes the benchmark's config before the step is built."""
     import jax
 
     from fcn import state as state_lib
 
     config = fcn_config(args)
+    if configure is not None:
+        configure(config)
     with route_upsampling(args.conv_impl):
         graphs, state, tx = state_lib.create(config, args.classes)
     step = state_lib.jit_train_step(config, graphs, tx, args.classes, 255)

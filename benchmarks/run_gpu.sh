@@ -4,6 +4,7 @@
 #   bash benchmarks/run_gpu.sh            # CamVid full recipe: 16 x 360 x 480, bfloat16
 #   bash benchmarks/run_gpu.sh --tiny     # seconds-long check of the script itself (any machine)
 #   bash benchmarks/run_gpu.sh --profile  # where fcn's training and inference steps spend the GPU's time
+#   bash benchmarks/run_gpu.sh --head_loss  # the fused head and loss kernel against XLA's, alone and in the step
 #
 # Extra arguments go to benchmarks/speed.py. Python packages the machine lacks
 # come from wheels/ (scripts/gpu_env.sh says which and how to fetch them); the
@@ -22,6 +23,13 @@ if [[ "${1:-}" == "--profile" ]]; then
     "$PY" benchmarks/profile_step.py --batch 16 --size 360 480 --features 32 --depth 4 --dtype bfloat16 \
       --steps 5 --warmup 5 --top 40 --what "$what" "$@" 2>&1 | grep -v cuda_timer | tee "$OUT_DIR/profile_$what.log"
   done
+  exit 0
+fi
+if [[ "${1:-}" == "--head_loss" ]]; then
+  # benchmarks/head_loss.py at the full recipe's size: values compared, then timed side by side.
+  shift
+  "$PY" benchmarks/head_loss.py --batch 16 --size 360 480 --features 32 --depth 4 --dtype bfloat16 "$@" 2>&1 \
+    | tee "$OUT_DIR/head_loss.log"
   exit 0
 fi
 if [[ "${1:-}" == "--tiny" ]]; then

@@ -237,9 +237,16 @@ class UNet(nnx.Module):
             raise ValueError(f"UNet expects images [B, H, W, C], got shape {x_BHWC.shape}")
         if _outside_traces(x_BHWC):  # eagerly (a notebook): one compiled program, not one per operation
             return _call_jitted(self, x_BHWC, rngs, prescaled)
-        b, h, w, c = x_BHWC.shape
+        _, h, w, _ = x_BHWC.shape
         if h < 1 or w < 1:
             raise ValueError(f"UNet got an empty image of size {h}x{w}")
+        hs, ws = (h, w) if prescaled else scaled_size(h, w, self.input_scale)
+        return self.logits(self.features(x_BHWC, rngs=rngs, prescaled=prescaled), (hs, ws), (h, w))
+
+    def features(self, x_BHWC: jax.Array, *, rngs: nnx.Rngs | None = None, prescaled: bool = False) -> jax.Array:
+        """The head's input: the last decoder block's output [B, H', W', features] in the compute
+        dtype, at the network's size padded up to a multiple of 2**depth (traced callers only)."""
+        _, h, w, _ = x_BHWC.shape
         hs, ws = (h, w) if prescaled else scaled_size(h, w, self.input_scale)
         if (hs, ws) != (h, w):
             x_BHWC = resize.linear(x_BHWC.astype(jnp.float32), (hs, ws), antialias=True)
@@ -259,7 +266,13 @@ class UNet(nnx.Module):
         for i, (block, skip) in enumerate(zip(self.up_blocks, reversed(skips))):
             x_BHWC = jnp.concatenate([self._upsample(i, x_BHWC), skip], axis=-1)
             x_BHWC = block(x_BHWC)
-        logits_BHWK = self.head(x_BHWC).astype(jnp.float32)[:, :hs, :ws]
+        return x_BHWC
+
+    def logits(self, features_BHWC: jax.Array, net_size: tuple[int, int], size: tuple[int, int]) -> jax.Array:
+        """The head on `features`' output: float32 logits cropped to the network's size (H', W') and
+        resized to the image's (H, W) when they differ."""
+        (hs, ws), (h, w) = net_size, size
+        logits_BHWK = self.head(features_BHWC).astype(jnp.float32)[:, :hs, :ws]
         if (hs, ws) != (h, w):
             logits_BHWK = resize.linear(logits_BHWK, (h, w))  # jax.image.resize(..., "linear")'s values
         return logits_BHWK

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fcn import losses, metrics, ops
+from fcn import head_loss, losses, metrics, ops
 from fcn.data import pipeline
 from fcn.model import UNet, from_config, run_once_compiler_options
 
@@ -145,30 +145,45 @@ def make_train_step(config, graphs: Graphs, tx, num_classes: int, ignore_label: 
     dice_weight, ema_decay = config.loss.dice_weight, config.optimizer.ema_decay
     weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
 
+    fused = head_loss.fused_head_applies(config)
+
     def train_step(state: State, images_BHWC, labels_BHW, sizes_B2):
         key = jax.random.fold_in(base_key, state["step"])
         k_aug, k_drop = jax.random.split(key)
         x_BHWC, y_BHW = pipeline.augment(k_aug, images_BHWC, labels_BHW, sizes_B2, config.augment, ignore_label)
+        valid = y_BHW != ignore_label
 
         def loss_fn(params, rest):
             # Fresh Variables at this trace level: BatchNorm updates its statistics in place.
             model = nnx.merge(graphs.train, params, jax.tree.map(lambda v: v, rest))
             # Training data is stored at the network's scale already (pipeline.stack).
-            logits_BHWK = model(x_BHWC, rngs=nnx.Rngs(dropout=k_drop), prescaled=True)
-            loss = losses.cross_entropy(logits_BHWK, y_BHW, ignore_label=ignore_label, class_weights_K=weights)
-            if dice_weight:
-                loss = loss + dice_weight * losses.soft_dice(logits_BHWK, y_BHW, ignore_label=ignore_label)
+            features_BHWC = model.features(x_BHWC, rngs=nnx.Rngs(dropout=k_drop), prescaled=True)
+            b, hp, wp, c = features_BHWC.shape
+            if fused and head_loss.block_pixels(b * hp * wp, c):
+                head = model.head.layers[0]
+                loss, correct = head_loss.linear_head_cross_entropy(
+                    features_BHWC,
+                    head.kernel[...],
+                    None if head.bias is None else head.bias[...],
+                    y_BHW,
+                    ignore_label=ignore_label,
+                    class_weights_K=weights,
+                )
+            else:
+                logits_BHWK = model.logits(features_BHWC, x_BHWC.shape[1:3], x_BHWC.shape[1:3])
+                loss = losses.cross_entropy(logits_BHWK, y_BHW, ignore_label=ignore_label, class_weights_K=weights)
+                if dice_weight:
+                    loss = loss + dice_weight * losses.soft_dice(logits_BHWK, y_BHW, ignore_label=ignore_label)
+                correct = jnp.sum((jnp.argmax(logits_BHWK, -1) == y_BHW) & valid)
             _, _, rest = nnx.split(model, nnx.Param, ...)
-            return loss, (rest, logits_BHWK)
+            return loss, (rest, correct)
 
-        (loss, (rest, logits_BHWK)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], state["rest"])
+        (loss, (rest, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], state["rest"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         ema = state["ema"]
         if ema is not None:
             ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
-        valid = y_BHW != ignore_label
-        correct = jnp.sum((jnp.argmax(logits_BHWK, -1) == y_BHW) & valid)
         out = {
             "loss": loss,
             "grad_norm": optax.global_norm(grads),

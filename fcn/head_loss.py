@@ -1,0 +1,208 @@
+"""The linear head, softmax cross-entropy, its gradient and the training accuracy in one GPU kernel.
+
+A training step's last layers are a 1x1 convolution (the per-pixel linear classifier,
+features C -> classes K), the softmax cross-entropy of its logits, and the argmax that
+counts the training accuracy. XLA runs them as four kernels over the full-resolution
+features and logits (the head's product, the loss and its gradient, and the two products
+of the head's gradient), and the 11-class logits rows of 22 bytes are read at a fraction
+of the memory's rate (docs/benchmarks.md, the twenty-fifth session). Here one Pallas
+kernel reads each block of pixels' features and labels once and writes the features'
+gradient once. The logits and their gradient never reach the GPU's memory; of the head's
+weight and bias gradients, each block writes its share, which XLA then adds up.
+
+The gradients are computed in the forward pass (they need nothing from later layers: the
+loss is the end of the network) and kept for the backward pass, which scales them by the
+incoming cotangent. Values equal `fcn.losses.cross_entropy` of the head's logits, with
+class weights and the ignore label, to float rounding (tests/test_head_loss.py, the
+kernel interpreted on a CPU).
+
+`linear_head_cross_entropy` is the entry point; `fused_head_applies` says when training
+uses it (`config.loss.fused_head`: "off" by default until the kernel has been measured on a
+GPU: `bash benchmarks/run_gpu.sh --head_loss` compares it with XLA's four kernels, alone
+and in the training step, in one run).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+FUSED_HEAD = ("auto", "on", "off")
+_NEG = -1e30  # the bias of padded classes: exp() of their shifted logits is 0
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def block_pixels(num_pixels: int, channels: int, largest: int = 256) -> int | None:
+    """Pixels per kernel instance (at most `largest`), or None when the kernel cannot take this shape.
+
+    Triton's blocks have power-of-two sides, and its products need 16 rows and columns at
+    least: the channels must be a power of two from 16 up. The pixel count (B x H x W at the
+    network's padded size, a multiple of 4**depth) must divide into blocks.
+    """
+    if channels < 16 or channels != _next_pow2(channels):
+        return None
+    for block in (1024, 512, 256, 128, 64, 32, 16):
+        if block > largest:
+            continue
+        if num_pixels % block == 0:
+            return block
+    return None
+
+
+def fused_head_applies(config, backend: str | None = None) -> bool:
+    """Whether training computes the head and its loss with the fused kernel.
+
+    "auto": on a GPU, for the linear head with cross-entropy alone (no Dice term);
+    "on": wherever it applies (on a CPU the kernel is interpreted: slow, for tests);
+    "off": never.
+    """
+    choice = config.loss.get("fused_head", "off")
+    if choice == "off" or config.model.head != "linear" or config.loss.dice_weight:
+        return False
+    if choice == "on":
+        return True
+    return (backend or jax.default_backend()) == "gpu"
+
+
+def linear_head_cross_entropy(
+    features_BHWC: jax.Array,
+    kernel_11CK: jax.Array,
+    bias_K: jax.Array | None,
+    labels_BHW: jax.Array,
+    *,
+    ignore_label: int = 255,
+    class_weights_K: jax.Array | None = None,
+    interpret: bool | None = None,
+    block: int = 256,
+    num_warps: int = 4,
+) -> tuple[jax.Array, jax.Array]:
+    """(loss, correct): `fcn.losses.cross_entropy` of the 1x1 head's logits, and the count of valid
+    pixels whose argmax is their label.
+
+    features_BHWC: the head's input at the network's padded size (H and W at least the
+      labels'; the rows and columns beyond the labels count as ignored, as the network's
+      cropped logits do).
+    kernel_11CK, bias_K: the head's 1x1 convolution (nnx.Conv's kernel [1, 1, C, K]).
+    interpret: run the kernel in Pallas's interpreter (default: off a GPU).
+    block, num_warps: the most pixels a kernel instance takes, and its warps (Triton's).
+
+    The shapes must suit the kernel (`block_pixels`); fcn.state checks before calling.
+    """
+    b, hp, wp, c = features_BHWC.shape
+    _, h, w = labels_BHW.shape
+    k = kernel_11CK.shape[-1]
+    block = block_pixels(b * hp * wp, c, block)
+    if block is None:
+        raise ValueError(f"features of shape {features_BHWC.shape} do not suit the fused head kernel (block_pixels)")
+    kernel_CK = kernel_11CK.reshape(c, k).astype(jnp.float32)
+    bias_K = jnp.zeros((k,), jnp.float32) if bias_K is None else bias_K.astype(jnp.float32)
+    labels_BHW = jnp.pad(labels_BHW, ((0, 0), (0, hp - h), (0, wp - w)), constant_values=ignore_label)
+    valid = labels_BHW != ignore_label
+    safe = jnp.where(valid, labels_BHW, 0).astype(jnp.int32)
+    weights_K = jnp.ones((k,), jnp.float32) if class_weights_K is None else jnp.asarray(class_weights_K, jnp.float32)
+    total = jnp.sum(jnp.where(valid, weights_K.reshape(k)[safe], 0.0))
+    kp = _next_pow2(max(k, 16))
+    normed_Kp = jnp.pad(weights_K.reshape(k) / jnp.maximum(total, 1e-12), (0, kp - k))
+    kernel_CKp = jnp.pad(kernel_CK, ((0, 0), (0, kp - k)))
+    bias_Kp = jnp.pad(bias_K, (0, kp - k), constant_values=_NEG)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    fused = _fused(ignore_label, block, num_warps, bool(interpret))
+    return fused(features_BHWC.reshape(-1, c), kernel_CKp, bias_Kp, labels_BHW.reshape(-1), normed_Kp)
+
+
+def _kernel(x_ref, y_ref, w_ref, b_ref, n_ref, dx_ref, dw_ref, db_ref, aux_ref, *, ignore_label):
+    """One block of pixels: [P, C] features, [P] labels -> their gradient, and the block's sums."""
+    x_PC = x_ref[...]
+    y_P = y_ref[...].astype(jnp.int32)
+    w_CK = w_ref[...].astype(x_PC.dtype)
+    logits_PK = jnp.dot(x_PC, w_CK, preferred_element_type=jnp.float32) + b_ref[...][None, :]
+    p, k = logits_PK.shape
+    onehot_PK = jax.lax.broadcasted_iota(jnp.int32, (p, k), 1) == y_P[:, None]
+    top_P1 = jnp.max(logits_PK, axis=1, keepdims=True)
+    e_PK = jnp.exp(logits_PK - top_P1)
+    sum_P1 = jnp.sum(e_PK, axis=1, keepdims=True)
+    picked_P1 = jnp.sum(jnp.where(onehot_PK, logits_PK, 0.0), axis=1, keepdims=True)
+    # The pixel's class weight over the batch's total: 0 for ignored pixels (no class matches).
+    weight_P1 = jnp.sum(jnp.where(onehot_PK, n_ref[...][None, :], 0.0), axis=1, keepdims=True)
+    loss = jnp.sum(weight_P1 * (top_P1 + jnp.log(sum_P1) - picked_P1))
+    grad_PK = (e_PK / sum_P1 - onehot_PK.astype(jnp.float32)) * weight_P1
+    g_PK = grad_PK.astype(x_PC.dtype)
+    nt = (((1,), (1,)), ((), ()))  # grad [P, K] . kernel [C, K] over K
+    dx_ref[...] = jax.lax.dot_general(g_PK, w_CK, nt, preferred_element_type=jnp.float32).astype(dx_ref.dtype)
+    tn = (((0,), (0,)), ((), ()))  # features [P, C] . grad [P, K] over P
+    dw_ref[...] = jax.lax.dot_general(x_PC, g_PK, tn, preferred_element_type=jnp.float32)
+    db_ref[...] = jnp.sum(grad_PK, axis=0)
+    correct = jnp.sum(((jnp.argmax(logits_PK, axis=1) == y_P) & (y_P != ignore_label)).astype(jnp.float32))
+    col_K = jax.lax.broadcasted_iota(jnp.int32, (k,), 0)
+    aux_ref[...] = jnp.where(col_K == 0, loss, jnp.where(col_K == 1, correct, 0.0))
+
+
+def _call(x_PC, w_CK, b_K, y_P, n_K, *, ignore_label, block, num_warps, interpret):
+    from jax.experimental import pallas as pl
+
+    (num_pixels, c), k = x_PC.shape, w_CK.shape[1]
+    blocks = num_pixels // block
+    f32 = jnp.float32
+    whole = lambda *shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))  # noqa: E731
+    params = {}
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+
+        params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+    return pl.pallas_call(
+        functools.partial(_kernel, ignore_label=ignore_label),
+        grid=(blocks,),
+        in_specs=[
+            pl.BlockSpec((block, c), lambda i: (i, 0)),
+            pl.BlockSpec((block,), lambda i: (i,)),
+            whole(c, k),
+            whole(k),
+            whole(k),
+        ],
+        out_specs=[
+            pl.BlockSpec((block, c), lambda i: (i, 0)),
+            pl.BlockSpec((None, c, k), lambda i: (i, 0, 0)),
+            pl.BlockSpec((None, k), lambda i: (i, 0)),
+            pl.BlockSpec((None, k), lambda i: (i, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((num_pixels, c), x_PC.dtype),
+            jax.ShapeDtypeStruct((blocks, c, k), f32),
+            jax.ShapeDtypeStruct((blocks, k), f32),
+            jax.ShapeDtypeStruct((blocks, k), f32),
+        ],
+        interpret=interpret,
+        name="fcn_head_cross_entropy",
+        **params,
+    )(x_PC, y_P, w_CK, b_K, n_K)
+
+
+@functools.cache
+def _fused(ignore_label: int, block: int, num_warps: int, interpret: bool):
+    """The kernel as a differentiable function of (features, kernel, bias), for one static setting."""
+    call = functools.partial(_call, ignore_label=ignore_label, block=block, num_warps=num_warps, interpret=interpret)
+
+    @jax.custom_vjp
+    def fused(x_PC, w_CK, b_K, y_P, n_K):
+        return fused_fwd(x_PC, w_CK, b_K, y_P, n_K)[0]
+
+    def fused_fwd(x_PC, w_CK, b_K, y_P, n_K):
+        dx_PC, dw_NCK, db_NK, aux_NK = call(x_PC, w_CK, b_K, y_P, n_K)
+        loss = jnp.sum(aux_NK[:, 0])
+        # Each block's count (at most `block`) is exact in float32; their sum is taken in integers.
+        correct = jnp.sum(aux_NK[:, 1].astype(jnp.int32)).astype(jnp.float32)
+        return (loss, correct), (dx_PC, jnp.sum(dw_NCK, axis=0), jnp.sum(db_NK, axis=0))
+
+    def fused_bwd(res, cotangents):
+        dx_PC, dw_CK, db_K = res
+        g = cotangents[0]  # the loss's; the count has no gradient
+        return (g.astype(dx_PC.dtype) * dx_PC, g * dw_CK, g * db_K, None, None)
+
+    fused.defvjp(fused_fwd, fused_bwd)
+    return fused

@@ -1,0 +1,160 @@
+"""The fused head and cross-entropy kernel (fcn/head_loss.py), interpreted on the CPU, against
+the unfused head and fcn.losses.cross_entropy; and its lowering to a Triton kernel for a GPU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from fcn import head_loss, losses, state as state_lib
+from fcn.data import get_source
+
+IGNORE = 255
+
+
+def _case(dtype=jnp.float32, *, b=2, hp=16, wp=16, c=16, k=11, h=13, w=16, seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(b, hp, wp, c)), dtype)
+    kernel = jnp.asarray(rng.normal(size=(1, 1, c, k)) * 0.3, jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(k,)) * 0.1, jnp.float32)
+    labels = rng.integers(0, k, size=(b, h, w)).astype(np.uint8)
+    labels[0, :3] = IGNORE
+    return x, kernel, bias, jnp.asarray(labels)
+
+
+def _reference(x, kernel, bias, labels, class_weights=None):
+    """What training computes without the kernel: the head's logits, cropped, then the loss."""
+    _, h, w = labels.shape
+    c, k = kernel.shape[2:]
+    logits = jnp.einsum("bhwc,ck->bhwk", x, kernel.reshape(c, k).astype(x.dtype), preferred_element_type=jnp.float32)
+    logits = (logits + bias)[:, :h, :w]
+    loss = losses.cross_entropy(logits, labels, ignore_label=IGNORE, class_weights_K=class_weights)
+    correct = jnp.sum((jnp.argmax(logits, -1) == labels) & (labels != IGNORE))
+    return loss, correct.astype(jnp.float32)
+
+
+def _fused(x, kernel, bias, labels, class_weights=None):
+    return head_loss.linear_head_cross_entropy(
+        x, kernel, bias, labels, ignore_label=IGNORE, class_weights_K=class_weights, interpret=True
+    )
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_values_and_gradients_equal_the_unfused_head_and_loss(weighted):
+    x, kernel, bias, labels = _case()
+    weights = jnp.asarray(np.random.default_rng(1).uniform(0.2, 3.0, 11), jnp.float32) if weighted else None
+    (loss_r, correct_r), grads_r = jax.value_and_grad(_reference, argnums=(0, 1, 2), has_aux=True)(
+        x, kernel, bias, labels, weights
+    )
+    (loss_f, correct_f), grads_f = jax.value_and_grad(_fused, argnums=(0, 1, 2), has_aux=True)(
+        x, kernel, bias, labels, weights
+    )
+    np.testing.assert_allclose(loss_f, loss_r, rtol=1e-6)
+    assert float(correct_f) == float(correct_r) > 0
+    for name, gf, gr in zip(("features", "kernel", "bias"), grads_f, grads_r):
+        assert gf.shape == gr.shape and gf.dtype == gr.dtype, name
+        np.testing.assert_allclose(gf, gr, rtol=2e-5, atol=1e-8, err_msg=name)
+    # The padded rows (13-15, beyond the labels) get no gradient, as the cropped logits' do not.
+    assert not np.any(np.asarray(grads_f[0])[:, 13:])
+
+
+def test_bfloat16_features_as_the_bfloat16_head():
+    x, kernel, bias, labels = _case(jnp.bfloat16, c=32, hp=32, wp=32, h=30, w=31)
+    (loss_r, correct_r), (dx_r, dk_r) = jax.value_and_grad(_reference, argnums=(0, 1), has_aux=True)(
+        x, kernel, bias, labels
+    )
+    (loss_f, correct_f), (dx_f, dk_f) = jax.value_and_grad(_fused, argnums=(0, 1), has_aux=True)(
+        x, kernel, bias, labels
+    )
+    assert dx_f.dtype == jnp.bfloat16 and dk_f.dtype == jnp.float32
+    np.testing.assert_allclose(loss_f, loss_r, rtol=1e-5)
+    assert abs(float(correct_f) - float(correct_r)) <= 2  # near ties may round either way
+    scale = float(jnp.max(jnp.abs(dx_r.astype(jnp.float32))))
+    np.testing.assert_allclose(dx_f.astype(jnp.float32), dx_r.astype(jnp.float32), atol=2e-2 * scale)
+    np.testing.assert_allclose(dk_f, dk_r, atol=2e-2 * float(jnp.max(jnp.abs(dk_r))))
+
+
+def test_a_batch_with_every_pixel_ignored_gives_zero_not_nan():
+    x, kernel, bias, labels = _case()
+    labels = jnp.full_like(labels, IGNORE)
+    (loss, correct), grads = jax.value_and_grad(_fused, argnums=(0, 1, 2), has_aux=True)(x, kernel, bias, labels)
+    assert float(loss) == 0.0 and float(correct) == 0.0
+    assert all(not np.any(np.asarray(g)) for g in grads)
+
+
+def test_shapes_the_kernel_cannot_take_are_refused():
+    assert head_loss.block_pixels(16 * 368 * 480, 32) == 256
+    assert head_loss.block_pixels(16 * 368 * 480, 32, 1024) == 1024
+    assert head_loss.block_pixels(2 * 24 * 32, 16, 1024) == 512
+    assert head_loss.block_pixels(16 * 368 * 480, 24) is None  # not a power of two
+    assert head_loss.block_pixels(16 * 368 * 480, 8) is None  # too narrow for Triton's products
+    assert head_loss.block_pixels(3 * 5 * 7, 16) is None
+    x, kernel, bias, labels = _case(c=8)
+    with pytest.raises(ValueError, match="do not suit the fused head kernel"):
+        _fused(x, kernel, bias, labels)
+
+
+def test_when_training_uses_it():
+    config = tiny.get_config()
+    assert config.loss.fused_head == "off"  # until measured on a GPU (benchmarks/head_loss.py)
+    assert not head_loss.fused_head_applies(config, "gpu")
+    config.loss.fused_head = "auto"
+    assert head_loss.fused_head_applies(config, "gpu")
+    assert not head_loss.fused_head_applies(config, "cpu")
+    config.loss.fused_head = "on"
+    assert head_loss.fused_head_applies(config, "cpu")
+    config.loss.dice_weight = 0.5  # the Dice term needs the logits
+    assert not head_loss.fused_head_applies(config, "gpu")
+    config.loss.dice_weight = 0.0
+    config.model.head = "mlp"
+    assert not head_loss.fused_head_applies(config, "gpu")
+    config.model.head = "linear"
+    config.loss.fused_head = "off"
+    assert not head_loss.fused_head_applies(config, "gpu")
+
+
+def test_lowers_to_one_triton_kernel_for_a_gpu():
+    """Every operation in the kernel has a Triton lowering (checked without a GPU: lowering for
+    CUDA needs none); compiling the Triton code itself needs one (benchmarks/run_gpu.sh)."""
+    x = jax.ShapeDtypeStruct((2, 368, 480, 32), jnp.bfloat16)
+    kernel = jax.ShapeDtypeStruct((1, 1, 32, 11), jnp.float32)
+    bias = jax.ShapeDtypeStruct((11,), jnp.float32)
+    labels = jax.ShapeDtypeStruct((2, 360, 480), jnp.uint8)
+
+    def loss_and_grads(x, kernel, bias, labels):
+        fn = lambda *a: head_loss.linear_head_cross_entropy(*a, labels, interpret=False)  # noqa: E731
+        return jax.value_and_grad(fn, argnums=(0, 1, 2), has_aux=True)(x, kernel, bias)
+
+    text = jax.jit(loss_and_grads).trace(x, kernel, bias, labels).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    assert "grid_x = 1380" in text  # 2 x 368 x 480 pixels in blocks of 256
+
+
+def test_training_step_with_the_kernel_equals_the_step_without(monkeypatch):
+    calls = []
+    kernel_call = head_loss.linear_head_cross_entropy
+    monkeypatch.setattr(head_loss, "linear_head_cross_entropy", lambda *a, **k: calls.append(1) or kernel_call(*a, **k))
+    config = tiny.get_config()
+    config.model.features = 16  # the kernel needs 16 channels or more
+    config.loss.class_weights = "median_freq"
+    split = get_source(config.data).load("train")
+    images = np.stack(split.images[:4])
+    labels = np.stack(split.labels[:4])
+    sizes = np.array([lab.shape for lab in split.labels[:4]], np.int32)
+    weights = losses.median_frequency_weights(split.labels, 4)
+    results = {}
+    for choice in ("on", "off"):
+        config.loss.fused_head = choice
+        graphs, state, tx = state_lib.create(config, 4)
+        step = state_lib.jit_train_step(config, graphs, tx, 4, IGNORE, weights)
+        for _ in range(2):
+            state, out = step(state, images, labels, sizes)
+        results[choice] = jax.device_get((state["params"], state["rest"], out))
+        assert len(calls) == 1  # traced once with the kernel ("on"), never without it ("off")
+    (params_on, rest_on, out_on), (params_off, rest_off, out_off) = results["on"], results["off"]
+    np.testing.assert_allclose(out_on["loss"], out_off["loss"], rtol=1e-5)
+    np.testing.assert_allclose(out_on["grad_norm"], out_off["grad_norm"], rtol=1e-4)
+    assert float(out_on["train_accuracy"]) == float(out_off["train_accuracy"])
+    for a, b in zip(jax.tree.leaves((params_on, rest_on)), jax.tree.leaves((params_off, rest_off))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
