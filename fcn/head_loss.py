@@ -54,6 +54,14 @@ def block_pixels(num_pixels: int, channels: int, largest: int = 256) -> int | No
     return None
 
 
+def fits(shape_BHWC: tuple[int, ...], largest: int = 256) -> int | None:
+    """`block_pixels` for features of this shape, split by batch over every device (as training's
+    batches are, fcn.sharding), or None when they do not split evenly or do not suit the kernel."""
+    b, hp, wp, c = shape_BHWC
+    devices = jax.device_count()
+    return block_pixels(b // devices * hp * wp, c, largest) if b % devices == 0 else None
+
+
 def fused_head_applies(config, backend: str | None = None) -> bool:
     """Whether training computes the head and its loss with the fused kernel.
 
@@ -91,12 +99,14 @@ def linear_head_cross_entropy(
     interpret: run the kernel in Pallas's interpreter (default: off a GPU).
     block, num_warps: the most pixels a kernel instance takes, and its warps (Triton's).
 
-    The shapes must suit the kernel (`block_pixels`); fcn.state checks before calling.
+    With more than one device, each runs the kernel on its share of the batch (fcn.sharding's
+    `data` axis; a Pallas call is not split by XLA itself). The shapes must suit the kernel
+    (`fits`); fcn.state checks before calling.
     """
     b, hp, wp, c = features_BHWC.shape
     _, h, w = labels_BHW.shape
     k = kernel_11CK.shape[-1]
-    block = block_pixels(b * hp * wp, c, block)
+    block = fits(features_BHWC.shape, block)
     if block is None:
         raise ValueError(f"features of shape {features_BHWC.shape} do not suit the fused head kernel (block_pixels)")
     kernel_CK = kernel_11CK.reshape(c, k).astype(jnp.float32)
@@ -112,7 +122,7 @@ def linear_head_cross_entropy(
     bias_Kp = jnp.pad(bias_K, (0, kp - k), constant_values=_NEG)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    fused = _fused(ignore_label, block, num_warps, bool(interpret))
+    fused = _fused(ignore_label, block, num_warps, bool(interpret), jax.device_count())
     return fused(features_BHWC.reshape(-1, c), kernel_CKp, bias_Kp, labels_BHW.reshape(-1), normed_Kp)
 
 
@@ -184,9 +194,22 @@ def _call(x_PC, w_CK, b_K, y_P, n_K, *, ignore_label, block, num_warps, interpre
 
 
 @functools.cache
-def _fused(ignore_label: int, block: int, num_warps: int, interpret: bool):
+def _fused(ignore_label: int, block: int, num_warps: int, interpret: bool, devices: int):
     """The kernel as a differentiable function of (features, kernel, bias), for one static setting."""
     call = functools.partial(_call, ignore_label=ignore_label, block=block, num_warps=num_warps, interpret=interpret)
+    if devices > 1:  # per device, on its pixels; the per-block outputs stay split, and XLA adds them up
+        from jax.sharding import PartitionSpec as P
+
+        from fcn import sharding
+
+        split, whole = P("data"), P()
+        call = jax.shard_map(
+            call,
+            mesh=sharding.make_mesh(),
+            in_specs=(split, whole, whole, split, whole),
+            out_specs=(split, split, split, split),
+            check_vma=False,
+        )
 
     @jax.custom_vjp
     def fused(x_PC, w_CK, b_K, y_P, n_K):

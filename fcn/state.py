@@ -158,8 +158,7 @@ def make_train_step(config, graphs: Graphs, tx, num_classes: int, ignore_label: 
             model = nnx.merge(graphs.train, params, jax.tree.map(lambda v: v, rest))
             # Training data is stored at the network's scale already (pipeline.stack).
             features_BHWC = model.features(x_BHWC, rngs=nnx.Rngs(dropout=k_drop), prescaled=True)
-            b, hp, wp, c = features_BHWC.shape
-            if fused and head_loss.block_pixels(b * hp * wp, c):
+            if fused and head_loss.fits(features_BHWC.shape):
                 head = model.head.layers[0]
                 loss, correct = head_loss.linear_head_cross_entropy(
                     features_BHWC,

@@ -1,6 +1,12 @@
 """The fused head and cross-entropy kernel (fcn/head_loss.py), interpreted on the CPU, against
 the unfused head and fcn.losses.cross_entropy; and its lowering to a Triton kernel for a GPU."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -158,3 +164,43 @@ def test_training_step_with_the_kernel_equals_the_step_without(monkeypatch):
     assert float(out_on["train_accuracy"]) == float(out_off["train_accuracy"])
     for a, b in zip(jax.tree.leaves((params_on, rest_on)), jax.tree.leaves((params_off, rest_off))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+SHARDED = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+sys.path.insert(0, sys.argv[1])
+from tests.test_head_loss import _case, _fused, _reference
+from fcn import sharding
+
+assert jax.device_count() == 2
+x, kernel, bias, labels = _case(b=4, hp=16, wp=16, c=16, h=13, w=16)
+split = NamedSharding(sharding.make_mesh(), P("data"))
+x, labels = jax.device_put(x, split), jax.device_put(labels, split)
+out = {}
+for name, fn in (("fused", _fused), ("reference", _reference)):
+    step = jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2), has_aux=True))
+    out[name + "_text"] = step.lower(x, kernel, bias, labels).as_text()
+    (loss, correct), grads = step(x, kernel, bias, labels)
+    out[name] = [float(loss), float(correct)] + [np.asarray(g, np.float64).ravel().tolist() for g in grads]
+print(json.dumps(out))
+"""
+
+
+def test_two_devices_each_run_the_kernel_on_their_share_of_the_batch():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-c", SHARDED, str(root)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.splitlines()[-1])
+    text = out.pop("fused_text")
+    assert "manual_computation" in text or "SPMDFullToShardShape" in text  # the kernel under shard_map
+    assert "manual_computation" not in out.pop("reference_text")
+    fused, reference = out["fused"], out["reference"]
+    np.testing.assert_allclose(fused[0], reference[0], rtol=1e-6)
+    assert fused[1] == reference[1] > 0
+    for gf, gr in zip(fused[2:], reference[2:]):
+        np.testing.assert_allclose(gf, gr, rtol=2e-5, atol=1e-8)
