@@ -89,7 +89,9 @@ def main() -> None:
     common.add_model_flags(p)
     p.add_argument("--steps", type=int, default=10, help="calls per timed round")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median reported)")
-    p.add_argument("--kernels", default="256x4,512x4,512x8,1024x8", help="the kernel's settings: BLOCKxWARPS,...")
+    p.add_argument(
+        "--kernels", default="64x4,128x4,128x8,256x4,256x8,512x8", help="the kernel's settings: BLOCKxWARPS,..."
+    )
     args = p.parse_args()
     settings = [tuple(map(int, item.split("x"))) for item in args.kernels.split(",")]
     rng = np.random.default_rng(0)

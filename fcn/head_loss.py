@@ -31,13 +31,18 @@ import jax.numpy as jnp
 
 FUSED_HEAD = ("auto", "on", "off")
 _NEG = -1e30  # the bias of padded classes: exp() of their shifted logits is 0
+# Pixels a kernel instance takes, and its warps. Compiled for an H200 (sm_90a) by Triton 3.9 and
+# its ptxas without a GPU (benchmarks/triton_registers.py; docs/benchmarks.md, the twenty-sixth
+# session), 128 pixels on 4 warps use 122 registers a thread and spill none; 256 on 4 use 227, and
+# 512 on 8 spill. Not yet timed on a GPU: benchmarks/head_loss.py --kernels sweeps the settings.
+BLOCK, NUM_WARPS = 128, 4
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def block_pixels(num_pixels: int, channels: int, largest: int = 256) -> int | None:
+def block_pixels(num_pixels: int, channels: int, largest: int = BLOCK) -> int | None:
     """Pixels per kernel instance (at most `largest`), or None when the kernel cannot take this shape.
 
     Triton's blocks have power-of-two sides, and its products need 16 rows and columns at
@@ -54,7 +59,7 @@ def block_pixels(num_pixels: int, channels: int, largest: int = 256) -> int | No
     return None
 
 
-def fits(shape_BHWC: tuple[int, ...], largest: int = 256) -> int | None:
+def fits(shape_BHWC: tuple[int, ...], largest: int = BLOCK) -> int | None:
     """`block_pixels` for features of this shape, split by batch over every device (as training's
     batches are, fcn.sharding), or None when they do not split evenly or do not suit the kernel."""
     b, hp, wp, c = shape_BHWC
@@ -86,8 +91,8 @@ def linear_head_cross_entropy(
     ignore_label: int = 255,
     class_weights_K: jax.Array | None = None,
     interpret: bool | None = None,
-    block: int = 256,
-    num_warps: int = 4,
+    block: int = BLOCK,
+    num_warps: int = NUM_WARPS,
 ) -> tuple[jax.Array, jax.Array]:
     """(loss, correct): `fcn.losses.cross_entropy` of the 1x1 head's logits, and the count of valid
     pixels whose argmax is their label.
@@ -146,7 +151,10 @@ def _kernel(x_ref, y_ref, w_ref, b_ref, n_ref, dx_ref, dw_ref, db_ref, aux_ref, 
     nt = (((1,), (1,)), ((), ()))  # grad [P, K] . kernel [C, K] over K
     dx_ref[...] = jax.lax.dot_general(g_PK, w_CK, nt, preferred_element_type=jnp.float32).astype(dx_ref.dtype)
     tn = (((0,), (0,)), ((), ()))  # features [P, C] . grad [P, K] over P
-    dw_ref[...] = jax.lax.dot_general(x_PC, g_PK, tn, preferred_element_type=jnp.float32)
+    # The features read again (from cache) rather than kept: 122 registers a thread instead of 143
+    # for 128 pixels on 4 warps (benchmarks/triton_registers.py), so four blocks share a
+    # multiprocessor instead of three.
+    dw_ref[...] = jax.lax.dot_general(x_ref[...], g_PK, tn, preferred_element_type=jnp.float32)
     db_ref[...] = jnp.sum(grad_PK, axis=0)
     correct = jnp.sum(((jnp.argmax(logits_PK, axis=1) == y_P) & (y_P != ignore_label)).astype(jnp.float32))
     col_K = jax.lax.broadcasted_iota(jnp.int32, (k,), 0)

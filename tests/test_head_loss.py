@@ -90,7 +90,7 @@ def test_a_batch_with_every_pixel_ignored_gives_zero_not_nan():
 
 
 def test_shapes_the_kernel_cannot_take_are_refused():
-    assert head_loss.block_pixels(16 * 368 * 480, 32) == 256
+    assert head_loss.block_pixels(16 * 368 * 480, 32) == head_loss.BLOCK == 128
     assert head_loss.block_pixels(16 * 368 * 480, 32, 1024) == 1024
     assert head_loss.block_pixels(2 * 24 * 32, 16, 1024) == 512
     assert head_loss.block_pixels(16 * 368 * 480, 24) is None  # not a power of two
@@ -134,7 +134,7 @@ def test_lowers_to_one_triton_kernel_for_a_gpu():
 
     text = jax.jit(loss_and_grads).trace(x, kernel, bias, labels).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
-    assert "grid_x = 1380" in text  # 2 x 368 x 480 pixels in blocks of 256
+    assert "grid_x = 2760" in text  # 2 x 368 x 480 pixels in blocks of 128
 
 
 def test_training_step_with_the_kernel_equals_the_step_without(monkeypatch):

@@ -1,0 +1,113 @@
+"""fcn's Pallas kernel compiled for a GPU on a machine without one: registers, spills, shared memory.
+
+    pip install triton==3.9.0      # once; 285 MB, not a dependency of fcn
+    python benchmarks/triton_registers.py [--kernels 64x4,128x4,...] [--arch 90]
+
+For each setting (pixels a block x warps) of the fused head and loss kernel
+(fcn/head_loss.py) at the full recipe's size (16 x 368 x 480 x 32 features in bfloat16,
+11 classes): jax lowers it for CUDA to a Triton module (no GPU needed), Triton compiles
+that module to PTX for the given compute capability, and ptxas (shipped with Triton)
+reports each thread's registers and spills. A setting whose threads need more than 255
+registers spills to memory; fewer registers let more blocks share a multiprocessor.
+Triton here is PyPI's, not the one inside jaxlib's CUDA plugin that compiles the kernel on
+a GPU, so this says the kernel compiles and roughly what it costs, not how fast it runs.
+Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from fcn import head_loss  # noqa: E402
+
+
+def triton_module(block: int, num_warps: int) -> str:
+    """The kernel's Triton module (MLIR text), as jax lowers it for CUDA."""
+    from jax._src.pallas.triton import lowering, pallas_call_registration as registration
+
+    captured = []
+    lower = lowering.lower_jaxpr_to_triton_module
+
+    def capture(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        captured.append(result.module.operation.get_asm(enable_debug_info=False))
+        return result
+
+    registration.lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        shapes = (
+            jax.ShapeDtypeStruct((16, 368, 480, 32), jnp.bfloat16),
+            jax.ShapeDtypeStruct((1, 1, 32, 11), jnp.float32),
+            jax.ShapeDtypeStruct((11,), jnp.float32),
+            jax.ShapeDtypeStruct((16, 360, 480), jnp.uint8),
+        )
+
+        def fn(x, kernel, bias, labels):
+            return head_loss.linear_head_cross_entropy(
+                x, kernel, bias, labels, interpret=False, block=block, num_warps=num_warps
+            )
+
+        jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",))
+    finally:
+        registration.lowering.lower_jaxpr_to_triton_module = lower
+    (module,) = captured
+    return module
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kernels", default="64x4,128x4,128x8,256x4,256x8,512x8", help="BLOCKxWARPS,...")
+    p.add_argument("--arch", type=int, default=90, help="compute capability (90: H100 and H200)")
+    args = p.parse_args()
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+    except ImportError:
+        sys.exit("needs PyPI's Triton: pip install triton==3.9.0")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    ptxases = sorted(os.path.join(bin_dir, n) for n in os.listdir(bin_dir) if n.startswith("ptxas"))
+    print(f"jax {jax.__version__}, triton {triton.__version__}, sm_{args.arch}a")
+    for item in args.kernels.split(","):
+        block, warps = map(int, item.split("x"))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "kernel.ttir")
+            with open(path, "w") as f:
+                f.write(triton_module(block, warps))
+            compiled = triton.compile(
+                path, target=GPUTarget("cuda", args.arch, 32), options={"num_warps": warps, "num_stages": 1}
+            )
+            with open(path + ".ptx", "w") as f:
+                f.write(compiled.asm["ptx"])
+            for ptxas in ptxases:  # Triton 3.9 ships two; the older refuses the newer PTX versions
+                done = subprocess.run(
+                    [ptxas, f"-arch=sm_{args.arch}a", "-v", path + ".ptx", "-o", os.devnull],
+                    capture_output=True,
+                    text=True,
+                )
+                if done.returncode == 0:
+                    break
+            else:
+                sys.exit(f"no ptxas of {ptxases} took the PTX:\n{done.stderr}")
+            report = done.stderr
+        registers = re.search(r"Used (\d+) registers", report).group(1)
+        spills = re.search(r"(\d+) bytes spill stores", report).group(1)
+        print(
+            f"{block:5d} px x {warps} warps: {registers:>3s} registers a thread, {spills:>5s} bytes spilled, "
+            f"{compiled.metadata.shared:6d} bytes of shared memory",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
