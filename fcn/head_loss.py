@@ -19,7 +19,8 @@ kernel interpreted on a CPU).
 `linear_head_cross_entropy` is the entry point; `fused_head_applies` says when training
 uses it (`config.loss.fused_head`: "off" by default until the kernel has been measured on a
 GPU: `bash benchmarks/run_gpu.sh --head_loss` compares it with XLA's four kernels, alone
-and in the training step, in one run).
+and in the training step, in one run). The kernel is written for Pallas's Triton backend,
+which jax 0.11 deprecates (it warns when lowering); should it win, Mosaic GPU is its next home.
 """
 
 from __future__ import annotations
