@@ -1,16 +1,20 @@
-"""The fused head and cross-entropy kernel (fcn/head_loss.py) against XLA's unfused head and loss.
+"""The fused network-end kernel (fcn/head_loss.py) against XLA's unfused head, batch norm and loss.
 
     python benchmarks/head_loss.py --batch 16 --size 360 480 --dtype bfloat16   # on a GPU
     python benchmarks/head_loss.py --batch 2 --size 32 48 --features 16 --depth 2 --rounds 2   # anywhere
 
-Side by side in one process, in interleaved rounds (median of `--steps` calls each):
-  - the head, the loss, its gradient and the training accuracy alone, on random features at
-    the network's padded size: the unfused form (the 1x1 head's logits, cropped, then
-    fcn.losses.cross_entropy and the argmax) and the kernel. Their losses, counts and
-    gradients must agree (printed); on a CPU the kernel is interpreted, which checks values,
-    not speed;
+Side by side in one process, in interleaved rounds (`--steps` calls each, mean per call; the
+median of the rounds is reported):
+  - each mode's part of the network alone, on random inputs at the network's padded size,
+    with its gradients and the training accuracy:
+    "head": the 1x1 head's logits, cropped, fcn.losses.cross_entropy and the argmax;
+    "head+norm": fcn.norm's training batch norm + ReLU before them;
+    unfused (as the training step computes them without the kernel) and by the kernel, for
+    each `--kernels` setting. Losses, counts and gradients are compared first (printed); a
+    setting that does not compile is named and left out. On a CPU the kernel is interpreted,
+    which checks values, not speed;
   - fcn's whole training step (fcn.state.jit_train_step: augmentation, network, loss,
-    gradient, update) with `config.loss.fused_head` "off" and "on", from the same state.
+    gradient, update) with `config.loss.fused_head` "off", "head" and "head+norm".
 Not a test.
 """
 
@@ -28,14 +32,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from fcn import head_loss, losses  # noqa: E402
+from fcn import head_loss, losses, norm  # noqa: E402
 
-IGNORE = 255
+IGNORE, EPS = 255, 1e-5
 
 
-def _head_parts(args, rng):
-    """(unfused, fused, inputs): unfused(...) and fused(block, num_warps)(...), each of (features,
-    kernel, bias, labels) -> ((loss, correct), grads), jitted."""
+def _parts(args, rng):
+    """{mode: (unfused, fused, inputs)}: unfused and fused(block, num_warps) are jitted functions of
+    the inputs -> ((loss, correct), gradients of all inputs but the labels)."""
     (h, w), c, k = args.size, args.features, args.classes
     m = 2**args.depth
     hp, wp = -(-h // m) * m, -(-w // m) * m
@@ -44,12 +48,16 @@ def _head_parts(args, rng):
     kernel = jnp.asarray(rng.normal(size=(1, 1, c, k)) * c**-0.5, jnp.float32)
     bias = jnp.zeros((k,), jnp.float32)
     labels = jnp.asarray(rng.integers(0, k, (args.batch, h, w)).astype(np.uint8))
+    scale, shift = jnp.ones((c,), jnp.float32), jnp.zeros((c,), jnp.float32)
 
-    def unfused(x, kernel, bias, labels):
+    def head(x, kernel, bias, labels):
         logits = jnp.einsum("bhwc,ck->bhwk", x, kernel.reshape(c, k).astype(dtype)) + bias.astype(dtype)
         logits = logits.astype(jnp.float32)[:, :h, :w]  # as fcn.model.UNet.logits
         loss = losses.cross_entropy(logits, labels, ignore_label=IGNORE)
         return loss, jnp.sum((jnp.argmax(logits, -1) == labels) & (labels != IGNORE)).astype(jnp.float32)
+
+    def head_norm(x, scale, shift, kernel, bias, labels):
+        return head(norm._bn_relu(x, scale, shift, EPS, x.dtype)[0], kernel, bias, labels)
 
     def fused(block, num_warps):
         def fn(x, kernel, bias, labels):
@@ -57,10 +65,24 @@ def _head_parts(args, rng):
                 x, kernel, bias, labels, ignore_label=IGNORE, block=block, num_warps=num_warps
             )
 
-        return grad(fn)
+        return grad(fn, 3)
 
-    grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))  # noqa: E731
-    return grad(unfused), fused, (x, kernel, bias, labels)
+    def fused_norm(block, num_warps):
+        def fn(x, scale, shift, kernel, bias, labels):
+            out, _ = head_loss.linear_head_cross_entropy(
+                x, kernel, bias, labels, ignore_label=IGNORE, bn=(scale, shift, EPS), block=block, num_warps=num_warps
+            )
+            return out
+
+        return grad(fn, 5)
+
+    def grad(f, n):
+        return jax.jit(jax.value_and_grad(f, argnums=tuple(range(n)), has_aux=True))
+
+    return {
+        "head": (grad(head, 3), fused, (x, kernel, bias, labels)),
+        "head+norm": (grad(head_norm, 5), fused_norm, (x, scale, shift, kernel, bias, labels)),
+    }
 
 
 def _train_step(args, fused: str):
@@ -89,11 +111,11 @@ def main() -> None:
     common.add_model_flags(p)
     p.add_argument("--steps", type=int, default=10, help="calls per timed round")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median reported)")
-    p.add_argument(
-        "--kernels", default="64x4,128x4,128x8,256x4,256x8,512x8", help="the kernel's settings: BLOCKxWARPS,..."
-    )
+    p.add_argument("--kernels", default="64x4,128x4,128x8,256x8", help="the kernel's settings: BLOCKxWARPS,...")
+    p.add_argument("--modes", default="head,head+norm", help="config.loss.fused_head modes to compare")
     args = p.parse_args()
     settings = [tuple(map(int, item.split("x"))) for item in args.kernels.split(",")]
+    modes = args.modes.split(",")
     rng = np.random.default_rng(0)
     print(
         f"{jax.devices()[0].device_kind}, jax {jax.__version__}; batch {args.batch}, {tuple(args.size)}, "
@@ -101,36 +123,39 @@ def main() -> None:
         flush=True,
     )
 
-    unfused, fused, inputs = _head_parts(args, rng)
-    (loss_u, correct_u), grads_u = unfused(*inputs)
-    kernels = {f"fused, {b} px x {w} warps": fused(b, w) for b, w in settings}
-    for name, fn in list(kernels.items()):
-        try:  # a setting Triton cannot compile is named, and the others run on
-            (loss_f, correct_f), grads_f = fn(*inputs)
-        except Exception as e:  # noqa: BLE001
-            print(f"{name}: cannot run: {type(e).__name__}: {str(e)[:2000]}", flush=True)
-            del kernels[name]
+    variants, against = {}, {}
+    for mode, (unfused, fused, inputs) in _parts(args, rng).items():
+        if mode not in modes:
             continue
-        counts = f"correct {int(correct_f)} ({int(correct_u)})"
-        print(f"{name}: loss {float(loss_f):.6f} (unfused {float(loss_u):.6f}), {counts}")
-        for part, gu, gf in zip(("features", "kernel", "bias"), grads_u, grads_f):
-            gu, gf = np.asarray(gu, np.float32), np.asarray(gf, np.float32)
-            diff, top = np.max(np.abs(gu - gf)), np.max(np.abs(gu))
-            print(f"  gradient of the {part}: largest difference {diff:.3g} (largest value {top:.3g})")
+        (loss_u, correct_u), grads_u = unfused(*inputs)
+        base = f"{mode} unfused"
+        variants[base] = (unfused, inputs)
+        for block, warps in settings:
+            name, fn = f"{mode} fused, {block} px x {warps} warps", fused(block, warps)
+            try:  # a setting Triton cannot compile is named, and the others run on
+                (loss_f, correct_f), grads_f = fn(*inputs)
+            except Exception as e:  # noqa: BLE001
+                print(f"{name}: cannot run: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+                continue
+            counts = f"correct {int(correct_f)} ({int(correct_u)})"
+            print(f"{name}: loss {float(loss_f):.6f} (unfused {float(loss_u):.6f}), {counts}")
+            for i, (gu, gf) in enumerate(zip(grads_u, grads_f)):
+                gu, gf = np.asarray(gu, np.float32), np.asarray(gf, np.float32)
+                diff, top = np.max(np.abs(gu - gf)), np.max(np.abs(gu))
+                print(f"  gradient {i}: largest difference {diff:.3g} (largest value {top:.3g})")
+            variants[name], against[name] = (fn, inputs), base
+    off = "train step, fused_head=off"
+    variants[off] = _train_step(args, "off")
+    for mode in modes:
+        variants[f"train step, fused_head={mode}"] = _train_step(args, mode)
+        against[f"train step, fused_head={mode}"] = off
 
-    variants = {"head+loss unfused": (unfused, inputs)}
-    variants.update({name: (fn, inputs) for name, fn in kernels.items()})
-    if kernels:  # the training step uses the default setting, fcn.head_loss's
-        variants["train step, fused_head=off"] = _train_step(args, "off")
-        variants["train step, fused_head=on"] = _train_step(args, "on")
     times = {name: [] for name in variants}
     for _ in range(args.rounds):
         for name, (fn, a) in variants.items():
             times[name].append(_ms_per_call(fn, a, args.steps))
-    against = {name: "head+loss unfused" for name in kernels}
-    against["train step, fused_head=on"] = "train step, fused_head=off"
     for name, t in times.items():
-        line = f"{name:32s} {np.median(t):9.3f} ms ({min(t):.3f}-{max(t):.3f})"
+        line = f"{name:40s} {np.median(t):9.3f} ms ({min(t):.3f}-{max(t):.3f})"
         if name in against:
             r = np.array(times[against[name]]) / np.array(t)
             line += f"   {against[name]} / this, per round: {np.median(r):.3f}x ({r.min():.3f}-{r.max():.3f})"

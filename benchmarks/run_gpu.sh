@@ -4,7 +4,7 @@
 #   bash benchmarks/run_gpu.sh            # CamVid full recipe: 16 x 360 x 480, bfloat16
 #   bash benchmarks/run_gpu.sh --tiny     # seconds-long check of the script itself (any machine)
 #   bash benchmarks/run_gpu.sh --profile  # where fcn's training and inference steps spend the GPU's time
-#   bash benchmarks/run_gpu.sh --head_loss  # the fused head and loss kernel against XLA's, alone and in the step
+#   bash benchmarks/run_gpu.sh --head_loss  # the fused network-end kernel against XLA's, alone and in the step
 #
 # Extra arguments go to benchmarks/speed.py. Python packages the machine lacks
 # come from wheels/ (scripts/gpu_env.sh says which and how to fetch them); the

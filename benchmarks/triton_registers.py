@@ -3,8 +3,8 @@
     pip install triton==3.9.0      # once; 285 MB, not a dependency of fcn
     python benchmarks/triton_registers.py [--kernels 64x4,128x4,...] [--arch 90]
 
-For each setting (pixels a block x warps) of the fused head and loss kernel
-(fcn/head_loss.py) at the full recipe's size (16 x 368 x 480 x 32 features in bfloat16,
+For each mode ("head", "head+norm") and setting (pixels a block x warps) of the fused head
+and loss kernel (fcn/head_loss.py) at the full recipe's size (16 x 368 x 480 x 32 features in bfloat16,
 11 classes): jax lowers it for CUDA to a Triton module (no GPU needed), Triton compiles
 that module to PTX for the given compute capability, and ptxas (shipped with Triton)
 reports each thread's registers and spills. A setting whose threads need more than 255
@@ -31,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 from fcn import head_loss  # noqa: E402
 
 
-def triton_module(block: int, num_warps: int) -> str:
+def triton_module(block: int, num_warps: int, bn: bool) -> str:
     """The kernel's Triton module (MLIR text), as jax lowers it for CUDA."""
     from jax._src.pallas.triton import lowering, pallas_call_registration as registration
 
@@ -52,9 +52,11 @@ def triton_module(block: int, num_warps: int) -> str:
             jax.ShapeDtypeStruct((16, 360, 480), jnp.uint8),
         )
 
+        norm = (jnp.ones(32), jnp.zeros(32), 1e-5) if bn else None
+
         def fn(x, kernel, bias, labels):
             return head_loss.linear_head_cross_entropy(
-                x, kernel, bias, labels, interpret=False, block=block, num_warps=num_warps
+                x, kernel, bias, labels, bn=norm, interpret=False, block=block, num_warps=num_warps
             )
 
         jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",))
@@ -68,6 +70,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kernels", default="64x4,128x4,128x8,256x4,256x8,512x8", help="BLOCKxWARPS,...")
     p.add_argument("--arch", type=int, default=90, help="compute capability (90: H100 and H200)")
+    p.add_argument("--modes", default="head,head+norm", help="the kernel's modes (config.loss.fused_head)")
     args = p.parse_args()
     try:
         import triton
@@ -78,12 +81,12 @@ def main() -> None:
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     ptxases = sorted(os.path.join(bin_dir, n) for n in os.listdir(bin_dir) if n.startswith("ptxas"))
     print(f"jax {jax.__version__}, triton {triton.__version__}, sm_{args.arch}a")
-    for item in args.kernels.split(","):
+    for mode, item in ((m, k) for m in args.modes.split(",") for k in args.kernels.split(",")):
         block, warps = map(int, item.split("x"))
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "kernel.ttir")
             with open(path, "w") as f:
-                f.write(triton_module(block, warps))
+                f.write(triton_module(block, warps, mode == "head+norm"))
             compiled = triton.compile(
                 path, target=GPUTarget("cuda", args.arch, 32), options={"num_warps": warps, "num_stages": 1}
             )
@@ -103,7 +106,7 @@ def main() -> None:
         registers = re.search(r"Used (\d+) registers", report).group(1)
         spills = re.search(r"(\d+) bytes spill stores", report).group(1)
         print(
-            f"{block:5d} px x {warps} warps: {registers:>3s} registers a thread, {spills:>5s} bytes spilled, "
+            f"{mode:9s} {block:5d} px x {warps} warps: {registers:>3s} registers a thread, {spills:>5s} bytes spilled, "
             f"{compiled.metadata.shared:6d} bytes of shared memory",
             flush=True,
         )

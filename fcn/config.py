@@ -81,7 +81,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss = lo = ml_collections.ConfigDict()
     lo.class_weights = "none"  # none | median_freq | median_freq_sqrt (its square root: milder)
     lo.dice_weight = 0.0  # weight of the soft Dice term added to cross-entropy
-    lo.fused_head = "off"  # off | auto (on a GPU) | on: the head and cross-entropy in one kernel, fcn/head_loss.py
+    lo.fused_head = "off"  # off | auto (GPU: head+norm) | head | head+norm: one kernel ends the net, fcn/head_loss.py
 
     c.optimizer = o = ml_collections.ConfigDict()
     o.name = "adamw"  # adamw | sgd
@@ -138,7 +138,7 @@ def validate(config) -> None:
     _choice(config, "optimizer.name", ("adamw", "sgd"))
     _choice(config, "optimizer.schedule", ("cosine", "constant"))
     _choice(config, "loss.class_weights", ("none", "median_freq", "median_freq_sqrt"))
-    _choice(config, "loss.fused_head", ("auto", "on", "off"))
+    _choice(config, "loss.fused_head", ("off", "auto", "head", "head+norm"))
     _choice(config, "data.storage", ("auto", "memory", "stream"))
     _positive("data.max_memory_gb", config.data.max_memory_gb)
     for name, least in (("decode_workers", 1), ("prefetch", 0)):

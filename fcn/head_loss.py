@@ -1,4 +1,5 @@
-"""The linear head, softmax cross-entropy, its gradient and the training accuracy in one GPU kernel.
+"""The network's end in one GPU kernel: (the last batch norm and ReLU,) the linear head, softmax
+cross-entropy, its gradient and the training accuracy.
 
 A training step's last layers are a 1x1 convolution (the per-pixel linear classifier,
 features C -> classes K), the softmax cross-entropy of its logits, and the argmax that
@@ -10,15 +11,20 @@ kernel reads each block of pixels' features and labels once and writes the featu
 gradient once. The logits and their gradient never reach the GPU's memory; of the head's
 weight and bias gradients, each block writes its share, which XLA then adds up.
 
+Mode "head+norm" takes the last decoder block's batch norm and ReLU in too: the kernel
+reads that block's last convolution output and normalises it itself, so the normalised
+features are never written, and it returns the gradient at the batch norm's output with
+the two per-channel sums that batch norm's gradient needs, so the pass that would sum them
+is saved as well (`fcn.norm.bn_grad_from_sums` finishes the gradient).
+
 The gradients are computed in the forward pass (they need nothing from later layers: the
 loss is the end of the network) and kept for the backward pass, which scales them by the
-incoming cotangent. Values equal `fcn.losses.cross_entropy` of the head's logits, with
-class weights and the ignore label, to float rounding (tests/test_head_loss.py, the
-kernel interpreted on a CPU).
+incoming cotangent. Values equal the unfused network end's (`fcn.norm`'s batch norm + ReLU,
+the head, `fcn.losses.cross_entropy`), with class weights and the ignore label, to float
+rounding (tests/test_head_loss.py, the kernel interpreted on a CPU).
 
-`linear_head_cross_entropy` is the entry point; `fused_head_applies` says when training
-uses it (`config.loss.fused_head`: "off" by default until the kernel has been measured on a
-GPU: `bash benchmarks/run_gpu.sh --head_loss` compares it with XLA's four kernels, alone
+`config.loss.fused_head` chooses ("off" by default until the kernel has been measured on a
+GPU: `bash benchmarks/run_gpu.sh --head_loss` compares the modes with XLA's kernels, alone
 and in the training step, in one run). The kernel is written for Pallas's Triton backend,
 which jax 0.11 deprecates (it warns when lowering); should it win, Mosaic GPU is its next home.
 """
@@ -30,7 +36,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-FUSED_HEAD = ("auto", "on", "off")
+FUSED_HEAD = ("off", "auto", "head", "head+norm")
 _NEG = -1e30  # the bias of padded classes: exp() of their shifted logits is 0
 # Pixels a kernel instance takes, and its warps. Compiled for an H200 (sm_90a) by Triton 3.9 and
 # its ptxas without a GPU (benchmarks/triton_registers.py; docs/benchmarks.md, the twenty-sixth
@@ -53,9 +59,7 @@ def block_pixels(num_pixels: int, channels: int, largest: int = BLOCK) -> int | 
     if channels < 16 or channels != _next_pow2(channels):
         return None
     for block in (1024, 512, 256, 128, 64, 32, 16):
-        if block > largest:
-            continue
-        if num_pixels % block == 0:
+        if block <= largest and num_pixels % block == 0:
             return block
     return None
 
@@ -68,19 +72,53 @@ def fits(shape_BHWC: tuple[int, ...], largest: int = BLOCK) -> int | None:
     return block_pixels(b // devices * hp * wp, c, largest) if b % devices == 0 else None
 
 
-def fused_head_applies(config, backend: str | None = None) -> bool:
-    """Whether training computes the head and its loss with the fused kernel.
+def fused_head_mode(config, backend: str | None = None) -> str | None:
+    """The config's choice for training: None (unfused), "head" or "head+norm".
 
-    "auto": on a GPU, for the linear head with cross-entropy alone (no Dice term);
-    "on": wherever it applies (on a CPU the kernel is interpreted: slow, for tests);
-    "off": never.
+    "auto": "head+norm" on a GPU, else None; "head", "head+norm": wherever they apply (on a
+    CPU the kernel is interpreted: slow, for tests); "off": None. Only the linear head with
+    cross-entropy alone (no Dice term) is fused; "head+norm" needs batch norm (else "head").
+    `usable_mode` narrows this down for a model and an input shape.
     """
     choice = config.loss.get("fused_head", "off")
     if choice == "off" or config.model.head != "linear" or config.loss.dice_weight:
-        return False
-    if choice == "on":
-        return True
-    return (backend or jax.default_backend()) == "gpu"
+        return None
+    if choice == "auto":
+        if (backend or jax.default_backend()) != "gpu":
+            return None
+        choice = "head+norm"
+    return "head" if choice == "head+norm" and config.model.norm != "batch" else choice
+
+
+def usable_mode(mode: str | None, model, x_shape: tuple[int, ...]) -> str | None:
+    """`mode` for this model (a fcn.model.UNet in training) and input shape, or what of it applies."""
+    from fcn import norm
+
+    if mode is None or fits(model.features_shape(x_shape, prescaled=True)) is None:
+        return None
+    if mode == "head+norm" and not (model.depth and norm.fusable_bn_relu(model.up_blocks[-1].norms[-1])):
+        return "head"
+    return mode
+
+
+def fused_loss(model, x_BHWC, labels_BHW, mode: str, *, rngs, ignore_label: int, class_weights_K=None, **kernel):
+    """(loss, correct) of the training-mode model on prescaled images, its end fused by `mode`
+    ("head" or "head+norm", from `usable_mode`); batch norm's running statistics are updated."""
+    from fcn import norm
+
+    head = model.head.layers[0]
+    head_bias = None if head.bias is None else head.bias[...]
+    args = dict(ignore_label=ignore_label, class_weights_K=class_weights_K, **kernel)
+    if mode == "head":
+        features_BHWC = model.features(x_BHWC, rngs=rngs, prescaled=True)
+        return linear_head_cross_entropy(features_BHWC, head.kernel[...], head_bias, labels_BHW, **args)
+    x_BHWC, last = model.features(x_BHWC, rngs=rngs, prescaled=True, last_norm=False)
+    bn = last.norm
+    (loss, correct), (mean_C, var_C) = linear_head_cross_entropy(
+        x_BHWC, head.kernel[...], head_bias, labels_BHW, bn=(bn.scale[...], bn.bias[...], bn.epsilon), **args
+    )
+    norm.update_running_stats(bn, mean_C, var_C)
+    return loss, correct
 
 
 def linear_head_cross_entropy(
@@ -91,10 +129,11 @@ def linear_head_cross_entropy(
     *,
     ignore_label: int = 255,
     class_weights_K: jax.Array | None = None,
+    bn: tuple | None = None,
     interpret: bool | None = None,
     block: int = BLOCK,
     num_warps: int = NUM_WARPS,
-) -> tuple[jax.Array, jax.Array]:
+):
     """(loss, correct): `fcn.losses.cross_entropy` of the 1x1 head's logits, and the count of valid
     pixels whose argmax is their label.
 
@@ -102,12 +141,15 @@ def linear_head_cross_entropy(
       labels'; the rows and columns beyond the labels count as ignored, as the network's
       cropped logits do).
     kernel_11CK, bias_K: the head's 1x1 convolution (nnx.Conv's kernel [1, 1, C, K]).
+    bn: (scale, bias, epsilon) of a training-mode batch norm and ReLU to apply to
+      `features_BHWC` first (the last conv's output); the result is then
+      ((loss, correct), (batch mean, batch variance)).
     interpret: run the kernel in Pallas's interpreter (default: off a GPU).
     block, num_warps: the most pixels a kernel instance takes, and its warps (Triton's).
 
     With more than one device, each runs the kernel on its share of the batch (fcn.sharding's
     `data` axis; a Pallas call is not split by XLA itself). The shapes must suit the kernel
-    (`fits`); fcn.state checks before calling.
+    (`fits`); `usable_mode` checks before training calls.
     """
     b, hp, wp, c = features_BHWC.shape
     _, h, w = labels_BHW.shape
@@ -128,16 +170,37 @@ def linear_head_cross_entropy(
     bias_Kp = jnp.pad(bias_K, (0, kp - k), constant_values=_NEG)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    fused = _fused(ignore_label, block, num_warps, bool(interpret), jax.device_count())
-    return fused(features_BHWC.reshape(-1, c), kernel_CKp, bias_Kp, labels_BHW.reshape(-1), normed_Kp)
+    args = (features_BHWC.reshape(-1, c), kernel_CKp, bias_Kp, labels_BHW.reshape(-1), normed_Kp)
+    if bn is None:
+        return _fused(ignore_label, block, num_warps, bool(interpret), jax.device_count())(*args)
+    scale_C, bn_bias_C, epsilon = bn
+    fused = _fused_bn(ignore_label, block, num_warps, bool(interpret), jax.device_count(), float(epsilon))
+    return fused(*args, scale_C.astype(jnp.float32), bn_bias_C.astype(jnp.float32))
 
 
-def _kernel(x_ref, y_ref, w_ref, b_ref, n_ref, dx_ref, dw_ref, db_ref, aux_ref, *, ignore_label):
-    """One block of pixels: [P, C] features, [P] labels -> their gradient, and the block's sums."""
-    x_PC = x_ref[...]
+def _kernel(*refs, ignore_label: int, bn: bool):
+    """One block of pixels: [P, C] features (or, with `bn`, the conv output that batch norm + ReLU
+    make them from), [P] labels -> the gradient at the features (at the batch norm's output), and
+    the block's sums: the head's weight and bias gradients, loss, correct count (and batch norm's
+    two gradient sums)."""
+    if bn:
+        x_ref, y_ref, w_ref, b_ref, n_ref, mean_ref, mul_ref, shift_ref, dx_ref, dw_ref, db_ref, aux_ref, ds_ref = refs
+    else:
+        x_ref, y_ref, w_ref, b_ref, n_ref, dx_ref, dw_ref, db_ref, aux_ref = refs
+
+    def features():
+        """The head's input in the compute dtype, and (with `bn`) its values before the ReLU in float32."""
+        x_PC = x_ref[...]
+        if not bn:
+            return x_PC, None
+        # As fcn.norm._bn_forward: (x - mean) * (rsqrt(var + eps) * scale) + bias in float32.
+        pre_PC = (x_PC.astype(jnp.float32) - mean_ref[...][None, :]) * mul_ref[...][None, :] + shift_ref[...][None, :]
+        return jnp.maximum(pre_PC, 0.0).astype(x_PC.dtype), pre_PC
+
+    f_PC, _ = features()
     y_P = y_ref[...].astype(jnp.int32)
-    w_CK = w_ref[...].astype(x_PC.dtype)
-    logits_PK = jnp.dot(x_PC, w_CK, preferred_element_type=jnp.float32) + b_ref[...][None, :]
+    w_CK = w_ref[...].astype(f_PC.dtype)
+    logits_PK = jnp.dot(f_PC, w_CK, preferred_element_type=jnp.float32) + b_ref[...][None, :]
     p, k = logits_PK.shape
     onehot_PK = jax.lax.broadcasted_iota(jnp.int32, (p, k), 1) == y_P[:, None]
     top_P1 = jnp.max(logits_PK, axis=1, keepdims=True)
@@ -148,93 +211,150 @@ def _kernel(x_ref, y_ref, w_ref, b_ref, n_ref, dx_ref, dw_ref, db_ref, aux_ref, 
     weight_P1 = jnp.sum(jnp.where(onehot_PK, n_ref[...][None, :], 0.0), axis=1, keepdims=True)
     loss = jnp.sum(weight_P1 * (top_P1 + jnp.log(sum_P1) - picked_P1))
     grad_PK = (e_PK / sum_P1 - onehot_PK.astype(jnp.float32)) * weight_P1
-    g_PK = grad_PK.astype(x_PC.dtype)
+    g_PK = grad_PK.astype(f_PC.dtype)
     nt = (((1,), (1,)), ((), ()))  # grad [P, K] . kernel [C, K] over K
-    dx_ref[...] = jax.lax.dot_general(g_PK, w_CK, nt, preferred_element_type=jnp.float32).astype(dx_ref.dtype)
+    df_PC = jax.lax.dot_general(g_PK, w_CK, nt, preferred_element_type=jnp.float32)
+    if bn:  # the ReLU's mask, from values computed again rather than kept (registers)
+        x_PC = x_ref[...].astype(jnp.float32)
+        _, pre_PC = features()
+        d_PC = jnp.where(pre_PC > 0, df_PC.astype(f_PC.dtype), 0).astype(jnp.float32)  # as the unfused bf16 dy
+        dx_ref[...] = d_PC.astype(dx_ref.dtype)
+        row_2 = jax.lax.broadcasted_iota(jnp.int32, (2, 1), 0)
+        ds_ref[...] = jnp.where(row_2 == 0, jnp.sum(d_PC, axis=0)[None, :], jnp.sum(d_PC * x_PC, axis=0)[None, :])
+    else:
+        dx_ref[...] = df_PC.astype(dx_ref.dtype)
     tn = (((0,), (0,)), ((), ()))  # features [P, C] . grad [P, K] over P
-    # The features read again (from cache) rather than kept: 122 registers a thread instead of 143
-    # for 128 pixels on 4 warps (benchmarks/triton_registers.py), so four blocks share a
-    # multiprocessor instead of three.
-    dw_ref[...] = jax.lax.dot_general(x_ref[...], g_PK, tn, preferred_element_type=jnp.float32)
+    # The features read (and normalised) again rather than kept: 122 registers a thread instead of
+    # 143 for 128 pixels on 4 warps without `bn` (benchmarks/triton_registers.py), so four blocks
+    # share a multiprocessor instead of three.
+    dw_ref[...] = jax.lax.dot_general(features()[0], g_PK, tn, preferred_element_type=jnp.float32)
     db_ref[...] = jnp.sum(grad_PK, axis=0)
     correct = jnp.sum(((jnp.argmax(logits_PK, axis=1) == y_P) & (y_P != ignore_label)).astype(jnp.float32))
     col_K = jax.lax.broadcasted_iota(jnp.int32, (k,), 0)
     aux_ref[...] = jnp.where(col_K == 0, loss, jnp.where(col_K == 1, correct, 0.0))
 
 
-def _call(x_PC, w_CK, b_K, y_P, n_K, *, ignore_label, block, num_warps, interpret):
+def _call(*inputs, ignore_label, bn, block, num_warps, interpret):
+    """The kernel over every block of pixels: (dx [P, C], then per block: dW [N, C, K], db [N, K],
+    (loss, correct, 0...) [N, K], and with `bn` (sum d, sum d x) [N, 2, C])."""
     from jax.experimental import pallas as pl
 
+    x_PC, _, w_CK = inputs[:3]
     (num_pixels, c), k = x_PC.shape, w_CK.shape[1]
     blocks = num_pixels // block
     f32 = jnp.float32
     whole = lambda *shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))  # noqa: E731
+    in_specs = [pl.BlockSpec((block, c), lambda i: (i, 0)), pl.BlockSpec((block,), lambda i: (i,))]
+    in_specs += [whole(c, k), whole(k), whole(k)] + [whole(c)] * (3 if bn else 0)
+    out_specs = [
+        pl.BlockSpec((block, c), lambda i: (i, 0)),
+        pl.BlockSpec((None, c, k), lambda i: (i, 0, 0)),
+        pl.BlockSpec((None, k), lambda i: (i, 0)),
+        pl.BlockSpec((None, k), lambda i: (i, 0)),
+    ]
+    out_shape = [
+        jax.ShapeDtypeStruct((num_pixels, c), x_PC.dtype),
+        jax.ShapeDtypeStruct((blocks, c, k), f32),
+        jax.ShapeDtypeStruct((blocks, k), f32),
+        jax.ShapeDtypeStruct((blocks, k), f32),
+    ]
+    if bn:
+        out_specs.append(pl.BlockSpec((None, 2, c), lambda i: (i, 0, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((blocks, 2, c), f32))
     params = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
         params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
     return pl.pallas_call(
-        functools.partial(_kernel, ignore_label=ignore_label),
+        functools.partial(_kernel, ignore_label=ignore_label, bn=bn),
         grid=(blocks,),
-        in_specs=[
-            pl.BlockSpec((block, c), lambda i: (i, 0)),
-            pl.BlockSpec((block,), lambda i: (i,)),
-            whole(c, k),
-            whole(k),
-            whole(k),
-        ],
-        out_specs=[
-            pl.BlockSpec((block, c), lambda i: (i, 0)),
-            pl.BlockSpec((None, c, k), lambda i: (i, 0, 0)),
-            pl.BlockSpec((None, k), lambda i: (i, 0)),
-            pl.BlockSpec((None, k), lambda i: (i, 0)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((num_pixels, c), x_PC.dtype),
-            jax.ShapeDtypeStruct((blocks, c, k), f32),
-            jax.ShapeDtypeStruct((blocks, k), f32),
-            jax.ShapeDtypeStruct((blocks, k), f32),
-        ],
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
         interpret=interpret,
         name="fcn_head_cross_entropy",
         **params,
-    )(x_PC, y_P, w_CK, b_K, n_K)
+    )(*inputs)
+
+
+def _kernel_call(ignore_label, bn, block, num_warps, interpret, devices):
+    """`_call` for one static setting; with several devices, each on its share of the pixels under
+    shard_map (the per-block outputs stay split, and XLA adds them up)."""
+    call = functools.partial(
+        _call, ignore_label=ignore_label, bn=bn, block=block, num_warps=num_warps, interpret=interpret
+    )
+    if devices == 1:
+        return call
+    from jax.sharding import PartitionSpec as P
+
+    from fcn import sharding
+
+    split, whole = P("data"), P()
+    in_specs = (split, split, whole, whole, whole) + (whole,) * (3 if bn else 0)  # x, y, w, b, n(, bn's)
+    return jax.shard_map(
+        call, mesh=sharding.make_mesh(), in_specs=in_specs, out_specs=(split,) * (5 if bn else 4), check_vma=False
+    )
+
+
+def _sums(aux_NK, dw_NCK, db_NK):
+    """(loss, correct count), dW, db from the per-block outputs."""
+    loss = jnp.sum(aux_NK[:, 0])
+    # Each block's count (at most `block`) is exact in float32; their sum is taken in integers.
+    correct = jnp.sum(aux_NK[:, 1].astype(jnp.int32)).astype(jnp.float32)
+    return (loss, correct), jnp.sum(dw_NCK, axis=0), jnp.sum(db_NK, axis=0)
 
 
 @functools.cache
 def _fused(ignore_label: int, block: int, num_warps: int, interpret: bool, devices: int):
     """The kernel as a differentiable function of (features, kernel, bias), for one static setting."""
-    call = functools.partial(_call, ignore_label=ignore_label, block=block, num_warps=num_warps, interpret=interpret)
-    if devices > 1:  # per device, on its pixels; the per-block outputs stay split, and XLA adds them up
-        from jax.sharding import PartitionSpec as P
-
-        from fcn import sharding
-
-        split, whole = P("data"), P()
-        call = jax.shard_map(
-            call,
-            mesh=sharding.make_mesh(),
-            in_specs=(split, whole, whole, split, whole),
-            out_specs=(split, split, split, split),
-            check_vma=False,
-        )
+    call = _kernel_call(ignore_label, False, block, num_warps, interpret, devices)
 
     @jax.custom_vjp
     def fused(x_PC, w_CK, b_K, y_P, n_K):
         return fused_fwd(x_PC, w_CK, b_K, y_P, n_K)[0]
 
     def fused_fwd(x_PC, w_CK, b_K, y_P, n_K):
-        dx_PC, dw_NCK, db_NK, aux_NK = call(x_PC, w_CK, b_K, y_P, n_K)
-        loss = jnp.sum(aux_NK[:, 0])
-        # Each block's count (at most `block`) is exact in float32; their sum is taken in integers.
-        correct = jnp.sum(aux_NK[:, 1].astype(jnp.int32)).astype(jnp.float32)
-        return (loss, correct), (dx_PC, jnp.sum(dw_NCK, axis=0), jnp.sum(db_NK, axis=0))
+        dx_PC, dw_NCK, db_NK, aux_NK = call(x_PC, y_P, w_CK, b_K, n_K)
+        out, dw_CK, db_K = _sums(aux_NK, dw_NCK, db_NK)
+        return out, (dx_PC, dw_CK, db_K)
 
     def fused_bwd(res, cotangents):
         dx_PC, dw_CK, db_K = res
         g = cotangents[0]  # the loss's; the count has no gradient
         return (g.astype(dx_PC.dtype) * dx_PC, g * dw_CK, g * db_K, None, None)
+
+    fused.defvjp(fused_fwd, fused_bwd)
+    return fused
+
+
+@functools.cache
+def _fused_bn(ignore_label: int, block: int, num_warps: int, interpret: bool, devices: int, epsilon: float):
+    """As `_fused`, with batch norm + ReLU before the head: a differentiable function of (the
+    last conv's output, kernel, bias, ..., batch norm's scale and bias) ->
+    ((loss, correct), (batch mean, batch variance))."""
+    from fcn import norm
+
+    call = _kernel_call(ignore_label, True, block, num_warps, interpret, devices)
+
+    @jax.custom_vjp
+    def fused(x_PC, w_CK, b_K, y_P, n_K, scale_C, bias_C):
+        return fused_fwd(x_PC, w_CK, b_K, y_P, n_K, scale_C, bias_C)[0]
+
+    def fused_fwd(x_PC, w_CK, b_K, y_P, n_K, scale_C, bias_C):
+        mean_C, var_C = norm.batch_stats(x_PC)
+        inv_C = jax.lax.rsqrt(var_C + epsilon)
+        d_PC, dw_NCK, db_NK, aux_NK, ds_N2C = call(x_PC, y_P, w_CK, b_K, n_K, mean_C, inv_C * scale_C, bias_C)
+        out, dw_CK, db_K = _sums(aux_NK, dw_NCK, db_NK)
+        dsum_C, dxsum_C = jnp.sum(ds_N2C, axis=0)
+        return (out, (mean_C, var_C)), (x_PC, d_PC, mean_C, inv_C, scale_C, dsum_C, dxsum_C, dw_CK, db_K)
+
+    def fused_bwd(res, cotangents):
+        x_PC, d_PC, mean_C, inv_C, scale_C, dsum_C, dxsum_C, dw_CK, db_K = res
+        g = cotangents[0][0]  # the loss's; the count and the statistics have no gradient
+        d_PC = g * d_PC.astype(jnp.float32)
+        dx_PC, dscale_C, dbias_C = norm.bn_grad_from_sums(x_PC, d_PC, mean_C, inv_C, scale_C, g * dsum_C, g * dxsum_C)
+        return (dx_PC, g * dw_CK, g * db_K, None, None, dscale_C, dbias_C)
 
     fused.defvjp(fused_fwd, fused_bwd)
     return fused

@@ -94,10 +94,13 @@ class ConvBlock(nnx.Module):
             self.convs.append(conv(c, c_out, (3, 3), use_bias=norm == "none", rngs=rngs))
             self.norms.append(Norm(c_out, norm, dtype=dtype, rngs=rngs))
 
-    def __call__(self, x_BHWC):
+    def __call__(self, x_BHWC, *, last_norm: bool = True):
+        """The block's output; with `last_norm` False, the last conv's output before its norm and ReLU."""
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             if len(self.reduce):
                 x_BHWC = jax.nn.relu(self.reduce[i](x_BHWC))
+            if not last_norm and i == len(self.convs) - 1:
+                return conv(x_BHWC)
             folded = norm.folded()  # inference: batch norm folded into the conv
             y = None if folded is None else conv_bias_relu(conv, x_BHWC, *folded)
             x_BHWC = y if y is not None else norm(conv(x_BHWC), relu=True, conv=conv)
@@ -243,9 +246,23 @@ class UNet(nnx.Module):
         hs, ws = (h, w) if prescaled else scaled_size(h, w, self.input_scale)
         return self.logits(self.features(x_BHWC, rngs=rngs, prescaled=prescaled), (hs, ws), (h, w))
 
-    def features(self, x_BHWC: jax.Array, *, rngs: nnx.Rngs | None = None, prescaled: bool = False) -> jax.Array:
+    def features_shape(self, x_shape: tuple[int, ...], *, prescaled: bool = False) -> tuple[int, int, int, int]:
+        """The shape of `features(x)` for images of shape `x_shape`."""
+        b, h, w, _ = x_shape
+        hs, ws = (h, w) if prescaled else scaled_size(h, w, self.input_scale)
+        m = 2**self.depth
+        return b, -(-hs // m) * m, -(-ws // m) * m, self.head.layers[0].in_features
+
+    def features(
+        self, x_BHWC: jax.Array, *, rngs: nnx.Rngs | None = None, prescaled: bool = False, last_norm: bool = True
+    ):
         """The head's input: the last decoder block's output [B, H', W', features] in the compute
-        dtype, at the network's size padded up to a multiple of 2**depth (traced callers only)."""
+        dtype, at the network's size padded up to a multiple of 2**depth (traced callers only).
+
+        last_norm False (depth >= 1): (that block's last conv output before its norm and ReLU, the
+        Norm), for a caller that applies them itself (fcn.head_loss)."""
+        if not last_norm and not self.depth:
+            raise ValueError("UNet.features(last_norm=False) needs depth >= 1")
         _, h, w, _ = x_BHWC.shape
         hs, ws = (h, w) if prescaled else scaled_size(h, w, self.input_scale)
         if (hs, ws) != (h, w):
@@ -265,8 +282,8 @@ class UNet(nnx.Module):
             x_BHWC = self.dropout(x_BHWC, rngs=rngs)
         for i, (block, skip) in enumerate(zip(self.up_blocks, reversed(skips))):
             x_BHWC = jnp.concatenate([self._upsample(i, x_BHWC), skip], axis=-1)
-            x_BHWC = block(x_BHWC)
-        return x_BHWC
+            x_BHWC = block(x_BHWC, last_norm=last_norm or i < self.depth - 1)
+        return x_BHWC if last_norm else (x_BHWC, self.up_blocks[-1].norms[-1])
 
     def logits(self, features_BHWC: jax.Array, net_size: tuple[int, int], size: tuple[int, int]) -> jax.Array:
         """The head on `features`' output: float32 logits cropped to the network's size (H', W') and

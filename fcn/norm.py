@@ -82,7 +82,7 @@ def batch_norm_train(
       (fcn.onednn.bn_relu), in float32.
     Settings other than nnx's defaults on the last axis go to nnx.BatchNorm itself.
     """
-    if bn.axis not in (-1, x_BHWC.ndim - 1) or bn.axis_name is not None or not bn.use_fast_variance:
+    if not _plain_bn(bn, x_BHWC.ndim):
         y = bn(x_BHWC)
         return jax.nn.relu(y) if relu else y
     scale = bn.scale[...] if bn.scale is not None else None
@@ -99,10 +99,34 @@ def batch_norm_train(
     else:
         y, mean_C, var_C = _bn_forward(x_BHWC, scale, bias, bn.epsilon, out_dtype, barrier=False)
         y = jax.nn.relu(y) if relu else y
+    update_running_stats(bn, mean_C, var_C)
+    return y
+
+
+def _plain_bn(bn: nnx.BatchNorm, ndim: int) -> bool:
+    """Whether `bn` normalises over every axis but the last with nnx's defaults (batch_norm_train's own path)."""
+    return bn.axis in (-1, ndim - 1) and bn.axis_name is None and bn.use_fast_variance
+
+
+def fusable_bn_relu(norm: Norm) -> bool:
+    """Whether `norm` is a training-mode batch norm whose ReLU `_bn_relu`'s form computes: one that
+    fcn.head_loss may take into its kernel."""
+    bn = norm.norm
+    return (
+        norm.kind == "batch"
+        and not bn.use_running_average
+        and _plain_bn(bn, 4)
+        and bn.scale is not None
+        and bn.bias is not None
+    )
+
+
+def update_running_stats(bn: nnx.BatchNorm, mean_C, var_C) -> None:
+    """nnx.BatchNorm's running averages, updated with a batch's statistics (replaced whole: see
+    batch_norm_train)."""
     m = bn.momentum
     bn.mean.set_value(jax.lax.stop_gradient(m * bn.mean.get_value() + (1 - m) * mean_C))
     bn.var.set_value(jax.lax.stop_gradient(m * bn.var.get_value() + (1 - m) * var_C))
-    return y
 
 
 def conv_bias_relu(conv: nnx.Conv, x_BHWC, scale_K, shift_K):
@@ -142,12 +166,18 @@ def _plain(conv: nnx.Conv) -> bool:
     )
 
 
-def _bn_forward(x_BHWC, scale, bias, epsilon, out_dtype, *, barrier: bool):
-    """(normalised x, batch mean, batch variance), as nnx.BatchNorm computes them (use_fast_variance)."""
-    x32 = x_BHWC.astype(jnp.promote_types(x_BHWC.dtype, jnp.float32))  # statistics in at least float32
+def batch_stats(x_BHWC):
+    """Per-channel batch mean and variance over every axis but the last, as nnx.BatchNorm computes
+    them (use_fast_variance), in at least float32."""
+    x32 = x_BHWC.astype(jnp.promote_types(x_BHWC.dtype, jnp.float32))
     axes = tuple(range(x_BHWC.ndim - 1))
     mean_C, mean2_C = x32.mean(axes), jax.lax.square(x32).mean(axes)
-    var_C = jnp.maximum(0.0, mean2_C - jax.lax.square(mean_C))
+    return mean_C, jnp.maximum(0.0, mean2_C - jax.lax.square(mean_C))
+
+
+def _bn_forward(x_BHWC, scale, bias, epsilon, out_dtype, *, barrier: bool):
+    """(normalised x, batch mean, batch variance), as nnx.BatchNorm computes them (use_fast_variance)."""
+    mean_C, var_C = batch_stats(x_BHWC)
     mul_C = jax.lax.rsqrt(var_C + epsilon)
     if scale is not None:
         mul_C = mul_C * scale
@@ -183,17 +213,23 @@ def _bn_relu_bwd(epsilon, out_dtype, res, cotangents):
     x_BHWC, mean_C, var_C, scale_C, bias_C = res
     dy = cotangents[0]
     axes = tuple(range(x_BHWC.ndim - 1))
-    n = x_BHWC.size // x_BHWC.shape[-1]
     inv_C = jax.lax.rsqrt(var_C + epsilon)
     mul_C = inv_C * scale_C  # as _bn_forward's
     mean_C, inv_C, mul_C = _per_channel((mean_C, inv_C, mul_C))
     x32 = x_BHWC.astype(inv_C.dtype)
     d = jnp.where((x32 - mean_C) * mul_C + bias_C > 0, dy, 0).astype(inv_C.dtype)
-    dbias_C, dx_sum_C = d.sum(axes), (d * x32).sum(axes)
+    dx, dscale_C, dbias_C = bn_grad_from_sums(x_BHWC, d, mean_C, inv_C, scale_C, d.sum(axes), (d * x32).sum(axes))
+    return dx, dscale_C.astype(scale_C.dtype), dbias_C.astype(bias_C.dtype)
+
+
+def bn_grad_from_sums(x, d, mean_C, inv_C, scale_C, dbias_C, dx_sum_C):
+    """Batch norm's gradients (dx, dscale, dbias) from d, the gradient at its output (after the ReLU's
+    mask), and the two sums over pixels that `_bn_relu_bwd` takes: sum d and sum d * x."""
+    n = x.size // x.shape[-1]
     dscale_C = inv_C * (dx_sum_C - mean_C * dbias_C)
     k_C, dmean_C, c_C = _per_channel((scale_C * inv_C, dbias_C / n, dscale_C * inv_C / n))
-    dx = k_C * (d - dmean_C - (x_BHWC - mean_C) * c_C)
-    return dx.astype(x_BHWC.dtype), dscale_C.astype(scale_C.dtype), dbias_C.astype(bias_C.dtype)
+    dx = k_C * (d - dmean_C - (x - mean_C) * c_C)
+    return dx.astype(x.dtype), dscale_C, dbias_C
 
 
 _bn_relu.defvjp(_bn_relu_fwd, _bn_relu_bwd)

@@ -145,7 +145,7 @@ def make_train_step(config, graphs: Graphs, tx, num_classes: int, ignore_label: 
     dice_weight, ema_decay = config.loss.dice_weight, config.optimizer.ema_decay
     weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
 
-    fused = head_loss.fused_head_applies(config)
+    fused_mode = head_loss.fused_head_mode(config)
 
     def train_step(state: State, images_BHWC, labels_BHW, sizes_B2):
         key = jax.random.fold_in(base_key, state["step"])
@@ -156,19 +156,15 @@ def make_train_step(config, graphs: Graphs, tx, num_classes: int, ignore_label: 
         def loss_fn(params, rest):
             # Fresh Variables at this trace level: BatchNorm updates its statistics in place.
             model = nnx.merge(graphs.train, params, jax.tree.map(lambda v: v, rest))
+            rngs = nnx.Rngs(dropout=k_drop)
             # Training data is stored at the network's scale already (pipeline.stack).
-            features_BHWC = model.features(x_BHWC, rngs=nnx.Rngs(dropout=k_drop), prescaled=True)
-            if fused and head_loss.fits(features_BHWC.shape):
-                head = model.head.layers[0]
-                loss, correct = head_loss.linear_head_cross_entropy(
-                    features_BHWC,
-                    head.kernel[...],
-                    None if head.bias is None else head.bias[...],
-                    y_BHW,
-                    ignore_label=ignore_label,
-                    class_weights_K=weights,
+            mode = head_loss.usable_mode(fused_mode, model, x_BHWC.shape)
+            if mode:  # the network's end in one kernel (config.loss.fused_head)
+                loss, correct = head_loss.fused_loss(
+                    model, x_BHWC, y_BHW, mode, rngs=rngs, ignore_label=ignore_label, class_weights_K=weights
                 )
             else:
+                features_BHWC = model.features(x_BHWC, rngs=rngs, prescaled=True)
                 logits_BHWK = model.logits(features_BHWC, x_BHWC.shape[1:3], x_BHWC.shape[1:3])
                 loss = losses.cross_entropy(logits_BHWK, y_BHW, ignore_label=ignore_label, class_weights_K=weights)
                 if dice_weight:

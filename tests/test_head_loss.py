@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from fcn import head_loss, losses, state as state_lib
+from fcn import head_loss, losses, norm, state as state_lib
 from fcn.data import get_source
 
 IGNORE = 255
+EPS = 1e-5
 
 
 def _case(dtype=jnp.float32, *, b=2, hp=16, wp=16, c=16, k=11, h=13, w=16, seed=0):
@@ -46,6 +47,32 @@ def _fused(x, kernel, bias, labels, class_weights=None):
     )
 
 
+def _bn_params(c, seed=2):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32), jnp.asarray(rng.normal(size=c) * 0.2, jnp.float32)
+
+
+def _reference_bn(x, scale, shift, kernel, bias, labels, class_weights=None):
+    """The unfused end of a training network: fcn.norm's batch norm + ReLU (its own gradient), the head, the loss."""
+    y, mean, var = norm._bn_relu(x, scale, shift, EPS, x.dtype)
+    loss, correct = _reference(y, kernel, bias, labels, class_weights)
+    return loss, (correct, mean, var)
+
+
+def _fused_bn(x, scale, shift, kernel, bias, labels, class_weights=None):
+    (loss, correct), (mean, var) = head_loss.linear_head_cross_entropy(
+        x,
+        kernel,
+        bias,
+        labels,
+        ignore_label=IGNORE,
+        class_weights_K=class_weights,
+        bn=(scale, shift, EPS),
+        interpret=True,
+    )
+    return loss, (correct, mean, var)
+
+
 @pytest.mark.parametrize("weighted", [False, True])
 def test_values_and_gradients_equal_the_unfused_head_and_loss(weighted):
     x, kernel, bias, labels = _case()
@@ -63,6 +90,31 @@ def test_values_and_gradients_equal_the_unfused_head_and_loss(weighted):
         np.testing.assert_allclose(gf, gr, rtol=2e-5, atol=1e-8, err_msg=name)
     # The padded rows (13-15, beyond the labels) get no gradient, as the cropped logits' do not.
     assert not np.any(np.asarray(grads_f[0])[:, 13:])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_with_batch_norm_and_relu_taken_in_as_the_unfused_network_end(dtype):
+    x, kernel, bias, labels = _case(dtype, c=32, hp=32, wp=16, h=29, w=16)
+    x = x * 2.0 + 0.5  # batch norm's statistics then matter
+    scale, shift = _bn_params(32)
+    weights = jnp.asarray(np.random.default_rng(1).uniform(0.2, 3.0, 11), jnp.float32)
+    args = (x, scale, shift, kernel, bias, labels, weights)
+    (loss_r, (correct_r, mean_r, var_r)), grads_r = jax.value_and_grad(_reference_bn, range(5), has_aux=True)(*args)
+    (loss_f, (correct_f, mean_f, var_f)), grads_f = jax.value_and_grad(_fused_bn, range(5), has_aux=True)(*args)
+    np.testing.assert_allclose(loss_f, loss_r, rtol=1e-6 if dtype == jnp.float32 else 1e-5)
+    np.testing.assert_array_equal(mean_f, mean_r)  # fcn.norm.batch_stats, shared
+    np.testing.assert_array_equal(var_f, var_r)
+    if dtype == jnp.float32:
+        assert float(correct_f) == float(correct_r) > 0
+    else:
+        assert abs(float(correct_f) - float(correct_r)) <= 2  # near ties may round either way
+    for name, gf, gr in zip(("input", "scale", "shift", "kernel", "bias"), grads_f, grads_r):
+        assert gf.shape == gr.shape and gf.dtype == gr.dtype, name
+        gf, gr = np.asarray(gf, np.float32), np.asarray(gr, np.float32)
+        if dtype == jnp.float32:
+            np.testing.assert_allclose(gf, gr, rtol=1e-4, atol=1e-7 * np.abs(gr).max(), err_msg=name)
+        else:
+            np.testing.assert_allclose(gf, gr, atol=3e-2 * np.abs(gr).max(), err_msg=name)
 
 
 def test_bfloat16_features_as_the_bfloat16_head():
@@ -104,20 +156,29 @@ def test_shapes_the_kernel_cannot_take_are_refused():
 def test_when_training_uses_it():
     config = tiny.get_config()
     assert config.loss.fused_head == "off"  # until measured on a GPU (benchmarks/head_loss.py)
-    assert not head_loss.fused_head_applies(config, "gpu")
+    assert head_loss.fused_head_mode(config, "gpu") is None
     config.loss.fused_head = "auto"
-    assert head_loss.fused_head_applies(config, "gpu")
-    assert not head_loss.fused_head_applies(config, "cpu")
-    config.loss.fused_head = "on"
-    assert head_loss.fused_head_applies(config, "cpu")
+    assert head_loss.fused_head_mode(config, "gpu") == "head+norm"
+    assert head_loss.fused_head_mode(config, "cpu") is None
+    config.loss.fused_head = "head"
+    assert head_loss.fused_head_mode(config, "cpu") == "head"
+    config.loss.fused_head = "head+norm"
+    config.model.norm = "group"
+    assert head_loss.fused_head_mode(config, "gpu") == "head"  # only batch norm is taken in
+    config.model.norm = "batch"
     config.loss.dice_weight = 0.5  # the Dice term needs the logits
-    assert not head_loss.fused_head_applies(config, "gpu")
+    assert head_loss.fused_head_mode(config, "gpu") is None
     config.loss.dice_weight = 0.0
     config.model.head = "mlp"
-    assert not head_loss.fused_head_applies(config, "gpu")
+    assert head_loss.fused_head_mode(config, "gpu") is None
     config.model.head = "linear"
     config.loss.fused_head = "off"
-    assert not head_loss.fused_head_applies(config, "gpu")
+    assert head_loss.fused_head_mode(config, "gpu") is None
+    config.loss.fused_head = "on"
+    with pytest.raises(ValueError, match="loss.fused_head='on' is not valid"):
+        from fcn.config import validate
+
+        validate(config)
 
 
 def test_lowers_to_one_triton_kernel_for_a_gpu():
@@ -128,13 +189,21 @@ def test_lowers_to_one_triton_kernel_for_a_gpu():
     bias = jax.ShapeDtypeStruct((11,), jnp.float32)
     labels = jax.ShapeDtypeStruct((2, 360, 480), jnp.uint8)
 
-    def loss_and_grads(x, kernel, bias, labels):
-        fn = lambda *a: head_loss.linear_head_cross_entropy(*a, labels, interpret=False)  # noqa: E731
+    scale, shift = _bn_params(32)
+
+    def loss_and_grads(x, kernel, bias, labels, bn):
+        def fn(*a):
+            bn_args = (scale, shift, EPS) if bn else None
+            out = head_loss.linear_head_cross_entropy(*a, labels, bn=bn_args, interpret=False)
+            return out[0] if bn else out
+
         return jax.value_and_grad(fn, argnums=(0, 1, 2), has_aux=True)(x, kernel, bias)
 
-    text = jax.jit(loss_and_grads).trace(x, kernel, bias, labels).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 1
-    assert "grid_x = 2760" in text  # 2 x 368 x 480 pixels in blocks of 128
+    for bn in (False, True):
+        lowered = jax.jit(loss_and_grads, static_argnums=4).trace(x, kernel, bias, labels, bn)
+        text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == 1, bn
+        assert "grid_x = 2760" in text  # 2 x 368 x 480 pixels in blocks of 128
 
 
 def test_training_step_with_the_kernel_equals_the_step_without(monkeypatch):
@@ -150,20 +219,21 @@ def test_training_step_with_the_kernel_equals_the_step_without(monkeypatch):
     sizes = np.array([lab.shape for lab in split.labels[:4]], np.int32)
     weights = losses.median_frequency_weights(split.labels, 4)
     results = {}
-    for choice in ("on", "off"):
+    for choice in ("head", "head+norm", "off"):
         config.loss.fused_head = choice
         graphs, state, tx = state_lib.create(config, 4)
         step = state_lib.jit_train_step(config, graphs, tx, 4, IGNORE, weights)
         for _ in range(2):
             state, out = step(state, images, labels, sizes)
         results[choice] = jax.device_get((state["params"], state["rest"], out))
-        assert len(calls) == 1  # traced once with the kernel ("on"), never without it ("off")
-    (params_on, rest_on, out_on), (params_off, rest_off, out_off) = results["on"], results["off"]
-    np.testing.assert_allclose(out_on["loss"], out_off["loss"], rtol=1e-5)
-    np.testing.assert_allclose(out_on["grad_norm"], out_off["grad_norm"], rtol=1e-4)
-    assert float(out_on["train_accuracy"]) == float(out_off["train_accuracy"])
-    for a, b in zip(jax.tree.leaves((params_on, rest_on)), jax.tree.leaves((params_off, rest_off))):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        assert len(calls) == min(len(results), 2)  # traced once with each fused mode, never with "off"
+    params_off, rest_off, out_off = results.pop("off")
+    for mode, (params, rest, out) in results.items():
+        np.testing.assert_allclose(out["loss"], out_off["loss"], rtol=1e-5, err_msg=mode)
+        np.testing.assert_allclose(out["grad_norm"], out_off["grad_norm"], rtol=1e-4, err_msg=mode)
+        assert float(out["train_accuracy"]) == float(out_off["train_accuracy"]), mode
+        for a, b in zip(jax.tree.leaves((params, rest)), jax.tree.leaves((params_off, rest_off))):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=mode)
 
 
 SHARDED = r"""
@@ -171,18 +241,25 @@ import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 sys.path.insert(0, sys.argv[1])
-from tests.test_head_loss import _case, _fused, _reference
+from tests.test_head_loss import _bn_params, _case, _fused, _fused_bn, _reference, _reference_bn
 from fcn import sharding
 
 assert jax.device_count() == 2
 x, kernel, bias, labels = _case(b=4, hp=16, wp=16, c=16, h=13, w=16)
 split = NamedSharding(sharding.make_mesh(), P("data"))
 x, labels = jax.device_put(x, split), jax.device_put(labels, split)
+scale, shift = _bn_params(16)
 out = {}
-for name, fn in (("fused", _fused), ("reference", _reference)):
-    step = jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2), has_aux=True))
-    out[name + "_text"] = step.lower(x, kernel, bias, labels).as_text()
-    (loss, correct), grads = step(x, kernel, bias, labels)
+for name, fn, args in (
+    ("fused", _fused, (x, kernel, bias, labels)),
+    ("reference", _reference, (x, kernel, bias, labels)),
+    ("fused_bn", _fused_bn, (x, scale, shift, kernel, bias, labels)),
+    ("reference_bn", _reference_bn, (x, scale, shift, kernel, bias, labels)),
+):
+    step = jax.jit(jax.value_and_grad(fn, argnums=tuple(range(len(args) - 1)), has_aux=True))
+    out[name + "_text"] = step.lower(*args).as_text()
+    (loss, aux), grads = step(*args)
+    correct = aux if name in ("fused", "reference") else aux[0]
     out[name] = [float(loss), float(correct)] + [np.asarray(g, np.float64).ravel().tolist() for g in grads]
 print(json.dumps(out))
 """
@@ -196,11 +273,12 @@ def test_two_devices_each_run_the_kernel_on_their_share_of_the_batch():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.splitlines()[-1])
-    text = out.pop("fused_text")
-    assert "manual_computation" in text or "SPMDFullToShardShape" in text  # the kernel under shard_map
-    assert "manual_computation" not in out.pop("reference_text")
-    fused, reference = out["fused"], out["reference"]
-    np.testing.assert_allclose(fused[0], reference[0], rtol=1e-6)
-    assert fused[1] == reference[1] > 0
-    for gf, gr in zip(fused[2:], reference[2:]):
-        np.testing.assert_allclose(gf, gr, rtol=2e-5, atol=1e-8)
+    for variant in ("", "_bn"):
+        text = out["fused" + variant + "_text"]
+        assert "manual_computation" in text or "SPMDFullToShardShape" in text  # the kernel under shard_map
+        assert "manual_computation" not in out["reference" + variant + "_text"]
+        fused, reference = out["fused" + variant], out["reference" + variant]
+        np.testing.assert_allclose(fused[0], reference[0], rtol=1e-6)
+        assert fused[1] == reference[1] > 0
+        for gf, gr in zip(fused[2:], reference[2:]):
+            np.testing.assert_allclose(gf, gr, rtol=1e-4, atol=1e-7 * np.abs(gr).max())
