@@ -203,6 +203,13 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
     steps; re-running resumes. For time-sliced jobs, and for tests.
     """
     validate(config)
+    if config.loss.fused_head in ("head", "head+norm") and jax.default_backend() != "gpu":
+        log.warning(
+            "config.loss.fused_head=%r on %s: where it applies, the kernel runs in Pallas's interpreter, "
+            "which is slow and meant for tests; 'auto' uses it on a GPU only",
+            config.loss.fused_head,
+            jax.default_backend(),
+        )
     jax_cache = enable_compilation_cache()
     workdir = Path(workdir)
 

@@ -282,3 +282,13 @@ def test_two_devices_each_run_the_kernel_on_their_share_of_the_batch():
         assert fused[1] == reference[1] > 0
         for gf, gr in zip(fused[2:], reference[2:]):
             np.testing.assert_allclose(gf, gr, rtol=1e-4, atol=1e-7 * np.abs(gr).max())
+
+
+def test_training_warns_that_a_forced_kernel_is_interpreted_off_a_gpu(tmp_path, caplog):
+    from fcn.train import train_and_evaluate
+
+    config = tiny.get_config()
+    config.loss.fused_head = "head"
+    with caplog.at_level("WARNING", logger="fcn"):
+        train_and_evaluate(config, tmp_path, stop_after=1)
+    assert any("fused_head='head' on cpu" in r.getMessage() and "interpreter" in r.getMessage() for r in caplog.records)
