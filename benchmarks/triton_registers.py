@@ -5,7 +5,7 @@
 
 For each mode ("head", "head+norm") and setting (pixels a block x warps) of the fused head
 and loss kernel (fcn/head_loss.py) at the full recipe's size (16 x 368 x 480 x 32 features in bfloat16,
-11 classes): jax lowers it for CUDA to a Triton module (no GPU needed), Triton compiles
+11 classes; `--features` for other widths): jax lowers it for CUDA to a Triton module (no GPU needed), Triton compiles
 that module to PTX for the given compute capability, and ptxas (shipped with Triton)
 reports each thread's registers and spills. A setting whose threads need more than 255
 registers spills to memory; fewer registers let more blocks share a multiprocessor.
@@ -31,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 from fcn import head_loss  # noqa: E402
 
 
-def triton_module(block: int, num_warps: int, bn: bool) -> str:
+def triton_module(block: int, num_warps: int, bn: bool, c: int = 32) -> str:
     """The kernel's Triton module (MLIR text), as jax lowers it for CUDA."""
     from jax._src.pallas.triton import lowering, pallas_call_registration as registration
 
@@ -46,13 +46,13 @@ def triton_module(block: int, num_warps: int, bn: bool) -> str:
     registration.lowering.lower_jaxpr_to_triton_module = capture
     try:
         shapes = (
-            jax.ShapeDtypeStruct((16, 368, 480, 32), jnp.bfloat16),
-            jax.ShapeDtypeStruct((1, 1, 32, 11), jnp.float32),
+            jax.ShapeDtypeStruct((16, 368, 480, c), jnp.bfloat16),
+            jax.ShapeDtypeStruct((1, 1, c, 11), jnp.float32),
             jax.ShapeDtypeStruct((11,), jnp.float32),
             jax.ShapeDtypeStruct((16, 360, 480), jnp.uint8),
         )
 
-        norm = (jnp.ones(32), jnp.zeros(32), 1e-5) if bn else None
+        norm = (jnp.ones(c), jnp.zeros(c), 1e-5) if bn else None
 
         def fn(x, kernel, bias, labels):
             return head_loss.linear_head_cross_entropy(
@@ -71,6 +71,7 @@ def main() -> None:
     p.add_argument("--kernels", default="64x4,128x4,128x8,256x4,256x8,512x8", help="BLOCKxWARPS,...")
     p.add_argument("--arch", type=int, default=90, help="compute capability (90: H100 and H200)")
     p.add_argument("--modes", default="head,head+norm", help="the kernel's modes (config.loss.fused_head)")
+    p.add_argument("--features", type=int, default=32, help="the head's input channels (config.model.features)")
     args = p.parse_args()
     try:
         import triton
@@ -86,7 +87,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "kernel.ttir")
             with open(path, "w") as f:
-                f.write(triton_module(block, warps, mode == "head+norm"))
+                f.write(triton_module(block, warps, mode == "head+norm", args.features))
             compiled = triton.compile(
                 path, target=GPUTarget("cuda", args.arch, 32), options={"num_warps": warps, "num_stages": 1}
             )

@@ -38,19 +38,22 @@ import jax.numpy as jnp
 
 FUSED_HEAD = ("off", "auto", "head", "head+norm")
 _NEG = -1e30  # the bias of padded classes: exp() of their shifted logits is 0
-# Pixels a kernel instance takes, and its warps. Compiled for an H200 (sm_90a) by Triton 3.9 and
-# its ptxas without a GPU (benchmarks/triton_registers.py; docs/benchmarks.md, the twenty-sixth
-# session), 128 pixels on 4 warps use 122 registers a thread and spill none; 256 on 4 use 227, and
-# 512 on 8 spill. Not yet timed on a GPU: benchmarks/head_loss.py --kernels sweeps the settings.
-BLOCK, NUM_WARPS = 128, 4
+# Feature values a kernel instance takes (pixels x channels), and its warps. Compiled for an H200
+# (sm_90a) by Triton 3.9 and its ptxas without a GPU (benchmarks/triton_registers.py;
+# docs/benchmarks.md, the twenty-sixth session): at 32 channels, 128 pixels on 4 warps use 122
+# registers a thread ("head+norm": 158) and spill none, 256 use 227 (255, spilling), and 512 on 8
+# spill; at 64 and 128 channels, 64 and 32 pixels stay under 255 in both modes, where 128 pixels
+# of 128 channels spill. Not yet timed on a GPU: benchmarks/head_loss.py --kernels sweeps them.
+BLOCK_VALUES, NUM_WARPS = 4096, 4
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def block_pixels(num_pixels: int, channels: int, largest: int = BLOCK) -> int | None:
-    """Pixels per kernel instance (at most `largest`), or None when the kernel cannot take this shape.
+def block_pixels(num_pixels: int, channels: int, largest: int | None = None) -> int | None:
+    """Pixels per kernel instance (at most `largest`, by default BLOCK_VALUES / channels), or None
+    when the kernel cannot take this shape.
 
     Triton's blocks have power-of-two sides, and its products need 16 rows and columns at
     least: the channels must be a power of two from 16 up. The pixel count (B x H x W at the
@@ -58,13 +61,14 @@ def block_pixels(num_pixels: int, channels: int, largest: int = BLOCK) -> int | 
     """
     if channels < 16 or channels != _next_pow2(channels):
         return None
+    largest = largest or max(16, BLOCK_VALUES // channels)
     for block in (1024, 512, 256, 128, 64, 32, 16):
         if block <= largest and num_pixels % block == 0:
             return block
     return None
 
 
-def fits(shape_BHWC: tuple[int, ...], largest: int = BLOCK) -> int | None:
+def fits(shape_BHWC: tuple[int, ...], largest: int | None = None) -> int | None:
     """`block_pixels` for features of this shape, split by batch over every device (as training's
     batches are, fcn.sharding), or None when they do not split evenly or do not suit the kernel."""
     b, hp, wp, c = shape_BHWC
@@ -131,7 +135,7 @@ def linear_head_cross_entropy(
     class_weights_K: jax.Array | None = None,
     bn: tuple | None = None,
     interpret: bool | None = None,
-    block: int = BLOCK,
+    block: int | None = None,
     num_warps: int = NUM_WARPS,
 ):
     """(loss, correct): `fcn.losses.cross_entropy` of the 1x1 head's logits, and the count of valid
@@ -145,7 +149,8 @@ def linear_head_cross_entropy(
       `features_BHWC` first (the last conv's output); the result is then
       ((loss, correct), (batch mean, batch variance)).
     interpret: run the kernel in Pallas's interpreter (default: off a GPU).
-    block, num_warps: the most pixels a kernel instance takes, and its warps (Triton's).
+    block, num_warps: the most pixels a kernel instance takes (default: BLOCK_VALUES / channels),
+      and its warps (Triton's).
 
     With more than one device, each runs the kernel on its share of the batch (fcn.sharding's
     `data` axis; a Pallas call is not split by XLA itself). The shapes must suit the kernel

@@ -142,7 +142,9 @@ def test_a_batch_with_every_pixel_ignored_gives_zero_not_nan():
 
 
 def test_shapes_the_kernel_cannot_take_are_refused():
-    assert head_loss.block_pixels(16 * 368 * 480, 32) == head_loss.BLOCK == 128
+    assert head_loss.block_pixels(16 * 368 * 480, 32) == 128  # BLOCK_VALUES / channels
+    assert head_loss.block_pixels(16 * 368 * 480, 64) == 64
+    assert head_loss.block_pixels(16 * 368 * 480, 128) == 32
     assert head_loss.block_pixels(16 * 368 * 480, 32, 1024) == 1024
     assert head_loss.block_pixels(2 * 24 * 32, 16, 1024) == 512
     assert head_loss.block_pixels(16 * 368 * 480, 24) is None  # not a power of two
