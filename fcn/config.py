@@ -15,6 +15,7 @@ import difflib
 
 import ml_collections
 
+from fcn.head_loss import FUSED_HEAD
 from fcn.model import HEADS, UPSAMPLES
 from fcn.norm import NORMS
 
@@ -138,7 +139,7 @@ def validate(config) -> None:
     _choice(config, "optimizer.name", ("adamw", "sgd"))
     _choice(config, "optimizer.schedule", ("cosine", "constant"))
     _choice(config, "loss.class_weights", ("none", "median_freq", "median_freq_sqrt"))
-    _choice(config, "loss.fused_head", ("off", "auto", "head", "head+norm"))
+    _choice(config, "loss.fused_head", FUSED_HEAD)
     _choice(config, "data.storage", ("auto", "memory", "stream"))
     _positive("data.max_memory_gb", config.data.max_memory_gb)
     for name, least in (("decode_workers", 1), ("prefetch", 0)):
