@@ -37,6 +37,10 @@ import jax
 import jax.numpy as jnp
 
 FUSED_HEAD = ("off", "auto", "head", "head+norm")
+# The custom call a Pallas Triton kernel lowers to (jax 0.11 names it
+# jax.experimental.pallas.triton.CUSTOM_CALL_TARGET_NAME). jax.export refuses it unless told:
+# Triton's IR has no compatibility guarantee, and fcn.traced keys what it keeps by jax's version.
+TRITON_CALL = "__gpu$xla.gpu.triton"
 _NEG = -1e30  # the bias of padded classes: exp() of their shifted logits is 0
 # Feature values a kernel instance takes (pixels x channels), and its warps. Compiled for an H200
 # (sm_90a) by Triton 3.9 and its ptxas without a GPU (benchmarks/triton_registers.py;

@@ -162,7 +162,7 @@ class TracedStep:
                     raise ValueError("the step returns a state of another structure")
                 return new_leaves, outputs
 
-            checks = [export.DisabledSafetyCheck.custom_call(t) for t in onednn.TARGETS]
+            checks = export_checks()
             try:
                 exported = export.export(jax.jit(flat), disabled_checks=checks)(
                     specs[: len(leaves)], *specs[len(leaves) :]
@@ -178,6 +178,17 @@ class TracedStep:
             return jax.tree.unflatten(treedef, new_leaves), outputs
 
         return jax.jit(step, donate_argnums=0, **self._jit_kwargs)
+
+
+def export_checks() -> list:
+    """jax.export's checks that a kept step turns off: for fcn's own custom calls, oneDNN's handlers
+    and the fused head's Triton kernel (fcn.head_loss), whose stability the key's versions and
+    source digest vouch for instead."""
+    from jax import export
+
+    from fcn import head_loss
+
+    return [export.DisabledSafetyCheck.custom_call(t) for t in (*onednn.TARGETS, head_loss.TRITON_CALL)]
 
 
 _STATE_SUFFIX = ".state"

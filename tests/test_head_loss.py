@@ -294,3 +294,27 @@ def test_training_warns_that_a_forced_kernel_is_interpreted_off_a_gpu(tmp_path, 
     with caplog.at_level("WARNING", logger="fcn"):
         train_and_evaluate(config, tmp_path, stop_after=1)
     assert any("fused_head='head' on cpu" in r.getMessage() and "interpreter" in r.getMessage() for r in caplog.records)
+
+
+def test_a_step_with_the_kernel_can_be_kept_traced():
+    """fcn.traced keeps the training step as a jax.export program: the Triton kernel must pass its
+    checks (exported for CUDA here, which needs no GPU), as jax refuses it by default."""
+    from jax import export
+
+    from fcn import traced
+
+    x = jax.ShapeDtypeStruct((2, 32, 32, 32), jnp.bfloat16)
+    kernel = jax.ShapeDtypeStruct((1, 1, 32, 11), jnp.float32)
+    bias = jax.ShapeDtypeStruct((11,), jnp.float32)
+    labels = jax.ShapeDtypeStruct((2, 30, 32), jnp.uint8)
+
+    def fn(x, kernel, bias, labels):
+        loss_fn = lambda *a: head_loss.linear_head_cross_entropy(*a, labels, interpret=False)  # noqa: E731
+        return jax.value_and_grad(loss_fn, argnums=(0, 1, 2), has_aux=True)(x, kernel, bias)
+
+    with pytest.raises(ValueError, match="custom call"):
+        export.export(jax.jit(fn), platforms=("cuda",))(x, kernel, bias, labels)
+    exported = export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=traced.export_checks())(
+        x, kernel, bias, labels
+    )
+    assert head_loss.TRITON_CALL in exported.mlir_module()
