@@ -38,7 +38,7 @@ IGNORE, EPS = 255, 1e-5
 
 
 def _parts(args, rng):
-    """{mode: (unfused, fused, inputs)}: unfused and fused(block, num_warps) are jitted functions of
+    """{mode: (unfused, fused, inputs)}: unfused and fused(**kernel setting) are jitted functions of
     the inputs -> ((loss, correct), gradients of all inputs but the labels)."""
     (h, w), c, k = args.size, args.features, args.classes
     m = 2**args.depth
@@ -59,18 +59,16 @@ def _parts(args, rng):
     def head_norm(x, scale, shift, kernel, bias, labels):
         return head(norm._bn_relu(x, scale, shift, EPS, x.dtype)[0], kernel, bias, labels)
 
-    def fused(block, num_warps):
+    def fused(**setting):
         def fn(x, kernel, bias, labels):
-            return head_loss.linear_head_cross_entropy(
-                x, kernel, bias, labels, ignore_label=IGNORE, block=block, num_warps=num_warps
-            )
+            return head_loss.linear_head_cross_entropy(x, kernel, bias, labels, ignore_label=IGNORE, **setting)
 
         return grad(fn, 3)
 
-    def fused_norm(block, num_warps):
+    def fused_norm(**setting):
         def fn(x, scale, shift, kernel, bias, labels):
             out, _ = head_loss.linear_head_cross_entropy(
-                x, kernel, bias, labels, ignore_label=IGNORE, bn=(scale, shift, EPS), block=block, num_warps=num_warps
+                x, kernel, bias, labels, ignore_label=IGNORE, bn=(scale, shift, EPS), **setting
             )
             return out
 
@@ -83,6 +81,18 @@ def _parts(args, rng):
         "head": (grad(head, 3), fused, (x, kernel, bias, labels)),
         "head+norm": (grad(head_norm, 5), fused_norm, (x, scale, shift, kernel, bias, labels)),
     }
+
+
+def parse_setting(item: str) -> dict:
+    """'SUBxWARPSxSTEPSxSTAGES' -> fcn.head_loss.linear_head_cross_entropy's keyword arguments."""
+    sub, warps, steps, stages = map(int, item.split("x"))
+    return dict(sub=sub, num_warps=warps, steps=steps, num_stages=stages)
+
+
+def describe(setting: dict) -> str:
+    return (
+        f"{setting['sub']} px x {setting['steps']} steps, {setting['num_warps']} warps, {setting['num_stages']} stages"
+    )
 
 
 def _train_step(args, fused: str):
@@ -111,10 +121,14 @@ def main() -> None:
     common.add_model_flags(p)
     p.add_argument("--steps", type=int, default=10, help="calls per timed round")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median reported)")
-    p.add_argument("--kernels", default="64x4,128x4,128x8,256x8", help="the kernel's settings: BLOCKxWARPS,...")
+    p.add_argument(
+        "--kernels",
+        default="128x4x1x1,128x4x8x2,128x4x8x3,64x4x8x2,128x8x8x2,256x8x4x2",
+        help="the kernel's settings, SUBxWARPSxSTEPSxSTAGES,...: pixels a step, warps, steps an instance, stages",
+    )
     p.add_argument("--modes", default="head,head+norm", help="config.loss.fused_head modes to compare")
     args = p.parse_args()
-    settings = [tuple(map(int, item.split("x"))) for item in args.kernels.split(",")]
+    settings = [parse_setting(item) for item in args.kernels.split(",")]
     modes = args.modes.split(",")
     rng = np.random.default_rng(0)
     print(
@@ -130,8 +144,8 @@ def main() -> None:
         (loss_u, correct_u), grads_u = unfused(*inputs)
         base = f"{mode} unfused"
         variants[base] = (unfused, inputs)
-        for block, warps in settings:
-            name, fn = f"{mode} fused, {block} px x {warps} warps", fused(block, warps)
+        for setting in settings:
+            name, fn = f"{mode} fused, {describe(setting)}", fused(**setting)
             try:  # a setting Triton cannot compile is named, and the others run on
                 (loss_f, correct_f), grads_f = fn(*inputs)
             except Exception as e:  # noqa: BLE001

@@ -3,7 +3,7 @@
     pip install triton==3.9.0      # once; 285 MB, not a dependency of fcn
     python benchmarks/triton_registers.py [--kernels 64x4,128x4,...] [--arch 90]
 
-For each mode ("head", "head+norm") and setting (pixels a block x warps) of the fused head
+For each mode ("head", "head+norm") and setting (pixels a step x steps, warps, stages) of the fused head
 and loss kernel (fcn/head_loss.py) at the full recipe's size (16 x 368 x 480 x 32 features in bfloat16,
 11 classes; `--features` for other widths): jax lowers it for CUDA to a Triton module (no GPU needed), Triton compiles
 that module to PTX for the given compute capability, and ptxas (shipped with Triton)
@@ -28,10 +28,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from benchmarks.head_loss import describe, parse_setting  # noqa: E402
 from fcn import head_loss  # noqa: E402
 
 
-def triton_module(block: int, num_warps: int, bn: bool, c: int = 32) -> str:
+def triton_module(setting: dict, bn: bool, c: int = 32) -> str:
     """The kernel's Triton module (MLIR text), as jax lowers it for CUDA."""
     from jax._src.pallas.triton import lowering, pallas_call_registration as registration
 
@@ -55,9 +56,7 @@ def triton_module(block: int, num_warps: int, bn: bool, c: int = 32) -> str:
         norm = (jnp.ones(c), jnp.zeros(c), 1e-5) if bn else None
 
         def fn(x, kernel, bias, labels):
-            return head_loss.linear_head_cross_entropy(
-                x, kernel, bias, labels, bn=norm, interpret=False, block=block, num_warps=num_warps
-            )
+            return head_loss.linear_head_cross_entropy(x, kernel, bias, labels, bn=norm, interpret=False, **setting)
 
         jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",))
     finally:
@@ -68,7 +67,11 @@ def triton_module(block: int, num_warps: int, bn: bool, c: int = 32) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kernels", default="64x4,128x4,128x8,256x4,256x8,512x8", help="BLOCKxWARPS,...")
+    p.add_argument(
+        "--kernels",
+        default="64x4x1x1,128x4x1x1,128x8x1x1,256x8x1x1,128x4x8x1,128x4x8x2,128x4x8x3,64x4x8x2,128x8x8x2",
+        help="SUBxWARPSxSTEPSxSTAGES,... (benchmarks/head_loss.py's settings)",
+    )
     p.add_argument("--arch", type=int, default=90, help="compute capability (90: H100 and H200)")
     p.add_argument("--modes", default="head,head+norm", help="the kernel's modes (config.loss.fused_head)")
     p.add_argument("--features", type=int, default=32, help="the head's input channels (config.model.features)")
@@ -83,13 +86,15 @@ def main() -> None:
     ptxases = sorted(os.path.join(bin_dir, n) for n in os.listdir(bin_dir) if n.startswith("ptxas"))
     print(f"jax {jax.__version__}, triton {triton.__version__}, sm_{args.arch}a")
     for mode, item in ((m, k) for m in args.modes.split(",") for k in args.kernels.split(",")):
-        block, warps = map(int, item.split("x"))
+        setting = parse_setting(item)
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "kernel.ttir")
             with open(path, "w") as f:
-                f.write(triton_module(block, warps, mode == "head+norm", args.features))
+                f.write(triton_module(setting, mode == "head+norm", args.features))
             compiled = triton.compile(
-                path, target=GPUTarget("cuda", args.arch, 32), options={"num_warps": warps, "num_stages": 1}
+                path,
+                target=GPUTarget("cuda", args.arch, 32),
+                options={"num_warps": setting["num_warps"], "num_stages": setting["num_stages"]},
             )
             with open(path + ".ptx", "w") as f:
                 f.write(compiled.asm["ptx"])
@@ -107,7 +112,7 @@ def main() -> None:
         registers = re.search(r"Used (\d+) registers", report).group(1)
         spills = re.search(r"(\d+) bytes spill stores", report).group(1)
         print(
-            f"{mode:9s} {block:5d} px x {warps} warps: {registers:>3s} registers a thread, {spills:>5s} bytes spilled, "
+            f"{mode:9s} {describe(setting)}: {registers:>3s} registers a thread, {spills:>5s} bytes spilled, "
             f"{compiled.metadata.shared:6d} bytes of shared memory",
             flush=True,
         )

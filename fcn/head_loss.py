@@ -42,13 +42,15 @@ FUSED_HEAD = ("off", "auto", "head", "head+norm")
 # Triton's IR has no compatibility guarantee, and fcn.traced keys what it keeps by jax's version.
 TRITON_CALL = "__gpu$xla.gpu.triton"
 _NEG = -1e30  # the bias of padded classes: exp() of their shifted logits is 0
-# Feature values a kernel instance takes (pixels x channels), and its warps. Compiled for an H200
-# (sm_90a) by Triton 3.9 and its ptxas without a GPU (benchmarks/triton_registers.py;
-# docs/benchmarks.md, the twenty-sixth session): at 32 channels, 128 pixels on 4 warps use 122
-# registers a thread ("head+norm": 158) and spill none, 256 use 227 (255, spilling), and 512 on 8
-# spill; at 64 and 128 channels, 64 and 32 pixels stay under 255 in both modes, where 128 pixels
-# of 128 channels spill. Not yet timed on a GPU: benchmarks/head_loss.py --kernels sweeps them.
-BLOCK_VALUES, NUM_WARPS = 4096, 4
+# Feature values a kernel instance takes a step (pixels x channels: 128 pixels at 32 channels), its
+# warps, the steps it takes in a loop, and Triton's pipelining stages for that loop (the next step's
+# loads issued while this one computes). Each instance writes one share of the head's weight
+# gradient (C x 16 floats) for all its steps: one share per 128 pixels would add about a quarter to
+# the kernel's writes at 32 channels. Compiled for an H200 (sm_90a) by Triton 3.9 and its ptxas
+# without a GPU (benchmarks/triton_registers.py; docs/benchmarks.md, the twenty-sixth session), the
+# default uses 167 registers a thread ("head+norm": 227) and spills none; one step an instance, 96
+# (138). Not yet timed on a GPU: benchmarks/head_loss.py --kernels sweeps these settings.
+BLOCK_VALUES, NUM_WARPS, STEPS, NUM_STAGES = 4096, 4, 8, 2
 
 
 def _next_pow2(n: int) -> int:
@@ -56,8 +58,8 @@ def _next_pow2(n: int) -> int:
 
 
 def block_pixels(num_pixels: int, channels: int, largest: int | None = None) -> int | None:
-    """Pixels per kernel instance (at most `largest`, by default BLOCK_VALUES / channels), or None
-    when the kernel cannot take this shape.
+    """Pixels a kernel instance takes a step (at most `largest`, by default BLOCK_VALUES /
+    channels), or None when the kernel cannot take this shape.
 
     Triton's blocks have power-of-two sides, and its products need 16 rows and columns at
     least: the channels must be a power of two from 16 up. The pixel count (B x H x W at the
@@ -70,6 +72,13 @@ def block_pixels(num_pixels: int, channels: int, largest: int | None = None) -> 
         if block <= largest and num_pixels % block == 0:
             return block
     return None
+
+
+def program_pixels(num_pixels: int, sub: int, steps: int = STEPS) -> int:
+    """Pixels a kernel instance takes: `sub` times the most steps, up to `steps`, that divide `num_pixels`."""
+    while steps > 1 and num_pixels % (sub * steps):
+        steps //= 2
+    return sub * max(steps, 1)
 
 
 def fits(shape_BHWC: tuple[int, ...], largest: int | None = None) -> int | None:
@@ -139,8 +148,10 @@ def linear_head_cross_entropy(
     class_weights_K: jax.Array | None = None,
     bn: tuple | None = None,
     interpret: bool | None = None,
-    block: int | None = None,
+    sub: int | None = None,
+    steps: int = STEPS,
     num_warps: int = NUM_WARPS,
+    num_stages: int = NUM_STAGES,
 ):
     """(loss, correct): `fcn.losses.cross_entropy` of the 1x1 head's logits, and the count of valid
     pixels whose argmax is their label.
@@ -153,8 +164,9 @@ def linear_head_cross_entropy(
       `features_BHWC` first (the last conv's output); the result is then
       ((loss, correct), (batch mean, batch variance)).
     interpret: run the kernel in Pallas's interpreter (default: off a GPU).
-    block, num_warps: the most pixels a kernel instance takes (default: BLOCK_VALUES / channels),
-      and its warps (Triton's).
+    sub, steps: the most pixels a kernel instance takes at a time (default: BLOCK_VALUES /
+      channels), and the most such steps it takes in a loop;
+    num_warps, num_stages: Triton's warps an instance, and its pipelining stages for the loop.
 
     With more than one device, each runs the kernel on its share of the batch (fcn.sharding's
     `data` axis; a Pallas call is not split by XLA itself). The shapes must suit the kernel
@@ -163,8 +175,8 @@ def linear_head_cross_entropy(
     b, hp, wp, c = features_BHWC.shape
     _, h, w = labels_BHW.shape
     k = kernel_11CK.shape[-1]
-    block = fits(features_BHWC.shape, block)
-    if block is None:
+    sub = fits(features_BHWC.shape, sub)
+    if sub is None:
         raise ValueError(f"features of shape {features_BHWC.shape} do not suit the fused head kernel (block_pixels)")
     kernel_CK = kernel_11CK.reshape(c, k).astype(jnp.float32)
     bias_K = jnp.zeros((k,), jnp.float32) if bias_K is None else bias_K.astype(jnp.float32)
@@ -179,71 +191,87 @@ def linear_head_cross_entropy(
     bias_Kp = jnp.pad(bias_K, (0, kp - k), constant_values=_NEG)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
+    block = program_pixels(b // jax.device_count() * hp * wp, sub, steps)
+    setting = (ignore_label, block, sub, num_warps, num_stages, bool(interpret), jax.device_count())
     args = (features_BHWC.reshape(-1, c), kernel_CKp, bias_Kp, labels_BHW.reshape(-1), normed_Kp)
     if bn is None:
-        return _fused(ignore_label, block, num_warps, bool(interpret), jax.device_count())(*args)
+        return _fused(*setting)(*args)
     scale_C, bn_bias_C, epsilon = bn
-    fused = _fused_bn(ignore_label, block, num_warps, bool(interpret), jax.device_count(), float(epsilon))
+    fused = _fused_bn(*setting, float(epsilon))
     return fused(*args, scale_C.astype(jnp.float32), bn_bias_C.astype(jnp.float32))
 
 
-def _kernel(*refs, ignore_label: int, bn: bool):
-    """One block of pixels: [P, C] features (or, with `bn`, the conv output that batch norm + ReLU
-    make them from), [P] labels -> the gradient at the features (at the batch norm's output), and
-    the block's sums: the head's weight and bias gradients, loss, correct count (and batch norm's
-    two gradient sums)."""
+def _kernel(*refs, ignore_label: int, bn: bool, sub: int):
+    """One block of pixels, `sub` at a time: [P, C] features (or, with `bn`, the conv output that
+    batch norm + ReLU make them from), [P] labels -> the gradient at the features (at the batch
+    norm's output), and the block's sums: the head's weight and bias gradients, loss, correct count
+    (and batch norm's two gradient sums)."""
+    from jax.experimental import pallas as pl
+
     if bn:
         x_ref, y_ref, w_ref, b_ref, n_ref, mean_ref, mul_ref, shift_ref, dx_ref, dw_ref, db_ref, aux_ref, ds_ref = refs
     else:
         x_ref, y_ref, w_ref, b_ref, n_ref, dx_ref, dw_ref, db_ref, aux_ref = refs
+    (block, c), k = x_ref.shape, w_ref.shape[1]
+    f32 = jnp.float32
 
-    def features():
+    def features(rows):
         """The head's input in the compute dtype, and (with `bn`) its values before the ReLU in float32."""
-        x_PC = x_ref[...]
+        x_PC = x_ref[rows, :]
         if not bn:
             return x_PC, None
         # As fcn.norm._bn_forward: (x - mean) * (rsqrt(var + eps) * scale) + bias in float32.
-        pre_PC = (x_PC.astype(jnp.float32) - mean_ref[...][None, :]) * mul_ref[...][None, :] + shift_ref[...][None, :]
+        pre_PC = (x_PC.astype(f32) - mean_ref[...][None, :]) * mul_ref[...][None, :] + shift_ref[...][None, :]
         return jnp.maximum(pre_PC, 0.0).astype(x_PC.dtype), pre_PC
 
-    f_PC, _ = features()
-    y_P = y_ref[...].astype(jnp.int32)
-    w_CK = w_ref[...].astype(f_PC.dtype)
-    logits_PK = jnp.dot(f_PC, w_CK, preferred_element_type=jnp.float32) + b_ref[...][None, :]
-    p, k = logits_PK.shape
-    onehot_PK = jax.lax.broadcasted_iota(jnp.int32, (p, k), 1) == y_P[:, None]
-    top_P1 = jnp.max(logits_PK, axis=1, keepdims=True)
-    e_PK = jnp.exp(logits_PK - top_P1)
-    sum_P1 = jnp.sum(e_PK, axis=1, keepdims=True)
-    picked_P1 = jnp.sum(jnp.where(onehot_PK, logits_PK, 0.0), axis=1, keepdims=True)
-    # The pixel's class weight over the batch's total: 0 for ignored pixels (no class matches).
-    weight_P1 = jnp.sum(jnp.where(onehot_PK, n_ref[...][None, :], 0.0), axis=1, keepdims=True)
-    loss = jnp.sum(weight_P1 * (top_P1 + jnp.log(sum_P1) - picked_P1))
-    grad_PK = (e_PK / sum_P1 - onehot_PK.astype(jnp.float32)) * weight_P1
-    g_PK = grad_PK.astype(f_PC.dtype)
-    nt = (((1,), (1,)), ((), ()))  # grad [P, K] . kernel [C, K] over K
-    df_PC = jax.lax.dot_general(g_PK, w_CK, nt, preferred_element_type=jnp.float32)
-    if bn:  # the ReLU's mask, from values computed again rather than kept (registers)
-        x_PC = x_ref[...].astype(jnp.float32)
-        _, pre_PC = features()
-        d_PC = jnp.where(pre_PC > 0, df_PC.astype(f_PC.dtype), 0).astype(jnp.float32)  # as the unfused bf16 dy
-        dx_ref[...] = d_PC.astype(dx_ref.dtype)
-        row_2 = jax.lax.broadcasted_iota(jnp.int32, (2, 1), 0)
-        ds_ref[...] = jnp.where(row_2 == 0, jnp.sum(d_PC, axis=0)[None, :], jnp.sum(d_PC * x_PC, axis=0)[None, :])
-    else:
-        dx_ref[...] = df_PC.astype(dx_ref.dtype)
-    tn = (((0,), (0,)), ((), ()))  # features [P, C] . grad [P, K] over P
-    # The features read (and normalised) again rather than kept: 122 registers a thread instead of
-    # 143 for 128 pixels on 4 warps without `bn` (benchmarks/triton_registers.py), so four blocks
-    # share a multiprocessor instead of three.
-    dw_ref[...] = jax.lax.dot_general(features()[0], g_PK, tn, preferred_element_type=jnp.float32)
-    db_ref[...] = jnp.sum(grad_PK, axis=0)
-    correct = jnp.sum(((jnp.argmax(logits_PK, axis=1) == y_P) & (y_P != ignore_label)).astype(jnp.float32))
+    def step(i, sums):
+        dw_CK, db_K, loss, correct, ds_2C = sums
+        rows = pl.ds(pl.multiple_of(i * sub, sub), sub)
+        f_PC, _ = features(rows)
+        y_P = y_ref[rows].astype(jnp.int32)
+        w_CK = w_ref[...].astype(f_PC.dtype)
+        logits_PK = jnp.dot(f_PC, w_CK, preferred_element_type=f32) + b_ref[...][None, :]
+        onehot_PK = jax.lax.broadcasted_iota(jnp.int32, (sub, k), 1) == y_P[:, None]
+        top_P1 = jnp.max(logits_PK, axis=1, keepdims=True)
+        e_PK = jnp.exp(logits_PK - top_P1)
+        sum_P1 = jnp.sum(e_PK, axis=1, keepdims=True)
+        picked_P1 = jnp.sum(jnp.where(onehot_PK, logits_PK, 0.0), axis=1, keepdims=True)
+        # The pixel's class weight over the batch's total: 0 for ignored pixels (no class matches).
+        weight_P1 = jnp.sum(jnp.where(onehot_PK, n_ref[...][None, :], 0.0), axis=1, keepdims=True)
+        loss += jnp.sum(weight_P1 * (top_P1 + jnp.log(sum_P1) - picked_P1))
+        correct += jnp.sum(((jnp.argmax(logits_PK, axis=1) == y_P) & (y_P != ignore_label)).astype(f32))
+        grad_PK = (e_PK / sum_P1 - onehot_PK.astype(f32)) * weight_P1
+        g_PK = grad_PK.astype(f_PC.dtype)
+        nt = (((1,), (1,)), ((), ()))  # grad [P, K] . kernel [C, K] over K
+        df_PC = jax.lax.dot_general(g_PK, w_CK, nt, preferred_element_type=f32)
+        if bn:  # the ReLU's mask, from values computed again rather than kept (registers)
+            x_PC = x_ref[rows, :].astype(f32)
+            _, pre_PC = features(rows)
+            d_PC = jnp.where(pre_PC > 0, df_PC.astype(f_PC.dtype), 0).astype(f32)  # as the unfused bf16 dy
+            dx_ref[rows, :] = d_PC.astype(dx_ref.dtype)
+            row_21 = jax.lax.broadcasted_iota(jnp.int32, (2, 1), 0)
+            ds_2C += jnp.where(row_21 == 0, jnp.sum(d_PC, axis=0)[None, :], jnp.sum(d_PC * x_PC, axis=0)[None, :])
+        else:
+            dx_ref[rows, :] = df_PC.astype(dx_ref.dtype)
+        tn = (((0,), (0,)), ((), ()))  # features [P, C] . grad [P, K] over P
+        # The features read (and normalised) again rather than kept: in the kernel's first form (one
+        # step, 128 pixels on 4 warps, no `bn`) 122 registers a thread instead of 143
+        # (benchmarks/triton_registers.py), so four instances shared a multiprocessor, not three.
+        dw_CK += jax.lax.dot_general(features(rows)[0], g_PK, tn, preferred_element_type=f32)
+        return dw_CK, db_K + jnp.sum(grad_PK, axis=0), loss, correct, ds_2C
+
+    zero = jnp.zeros((), f32)
+    init = (jnp.zeros((c, k), f32), jnp.zeros((k,), f32), zero, zero, jnp.zeros((2, c), f32))
+    dw_CK, db_K, loss, correct, ds_2C = jax.lax.fori_loop(0, block // sub, step, init)
+    dw_ref[...] = dw_CK
+    db_ref[...] = db_K
     col_K = jax.lax.broadcasted_iota(jnp.int32, (k,), 0)
     aux_ref[...] = jnp.where(col_K == 0, loss, jnp.where(col_K == 1, correct, 0.0))
+    if bn:
+        ds_ref[...] = ds_2C
 
 
-def _call(*inputs, ignore_label, bn, block, num_warps, interpret):
+def _call(*inputs, ignore_label, bn, block, sub, num_warps, num_stages, interpret):
     """The kernel over every block of pixels: (dx [P, C], then per block: dW [N, C, K], db [N, K],
     (loss, correct, 0...) [N, K], and with `bn` (sum d, sum d x) [N, 2, C])."""
     from jax.experimental import pallas as pl
@@ -274,9 +302,9 @@ def _call(*inputs, ignore_label, bn, block, num_warps, interpret):
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
-        params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+        params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     return pl.pallas_call(
-        functools.partial(_kernel, ignore_label=ignore_label, bn=bn),
+        functools.partial(_kernel, ignore_label=ignore_label, bn=bn, sub=sub),
         grid=(blocks,),
         in_specs=in_specs,
         out_specs=out_specs,
@@ -287,11 +315,18 @@ def _call(*inputs, ignore_label, bn, block, num_warps, interpret):
     )(*inputs)
 
 
-def _kernel_call(ignore_label, bn, block, num_warps, interpret, devices):
+def _kernel_call(bn, ignore_label, block, sub, num_warps, num_stages, interpret, devices):
     """`_call` for one static setting; with several devices, each on its share of the pixels under
     shard_map (the per-block outputs stay split, and XLA adds them up)."""
     call = functools.partial(
-        _call, ignore_label=ignore_label, bn=bn, block=block, num_warps=num_warps, interpret=interpret
+        _call,
+        ignore_label=ignore_label,
+        bn=bn,
+        block=block,
+        sub=sub,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=interpret,
     )
     if devices == 1:
         return call
@@ -315,9 +350,10 @@ def _sums(aux_NK, dw_NCK, db_NK):
 
 
 @functools.cache
-def _fused(ignore_label: int, block: int, num_warps: int, interpret: bool, devices: int):
-    """The kernel as a differentiable function of (features, kernel, bias), for one static setting."""
-    call = _kernel_call(ignore_label, False, block, num_warps, interpret, devices)
+def _fused(*setting):
+    """The kernel as a differentiable function of (features, kernel, bias), for one static setting
+    (ignore_label, block, sub, num_warps, num_stages, interpret, devices)."""
+    call = _kernel_call(False, *setting)
 
     @jax.custom_vjp
     def fused(x_PC, w_CK, b_K, y_P, n_K):
@@ -338,13 +374,14 @@ def _fused(ignore_label: int, block: int, num_warps: int, interpret: bool, devic
 
 
 @functools.cache
-def _fused_bn(ignore_label: int, block: int, num_warps: int, interpret: bool, devices: int, epsilon: float):
+def _fused_bn(*setting_and_epsilon):
     """As `_fused`, with batch norm + ReLU before the head: a differentiable function of (the
     last conv's output, kernel, bias, ..., batch norm's scale and bias) ->
     ((loss, correct), (batch mean, batch variance))."""
     from fcn import norm
 
-    call = _kernel_call(ignore_label, True, block, num_warps, interpret, devices)
+    *setting, epsilon = setting_and_epsilon
+    call = _kernel_call(True, *setting)
 
     @jax.custom_vjp
     def fused(x_PC, w_CK, b_K, y_P, n_K, scale_C, bias_C):

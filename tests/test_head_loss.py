@@ -90,6 +90,18 @@ def test_values_and_gradients_equal_the_unfused_head_and_loss(weighted):
         np.testing.assert_allclose(gf, gr, rtol=2e-5, atol=1e-8, err_msg=name)
     # The padded rows (13-15, beyond the labels) get no gradient, as the cropped logits' do not.
     assert not np.any(np.asarray(grads_f[0])[:, 13:])
+    # One step of 128 pixels an instance (four instances) against two of 256 (one): the same values.
+    (loss_1, correct_1), grads_1 = jax.value_and_grad(
+        lambda *a: head_loss.linear_head_cross_entropy(
+            *a, labels, ignore_label=IGNORE, class_weights_K=weights, interpret=True, sub=128, steps=1
+        ),
+        argnums=(0, 1, 2),
+        has_aux=True,
+    )(x, kernel, bias)
+    np.testing.assert_allclose(loss_1, loss_f, rtol=1e-6)
+    assert float(correct_1) == float(correct_f)
+    for g1, gf in zip(grads_1, grads_f):
+        np.testing.assert_allclose(g1, gf, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -205,7 +217,7 @@ def test_lowers_to_one_triton_kernel_for_a_gpu():
         lowered = jax.jit(loss_and_grads, static_argnums=4).trace(x, kernel, bias, labels, bn)
         text = lowered.lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("__gpu$xla.gpu.triton") == 1, bn
-        assert "grid_x = 2760" in text  # 2 x 368 x 480 pixels in blocks of 128
+        assert "grid_x = 345" in text  # 2 x 368 x 480 pixels, 8 steps of 128 an instance
 
 
 def test_training_step_with_the_kernel_equals_the_step_without(monkeypatch):
