@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -109,11 +108,7 @@ def _train_step(args, fused: str):
 
 def _ms_per_call(fn, args_, calls: int) -> float:
     jax.block_until_ready(fn(*args_))
-    t = time.perf_counter()
-    for _ in range(calls):
-        out = fn(*args_)
-    jax.block_until_ready(out)
-    return 1e3 * (time.perf_counter() - t) / calls
+    return 1e3 * common.timeit(lambda: [fn(*args_) for _ in range(calls)][-1], jax.block_until_ready) / calls
 
 
 def main() -> None:

@@ -17,10 +17,10 @@ features are never written, and it returns the gradient at the batch norm's outp
 the two per-channel sums that batch norm's gradient needs, so the pass that would sum them
 is saved as well (`fcn.norm.bn_grad_from_sums` finishes the gradient).
 
-The gradients are computed in the forward pass (they need nothing from later layers: the
-loss is the end of the network) and kept for the backward pass, which scales them by the
-incoming cotangent. Values equal the unfused network end's (`fcn.norm`'s batch norm + ReLU,
-the head, `fcn.losses.cross_entropy`), with class weights and the ignore label, to float
+The gradients are computed in the forward pass (the loss ends the network) and kept for the
+backward pass, which scales them by the incoming cotangent. Values equal the unfused network
+end's (`fcn.norm`'s batch norm + ReLU, the head, `fcn.losses.cross_entropy`), with class
+weights and the ignore label, to float
 rounding (tests/test_head_loss.py, the kernel interpreted on a CPU).
 
 `config.loss.fused_head` chooses ("off" by default until the kernel has been measured on a
@@ -37,9 +37,7 @@ import jax
 import jax.numpy as jnp
 
 FUSED_HEAD = ("off", "auto", "head", "head+norm")
-# The custom call a Pallas Triton kernel lowers to (jax 0.11 names it
-# jax.experimental.pallas.triton.CUSTOM_CALL_TARGET_NAME). jax.export refuses it unless told:
-# Triton's IR has no compatibility guarantee, and fcn.traced keys what it keeps by jax's version.
+# The custom call a Pallas Triton kernel lowers to, which jax.export refuses unless told (fcn.traced).
 TRITON_CALL = "__gpu$xla.gpu.triton"
 _NEG = -1e30  # the bias of padded classes: exp() of their shifted logits is 0
 # Feature values a kernel instance takes a step (pixels x channels: 128 pixels at 32 channels), its
@@ -53,10 +51,6 @@ _NEG = -1e30  # the bias of padded classes: exp() of their shifted logits is 0
 BLOCK_VALUES, NUM_WARPS, STEPS, NUM_STAGES = 4096, 4, 8, 2
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 def block_pixels(num_pixels: int, channels: int, largest: int | None = None) -> int | None:
     """Pixels a kernel instance takes a step (at most `largest`, by default BLOCK_VALUES /
     channels), or None when the kernel cannot take this shape.
@@ -65,7 +59,7 @@ def block_pixels(num_pixels: int, channels: int, largest: int | None = None) -> 
     least: the channels must be a power of two from 16 up. The pixel count (B x H x W at the
     network's padded size, a multiple of 4**depth) must divide into blocks.
     """
-    if channels < 16 or channels != _next_pow2(channels):
+    if channels < 16 or channels != 1 << max(0, channels - 1).bit_length():
         return None
     largest = largest or max(16, BLOCK_VALUES // channels)
     for block in (1024, 512, 256, 128, 64, 32, 16):
@@ -95,7 +89,6 @@ def fused_head_mode(config, backend: str | None = None) -> str | None:
     "auto": "head+norm" on a GPU, else None; "head", "head+norm": wherever they apply (on a
     CPU the kernel is interpreted: slow, for tests); "off": None. Only the linear head with
     cross-entropy alone (no Dice term) is fused; "head+norm" needs batch norm (else "head").
-    `usable_mode` narrows this down for a model and an input shape.
     """
     choice = config.loss.get("fused_head", "off")
     if choice == "off" or config.model.head != "linear" or config.loss.dice_weight:
@@ -185,7 +178,7 @@ def linear_head_cross_entropy(
     safe = jnp.where(valid, labels_BHW, 0).astype(jnp.int32)
     weights_K = jnp.ones((k,), jnp.float32) if class_weights_K is None else jnp.asarray(class_weights_K, jnp.float32)
     total = jnp.sum(jnp.where(valid, weights_K.reshape(k)[safe], 0.0))
-    kp = _next_pow2(max(k, 16))
+    kp = 1 << (max(k, 16) - 1).bit_length()  # the classes padded to a power of two
     normed_Kp = jnp.pad(weights_K.reshape(k) / jnp.maximum(total, 1e-12), (0, kp - k))
     kernel_CKp = jnp.pad(kernel_CK, ((0, 0), (0, kp - k)))
     bias_Kp = jnp.pad(bias_K, (0, kp - k), constant_values=_NEG)
@@ -254,9 +247,7 @@ def _kernel(*refs, ignore_label: int, bn: bool, sub: int):
         else:
             dx_ref[rows, :] = df_PC.astype(dx_ref.dtype)
         tn = (((0,), (0,)), ((), ()))  # features [P, C] . grad [P, K] over P
-        # The features read (and normalised) again rather than kept: in the kernel's first form (one
-        # step, 128 pixels on 4 warps, no `bn`) 122 registers a thread instead of 143
-        # (benchmarks/triton_registers.py), so four instances shared a multiprocessor, not three.
+        # The features read (and normalised) again rather than kept: fewer registers (docs/benchmarks.md).
         dw_CK += jax.lax.dot_general(features(rows)[0], g_PK, tn, preferred_element_type=f32)
         return dw_CK, db_K + jnp.sum(grad_PK, axis=0), loss, correct, ds_2C
 
