@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fcn import ops, resize
+from fcn import layers, ops, resize
 from fcn.norm import Norm, conv_bias_relu
 
 HEADS = ("linear", "stacked", "mlp")
@@ -197,7 +197,7 @@ class UNet(nnx.Module):
         extra = {} if conv_general_dilated is None else {"conv_general_dilated": conv_general_dilated}
 
         def conv(c_in, c_out, k, *, use_bias=True, rngs):
-            return nnx.Conv(
+            return layers.Conv(
                 c_in, c_out, k, use_bias=use_bias, dtype=dtype, kernel_init=_KERNEL_INIT, rngs=rngs, **extra
             )
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fcn import onednn, ops
+from fcn import layers, onednn, ops
 
 NORMS = ("batch", "group", "none")
 
@@ -79,7 +79,7 @@ def batch_norm_train(
       differentiation of it, and 4% faster on an H200 in bfloat16 (15 -> 14.5 ms
       at 16 x 360 x 480; docs/benchmarks.md). Where `conv`, the convolution
       x came from, runs on oneDNN, so do batch norm + ReLU and their gradient
-      (fcn.onednn.bn_relu), in float32.
+      (fcn.onednn.bn_relu), in float32 or bfloat16.
     Settings other than nnx's defaults on the last axis go to nnx.BatchNorm itself.
     """
     if not _plain_bn(bn, x_BHWC.ndim):
@@ -92,8 +92,10 @@ def batch_norm_train(
     )
     out_dtype = bn.dtype or jnp.result_type(*(a for a in (x_BHWC, scale, bias) if a is not None))
     fused = relu and scale is not None and bias is not None
-    if fused and conv is not None and x_BHWC.ndim == 4 and ops.runs_on_onednn(conv, x_BHWC, scale, bias):
-        y, mean_C, var_C = onednn.bn_relu(x_BHWC, scale, bias, float(bn.epsilon))
+    if fused and conv is not None and x_BHWC.ndim == 4 and ops.runs_on_onednn(conv, x_BHWC):
+        f32 = jnp.float32  # oneDNN's scale and shift; in float32 anyway inside _bn_relu
+        y, mean_C, var_C = onednn.bn_relu(x_BHWC, scale.astype(f32), bias.astype(f32), float(bn.epsilon))
+        y = y.astype(out_dtype)
     elif fused:
         y, mean_C, var_C = _bn_relu(x_BHWC, scale, bias, bn.epsilon, out_dtype)
     else:
@@ -139,31 +141,16 @@ def conv_bias_relu(conv: nnx.Conv, x_BHWC, scale_K, shift_K):
     None for a conv with a mask, groups, dilation or explicit padding: the caller then runs the
     three steps itself.
     """
-    if not _plain(conv):
+    if not layers.plain_conv(conv):
         return None
-    geometry = ops.onednn_geometry(conv, x_BHWC)
     w = conv.kernel[...] * scale_K
     b = shift_K if conv.bias is None else conv.bias[...] * scale_K + shift_K
+    x_BHWC, w = conv.promote_dtype((x_BHWC, w), dtype=conv.dtype)
+    geometry = ops.onednn_geometry(conv, x_BHWC, w)
     if geometry is not None:
         return onednn.conv_bias_relu(x_BHWC, w, b.astype(jnp.float32), *geometry)
-    x_BHWC, w = conv.promote_dtype((x_BHWC, w), dtype=conv.dtype)
-    kwargs = {} if conv.preferred_element_type is None else {"preferred_element_type": conv.preferred_element_type}
-    seam = conv.conv_general_dilated or jax.lax.conv_general_dilated
-    y = seam(x_BHWC, w, ops.pair(conv.strides), conv.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), **kwargs)
+    y = layers.plain_conv_call(conv, x_BHWC, w)
     return jax.nn.relu(y + b.astype(y.dtype))
-
-
-def _plain(conv: nnx.Conv) -> bool:
-    """Whether nnx.Conv computes conv_general_dilated(x, kernel, strides, padding) on NHWC, plus bias."""
-    return (
-        conv.mask is None
-        and conv.feature_group_count == 1
-        and conv.precision is None
-        and ops.pair(conv.input_dilation) == ops.pair(conv.kernel_dilation) == (1, 1)
-        and isinstance(conv.padding, str)
-        and conv.padding in ("SAME", "VALID")
-        and len(conv.kernel_size) == 2
-    )
 
 
 def batch_stats(x_BHWC):

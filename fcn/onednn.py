@@ -28,8 +28,17 @@ oneDNN, so later processes only load them. Anything missing makes
 half-written (the library is compiled to a temporary name and renamed).
 `FCN_ONEDNN=0` turns it off.
 
-Limits: float32, NHWC inputs with HWIO kernels, no dilation or groups, concrete
-shapes, one device. Their gradients cannot be differentiated again.
+Data types: float32, and bfloat16 where `supports(jnp.bfloat16)`: oneDNN has fast
+bfloat16 code for the CPU (AMX or AVX-512 BF16 instructions, else AVX-512 converting
+as it goes; `impls(dtype)` names what it picked). One type for a call's activations and
+kernel; the bias, batch norm's scale, shift and statistics are float32, and so is the
+arithmetic inside each primitive. On a 2-core Xeon with AMX, PyTorch's bfloat16 autocast
+trained camvid_cpu's network 2.2x faster than float32 (docs/benchmarks.md, the
+twenty-seventh session), while XLA:CPU's own bfloat16 convolutions ran 2.5x slower than
+its float32 ones.
+
+Limits: NHWC inputs with HWIO kernels, no dilation or groups, concrete shapes,
+one device. Their gradients cannot be differentiated again.
 """
 
 from __future__ import annotations
@@ -105,8 +114,36 @@ def _register(lib: ctypes.CDLL) -> None:
         for target, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
         lib.FcnOnednnBnWorkspaceBytes.restype = ctypes.c_int64
-        lib.FcnOnednnBnWorkspaceBytes.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_float]
+        lib.FcnOnednnBnWorkspaceBytes.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int]
+        lib.FcnOnednnImpls.restype = ctypes.c_int
+        lib.FcnOnednnImpls.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int64]
         _registered = lib
+
+
+DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+@functools.cache
+def _probe(dtype) -> tuple[int, str]:
+    buf = ctypes.create_string_buffer(1024)
+    return _registered.FcnOnednnImpls(int(dtype == jnp.bfloat16), buf, len(buf)), buf.value.decode()
+
+
+def impls(dtype) -> str:
+    """The implementations oneDNN picks here for `dtype` ("fwd:brgconv:avx512_core_amx bwd_data:..."),
+    or why it has none; for logs and benchmarks."""
+    if not available():
+        return f"none: {unavailable_reason()}"
+    return _probe(jnp.dtype(dtype))[1]
+
+
+def supports(dtype) -> bool:
+    """Whether the handlers run `dtype` activations here with more than oneDNN's reference code:
+    float32 wherever `available()`; bfloat16 where the CPU has AVX-512 (asked of oneDNN once)."""
+    dtype = jnp.dtype(dtype)
+    if dtype not in DTYPES or not available():
+        return False
+    return dtype == jnp.float32 or _probe(dtype)[0] == 1
 
 
 def _onednn_root() -> Path:
@@ -188,13 +225,14 @@ def _attrs(strides, pads):
 
 
 def _call(target: str, shape, *operands, strides, pads):
-    out = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+    out = jax.ShapeDtypeStruct(tuple(shape), operands[0].dtype)
     return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*operands, **_attrs(strides, pads))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv(x_BHWC, w_HWIO, strides: tuple, pads: tuple):
-    """Cross-correlation of x [B, H, W, C] with w [KH, KW, C, K] (lax's convolution), float32."""
+    """Cross-correlation of x [B, H, W, C] with w [KH, KW, C, K] (lax's convolution), both float32 or
+    both bfloat16 (the output the same; the sums in float32)."""
     return _forward(x_BHWC, w_HWIO, strides, pads)
 
 
@@ -211,7 +249,7 @@ def _conv_fwd(x, w, strides, pads):
 
 def _conv_bwd(strides, pads, res, dy):
     x, w = res
-    dy = dy.astype(jnp.float32)
+    dy = dy.astype(x.dtype)
     dx = _call("fcn_onednn_conv_bwd_data", x.shape, dy, w, strides=strides, pads=pads)
     dw = _call("fcn_onednn_conv_bwd_weights", w.shape, x, dy, strides=strides, pads=pads)
     return dx, dw
@@ -224,8 +262,8 @@ conv.defvjp(_conv_fwd, _conv_bwd)
 def conv_bias_relu(x_BHWC, w_HWIO, b_K, strides: tuple, pads: tuple):
     """max(conv(x, w) + b, 0) in one oneDNN call: the bias and the ReLU applied as the output is written.
 
-    For inference, where batch norm's running statistics fold into w and b. Its
-    gradient (the ReLU's mask, then `conv`'s) lets it be differentiated all the same.
+    For inference, where batch norm's running statistics fold into w and b. x and w as `conv`'s,
+    b float32. Its gradient (the ReLU's mask, then `conv`'s) lets it be differentiated all the same.
     """
     (b, h, wd, _), (kh, kw, _, k) = x_BHWC.shape, w_HWIO.shape
     oh = _out_size(h, kh, strides[0], *pads[0])
@@ -235,25 +273,25 @@ def conv_bias_relu(x_BHWC, w_HWIO, b_K, strides: tuple, pads: tuple):
 
 def _bias_relu_fwd(x, w, b, strides, pads):
     y = conv_bias_relu(x, w, b, strides, pads)
-    return y, (x, w, y)
+    return y, (x, w, b, y)
 
 
 def _bias_relu_bwd(strides, pads, res, dy):
-    x, w, y = res
-    d = jnp.where(y > 0, dy, 0).astype(jnp.float32)
+    x, w, b, y = res
+    d = jnp.where(y > 0, dy, 0).astype(x.dtype)
     dx, dw = _conv_bwd(strides, pads, (x, w), d)
-    return dx, dw, d.sum((0, 1, 2))
+    return dx, dw, d.astype(b.dtype).sum((0, 1, 2))
 
 
 conv_bias_relu.defvjp(_bias_relu_fwd, _bias_relu_bwd)
 
 
-def _workspace_bytes(shape, epsilon) -> int:
+def _workspace_bytes(shape, epsilon, dtype) -> int:
     """The size of the ReLU mask bn_relu's forward keeps for its gradient, as oneDNN lays it out
     (asked of the primitive the call will run, which is built here once, at trace time)."""
     if _registered is None:
         raise RuntimeError("fcn.onednn.bn_relu: oneDNN is not loaded (check fcn.onednn.available() first)")
-    size = _registered.FcnOnednnBnWorkspaceBytes(*(int(v) for v in shape), float(epsilon))
+    size = _registered.FcnOnednnBnWorkspaceBytes(*(int(v) for v in shape), float(epsilon), int(dtype == jnp.bfloat16))
     if size < 0:
         raise ValueError(f"fcn.onednn.bn_relu: oneDNN has no batch normalization for shape {tuple(shape)}")
     return size
@@ -262,10 +300,10 @@ def _workspace_bytes(shape, epsilon) -> int:
 def _bn_relu_forward(x_BHWC, scale_C, shift_C, epsilon):
     c = x_BHWC.shape[-1]
     outs = (
-        jax.ShapeDtypeStruct(x_BHWC.shape, jnp.float32),
+        jax.ShapeDtypeStruct(x_BHWC.shape, x_BHWC.dtype),
         jax.ShapeDtypeStruct((c,), jnp.float32),
         jax.ShapeDtypeStruct((c,), jnp.float32),
-        jax.ShapeDtypeStruct((_workspace_bytes(x_BHWC.shape, epsilon),), jnp.uint8),
+        jax.ShapeDtypeStruct((_workspace_bytes(x_BHWC.shape, epsilon, x_BHWC.dtype),), jnp.uint8),
     )
     call = jax.ffi.ffi_call("fcn_onednn_bn_relu_fwd", outs, vmap_method="sequential")
     return call(x_BHWC, scale_C, shift_C, epsilon=np.float32(epsilon))
@@ -273,10 +311,11 @@ def _bn_relu_forward(x_BHWC, scale_C, shift_C, epsilon):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def bn_relu(x_BHWC, scale_C, shift_C, epsilon: float):
-    """max(batch norm(x), 0) on the batch's statistics -> (y, batch mean, batch variance), float32.
+    """max(batch norm(x), 0) on the batch's statistics -> (y, batch mean, batch variance).
 
-    The variance is the biased one (over the batch's B * H * W values per channel), as
-    nnx.BatchNorm's. The gradient flows through y only.
+    x and y float32 or bfloat16; scale, shift and the statistics float32. The variance is the
+    biased one (over the batch's B * H * W values per channel), as nnx.BatchNorm's. The gradient
+    flows through y only.
     """
     y, mean_C, var_C, _ = _bn_relu_forward(x_BHWC, scale_C, shift_C, epsilon)
     return y, mean_C, var_C
@@ -291,12 +330,12 @@ def _bn_relu_bwd(epsilon, res, cotangents):
     x, scale, mean, var, workspace = res
     c = x.shape[-1]
     outs = (
-        jax.ShapeDtypeStruct(x.shape, jnp.float32),
+        jax.ShapeDtypeStruct(x.shape, x.dtype),
         jax.ShapeDtypeStruct((c,), jnp.float32),
         jax.ShapeDtypeStruct((c,), jnp.float32),
     )
     call = jax.ffi.ffi_call("fcn_onednn_bn_relu_bwd", outs, vmap_method="sequential")
-    dy = cotangents[0].astype(jnp.float32)
+    dy = cotangents[0].astype(x.dtype)
     return call(x, dy, scale, mean, var, workspace, epsilon=np.float32(epsilon))
 
 

@@ -18,7 +18,8 @@ model uses (`config.model.conv_impl`); `ConvTranspose` routes the transposed
            3x3 convs stay jax.lax's: every rewrite in jax tried (nine shifted
            products, im2col, lax patches) ran 1.1-2.5x slower than XLA's.
   "onednn" "gemm", with the 3x3 convs (any float32 NHWC conv without dilation
-           or groups) by oneDNN through XLA's FFI (fcn.onednn): forward, input
+           or groups, and bfloat16 ones where the CPU has fast code for them:
+           fcn.onednn.supports) by oneDNN through XLA's FFI (fcn.onednn): forward, input
            and weight gradient; the products of the 1x1 convs and of the
            upsampling too, as oneDNN 1x1 convolutions (XLA:CPU ran their weight
            gradients, a sum over every pixel into a few hundred numbers, on one
@@ -53,6 +54,7 @@ from flax import nnx
 from jax import lax
 
 from fcn import onednn
+from fcn.layers import add_bias, pair
 
 CONV_IMPLS = ("xla", "gemm", "onednn", "auto")
 logger = logging.getLogger(__name__)
@@ -207,16 +209,19 @@ def _onednn_here() -> bool:
     return not _portable.get() and jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
-def _concrete_float32(*arrays) -> bool:
-    """float32 arrays of concrete shapes (not symbolic, as in export), none empty."""
-    return all(a.dtype == jnp.float32 and all(isinstance(d, int) and d > 0 for d in a.shape) for a in arrays)
+def _onednn_arrays(*arrays) -> bool:
+    """Arrays of one data type that fcn.onednn supports here (float32; bfloat16 where the CPU has
+    fast code for it) and of concrete shapes (not symbolic, as in export), none empty."""
+    if len({a.dtype for a in arrays}) != 1 or not onednn.supports(arrays[0].dtype):
+        return False
+    return all(all(isinstance(d, int) and d > 0 for d in a.shape) for a in arrays)
 
 
 def _onednn_operands(lhs, rhs, preferred) -> bool:
-    """Whether fcn.onednn.conv takes these operands here: float32 NHWC/HWIO of concrete shapes, one CPU."""
-    if not _onednn_here() or lhs.ndim != 4 or rhs.ndim != 4 or preferred not in (None, jnp.float32):
+    """Whether fcn.onednn.conv takes these operands here: NHWC/HWIO of concrete shapes, one CPU."""
+    if not _onednn_here() or lhs.ndim != 4 or rhs.ndim != 4 or preferred not in (None, lhs.dtype):
         return False
-    return _concrete_float32(lhs, rhs)
+    return _onednn_arrays(lhs, rhs)
 
 
 def _seam_uses_onednn(seam) -> bool:
@@ -226,23 +231,17 @@ def _seam_uses_onednn(seam) -> bool:
     return isinstance(seam, functools.partial) and seam.func is conv_general_dilated and seam.keywords.get("onednn_ok")
 
 
-def pair(v) -> tuple[int, int]:
-    """An nnx.Conv's strides or dilation (an int, a pair, or None for 1) as a pair."""
-    return (v, v) if isinstance(v, int) else tuple(v or (1, 1))
+def runs_on_onednn(conv: nnx.Conv, x_BHWC) -> bool:
+    """Whether `conv` runs on oneDNN here and so can its output x (of a type and shape oneDNN takes):
+    then oneDNN can do the work that follows the conv too (fcn.norm: batch norm + ReLU)."""
+    return _seam_uses_onednn(conv.conv_general_dilated) and _onednn_here() and _onednn_arrays(x_BHWC)
 
 
-def runs_on_onednn(conv: nnx.Conv, *arrays) -> bool:
-    """Whether `conv` runs on oneDNN here and `arrays` (what comes with it) are float32 of concrete
-    shapes: then oneDNN can do the work that follows the conv too (fcn.norm: batch norm + ReLU)."""
-    return _seam_uses_onednn(conv.conv_general_dilated) and _onednn_here() and _concrete_float32(*arrays)
-
-
-def onednn_geometry(conv: nnx.Conv, x_BHWC):
-    """(strides, pads) when oneDNN runs this nnx.Conv on x in one call (with a bias and a ReLU: fcn.norm
-    .conv_bias_relu), else None. For convs that compute conv_general_dilated(x, kernel, strides, padding)
-    (no mask, groups or dilation; fcn.norm checks)."""
-    kernel = conv.kernel[...]
-    if not _seam_uses_onednn(conv.conv_general_dilated) or conv.dtype not in (None, jnp.float32):
+def onednn_geometry(conv: nnx.Conv, x_BHWC, kernel):
+    """(strides, pads) when oneDNN runs this nnx.Conv on x with `kernel` (both of the conv's dtype) in
+    one call (with a bias and a ReLU: fcn.norm.conv_bias_relu), else None. For convs that compute
+    conv_general_dilated(x, kernel, strides, padding) (no mask, groups or dilation; fcn.norm checks)."""
+    if not _seam_uses_onednn(conv.conv_general_dilated):
         return None
     if not _onednn_operands(x_BHWC, kernel, conv.preferred_element_type):
         return None
@@ -361,4 +360,4 @@ class ConvTranspose(nnx.ConvTranspose):
             precision=self.precision,
             preferred_element_type=self.preferred_element_type,
         )
-        return y if bias is None else y + bias
+        return y if bias is None else add_bias(y, self.bias[...])

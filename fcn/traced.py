@@ -93,6 +93,8 @@ def fingerprint(uses_onednn: bool) -> dict:
         "backend": [jax.default_backend(), [d.device_kind for d in jax.devices()]],
         # Loading oneDNN registers its handlers, which the deserialized program calls.
         "onednn": uses_onednn and jax.default_backend() == "cpu" and onednn.available(),
+        # Whether bfloat16 convolutions went to oneDNN when traced (the CPU's instructions decide).
+        "onednn_bf16": uses_onednn and jax.default_backend() == "cpu" and onednn.supports(jax.numpy.bfloat16),
         "env": sorted((k, v) for k, v in os.environ.items() if k.startswith(("FCN_", "JAX_", "XLA_"))),
     }
 

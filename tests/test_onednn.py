@@ -103,8 +103,11 @@ def test_seam_uses_onednn_only_where_it_applies():
     text = hlo(grad, x, w)
     for target in ("fcn_onednn_conv_fwd", "fcn_onednn_conv_bwd_data", "fcn_onednn_conv_bwd_weights"):
         assert target in text
-    # Not for: bfloat16, dilation, groups, NCHW, or code traced to run elsewhere.
-    assert "fcn_onednn" not in hlo(call, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    # bfloat16 where oneDNN has fast code for it here (tests/test_onednn_bf16.py); not for float16,
+    # dilation, groups, NCHW, or code traced to run elsewhere.
+    bf16 = jnp.bfloat16
+    assert ("fcn_onednn" in hlo(call, x.astype(bf16), w.astype(bf16))) == onednn.supports(bf16)
+    assert "fcn_onednn" not in hlo(call, x.astype(jnp.float16), w.astype(jnp.float16))
     assert "fcn_onednn" not in hlo(lambda x, w: call(x, w, rhs_dilation=(2, 2)), x, w)
     assert "fcn_onednn" not in hlo(lambda x, w: call(x, w[:, :, :2], feature_group_count=2), x, w)
     nchw = lambda x, w: conv(x, w, (1, 1), "SAME", dimension_numbers=("NCHW", "HWIO", "NCHW"))  # noqa: E731

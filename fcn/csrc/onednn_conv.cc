@@ -1,6 +1,7 @@
 // 2D convolutions for XLA:CPU through oneDNN, as XLA FFI handlers (fcn/onednn.py builds and
-// registers them). float32, NHWC activations, HWIO kernels, any strides and non-negative
-// padding, no dilation or groups: what fcn's U-Net needs.
+// registers them). float32 or bfloat16 (one type for a call's activations and kernel), NHWC
+// activations, HWIO kernels, any strides and non-negative padding, no dilation or groups: what
+// fcn's U-Net needs. Batch norm's scale, shift and statistics, and the bias, are float32.
 //
 //   fcn_onednn_conv_fwd(x[B,H,W,C], w[KH,KW,C,K])      -> y[B,OH,OW,K]
 //   fcn_onednn_conv_bwd_data(g[B,OH,OW,K], w)          -> dx[B,H,W,C]
@@ -12,14 +13,19 @@
 //
 //   fcn_onednn_bn_relu_fwd(x[B,H,W,C], scale[C], shift[C]) -> y, mean[C], var[C], workspace (the ReLU's mask)
 //   fcn_onednn_bn_relu_bwd(x, dy, scale, mean, var, workspace) -> dx, dscale[C], dshift[C]
-//   attribute: epsilon; FcnOnednnBnWorkspaceBytes(b, h, w, c, epsilon) gives the workspace's size.
+//   attribute: epsilon; FcnOnednnBnWorkspaceBytes(b, h, w, c, epsilon, bf16) gives the workspace's size.
+//
+// FcnOnednnImpls(bf16, buf, n) names the implementations oneDNN picks for one data type (a probe:
+// bfloat16 runs on oneDNN's reference code where the CPU lacks the instructions for it).
 //
 // Activations stay NHWC (no reorder); kernels are reordered to and from the layout the
 // primitive picks (small). Calls run one at a time (RunMutex). Nothing is allocated per call:
 // primitives and their kernel reorders are built once per shape, and one stream, scratchpad and
 // kernel buffer serve every call (`Reused`).
 
+#include <algorithm>
 #include <array>
+#include <cstdio>
 #include <cstdint>
 #include <cstring>
 #include <map>
@@ -41,8 +47,18 @@ enum Kind { kFwd = 0, kBwdData = 1, kBwdWeights = 2, kFwdBiasRelu = 3 };
 
 struct Geometry {
   int64_t b, h, w, c, kh, kw, k, oh, ow, sh, sw, pt, pb, pl, pr;
-  std::array<int64_t, 16> key(Kind kind) const { return {kind, b, h, w, c, kh, kw, k, oh, ow, sh, sw, pt, pb, pl, pr}; }
+  memory::data_type dt = memory::data_type::f32;  // activations and kernel
+  std::array<int64_t, 17> key(Kind kind) const {
+    return {kind, b, h, w, c, kh, kw, k, oh, ow, sh, sw, pt, pb, pl, pr, static_cast<int64_t>(dt)};
+  }
 };
+
+// The oneDNN data type of an XLA one fcn's handlers take (float32 or bfloat16), else undef.
+memory::data_type DataTypeOf(ffi::DataType t) {
+  if (t == ffi::DataType::F32) return memory::data_type::f32;
+  if (t == ffi::DataType::BF16) return memory::data_type::bf16;
+  return memory::data_type::undef;
+}
 
 dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
@@ -75,8 +91,8 @@ Entry Build(Kind kind, const Geometry& g) {
   memory::dims src{g.b, g.c, g.h, g.w}, wei{g.k, g.c, g.kh, g.kw}, dst{g.b, g.k, g.oh, g.ow};
   memory::dims strides{g.sh, g.sw}, pad_l{g.pt, g.pl}, pad_r{g.pb, g.pr};
   auto f32 = memory::data_type::f32;
-  memory::desc src_md(src, f32, tag::nhwc), dst_md(dst, f32, tag::nhwc), any_w(wei, f32, tag::any);
-  memory::desc user_w(wei, f32, tag::hwio);
+  memory::desc src_md(src, g.dt, tag::nhwc), dst_md(dst, g.dt, tag::nhwc), any_w(wei, g.dt, tag::any);
+  memory::desc user_w(wei, g.dt, tag::hwio);
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   auto alg = dnnl::algorithm::convolution_direct;
@@ -107,7 +123,7 @@ Entry Build(Kind kind, const Geometry& g) {
 
 const Entry& Get(Kind kind, const Geometry& g) {
   static std::mutex mu;
-  static std::map<std::array<int64_t, 16>, std::unique_ptr<Entry>> cache;
+  static std::map<std::array<int64_t, 17>, std::unique_ptr<Entry>> cache;
   auto key = g.key(kind);
   {
     std::lock_guard<std::mutex> lock(mu);
@@ -120,12 +136,16 @@ const Entry& Get(Kind kind, const Geometry& g) {
   return *it->second;
 }
 
-ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, ffi::Span<const int64_t> y,
+ffi::Error MakeGeometry(const ffi::AnyBuffer& xb, const ffi::AnyBuffer& wb, const ffi::AnyBuffer& yb,
                         ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding, Geometry& g) {
+  auto x = xb.dimensions(), w = wb.dimensions(), y = yb.dimensions();
   if (x.size() != 4 || w.size() != 4 || y.size() != 4 || strides.size() != 2 || padding.size() != 4)
     return ffi::Error::InvalidArgument("fcn onednn conv: expected rank-4 operands, 2 strides and 4 pads");
-  g = Geometry{x[0],       x[1],       x[2],       x[3],       w[0],       w[1],       w[3],      y[1],
-               y[2],       strides[0], strides[1], padding[0], padding[1], padding[2], padding[3]};
+  auto dt = DataTypeOf(xb.element_type());
+  if (dt == memory::data_type::undef || DataTypeOf(wb.element_type()) != dt || DataTypeOf(yb.element_type()) != dt)
+    return ffi::Error::InvalidArgument("fcn onednn conv: operands must all be float32 or all bfloat16");
+  g = Geometry{x[0],       x[1],       x[2],       x[3],       w[0],       w[1],       w[3],       y[1],
+               y[2],       strides[0], strides[1], padding[0], padding[1], padding[2], padding[3], dt};
   bool ok = w[2] == g.c && y[0] == g.b && y[3] == g.k && g.sh > 0 && g.sw > 0 && g.pt >= 0 && g.pb >= 0 &&
             g.pl >= 0 && g.pr >= 0 && g.oh == (g.h + g.pt + g.pb - g.kh) / g.sh + 1 &&
             g.ow == (g.w + g.pl + g.pr - g.kw) / g.sw + 1;
@@ -193,7 +213,7 @@ ffi::Error Run(Kind kind, const Geometry& g, void* src, void* w, void* dst, void
     }
     memory::dims src_dims{g.b, g.c, g.h, g.w}, dst_dims{g.b, g.k, g.oh, g.ow};
     auto f32 = memory::data_type::f32;
-    memory src_m({src_dims, f32, tag::nhwc}, eng, src), dst_m({dst_dims, f32, tag::nhwc}, eng, dst);
+    memory src_m({src_dims, g.dt, tag::nhwc}, eng, src), dst_m({dst_dims, g.dt, tag::nhwc}, eng, dst);
     std::unordered_map<int, memory> args;
     AddScratchpad(e.scratch, args);
     if (kind == kFwd || kind == kFwdBiasRelu) {
@@ -213,32 +233,33 @@ ffi::Error Run(Kind kind, const Geometry& g, void* src, void* w, void* dst, void
   return ffi::Error::Success();
 }
 
-ffi::Error Fwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
-               ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
+using Out = ffi::Result<ffi::AnyBuffer>;
+
+ffi::Error Fwd(ffi::AnyBuffer x, ffi::AnyBuffer w, Out y, ffi::Span<const int64_t> strides,
+               ffi::Span<const int64_t> padding) {
   Geometry g;
-  if (auto err = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), strides, padding, g); err.failure()) return err;
+  if (auto err = MakeGeometry(x, w, *y, strides, padding, g); err.failure()) return err;
   return Run(kFwd, g, x.untyped_data(), w.untyped_data(), y->untyped_data());
 }
 
-ffi::Error BwdData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx,
-                   ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
+ffi::Error BwdData(ffi::AnyBuffer dy, ffi::AnyBuffer w, Out dx, ffi::Span<const int64_t> strides,
+                   ffi::Span<const int64_t> padding) {
   Geometry g;
-  if (auto err = MakeGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), strides, padding, g); err.failure()) return err;
+  if (auto err = MakeGeometry(*dx, w, dy, strides, padding, g); err.failure()) return err;
   return Run(kBwdData, g, dx->untyped_data(), w.untyped_data(), dy.untyped_data());
 }
 
-ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
-                      ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
+ffi::Error BwdWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, Out dw, ffi::Span<const int64_t> strides,
+                      ffi::Span<const int64_t> padding) {
   Geometry g;
-  if (auto err = MakeGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), strides, padding, g); err.failure()) return err;
+  if (auto err = MakeGeometry(x, *dw, dy, strides, padding, g); err.failure()) return err;
   return Run(kBwdWeights, g, x.untyped_data(), dw->untyped_data(), dy.untyped_data());
 }
 
-ffi::Error FwdBiasRelu(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
-                       ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> strides,
-                       ffi::Span<const int64_t> padding) {
+ffi::Error FwdBiasRelu(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b, Out y,
+                       ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
   Geometry g;
-  if (auto err = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), strides, padding, g); err.failure()) return err;
+  if (auto err = MakeGeometry(x, w, *y, strides, padding, g); err.failure()) return err;
   if (b.dimensions().size() != 1 || b.dimensions()[0] != g.k)
     return ffi::Error::InvalidArgument("fcn onednn conv: the bias must have one value per output channel");
   return Run(kFwdBiasRelu, g, x.untyped_data(), w.untyped_data(), y->untyped_data(), b.untyped_data());
@@ -252,12 +273,12 @@ struct BnEntry {
   size_t fwd_scratch = 0, bwd_scratch = 0;
 };
 
-const BnEntry& GetBn(int64_t b, int64_t h, int64_t w, int64_t c, float epsilon) {
+const BnEntry& GetBn(int64_t b, int64_t h, int64_t w, int64_t c, float epsilon, memory::data_type dt) {
   static std::mutex mu;
-  static std::map<std::array<int64_t, 5>, std::unique_ptr<BnEntry>> cache;
+  static std::map<std::array<int64_t, 6>, std::unique_ptr<BnEntry>> cache;
   uint32_t eps_bits;
   std::memcpy(&eps_bits, &epsilon, sizeof eps_bits);
-  std::array<int64_t, 5> key{b, h, w, c, eps_bits};
+  std::array<int64_t, 6> key{b, h, w, c, eps_bits, static_cast<int64_t>(dt)};
   {
     std::lock_guard<std::mutex> lock(mu);
     auto it = cache.find(key);
@@ -265,7 +286,7 @@ const BnEntry& GetBn(int64_t b, int64_t h, int64_t w, int64_t c, float epsilon) 
   }
   auto& eng = Engine();
   auto f32 = memory::data_type::f32;
-  memory::desc data({b, c, h, w}, f32, tag::nhwc), stat({c}, f32, tag::a);
+  memory::desc data({b, c, h, w}, dt, tag::nhwc), stat({c}, f32, tag::a);
   auto flags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift |
                dnnl::normalization_flags::fuse_norm_relu;
   dnnl::primitive_attr attr;
@@ -296,13 +317,20 @@ ffi::Error BnCheck(ffi::Span<const int64_t> x, std::initializer_list<ffi::Span<c
 // Runs the forward (`backward` false) or backward primitive for x's dimensions `d`, once the
 // per-channel operands and the workspace are checked; `args_of(entry, engine)` gives its arguments.
 template <typename ArgsOf>
-ffi::Error RunBn(ffi::Span<const int64_t> d, float epsilon,
+ffi::Error RunBn(std::initializer_list<const ffi::AnyBuffer*> data, float epsilon,
                  std::initializer_list<ffi::Span<const int64_t>> per_channel, size_t workspace_bytes,
                  bool backward, ArgsOf args_of) {
+  auto d = (*data.begin())->dimensions();
+  auto dt = DataTypeOf((*data.begin())->element_type());
   if (d.size() != 4) return ffi::Error::InvalidArgument("fcn onednn batch norm: expected a rank-4 input");
+  for (auto* a : data)
+    if (dt == memory::data_type::undef || DataTypeOf(a->element_type()) != dt || a->dimensions().size() != 4 ||
+        !std::equal(d.begin(), d.end(), a->dimensions().begin()))
+      return ffi::Error::InvalidArgument(
+          "fcn onednn batch norm: activations and their gradients must have one shape, all float32 or all bfloat16");
   std::lock_guard<std::mutex> lock(RunMutex());
   try {
-    const BnEntry& e = GetBn(d[0], d[1], d[2], d[3], epsilon);
+    const BnEntry& e = GetBn(d[0], d[1], d[2], d[3], epsilon, dt);
     if (auto err = BnCheck(d, per_channel, workspace_bytes, e); err.failure()) return err;
     auto& eng = Engine();
     std::unordered_map<int, memory> args = args_of(e, eng);
@@ -320,11 +348,11 @@ ffi::Error RunBn(ffi::Span<const int64_t> d, float epsilon,
   return ffi::Error::Success();
 }
 
-ffi::Error BnReluFwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
-                     ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> var,
+ffi::Error BnReluFwd(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift, Out y,
+                     ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> var,
                      ffi::ResultBuffer<ffi::U8> workspace, float epsilon) {
   auto per_channel = {scale.dimensions(), shift.dimensions(), mean->dimensions(), var->dimensions()};
-  return RunBn(x.dimensions(), epsilon, per_channel, workspace->size_bytes(), false,
+  return RunBn({&x, &*y}, epsilon, per_channel, workspace->size_bytes(), false,
                [&](const BnEntry& e, dnnl::engine& eng) {
                  return std::unordered_map<int, memory>{
                      {DNNL_ARG_SRC, memory(e.data, eng, x.untyped_data())},
@@ -337,13 +365,12 @@ ffi::Error BnReluFwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ffi::
                });
 }
 
-ffi::Error BnReluBwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> scale,
-                     ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var, ffi::Buffer<ffi::U8> workspace,
-                     ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dscale,
-                     ffi::ResultBuffer<ffi::F32> dshift, float epsilon) {
+ffi::Error BnReluBwd(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> mean,
+                     ffi::Buffer<ffi::F32> var, ffi::Buffer<ffi::U8> workspace, Out dx,
+                     ffi::ResultBuffer<ffi::F32> dscale, ffi::ResultBuffer<ffi::F32> dshift, float epsilon) {
   auto per_channel = {scale.dimensions(), mean.dimensions(), var.dimensions(), dscale->dimensions(),
                       dshift->dimensions()};
-  return RunBn(x.dimensions(), epsilon, per_channel, workspace.size_bytes(), true,
+  return RunBn({&x, &dy, &*dx}, epsilon, per_channel, workspace.size_bytes(), true,
                [&](const BnEntry& e, dnnl::engine& eng) {
                  return std::unordered_map<int, memory>{
                      {DNNL_ARG_SRC, memory(e.data, eng, x.untyped_data())},
@@ -360,21 +387,55 @@ ffi::Error BnReluBwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::Buf
 
 }  // namespace
 
-// The size in bytes of the workspace fcn_onednn_bn_relu_fwd returns for x [b, h, w, c]; -1 on failure.
-extern "C" int64_t FcnOnednnBnWorkspaceBytes(int64_t b, int64_t h, int64_t w, int64_t c, float epsilon) {
+memory::data_type Dt(int bf16) { return bf16 ? memory::data_type::bf16 : memory::data_type::f32; }
+
+// The size in bytes of the workspace fcn_onednn_bn_relu_fwd returns for x [b, h, w, c] (bfloat16 when
+// `bf16`); -1 on failure.
+extern "C" int64_t FcnOnednnBnWorkspaceBytes(int64_t b, int64_t h, int64_t w, int64_t c, float epsilon, int bf16) {
   try {
-    return static_cast<int64_t>(GetBn(b, h, w, c, epsilon).workspace.get_size());
+    return static_cast<int64_t>(GetBn(b, h, w, c, epsilon, Dt(bf16)).workspace.get_size());
   } catch (const std::exception&) {
     return -1;
   }
 }
 
-// The first three take two float32 operands and return one, with the same attributes.
+// The implementations oneDNN picks for a 3x3 convolution (forward, input and weight gradient) and
+// for batch norm + ReLU (forward, backward) on 8 x 32 x 32 x 32 in float32 or, with `bf16`,
+// bfloat16, written to buf (n bytes, NUL-terminated) as "fwd:NAME bwd_data:NAME ...". Returns 1
+// when none of them is oneDNN's reference code (a plain loop, far slower than XLA's own), 0 when
+// one is, -1 when a primitive cannot be made.
+extern "C" int FcnOnednnImpls(int bf16, char* buf, int64_t n) {
+  try {
+    Geometry g{8, 32, 32, 32, 3, 3, 32, 32, 32, 1, 1, 1, 1, 1, 1, Dt(bf16)};
+    std::string names;
+    bool fast = true;
+    auto add = [&](const char* what, const dnnl::primitive& p) {
+      const char* info = nullptr;
+      dnnl_primitive_desc_query(p.get_primitive_desc(), dnnl_query_impl_info_str, 0, &info);
+      std::string impl = info ? info : "?";
+      names += std::string(names.empty() ? "" : " ") + what + ":" + impl;
+      fast = fast && impl.rfind("ref", 0) != 0;
+    };
+    add("fwd", Get(kFwd, g).prim);
+    add("bwd_data", Get(kBwdData, g).prim);
+    add("bwd_weights", Get(kBwdWeights, g).prim);
+    const BnEntry& bn = GetBn(8, 32, 32, 32, 1e-5f, Dt(bf16));
+    add("bn_fwd", bn.fwd);
+    add("bn_bwd", bn.bwd);
+    if (n > 0) std::snprintf(buf, static_cast<size_t>(n), "%s", names.c_str());
+    return fast ? 1 : 0;
+  } catch (const std::exception& err) {
+    if (n > 0) std::snprintf(buf, static_cast<size_t>(n), "%s", err.what());
+    return -1;
+  }
+}
+
+// The first three take two operands (float32, or bfloat16) and return one, with the same attributes.
 static auto Binding() {
   return ffi::Ffi::Bind()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Ret<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Ret<ffi::AnyBuffer>()
       .Attr<ffi::Span<const int64_t>>("strides")
       .Attr<ffi::Span<const int64_t>>("padding");
 }
@@ -384,31 +445,31 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnOnednnConvBwdData, BwdData, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnOnednnConvBwdWeights, BwdWeights, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnOnednnConvBiasRelu, FwdBiasRelu,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<ffi::Span<const int64_t>>("strides")
                                   .Attr<ffi::Span<const int64_t>>("padding"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnOnednnBnReluFwd, BnReluFwd,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::U8>>()
                                   .Attr<float>("epsilon"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FcnOnednnBnReluBwd, BnReluBwd,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("epsilon"));
