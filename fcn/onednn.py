@@ -28,9 +28,10 @@ oneDNN, so later processes only load them. Anything missing makes
 half-written (the library is compiled to a temporary name and renamed).
 `FCN_ONEDNN=0` turns it off.
 
-Data types: float32, and bfloat16 where `supports(jnp.bfloat16)`: oneDNN has fast
-bfloat16 code for the CPU (AMX or AVX-512 BF16 instructions, else AVX-512 converting
-as it goes; `impls(dtype)` names what it picked). One type for a call's activations and
+Data types: float32, and bfloat16 where `supports(jnp.bfloat16)`: the CPU has bfloat16
+instructions (AVX-512 BF16 or AMX) and oneDNN fast code for them (`impls(dtype)` names the
+instruction set and what it picked; without those instructions oneDNN converts as it goes,
+and camvid_cpu's training step ran 3x slower than in float32: XLA's own instead). One type for a call's activations and
 kernel; the bias, batch norm's scale, shift and statistics are float32, and so is the
 arithmetic inside each primitive. On a 2-core Xeon with AMX, PyTorch's bfloat16 autocast
 trained camvid_cpu's network 2.2x faster than float32 (docs/benchmarks.md, the
@@ -138,8 +139,8 @@ def impls(dtype) -> str:
 
 
 def supports(dtype) -> bool:
-    """Whether the handlers run `dtype` activations here with more than oneDNN's reference code:
-    float32 wherever `available()`; bfloat16 where the CPU has AVX-512 (asked of oneDNN once)."""
+    """Whether the handlers run `dtype` activations here with fast code: float32 wherever
+    `available()`; bfloat16 where the CPU has bfloat16 instructions (asked of oneDNN once)."""
     dtype = jnp.dtype(dtype)
     if dtype not in DTYPES or not available():
         return False
