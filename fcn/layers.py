@@ -44,15 +44,16 @@ class Conv(nnx.Conv):
     """nnx.Conv, with the bias added by `add_bias` where that changes its gradient (a bias of another
     dtype than the computation, on a CPU); otherwise nnx.Conv itself. Same parameters."""
 
-    def __call__(self, inputs):
+    def __call__(self, inputs, out_sharding=None):
         dtype = self.dtype or inputs.dtype
         if (
-            self.bias is None
+            out_sharding is not None
+            or self.bias is None
             or inputs.ndim != 4
             or not _sum_bias_in_f32(dtype, self.bias.dtype)
             or not plain_conv(self)
         ):
-            return super().__call__(inputs)
+            return super().__call__(inputs, out_sharding=out_sharding)
         inputs, kernel = self.promote_dtype((inputs, self.kernel[...]), dtype=self.dtype)
         return add_bias(plain_conv_call(self, inputs, kernel), self.bias[...])
 
