@@ -64,8 +64,8 @@ def add_bias(y, bias_C):
     On a CPU, when the two dtypes differ (a float32 bias in a bfloat16 network), the bias's
     gradient, a sum over every pixel, is summed in float32 (`_add_bias`). jax's own gradient
     sums in bfloat16, which XLA:CPU runs as a slow windowed reduction: 9.5 ms against 1.5 ms
-    for 8 x 176 x 240 x 16 on a 2-core Xeon, about a tenth of camvid_cpu's bfloat16 training
-    step over its biases (docs/benchmarks.md, the twenty-seventh session). Elsewhere the plain
+    for 8 x 176 x 240 x 16 on a 2-core Xeon; 38 of the 244 ms of camvid_cpu's bfloat16 training
+    step went to its biases (docs/benchmarks.md, the twenty-seventh session). Elsewhere the plain
     sum, whose program is unchanged.
     """
     if not _sum_bias_in_f32(y.dtype, bias_C.dtype):

@@ -28,15 +28,15 @@ oneDNN, so later processes only load them. Anything missing makes
 half-written (the library is compiled to a temporary name and renamed).
 `FCN_ONEDNN=0` turns it off.
 
-Data types: float32, and bfloat16 where `supports(jnp.bfloat16)`: the CPU has bfloat16
-instructions (AVX-512 BF16 or AMX) and oneDNN fast code for them (`impls(dtype)` names the
-instruction set and what it picked; without those instructions oneDNN converts as it goes,
-and camvid_cpu's training step ran 3x slower than in float32: XLA's own instead). One type for a call's activations and
-kernel; the bias, batch norm's scale, shift and statistics are float32, and so is the
-arithmetic inside each primitive. On a 2-core Xeon with AMX, PyTorch's bfloat16 autocast
-trained camvid_cpu's network 2.2x faster than float32 (docs/benchmarks.md, the
-twenty-seventh session), while XLA:CPU's own bfloat16 convolutions ran 2.5x slower than
-its float32 ones.
+Data types: float32, and bfloat16 where `supports("bfloat16")`: the CPU has bfloat16
+instructions (AVX-512 BF16 or AMX) and oneDNN fast code for them. `impls(dtype)` names the
+instruction set and the implementations picked. Without those instructions oneDNN converts
+as it goes, 3x slower than float32 in camvid_cpu's training step, so bfloat16 stays on XLA's
+convolutions there. One type for a call's activations and kernel; the bias, batch norm's
+scale, shift and statistics are float32, and so are the sums inside each primitive. On a
+2-core Xeon with AMX, fcn's bfloat16 on oneDNN trained camvid_cpu's network 2.3-2.7x faster
+than its float32, where on XLA's own convolutions it had been 2.5x slower (docs/benchmarks.md,
+the twenty-seventh session).
 
 Limits: NHWC inputs with HWIO kernels, no dilation or groups, concrete shapes,
 one device. Their gradients cannot be differentiated again.

@@ -15,8 +15,8 @@
 //   fcn_onednn_bn_relu_bwd(x, dy, scale, mean, var, workspace) -> dx, dscale[C], dshift[C]
 //   attribute: epsilon; FcnOnednnBnWorkspaceBytes(b, h, w, c, epsilon, bf16) gives the workspace's size.
 //
-// FcnOnednnImpls(bf16, buf, n) names the implementations oneDNN picks for one data type (a probe:
-// bfloat16 runs on oneDNN's reference code where the CPU lacks the instructions for it).
+// FcnOnednnImpls(bf16, buf, n) names the instruction set and the implementations oneDNN picks for
+// one data type, and says whether they are fast (a probe for fcn.onednn.supports).
 //
 // Activations stay NHWC (no reorder); kernels are reordered to and from the layout the
 // primitive picks (small). Calls run one at a time (RunMutex). Nothing is allocated per call:
