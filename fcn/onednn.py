@@ -8,7 +8,7 @@ same two cores (docs/benchmarks.md, fifth session).
 
 `conv(x, w, strides, padding)` is a jax function with a custom VJP whose
 forward pass and both gradients are XLA custom calls into oneDNN
-(fcn/csrc/onednn_conv.cc). fcn.ops uses it for `conv_impl` "onednn", and for
+(fcn/csrc/: onednn_conv.cc, onednn_bn.cc). fcn.ops uses it for `conv_impl` "onednn", and for
 "auto" on a CPU when `available()`; everything else keeps jax.lax's.
 `conv_bias_relu(x, w, b, ...)` is max(conv + b, 0) in one call, for inference:
 the U-Net folds batch norm's running statistics into w and b (fcn.model.ConvBlock).
@@ -23,7 +23,8 @@ g++) against jaxlib's FFI headers and the oneDNN of the pip packages
 `onednn-cpu-gomp` and `onednn-devel-cpu-gomp` (or `$FCN_ONEDNN_ROOT`, a folder
 with include/ and lib/), and kept in `<cache root>/ext/` (fcn.data.cache:
 $FCN_CACHE_DIR, else ~/.cache/fcn) under a key of the source, jaxlib and
-oneDNN, so later processes only load them. Anything missing makes
+oneDNN, so later processes only load them (the sources compile side by side, one
+compiler process each, then link). Anything missing makes
 `available()` False with the reason in `unavailable_reason()`; nothing is
 half-written (the library is compiled to a temporary name and renamed).
 `FCN_ONEDNN=0` turns it off.
@@ -64,7 +65,8 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "onednn_conv.cc"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "onednn_conv.cc", CSRC / "onednn_bn.cc")  # with CSRC / "onednn_common.h"
 TARGETS = {  # custom-call target -> handler symbol in the built library
     "fcn_onednn_conv_fwd": "FcnOnednnConvFwd",
     "fcn_onednn_conv_bwd_data": "FcnOnednnConvBwdData",
@@ -166,13 +168,13 @@ def _build(root: Path) -> Path:
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not cxx:
         raise _Unavailable("no C++ compiler (g++, c++ or $CXX) to build the oneDNN convolutions")
-    compiler = shlex.split(cxx)  # $CXX may carry a wrapper or flags ("ccache g++")
     lib = root / "lib" / _LIB
     st = lib.stat()
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), jax.ffi.include_dir().encode(), jax.__version__.encode(), cxx.encode()):
-        key.update(part + b"\0")
-    key.update(f"{lib.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    for source in sorted([*CSRC.glob("*.cc"), *CSRC.glob("*.h")]):
+        key.update(source.read_bytes() + b"\0")
+    parts = (jax.ffi.include_dir(), jax.__version__, cxx, lib.resolve(), st.st_size, st.st_mtime_ns)
+    key.update("\0".join(map(str, parts)).encode())
     out = cache_root() / "ext" / f"onednn_conv-{key.hexdigest()[:20]}.so"
     if out.is_file():
         return out
@@ -183,21 +185,34 @@ def _build(root: Path) -> Path:
         raise _Unavailable(f"cannot build the oneDNN convolutions in {out.parent}: {e}") from e
     os.close(fd)
     _remove_stale(out.parent)
-    cmd = [*compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-I", jax.ffi.include_dir(), "-I", str(root / "include")]
-    cmd += [str(SOURCE), "-o", tmp, str(lib), f"-Wl,-rpath,{lib.parent}"]
-    logger.info("compiling the oneDNN convolutions (once): %s", " ".join(cmd))
     try:
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True)
-        except OSError as e:
-            raise _Unavailable(f"cannot run the C++ compiler {cxx!r}: {e}") from e
-        if done.returncode != 0:
-            raise _Unavailable(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
+        with tempfile.TemporaryDirectory(prefix="fcn-onednn-") as objects:
+            _compile(shlex.split(cxx), root, lib, Path(objects), tmp)  # $CXX may carry a wrapper or flags
         os.replace(tmp, out)  # atomic: another process sees the whole library or none
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def _compile(compiler: list[str], root: Path, lib: Path, objects: Path, out: str) -> None:
+    """Compile SOURCES side by side into `objects`, then link them with oneDNN into `out`."""
+    flags = ["-O2", "-std=c++17", "-fPIC", "-I", jax.ffi.include_dir(), "-I", str(root / "include")]
+    objs = [str(objects / (src.stem + ".o")) for src in SOURCES]
+    steps = [([*compiler, *flags, "-c", str(src), "-o", obj], src.name) for src, obj in zip(SOURCES, objs)]
+    logger.info("compiling the oneDNN convolutions (once): %s", "; ".join(" ".join(c) for c, _ in steps))
+    try:
+        running = [(subprocess.Popen(c, stderr=subprocess.PIPE, text=True), c, name) for c, name in steps]
+    except OSError as e:
+        raise _Unavailable(f"cannot run the C++ compiler {compiler[0]!r}: {e}") from e
+    errors = [(proc.communicate()[1], proc.returncode, c, name) for proc, c, name in running]  # wait for all
+    for stderr, rc, cmd, name in errors:
+        if rc != 0:
+            raise _Unavailable(f"compiling {name} failed ({' '.join(cmd)}):\n{stderr[-2000:]}")
+    link = [*compiler, "-shared", *objs, "-o", out, str(lib), f"-Wl,-rpath,{lib.parent}"]
+    done = subprocess.run(link, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise _Unavailable(f"linking the oneDNN convolutions failed ({' '.join(link)}):\n{done.stderr[-2000:]}")
 
 
 def _remove_stale(folder: Path, age_s: float = 3600) -> None:

@@ -181,6 +181,19 @@ def test_failed_build_leaves_nothing_behind(fresh, monkeypatch):
     assert list((fresh / "ext").iterdir()) == []  # no half-written library
 
 
+@pytest.mark.skipif(not CPU, reason="oneDNN's convolutions are XLA:CPU custom calls")
+def test_failure_in_one_source_names_it(fresh, monkeypatch):
+    """The sources compile side by side: a failure in the second is reported as its own."""
+    wrapper = fresh / "cxx.sh"
+    wrapper.write_text('#!/bin/sh\ncase "$*" in *onednn_bn.cc*) echo "bn broke" >&2; exit 3;; esac\nexec g++ "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CXX", str(wrapper))
+    assert not onednn.available()
+    assert "compiling onednn_bn.cc failed" in onednn.unavailable_reason()
+    assert "bn broke" in onednn.unavailable_reason()
+    assert list((fresh / "ext").iterdir()) == []
+
+
 def test_compiler_that_does_not_exist(fresh, monkeypatch):
     monkeypatch.setenv("CXX", str(fresh / "no-such-compiler"))
     assert not onednn.available()
