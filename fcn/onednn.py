@@ -186,8 +186,12 @@ def _build(root: Path) -> Path:
     os.close(fd)
     _remove_stale(out.parent)
     try:
-        with tempfile.TemporaryDirectory(prefix="fcn-onednn-") as objects:
-            _compile(shlex.split(cxx), root, lib, Path(objects), tmp)  # $CXX may carry a wrapper or flags
+        try:
+            objects = tempfile.TemporaryDirectory(prefix="fcn-onednn-")  # the object files, in $TMPDIR
+        except OSError as e:
+            raise _Unavailable(f"cannot build the oneDNN convolutions: no temporary folder: {e}") from e
+        with objects:
+            _compile(shlex.split(cxx), root, lib, Path(objects.name), tmp)  # $CXX may carry a wrapper or flags
         os.replace(tmp, out)  # atomic: another process sees the whole library or none
     finally:
         if os.path.exists(tmp):
