@@ -244,7 +244,18 @@ def _attrs(strides, pads):
     return dict(strides=np.asarray(strides, np.int64), padding=np.asarray([v for p in pads for v in p], np.int64))
 
 
+def _loaded(what: str) -> ctypes.CDLL:
+    """The handlers' library, built, loaded and registered now if no call has asked yet (so that
+    `conv` and `bn_relu` work as the first thing a process does); else a RuntimeError that says why."""
+    if not available():
+        raise RuntimeError(
+            f"oneDNN's handlers (fcn.onednn) are unavailable, so {what} cannot run: {unavailable_reason()}"
+        )
+    return _registered
+
+
 def _call(target: str, shape, *operands, strides, pads):
+    _loaded(target)
     out = jax.ShapeDtypeStruct(tuple(shape), operands[0].dtype)
     return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*operands, **_attrs(strides, pads))
 
@@ -309,9 +320,9 @@ conv_bias_relu.defvjp(_bias_relu_fwd, _bias_relu_bwd)
 def _workspace_bytes(shape, epsilon, dtype) -> int:
     """The size of the ReLU mask bn_relu's forward keeps for its gradient, as oneDNN lays it out
     (asked of the primitive the call will run, which is built here once, at trace time)."""
-    if _registered is None:
-        raise RuntimeError("fcn.onednn.bn_relu: oneDNN is not loaded (check fcn.onednn.available() first)")
-    size = _registered.FcnOnednnBnWorkspaceBytes(*(int(v) for v in shape), float(epsilon), int(dtype == jnp.bfloat16))
+    size = _loaded("fcn_onednn_bn_relu_fwd").FcnOnednnBnWorkspaceBytes(
+        *(int(v) for v in shape), float(epsilon), int(dtype == jnp.bfloat16)
+    )
     if size < 0:
         raise ValueError(f"fcn.onednn.bn_relu: oneDNN has no batch normalization for shape {tuple(shape)}")
     return size

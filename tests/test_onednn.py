@@ -3,6 +3,8 @@ uses them only where it should."""
 
 import logging
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ from fcn import onednn, ops
 
 DN = ("NHWC", "HWIO", "NHWC")
 CPU = jax.default_backend() == "cpu"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def random(seed, shape):
@@ -148,6 +151,32 @@ def test_turned_off(fresh, monkeypatch, caplog):
         y = jax.jit(lambda x, w: ops.conv_fn("auto")(x, w, (1, 1), "SAME", dimension_numbers=DN))(x, w)
     np.testing.assert_allclose(y, lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN), rtol=1e-5)
     assert "oneDNN" not in caplog.text  # turned off on purpose: no warning
+    with pytest.raises(RuntimeError, match="fcn_onednn_conv_fwd cannot run: FCN_ONEDNN=0"):
+        onednn.conv(x, w, (1, 1), ((1, 1), (1, 1)))  # called directly: the reason, not XLA's NOT_FOUND
+    with pytest.raises(RuntimeError, match="fcn_onednn_bn_relu_fwd cannot run: FCN_ONEDNN=0"):
+        onednn.bn_relu(x, jnp.ones(2), jnp.zeros(2), 1e-5)
+
+
+@pytest.mark.skipif(not CPU, reason="oneDNN's convolutions are XLA:CPU custom calls")
+def test_direct_calls_first_thing_in_a_process_load_the_handlers():
+    # No available() beforehand, as in a notebook that imports fcn.onednn and calls it.
+    code = (
+        "import jax.numpy as jnp, numpy as np; from jax import lax; from fcn import onednn\n"
+        "x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 6, 6, 2), np.float32))\n"
+        "w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 2, 2), np.float32))\n"
+        "y = onednn.conv(x, w, (1, 1), ((1, 1), (1, 1)))\n"
+        "ref = lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))\n"
+        "np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)\n"
+        "print('ok', onednn.bn_relu(x, jnp.ones(2), jnp.zeros(2), 1e-5)[0].shape)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ok (1, 6, 6, 2)" in done.stdout
 
 
 def test_config_asking_for_onednn_where_it_is_off_is_refused(fresh, monkeypatch):
