@@ -185,24 +185,21 @@ def _build(root: Path) -> Path:
         raise _Unavailable(f"cannot build the oneDNN convolutions in {out.parent}: {e}") from e
     os.close(fd)
     _remove_stale(out.parent)
+    objs = [f"{tmp.removesuffix('.tmp')}.{src.stem}.o.tmp" for src in SOURCES]  # beside it, removed alike
     try:
-        try:
-            objects = tempfile.TemporaryDirectory(prefix="fcn-onednn-")  # the object files, in $TMPDIR
-        except OSError as e:
-            raise _Unavailable(f"cannot build the oneDNN convolutions: no temporary folder: {e}") from e
-        with objects:
-            _compile(shlex.split(cxx), root, lib, Path(objects.name), tmp)  # $CXX may carry a wrapper or flags
+        _compile(shlex.split(cxx), root, lib, objs, tmp)  # $CXX may carry a wrapper or flags ("ccache g++")
         os.replace(tmp, out)  # atomic: another process sees the whole library or none
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for f in (tmp, *objs):
+            if os.path.exists(f):
+                os.unlink(f)
     return out
 
 
-def _compile(compiler: list[str], root: Path, lib: Path, objects: Path, out: str) -> None:
-    """Compile SOURCES side by side into `objects`, then link them with oneDNN into `out`."""
+def _compile(compiler: list[str], root: Path, lib: Path, objs: list[str], out: str) -> None:
+    """Compile SOURCES side by side into `objs`, one compiler process each, then link them with oneDNN
+    into `out`."""
     flags = ["-O2", "-std=c++17", "-fPIC", "-I", jax.ffi.include_dir(), "-I", str(root / "include")]
-    objs = [str(objects / (src.stem + ".o")) for src in SOURCES]
     steps = [([*compiler, *flags, "-c", str(src), "-o", obj], src.name) for src, obj in zip(SOURCES, objs)]
     logger.info("compiling the oneDNN convolutions (once): %s", "; ".join(" ".join(c) for c, _ in steps))
     try:
