@@ -18,12 +18,13 @@ with the same config: about a point of run-to-run variation. On a slower 2-core
 Xeon (2026-11-23, with the augmentation rewritten in fewer operations): 58.3 again,
 pixel accuracy 88.8%, in 21 min 2 s.
 
-On a CPU with bfloat16 instructions (AVX-512 BF16 or AMX), `--config.model.dtype=bfloat16`
-trains 1.7-2.7x as fast (its training steps; the whole 500-step command below 1.6-2x). On a
-2-core Xeon with AMX (2026-11-23), `--config.num_steps=500` took 125 s for the whole command
-against 247 s in float32. It reached val mean IoU 41.7 against 41.1, pixel accuracy 85.3% against
-84.3% (docs/benchmarks.md, the twenty-seventh session). On a 2-core AMD EPYC with AVX-512 BF16 but no AMX (2026-11-23), 228 s against 367 s: val mean IoU 42.6
-against 41.8, pixel accuracy 85.6% against 86.0% (the twenty-eighth session).
+On a CPU with bfloat16 instructions (AVX-512 BF16 or AMX), `--config.model.dtype=bfloat16` trains
+1.7-2.7x as fast (its training steps; the whole 500-step command below 1.6-2x). On a 2-core Xeon
+with AMX (2026-11-23), `--config.num_steps=500` took 125 s for the whole command against 247 s in
+float32. It reached val mean IoU 41.7 against 41.1, pixel accuracy 85.3% against 84.3%
+(docs/benchmarks.md, the twenty-seventh session). On a 2-core AMD EPYC with AVX-512 BF16 but no AMX
+(2026-11-23), 228 s against 367 s: val mean IoU 42.6 against 41.8, pixel accuracy 85.6% against
+86.0% (the twenty-eighth session).
 Without those instructions bfloat16 is slower than float32, and train.py warns.
 
 Export: `python -m fcn.export --workdir runs/camvid_cpu --out exported/camvid --size 360,480`.
