@@ -1,6 +1,8 @@
 """Reading images and masks: modes, validation, and errors that name the file."""
 
 import logging
+import struct
+import zlib
 
 import ml_collections
 import numpy as np
@@ -144,6 +146,31 @@ def test_grayscale_mask_saved_as_rgb_is_accepted(tmp_path):
     values = np.array([[0, 1], [2, 1]], np.uint8)
     path = save(tmp_path / "g.png", np.repeat(values[..., None], 3, -1))
     np.testing.assert_array_equal(read_mask(path, num_classes=3), values)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_low_bit_depth_grayscale_png_masks_are_raw_values(tmp_path, bits):
+    # PIL scales 2- and 4-bit grayscale samples to 0..255 (brightness); a mask's sample is its class id.
+    values = np.arange(2**bits, dtype=np.uint8).reshape(2, -1)
+    path = save(tmp_path / "m.png", values, bits=bits)
+    np.testing.assert_array_equal(read_mask(path, num_classes=2**bits), values)
+
+
+def test_16_bit_colour_mask_is_refused_not_truncated(tmp_path):
+    # PIL keeps only the high byte of 16-bit RGB samples: class ids 0..2 would all read as 0.
+    values = np.array([[0, 1], [2, 1]], ">u2")
+    rows = b"".join(b"\0" + np.repeat(values[y, :, None], 3, -1).tobytes() for y in range(2))
+    ihdr = struct.pack(">IIBBBBB", 2, 2, 16, 2, 0, 0, 0)  # 16-bit RGB
+    path = tmp_path / "rgb16.png"
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(rows)) + _chunk(b"IEND", b"")
+    )
+    with pytest.raises(DataError, match=r"rgb16\.png: 16-bit colour mask"):
+        read_mask(path, num_classes=3)
+
+
+def _chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def test_16_bit_mask_maps_through_value_map(tmp_path):

@@ -10,9 +10,11 @@ Policies, decided once here for every file-based source:
 - No EXIF rotation is applied: masks are stored in raw pixel order, and rotating
   only the image would misalign the pair.
 - Masks: 'L' and 'P' PNGs are raw values (for 'P', the palette index is the
-  value, as in PASCAL VOC); '1' gives 0/1; 16-bit masks are read as integers
+  value, as in PASCAL VOC; for 2- and 4-bit grayscale, the stored sample, not
+  PIL's 0..255 brightness); '1' gives 0/1; 16-bit masks are read as integers
   and must map into range. An RGB mask needs `color_map` unless all its
-  channels are equal (a grayscale mask saved as RGB).
+  channels are equal (a grayscale mask saved as RGB). 16-bit colour masks are
+  refused (PIL keeps only their high byte).
 - `value_map` (raw value -> class id) is applied first; unmapped values keep
   their value; every resulting value must be a class id or the ignore label.
 """
@@ -30,10 +32,18 @@ from fcn.data.base import IGNORE_LABEL, DataError
 
 PathLike = str | Path
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+# Grayscale samples of 2 and 4 bits, which PIL scales to 0..255: the factor that undoes it.
+_LOW_BIT_GRAY = {"L;2": 85, "L;4": 17}
 
 
 def _open_loaded(path: PathLike) -> Image.Image:
     """Opens and fully decodes an image, turning every failure into a DataError."""
+    return _decode(path)[0]
+
+
+def _decode(path: PathLike) -> tuple[Image.Image, str]:
+    """`_open_loaded`, with how the file stores its samples (PIL's raw mode, e.g. 'L;4'), which
+    decoding forgets."""
     path = Path(path)
     try:
         # Read first, decode second: an I/O failure (permissions, a vanished
@@ -45,6 +55,7 @@ def _open_loaded(path: PathLike) -> Image.Image:
         raise DataError(f"{path}: empty file (0 bytes)")
     try:
         img = Image.open(io.BytesIO(data))
+        rawmode = img.tile[0][3] if img.tile else ""
         img.load()  # decode every byte now, so truncation is caught here
     except Image.UnidentifiedImageError as e:
         raise DataError(f"{path}: not an image format PIL can read") from e
@@ -52,7 +63,8 @@ def _open_loaded(path: PathLike) -> Image.Image:
         raise DataError(f"{path}: image too large to decode safely ({e})") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DataError(f"{path}: corrupt or truncated image ({e})") from e
-    return img
+    rawmode = rawmode[0] if isinstance(rawmode, tuple) and rawmode else rawmode  # TIFF: (rawmode, ...)
+    return img, rawmode if isinstance(rawmode, str) else ""
 
 
 def read_size(path: PathLike) -> tuple[int, int]:
@@ -108,8 +120,15 @@ def pil_rgb(img: Image.Image, name: str) -> np.ndarray:
     return as_rgb(np.asarray(img), name)
 
 
-def _mask_values(img: Image.Image, path: PathLike, color_map: np.ndarray | None) -> np.ndarray:
+def _mask_values(img: Image.Image, rawmode: str, path: PathLike, color_map: np.ndarray | None) -> np.ndarray:
     """Raw per-pixel integer values of a decoded mask, before any value_map."""
+    if ";16" in rawmode and img.mode in ("RGB", "RGBA"):
+        raise DataError(
+            f"{path}: 16-bit colour mask; PIL reads only the high byte of each sample, which would change "
+            "its values: save it as 8-bit RGB, or as a grayscale or palette PNG of class ids"
+        )
+    if img.mode == "L" and rawmode in _LOW_BIT_GRAY:
+        return np.asarray(img) // _LOW_BIT_GRAY[rawmode]
     if img.mode in ("L", "P"):
         return np.asarray(img)
     if img.mode == "1":
@@ -272,8 +291,9 @@ def read_mask(
 ) -> np.ndarray:
     """Reads a label mask file as uint8 [H, W] class ids (or the ignore label)."""
     colors = None if color_map is None else normalize_color_map(color_map, num_classes)
-    with _open_loaded(path) as img:
-        raw = _mask_values(img, path, colors)
+    img, rawmode = _decode(path)
+    with img:
+        raw = _mask_values(img, rawmode, path, colors)
     if raw.ndim != 2:
         raise DataError(f"{path}: mask has shape {raw.shape}, expected [H, W]")
     return map_labels(
