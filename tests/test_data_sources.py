@@ -207,6 +207,20 @@ def test_folder_colour_masks(tmp_path):
     np.testing.assert_array_equal(source.palette[1], (255, 0, 0))
 
 
+def test_folder_colour_masks_with_a_void_colour(tmp_path):
+    root = make_folder(tmp_path, n=2)
+    mask = np.zeros((6, 8, 3), np.uint8)
+    mask[:, 4:], mask[0, 0] = (255, 0, 0), (224, 224, 192)  # the last: void, to ignore
+    save(root / "masks" / "im00.png", mask)
+    colors = ((0, 0, 0), (255, 0, 0), (224, 224, 192))
+    with pytest.raises(DataError, match=r"""value_map does not map 2.*value_map='\{"2": 255\}'"""):
+        folder(root, val_fraction=0.0, color_map=colors)
+    source = folder(root, val_fraction=0.0, color_map=colors, value_map={"2": 255})
+    label = source.load("train").labels[0]
+    assert label[0, 0] == 255 and (label[:, 4:] == 1).all() and (label[1:, :4] == 0).all()
+    assert source.palette.tolist() == [[0, 0, 0], [255, 0, 0]]  # one colour per class
+
+
 @pytest.mark.parametrize(
     ("damage", "match"),
     [

@@ -14,6 +14,7 @@ from fcn.data.images import (
     DataError,
     check_labels_config,
     map_labels,
+    normalize_color_map,
     normalize_value_map,
     read_image,
     read_mask,
@@ -171,6 +172,31 @@ def test_16_bit_colour_mask_is_refused_not_truncated(tmp_path):
 
 def _chunk(kind, data):
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def test_palette_mask_with_color_map_is_read_by_colour(tmp_path):
+    # A colour mask saved as a palette PNG (as PNG optimisers do) has palette indices in any order.
+    colors = ((0, 0, 0), (128, 0, 0), (0, 0, 255))
+    classes = np.array([[0, 1, 2], [2, 1, 0]], np.uint8)
+    pal = Image.fromarray(2 - classes, mode="P")  # palette index 2 - k holds class k's colour
+    pal.putpalette([c for k in (2, 1, 0) for c in colors[k]])
+    pal.save(tmp_path / "p.png")
+    np.testing.assert_array_equal(read_mask(tmp_path / "p.png", num_classes=3, color_map=colors), classes)
+
+
+def test_color_map_colours_past_the_classes_are_mapped_by_value_map(tmp_path):
+    mask = np.zeros((2, 3, 3), np.uint8)
+    mask[0, 0], mask[1, 2] = (128, 0, 0), (224, 224, 192)  # class 1, and a void colour
+    path = save(tmp_path / "c.png", mask)
+    with pytest.raises(DataError, match=r"c\.png: 1 pixels have colours not in data.color_map, e.g. \(224, 224, 192\)"):
+        read_mask(path, num_classes=2, color_map=((0, 0, 0), (128, 0, 0)))
+    colors = ((0, 0, 0), (128, 0, 0), (224, 224, 192))
+    out = read_mask(path, num_classes=2, color_map=colors, value_map={"2": 255})
+    np.testing.assert_array_equal(out, [[1, 0, 0], [0, 0, 255]])
+    with pytest.raises(DataError, match=r"data.color_map has 3 colours for 2 classes.*value_map does not map 2"):
+        check_labels_config(2, 255, {}, normalize_color_map(colors, 2))
+    with pytest.raises(DataError, match=r"data.color_map has 1 colours but there are 2 classes"):
+        normalize_color_map(colors[:1], 2)
 
 
 def test_16_bit_mask_maps_through_value_map(tmp_path):

@@ -152,7 +152,7 @@ def folder_source(data_config) -> Source:
     ignore = int(data_config.ignore_label)
     value_map = images.normalize_value_map(data_config.value_map)
     color_map = images.normalize_color_map(data_config.color_map, len(class_names))
-    images.check_labels_config(len(class_names), ignore, value_map)
+    images.check_labels_config(len(class_names), ignore, value_map, color_map)
     splits = find_splits(root, float(data_config.val_fraction))
 
     def examples(split: str) -> Examples:
@@ -174,7 +174,7 @@ def folder_source(data_config) -> Source:
             desc=f"folder {split}",
         )
 
-    palette = default_palette(len(class_names)) if color_map is None else color_map
+    palette = default_palette(len(class_names)) if color_map is None else color_map[: len(class_names)]
     return Source(
         name=f"folder {root}",
         class_names=class_names,
@@ -203,12 +203,13 @@ def pair_examples(
     """
     pairs = [(Path(i), Path(m)) for i, m in pairs]
     value_map = images.normalize_value_map(value_map)
-    images.check_labels_config(num_classes, ignore_label, value_map)
+    color_map = images.normalize_color_map(color_map, num_classes)
+    images.check_labels_config(num_classes, ignore_label, value_map, color_map)
     kwargs = {
         "num_classes": num_classes,
         "ignore_label": ignore_label,
         "value_map": value_map,
-        "color_map": images.normalize_color_map(color_map, num_classes),
+        "color_map": color_map,
         "max_size": max_size,
     }
 

@@ -15,6 +15,10 @@ Policies, decided once here for every file-based source:
   and must map into range. An RGB mask needs `color_map` unless all its
   channels are equal (a grayscale mask saved as RGB). 16-bit colour masks are
   refused (PIL keeps only their high byte).
+- With `color_map`, RGB and palette ('P') masks are read by colour (a colour
+  mask saved as a palette PNG, as PNG optimisers do, has its indices in any
+  order): colour i of the list gives value i. Colours past the class count
+  (void, borders) give values K, K+1, ... that `value_map` must map.
 - `value_map` (raw value -> class id) is applied first; unmapped values keep
   their value; every resulting value must be a class id or the ignore label.
 """
@@ -120,13 +124,15 @@ def pil_rgb(img: Image.Image, name: str) -> np.ndarray:
     return as_rgb(np.asarray(img), name)
 
 
-def _mask_values(img: Image.Image, rawmode: str, path: PathLike, color_map: np.ndarray | None) -> np.ndarray:
-    """Raw per-pixel integer values of a decoded mask, before any value_map."""
+def _mask_values(img: Image.Image, rawmode: str, path: PathLike, color_map: np.ndarray | None, ignore: int):
+    """Raw per-pixel integer values of a decoded mask, before any value_map; `ignore`: the ignore label."""
     if ";16" in rawmode and img.mode in ("RGB", "RGBA"):
         raise DataError(
             f"{path}: 16-bit colour mask; PIL reads only the high byte of each sample, which would change "
             "its values: save it as 8-bit RGB, or as a grayscale or palette PNG of class ids"
         )
+    if color_map is not None and img.mode in ("P", "PA", "RGB", "RGBA"):
+        return _colors_to_ids(np.asarray(img.convert("RGB")), path, color_map, ignore)
     if img.mode == "L" and rawmode in _LOW_BIT_GRAY:
         return np.asarray(img) // _LOW_BIT_GRAY[rawmode]
     if img.mode in ("L", "P"):
@@ -140,8 +146,6 @@ def _mask_values(img: Image.Image, rawmode: str, path: PathLike, color_map: np.n
     if img.mode not in ("RGB", "RGBA"):
         raise DataError(f"{path}: mask has mode {img.mode}; expected 8-bit 'L', 'P' or RGB")
     rgb = np.asarray(img)[..., :3]
-    if color_map is not None:
-        return _colors_to_ids(rgb, path, color_map)
     if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all():
         return rgb[..., 0]  # a grayscale mask saved as RGB
     colors, counts = np.unique(rgb.reshape(-1, 3), axis=0, return_counts=True)
@@ -154,19 +158,23 @@ def _mask_values(img: Image.Image, rawmode: str, path: PathLike, color_map: np.n
     )
 
 
-def _colors_to_ids(rgb: np.ndarray, path: PathLike, color_map: np.ndarray) -> np.ndarray:
-    """Maps each pixel's colour to the index of that colour in color_map."""
+def _colors_to_ids(rgb: np.ndarray, path: PathLike, color_map: np.ndarray, ignore: int) -> np.ndarray:
+    """Maps each pixel's colour to the index of that colour in color_map (values K, K+1, ... past
+    the class count, for value_map to map)."""
     codes = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
     known = (color_map[:, 0] << 16) | (color_map[:, 1] << 8) | color_map[:, 2]
     order = np.argsort(known)
     pos = np.clip(np.searchsorted(known[order], codes), 0, len(known) - 1)
     found = known[order][pos] == codes
     if not found.all():
-        bad = np.unique(codes[~found])[:5]
+        bad = [int(c) for c in np.unique(codes[~found])[:5]]
         listed = ", ".join(str(((c >> 16) & 255, (c >> 8) & 255, c & 255)) for c in bad)
+        n = len(color_map)
         raise DataError(
             f"{path}: {int((~found).sum())} pixels have colours not in data.color_map, "
-            f"e.g. {listed}; add them to data.color_map"
+            f"e.g. {listed}; add them to data.color_map after the class colours: the first one added "
+            f"is read as value {n}, for data.value_map to map, e.g. to the ignore label: "
+            f"""--config.data.value_map='{{"{n}": {ignore}}}'"""
         )
     return order[pos].astype(np.uint8)
 
@@ -188,7 +196,8 @@ def normalize_value_map(value_map: Mapping | None) -> dict[int, int]:
 
 
 def normalize_color_map(color_map: Sequence | None, num_classes: int) -> np.ndarray | None:
-    """Checks data.color_map (one [r, g, b] per class id) and returns it as int32 [K, 3]."""
+    """Checks data.color_map (one [r, g, b] per class id, in order, then any colours that value_map
+    maps) and returns it as int32 [N, 3]."""
     if color_map is None or len(color_map) == 0:
         return None
     try:
@@ -197,18 +206,20 @@ def normalize_color_map(color_map: Sequence | None, num_classes: int) -> np.ndar
         raise DataError(f"data.color_map={color_map!r}: expected one (r, g, b) per class") from None
     if colors.ndim != 2 or colors.shape[1] != 3 or colors.min() < 0 or colors.max() > 255:
         raise DataError(f"data.color_map={color_map!r}: expected (r, g, b) triples in 0..255")
-    if len(colors) != num_classes:
+    if not num_classes <= len(colors) <= 256:
         raise DataError(
             f"data.color_map has {len(colors)} colours but there are {num_classes} classes; "
-            "give one colour per class, in class-id order"
+            "give one colour per class, in class-id order (then at most the colours that make 256)"
         )
     if len(np.unique(colors, axis=0)) != len(colors):
         raise DataError(f"data.color_map={color_map!r}: the same colour is given twice")
     return colors.astype(np.int32)
 
 
-def check_labels_config(num_classes: int, ignore_label: int, value_map: Mapping[int, int]) -> None:
-    """Fails early on a class count, ignore label or value_map that cannot work."""
+def check_labels_config(
+    num_classes: int, ignore_label: int, value_map: Mapping[int, int], color_map: np.ndarray | None = None
+) -> None:
+    """Fails early on a class count, ignore label, value_map or color_map (normalized) that cannot work."""
     if not 1 <= num_classes <= 255:
         raise DataError(f"{num_classes} classes: expected between 1 and 255")
     if not 0 <= ignore_label <= 255 or ignore_label < num_classes:
@@ -222,6 +233,14 @@ def check_labels_config(num_classes: int, ignore_label: int, value_map: Mapping[
                 f"data.value_map maps {raw} to {target}, which is neither a class id "
                 f"(0..{num_classes - 1}) nor the ignore label {ignore_label}"
             )
+    extra = [] if color_map is None else [i for i in range(num_classes, len(color_map)) if i not in value_map]
+    if extra:
+        raise DataError(
+            f"data.color_map has {len(color_map)} colours for {num_classes} classes, but data.value_map "
+            f"does not map {', '.join(map(str, extra))}: colours past the classes are read as their position "
+            f"""in the list; map each, e.g. to the ignore label: --config.data.value_map='{{"{extra[0]}": """
+            f"""{ignore_label}}}'"""
+        )
 
 
 def _apply_value_map(raw: np.ndarray, value_map: Mapping[int, int]) -> np.ndarray:
@@ -293,7 +312,7 @@ def read_mask(
     colors = None if color_map is None else normalize_color_map(color_map, num_classes)
     img, rawmode = _decode(path)
     with img:
-        raw = _mask_values(img, rawmode, path, colors)
+        raw = _mask_values(img, rawmode, path, colors, ignore_label)
     if raw.ndim != 2:
         raise DataError(f"{path}: mask has shape {raw.shape}, expected [H, W]")
     return map_labels(
