@@ -270,6 +270,26 @@ def test_folder_layout_errors(tmp_path):
         get_source(config("folder", path=str(root)))
 
 
+def test_unpaired_stem_names_its_file_of_a_format_not_read(tmp_path):
+    root = make_folder(tmp_path, n=3)
+    (root / "masks" / "im01.png").unlink()
+    save(root / "masks" / "im01.jpg", np.zeros((6, 8), np.uint8))  # JPEG: lossy, not read as a mask
+    with pytest.raises(
+        DataError, match=r"no mask of the same stem .*: im01 \(im01\.jpg: not read as mask files, which end in \.png"
+    ):
+        folder(root)
+
+
+def test_size_mismatch_of_an_exif_rotated_image_says_no_rotation_is_applied(tmp_path):
+    root = make_folder(tmp_path, n=2)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees: 8x6 on screen, 6x8 stored
+    save(root / "images" / "im01.png", rgb(1), exif=exif)
+    save(root / "masks" / "im01.png", np.zeros((8, 6), np.uint8))  # drawn on the rotated view
+    with pytest.raises(DataError, match=r"im01\.png is 6x8 .* is 8x6.*EXIF orientation 6.*not applied"):
+        folder(root, val_fraction=0.0).load("train")
+
+
 # Multi-channel arrays only as uint8: PIL cannot build other multi-channel images.
 _PIXELS = st.one_of(
     st.tuples(st.just("uint8"), st.sampled_from([1, 2, 3, 4])),

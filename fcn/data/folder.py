@@ -76,12 +76,16 @@ def pair_by_stem(
     A file of either folder without a partner is an error that names both folders and the stems."""
     image_files = _files_by_stem(image_dir, image_suffixes, nouns[0], expected=expected)
     mask_files = _files_by_stem(mask_dir, mask_suffixes, nouns[1], expected=expected)
-    sides = [(image_dir, image_files, nouns[0]), (mask_dir, mask_files, nouns[1])]
-    for (a_dir, a, a_noun), (b_dir, b, b_noun) in (sides, sides[::-1]):
+    sides = [(image_dir, image_files, nouns[0], image_suffixes), (mask_dir, mask_files, nouns[1], mask_suffixes)]
+    for (a_dir, a, a_noun, _), (b_dir, b, b_noun, b_suffixes) in (sides, sides[::-1]):
         alone = sorted(a.keys() - b.keys())
         if alone:
+            # Files of those stems in a format not read (a JPEG mask) are named: the user sees them there.
+            unread = sorted(p.name for p in b_dir.iterdir() if p.stem in set(alone) and not p.name.startswith("."))
+            hint = f" ({_shown(unread)}: not read as {b_noun} files, which end in {', '.join(b_suffixes)})"
             raise DataError(
                 f"{a_dir}: {len(alone)} {a_noun}(s) with no {b_noun} of the same stem in {b_dir}: {_shown(alone)}"
+                + (hint if unread else "")
             )
     return [(image_files[s], mask_files[s]) for s in sorted(image_files)]
 

@@ -359,7 +359,22 @@ def rescale_pair(image: np.ndarray, label: np.ndarray, scale: float) -> tuple[np
 def _check_same_size(image_path: PathLike, image_hw, mask_path: PathLike, mask_hw) -> None:
     if tuple(image_hw) != tuple(mask_hw):
         (ih, iw), (mh, mw) = image_hw, mask_hw
-        raise DataError(f"size mismatch: image {image_path} is {ih}x{iw} (HxW) but mask {mask_path} is {mh}x{mw}")
+        hint, turn = "", _exif_orientation(image_path) if (ih, iw) == (mw, mh) else 1
+        if turn in (5, 6, 7, 8):  # a mask drawn on the image as a viewer shows it, turned a quarter
+            hint = (
+                f"; the image has EXIF orientation {turn} (shown turned 90 degrees), which fcn has not applied: "
+                "it reads pixels as stored, so the mask must be in the image's stored orientation"
+            )
+        raise DataError(f"size mismatch: image {image_path} is {ih}x{iw} (HxW) but mask {mask_path} is {mh}x{mw}{hint}")
+
+
+def _exif_orientation(path: PathLike) -> int:
+    """The EXIF orientation tag of an image file (1, upright, when it has none or cannot be read)."""
+    try:
+        with Image.open(path) as img:
+            return int(img.getexif().get(0x0112, 1))
+    except (OSError, ValueError, SyntaxError, EOFError, TypeError):
+        return 1
 
 
 def read_pair(
