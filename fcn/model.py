@@ -267,10 +267,12 @@ class UNet(nnx.Module):
         hs, ws = (h, w) if prescaled else scaled_size(h, w, self.input_scale)
         if (hs, ws) != (h, w):
             x_BHWC = resize.linear(x_BHWC.astype(jnp.float32), (hs, ws), antialias=True)
+        # Padded as images, before they are centred: padding up front in the same mode (evaluation,
+        # fcn.inference, fcn.export) then gives the same input, "constant" (black) included.
+        x_BHWC = pad_to_multiple(x_BHWC.astype(jnp.float32), 2**self.depth, self.pad_mode)
         mean = jnp.asarray(_MEAN[: x_BHWC.shape[-1]], jnp.float32)
         std = jnp.asarray(_STD[: x_BHWC.shape[-1]], jnp.float32)
-        x_BHWC = ((x_BHWC.astype(jnp.float32) - mean) / std).astype(self.dtype)
-        x_BHWC = pad_to_multiple(x_BHWC, 2**self.depth, self.pad_mode)
+        x_BHWC = ((x_BHWC - mean) / std).astype(self.dtype)
 
         skips = []
         for block in self.down:

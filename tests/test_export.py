@@ -139,3 +139,17 @@ def test_the_command_runs_without_python_warning_about_its_module():
     done = subprocess.run([sys.executable, "-m", "fcn.export", "--help"], capture_output=True, text=True, check=True)
     assert "usage: python -m fcn.export" in done.stdout
     assert "RuntimeWarning" not in done.stderr, done.stderr
+
+
+def test_constant_padding_exports_the_model_own_logits(tmp_path):
+    """The export pads images before the model as the model pads them: zeros are black, not the mean."""
+    from fcn.export import export_model
+    from fcn.model import UNet
+
+    model = UNet(num_classes=3, features=4, depth=2, pad_mode="constant", rngs=nnx.Rngs(0))
+    model.eval()
+    export_model(model, tmp_path, {"class_names": ("a", "b", "c")}, saved_model=False)
+    x = np.random.default_rng(6).random((2, 9, 11, 3), np.float32)
+    graphdef, state = nnx.split(model)
+    expected = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x))
+    np.testing.assert_allclose(load_exported(tmp_path).logits(x), expected, atol=1e-5)

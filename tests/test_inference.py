@@ -199,6 +199,19 @@ def test_group_norm_falls_back_to_exact_per_size_buckets():
     np.testing.assert_allclose(seg.predict_proba(image), reference_proba(seg, image), atol=1e-5)
 
 
+@pytest.mark.parametrize("pad_mode", ["constant", "edge"])
+def test_padding_up_front_as_the_model_pads_gives_its_prediction(pad_mode):
+    """The model pads images (not centred values): uint8 padding in its mode, as evaluation batches
+    do, and the predictor's canvas give the unpadded image's probabilities, "constant" (black) included."""
+    model = UNet(3, features=4, depth=2, pad_mode=pad_mode, rngs=nnx.Rngs(0))
+    model.eval()
+    seg = Segmenter(model, bucket=32)
+    image = random_image(9, 11)
+    np.testing.assert_allclose(seg.predict_proba(image), reference_proba(seg, image), atol=1e-5)
+    padded = np.pad(image, ((0, 3), (0, 1), (0, 0)), mode=pad_mode)  # to 12 x 12, as eval_batches pads
+    np.testing.assert_allclose(reference_proba(seg, padded)[:9, :11], reference_proba(seg, image), atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "bad, words",
     [
