@@ -185,6 +185,27 @@ def _export_tf(fn, out: Path, platforms, saved_model: bool, tflite_size, size) -
     return written
 
 
+def _images01(x: np.ndarray) -> np.ndarray:
+    """float32 images in [0, 1] from uint8, other integers in 0..255, or floats in [0, 1]; as
+    fcn.inference reads arrays, others refused (a float image in 0..255 is not guessed)."""
+    if x.ndim not in (3, 4) or x.shape[-1] != 3 or 0 in x.shape:
+        raise ValueError(f"images of shape {x.shape}: expected [H, W, 3] or [B, H, W, 3], H, W >= 1")
+    if x.dtype.kind in "iu":
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(f"images of dtype {x.dtype} with values in {lo}..{hi}: integer images must be 0..255")
+        return x.astype(np.float32) / 255.0
+    if x.dtype.kind == "f":
+        x = x.astype(np.float32)
+        lo, hi = float(x.min()), float(x.max())
+        if not (np.isfinite(lo) and np.isfinite(hi) and 0.0 <= lo and hi <= 1.0):
+            raise ValueError(
+                f"images with float values in [{lo:g}, {hi:g}]: float images must be in [0, 1] (divide 0..255 by 255)"
+            )
+        return x
+    raise ValueError(f"images of dtype {x.dtype}: expected uint8, integers in 0..255, or floats in [0, 1]")
+
+
 class ExportedModel:
     """An exported artifact with its class names: needs jax and numpy, not the model code."""
 
@@ -204,11 +225,9 @@ class ExportedModel:
         self.size = tuple(meta["size"]) if meta.get("size") else None  # (H, W) when exported for one size
 
     def logits(self, images) -> np.ndarray:
-        """float32 logits [B, H, W, K] (or [H, W, K]) of uint8 or [0, 1] float images [B, H, W, 3] (or [H, W, 3])."""
-        x = np.asarray(images)
-        x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
-        if x.ndim not in (3, 4) or x.shape[-1] != 3 or 0 in x.shape:
-            raise ValueError(f"images of shape {x.shape}: expected [H, W, 3] or [B, H, W, 3], H, W >= 1")
+        """float32 logits [B, H, W, K] (or [H, W, K]) of images [B, H, W, 3] (or [H, W, 3]): uint8 (or other
+        integers in 0..255) or floats in [0, 1]; anything else raises ValueError."""
+        x = _images01(np.asarray(images))
         if self.size is not None and tuple(x.shape[-3:-1]) != self.size:
             h, w = self.size
             raise ValueError(
@@ -255,6 +274,12 @@ def main(argv=None) -> int:
         print("error: --tflite_size needs tensorflow (pip install tensorflow-cpu)", file=sys.stderr)
         return 1
 
+    out = Path(args.out)
+    blocker = next((p for p in (out, *out.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        print(f"error: --out {out}: {blocker} is a file, not a directory", file=sys.stderr)
+        return 1
+
     from fcn.checkpoint import CheckpointError
     from fcn.inference import load
 
@@ -268,10 +293,13 @@ def main(argv=None) -> int:
     platforms = tuple(p for p in args.platforms.split(",") if p) or None
     try:
         written = export_model(
-            seg.model, args.out, info, platforms=platforms, saved_model=saved_model, tflite_size=tflite_size, size=size
+            seg.model, out, info, platforms=platforms, saved_model=saved_model, tflite_size=tflite_size, size=size
         )
     except ValueError as e:  # a model that cannot be exported as asked: say why (no artifact is written)
         print(f"error: {args.workdir}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: cannot write the export to {out}: {e}", file=sys.stderr)
         return 1
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

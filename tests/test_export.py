@@ -1,6 +1,7 @@
 """`python -m fcn.export`: artifacts that reload without the model code and agree with the JAX model."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -139,6 +140,32 @@ def test_the_command_runs_without_python_warning_about_its_module():
     done = subprocess.run([sys.executable, "-m", "fcn.export", "--help"], capture_output=True, text=True, check=True)
     assert "usage: python -m fcn.export" in done.stdout
     assert "RuntimeWarning" not in done.stderr, done.stderr
+
+
+def test_exported_model_reads_arrays_as_the_predictor_does(workdir, tmp_path):
+    """uint8, other integers in 0..255, or floats in [0, 1]: a float or int64 image in 0..255 was read
+    as it stood (floats) or not divided by 255 (integers), and predicted wrongly without a word."""
+    out = tmp_path / "exported"
+    assert main(["--workdir", workdir, "--out", str(out), "--no_saved_model"]) == 0
+    exported = load_exported(out)
+    image = np.random.default_rng(5).integers(0, 256, (13, 17, 3), dtype=np.uint8)
+    expected = exported.logits(image)
+    np.testing.assert_array_equal(exported.logits(image.astype(np.int64)), expected)
+    np.testing.assert_allclose(exported.logits(image / 255.0), expected, atol=1e-5)
+    for bad, words in [
+        (image.astype(np.float32), "float values in [0, 255]"),
+        (image.astype(np.int16) + 256, "int16 with values in 256..511"),
+        (image > 0, "dtype bool"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            exported.predict(bad)
+
+
+def test_an_out_that_is_a_file_is_an_error(workdir, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a folder")
+    assert main(["--workdir", workdir, "--out", str(tmp_path / "notes.txt"), "--no_saved_model"]) == 1
+    assert f"--out {tmp_path / 'notes.txt'}: {tmp_path / 'notes.txt'} is a file" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "not a folder"
 
 
 def test_constant_padding_exports_the_model_own_logits(tmp_path):
