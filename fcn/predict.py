@@ -182,13 +182,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlap", type=int, default=128, help="overlap between tiles (px)")
     parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the colours in the overlay")
     args = parser.parse_args(argv)
+    if not 0 <= args.alpha <= 1:
+        parser.error(f"--alpha={args.alpha:g}: expected an opacity between 0 and 1")
 
     out = Path(args.out)
     files, errors = expand_inputs(args.images, out)
     for msg in errors:
         print(f"error: {msg}", file=sys.stderr)
-    if out.exists() and not out.is_dir():
-        print(f"error: --out {out} is a file, not a directory", file=sys.stderr)
+    blocker = next((p for p in (out, *out.parents) if p.exists()), None)  # what --out would be made in
+    if blocker is not None and not blocker.is_dir():
+        print(f"error: --out {out}: {blocker} is a file, not a directory", file=sys.stderr)
         return 1
     if not files:
         print("error: no images to predict", file=sys.stderr)
@@ -205,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         print(f"error: cannot load {args.workdir}: {e}", file=sys.stderr)
         return 1
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: cannot make --out {out}: {e}", file=sys.stderr)
+        return 1
     failed = predict_files(segmenter, files, out, alpha=args.alpha)
     print(
         f"wrote class maps and overlays of {len(files) - len(failed)} of {len(files)} images to {out}", file=sys.stderr

@@ -40,6 +40,8 @@ def overlay(
     ignore_label: int | None = None,
 ) -> np.ndarray:
     """The image blended with the colourised class map; `ignore_label` pixels keep the image."""
+    if not 0 <= alpha <= 1:  # outside, the blend leaves 0..255 and wraps around in uint8
+        raise ValueError(f"alpha={alpha}: expected an opacity between 0 and 1")
     image = _rgb(image_HWC).astype(np.float32)
     colours = colorize(classes_HW, palette_K3).astype(np.float32)
     out = image * (1 - alpha) + colours * alpha

@@ -128,3 +128,16 @@ def test_files_in_batches_with_failures_among_them(workdir, tmp_path):
         if name != "f05.png":
             classes = np.asarray(Image.open(out / name.replace(".png", "_classes.png")))
             np.testing.assert_array_equal(classes, seg.predict(image), err_msg=name)
+
+
+def test_bad_out_or_alpha_fail_in_words_before_loading_the_model(tmp_path, capsys):
+    _write(tmp_path / "x.png", 8, 8)
+    (tmp_path / "notes.txt").write_text("a file where --out would need a folder")
+    no_run = str(tmp_path / "no_run")  # never loaded: the arguments fail first
+    out = tmp_path / "notes.txt" / "out"
+    assert main(["--workdir", no_run, "--out", str(out), str(tmp_path / "x.png")]) == 1
+    assert f"--out {out}: {tmp_path / 'notes.txt'} is a file, not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # an opacity past 1 wrapped the overlay's colours around
+        main(["--workdir", no_run, "--out", str(tmp_path / "o"), "--alpha", "1.5", str(tmp_path / "x.png")])
+    assert info.value.code == 2 and "--alpha=1.5: expected an opacity between 0 and 1" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "x.png"]
