@@ -182,6 +182,16 @@ def _misfit(manager: ocp.CheckpointManager, step: int, target) -> str:
     return problems[0] + (f" (and {len(problems) - 1} more differences)" if len(problems) > 1 else "")
 
 
+def _root_cause(e: BaseException, limit: int = 300) -> str:
+    """The first line of the innermost exception of a chain, without tensorstore's JSON spec: what
+    went wrong, where orbax wraps it in errors that print pages of that spec."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    lines = str(e).splitlines()
+    text = (lines[0] if lines else type(e).__name__).split(" [tensorstore_spec")[0].rstrip(". ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class Checkpoints:
     """The latest few training states and the best one by eval mean IoU."""
 
@@ -269,10 +279,11 @@ class Checkpoints:
             )
         try:
             return manager.restore(step, args=ocp.args.StandardRestore(target))
-        except ValueError as e:  # orbax: the tree structures or shapes do not match
+        except Exception as e:  # noqa: BLE001 - orbax raises plain Exception for an unreadable array
             raise CheckpointError(
-                f"checkpoint {step} in {manager.directory} does not fit this config: {str(e).splitlines()[0]} "
-                "Was it written with other model or optimizer settings?"
+                f"cannot read checkpoint {step} in {manager.directory}: {_root_cause(e)}. Its files are "
+                "incomplete or corrupt (a partial copy?), or it was written with other model or optimizer "
+                "settings; restore the folder from a copy, or use another checkpoint"
             ) from e
 
     def close(self) -> None:

@@ -1,6 +1,7 @@
 """`python -m fcn.predict`: class-map and overlay PNGs per input, bad inputs named and skipped."""
 
 import hashlib
+import shutil
 
 import numpy as np
 import pytest
@@ -141,3 +142,22 @@ def test_bad_out_or_alpha_fail_in_words_before_loading_the_model(tmp_path, capsy
         main(["--workdir", no_run, "--out", str(tmp_path / "o"), "--alpha", "1.5", str(tmp_path / "x.png")])
     assert info.value.code == 2 and "--alpha=1.5: expected an opacity between 0 and 1" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "x.png"]
+
+
+def test_a_corrupt_checkpoint_is_one_error_naming_it(workdir, tmp_path, capsys):
+    """Array files cut short (a partial copy): an error line that names the checkpoint, no traceback."""
+    from fcn.checkpoint import CheckpointError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(workdir, broken)
+    data = list(broken.glob("best/*/default/ocdbt.process_0/d/*"))
+    assert data, "orbax's layout changed: cut other files short"
+    for f in data:
+        f.write_bytes(f.read_bytes()[:20])
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint \d+ in .*best: .*incomplete or corrupt"):
+        load(broken)
+    _write(tmp_path / "x.png", 8, 8)
+    assert main(["--workdir", str(broken), "--out", str(tmp_path / "o"), str(tmp_path / "x.png")]) == 1
+    err = capsys.readouterr().err
+    assert f"error: cannot load {broken}: cannot read checkpoint" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
