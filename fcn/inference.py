@@ -324,6 +324,8 @@ def load(path: str | Path, *, which: str = "best", **options) -> Segmenter:
     """
     from fcn import checkpoint, state as state_lib
 
+    if which not in ("best", "latest"):  # anything else would read the latest
+        raise ValueError(f"which={which!r}: expected 'best' or 'latest'")
     path, step = Path(path), None
     kind = path.parent.name
     if kind in ("checkpoints", "best") and path.name.isdigit():  # one checkpoint
