@@ -39,6 +39,18 @@ def retain_memory() -> bool:
     return os.environ.get("FCN_RETAIN_MEMORY", "1") != "0" and retain_freed_memory()
 
 
+def out_dir_error(out) -> str | None:
+    """Why `--out` cannot become a folder (a file at it or above it, in words), or None: checked before a
+    command loads its model."""
+    from pathlib import Path
+
+    out = Path(out)
+    blocker = next((p for p in (out, *out.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        return f"--out {out}: {blocker} is a file, not a directory"
+    return None
+
+
 def _without_traceback(record: logging.LogRecord) -> bool:
     record.exc_info = record.exc_text = None
     return True

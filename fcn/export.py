@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fcn import ops
+from fcn.cli import out_dir_error
 
 ARTIFACT, METADATA, SAVED_MODEL, TFLITE = "model.jax", "model.json", "saved_model", "model.tflite"
 PAD_MODES = ("reflect", "symmetric", "edge", "wrap", "constant")
@@ -185,27 +186,6 @@ def _export_tf(fn, out: Path, platforms, saved_model: bool, tflite_size, size) -
     return written
 
 
-def _images01(x: np.ndarray) -> np.ndarray:
-    """float32 images in [0, 1] from uint8, other integers in 0..255, or floats in [0, 1]; as
-    fcn.inference reads arrays, others refused (a float image in 0..255 is not guessed)."""
-    if x.ndim not in (3, 4) or x.shape[-1] != 3 or 0 in x.shape:
-        raise ValueError(f"images of shape {x.shape}: expected [H, W, 3] or [B, H, W, 3], H, W >= 1")
-    if x.dtype.kind in "iu":
-        lo, hi = int(x.min()), int(x.max())
-        if lo < 0 or hi > 255:
-            raise ValueError(f"images of dtype {x.dtype} with values in {lo}..{hi}: integer images must be 0..255")
-        return x.astype(np.float32) / 255.0
-    if x.dtype.kind == "f":
-        x = x.astype(np.float32)
-        lo, hi = float(x.min()), float(x.max())
-        if not (np.isfinite(lo) and np.isfinite(hi) and 0.0 <= lo and hi <= 1.0):
-            raise ValueError(
-                f"images with float values in [{lo:g}, {hi:g}]: float images must be in [0, 1] (divide 0..255 by 255)"
-            )
-        return x
-    raise ValueError(f"images of dtype {x.dtype}: expected uint8, integers in 0..255, or floats in [0, 1]")
-
-
 class ExportedModel:
     """An exported artifact with its class names: needs jax and numpy, not the model code."""
 
@@ -225,17 +205,20 @@ class ExportedModel:
         self.size = tuple(meta["size"]) if meta.get("size") else None  # (H, W) when exported for one size
 
     def logits(self, images) -> np.ndarray:
-        """float32 logits [B, H, W, K] (or [H, W, K]) of images [B, H, W, 3] (or [H, W, 3]): uint8 (or other
-        integers in 0..255) or floats in [0, 1]; anything else raises ValueError."""
-        x = _images01(np.asarray(images))
-        if self.size is not None and tuple(x.shape[-3:-1]) != self.size:
+        """float32 logits [B, H, W, K] (or [H, W, K]) of a batch of images of one size (or one image),
+        read as `fcn.load(...).predict` reads them: paths, PIL images, or arrays of uint8, integers in
+        0..255 or floats in [0, 1]; anything else raises ValueError (DataError) naming it."""
+        from fcn.inference import float_batch
+
+        x_BHWC, single = float_batch(images)
+        if self.size is not None and tuple(x_BHWC.shape[1:3]) != self.size:
             h, w = self.size
             raise ValueError(
-                f"images of size {x.shape[-3]}x{x.shape[-2]}: this model was exported for {h}x{w} images "
+                f"images of size {x_BHWC.shape[1]}x{x_BHWC.shape[2]}: this model was exported for {h}x{w} images "
                 f"only (python -m fcn.export --size {h},{w}); resize them, or export again with --size"
             )
-        out = np.asarray(self.exported.call(x[None] if x.ndim == 3 else x))
-        return out[0] if x.ndim == 3 else out
+        out = np.asarray(self.exported.call(x_BHWC))
+        return out[0] if single else out
 
     def predict(self, images) -> np.ndarray:
         """uint8 class map(s) [(B,) H, W]."""
@@ -275,9 +258,8 @@ def main(argv=None) -> int:
         return 1
 
     out = Path(args.out)
-    blocker = next((p for p in (out, *out.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        print(f"error: --out {out}: {blocker} is a file, not a directory", file=sys.stderr)
+    if problem := out_dir_error(out):
+        print(f"error: {problem}", file=sys.stderr)
         return 1
 
     from fcn.checkpoint import CheckpointError

@@ -114,6 +114,17 @@ def _to01(image_HWC: np.ndarray) -> np.ndarray:
     return image_HWC
 
 
+def float_batch(images) -> tuple[np.ndarray, bool]:
+    """Images read as the predictor reads them (see module doc), as float32 [B, H, W, 3] in [0, 1],
+    and whether a single image was given. A batch's images must share one size."""
+    items, mode = _as_batch(images)
+    x = [_to01(read_input(im, "image" if mode == "single" else f"images[{i}]")) for i, im in enumerate(items)]
+    if len({im.shape for im in x}) > 1:
+        sizes = sorted({f"{im.shape[0]}x{im.shape[1]}" for im in x})
+        raise DataError(f"a batch of images of sizes {', '.join(sizes)}: one call takes images of one size")
+    return np.stack(x), mode == "single"
+
+
 def _resize(x_HWC: np.ndarray, h: int, w: int) -> np.ndarray:
     """Bilinear resize of float32 channels, one PIL 'F' image each."""
     bilinear = Image.Resampling.BILINEAR

@@ -18,6 +18,8 @@ import os
 import sys
 from pathlib import Path
 
+from fcn.cli import out_dir_error
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 _PROGRESS_MIN_FILES = 2  # a bar for a single file is noise
 
@@ -189,9 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     files, errors = expand_inputs(args.images, out)
     for msg in errors:
         print(f"error: {msg}", file=sys.stderr)
-    blocker = next((p for p in (out, *out.parents) if p.exists()), None)  # what --out would be made in
-    if blocker is not None and not blocker.is_dir():
-        print(f"error: --out {out}: {blocker} is a file, not a directory", file=sys.stderr)
+    if problem := out_dir_error(out):
+        print(f"error: {problem}", file=sys.stderr)
         return 1
     if not files:
         print("error: no images to predict", file=sys.stderr)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 from test_inference import train_tiny
 
 from fcn.export import load_exported, main, pad_to_multiple
@@ -152,10 +153,14 @@ def test_exported_model_reads_arrays_as_the_predictor_does(workdir, tmp_path):
     expected = exported.logits(image)
     np.testing.assert_array_equal(exported.logits(image.astype(np.int64)), expected)
     np.testing.assert_allclose(exported.logits(image / 255.0), expected, atol=1e-5)
+    Image.fromarray(image).save(tmp_path / "image.png")
+    np.testing.assert_array_equal(exported.logits(tmp_path / "image.png"), expected)  # a path, as fcn.load's
+    np.testing.assert_array_equal(exported.logits([image, image])[1], expected)  # a list is a batch
     for bad, words in [
         (image.astype(np.float32), "float values in [0, 255]"),
-        (image.astype(np.int16) + 256, "int16 with values in 256..511"),
+        (image.astype(np.int16) + 256, "int16 values in 256..511"),
         (image > 0, "dtype bool"),
+        ([image, image[:5]], "images of sizes 13x17, 5x17: one call takes images of one size"),
     ]:
         with pytest.raises(ValueError, match=re.escape(words)):
             exported.predict(bad)
