@@ -17,7 +17,7 @@ import logging
 import ml_collections
 
 from fcn.head_loss import FUSED_HEAD
-from fcn.model import HEADS, UPSAMPLES
+from fcn.model import HEADS, PAD_MODES, UPSAMPLES
 from fcn.norm import NORMS
 
 
@@ -36,7 +36,7 @@ def default_config() -> ml_collections.ConfigDict:
     d.class_names = ()  # folder: one name per class, in class-id order
     d.value_map = ml_collections.ConfigDict()  # folder: raw mask value -> class id, e.g. {"255": 1}
     d.color_map = ()  # folder: RGB colour per class id, for colour-coded masks; then extra colours value_map maps
-    d.ignore_label = 255  # label value that adds nothing to loss or metrics
+    d.ignore_label = 255  # label value that adds nothing to loss or metrics: above every class id, at most 255
     d.val_fraction = 0.1  # folder without a val/ folder: share of images held out
     d.skip_bad = False  # True: skip unreadable files with a warning and a count
     d.tfds_name = "oxford_iiit_pet"  # tfds: dataset name
@@ -104,7 +104,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_hflip = False  # test-time augmentation: average logits with the flipped image
     c.log_every = 25  # steps between metrics.jsonl lines (0 = only at checkpoints and the end)
     c.checkpoint_every = 250  # steps between checkpoints (0 = only at evaluations and the end)
-    c.keep_checkpoints = 3  # latest checkpoints kept (the best one is kept apart)
+    c.keep_checkpoints = 3  # latest checkpoints kept, at least 1 (the best one is kept apart)
     return c
 
 
@@ -138,6 +138,7 @@ def validate(config) -> None:
     _choice(config, "model.upsample", UPSAMPLES)
     _choice(config, "model.head", HEADS)
     _choice(config, "model.dtype", ("float32", "bfloat16"))
+    _choice(config, "model.pad_mode", PAD_MODES)
     _check_conv_impl(config)
     _choice(config, "optimizer.name", ("adamw", "sgd"))
     _choice(config, "optimizer.schedule", ("cosine", "constant"))
@@ -145,10 +146,16 @@ def validate(config) -> None:
     _choice(config, "loss.fused_head", FUSED_HEAD)
     _choice(config, "data.storage", ("auto", "memory", "stream"))
     _positive("data.max_memory_gb", config.data.max_memory_gb)
-    for name, least in (("decode_workers", 1), ("prefetch", 0)):
-        value = config.data[name]
+    for name, least in (("data.decode_workers", 1), ("data.prefetch", 0), ("keep_checkpoints", 1)):
+        value = config[name.split(".")[0]][name.split(".")[1]] if "." in name else config[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ConfigError(f"config.data.{name}={value!r} must be an integer of at least {least}")
+            # keep_checkpoints: with none kept, a run could neither resume nor be evaluated at its last step
+            raise ConfigError(f"config.{name}={value!r} must be an integer of at least {least}")
+    ignore = config.data.ignore_label
+    if isinstance(ignore, bool) or not isinstance(ignore, int) or not 0 <= ignore <= 255:
+        raise ConfigError(
+            f"config.data.ignore_label={ignore!r} must be an integer in 0..255 (labels are 8-bit) above every class id"
+        )
     for name in ("optimizer.learning_rate", "batch_size", "eval_batch_size", "num_steps", "model.features"):
         _positive(name, config[name.split(".")[0]][name.split(".")[1]] if "." in name else config[name])
     for name in (
@@ -209,12 +216,25 @@ def _check_conv_impl(config) -> None:
     )
 
 
-def validate_against_data(config, num_classes: int, train_sizes) -> None:
-    """Checks that need the loaded training data: class count, batch and crop sizes."""
-    if num_classes < 2:
+def validate_against_source(config, source) -> None:
+    """Checks that need the data source but none of its files: class count, ignore label, training split."""
+    k = source.num_classes
+    if k < 2:
+        raise ConfigError(f"the data has {k} class(es); segmentation needs at least 2 (config.data.class_names)")
+    if config.data.ignore_label < k:
         raise ConfigError(
-            f"the data has {num_classes} class(es); segmentation needs at least 2 (config.data.class_names)"
+            f"config.data.ignore_label={config.data.ignore_label} is a class id: {source.name} has {k} classes "
+            f"(0..{k - 1}), and that one's pixels would count nowhere; use {k}..255 (255 by default)"
         )
+    if config.data.train_split not in source.splits:
+        raise ConfigError(
+            f"config.data.train_split={config.data.train_split!r}: {source.name} offers no such split; "
+            f"it offers {', '.join(source.splits) or 'none'}"
+        )
+
+
+def validate_against_data(config, num_classes: int, train_sizes) -> None:
+    """Checks that need the loaded training data: batch and crop sizes (validate_against_source came first)."""
     n = len(train_sizes)
     if config.batch_size > n:
         raise ConfigError(

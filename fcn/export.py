@@ -44,9 +44,9 @@ import numpy as np
 
 from fcn import ops
 from fcn.cli import out_dir_error
+from fcn.model import PAD_MODES
 
 ARTIFACT, METADATA, SAVED_MODEL, TFLITE = "model.jax", "model.json", "saved_model", "model.tflite"
-PAD_MODES = ("reflect", "symmetric", "edge", "wrap", "constant")
 
 
 def _pad_index(n, n_pad: int, mode: str):

@@ -25,6 +25,8 @@ from fcn.norm import Norm, conv_bias_relu
 
 HEADS = ("linear", "stacked", "mlp")
 UPSAMPLES = ("transpose", "resize")
+# config.model.pad_mode: the jnp.pad modes a model may use (fcn.export reproduces each for symbolic sizes).
+PAD_MODES = ("reflect", "symmetric", "edge", "wrap", "constant")
 
 # Per-channel statistics of natural RGB images in [0, 1] (ImageNet), used to
 # centre the input; the network then needs no per-dataset preprocessing.

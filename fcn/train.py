@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fcn import checkpoint, host_memory, losses, sharding, state as state_lib
-from fcn.config import ConfigError, validate, validate_against_data
+from fcn.config import ConfigError, validate, validate_against_data, validate_against_source
 from fcn.data import get_source, pipeline
 from fcn.evaluate import evaluate_split, format_report, report
 from fcn.traced import enable_compilation_cache
@@ -214,6 +214,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
     workdir = Path(workdir)
 
     source = get_source(config.data)
+    validate_against_source(config, source)
     train_data = pipeline.training_data(source, config)  # decoded in memory, or streamed (config.data.storage)
     validate_against_data(config, source.num_classes, train_data.sizes_N2.tolist())
     eval_data = source.load(config.data.eval_split) if config.data.eval_split in source.splits else None

@@ -28,6 +28,11 @@ CASES = {
     "negative learning rate": (["--config.optimizer.learning_rate=-1e-3"], ["config.optimizer.learning_rate=-0.001"]),
     "unknown choice": (["--config.data.source=camvidd"], ["config.data.source='camvidd'", "camvid, folder"]),
     "unknown conv_impl": (["--config.model.conv_impl=fast"], ["config.model.conv_impl='fast'", "gemm, onednn, auto"]),
+    "unknown pad mode": (["--config.model.pad_mode=mirror"], ["config.model.pad_mode='mirror'", "reflect"]),
+    "no checkpoint kept": (["--config.keep_checkpoints=0"], ["config.keep_checkpoints=0", "at least 1"]),
+    "negative ignore label": (["--config.data.ignore_label=-1"], ["config.data.ignore_label=-1", "0..255"]),
+    "ignore label a class id": (["--config.data.ignore_label=2"], ["config.data.ignore_label=2", "4..255"]),
+    "unknown train split": (["--config.data.train_split=trian"], ["config.data.train_split='trian'", "train, val"]),
     "crop larger than images": (
         ["--config.augment.crop_size=(64,64)"],
         ["config.augment.crop_size=(64, 64)", "30 x 40"],
