@@ -241,6 +241,11 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
     metrics_log = None
     try:
         start = ckpts.latest_step() or 0
+        if start > config.num_steps:  # before config.json is written: the workdir stays as it is
+            raise ConfigError(
+                f"config.num_steps={config.num_steps} is below step {start}, the latest checkpoint's in {workdir}: "
+                f"nothing to train. Use --config.num_steps={start + 1} or more to train on, or a new --workdir"
+            )
         if start:
             state = ckpts.restore(state, sharding=sharding.replicated(mesh))  # each process reads its shards
             log.info("resuming %s from step %d", workdir, start)

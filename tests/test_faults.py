@@ -271,6 +271,19 @@ def test_resuming_with_another_model_names_the_fields_and_changes_nothing(workdi
     assert {p: p.read_bytes() for p in workdir3.rglob("*") if p.is_file()} == before
 
 
+def test_resuming_past_num_steps_is_refused_and_changes_nothing(workdir3, capsys):
+    """A workdir whose latest checkpoint is past config.num_steps has nothing to train: said, not a
+    silent exit 0 that rewrote config.json with the smaller num_steps."""
+    before = {p: p.read_bytes() for p in workdir3.rglob("*") if p.is_file()}
+    config = tiny.get_config()
+    config.num_steps = 2
+    assert run_training(config, str(workdir3)) == 1
+    err = capsys.readouterr().err
+    assert "error: config.num_steps=2 is below step 3, the latest checkpoint's" in err and "Traceback" not in err
+    assert "--config.num_steps=4 or more" in err
+    assert {p: p.read_bytes() for p in workdir3.rglob("*") if p.is_file()} == before
+
+
 def test_a_checkpoint_that_does_not_fit_is_a_checkpoint_error(trained_to_3, monkeypatch):
     """Past that check (evaluate, predict, export restore too), a state of another shape is named, not
     an orbax traceback, and refused from the checkpoint's metadata before any array is read (a restore
