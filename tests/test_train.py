@@ -172,6 +172,33 @@ def test_evaluation_with_batches_in_flight_equals_one_at_a_time():
     assert evaluate.batches_in_flight() == (2 if jax.default_backend() == "cpu" else 1)
 
 
+@pytest.mark.parametrize("model", ["reflect", "input_scale=0.5", "pad_mode=constant"])
+def test_evaluation_predicts_what_the_model_predicts_on_each_image_alone(model):
+    """Batched evaluation pads images of different sizes to a common one; no prediction may change for
+    it. Padding the image as the model pads it works for index modes at input_scale 1 only: a model that
+    resizes its input pads after resizing, and "constant" pads with zeros after normalising, not black."""
+    from fcn import evaluate, sharding
+    from fcn.data.base import Split
+
+    config = tiny.get_config()
+    config.model.depth = 3  # a multiple of 8: 21 x 30 and 19 x 27 share a padded size, 24 x 32
+    if model == "input_scale=0.5":
+        config.model.input_scale = 0.5
+    elif model == "pad_mode=constant":
+        config.model.pad_mode = "constant"
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), np.uint8) for h, w in [(21, 30), (19, 27), (21, 30)]]
+    split = Split(images, [np.zeros(i.shape[:2], np.uint8) for i in images], ["a", "b", "c"])
+    graphs, state, _ = state_lib.create(config, 4)
+    step = jax.jit(state_lib.make_eval_step(graphs, 4, 255))
+    _, kept = evaluate.evaluate_split(step, state, split, config, 4, sharding.make_mesh(), keep_examples=3)
+    model = state_lib.eval_model(graphs, state)
+    assert sorted(image.shape for image, _, _ in kept) == sorted(image.shape for image in images)
+    for image, _, pred in kept:  # (in batch order)
+        alone = np.asarray(jnp.argmax(model(jnp.asarray(image[None]) / 255.0), -1))[0]
+        np.testing.assert_array_equal(pred, alone)
+
+
 def test_cpu_training_starts_a_step_only_after_the_one_before(tmp_path, monkeypatch):
     # XLA:CPU keeps a step's temporaries in host memory until it ends; two steps overlapping hold two
     # sets (fcn.host_memory.one_step_at_a_time). The loop may prepare the next batch, but not dispatch early.
