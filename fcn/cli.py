@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 
@@ -62,11 +63,50 @@ def _define_flags():
 
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.", required=True)
     config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).", lock_config=True)
+    parser = flags.FLAGS["config"].parser
+    parser.parse = functools.partial(_load_config_file, parser.parse)
     flags.mark_flags_as_required(["config"])
     # Multi-process runs (see docs/distributed.md); unset, FCN_* variables or a detected cluster decide.
     flags.DEFINE_string("coordinator", None, "host:port of process 0 of a multi-process run (or FCN_COORDINATOR).")
     flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run (or FCN_NUM_PROCESSES).")
     flags.DEFINE_integer("process_id", None, "This process's index, 0 to num_processes - 1 (or FCN_PROCESS_ID).")
+
+
+def _load_config_file(parse, path: str):
+    """`parse(path)` (ml_collections' loading of --config), with the config file's own mistakes in one line:
+    a missing file, a syntax error, an exception in get_config() (with its line), no get_config(), a
+    get_config() that returns no ConfigDict. absl puts "flag --config=PATH: " before the ValueError's words."""
+    import os
+    import traceback
+
+    from ml_collections import ConfigDict
+
+    file = path.split(":", 1)[0]  # FILE:ARG passes ARG to get_config
+    if not os.path.isfile(file):
+        raise ValueError(
+            f"{'a directory' if os.path.isdir(file) else 'no such file'}; name a config file, e.g. configs/tiny.py"
+        )
+    try:
+        config = parse(path)
+    except Exception as e:  # noqa: BLE001 - the user's code may raise anything: said in one line
+        if str(e).startswith("Error whilst parsing config file") and e.__context__ is not None:
+            e = e.__context__  # ml_collections re-raised it with the traceback in its message
+        if isinstance(e, SyntaxError):
+            raise ValueError(f"{e.filename}, line {e.lineno}: SyntaxError: {e.msg}") from None
+        lines = [
+            f.lineno
+            for f in traceback.extract_tb(e.__traceback__)
+            if os.path.abspath(f.filename) == os.path.abspath(file)
+        ]
+        if isinstance(e, AttributeError) and "get_config" in str(e) and not lines:
+            raise ValueError("the file defines no get_config() function returning a ConfigDict") from None
+        raise ValueError(f"{f'line {lines[-1]}: ' if lines else ''}{type(e).__name__}: {e}") from None
+    if not isinstance(config, ConfigDict) and type(config).__name__ != "_ErrorConfig":  # (an OSError, said later)
+        raise ValueError(
+            f"get_config() returned {type(config).__name__}, not a ConfigDict: start from "
+            "fcn.config.default_config(), as configs/*.py do"
+        )
+    return config
 
 
 def train_main(argv=None) -> None:
@@ -93,7 +133,7 @@ def train_main(argv=None) -> None:
         try:
             config = flags.FLAGS.config
             config.keys()  # the config file is loaded lazily: surface its errors here
-        except OSError as e:  # a missing file, or an exception inside the config file
+        except OSError as e:  # an unreadable config file (its other mistakes are flag errors: _load_config_file)
             print(f"error: {e}", file=sys.stderr)
             return 2
         return run_training(config, flags.FLAGS.workdir)

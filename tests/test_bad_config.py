@@ -40,6 +40,16 @@ CASES = {
     "batch larger than dataset": (["--config.batch_size=32"], ["config.batch_size=32", "16 training examples"]),
     "one class": ([*FOLDER[:2], '--config.data.class_names=("only",)'], ["data.class_names=('only',)", "at least 2"]),
     "corrupt image": (FOLDER, ["{data}/images/im03.png: not an image"]),
+    # A config file of CONFIG_FILES in place of configs/tiny.py
+    "no config file": (["--config={configs}/nowhere.py"], ["--config={configs}/nowhere.py: no such file"]),
+    "config syntax error": (["--config={configs}/syntax.py"], ["{configs}/syntax.py, line 1: SyntaxError"]),
+    "config raises": (["--config={configs}/raises.py"], ["raises.py: line 2: RuntimeError: no GPU here"]),
+    "no get_config": (["--config={configs}/no_get_config.py"], ["no_get_config.py: the file defines no get_config()"]),
+}
+CONFIG_FILES = {
+    "syntax.py": "def get_config(:\n",
+    "raises.py": "def get_config():\n    raise RuntimeError('no GPU here')\n",
+    "no_get_config.py": "CONFIG = None\n",
 }
 
 
@@ -65,26 +75,30 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("bad_config")
     data = make_folder(base / "data")
     before = snapshot(data)
+    (base / "configs").mkdir()
+    for name, text in CONFIG_FILES.items():
+        (base / "configs" / name).write_text(text)
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
     def run(case: str):
         workdir = base / case.replace(" ", "_")
-        overrides = [o.format(data=data) for o in CASES[case][0]]
-        cmd = [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(workdir), *overrides]
+        overrides = [o.format(data=data, configs=base / "configs") for o in CASES[case][0]]
+        config = overrides.pop(0) if overrides[0].startswith("--config=") else "--config=configs/tiny.py"
+        cmd = [sys.executable, "train.py", config, "--workdir", str(workdir), *overrides]
         return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300), workdir
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = dict(zip(CASES, pool.map(run, CASES)))
-    return results, data, before, snapshot(data)
+    return results, data, before, snapshot(data), base / "configs"
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_clear_line_and_writes_nothing(runs, case):
-    results, data, before, after = runs
+    results, data, before, after, configs = runs
     done, workdir = results[case]
     assert done.returncode != 0
     for needle in CASES[case][1]:
-        assert needle.format(data=data) in done.stderr, done.stderr
+        assert needle.format(data=data, configs=configs) in done.stderr, done.stderr
     lines = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert not workdir.exists()  # no checkpoint, no config.json, no empty folder
