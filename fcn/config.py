@@ -131,8 +131,28 @@ def _positive(name: str, value, *, strict: bool = True) -> None:
         raise ConfigError(f"config.{name}={value!r} must be a {'positive' if strict else 'non-negative'} number")
 
 
+def _check_fields(config) -> None:
+    """The fields of default_config(), no more, no fewer: a config file's misspelt field would do nothing."""
+    default = default_config()
+    for section in (None, *(k for k, v in default.items() if isinstance(v, ml_collections.ConfigDict))):
+        have, want = (config, default) if section is None else (config[section], default[section])
+        name = "config" if section is None else f"config.{section}"
+        if not isinstance(have, ml_collections.ConfigDict):
+            raise ConfigError(f"{name}={have!r} must be a ConfigDict, as in fcn.config.default_config()")
+        unknown, missing = sorted(set(have) - set(want)), sorted(set(want) - set(have))
+        if unknown:
+            raise ConfigError(
+                f"{name}.{unknown[0]} is not a config field{suggest(unknown[0], want)}; fcn/config.py lists them all"
+            )
+        if missing:
+            raise ConfigError(
+                f"{name}.{missing[0]} is missing: a config file's get_config() starts from fcn.config.default_config()"
+            )
+
+
 def validate(config) -> None:
     """Check types and ranges that do not need the data."""
+    _check_fields(config)
     _choice(config, "data.source", ("camvid", "folder", "tfds", "synthetic"))
     _choice(config, "model.norm", NORMS)
     _choice(config, "model.upsample", UPSAMPLES)

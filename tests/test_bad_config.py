@@ -45,11 +45,17 @@ CASES = {
     "config syntax error": (["--config={configs}/syntax.py"], ["{configs}/syntax.py, line 1: SyntaxError"]),
     "config raises": (["--config={configs}/raises.py"], ["raises.py: line 2: RuntimeError: no GPU here"]),
     "no get_config": (["--config={configs}/no_get_config.py"], ["no_get_config.py: the file defines no get_config()"]),
+    "misspelt field in a config file": (
+        ["--config={configs}/misspelt.py"],
+        ["config.optimizer.learning_rat is not a config field (did you mean learning_rate?)"],
+    ),
 }
 CONFIG_FILES = {
     "syntax.py": "def get_config(:\n",
     "raises.py": "def get_config():\n    raise RuntimeError('no GPU here')\n",
     "no_get_config.py": "CONFIG = None\n",
+    "misspelt.py": "from configs import tiny\n\ndef get_config():\n    c = tiny.get_config()\n"
+    "    c.optimizer.learning_rat = 1e-2\n    return c\n",
 }
 
 
