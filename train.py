@@ -1,4 +1,4 @@
-"""Train a U-Net FCN from a config file.
+r"""Train a U-Net FCN from a config file.
 
     python train.py --config configs/camvid_cpu.py --workdir runs/camvid_cpu \
         [--config.optimizer.learning_rate=1e-3 ...]

@@ -70,6 +70,9 @@ def _define_flags():
     flags.DEFINE_string("coordinator", None, "host:port of process 0 of a multi-process run (or FCN_COORDINATOR).")
     flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run (or FCN_NUM_PROCESSES).")
     flags.DEFINE_integer("process_id", None, "This process's index, 0 to num_processes - 1 (or FCN_PROCESS_ID).")
+    # --help lists the main module's key flags only: without this, none of these (they are fcn.cli's).
+    for name in ("config", "workdir", "coordinator", "num_processes", "process_id"):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
 
 
 def _load_config_file(parse, path: str):

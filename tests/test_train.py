@@ -149,6 +149,13 @@ def test_unknown_config_key_is_named_with_suggestion(tmp_path):
     assert "num_stepz" in out.stderr and "num_steps" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_help_lists_the_flags():
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    for flag in ("--config:", "--workdir:", "--coordinator:", "--num_processes:", "--process_id:"):
+        assert flag in out.stdout, out.stdout
+    assert "runs/camvid_cpu \\\n        [--config.optimizer.learning_rate" in out.stdout  # the usage, as typed
+
+
 def test_evaluation_with_batches_in_flight_equals_one_at_a_time():
     """On CPU, evaluate_split runs two batches at once (fcn.evaluate.batches_in_flight); the confusion
     matrix and the kept examples must be those of one batch at a time, in the same order."""
