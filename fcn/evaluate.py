@@ -40,12 +40,11 @@ def evaluate_split(
     rows = sharding.process_slice(config.eval_batch_size)
     acc = metrics.ConfusionAccumulator(num_classes)
     kept = []
-    # Images whose sizes round up to the same multiple of 2**depth are padded to it and batched together:
-    # the network pads them so itself, so no prediction changes. Not where it resizes its input first
-    # (input_scale < 1: it pads after resizing), nor where it pads with zeros after normalising its input
-    # ("constant", not black pixels): there an image is batched only with images of its own size.
-    same = config.model.input_scale == 1 and config.model.pad_mode != "constant"
-    multiple = 2**config.model.depth if same else 1
+    # Images whose sizes round up to the same multiple of 2**depth are padded to it, in the model's pad mode,
+    # and batched together: the network pads them so itself, so no prediction changes. Not where it resizes
+    # its input first (input_scale < 1: it pads after resizing): there an image is batched only with images
+    # of its own size.
+    multiple = 2**config.model.depth if config.model.input_scale == 1 else 1
     batches = pipeline.eval_batches(
         split, config.eval_batch_size, multiple, config.data.ignore_label, config.model.pad_mode
     )

@@ -182,8 +182,8 @@ def test_evaluation_with_batches_in_flight_equals_one_at_a_time():
 @pytest.mark.parametrize("model", ["reflect", "input_scale=0.5", "pad_mode=constant"])
 def test_evaluation_predicts_what_the_model_predicts_on_each_image_alone(model):
     """Batched evaluation pads images of different sizes to a common one; no prediction may change for
-    it. Padding the image as the model pads it works for index modes at input_scale 1 only: a model that
-    resizes its input pads after resizing, and "constant" pads with zeros after normalising, not black."""
+    it. Padding the image as the model pads it works at input_scale 1, in every pad mode ("constant":
+    black, as the model pads before normalising); a model that resizes its input pads after resizing."""
     from fcn import evaluate, sharding
     from fcn.data.base import Split
 
