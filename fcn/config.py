@@ -185,6 +185,7 @@ def validate(config) -> None:
         "loss.dice_weight",
         "model.bottleneck",
         "model.depth",
+        "data.max_size",
     ):
         section, field = name.split(".")
         _positive(name, config[section][field], strict=False)

@@ -26,6 +26,7 @@ CASES = {
     "float for an int": (["--config.model.features=2.5"], ["--config.model.features=2.5"]),
     "zero learning rate": (["--config.optimizer.learning_rate=0"], ["config.optimizer.learning_rate=0.0", "positive"]),
     "negative learning rate": (["--config.optimizer.learning_rate=-1e-3"], ["config.optimizer.learning_rate=-0.001"]),
+    "negative max size": (["--config.data.max_size=-5"], ["config.data.max_size=-5", "non-negative"]),
     "unknown choice": (["--config.data.source=camvidd"], ["config.data.source='camvidd'", "camvid, folder"]),
     "unknown conv_impl": (["--config.model.conv_impl=fast"], ["config.model.conv_impl='fast'", "gemm, onednn, auto"]),
     "unknown pad mode": (["--config.model.pad_mode=mirror"], ["config.model.pad_mode='mirror'", "reflect"]),
