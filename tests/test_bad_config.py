@@ -46,6 +46,10 @@ CASES = {
     "config syntax error": (["--config={configs}/syntax.py"], ["{configs}/syntax.py, line 1: SyntaxError"]),
     "config raises": (["--config={configs}/raises.py"], ["raises.py: line 2: RuntimeError: no GPU here"]),
     "no get_config": (["--config={configs}/no_get_config.py"], ["no_get_config.py: the file defines no get_config()"]),
+    "get_config returns a dict": (
+        ["--config={configs}/dict.py"],
+        ["dict.py: get_config() returned dict, not a ConfigDict"],
+    ),
     "misspelt field in a config file": (
         ["--config={configs}/misspelt.py"],
         ["config.optimizer.learning_rat is not a config field (did you mean learning_rate?)"],
@@ -55,8 +59,21 @@ CONFIG_FILES = {
     "syntax.py": "def get_config(:\n",
     "raises.py": "def get_config():\n    raise RuntimeError('no GPU here')\n",
     "no_get_config.py": "CONFIG = None\n",
+    "dict.py": "def get_config():\n    return {'seed': 0}\n",
     "misspelt.py": "from configs import tiny\n\ndef get_config():\n    c = tiny.get_config()\n"
     "    c.optimizer.learning_rat = 1e-2\n    return c\n",
+}
+# Exit code 2: the command line itself (docs/reliability.md); every other case is a config value or the data: 1.
+COMMAND_LINE = {
+    "unknown nested key",
+    "text for an int",
+    "text for a float",
+    "float for an int",
+    "no config file",
+    "config syntax error",
+    "config raises",
+    "no get_config",
+    "get_config returns a dict",
 }
 
 
@@ -103,7 +120,7 @@ def runs(tmp_path_factory):
 def test_bad_input_is_one_clear_line_and_writes_nothing(runs, case):
     results, data, before, after, configs = runs
     done, workdir = results[case]
-    assert done.returncode != 0
+    assert done.returncode == (2 if case in COMMAND_LINE else 1), done.stderr
     for needle in CASES[case][1]:
         assert needle.format(data=data, configs=configs) in done.stderr, done.stderr
     lines = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
