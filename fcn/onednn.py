@@ -22,8 +22,8 @@ The handlers are compiled at first use with the C++ compiler (`$CXX`, else
 g++) against jaxlib's FFI headers and the oneDNN of the pip packages
 `onednn-cpu-gomp` and `onednn-devel-cpu-gomp` (or `$FCN_ONEDNN_ROOT`, a folder
 with include/ and lib/), and kept in `<cache root>/ext/` (fcn.data.cache:
-$FCN_CACHE_DIR, else ~/.cache/fcn) under a key of the source, jaxlib and
-oneDNN, so later processes only load them (the sources compile side by side, one
+$FCN_CACHE_DIR, else $XDG_CACHE_HOME/fcn, else ~/.cache/fcn) under a key of the
+source, jaxlib and oneDNN, so later processes only load them (the sources compile side by side, one
 compiler process each, then link). Anything missing makes
 `available()` False with the reason in `unavailable_reason()`; nothing is
 half-written (the library is compiled to a temporary name and renamed).
