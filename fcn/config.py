@@ -16,6 +16,7 @@ import logging
 
 import ml_collections
 
+from fcn.data.images import check_labels_config
 from fcn.head_loss import FUSED_HEAD
 from fcn.model import HEADS, PAD_MODES, UPSAMPLES
 from fcn.norm import NORMS
@@ -119,14 +120,13 @@ def suggest(key: str, valid) -> str:
 
 
 def _choice(config, key: str, choices) -> None:
-    value = config
-    for part in key.split("."):
-        value = value[part]
+    value = config[key]  # a ConfigDict reads dotted keys: config["model.head"]
     if value not in choices:
         raise ConfigError(f"config.{key}={value!r} is not valid; expected one of {', '.join(map(str, choices))}")
 
 
-def _positive(name: str, value, *, strict: bool = True) -> None:
+def _positive(config, name: str, *, strict: bool = True) -> None:
+    value = config[name]
     if isinstance(value, bool) or not isinstance(value, int | float) or (value <= 0 if strict else value < 0):
         raise ConfigError(f"config.{name}={value!r} must be a {'positive' if strict else 'non-negative'} number")
 
@@ -165,11 +165,11 @@ def validate(config) -> None:
     _choice(config, "loss.class_weights", ("none", "median_freq", "median_freq_sqrt"))
     _choice(config, "loss.fused_head", FUSED_HEAD)
     _choice(config, "data.storage", ("auto", "memory", "stream"))
-    _positive("data.max_memory_gb", config.data.max_memory_gb)
+    _positive(config, "data.max_memory_gb")
+    # keep_checkpoints: with none kept, a run could neither resume nor be evaluated at its last step
     for name, least in (("data.decode_workers", 1), ("data.prefetch", 0), ("keep_checkpoints", 1)):
-        value = config[name.split(".")[0]][name.split(".")[1]] if "." in name else config[name]
+        value = config[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            # keep_checkpoints: with none kept, a run could neither resume nor be evaluated at its last step
             raise ConfigError(f"config.{name}={value!r} must be an integer of at least {least}")
     ignore = config.data.ignore_label
     if isinstance(ignore, bool) or not isinstance(ignore, int) or not 0 <= ignore <= 255:
@@ -177,7 +177,7 @@ def validate(config) -> None:
             f"config.data.ignore_label={ignore!r} must be an integer in 0..255 (labels are 8-bit) above every class id"
         )
     for name in ("optimizer.learning_rate", "batch_size", "eval_batch_size", "num_steps", "model.features"):
-        _positive(name, config[name.split(".")[0]][name.split(".")[1]] if "." in name else config[name])
+        _positive(config, name)
     for name in (
         "optimizer.warmup_steps",
         "optimizer.weight_decay",
@@ -186,11 +186,11 @@ def validate(config) -> None:
         "model.bottleneck",
         "model.depth",
         "data.max_size",
+        "eval_every",
+        "log_every",
+        "checkpoint_every",
     ):
-        section, field = name.split(".")
-        _positive(name, config[section][field], strict=False)
-    for name in ("eval_every", "log_every", "checkpoint_every"):
-        _positive(name, config[name], strict=False)
+        _positive(config, name, strict=False)
     if not 0 < config.model.input_scale <= 1:
         raise ConfigError(f"config.model.input_scale={config.model.input_scale!r} must be in (0, 1]")
     if not 0 <= config.model.dropout < 1:
@@ -242,11 +242,7 @@ def validate_against_source(config, source) -> None:
     k = source.num_classes
     if k < 2:
         raise ConfigError(f"the data has {k} class(es); segmentation needs at least 2 (config.data.class_names)")
-    if config.data.ignore_label < k:
-        raise ConfigError(
-            f"config.data.ignore_label={config.data.ignore_label} is a class id: {source.name} has {k} classes "
-            f"(0..{k - 1}), and that one's pixels would count nowhere; use {k}..255 (255 by default)"
-        )
+    check_labels_config(k, config.data.ignore_label, {})  # the ignore label is no class id, for every source
     if config.data.train_split not in source.splits:
         raise ConfigError(
             f"config.data.train_split={config.data.train_split!r}: {source.name} offers no such split; "

@@ -114,15 +114,22 @@ def _to01(image_HWC: np.ndarray) -> np.ndarray:
     return image_HWC
 
 
+def _read_batch(images) -> tuple[list[np.ndarray], str]:
+    """Images (see module doc) read as arrays, and how to return results: 'single', 'list' or 'stack'."""
+    batch, kind = _as_batch(images)
+    return [read_input(x, "image" if kind == "single" else f"image {i}") for i, x in enumerate(batch)], kind
+
+
 def float_batch(images) -> tuple[np.ndarray, bool]:
-    """Images read as the predictor reads them (see module doc), as float32 [B, H, W, 3] in [0, 1],
-    and whether a single image was given. A batch's images must share one size."""
-    items, mode = _as_batch(images)
-    x = [_to01(read_input(im, "image" if mode == "single" else f"images[{i}]")) for i, im in enumerate(items)]
-    if len({im.shape for im in x}) > 1:
-        sizes = sorted({f"{im.shape[0]}x{im.shape[1]}" for im in x})
+    """Images read as the predictor reads them, as float32 [B, H, W, 3] in [0, 1], and whether a single
+    image was given (fcn.export's ExportedModel). A batch's images must share one size."""
+    arrays, kind = _read_batch(images)
+    if not arrays:
+        raise DataError("empty batch of images: nothing to predict")
+    if len({a.shape for a in arrays}) > 1:
+        sizes = sorted({f"{a.shape[0]}x{a.shape[1]}" for a in arrays})
         raise DataError(f"a batch of images of sizes {', '.join(sizes)}: one call takes images of one size")
-    return np.stack(x), mode == "single"
+    return np.stack([_to01(a) for a in arrays]), kind == "single"
 
 
 def _resize(x_HWC: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -239,8 +246,7 @@ class Segmenter:
             return model(x_BHWC)
 
     def _apply(self, images, hflip: bool | None, finish: Callable[[np.ndarray], np.ndarray]):
-        batch, kind = _as_batch(images)
-        arrays = [read_input(x, "image" if kind == "single" else f"image {i}") for i, x in enumerate(batch)]
+        arrays, kind = _read_batch(images)
         hflip = self.hflip if hflip is None else hflip
         results = [finish(logits) for logits in self._logits(arrays, hflip)]
         if kind == "single":

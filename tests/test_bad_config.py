@@ -32,7 +32,10 @@ CASES = {
     "unknown pad mode": (["--config.model.pad_mode=mirror"], ["config.model.pad_mode='mirror'", "reflect"]),
     "no checkpoint kept": (["--config.keep_checkpoints=0"], ["config.keep_checkpoints=0", "at least 1"]),
     "negative ignore label": (["--config.data.ignore_label=-1"], ["config.data.ignore_label=-1", "0..255"]),
-    "ignore label a class id": (["--config.data.ignore_label=2"], ["config.data.ignore_label=2", "4..255"]),
+    "ignore label a class id": (
+        ["--config.data.ignore_label=2"],
+        ["data.ignore_label=2 must be in 4..255 (not a class id"],
+    ),
     "unknown train split": (["--config.data.train_split=trian"], ["config.data.train_split='trian'", "train, val"]),
     "crop larger than images": (
         ["--config.augment.crop_size=(64,64)"],
