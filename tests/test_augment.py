@@ -105,3 +105,17 @@ def test_scale_two_is_a_bilinear_upsampling_with_pixel_centres_on_pixel_centres(
     for i in range(2):
         np.testing.assert_allclose(x[i], reference_bilinear(images[i], ys, xs) / 255.0, rtol=0, atol=1e-5)
         np.testing.assert_array_equal(y[i], labels[i][np.arange(12)[:, None] // 2, np.arange(14)[None, :] // 2])
+
+
+def test_a_smaller_example_on_the_canvas_never_blends_in_its_padding():
+    """An example smaller than the canvas (padded with zeros at its bottom and right), upsampled:
+    its last row and column sampled past their centres keep their own values, as at the canvas's
+    own edge, never mixed with the padding's black."""
+    rng = np.random.default_rng(6)
+    images, labels, sizes = batch(rng, b=2, h=10, w=12, sizes=[(5, 6), (10, 12)])
+    images[0, 5:], images[0, :, 6:], labels[0, 5:], labels[0, :, 6:] = 0, 0, 7, 7  # the canvas's padding
+    x, y = run(jax.random.key(0), images, labels, sizes, settings((10, 12), scale=(2.0, 2.0)))
+    ys = np.broadcast_to(((np.arange(10) + 0.5) / 2 - 0.5)[:, None], (10, 12))
+    xs = np.broadcast_to(((np.arange(12) + 0.5) / 2 - 0.5)[None, :], (10, 12))
+    np.testing.assert_allclose(x[0], reference_bilinear(images[0, :5, :6], ys, xs) / 255.0, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(y[0], labels[0][np.arange(10)[:, None] // 2, np.arange(12)[None, :] // 2])

@@ -240,13 +240,15 @@ def _augment_one(u_7, image_HWC, label_HW, size_2, *, crop, scale_range, hflip, 
     jj = jnp.where(flip, cw - 1 - jj, jj)
     # Pixel centres map to pixel centres: src = (dst + 0.5) / s - 0.5.
     y_h1, x_1w = (oy + ii + 0.5) / s - 0.5, (ox + jj + 0.5) / s - 0.5
-    ys, xs = jnp.broadcast_to(y_h1, (ch, cw)), jnp.broadcast_to(x_1w, (ch, cw))
     in_rows, in_cols = (y_h1 > -0.5) & (y_h1 < h - 0.5), (x_1w > -0.5) & (x_1w < w - 0.5)
     inside = in_rows & in_cols
+    # Clamped to the example, not the canvas: its last row and column, sampled past their centres,
+    # must not blend in the padding below and right of a smaller example.
+    ys = jnp.broadcast_to(jnp.clip(y_h1, 0, h - 1), (ch, cw))
+    xs = jnp.broadcast_to(jnp.clip(x_1w, 0, w - 1), (ch, cw))
     x_hwc = _sample_bilinear(image_HWC, ys, xs) / 255.0
     # Labels are only ever resampled with nearest neighbour.
-    yn = jnp.clip(jnp.round(ys), 0, image_HWC.shape[0] - 1).astype(jnp.int32)
-    xn = jnp.clip(jnp.round(xs), 0, image_HWC.shape[1] - 1).astype(jnp.int32)
+    yn, xn = jnp.round(ys).astype(jnp.int32), jnp.round(xs).astype(jnp.int32)
     y_hw = jnp.where(inside, label_HW[yn, xn], ignore_label)
     x_hwc = jnp.where(inside[..., None], x_hwc, 0.0)
 
