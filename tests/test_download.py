@@ -245,6 +245,14 @@ def test_camvid_failed_download_caches_nothing(server, cache, how, bad_member, s
     assert cached_files(cache) == [] and not (cache / "camvid").exists()
 
 
+def test_camvid_url_that_gives_a_web_page_says_so(server, cache):
+    """A server's error or login page sent with status 200, in place of the archive."""
+    server.routes["/master.zip"] = (b"<!DOCTYPE html>\n<html><body>Sign in</body></html>", "ok")
+    with pytest.raises(DataError, match=r"sent a web page \(HTML\), not a zip or tar archive.*data\.url"):
+        get_source(camvid_config(server.url("/master.zip")))
+    assert cached_files(cache) == [] and not (cache / "camvid").exists()
+
+
 def test_camvid_without_network_says_where_it_looked_and_what_to_do(cache):
     with pytest.raises(DataError) as e:
         get_source(camvid_config(closed_port_url()))

@@ -278,7 +278,7 @@ def _extract_to(archive: Path, out: Path, prefix: tuple[str, ...]) -> int:
                 return _extract_all(archive, _tar_members(tf), tf.extractfile, out, prefix)
     except _CORRUPT as e:
         raise DataError(f"{archive}: corrupt or truncated archive ({e})") from e
-    raise DataError(f"{archive}: not a zip or tar archive")
+    raise _not_an_archive(archive)
 
 
 def list_members(archive_path: str | Path) -> list[str]:
@@ -293,4 +293,17 @@ def list_members(archive_path: str | Path) -> list[str]:
                 return tf.getnames()
     except _CORRUPT as e:
         raise DataError(f"{archive}: corrupt or truncated archive ({e})") from e
-    raise DataError(f"{archive}: not a zip or tar archive")
+    raise _not_an_archive(archive)
+
+
+def _not_an_archive(archive: Path) -> DataError:
+    """The error for a file that is neither zip nor tar; says so when it is a web page (a server's
+    error, login or "moved" page sent with status 200 instead of the file)."""
+    with archive.open("rb") as f:
+        head = f.read(1024).lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html")) or b"<html" in head:
+        return DataError(
+            f"{archive}: the server sent a web page (HTML), not a zip or tar archive; "
+            "check that the URL (data.url) points at the archive itself"
+        )
+    return DataError(f"{archive}: not a zip or tar archive")
