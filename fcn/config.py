@@ -36,7 +36,7 @@ def default_config() -> ml_collections.ConfigDict:
     d.eval_split = "val"
     d.class_names = ()  # folder: one name per class, in class-id order
     d.value_map = ml_collections.ConfigDict()  # folder: raw mask value -> class id, e.g. {"255": 1}
-    d.color_map = ()  # folder: RGB colour per class id, for colour-coded masks; then extra colours value_map maps
+    d.color_map = ()  # folder, tfds: RGB colour per class id, for colour-coded masks; then extra colours value_map maps
     d.ignore_label = 255  # label value that adds nothing to loss or metrics: above every class id, at most 255
     d.val_fraction = 0.1  # folder without a val/ folder: share of images held out
     d.skip_bad = False  # True: skip unreadable files with a warning and a count

@@ -243,7 +243,8 @@ def test_tfds_unknown_dataset_needs_class_names():
         get_source(config("tfds", tfds_name="cityscapes"))
 
 
-def test_tfds_oxford_pet_through_mock_data(tmp_path):
+def mock_pets(mask_fn, channels=1):
+    """tfds.testing.mock_data for oxford_iiit_pet: 3 examples, 10-12 x 12, mask i from mask_fn(i, h, w)."""
     tfds = pytest.importorskip("tensorflow_datasets", reason="tensorflow-datasets not installed")
     import tensorflow as tf
 
@@ -254,14 +255,19 @@ def test_tfds_oxford_pet_through_mock_data(tmp_path):
             for i in range(3):
                 ex = {k: np.zeros([d or 1 for d in s.shape], s.np_dtype) for k, s in specs.items()}
                 ex["image"] = rgb(i, 10 + i, 12)
-                ex["segmentation_mask"] = np.random.default_rng(i).integers(1, 4, (10 + i, 12, 1), dtype=np.uint8)
+                ex["segmentation_mask"] = mask_fn(i, 10 + i, 12)
                 ex["file_name"] = f"pet{i}.jpg".encode()
                 yield ex
 
         signature = {k: tf.TensorSpec(s.shape, s.dtype) for k, s in specs.items()}
+        signature["segmentation_mask"] = tf.TensorSpec((None, None, channels), tf.uint8)
         return tf.data.Dataset.from_generator(examples, output_signature=signature)
 
-    with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+    return tfds.testing.mock_data(as_dataset_fn=as_dataset)
+
+
+def test_tfds_oxford_pet_through_mock_data(tmp_path):
+    with mock_pets(lambda i, h, w: np.random.default_rng(i).integers(1, 4, (h, w, 1), dtype=np.uint8)):
         source = get_source(config("tfds", path=str(tmp_path)))
         split = source.load("val")
     assert source.class_names == ("pet", "background", "border")
@@ -272,6 +278,21 @@ def test_tfds_oxford_pet_through_mock_data(tmp_path):
         1,
         2,
     }
+
+
+def test_tfds_colour_coded_masks_read_through_color_map_or_named(tmp_path):
+    """An RGB mask (of a dataset given class_names, so no built-in value map): read through
+    data.color_map as for folders; without one, an error that names the mask's key and
+    data.color_map, not a size mismatch."""
+    colors = np.array([(200, 0, 0), (0, 200, 0), (0, 0, 200)], np.uint8)
+    ids = [np.random.default_rng(i).integers(0, 3, (10 + i, 12), dtype=np.uint8) for i in range(3)]
+    with mock_pets(lambda i, h, w: colors[ids[i]], channels=3):
+        named = config("tfds", path=str(tmp_path), class_names=("r", "g", "b"), color_map=colors.tolist())
+        split = get_source(named).load("val")
+        with pytest.raises(DataError, match=r"pet0.jpg: the mask \(data.tfds_mask_key='segmentation_mask'\) has 3 "):
+            get_source(config("tfds", path=str(tmp_path))).load("val")
+    for got, want in zip(split.labels, ids):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_importing_fcn_data_and_synthetic_loading_do_not_import_tensorflow():

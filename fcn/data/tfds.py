@@ -12,7 +12,8 @@ bytes in memory (features that are not encoded images are held as arrays).
 
 Datasets whose mask values are not already 0..K-1 get an entry in
 `LABEL_MAPS`; any other dataset needs `data.class_names` (and `data.value_map`
-if its mask values need mapping).
+if its mask values need mapping). Colour-coded (RGB) masks need `data.color_map`,
+read as for image/mask folders.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ import numpy as np
 from fcn.data.base import Examples, Source, decode_all, default_palette
 from fcn.data.images import (
     DataError,
+    _colors_to_ids,
     as_rgb,
     check_labels_config,
     fit_max_size,
     fitted_size,
     map_labels,
+    normalize_color_map,
     normalize_value_map,
 )
 
@@ -111,7 +114,7 @@ def _encoded_size(value, name: str) -> tuple[int, int]:
     return h, w
 
 
-def _read_split(data_config, labels: LabelMap, split: str) -> Examples:
+def _read_split(data_config, labels: LabelMap, color_map, split: str) -> Examples:
     """The split's examples, read once with images still encoded, decoded when asked."""
     tfds = _import_tfds()
     import tensorflow as tf
@@ -153,6 +156,13 @@ def _read_split(data_config, labels: LabelMap, split: str) -> Examples:
         raw = decoded(masks[i], mask_key)
         if raw.ndim == 3 and raw.shape[-1] == 1:
             raw = raw[..., 0]
+        elif raw.ndim == 3 and raw.shape[-1] == 3 and color_map is not None:
+            raw = _colors_to_ids(raw, name, color_map, ignore)
+        elif raw.ndim == 3:
+            raise DataError(
+                f"{name}: the mask (data.tfds_mask_key={mask_key!r}) has {raw.shape[-1]} channels, where one of "
+                "class ids is read; colour-coded masks need data.color_map, one (r, g, b) per class id"
+            )
         if raw.shape != image.shape[:2]:
             raise DataError(f"{name}: image is {image.shape[:2]} but mask is {raw.shape}, expected H, W")
         label = map_labels(
@@ -177,7 +187,8 @@ def tfds_source(data_config) -> Source:
     """The TFDS source for a `config.data` ConfigDict (tfds_name, tfds_splits, ...)."""
     labels = label_map(data_config)
     ignore = int(data_config.ignore_label)
-    check_labels_config(len(labels.class_names), ignore, labels.value_map)
+    color_map = normalize_color_map(data_config.color_map, len(labels.class_names))
+    check_labels_config(len(labels.class_names), ignore, labels.value_map, color_map)
     splits = tuple(data_config.tfds_splits.keys())
     if not splits:
         raise DataError("data.tfds_splits is empty: map split names to TFDS splits")
@@ -185,13 +196,15 @@ def tfds_source(data_config) -> Source:
         name=f"tfds {data_config.tfds_name}",
         class_names=labels.class_names,
         splits=splits,
-        examples_fn=lambda split: _read_split(data_config, labels, split),
+        examples_fn=lambda split: _read_split(data_config, labels, color_map, split),
         load_fn=lambda split: decode_all(
-            _read_split(data_config, labels, split),
+            _read_split(data_config, labels, color_map, split),
             workers=int(data_config.decode_workers),
             skip_bad=bool(data_config.skip_bad),
             desc=f"tfds {data_config.tfds_name} {split}",
         ),
-        palette=default_palette(len(labels.class_names)),
+        palette=(
+            default_palette(len(labels.class_names)) if color_map is None else color_map[: len(labels.class_names)]
+        ).astype(np.uint8),
         ignore_label=ignore,
     )
