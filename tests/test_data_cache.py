@@ -89,6 +89,20 @@ def test_decoded_cache_keeps_the_most_recently_used_within_its_limit(tmp_path):
     assert sorted(p.stem for p in tmp_path.glob("*.split")) == ["mid", "new"]
 
 
+def test_entry_over_the_cache_limit_is_not_written(tmp_path, monkeypatch, caplog):
+    """A split larger than FCN_DECODED_CACHE_GB would be trimmed right after being written: every run
+    would write it for nothing and say it was cached. It is not written, and the log says why."""
+    from fcn.data import cache
+
+    monkeypatch.setenv("FCN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("FCN_DECODED_CACHE_GB", str(500 / 2**30))  # 500 bytes; the split holds 3 x 6 x 8 x 4
+    monkeypatch.setattr(cache, "write_atomic", lambda *a: pytest.fail("written although over the limit"))
+    caplog.set_level("INFO", logger="fcn.data.cache")
+    root = make_folder(tmp_path / "data", n=3)
+    assert len(folder(root, val_fraction=0.0).load("train")) == 3
+    assert "not cached: 0 MiB is over FCN_DECODED_CACHE_GB" in caplog.text and "cached in" not in caplog.text
+
+
 @pytest.mark.parametrize("shapes", [[(5, 7), (3, 2), (9, 4)], []])
 def test_decoded_cache_round_trips_mixed_sizes_and_empty_splits(tmp_path, monkeypatch, shapes):
     from fcn.data import cache

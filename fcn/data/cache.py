@@ -18,7 +18,8 @@ every run reports what it skipped. An entry that cannot be read (truncated, fore
 deleted and decoded afresh. Entries are written to a temporary file and
 renamed into place, so a run stopped midway leaves no half entry; the oldest
 are deleted once the folder holds more than $FCN_DECODED_CACHE_GB
-(default 4) GiB. Deleting the folder is always safe.
+(default 4) GiB, and an entry larger than that is not written at all.
+Deleting the folder is always safe.
 """
 
 from __future__ import annotations
@@ -201,8 +202,12 @@ def save_arrays(key: str, arrays, desc: str) -> bool:
             else:
                 np.save(f, a, allow_pickle=False)
 
+    size, limit = sum(sum(np.size(b) for b in a) if isinstance(a, list) else a.nbytes for a in arrays), _limit_bytes()
+    if size > limit:  # written, it would only be trimmed away again: every run would write it for nothing
+        logger.info("%s: not cached: %.0f MiB is over FCN_DECODED_CACHE_GB=%g", desc, size / 2**20, limit / 2**30)
+        return False
     path = decoded_dir() / f"{key}{_SUFFIX}"
-    return write_entry(path, write, _limit_bytes(), f"{desc}: could not cache decoded data")
+    return write_entry(path, write, limit, f"{desc}: could not cache decoded data")
 
 
 def write_atomic(path: Path, write) -> None:
