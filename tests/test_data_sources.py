@@ -295,6 +295,36 @@ def test_tfds_colour_coded_masks_read_through_color_map_or_named(tmp_path):
         np.testing.assert_array_equal(got, want)
 
 
+def test_tfds_split_the_dataset_lacks_names_the_config_key(tmp_path):
+    """A prepared local dataset (a tiny builder): a TFDS split it does not have is a DataError naming
+    data.tfds_splits.KEY and the splits it has, not a ValueError traceback."""
+    tfds = pytest.importorskip("tensorflow_datasets", reason="tensorflow-datasets not installed")
+
+    class FcnTinySeg(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            image, mask = tfds.features.Image(shape=(None, None, 3)), tfds.features.Image(shape=(None, None, 1))
+            return tfds.core.DatasetInfo(
+                builder=self, features=tfds.features.FeaturesDict({"image": image, "segmentation_mask": mask})
+            )
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(2), "test": self._generate_examples(1)}
+
+        def _generate_examples(self, n):
+            for i in range(n):
+                yield i, {"image": rgb(i, 4, 5), "segmentation_mask": np.ones((4, 5, 1), np.uint8)}
+
+    FcnTinySeg(data_dir=str(tmp_path)).download_and_prepare()
+    splits = {"train": "train", "val": "validation"}
+    c = config("tfds", path=str(tmp_path), tfds_name="fcn_tiny_seg", class_names=("a", "b"), tfds_splits=splits)
+    source = get_source(c)
+    assert len(source.load("train")) == 2
+    with pytest.raises(DataError, match=r"data.tfds_splits.val='validation': Unknown split .*'train', 'test'"):
+        source.load("val")
+
+
 def test_importing_fcn_data_and_synthetic_loading_do_not_import_tensorflow():
     code = (
         "import sys; from configs.default import get_config; import fcn.data; "

@@ -130,13 +130,19 @@ def _read_split(data_config, labels: LabelMap, color_map, split: str) -> Example
                 f"features: {', '.join(sorted(features))}"
             )
     encoded = [k for k in (image_key, mask_key) if isinstance(features[k], tfds.features.Image)]
-    ds = tfds.load(
-        data_config.tfds_name,
-        split=tfds_split,
-        data_dir=data_config.path or None,
-        shuffle_files=False,
-        decoders={k: tfds.decode.SkipDecoding() for k in encoded} or None,
-    )
+    try:
+        ds = tfds.load(
+            data_config.tfds_name,
+            split=tfds_split,
+            data_dir=data_config.path or None,
+            shuffle_files=False,
+            decoders={k: tfds.decode.SkipDecoding() for k in encoded} or None,
+        )
+    except ValueError as e:
+        if "split" not in str(e).lower():
+            raise
+        # "Unknown split 'validation'. Should be one of ['train', 'test']." names no config key.
+        raise DataError(f"data.tfds_splits.{split}={tfds_split!r}: {e} ({data_config.tfds_name})") from e
     images, masks, names = [], [], []
     desc = f"tfds {data_config.tfds_name} {tfds_split}"
     for i, ex in enumerate(tqdm(tfds.as_numpy(ds), desc=desc, disable=None)):
