@@ -16,6 +16,11 @@ writes into --out:
   model.tflite    with --tflite_size H,W: a TFLite model for one H x W image
                   (TFLite needs static shapes; the other two take any size).
 
+An export replaces every one of these that --out held from an earlier export,
+the ones it does not write too (no stale saved_model/ beside a new model.jax),
+and leaves other files alone. It is written in full into a hidden staging
+folder in --out first, so an export that fails leaves --out as it was.
+
 With --size H,W the artifact and the SavedModel take images of that size only
 (any B). A model trained with `model.input_scale` below 1 (configs/camvid_cpu.py)
 needs it: its first step resizes the image by input_scale, which needs concrete
@@ -35,7 +40,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -115,10 +122,22 @@ def export_model(
 
 
 def _export_model(fn, out, info: dict, platforms, saved_model, tflite_size, size) -> list[Path]:
-    from jax import export
-
+    """Write the whole export into a staging folder inside `out`, then swap it in (`_replace_artifacts`):
+    an export that fails leaves `out` as it was."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".fcn-export-", dir=out))
+    try:
+        names = _write_artifacts(fn, staging, info, platforms, saved_model, tflite_size, size)
+        _replace_artifacts(staging, out, names)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [out / name for name in names]
+
+
+def _write_artifacts(fn, out: Path, info: dict, platforms, saved_model, tflite_size, size) -> list[str]:
+    from jax import export
+
     spec = jax.ShapeDtypeStruct(export.symbolic_shape(_input_shape(size)), jnp.float32)
     exported = export.export(jax.jit(fn), platforms=platforms)(spec)
     (out / ARTIFACT).write_bytes(exported.serialize())
@@ -135,10 +154,23 @@ def _export_model(fn, out, info: dict, platforms, saved_model, tflite_size, size
         "max_size": int(info.get("max_size", 0)),
     }
     (out / METADATA).write_text(json.dumps(meta, indent=2))
-    written = [out / ARTIFACT, out / METADATA]
+    written = [ARTIFACT, METADATA]
     if saved_model or tflite_size:
         written += _export_tf(fn, out, exported.platforms, saved_model, tflite_size, size)
     return written
+
+
+def _replace_artifacts(staging: Path, out: Path, names: list[str]) -> None:
+    """Move a complete export from `staging` into `out`, and every artifact of an earlier export out of it
+    (fcn's own names only: other files stay). model.json goes first and comes back last, so an interrupted
+    swap leaves a folder that `load_exported` refuses, never one that mixes two exports."""
+    previous = staging / "previous"
+    previous.mkdir()
+    for name in (METADATA, ARTIFACT, SAVED_MODEL, TFLITE):
+        if (out / name).exists() or (out / name).is_symlink():
+            (out / name).rename(previous / name)
+    for name in sorted(names, key=lambda n: n == METADATA):
+        (staging / name).rename(out / name)
 
 
 def _input_shape(size: tuple[int, int] | None) -> str:
@@ -154,7 +186,7 @@ def tensorflow_available() -> bool:
     return True
 
 
-def _export_tf(fn, out: Path, platforms, saved_model: bool, tflite_size, size) -> list[Path]:
+def _export_tf(fn, out: Path, platforms, saved_model: bool, tflite_size, size) -> list[str]:
     """SavedModel (any size, or `size`) and/or TFLite (fixed size) through jax2tf; TF imported here only."""
     import tensorflow as tf
     from jax.experimental import jax2tf
@@ -171,7 +203,7 @@ def _export_tf(fn, out: Path, platforms, saved_model: bool, tflite_size, size) -
         images = tf.TensorSpec([None, *(size or (None, None)), 3], tf.float32, name="images")
         module.serve = tf.function(lambda x: {"logits": tf_fn(x)}, input_signature=[images], autograph=False)
         tf.saved_model.save(module, str(out / SAVED_MODEL), signatures={"serving_default": module.serve})
-        written.append(out / SAVED_MODEL)
+        written.append(SAVED_MODEL)
     if tflite_size:
         h, w = tflite_size
         # TFLite cannot run the dynamic gathers of a symbolic size: convert for one fixed size, on CPU.
@@ -182,7 +214,7 @@ def _export_tf(fn, out: Path, platforms, saved_model: bool, tflite_size, size) -
         )
         converter = tf.lite.TFLiteConverter.from_concrete_functions([module.serve.get_concrete_function()], module)
         (out / TFLITE).write_bytes(converter.convert())
-        written.append(out / TFLITE)
+        written.append(TFLITE)
     return written
 
 
@@ -193,10 +225,12 @@ class ExportedModel:
         from jax import export
 
         path = Path(path)
-        if not (path / ARTIFACT).exists():
-            raise FileNotFoundError(
-                f"{path / ARTIFACT} not found: is {path} a folder written by `python -m fcn.export`?"
-            )
+        for name in (ARTIFACT, METADATA):  # model.json is the last file an export puts in place
+            if not (path / name).is_file():
+                raise FileNotFoundError(
+                    f"{path / name} not found: is {path} a folder written by `python -m fcn.export`, "
+                    "and did that export finish?"
+                )
         self.exported = export.deserialize(bytearray((path / ARTIFACT).read_bytes()))
         meta = json.loads((path / METADATA).read_text())
         self.class_names = tuple(meta["class_names"])

@@ -185,3 +185,37 @@ def test_constant_padding_exports_the_model_own_logits(tmp_path):
     graphdef, state = nnx.split(model)
     expected = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x))
     np.testing.assert_allclose(load_exported(tmp_path).logits(x), expected, atol=1e-5)
+
+
+def test_a_new_export_replaces_every_artifact_of_the_previous_one(workdir, tmp_path):
+    """A SavedModel or TFLite model left from an earlier export, beside the new model.jax, was a stale
+    model a user could load without a word: they go; other files stay."""
+    out = tmp_path / "exported"
+    (out / "saved_model").mkdir(parents=True)
+    (out / "saved_model" / "saved_model.pb").write_bytes(b"old")
+    (out / "model.tflite").write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")
+    assert main(["--workdir", workdir, "--out", str(out), "--no_saved_model"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["model.jax", "model.json", "notes.txt"]
+
+
+def test_a_failed_export_leaves_the_previous_one_whole(workdir, tmp_path, monkeypatch, capsys):
+    import fcn.export
+
+    out = tmp_path / "exported"
+    assert main(["--workdir", workdir, "--out", str(out), "--no_saved_model"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def disk_full(fn, out, *args):
+        (out / "saved_model").mkdir()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fcn.export, "_export_tf", disk_full)
+    monkeypatch.setattr(fcn.export, "tensorflow_available", lambda: True)  # with tensorflow or without
+    assert main(["--workdir", workdir, "--out", str(out), "--size", "24,32"]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new model.jax, no staging folder left
+    assert load_exported(out).size is None
+    (out / "model.json").unlink()  # as an interrupted swap leaves it: refused, not half-loaded
+    with pytest.raises(FileNotFoundError, match=r"model\.json not found: .* did that export finish"):
+        load_exported(out)
