@@ -9,7 +9,8 @@ writes into --out:
                   Reload with `jax.export.deserialize(bytes).call(images)`, or
                   `load_exported(dir)`, which adds class names and predict().
   model.json      class names, palette, ignore label, and this contract ("size":
-                  [H, W] when exported for one size, else null).
+                  [H, W] when exported for one size, else null; "max_size": the
+                  training's data.max_size, 0 for none).
   saved_model/    where TensorFlow is installed (it is imported only for this):
                   a TF SavedModel through jax2tf for TF Serving, signature
                   "serving_default": images -> {"logits"}, the same contract.
@@ -26,6 +27,13 @@ With --size H,W the artifact and the SavedModel take images of that size only
 needs it: its first step resizes the image by input_scale, which needs concrete
 sizes, so it is exported for one size (CamVid: --size 360,480). `load_exported`
 then refuses other sizes with a message that names the exported one.
+
+A model trained with data.max_size saw images shrunk to that longer side:
+`load_exported(dir).predict` shrinks larger images alike and scales the logits
+back, as `fcn.load(workdir).predict` does; callers of model.jax, the SavedModel
+or the TFLite model shrink them themselves. --size and --tflite_size name the
+size the model runs at, so a size with a side over max_size is refused, naming
+the size it shrinks to.
 
 Shapes. B, H and W are all symbolic ("b, h, w, 3"): one artifact for every
 size >= 1. The model pads its input up to a multiple M = 2**depth with jnp.pad,
@@ -51,6 +59,7 @@ import numpy as np
 
 from fcn import ops
 from fcn.cli import out_dir_error
+from fcn.data.images import fitted_size
 from fcn.model import PAD_MODES
 
 ARTIFACT, METADATA, SAVED_MODEL, TFLITE = "model.jax", "model.json", "saved_model", "model.tflite"
@@ -116,6 +125,8 @@ def export_model(
     size: (H, W) to export for images of that size only (any batch); None for any size.
     """
     fn = serving_fn(model, size)  # refuses a model that needs a size, before anything is written
+    for flag, hw in (("--size", size), ("--tflite_size", tflite_size)):
+        _check_max_size(flag, hw, int(info.get("max_size", 0)))
     # Traced without fcn's CPU custom calls (fcn.ops.portable): the artifacts run anywhere.
     with ops.portable():
         return _export_model(fn, out, info, platforms, saved_model, tflite_size, size)
@@ -133,6 +144,17 @@ def _export_model(fn, out, info: dict, platforms, saved_model, tflite_size, size
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return [out / name for name in names]
+
+
+def _check_max_size(flag: str, size, max_size: int) -> None:
+    """Refuse a fixed size the model never sees: with `data.max_size`, larger images are shrunk first."""
+    if size and max_size and max(size) > max_size:
+        (h, w), (fh, fw) = size, fitted_size(*size, max_size)
+        raise ValueError(
+            f"{flag} {h},{w}: the model was trained with data.max_size={max_size}, so a {h}x{w} image is "
+            f"shrunk to {fh}x{fw} before the model runs; export with {flag} {fh},{fw} "
+            f"(load_exported shrinks {h}x{w} images to it)"
+        )
 
 
 def _write_artifacts(fn, out: Path, info: dict, platforms, saved_model, tflite_size, size) -> list[str]:
@@ -237,21 +259,31 @@ class ExportedModel:
         self.palette = np.asarray(meta["palette"], np.uint8).reshape(-1, 3)
         self.ignore_label = meta["ignore_label"]
         self.size = tuple(meta["size"]) if meta.get("size") else None  # (H, W) when exported for one size
+        self.max_size = int(meta.get("max_size", 0))  # data.max_size in training: larger images are shrunk
 
     def logits(self, images) -> np.ndarray:
         """float32 logits [B, H, W, K] (or [H, W, K]) of a batch of images of one size (or one image),
         read as `fcn.load(...).predict` reads them: paths, PIL images, or arrays of uint8, integers in
-        0..255 or floats in [0, 1]; anything else raises ValueError (DataError) naming it."""
-        from fcn.inference import float_batch
+        0..255 or floats in [0, 1]; anything else raises ValueError (DataError) naming it. Images whose
+        longer side exceeds the training's `data.max_size` are shrunk to it and the logits scaled back,
+        as the predictor does."""
+        from fcn.inference import float_batch, resize_channels, shrink
 
         x_BHWC, single = float_batch(images)
+        h, w = x_BHWC.shape[1:3]
+        if self.max_size and max(h, w) > self.max_size:
+            x_BHWC = np.stack([shrink(x_HWC, self.max_size) for x_HWC in x_BHWC])
         if self.size is not None and tuple(x_BHWC.shape[1:3]) != self.size:
-            h, w = self.size
+            eh, ew = self.size
+            shrunk = f" (shrunk to {x_BHWC.shape[1]}x{x_BHWC.shape[2]}: data.max_size={self.max_size})"
             raise ValueError(
-                f"images of size {x_BHWC.shape[1]}x{x_BHWC.shape[2]}: this model was exported for {h}x{w} images "
-                f"only (python -m fcn.export --size {h},{w}); resize them, or export again with --size"
+                f"images of size {h}x{w}{shrunk if x_BHWC.shape[1] != h else ''}: this model was exported for "
+                f"{eh}x{ew} images only (python -m fcn.export --size {eh},{ew}); resize them, or export again "
+                "with --size"
             )
         out = np.asarray(self.exported.call(x_BHWC))
+        if out.shape[1:3] != (h, w):
+            out = np.stack([resize_channels(logits_HWK, h, w) for logits_HWK in out])
         return out[0] if single else out
 
     def predict(self, images) -> np.ndarray:

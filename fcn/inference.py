@@ -132,16 +132,16 @@ def float_batch(images) -> tuple[np.ndarray, bool]:
     return np.stack([_to01(a) for a in arrays]), kind == "single"
 
 
-def _resize(x_HWC: np.ndarray, h: int, w: int) -> np.ndarray:
+def resize_channels(x_HWC: np.ndarray, h: int, w: int) -> np.ndarray:
     """Bilinear resize of float32 channels, one PIL 'F' image each."""
     bilinear = Image.Resampling.BILINEAR
     chans = [Image.fromarray(x_HWC[..., c]).resize((w, h), bilinear) for c in range(x_HWC.shape[-1])]
     return np.stack([np.asarray(c) for c in chans], axis=-1)
 
 
-def _shrink(image_HWC: np.ndarray, max_size: int) -> np.ndarray:
+def shrink(image_HWC: np.ndarray, max_size: int) -> np.ndarray:
     """Shrink so the longer side is max_size (to the size `data.max_size` gave in training)."""
-    return _resize(_to01(image_HWC), *fitted_size(*image_HWC.shape[:2], max_size))
+    return resize_channels(_to01(image_HWC), *fitted_size(*image_HWC.shape[:2], max_size))
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -262,14 +262,14 @@ class Segmenter:
         sizes = [im.shape[:2] for im in images]
         if self.max_size:
             big = lambda im: max(im.shape[:2]) > self.max_size
-            images = [_shrink(im, self.max_size) if big(im) else im for im in images]
+            images = [shrink(im, self.max_size) if big(im) else im for im in images]
         small = {i for i, im in enumerate(images) if max(im.shape[:2]) <= self.tile}
         done = self._batched([images[i] for i in sorted(small)], hflip)
         done = dict(zip(sorted(small), done, strict=True))
         for i, image in enumerate(images):
             logits = done.pop(i) if i in small else self._flipped(image, hflip)
             if logits.shape[:2] != sizes[i]:  # shrunk by max_size
-                logits = _resize(logits, *sizes[i])
+                logits = resize_channels(logits, *sizes[i])
             yield logits
 
     def _flipped(self, image: np.ndarray, hflip: bool) -> np.ndarray:

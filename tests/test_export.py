@@ -219,3 +219,34 @@ def test_a_failed_export_leaves_the_previous_one_whole(workdir, tmp_path, monkey
     (out / "model.json").unlink()  # as an interrupted swap leaves it: refused, not half-loaded
     with pytest.raises(FileNotFoundError, match=r"model\.json not found: .* did that export finish"):
         load_exported(out)
+
+
+def with_max_size(workdir, tmp_path, max_size: int) -> str:
+    """A copy of the tiny workdir as if trained with data.max_size (the same weights)."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["data"]["max_size"] = max_size
+    (copy / "config.json").write_text(json.dumps(config))
+    return str(copy)
+
+
+def test_exported_model_shrinks_images_to_max_size_as_the_predictor_does(workdir, tmp_path, capsys):
+    """ExportedModel ran images larger than data.max_size at full size, which fcn.load's predictor
+    shrinks first (as training did): the two disagreed on every such image."""
+    run = with_max_size(workdir, tmp_path, 16)
+    seg, out = load(run), tmp_path / "exported"
+    assert main(["--workdir", run, "--out", str(out), "--no_saved_model"]) == 0
+    exported = load_exported(out)
+    image = np.random.default_rng(7).integers(0, 256, (37, 29, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(exported.predict(image), seg.predict(image))
+    np.testing.assert_allclose(exported.predict_proba(image), seg.predict_proba(image), atol=1e-5)
+
+    # For one size: the size the model runs at, which the command names when given the image's.
+    assert main(["--workdir", run, "--out", str(out), "--no_saved_model", "--size", "24,32"]) == 1
+    assert "--size 24,32: the model was trained with data.max_size=16" in capsys.readouterr().err
+    assert main(["--workdir", run, "--out", str(out), "--no_saved_model", "--size", "12,16"]) == 0
+    image = np.random.default_rng(8).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(load_exported(out).predict(image), seg.predict(image))
