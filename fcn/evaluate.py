@@ -4,7 +4,8 @@
 
 prints a per-class table and the summary scores, and writes
 `{workdir}/eval_{split}.json`, `eval_{split}_confusion.png`,
-`eval_{split}_iou.png` and `eval_{split}_examples.png`. The model and the data
+`eval_{split}_iou.png` and `eval_{split}_examples.png` (with `--examples 0`, or
+with several processes, none: an earlier one is removed). The model and the data
 settings are the workdir's (config.json); `--config.data.KEY=VALUE` overrides a
 data setting as train.py does, e.g. the data's path when it has moved.
 """
@@ -171,6 +172,8 @@ def main(argv=None) -> int:
     parser.add_argument("--process_id", type=int, help="this process's index (or FCN_PROCESS_ID)")
     args, rest = parser.parse_known_args(argv)
     args.data_overrides = rest  # --config.data.KEY=VALUE (or KEY VALUE): parsed against the workdir's config
+    if args.examples < 0:
+        parser.error(f"--examples={args.examples}: expected a number of example overlays, 0 or more")
     stray = [a for a in rest if a.startswith("-") and not is_data_override(a)]
     if stray:
         parser.error(
@@ -224,8 +227,11 @@ def _evaluate(args) -> int:
         palette = np.asarray(info["palette"], np.uint8)
         viz.save_confusion(workdir / f"eval_{args.split}_confusion.png", cm, info["class_names"])
         viz.save_iou_bars(workdir / f"eval_{args.split}_iou.png", rep)
+        examples = workdir / f"eval_{args.split}_examples.png"
         if kept:
-            viz.save_examples(workdir / f"eval_{args.split}_examples.png", kept, info["class_names"], palette)
+            viz.save_examples(examples, kept, info["class_names"], palette)
+        else:  # --examples 0 (or several processes): an earlier evaluation's picture would pass for this one's
+            examples.unlink(missing_ok=True)
         print(f"wrote {workdir}/eval_{args.split}.json and pictures")
     return 0
 

@@ -258,3 +258,23 @@ def test_progress_bar_clock_restarts_after_the_first_step():
         bar.update(1)
     assert bar.n == 16 and bar.format_dict["elapsed"] < 0.3
     bar.close()
+
+
+def test_evaluate_without_examples_leaves_no_earlier_examples_picture(tmp_path_factory, tmp_path, capsys):
+    """`--examples 0` left an earlier run's eval_val_examples.png beside a report it no longer matched."""
+    import shutil
+
+    from test_inference import train_tiny
+
+    from fcn import evaluate
+
+    workdir = tmp_path / "run"
+    shutil.copytree(train_tiny(tmp_path_factory), workdir)
+    assert evaluate.main(["--workdir", str(workdir), "--examples", "1"]) == 0
+    assert (workdir / "eval_val_examples.png").exists()
+    assert evaluate.main(["--workdir", str(workdir), "--examples", "0"]) == 0
+    assert not (workdir / "eval_val_examples.png").exists()
+    assert (workdir / "eval_val.json").exists() and (workdir / "eval_val_iou.png").exists()
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(["--workdir", str(workdir), "--examples", "-1"])
+    assert exit_.value.code == 2 and "--examples=-1: expected" in capsys.readouterr().err
