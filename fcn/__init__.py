@@ -20,7 +20,7 @@ def __getattr__(name: str):
     # fcn.load_exported on first use: imported here eagerly, fcn.export was already in sys.modules
     # when `python -m fcn.export` ran it, and Python warned about that on every export.
     if name == "load_exported":
-        from fcn.export import load_exported
+        from fcn.exported import load_exported
 
         return load_exported
     raise AttributeError(f"module 'fcn' has no attribute {name!r}")

@@ -10,7 +10,9 @@ writes into --out:
                   `load_exported(dir)`, which adds class names and predict().
   model.json      class names, palette, ignore label, and this contract ("size":
                   [H, W] when exported for one size, else null; "max_size": the
-                  training's data.max_size, 0 for none).
+                  training's data.max_size, 0 for none; "hflip": whether the
+                  logits average the image's with its mirror image's, as the
+                  run's eval_hflip (or --hflip) has fcn.load's predictor do).
   saved_model/    where TensorFlow is installed (it is imported only for this):
                   a TF SavedModel through jax2tf for TF Serving, signature
                   "serving_default": images -> {"logits"}, the same contract.
@@ -60,9 +62,15 @@ import numpy as np
 from fcn import ops
 from fcn.cli import out_dir_error
 from fcn.data.images import fitted_size
+from fcn.exported import (  # the reloading side
+    ARTIFACT,
+    METADATA,
+    SAVED_MODEL,
+    TFLITE,
+    ExportedModel as ExportedModel,
+    load_exported as load_exported,
+)
 from fcn.model import PAD_MODES
-
-ARTIFACT, METADATA, SAVED_MODEL, TFLITE = "model.jax", "model.json", "saved_model", "model.tflite"
 
 
 def _pad_index(n, n_pad: int, mode: str):
@@ -94,9 +102,17 @@ def pad_to_multiple(x_BHWC: jax.Array, multiple: int, mode: str) -> jax.Array:
     return x_BHWC
 
 
-def serving_fn(model, size: tuple[int, int] | None = None):
+def serving_fn(model, size: tuple[int, int] | None = None, hflip: bool = False):
     """images float32 [B, H, W, 3] in [0, 1] -> logits float32 [B, H, W, K]: any sizes, or with `size`
-    = (H, W) images of that size (the model then runs as it is, its resizing and padding included)."""
+    = (H, W) images of that size (the model then runs as it is, its resizing and padding included).
+    hflip: the mean of the image's logits and its mirror image's, as `fcn.load(...).predict` with hflip."""
+    fn = _logits_fn(model, size)
+    if not hflip:
+        return fn
+    return lambda images_BHWC: 0.5 * (fn(images_BHWC) + fn(images_BHWC[:, :, ::-1])[:, :, ::-1])
+
+
+def _logits_fn(model, size):
     if size is not None:
         return lambda images_BHWC: model(images_BHWC.astype(jnp.float32))
     multiple, mode = 2**model.depth, model.pad_mode
@@ -118,13 +134,23 @@ def serving_fn(model, size: tuple[int, int] | None = None):
 
 
 def export_model(
-    model, out: str | Path, info: dict, *, platforms=None, saved_model=True, tflite_size=None, size=None
+    model,
+    out: str | Path,
+    info: dict,
+    *,
+    platforms=None,
+    saved_model=True,
+    tflite_size=None,
+    size=None,
+    hflip=False,
 ) -> list[Path]:
     """Write the artifacts described in the module docstring; returns their paths.
 
     size: (H, W) to export for images of that size only (any batch); None for any size.
+    hflip: average with the mirrored image's logits inside the artifacts (the run's `eval_hflip`).
     """
-    fn = serving_fn(model, size)  # refuses a model that needs a size, before anything is written
+    fn = serving_fn(model, size, hflip)  # refuses a model that needs a size, before anything is written
+    info = {**info, "hflip": hflip}
     for flag, hw in (("--size", size), ("--tflite_size", tflite_size)):
         _check_max_size(flag, hw, int(info.get("max_size", 0)))
     # Traced without fcn's CPU custom calls (fcn.ops.portable): the artifacts run anywhere.
@@ -174,6 +200,8 @@ def _write_artifacts(fn, out: Path, info: dict, platforms, saved_model, tflite_s
         "platforms": list(exported.platforms),
         # Training shrank images to this longer side (0 = no): resize inputs alike.
         "max_size": int(info.get("max_size", 0)),
+        # The logits are the mean of the image's and its mirror image's (eval_hflip, or --hflip).
+        "hflip": bool(info.get("hflip", False)),
     }
     (out / METADATA).write_text(json.dumps(meta, indent=2))
     written = [ARTIFACT, METADATA]
@@ -240,66 +268,6 @@ def _export_tf(fn, out: Path, platforms, saved_model: bool, tflite_size, size) -
     return written
 
 
-class ExportedModel:
-    """An exported artifact with its class names: needs jax and numpy, not the model code."""
-
-    def __init__(self, path: str | Path):
-        from jax import export
-
-        path = Path(path)
-        for name in (ARTIFACT, METADATA):  # model.json is the last file an export puts in place
-            if not (path / name).is_file():
-                raise FileNotFoundError(
-                    f"{path / name} not found: is {path} a folder written by `python -m fcn.export`, "
-                    "and did that export finish?"
-                )
-        self.exported = export.deserialize(bytearray((path / ARTIFACT).read_bytes()))
-        meta = json.loads((path / METADATA).read_text())
-        self.class_names = tuple(meta["class_names"])
-        self.palette = np.asarray(meta["palette"], np.uint8).reshape(-1, 3)
-        self.ignore_label = meta["ignore_label"]
-        self.size = tuple(meta["size"]) if meta.get("size") else None  # (H, W) when exported for one size
-        self.max_size = int(meta.get("max_size", 0))  # data.max_size in training: larger images are shrunk
-
-    def logits(self, images) -> np.ndarray:
-        """float32 logits [B, H, W, K] (or [H, W, K]) of a batch of images of one size (or one image),
-        read as `fcn.load(...).predict` reads them: paths, PIL images, or arrays of uint8, integers in
-        0..255 or floats in [0, 1]; anything else raises ValueError (DataError) naming it. Images whose
-        longer side exceeds the training's `data.max_size` are shrunk to it and the logits scaled back,
-        as the predictor does."""
-        from fcn.inference import float_batch, resize_channels, shrink
-
-        x_BHWC, single = float_batch(images)
-        h, w = x_BHWC.shape[1:3]
-        if self.max_size and max(h, w) > self.max_size:
-            x_BHWC = np.stack([shrink(x_HWC, self.max_size) for x_HWC in x_BHWC])
-        if self.size is not None and tuple(x_BHWC.shape[1:3]) != self.size:
-            eh, ew = self.size
-            shrunk = f" (shrunk to {x_BHWC.shape[1]}x{x_BHWC.shape[2]}: data.max_size={self.max_size})"
-            raise ValueError(
-                f"images of size {h}x{w}{shrunk if x_BHWC.shape[1] != h else ''}: this model was exported for "
-                f"{eh}x{ew} images only (python -m fcn.export --size {eh},{ew}); resize them, or export again "
-                "with --size"
-            )
-        out = np.asarray(self.exported.call(x_BHWC))
-        if out.shape[1:3] != (h, w):
-            out = np.stack([resize_channels(logits_HWK, h, w) for logits_HWK in out])
-        return out[0] if single else out
-
-    def predict(self, images) -> np.ndarray:
-        """uint8 class map(s) [(B,) H, W]."""
-        return self.logits(images).argmax(axis=-1).astype(np.uint8)
-
-    def predict_proba(self, images) -> np.ndarray:
-        """float32 softmax probabilities [(B,) H, W, K]."""
-        return np.asarray(jax.nn.softmax(self.logits(images), axis=-1))
-
-
-def load_exported(path: str | Path) -> ExportedModel:
-    """Reload a folder written by `python -m fcn.export`."""
-    return ExportedModel(path)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fcn.export", description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True, help="a workdir written by train.py (or a checkpoint in it)")
@@ -307,6 +275,11 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default="best", choices=("best", "latest"), help="which checkpoint")
     parser.add_argument("--platforms", default="", help="comma-separated, e.g. cpu,cuda (default: this machine's)")
     parser.add_argument("--no_saved_model", action="store_true", help="skip the TF SavedModel")
+    parser.add_argument(
+        "--hflip",
+        action="store_true",
+        help="average with horizontally flipped predictions in the artifacts (default: the run's eval_hflip)",
+    )
     parser.add_argument("--tflite_size", default="", help="H,W: also write a TFLite model for that fixed size")
     parser.add_argument(
         "--size",
@@ -332,7 +305,7 @@ def main(argv=None) -> int:
     from fcn.inference import load
 
     try:
-        seg = load(args.workdir, which=args.checkpoint)
+        seg = load(args.workdir, which=args.checkpoint, **({"hflip": True} if args.hflip else {}))
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         print(f"error: cannot load {args.workdir}: {e}", file=sys.stderr)
         return 1
@@ -341,7 +314,14 @@ def main(argv=None) -> int:
     platforms = tuple(p for p in args.platforms.split(",") if p) or None
     try:
         written = export_model(
-            seg.model, out, info, platforms=platforms, saved_model=saved_model, tflite_size=tflite_size, size=size
+            seg.model,
+            out,
+            info,
+            platforms=platforms,
+            saved_model=saved_model,
+            tflite_size=tflite_size,
+            size=size,
+            hflip=seg.hflip,
         )
     except ValueError as e:  # a model that cannot be exported as asked: say why (no artifact is written)
         print(f"error: {args.workdir}: {e}", file=sys.stderr)

@@ -221,14 +221,14 @@ def test_a_failed_export_leaves_the_previous_one_whole(workdir, tmp_path, monkey
         load_exported(out)
 
 
-def with_max_size(workdir, tmp_path, max_size: int) -> str:
-    """A copy of the tiny workdir as if trained with data.max_size (the same weights)."""
+def with_config(workdir, tmp_path, edit) -> str:
+    """A copy of the tiny workdir as if trained with `edit(config)`'s settings (the same weights)."""
     import shutil
 
     copy = tmp_path / "run"
     shutil.copytree(workdir, copy)
     config = json.loads((copy / "config.json").read_text())
-    config["data"]["max_size"] = max_size
+    edit(config)
     (copy / "config.json").write_text(json.dumps(config))
     return str(copy)
 
@@ -236,7 +236,7 @@ def with_max_size(workdir, tmp_path, max_size: int) -> str:
 def test_exported_model_shrinks_images_to_max_size_as_the_predictor_does(workdir, tmp_path, capsys):
     """ExportedModel ran images larger than data.max_size at full size, which fcn.load's predictor
     shrinks first (as training did): the two disagreed on every such image."""
-    run = with_max_size(workdir, tmp_path, 16)
+    run = with_config(workdir, tmp_path, lambda c: c["data"].update(max_size=16))
     seg, out = load(run), tmp_path / "exported"
     assert main(["--workdir", run, "--out", str(out), "--no_saved_model"]) == 0
     exported = load_exported(out)
@@ -250,3 +250,18 @@ def test_exported_model_shrinks_images_to_max_size_as_the_predictor_does(workdir
     assert main(["--workdir", run, "--out", str(out), "--no_saved_model", "--size", "12,16"]) == 0
     image = np.random.default_rng(8).integers(0, 256, (24, 32, 3), dtype=np.uint8)
     np.testing.assert_array_equal(load_exported(out).predict(image), seg.predict(image))
+
+
+def test_a_run_with_eval_hflip_exports_the_predictor_own_logits(workdir, tmp_path):
+    """fcn.load's predictor averages with the mirror image when the run has eval_hflip; the export did not,
+    so the exported model predicted otherwise. The artifact itself averages now (model.json: "hflip")."""
+    run = with_config(workdir, tmp_path, lambda c: c.update(eval_hflip=True))
+    seg, out = load(run), tmp_path / "exported"
+    assert seg.hflip
+    assert main(["--workdir", run, "--out", str(out), "--no_saved_model"]) == 0
+    exported = load_exported(out)
+    image = np.random.default_rng(9).integers(0, 256, (21, 30, 3), dtype=np.uint8)
+    np.testing.assert_allclose(exported.predict_proba(image), seg.predict_proba(image), atol=1e-5)
+    assert json.loads((out / "model.json").read_text())["hflip"] is True
+    assert main(["--workdir", workdir, "--out", str(out), "--no_saved_model", "--hflip"]) == 0  # as fcn.predict's
+    np.testing.assert_allclose(load_exported(out).logits(image), exported.logits(image), atol=1e-5)

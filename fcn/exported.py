@@ -1,0 +1,74 @@
+"""Reloading a folder written by `python -m fcn.export`: `load_exported(dir)`, with jax and numpy only
+(no model code), giving class names and the predictor's `predict` / `predict_proba` for the artifact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+
+ARTIFACT, METADATA, SAVED_MODEL, TFLITE = "model.jax", "model.json", "saved_model", "model.tflite"
+
+__all__ = ["ARTIFACT", "METADATA", "SAVED_MODEL", "TFLITE", "ExportedModel", "load_exported"]
+
+
+class ExportedModel:
+    """An exported artifact with its class names: needs jax and numpy, not the model code."""
+
+    def __init__(self, path: str | Path):
+        from jax import export
+
+        path = Path(path)
+        for name in (ARTIFACT, METADATA):  # model.json is the last file an export puts in place
+            if not (path / name).is_file():
+                raise FileNotFoundError(
+                    f"{path / name} not found: is {path} a folder written by `python -m fcn.export`, "
+                    "and did that export finish?"
+                )
+        self.exported = export.deserialize(bytearray((path / ARTIFACT).read_bytes()))
+        meta = json.loads((path / METADATA).read_text())
+        self.class_names = tuple(meta["class_names"])
+        self.palette = np.asarray(meta["palette"], np.uint8).reshape(-1, 3)
+        self.ignore_label = meta["ignore_label"]
+        self.size = tuple(meta["size"]) if meta.get("size") else None  # (H, W) when exported for one size
+        self.max_size = int(meta.get("max_size", 0))  # data.max_size in training: larger images are shrunk
+
+    def logits(self, images) -> np.ndarray:
+        """float32 logits [B, H, W, K] (or [H, W, K]) of a batch of images of one size (or one image),
+        read as `fcn.load(...).predict` reads them: paths, PIL images, or arrays of uint8, integers in
+        0..255 or floats in [0, 1]; anything else raises ValueError (DataError) naming it. Images whose
+        longer side exceeds the training's `data.max_size` are shrunk to it and the logits scaled back,
+        as the predictor does."""
+        from fcn.inference import float_batch, resize_channels, shrink
+
+        x_BHWC, single = float_batch(images)
+        h, w = x_BHWC.shape[1:3]
+        if self.max_size and max(h, w) > self.max_size:
+            x_BHWC = np.stack([shrink(x_HWC, self.max_size) for x_HWC in x_BHWC])
+        if self.size is not None and tuple(x_BHWC.shape[1:3]) != self.size:
+            eh, ew = self.size
+            shrunk = f" (shrunk to {x_BHWC.shape[1]}x{x_BHWC.shape[2]}: data.max_size={self.max_size})"
+            raise ValueError(
+                f"images of size {h}x{w}{shrunk if x_BHWC.shape[1] != h else ''}: this model was exported for "
+                f"{eh}x{ew} images only (python -m fcn.export --size {eh},{ew}); resize them, or export again "
+                "with --size"
+            )
+        out = np.asarray(self.exported.call(x_BHWC))
+        if out.shape[1:3] != (h, w):
+            out = np.stack([resize_channels(logits_HWK, h, w) for logits_HWK in out])
+        return out[0] if single else out
+
+    def predict(self, images) -> np.ndarray:
+        """uint8 class map(s) [(B,) H, W]."""
+        return self.logits(images).argmax(axis=-1).astype(np.uint8)
+
+    def predict_proba(self, images) -> np.ndarray:
+        """float32 softmax probabilities [(B,) H, W, K]."""
+        return np.asarray(jax.nn.softmax(self.logits(images), axis=-1))
+
+
+def load_exported(path: str | Path) -> ExportedModel:
+    """Reload a folder written by `python -m fcn.export`."""
+    return ExportedModel(path)
