@@ -289,6 +289,7 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     tflite_size, size = _size_flag(parser, "tflite_size", args.tflite_size), _size_flag(parser, "size", args.size)
+    platforms = _platforms_flag(parser, args.platforms)
     saved_model = not args.no_saved_model and tensorflow_available()
     if not args.no_saved_model and not saved_model:
         print("note: tensorflow is not installed: no SavedModel (pip install tensorflow-cpu)", file=sys.stderr)
@@ -311,7 +312,6 @@ def main(argv=None) -> int:
         return 1
     info = {"class_names": seg.class_names, "palette": seg.palette, "ignore_label": seg.ignore_label}
     info["max_size"] = seg.max_size
-    platforms = tuple(p for p in args.platforms.split(",") if p) or None
     try:
         written = export_model(
             seg.model,
@@ -331,6 +331,20 @@ def main(argv=None) -> int:
         return 1
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what jax.export and jax2tf take
+
+
+def _platforms_flag(parser, value: str) -> tuple[str, ...] | None:
+    """--platforms=a,b as a tuple; '' as None (this machine's); an unknown name a usage error naming it."""
+    platforms = tuple(dict.fromkeys(p.strip() for p in value.split(",") if p.strip())) or None
+    if unknown := [p for p in platforms or () if p not in PLATFORMS]:
+        parser.error(
+            f"--platforms={value!r}: unknown {', '.join(map(repr, unknown))}; expected a comma-separated subset of "
+            f"{', '.join(PLATFORMS)} (an NVIDIA GPU is cuda, an AMD one rocm)"
+        )
+    return platforms
 
 
 def _size_flag(parser, name: str, value: str) -> tuple[int, int] | None:

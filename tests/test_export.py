@@ -265,3 +265,16 @@ def test_a_run_with_eval_hflip_exports_the_predictor_own_logits(workdir, tmp_pat
     assert json.loads((out / "model.json").read_text())["hflip"] is True
     assert main(["--workdir", workdir, "--out", str(out), "--no_saved_model", "--hflip"]) == 0  # as fcn.predict's
     np.testing.assert_allclose(load_exported(out).logits(image), exported.logits(image), atol=1e-5)
+
+
+def test_an_unknown_platform_is_a_usage_error(workdir, tmp_path, capsys):
+    """--platforms gpu ended in a RuntimeError's traceback, --platforms cpu,bogus in jax2tf's words under
+    the workdir's name, after the model was loaded."""
+    for value, words in [("gpu", "unknown 'gpu'"), ("cpu,bogus", "unknown 'bogus'")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["--workdir", workdir, "--out", str(tmp_path / "out"), "--platforms", value])
+        assert exit_.value.code == 2
+        assert (
+            f"--platforms={value!r}: {words}; expected a comma-separated subset of cpu, cuda" in capsys.readouterr().err
+        )
+    assert not (tmp_path / "out").exists()
