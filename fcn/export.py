@@ -229,11 +229,11 @@ def _input_shape(size: tuple[int, int] | None) -> str:
 
 
 def tensorflow_available() -> bool:
-    try:
-        import tensorflow  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether tensorflow is installed, without importing it (seconds): a command that stops at a bad
+    --workdir should not have paid for it."""
+    import importlib.util
+
+    return importlib.util.find_spec("tensorflow") is not None
 
 
 def _export_tf(fn, out: Path, platforms, saved_model: bool, tflite_size, size) -> list[str]:

@@ -278,3 +278,15 @@ def test_an_unknown_platform_is_a_usage_error(workdir, tmp_path, capsys):
             f"--platforms={value!r}: {words}; expected a comma-separated subset of cpu, cuda" in capsys.readouterr().err
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_workdir_is_reported_without_importing_tensorflow(tmp_path):
+    """The check for tensorflow imported it (seconds, and its log lines) before the workdir was read."""
+    script = (
+        "import sys\nfrom fcn.export import main\n"
+        f"assert main(['--workdir', {str(tmp_path / 'none')!r}, '--out', {str(tmp_path / 'out')!r}]) == 1\n"
+        "assert 'tensorflow' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "config.json not found" in done.stderr
