@@ -40,7 +40,8 @@ class ExportedModel:
         read as `fcn.load(...).predict` reads them: paths, PIL images, or arrays of uint8, integers in
         0..255 or floats in [0, 1]; anything else raises ValueError (DataError) naming it. Images whose
         longer side exceeds the training's `data.max_size` are shrunk to it and the logits scaled back,
-        as the predictor does."""
+        as the predictor does. An image is run whole: the predictor cuts one over its `tile` size (512 px)
+        into tiles, whose logits differ a little near tile edges."""
         from fcn.inference import float_batch, resize_channels, shrink
 
         x_BHWC, single = float_batch(images)
