@@ -28,6 +28,7 @@ from fcn import checkpoint, host_memory, losses, sharding, state as state_lib
 from fcn.config import ConfigError, validate, validate_against_data, validate_against_source
 from fcn.data import get_source, pipeline
 from fcn.evaluate import evaluate_split, format_report, report
+from fcn.metrics_log import MetricsLog
 from fcn.traced import enable_compilation_cache
 
 log = logging.getLogger("fcn")
@@ -127,73 +128,6 @@ class _StopRequest:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-class MetricsLog:
-    """metrics.jsonl (and TensorBoard events where tensorboardX is installed), process 0 only."""
-
-    def __init__(self, workdir: Path, resume_step: int):
-        self.path = workdir / "metrics.jsonl"
-        self.enabled = jax.process_index() == 0
-        self.writer = None
-        if not self.enabled:
-            return
-        # After a crash the file may hold lines past the checkpoint we resume
-        # from; drop them so no step appears twice.
-        if self.path.exists():
-            kept = [
-                ln
-                for ln in self.path.read_text().splitlines()
-                if _line_step(ln) is not None and _line_step(ln) <= resume_step
-            ]
-            tmp = self.path.with_name("metrics.jsonl.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
-            os.replace(tmp, self.path)
-        try:
-            self.writer = _summary_writer_class()(str(workdir / "tensorboard"))
-        except ImportError:
-            log.info("tensorboardX not installed: no TensorBoard events, metrics.jsonl only")
-
-    def write(self, step: int, values: dict, prefix: str = "train") -> None:
-        if not self.enabled:
-            return
-        line = {"step": step, **{k: v for k, v in values.items() if isinstance(v, int | float | str)}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(line) + "\n")
-        if self.writer is not None:
-            for k, v in values.items():
-                if isinstance(v, int | float) and not isinstance(v, bool):
-                    self.writer.add_scalar(f"{prefix}/{k}", v, step)
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _summary_writer_class():
-    """tensorboardX's SummaryWriter, imported without torch.
-
-    tensorboardX imports torch whenever it is installed, only to accept torch
-    tensors: 2 s and more of a 2-core machine's start-up, for scalars that need
-    none of it. torch is hidden during the import unless it is loaded already.
-    """
-    hide = "torch" not in sys.modules
-    if hide:
-        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
-    try:
-        from tensorboardX import SummaryWriter
-    finally:
-        if hide and "torch" in sys.modules and sys.modules["torch"] is None:
-            del sys.modules["torch"]
-    return SummaryWriter
-
-
-def _line_step(line: str):
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
 
 
 def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | None = None) -> dict:

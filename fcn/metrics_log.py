@@ -1,0 +1,84 @@
+"""metrics.jsonl, and TensorBoard events where tensorboardX is installed: what a training run logs.
+
+One JSON line per logged step and per evaluation, written by process 0. On resume the lines past
+the checkpoint resumed from are dropped first, so no step appears twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import jax
+
+log = logging.getLogger("fcn")
+
+
+class MetricsLog:
+    """metrics.jsonl (and TensorBoard events where tensorboardX is installed), process 0 only."""
+
+    def __init__(self, workdir: Path, resume_step: int):
+        self.path = workdir / "metrics.jsonl"
+        self.enabled = jax.process_index() == 0
+        self.writer = None
+        if not self.enabled:
+            return
+        # After a crash the file may hold lines past the checkpoint we resume
+        # from; drop them so no step appears twice.
+        if self.path.exists():
+            kept = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if _line_step(ln) is not None and _line_step(ln) <= resume_step
+            ]
+            tmp = self.path.with_name("metrics.jsonl.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            os.replace(tmp, self.path)
+        try:
+            self.writer = _summary_writer_class()(str(workdir / "tensorboard"))
+        except ImportError:
+            log.info("tensorboardX not installed: no TensorBoard events, metrics.jsonl only")
+
+    def write(self, step: int, values: dict, prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        line = {"step": step, **{k: v for k, v in values.items() if isinstance(v, int | float | str)}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        if self.writer is not None:
+            for k, v in values.items():
+                if isinstance(v, int | float) and not isinstance(v, bool):
+                    self.writer.add_scalar(f"{prefix}/{k}", v, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch.
+
+    tensorboardX imports torch whenever it is installed, only to accept torch
+    tensors: 2 s and more of a 2-core machine's start-up, for scalars that need
+    none of it. torch is hidden during the import unless it is loaded already.
+    """
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide and "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
+def _line_step(line: str):
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
