@@ -265,7 +265,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
                 if do_save or _every(step, config.log_every):
                     # Fetching the loss waits for the step; done only at log and save points.
                     values = {k: float(v) for k, v in jax.device_get(out).items()}
-                    _check_finite(values["loss"], step, config, ckpts)  # never checkpoint a NaN state
+                    _check_finite(values, step, config, ckpts)  # never checkpoint a NaN state
                     now = time.time()
                     values["images_per_sec"] = (step - n_last) * config.batch_size / max(now - t_last, 1e-9)
                     values["epoch"] = step * config.batch_size / len(train_data)
@@ -312,12 +312,17 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
     return last_report
 
 
-def _check_finite(loss: float, step: int, config, ckpts: checkpoint.Checkpoints) -> None:
-    if math.isfinite(loss):
+def _check_finite(values: dict, step: int, config, ckpts: checkpoint.Checkpoints) -> None:
+    """Stop at a loss or gradient norm that is not finite. Both: the loss is computed before the
+    step's update, so a finite loss with NaN gradients is a step whose update made the weights NaN,
+    which a save at this step would have kept as the "last good checkpoint"."""
+    bad = [(name, values[key]) for key, name in (("loss", "training loss"), ("grad_norm", "gradient norm"))]
+    bad = [(name, v) for name, v in bad if not math.isfinite(v)]
+    if not bad:
         return
     last = ckpts.latest_step()
     raise TrainingError(
-        f"the training loss became {loss} at step {step}. "
+        f"the {bad[0][0]} became {bad[0][1]} at step {step}. "
         + (f"The last good checkpoint (step {last}) is kept. " if last else "No checkpoint was written. ")
         + "Try "
         + ", ".join(
