@@ -120,6 +120,44 @@ def check_compatible(workdir: Path, config, num_classes: int) -> None:
         )
 
 
+# Fields whose change on resume makes the rest of the run differ from one trained with either config from the
+# start, and how.
+RESUME_EFFECTS = {
+    "seed": "the data order, augmentation and dropout",
+    "batch_size": "the data order",
+    "num_steps": "the learning-rate schedule",
+    "optimizer.warmup_steps": "the learning-rate schedule",
+    "optimizer.schedule": "the learning-rate schedule",
+}
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    """{"a.b.c": value} for every leaf of a nested dict (an empty dict is a leaf)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def config_changes(workdir: Path, saved: dict) -> list[str]:
+    """Each field in which `saved` (a config as config.json would hold it) differs from the workdir's
+    config.json, in words: "optimizer.learning_rate: 0.001 -> 0.01", and what the change alters where
+    the resumed run can then not equal an unbroken one. [] without a config.json."""
+    path = workdir / "config.json"
+    if not path.exists():
+        return []
+    old, new = _leaves(json.loads(path.read_text())), _leaves(saved)
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        if old.get(key) != new.get(key):
+            effect = f" (changes {RESUME_EFFECTS[key]})" if key in RESUME_EFFECTS else ""
+            changes.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}{effect}")
+    return changes
+
+
 def prepare_workdir(workdir: Path) -> None:
     """Create the workdir and its checkpoint folders, and check that they take files, before training."""
     for folder in (workdir, workdir / "checkpoints", workdir / "best"):

@@ -180,13 +180,20 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
                 f"config.num_steps={config.num_steps} is below step {start}, the latest checkpoint's in {workdir}: "
                 f"nothing to train. Use --config.num_steps={start + 1} or more to train on, or a new --workdir"
             )
+        saved = json.loads(config.to_json())
+        if source.found_at and not config.data.path:  # where the environment pointed, for evaluation later
+            saved["data"]["path"] = source.found_at
         if start:
             state = ckpts.restore(state, sharding=sharding.replicated(mesh))  # each process reads its shards
             log.info("resuming %s from step %d", workdir, start)
+            changes = checkpoint.config_changes(workdir, saved)
+            if changes:  # allowed (a learning rate, a longer run), but never unsaid
+                log.warning(
+                    "resuming with a config that differs from the one %s was trained with so far:\n  %s",
+                    workdir,
+                    "\n  ".join(changes),
+                )
         if jax.process_index() == 0:
-            saved = json.loads(config.to_json())
-            if source.found_at and not config.data.path:  # where the environment pointed, for evaluation later
-                saved["data"]["path"] = source.found_at
             checkpoint.write_json_atomic(workdir / "config.json", saved)
             info = {
                 "source": source.name,

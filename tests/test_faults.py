@@ -271,6 +271,26 @@ def test_resuming_with_another_model_names_the_fields_and_changes_nothing(workdi
     assert {p: p.read_bytes() for p in workdir3.rglob("*") if p.is_file()} == before
 
 
+def test_resuming_with_other_training_settings_warns_naming_each_change(workdir3, caplog):
+    """A learning rate or num_steps may change on resume, but the run then no longer equals an unbroken
+    one: a warning names each changed field with both values, and what it alters; none when unchanged."""
+    config = tiny.get_config()
+    config.optimizer.learning_rate, config.num_steps = 0.01, 8
+    with caplog.at_level("WARNING", logger="fcn"):
+        train_and_evaluate(config, workdir3, stop_after=1)
+    warned = [r.getMessage() for r in caplog.records if "differs from the one" in r.getMessage()]
+    assert len(warned) == 1, caplog.text
+    lines = warned[0].splitlines()[1:]
+    assert [ln.strip() for ln in lines] == [
+        "num_steps: 6 -> 8 (changes the learning-rate schedule)",
+        "optimizer.learning_rate: 0.001 -> 0.01",
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fcn"):
+        train_and_evaluate(config, workdir3, stop_after=1)
+    assert "differs from the one" not in caplog.text
+
+
 def test_resuming_past_num_steps_is_refused_and_changes_nothing(workdir3, capsys):
     """A workdir whose latest checkpoint is past config.num_steps has nothing to train: said, not a
     silent exit 0 that rewrote config.json with the smaller num_steps."""
