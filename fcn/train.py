@@ -309,6 +309,16 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         if pacer.waits:
             log.debug("waited %d times, %.1f ms, for steps' temporaries to be freed", pacer.waits, 1e3 * pacer.waited_s)
         ckpts.wait()
+    except OSError as e:
+        if not e.filename or workdir.absolute() not in Path(e.filename).absolute().parents:
+            raise
+        # config.json, dataset.json, metrics.jsonl (a full disk, a folder made read-only): one line, not a traceback
+        last = ckpts.latest_step()
+        raise TrainingError(
+            f"cannot write {e.filename}: {e.strerror or e}. "
+            + (f"The checkpoints are untouched (the latest: step {last}); " if last else "")
+            + "free space or fix permissions and re-run to resume"
+        ) from e
     finally:  # also on errors: orbax threads and the event file are closed, never left hanging
         train_data.close()  # a stream's decoding threads
         ckpts.close()

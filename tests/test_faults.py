@@ -241,6 +241,29 @@ def test_unwritable_checkpoint_is_one_error_line_and_older_ones_stay(workdir3, m
     assert_all_restore(workdir3)
 
 
+def test_a_full_disk_for_metrics_jsonl_is_one_error_line_and_checkpoints_stay(workdir3, monkeypatch, capsys):
+    """metrics.jsonl cannot take a line (disk full) at step 4: exit code 1 with one line naming the
+    file and the reason, not a traceback; checkpoint 3 untouched."""
+    from fcn import metrics_log
+
+    def full(path, *args, **kwargs):
+        if Path(path).name == "metrics.jsonl":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(metrics_log, "open", full, raising=False)  # the module's name for the builtin
+    assert run_training(tiny.get_config(), str(workdir3)) == 1
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert "Traceback" not in err and len(errors) == 1, err
+    assert errors[0] == (
+        f"error: cannot write {workdir3 / 'metrics.jsonl'}: No space left on device. The checkpoints are "
+        "untouched (the latest: step 3); free space or fix permissions and re-run to resume"
+    )
+    assert steps_on_disk(workdir3) == [3]
+    assert_all_restore(workdir3)
+
+
 @pytest.mark.parametrize("in_the_way", ["workdir", "checkpoints"])
 def test_a_file_in_place_of_a_folder_fails_before_training(tmp_path, capsys, in_the_way):
     """A workdir (or its checkpoints folder) that cannot take files is found before any step is run."""
