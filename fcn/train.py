@@ -241,6 +241,12 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
                 "compilation on a GPU takes minutes: XLA times each convolution's algorithms)",
                 jax_cache,
             )
+        elif jax.process_index() == 0:  # else the same command, run again, showed a bar at 100% and exited
+            print(
+                f"{workdir} is trained to step {start} already (config.num_steps): nothing to train. Raise "
+                f"--config.num_steps to train on, or evaluate it: python -m fcn.evaluate --workdir {workdir}",
+                flush=True,
+            )
         bar = tqdm(
             total=config.num_steps,
             initial=start,

@@ -68,6 +68,16 @@ def test_stopped_and_resumed_run_equals_unbroken_run(tmp_path):
     assert train_steps == list(range(1, config.num_steps + 1))  # no step lost or repeated
 
 
+def test_running_a_finished_workdir_again_says_there_is_nothing_to_train(tmp_path, capsys):
+    config = tiny.get_config()
+    train_and_evaluate(config, tmp_path / "run")
+    capsys.readouterr()
+    assert train_and_evaluate(config, tmp_path / "run") == {}
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'run'} is trained to step 6 already (config.num_steps): nothing to train." in out
+    assert "python -m fcn.evaluate --workdir" in out
+
+
 def test_zero_periods_mean_only_at_the_end(tmp_path):
     config = tiny.get_config()
     config.eval_every = config.checkpoint_every = config.log_every = 0
