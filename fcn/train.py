@@ -256,6 +256,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
             mininterval=0.1 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not every step
         )
         step, t_last, n_last = start, time.time(), start
+        read_at = start  # the last step whose loss was read (and finite)
         # On a CPU, one step's temporaries at a time: the next batch is made while a step runs, then
         # the loop waits for it and for its temporaries to be freed (fcn.host_memory.StepPacer).
         pacer = host_memory.StepPacer(mesh.devices.flat)
@@ -278,7 +279,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
                 if do_save or _every(step, config.log_every):
                     # Fetching the loss waits for the step; done only at log and save points.
                     values = {k: float(v) for k, v in jax.device_get(out).items()}
-                    _check_finite(values, step, config, ckpts)  # never checkpoint a NaN state
+                    _check_finite(values, step, config, ckpts, read_at=read_at)  # never checkpoint a NaN state
+                    read_at = step
                     now = time.time()
                     values["images_per_sec"] = (step - n_last) * config.batch_size / max(now - t_last, 1e-9)
                     values["epoch"] = step * config.batch_size / len(train_data)
@@ -335,17 +337,24 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
     return last_report
 
 
-def _check_finite(values: dict, step: int, config, ckpts: checkpoint.Checkpoints) -> None:
+def _check_finite(values: dict, step: int, config, ckpts: checkpoint.Checkpoints, *, read_at: int) -> None:
     """Stop at a loss or gradient norm that is not finite. Both: the loss is computed before the
     step's update, so a finite loss with NaN gradients is a step whose update made the weights NaN,
-    which a save at this step would have kept as the "last good checkpoint"."""
+    which a save at this step would have kept as the "last good checkpoint". read_at: the step at
+    which they were last read, finite; between it and `step` they went unread."""
     bad = [(name, values[key]) for key, name in (("loss", "training loss"), ("grad_norm", "gradient norm"))]
     bad = [(name, v) for name, v in bad if not math.isfinite(v)]
     if not bad:
         return
     last = ckpts.latest_step()
+    when = (
+        f"at step {step}"
+        if read_at >= step - 1
+        else f"between step {read_at + 1} and step {step} (it is read at log, checkpoint and evaluation steps "
+        "only: --config.log_every=1 finds the step)"
+    )
     raise TrainingError(
-        f"the {bad[0][0]} became {bad[0][1]} at step {step}. "
+        f"the {bad[0][0]} became {bad[0][1]} {when}. "
         + (f"The last good checkpoint (step {last}) is kept. " if last else "No checkpoint was written. ")
         + "Try "
         + ", ".join(
