@@ -271,6 +271,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
                 bar.update(1)
                 if step == start + 1:  # the compilation is not a step: the rate and time left from here on
                     _restart_clock(bar)
+                    t_last = time.time()  # and images_per_sec's (the call returns once compiled and started)
                 signalled = stop.requested(step)
                 stopping = signalled or (stop_after is not None and step - start >= stop_after)
                 last = step == config.num_steps

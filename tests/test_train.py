@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -268,6 +269,29 @@ def test_cpu_training_starts_a_step_only_after_the_one_before(tmp_path, monkeypa
     train_and_evaluate(config, tmp_path / "run")
     assert seen == [True] * 6
     assert gc.get_freeze_count() == 0  # the objects frozen for the loop (gc.freeze) are handed back
+
+
+def test_logged_throughput_leaves_out_the_compilation(tmp_path, monkeypatch):
+    """The first call of the step compiles (minutes on a GPU; 2 s here): images_per_sec of the first
+    logged step counts the step only, not the compilation."""
+    config = tiny.get_config()
+    jit_train_step = state_lib.jit_train_step
+
+    def compiling_slowly(*args, **kwargs):
+        step, calls = jit_train_step(*args, **kwargs), []
+
+        def run(*a):
+            if not calls:
+                time.sleep(2.0)
+            calls.append(1)
+            return step(*a)
+
+        return run
+
+    monkeypatch.setattr(state_lib, "jit_train_step", compiling_slowly)
+    train_and_evaluate(config, tmp_path / "run", stop_after=1)
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and first["images_per_sec"] > 2 * config.batch_size / 2.0, first
 
 
 def test_progress_bar_clock_restarts_after_the_first_step():
