@@ -34,6 +34,13 @@ _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
 
 
+def input_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per input channel: ImageNet's R, G, B for the first three, and for any
+    channel after those (in_channels > 3: RGBA, RGB + depth) the average of the three."""
+    extra = max(0, channels - 3)
+    return _MEAN[:channels] + (sum(_MEAN) / 3,) * extra, _STD[:channels] + (sum(_STD) / 3,) * extra
+
+
 def _outside_traces(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
@@ -155,7 +162,7 @@ class UNet(nnx.Module):
       dropout: rate applied at the bottom of the U during training.
       dtype: compute dtype (jnp.float32 or jnp.bfloat16); parameters are float32
         and the logits are returned in float32.
-      pad_mode: `jnp.pad` mode used to pad inputs to a multiple of 2**depth.
+      pad_mode: `jnp.pad` mode used to pad inputs to a multiple of 2**depth, one of PAD_MODES.
       input_scale: run the network on the image resized by this factor
         (antialiased bilinear) and resize the logits back (bilinear), so the
         output still has the input's H x W. 0.5 costs about 4x less compute,
@@ -164,7 +171,8 @@ class UNet(nnx.Module):
         for backend-specific implementations; default `jax.lax.conv_general_dilated`).
       rngs: parameter initialisation keys.
 
-    Inputs are float images in [0, 1]; the model centres them itself.
+    Inputs are float images in [0, 1] with `in_channels` channels; the model centres them itself
+    (`input_stats`).
     """
 
     def __init__(
@@ -193,6 +201,9 @@ class UNet(nnx.Module):
             raise ValueError(f"model.depth={depth}, model.features={features}: need depth >= 0, features >= 1")
         if not 0 < input_scale <= 1:
             raise ValueError(f"model.input_scale={input_scale}: expected 0 < input_scale <= 1")
+        if pad_mode not in PAD_MODES:  # else only the first image of a size to pad would say so
+            raise ValueError(f"model.pad_mode={pad_mode!r}: expected one of {PAD_MODES}")
+        self.in_channels = in_channels
         self.num_classes, self.depth, self.dtype, self.pad_mode = num_classes, depth, dtype, pad_mode
         self.input_scale = input_scale
         self.upsample_kind = upsample
@@ -265,15 +276,16 @@ class UNet(nnx.Module):
         Norm), for a caller that applies them itself (fcn.head_loss)."""
         if not last_norm and not self.depth:
             raise ValueError("UNet.features(last_norm=False) needs depth >= 1")
-        _, h, w, _ = x_BHWC.shape
+        _, h, w, c = x_BHWC.shape
+        if c != self.in_channels:
+            raise ValueError(f"UNet built for in_channels={self.in_channels} got images of {c} channels {x_BHWC.shape}")
         hs, ws = (h, w) if prescaled else scaled_size(h, w, self.input_scale)
         if (hs, ws) != (h, w):
             x_BHWC = resize.linear(x_BHWC.astype(jnp.float32), (hs, ws), antialias=True)
         # Padded as images, before they are centred: padding up front in the same mode (evaluation,
         # fcn.inference, fcn.export) then gives the same input, "constant" (black) included.
         x_BHWC = pad_to_multiple(x_BHWC.astype(jnp.float32), 2**self.depth, self.pad_mode)
-        mean = jnp.asarray(_MEAN[: x_BHWC.shape[-1]], jnp.float32)
-        std = jnp.asarray(_STD[: x_BHWC.shape[-1]], jnp.float32)
+        mean, std = (jnp.asarray(v, jnp.float32) for v in input_stats(c))
         x_BHWC = ((x_BHWC - mean) / std).astype(self.dtype)
 
         skips = []

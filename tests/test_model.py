@@ -198,6 +198,25 @@ def test_bad_arguments_are_named():
         tiny()(jnp.zeros((1, 0, 5, 3)))
 
 
+def test_a_bad_pad_mode_or_channel_count_is_named_at_once():
+    """A misspelt pad_mode was accepted, and failed only at the first image whose size needed
+    padding, inside jnp.pad; images with the wrong channel count failed inside the convolution."""
+    with pytest.raises(ValueError, match="model.pad_mode='mirror'.*reflect"):
+        tiny(pad_mode="mirror")
+    with pytest.raises(ValueError, match="in_channels=3 got images of 1 channels"):
+        tiny()(jnp.zeros((1, 8, 8, 1)))
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_any_number_of_input_channels(channels):
+    """in_channels > 3 (RGBA, RGB + depth) failed to broadcast ImageNet's three means."""
+    model = tiny(in_channels=channels)
+    model.eval()
+    assert model(jnp.full((1, 5, 7, channels), 0.5)).shape == (1, 5, 7, 3)
+    mean, std = fcn.model.input_stats(channels)
+    assert len(mean) == len(std) == channels and mean[:3] == fcn.model._MEAN[:channels]
+
+
 @pytest.mark.parametrize("follows", ["xla conv", "onednn conv", "xla conv off the CPU"])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
