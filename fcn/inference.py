@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import reprlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -66,6 +67,12 @@ def read_input(image, name: str = "image") -> np.ndarray:
         array = np.asarray(image)
     except Exception as e:  # noqa: BLE001 - anything numpy cannot read is not an image
         raise DataError(f"{name}: cannot be read as an array ({type(image).__name__}: {e})") from None
+    if array.dtype == object or (array.ndim == 0 and not isinstance(image, np.ndarray | np.generic | jax.Array)):
+        # None, a dict, a generator, a ragged list: "shape ()" would not say what was wrong
+        raise DataError(
+            f"{name}: {reprlib.repr(image)} ({type(image).__name__}) is not an image; expected a file path, "
+            "a PIL image, or an array [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]"
+        )
     return _check_array(array, name)
 
 
