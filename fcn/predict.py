@@ -4,8 +4,11 @@
 
 For each input image `NAME.ext` it writes `OUT/NAME_classes.png`, the class ids
 as a palette PNG (it opens as colours; the pixel values are the class ids),
-and `OUT/NAME_overlay.png`, the image blended with those colours. A directory
-argument stands for the images directly inside it. Inputs are only read,
+and `OUT/NAME_overlay.png`, the image blended with those colours. Where that
+name is an earlier input's (`a/x.png` and `b/x.jpg`) or would overwrite an
+input, the later input's outputs are `NAME-2_...` (`-3`, ...), and a note
+says which file they belong to. A directory argument stands for the images
+directly inside it (other files there are passed over). Inputs are only read,
 never written. Inputs that cannot be used (missing, not an image, empty, a
 directory without images) are reported by name and skipped; the exit code is
 0 when every input was predicted, 1 when some failed, 2 for bad arguments.
@@ -101,6 +104,13 @@ def predict_files(segmenter, files: list[Path], out: Path, *, alpha: float = 0.5
     from fcn.inference import read_input
 
     names = output_names(files, out)
+    for path, (classes_path, overlay_path) in zip(files, names, strict=True):
+        if classes_path.name != f"{path.stem}_classes.png":  # else no one could tell which file it was
+            print(
+                f"note: {path} is written as {classes_path.name} and {overlay_path.name} "
+                f"({path.stem}_classes.png is another input's, or an input)",
+                file=sys.stderr,
+            )
     errors: dict[int, str] = {}
     ahead = 2 * segmenter.batch_size
     disable = True if len(files) < _PROGRESS_MIN_FILES else None  # None: only on a terminal

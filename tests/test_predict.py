@@ -107,6 +107,24 @@ def test_outputs_next_to_inputs_never_overwrite_them(workdir, tmp_path):
     assert {"a-2_classes.png", "a-2_overlay.png", "a_classes_classes.png"} <= set(after)
 
 
+def test_same_stem_in_two_folders_gets_two_outputs_and_a_note_saying_which(workdir, tmp_path, capsys):
+    """a/x.png and b/x.jpg: the second's outputs were x-2_*.png with nothing saying which input
+    they belong to."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = _write(tmp_path / "a" / "x.png", 20, 24, 1), _write(tmp_path / "b" / "x.jpg", 28, 16, 2)
+    out = tmp_path / "out"
+    assert main(["--workdir", workdir, "--out", str(out), str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    seg = load(workdir)
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "x_classes.png")), seg.predict(first))
+    second_read = np.asarray(Image.open(tmp_path / "b" / "x.jpg"))  # JPEG: compare with what was read
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "x-2_classes.png")), seg.predict(second_read))
+    assert second.shape == second_read.shape
+    err = capsys.readouterr().err
+    assert f"note: {tmp_path / 'b' / 'x.jpg'} is written as x-2_classes.png and x-2_overlay.png" in err
+    assert str(tmp_path / "a" / "x.png") not in err  # the first keeps its name: no note
+
+
 def test_files_in_batches_with_failures_among_them(workdir, tmp_path):
     """Files are read ahead, predicted a batch at a time and written behind: each class map is the
     file's own prediction, and a bad file, unreadable or unwritable, fails alone, reported in order."""
