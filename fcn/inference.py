@@ -163,7 +163,8 @@ class Segmenter:
     """A trained model with its classes, palette and input handling.
 
     Args:
-      model: a UNet (in evaluation mode; a copy is put in evaluation mode anyway).
+      model: a UNet of at most 256 classes (class maps are uint8; in evaluation mode, or a copy is put
+        in evaluation mode).
       class_names: one name per class (default class_0, class_1, ...).
       palette: uint8 [K, 3] colours (default: the PASCAL-style palette).
       ignore_label: label value that marks unlabelled pixels in this dataset.
@@ -195,6 +196,8 @@ class Segmenter:
         max_size: int = 0,
     ):
         k = model.num_classes
+        if k > 256:  # class 256 would come back as 0 in a uint8 class map
+            raise ValueError(f"a model with {k} classes: class maps are uint8, so a Segmenter takes at most 256")
         class_names = [f"class_{i}" for i in range(k)] if class_names is None else class_names
         self.class_names = tuple(str(n) for n in class_names)
         if len(self.class_names) != k:

@@ -191,6 +191,12 @@ def test_max_size_predicts_at_training_scale(workdir):
     assert small.predict(random_image(40, 60)).shape == (40, 60)
 
 
+def test_more_classes_than_a_uint8_class_map_holds_is_refused():
+    """A model of 300 classes predicted class 299 as 43 (299 % 256): the class map is uint8."""
+    with pytest.raises(ValueError, match="300 classes: class maps are uint8"):
+        Segmenter(UNet(300, features=1, depth=0, rngs=nnx.Rngs(0)))
+
+
 def test_group_norm_falls_back_to_exact_per_size_buckets():
     model = UNet(3, features=4, depth=2, norm="group", rngs=nnx.Rngs(0))
     seg = Segmenter(model, bucket=32)
