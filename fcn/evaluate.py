@@ -33,7 +33,7 @@ def evaluate_split(
     """Run `eval_step` over a whole split; returns ([K, K] int64 confusion, kept examples).
 
     kept examples: up to `keep_examples` (image, label, prediction) triples at
-    full resolution, for pictures. in_flight: batches evaluated at once
+    the split's resolution (without the batch's padding), for pictures. in_flight: batches evaluated at once
     (`batches_in_flight()` when None); the sums, and so the result, are the
     same for any value.
     """

@@ -1,8 +1,9 @@
 """Dataset-wide segmentation metrics from one confusion matrix.
 
 Every score here is a function of a single confusion matrix summed over the
-whole dataset at full resolution, never an average of per-batch scores, so the
-result cannot depend on batch size or order.
+whole dataset at the resolution it is read at (the files' own, unless
+data.max_size shrinks it), never an average of per-batch scores, so the result
+cannot depend on batch size or order.
 """
 
 from __future__ import annotations
