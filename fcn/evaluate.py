@@ -35,7 +35,7 @@ def evaluate_split(
     kept examples: up to `keep_examples` (image, label, prediction) triples at
     the split's resolution (without the batch's padding), for pictures. in_flight: batches evaluated at once
     (`batches_in_flight()` when None); the sums, and so the result, are the
-    same for any value.
+    same for any value. config.eval_hflip must say whether `eval_step` flips.
     """
     sharding.check_batch_size(config.eval_batch_size, "eval_batch_size")
     rows = sharding.process_slice(config.eval_batch_size)
@@ -44,8 +44,10 @@ def evaluate_split(
     # Images whose sizes round up to the same multiple of 2**depth are padded to it, in the model's pad mode,
     # and batched together: the network pads them so itself, so no prediction changes. Not where it resizes
     # its input first (input_scale < 1: it pads after resizing): there an image is batched only with images
-    # of its own size.
+    # of its own size. With flip test-time augmentation (config.eval_hflip), padding after the last column would
+    # come first in the mirrored image: images are padded only below, and batched with images of their own width.
     multiple = 2**config.model.depth if config.model.input_scale == 1 else 1
+    multiple = (multiple, 1 if config.get("eval_hflip", False) else multiple)
     batches = pipeline.eval_batches(
         split, config.eval_batch_size, multiple, config.data.ignore_label, config.model.pad_mode
     )
@@ -206,12 +208,14 @@ def _evaluate(args) -> int:
     workdir = Path(args.workdir)
     mesh = sharding.make_mesh()
     config, info, graphs, state = load_for_eval(workdir, args.checkpoint, mesh, args.data_overrides)
+    with config.unlocked():
+        config.eval_hflip = bool(args.hflip or config.get("eval_hflip", False))  # how evaluate_split batches
     source = get_source(config.data)
     split = source.load(args.split)
     state = jax.device_put(state, sharding.replicated(mesh))
     num_classes = len(info["class_names"])
     eval_step = jax.jit(
-        state_lib.make_eval_step(graphs, num_classes, info["ignore_label"], hflip=args.hflip or config.eval_hflip),
+        state_lib.make_eval_step(graphs, num_classes, info["ignore_label"], hflip=config.eval_hflip),
         out_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),  # every process reads the matrix
     )
     t0 = time.time()

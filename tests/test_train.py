@@ -213,11 +213,13 @@ def test_evaluation_with_batches_in_flight_equals_one_at_a_time():
     assert evaluate.batches_in_flight() == (2 if jax.default_backend() == "cpu" else 1)
 
 
-@pytest.mark.parametrize("model", ["reflect", "input_scale=0.5", "pad_mode=constant"])
+@pytest.mark.parametrize("model", ["reflect", "input_scale=0.5", "pad_mode=constant", "eval_hflip"])
 def test_evaluation_predicts_what_the_model_predicts_on_each_image_alone(model):
     """Batched evaluation pads images of different sizes to a common one; no prediction may change for
     it. Padding the image as the model pads it works at input_scale 1, in every pad mode ("constant":
-    black, as the model pads before normalising); a model that resizes its input pads after resizing."""
+    black, as the model pads before normalising); a model that resizes its input pads after resizing.
+    With eval_hflip the mirrored image had its padding before its first column, and predicted
+    otherwise than the mirrored image alone (and than fcn.load(...).predict(hflip=True))."""
     from fcn import evaluate, sharding
     from fcn.data.base import Split
 
@@ -227,17 +229,19 @@ def test_evaluation_predicts_what_the_model_predicts_on_each_image_alone(model):
         config.model.input_scale = 0.5
     elif model == "pad_mode=constant":
         config.model.pad_mode = "constant"
+    config.eval_hflip = model == "eval_hflip"
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (h, w, 3), np.uint8) for h, w in [(21, 30), (19, 27), (21, 30)]]
     split = Split(images, [np.zeros(i.shape[:2], np.uint8) for i in images], ["a", "b", "c"])
     graphs, state, _ = state_lib.create(config, 4)
-    step = jax.jit(state_lib.make_eval_step(graphs, 4, 255))
+    step = jax.jit(state_lib.make_eval_step(graphs, 4, 255, hflip=config.eval_hflip))
     _, kept = evaluate.evaluate_split(step, state, split, config, 4, sharding.make_mesh(), keep_examples=3)
     model = state_lib.eval_model(graphs, state)
     assert sorted(image.shape for image, _, _ in kept) == sorted(image.shape for image in images)
     for image, _, pred in kept:  # (in batch order)
-        alone = np.asarray(jnp.argmax(model(jnp.asarray(image[None]) / 255.0), -1))[0]
-        np.testing.assert_array_equal(pred, alone)
+        x = jnp.asarray(image[None]) / 255.0
+        logits = model(x) + (model(x[:, :, ::-1])[:, :, ::-1] if config.eval_hflip else 0)
+        np.testing.assert_array_equal(pred, np.asarray(jnp.argmax(logits, -1))[0])
 
 
 def test_cpu_training_starts_a_step_only_after_the_one_before(tmp_path, monkeypatch):

@@ -302,23 +302,25 @@ def augment(key, images_BHWC, labels_BHW, sizes_B2, augment_config, ignore_label
 def eval_batches(
     split: Split,
     batch_size: int,
-    multiple: int,
+    multiple: int | tuple[int, int],
     ignore_label: int,
     pad_mode: str = "reflect",
 ) -> Iterator[tuple[np.ndarray, np.ndarray, list[int], list[tuple[int, int]]]]:
     """Yield (images_BHWC uint8, labels_BHW uint8, example indices, true (H, W) sizes).
 
     Images are grouped by size rounded up to `multiple` (the model's own
-    padding multiple, so predictions equal those on the unpadded image);
+    padding multiple, so predictions equal those on the unpadded image; a pair
+    (H, W) gives each axis its own);
     images are padded after their last row and column in `pad_mode`, labels
     with the ignore label, and a short last batch is filled with all-ignore
     examples so that every batch has the same shape.
     """
     groups: dict[tuple[int, int], list[int]] = {}
     examples = list(zip(split.images, split.labels))
+    mh, mw = (multiple, multiple) if isinstance(multiple, int) else multiple
     for n, (_, label) in enumerate(examples):
         h, w = label.shape
-        groups.setdefault((h + -h % multiple, w + -w % multiple), []).append(n)
+        groups.setdefault((h + -h % mh, w + -w % mw), []).append(n)
     for (bh, bw), members in groups.items():
         for start in range(0, len(members), batch_size):
             idx = members[start : start + batch_size]
