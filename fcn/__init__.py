@@ -24,3 +24,8 @@ def __getattr__(name: str):
 
         return load_exported
     raise AttributeError(f"module 'fcn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # load_exported too, which only __getattr__ knows: a notebook's tab completion lists it
+    return sorted(set(globals()) | set(__all__))

@@ -29,3 +29,11 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     assert "mean IoU" in outputs and "tiled vs whole" in outputs
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 2, "the predictions are shown as pictures"
+
+
+def test_every_public_name_is_listed_and_importable():
+    """fcn.load_exported (imported on first use) was missing from dir(fcn), so from tab completion."""
+    import fcn
+
+    assert set(fcn.__all__) <= set(dir(fcn))
+    assert all(callable(getattr(fcn, name)) or name in ("losses", "metrics") for name in fcn.__all__)
