@@ -24,3 +24,34 @@ def _fcn_cache_dir(tmp_path_factory):
 
         enable_compilation_cache()
         yield
+
+
+@pytest.fixture
+def diverge_at(monkeypatch):
+    """`diverge_at(step, grad_norm=False)`: from then on, the training step turns the weights NaN after
+    `step` (as a diverging update leaves them), and its gradient norm too with `grad_norm`; the loss it
+    reports for that step stays finite. Undone with the test's `monkeypatch`."""
+    import jax
+    import numpy as np
+
+    from fcn import state as state_lib
+
+    jit_train_step = state_lib.jit_train_step
+
+    def setup(at: int, grad_norm: bool = False) -> None:
+        def diverging(*args, **kwargs):
+            step = jit_train_step(*args, **kwargs)
+
+            def run(state, *batch):
+                state, out = step(state, *batch)
+                if int(state["step"]) == at:
+                    state = {**state, "params": jax.tree.map(lambda p: p * np.nan, state["params"])}
+                    if grad_norm:
+                        out = {**out, "grad_norm": out["grad_norm"] * np.nan}
+                return state, out
+
+            return run
+
+        monkeypatch.setattr(state_lib, "jit_train_step", diverging)
+
+    return setup

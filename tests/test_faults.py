@@ -371,25 +371,11 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(workd
     assert_all_restore(workdir3)
 
 
-def test_nan_gradients_at_a_save_step_are_not_saved_as_a_good_checkpoint(workdir3, monkeypatch, capsys):
+def test_nan_gradients_at_a_save_step_are_not_saved_as_a_good_checkpoint(workdir3, monkeypatch, capsys, diverge_at):
     """A step whose loss is finite but whose gradients are NaN (its update turns the weights NaN) at
     the last step, a save step: stopped there, naming the gradient norm and the step; checkpoint 3
     stays the last, and no NaN state is saved as latest or best (it used to finish with exit 0)."""
-    jit_train_step = state_lib.jit_train_step
-
-    def diverging(*args, **kwargs):
-        step = jit_train_step(*args, **kwargs)
-
-        def run(state, *batch):
-            state, out = step(state, *batch)
-            if int(state["step"]) == 6:
-                state = {**state, "params": jax.tree.map(lambda p: p * np.nan, state["params"])}
-                out = {**out, "grad_norm": out["grad_norm"] * np.nan}
-            return state, out
-
-        return run
-
-    monkeypatch.setattr(state_lib, "jit_train_step", diverging)
+    diverge_at(6, grad_norm=True)
     assert run_training(tiny.get_config(), str(workdir3)) == 1
     err = capsys.readouterr().err
     assert "error: the gradient norm became nan at step 6. The last good checkpoint (step 3) is kept." in err

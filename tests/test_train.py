@@ -88,25 +88,12 @@ def test_zero_periods_mean_only_at_the_end(tmp_path):
     assert [row["step"] for row in lines if "loss" in row] == [config.num_steps]
 
 
-def test_nan_found_at_a_sparse_log_step_names_the_steps_it_may_have_begun_at(tmp_path, monkeypatch):
+def test_nan_found_at_a_sparse_log_step_names_the_steps_it_may_have_begun_at(tmp_path, diverge_at):
     """With the loss read only at the end (log_every=0), weights gone NaN after step 3 are found at step 6:
     the error gives the steps it went unread, not step 6 as the step it began."""
     config = tiny.get_config()
     config.eval_every = config.checkpoint_every = config.log_every = 0
-    jit_train_step = state_lib.jit_train_step
-
-    def diverging(*args, **kwargs):
-        step = jit_train_step(*args, **kwargs)
-
-        def run(state, *batch):
-            state, out = step(state, *batch)
-            if int(state["step"]) == 3:
-                state = {**state, "params": jax.tree.map(lambda p: p * np.nan, state["params"])}
-            return state, out
-
-        return run
-
-    monkeypatch.setattr(state_lib, "jit_train_step", diverging)
+    diverge_at(3)
     with pytest.raises(TrainingError, match=r"^the training loss became nan between step 1 and step 6 \(it is read "):
         train_and_evaluate(config, tmp_path / "run")
 
