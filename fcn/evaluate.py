@@ -8,6 +8,8 @@ prints a per-class table and the summary scores, and writes
 with several processes, none: an earlier one is removed). The model and the data
 settings are the workdir's (config.json); `--config.data.KEY=VALUE` overrides a
 data setting as train.py does, e.g. the data's path when it has moved.
+`--batch_size N` sets the images per batch over all devices (default: the
+workdir's eval_batch_size, rounded up to a multiple of the device count).
 """
 
 from __future__ import annotations
@@ -169,6 +171,12 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default="best", choices=("best", "latest"), help="which checkpoint")
     parser.add_argument("--examples", type=int, default=4, help="example overlays to draw (0 = none)")
     parser.add_argument("--hflip", action="store_true", help="average with horizontally flipped predictions")
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        help="images per batch over all devices, a multiple of their count (default: the workdir's "
+        "eval_batch_size, rounded up to one); the scores do not depend on it",
+    )
     parser.add_argument("--coordinator", help="host:port of process 0 of a multi-process run (or FCN_COORDINATOR)")
     parser.add_argument("--num_processes", type=int, help="processes of a multi-process run (or FCN_NUM_PROCESSES)")
     parser.add_argument("--process_id", type=int, help="this process's index (or FCN_PROCESS_ID)")
@@ -207,9 +215,12 @@ def _evaluate(args) -> int:
     enable_compilation_cache()  # a second evaluation reads the compiled step back
     workdir = Path(args.workdir)
     mesh = sharding.make_mesh()
+    if args.batch_size is not None:  # before anything is read
+        sharding.check_batch_size(args.batch_size, "--batch_size")
     config, info, graphs, state = load_for_eval(workdir, args.checkpoint, mesh, args.data_overrides)
     with config.unlocked():
         config.eval_hflip = bool(args.hflip or config.get("eval_hflip", False))  # how evaluate_split batches
+    config.eval_batch_size = _eval_batch_size(args.batch_size, config.eval_batch_size)
     source = get_source(config.data)
     split = source.load(args.split)
     state = jax.device_put(state, sharding.replicated(mesh))
@@ -238,6 +249,22 @@ def _evaluate(args) -> int:
             examples.unlink(missing_ok=True)
         print(f"wrote {workdir}/eval_{args.split}.json and pictures")
     return 0
+
+
+def _eval_batch_size(chosen: int | None, saved: int) -> int:
+    """--batch_size, or the workdir's eval_batch_size rounded up to a multiple of the device count: a
+    workdir trained on other devices evaluates here, with the same scores (a short batch is filled
+    with all-ignore examples, which count no pixel)."""
+    if chosen is not None:
+        return chosen
+    batch = sharding.round_up_to_devices(saved)
+    if batch != saved and jax.process_index() == 0:
+        print(
+            f"the workdir's eval_batch_size={saved} does not divide among {jax.device_count()} devices: "
+            f"evaluating {batch} images at a time (--batch_size to choose)",
+            file=sys.stderr,
+        )
+    return batch
 
 
 if __name__ == "__main__":

@@ -27,14 +27,24 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_size(global_batch: int, what: str = "batch_size") -> int:
-    """The per-device batch; a clear error when the global batch does not divide."""
+    """The per-device batch; a clear error when the global batch does not divide.
+
+    what: the config key that set it (`config.` is put before it), or a flag (`--batch_size`).
+    """
     n_dev, n_proc = jax.device_count(), jax.process_count()
     if global_batch < 1 or global_batch % n_dev:
+        name = what if what.startswith("-") else f"config.{what}"
         raise ValueError(
-            f"config.{what}={global_batch} must be a positive multiple of the device count "
+            f"{name}={global_batch} must be a positive multiple of the device count "
             f"({n_dev} devices over {n_proc} process(es)); try {max(n_dev, global_batch // n_dev * n_dev)}"
         )
     return global_batch // n_dev
+
+
+def round_up_to_devices(global_batch: int) -> int:
+    """The smallest multiple of the device count that is at least `global_batch` (and at least 1)."""
+    n_dev = jax.device_count()
+    return max(1, -(-global_batch // n_dev)) * n_dev
 
 
 def process_slice(global_batch: int) -> slice:

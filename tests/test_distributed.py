@@ -99,14 +99,20 @@ if then_evaluate:
     assert evaluate.main(["--workdir", workdir, "--checkpoint", "latest", "--examples", "0"]) == 0
 """
 
-# After training on 4 devices: evaluate the reference run there, and ask for impossible batch sizes.
+# After training on 4 devices: evaluate the reference run there (also as if it had been trained
+# with eval_batch_size=3, which 4 devices do not divide), and ask for impossible batch sizes.
 FOUR_DEVICE_CHECKS = r"""
-import sys
+import json, shutil, sys
 from configs import tiny
 from fcn import cli, evaluate, sharding
 from fcn.data import get_source
 ref, out = sys.argv[1], sys.argv[2]
 assert evaluate.main(["--workdir", ref, "--checkpoint", "latest", "--examples", "0"]) == 0
+odd = Path(shutil.copytree(ref, out + "/odd_eval_batch"))
+saved = json.loads((odd / "config.json").read_text())
+(odd / "config.json").write_text(json.dumps({**saved, "eval_batch_size": 3}))
+assert evaluate.main(["--workdir", str(odd), "--checkpoint", "latest", "--examples", "0"]) == 0
+assert evaluate.main(["--workdir", str(odd), "--examples", "0", "--batch_size", "6"]) == 1
 config = tiny.get_config()
 config.batch_size = 6
 assert cli.run_training(config, out + "/bad") == 1  # prints the error
@@ -185,6 +191,12 @@ def test_four_devices_match_one_device(reference, cache, tmp_path):
     four = json.loads((ref / "wd" / "eval_val.json").read_text())
     assert four["step"] == ref_report["step"]
     assert four["confusion_matrix"] == ref_report["confusion_matrix"]
+    # A workdir's eval_batch_size that 4 devices do not divide is rounded up, with the same matrix;
+    # a --batch_size they do not divide is refused, naming the flag.
+    odd = json.loads((tmp_path / "odd_eval_batch" / "eval_val.json").read_text())
+    assert odd["confusion_matrix"] == ref_report["confusion_matrix"]
+    assert "eval_batch_size=3 does not divide among 4 devices: evaluating 4 images at a time" in done.stderr
+    assert "error: --batch_size=6 must be a positive multiple of the device count (4 devices" in done.stderr
     # Batch sizes the devices do not divide: one line naming the key and the device count.
     assert "error: config.batch_size=6 must be a positive multiple of the device count (4 devices" in done.stderr
     assert "config.eval_batch_size=2 must be a positive multiple of the device count (4 devices" in done.stderr
