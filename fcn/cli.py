@@ -126,13 +126,16 @@ def train_main(argv=None) -> None:
         # app.run put absl's handler on the root logger, which prefixes every line with a level, time,
         # thread and file: plain messages instead, as run_training asks (it leaves a caller's handlers be).
         logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-        from fcn.distributed import maybe_initialize
+        from fcn.distributed import DistributedError, maybe_initialize
 
         try:  # first, before JAX touches a device
             maybe_initialize(flags.FLAGS.coordinator, flags.FLAGS.num_processes, flags.FLAGS.process_id)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except DistributedError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         try:
             config = flags.FLAGS.config
             config.keys()  # the config file is loaded lazily: surface its errors here

@@ -18,10 +18,12 @@ Slurm allocation, say).
 
 from __future__ import annotations
 
+import errno
 import glob
 import importlib.util
 import logging
 import os
+import socket
 
 import jax
 
@@ -59,15 +61,24 @@ def detect_cluster() -> str | None:
     return None
 
 
+class DistributedError(RuntimeError):
+    """This process could not join its multi-process job; the message says why and what to check."""
+
+
 def maybe_initialize(
     coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
 ) -> bool:
     """Join the multi-process job this process belongs to, if any; True when it did (or had).
 
-    Call it first, before any JAX computation or `jax.devices()`.
+    Call it first, before any JAX computation or `jax.devices()`. A value that cannot work raises
+    ValueError naming it (its flag, or its variable where that set it); a failure to join,
+    DistributedError.
     """
     if jax.distributed.is_initialized():
         return True
+    # Each value's name in messages: the flag, or the variable it came from.
+    args = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
+    name = {k: f"--{k}" if v is not None else ENV[k] for k, v in args.items()}
     coordinator = coordinator or os.environ.get(ENV["coordinator"]) or None
     if num_processes is None:
         num_processes = _int(os.environ.get(ENV["num_processes"]), ENV["num_processes"])
@@ -81,15 +92,36 @@ def maybe_initialize(
                 "a multi-process run needs all of --coordinator, --num_processes and --process_id "
                 f"(or {', '.join(ENV.values())}); missing: " + ", ".join(f"--{k} ({ENV[k]})" for k in missing)
             )
+        if num_processes < 1:
+            raise ValueError(f"{name['num_processes']}={num_processes} must be at least 1")
         if not 0 <= process_id < num_processes:
-            raise ValueError(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
+            raise ValueError(
+                f"{name['process_id']}={process_id} must be in [0, {name['num_processes']}={num_processes})"
+            )
         if num_processes == 1:
             return False
-        if ":" not in coordinator:
-            raise ValueError(f"--coordinator={coordinator!r} must be host:port of process 0, e.g. 10.0.0.1:1234")
+        host, _, port = coordinator.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f"{name['coordinator']}={coordinator!r} must be host:port of process 0, with a port in "
+                "1..65535, e.g. 10.0.0.1:1234"
+            )
+        if process_id == 0 and not _port_free(int(port)):
+            # Checked here: jax's own failure to listen there was a traceback, or a segmentation fault.
+            raise DistributedError(
+                f"process 0 of {num_processes} cannot listen on port {port} ({name['coordinator']}={coordinator}): "
+                "another program (an earlier run?) uses it. End it, or choose another port for every process"
+            )
         _cpu_collectives()
         log.info("joining %d processes as process %d through %s", num_processes, process_id, coordinator)
-        jax.distributed.initialize(coordinator, num_processes, process_id)
+        try:
+            jax.distributed.initialize(coordinator, num_processes, process_id)
+        except Exception as e:  # noqa: BLE001 - jax raises its runtime's errors: said in one line
+            why = (str(e).splitlines() or [type(e).__name__])[0]
+            hint = "" if process_id == 0 else f" Is process 0 running, and {coordinator} reachable from this host?"
+            raise DistributedError(
+                f"process {process_id} of {num_processes} could not join the job through {coordinator}: {why}.{hint}"
+            ) from e
         return True
     cluster = detect_cluster()
     if cluster is None:
@@ -98,6 +130,20 @@ def maybe_initialize(
     log.info("%s cluster detected: jax.distributed.initialize()", cluster)
     jax.distributed.initialize()
     return True
+
+
+def _port_free(port: int) -> bool:
+    """Whether a server can listen on `port` of every interface, as process 0's coordination service does."""
+    for family, address in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: a closed run's port is free
+                s.bind((address, port))
+                return True
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return False
+    return True  # no IPv6 nor IPv4 socket to try with: leave it to jax
 
 
 def _cpu_collectives() -> None:

@@ -191,12 +191,15 @@ def main(argv=None) -> int:
             f"{DATA_OVERRIDE}KEY=VALUE overrides a data setting)"
         )
 
-    from fcn.distributed import maybe_initialize
+    from fcn.distributed import DistributedError, maybe_initialize
 
     try:  # first, before JAX touches a device
         maybe_initialize(args.coordinator, args.num_processes, args.process_id)
     except ValueError as e:
         parser.error(str(e))
+    except DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
     from fcn.checkpoint import CheckpointError
     from fcn.data.images import DataError

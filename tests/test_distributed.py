@@ -323,9 +323,28 @@ def test_multi_process_settings_are_checked(monkeypatch):
     assert distributed.maybe_initialize("127.0.0.1:1234", 1, 0) is False  # one process of one
     with pytest.raises(ValueError, match="missing: --num_processes"):
         distributed.maybe_initialize("127.0.0.1:1234", None, 0)
-    monkeypatch.setenv("FCN_PROCESS_ID", "2")
-    with pytest.raises(ValueError, match=r"--process_id=2 must be in \[0, --num_processes=2\)"):
+    monkeypatch.setenv("FCN_PROCESS_ID", "2")  # a value is named as the user gave it: variable or flag
+    with pytest.raises(ValueError, match=r"FCN_PROCESS_ID=2 must be in \[0, --num_processes=2\)"):
         distributed.maybe_initialize("127.0.0.1:1234", 2)
+    with pytest.raises(ValueError, match=r"--num_processes=0 must be at least 1"):
+        distributed.maybe_initialize("127.0.0.1:1234", 0, 0)
+    for bad in ("127.0.0.1:x", "127.0.0.1:70000", ":1234"):  # jax failed with a traceback, "Failed to start RPC server"
+        with pytest.raises(ValueError, match=f"--coordinator='{bad}' must be host:port of process 0, with a port in"):
+            distributed.maybe_initialize(bad, 2, 0)
+    monkeypatch.delenv("FCN_PROCESS_ID")
+
+    # jax's errors in joining, e.g. process 0 not there: one line that says what to check.
+    def unreachable(*args):
+        raise RuntimeError("DEADLINE_EXCEEDED: Barrier timed out\n(pages of gRPC details)")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(jax.distributed, "initialize", unreachable)
+        with pytest.raises(
+            distributed.DistributedError,
+            match=r"process 1 of 2 could not join the job through "
+            r"10.0.0.1:1234: DEADLINE_EXCEEDED: Barrier timed out. Is process 0 running",
+        ):
+            distributed.maybe_initialize("10.0.0.1:1234", 2, 1)
     monkeypatch.setenv("FCN_DISTRIBUTED", "1")
     for name, value in [("SLURM_JOB_ID", "1"), ("SLURM_STEP_NODELIST", "n[1-2]"), ("SLURM_NTASKS", "2")]:
         monkeypatch.setenv(name, value)
@@ -334,3 +353,22 @@ def test_multi_process_settings_are_checked(monkeypatch):
     assert distributed.detect_cluster() == "slurm"  # a step of `srun` with 2 tasks
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
     assert distributed.detect_cluster() != "slurm"  # the batch script itself
+
+
+def test_coordinator_port_in_use_is_one_line(tmp_path):
+    """Process 0 whose --coordinator port another program listens on: one line that says so, exit code 1.
+    jax's own failure to listen there was a traceback ('Failed to start RPC server'), or a segmentation
+    fault, in train.py."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        argv = ["--workdir", str(tmp_path / "wd"), f"--coordinator=127.0.0.1:{port}", "--num_processes=2"]
+        cmd = [sys.executable, "train.py", "--config", "configs/tiny.py", *argv, "--process_id=0"]
+        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert (
+        f"error: process 0 of 2 cannot listen on port {port} (--coordinator=127.0.0.1:{port}): another" in done.stderr
+    )
+    assert "Traceback" not in done.stderr and not (tmp_path / "wd").exists()
