@@ -1,7 +1,9 @@
 """metrics.jsonl, and TensorBoard events where tensorboardX is installed: what a training run logs.
 
 One JSON line per logged step and per evaluation, written by process 0. On resume the lines past
-the checkpoint resumed from are dropped first, so no step appears twice.
+the checkpoint resumed from are dropped first, so no step appears twice; TensorBoard is told to
+hide those steps' events too (tensorboardX's purge_step). TensorBoard's tags are `train/loss`,
+`eval/mean_iou` (metrics.jsonl's `eval_mean_iou`), ...
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -38,7 +41,14 @@ class MetricsLog:
             tmp.write_text("".join(ln + "\n" for ln in kept))
             os.replace(tmp, self.path)
         try:
-            self.writer = _summary_writer_class()(str(workdir / "tensorboard"))
+            # Resumed: TensorBoard hides the steps past the checkpoint that a stopped run had logged
+            # (its events file stays), as metrics.jsonl drops their lines. The file's name has the
+            # start's second; a suffix keeps a run resumed within it from overwriting the first's.
+            purge = resume_step + 1 if resume_step else None
+            suffix = f".{time.time_ns() % 10**9:09d}.{os.getpid()}"  # the second's nanoseconds: in order
+            self.writer = _summary_writer_class()(
+                str(workdir / "tensorboard"), purge_step=purge, filename_suffix=suffix
+            )
         except ImportError:
             log.info("tensorboardX not installed: no TensorBoard events, metrics.jsonl only")
 
@@ -51,7 +61,7 @@ class MetricsLog:
         if self.writer is not None:
             for k, v in values.items():
                 if isinstance(v, int | float) and not isinstance(v, bool):
-                    self.writer.add_scalar(f"{prefix}/{k}", v, step)
+                    self.writer.add_scalar(f"{prefix}/{k.removeprefix(prefix + '_')}", v, step)  # eval/mean_iou
             self.writer.flush()
 
     def close(self) -> None:
