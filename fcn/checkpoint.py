@@ -265,14 +265,15 @@ class Checkpoints:
         return "best" if self._holds_steps("best") and self.best.best_step() is not None else "latest"
 
     def save(self, step: int, state, *, mean_iou: float | None = None) -> None:
-        """Save the state as latest (and as best when `mean_iou` beats the best so far)."""
+        """Save the state as latest (and as best when `mean_iou` equals or beats the best so far: a
+        state that would not be kept is not written, then deleted)."""
         try:
             self.latest.save(step, args=ocp.args.StandardSave(state), force=True)
-            if mean_iou is not None and np.isfinite(mean_iou):
-                metrics = {"mean_iou": float(mean_iou)}
+            if mean_iou is not None and np.isfinite(mean_iou) and self._is_best(step, float(mean_iou)):
                 if step in self.best.all_steps():
                     # Left by a run killed between its best and latest saves; this run redid the step.
                     self.best.delete(step)
+                metrics = {"mean_iou": float(mean_iou)}
                 self.best.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
             self.wait()
         except (OSError, ValueError) as e:
@@ -284,6 +285,14 @@ class Checkpoints:
                 f"could not write a checkpoint at step {step} in {self.workdir}: {e}. "
                 "Earlier checkpoints are untouched; free space or fix permissions and re-run to resume."
             ) from e
+
+    def _is_best(self, step: int, mean_iou: float) -> bool:
+        """Whether best/ keeps this step's state: a tie goes to the later step, as orbax's own ranking
+        (max_to_keep=1) would decide; a step best/ holds already was left by a killed run and is redone."""
+        best = self.best.best_step()
+        if best is None or best == step:
+            return True
+        return mean_iou >= float((self.best.metrics(best) or {}).get("mean_iou", -np.inf))
 
     def wait(self) -> None:
         for manager in self._made():

@@ -1,0 +1,32 @@
+"""fcn.checkpoint.Checkpoints' choice of what best/ keeps, on a small state."""
+
+import numpy as np
+
+from fcn import checkpoint
+
+
+def test_best_writes_only_states_it_keeps_and_a_tie_goes_to_the_later_step(tmp_path):
+    """Evaluations 0.5, 0.3, 0.5, 0.6, 0.1: best/ is written at steps 1, 3 (a tie: the later step,
+    as orbax ranks them) and 4 only; the worse states are never written (they used to be written
+    in full and then deleted). A new Checkpoints on the same workdir (a resumed run) compares with
+    the best on disk. Every save is in latest/ as before."""
+    state = {"step": np.int32(0), "params": np.arange(6, dtype=np.float32)}
+    written = []
+
+    def spy(ckpts):
+        save = ckpts.best.save
+        ckpts.best.save = lambda step, *a, **k: (written.append(step), save(step, *a, **k))[1]
+        return ckpts
+
+    ckpts = spy(checkpoint.Checkpoints(tmp_path, keep=10))
+    for step, iou in enumerate((0.5, 0.3, 0.5, 0.6, 0.1), start=1):
+        ckpts.save(step, state, mean_iou=iou)
+    assert written == [1, 3, 4] and ckpts.best.all_steps() == [4]
+    ckpts.close()
+
+    resumed = spy(checkpoint.Checkpoints(tmp_path, keep=10))
+    resumed.save(6, state, mean_iou=0.55)
+    resumed.save(7, state, mean_iou=0.65)
+    assert written == [1, 3, 4, 7] and resumed.best.all_steps() == [7]
+    assert resumed.latest.all_steps() == list(range(1, 8))
+    resumed.close()
