@@ -9,7 +9,9 @@ Inputs. An image is a file path, a PIL image, or an array [H, W], [H, W, 1],
 of another integer dtype with values in 0..255, or float with values in [0, 1].
 Floats are never rescaled: a float image in 0..255 is refused, not guessed. A
 list or tuple of images, or an array [B, H, W, C], is a batch; results come back
-as a list, or stacked. Anything else raises `DataError` (a ValueError) naming it.
+as a list, or stacked. An empty batch (`[]`, or an array [0, H, W, C]) has nothing to
+predict and raises `DataError`, as `fcn.load_exported(...).predict` does; so does anything
+else that is not an image, naming it.
 
 Compilations. XLA compiles once per input shape, so each image is placed on a
 canvas whose sides are rounded up to a multiple of `bucket` px and a batch is
@@ -257,15 +259,13 @@ class Segmenter:
 
     def _apply(self, images, hflip: bool | None, finish: Callable[[np.ndarray], np.ndarray]):
         arrays, kind = _read_batch(images)
+        if not arrays:  # an empty list and an empty array alike (np.stack has no shape to give)
+            raise DataError("empty batch of images: nothing to predict")
         hflip = self.hflip if hflip is None else hflip
         results = [finish(logits) for logits in self._logits(arrays, hflip)]
         if kind == "single":
             return results[0]
-        if kind == "stack":
-            if not results:
-                raise DataError("empty batch of images: nothing to predict")
-            return np.stack(results)
-        return results
+        return np.stack(results) if kind == "stack" else results
 
     def _logits(self, images: list[np.ndarray], hflip: bool) -> Iterator[np.ndarray]:
         """float32 logits [H, W, K] per image, in order; small images batched together."""

@@ -170,6 +170,8 @@ def _predicted(segmenter, batch: list, report) -> list:
     that a failure names its own file (`report(i, error)`, then None for it)."""
     from fcn.data.images import DataError
 
+    if not batch:  # every read in it failed: an empty batch is an error to the predictor
+        return []
     try:
         return segmenter.predict([image_HWC for _, image_HWC in batch])
     except DataError:

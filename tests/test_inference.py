@@ -244,6 +244,16 @@ def test_bad_inputs_raise_a_clear_value_error(seg, bad, words):
     assert isinstance(info.value, DataError) and words in str(info.value)
 
 
+@pytest.mark.parametrize("empty", [[], (), np.zeros((0, 8, 8, 3), np.uint8)])
+def test_an_empty_batch_raises_whether_a_list_or_an_array(empty):
+    """An empty list came back as [] while an empty array [0, H, W, C] raised: both raise now."""
+    seg = Segmenter(UNet(3, features=4, depth=2, rngs=nnx.Rngs(0)))
+    for method in (seg.predict, seg.predict_proba):
+        with pytest.raises(DataError, match="empty batch of images: nothing to predict"):
+            method(empty)
+    assert seg.compilations == 0
+
+
 def test_bad_files_are_named(seg, tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "notes.png").write_text("not an image")
