@@ -165,8 +165,8 @@ class Segmenter:
     """A trained model with its classes, palette and input handling.
 
     Args:
-      model: a UNet of at most 256 classes (class maps are uint8; in evaluation mode, or a copy is put
-        in evaluation mode).
+      model: a UNet of 3 input channels (images are read as RGB) and at most 256 classes (class maps
+        are uint8; in evaluation mode, or a copy is put in evaluation mode).
       class_names: one name per class (default class_0, class_1, ...).
       palette: uint8 [K, 3] colours (default: the PASCAL-style palette).
       ignore_label: label value that marks unlabelled pixels in this dataset.
@@ -198,6 +198,11 @@ class Segmenter:
         max_size: int = 0,
     ):
         k = model.num_classes
+        if model.in_channels != 3:  # every input is read as RGB; the model would refuse it at the first call
+            raise ValueError(
+                f"a model with in_channels={model.in_channels}: a Segmenter feeds it RGB images (3 channels); "
+                f"call the model itself on float arrays [B, H, W, {model.in_channels}] in [0, 1]"
+            )
         if k > 256:  # class 256 would come back as 0 in a uint8 class map
             raise ValueError(f"a model with {k} classes: class maps are uint8, so a Segmenter takes at most 256")
         class_names = [f"class_{i}" for i in range(k)] if class_names is None else class_names

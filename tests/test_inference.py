@@ -254,6 +254,13 @@ def test_an_empty_batch_raises_whether_a_list_or_an_array(empty):
     assert seg.compilations == 0
 
 
+@pytest.mark.parametrize("channels", [1, 4])
+def test_a_model_of_other_than_three_input_channels_is_refused_when_built(channels):
+    """Built on a UNet of in_channels=4, a Segmenter fed it RGB and failed at the first prediction."""
+    with pytest.raises(ValueError, match=f"a model with in_channels={channels}: a Segmenter feeds it RGB"):
+        Segmenter(UNet(3, in_channels=channels, features=4, depth=2, rngs=nnx.Rngs(0)))
+
+
 def test_bad_files_are_named(seg, tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "notes.png").write_text("not an image")
