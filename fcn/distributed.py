@@ -114,22 +114,27 @@ def maybe_initialize(
             )
         _cpu_collectives()
         log.info("joining %d processes as process %d through %s", num_processes, process_id, coordinator)
-        try:
-            jax.distributed.initialize(coordinator, num_processes, process_id)
-        except Exception as e:  # noqa: BLE001 - jax raises its runtime's errors: said in one line
-            why = (str(e).splitlines() or [type(e).__name__])[0]
-            hint = "" if process_id == 0 else f" Is process 0 running, and {coordinator} reachable from this host?"
-            raise DistributedError(
-                f"process {process_id} of {num_processes} could not join the job through {coordinator}: {why}.{hint}"
-            ) from e
+        hint = "" if process_id == 0 else f" Is process 0 running, and {coordinator} reachable from this host?"
+        who = f"process {process_id} of {num_processes} could not join the job through {coordinator}"
+        _initialize(who, hint, coordinator, num_processes, process_id)
         return True
     cluster = detect_cluster()
     if cluster is None:
         return False
     _cpu_collectives()
     log.info("%s cluster detected: jax.distributed.initialize()", cluster)
-    jax.distributed.initialize()
+    hint = " Check the job's settings, or set FCN_DISTRIBUTED=0 to run this process alone."
+    _initialize(f"this process could not join its {cluster} job (found by jax.distributed.initialize())", hint)
     return True
+
+
+def _initialize(who: str, hint: str, *args) -> None:
+    """`jax.distributed.initialize(*args)`; a failure is a DistributedError of one line, `who: why.hint`."""
+    try:
+        jax.distributed.initialize(*args)
+    except Exception as e:  # noqa: BLE001 - jax raises its runtime's errors: said in one line
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise DistributedError(f"{who}: {why}.{hint}") from e
 
 
 def _port_free(port: int) -> bool:

@@ -351,6 +351,16 @@ def test_multi_process_settings_are_checked(monkeypatch):
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_LOCALID", "0")
     assert distributed.detect_cluster() == "slurm"  # a step of `srun` with 2 tasks
+    # The cluster's own path (jax.distributed.initialize() with no arguments) fails in one line too:
+    # it was jax's traceback.
+    with monkeypatch.context() as patched:
+        patched.setattr(jax.distributed, "initialize", unreachable)
+        with pytest.raises(
+            distributed.DistributedError,
+            match=r"^this process could not join its slurm job \(found by jax.distributed.initialize\(\)\): "
+            r"DEADLINE_EXCEEDED: Barrier timed out. Check the job's settings, or set FCN_DISTRIBUTED=0",
+        ):
+            distributed.maybe_initialize()
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
     assert distributed.detect_cluster() != "slurm"  # the batch script itself
 
