@@ -9,6 +9,7 @@ core count, on all of them. The second command compiles without XLA:CPU's
 YNNPACK fusions (Eigen's convolutions instead); docs/benchmarks.md compares them.
 """
 
+import argparse
 import time
 
 import jax
@@ -35,6 +36,8 @@ def bench(name: str, fn, *args, repeats: int = 20) -> None:
 
 
 def main() -> None:
+    # No flags: --help says what it measures (it ran the benchmark), anything else is refused.
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     rng = np.random.default_rng(0)
     for h, w, c in [(176, 240, 16), (88, 120, 32), (44, 60, 64)]:
         x = rng.random((8, h, w, c), np.float32)

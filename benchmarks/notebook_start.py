@@ -9,8 +9,11 @@ and `fcn.predict_proba` at 1 x 360 x 480, then the first call again. No
 compilation cache is used: this is what a new notebook pays.
 """
 
+import argparse
 import time
 
+if __name__ == "__main__":  # no flags: --help says what it measures (it ran the benchmark), others are refused
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 T0 = time.perf_counter()
 
 import flax.nnx as nnx  # noqa: E402

@@ -1,6 +1,7 @@
-"""The shell entry points parse, and the GPU script refuses an unknown task by name."""
+"""The shell entry points parse, the GPU script refuses an unknown task by name, and benchmarks answer --help."""
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,15 @@ def test_gpu_script_names_what_it_runs():
     done = subprocess.run(["bash", "scripts/run_gpu.sh", "camvd"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and "unknown: camvd (camvid or ablation)" in done.stderr
     assert "jax" not in done.stdout  # refused before setting up the environment
+
+
+@pytest.mark.parametrize("script", ["benchmarks/conv_threads.py", "benchmarks/notebook_start.py"])
+def test_benchmarks_without_flags_answer_help(script):
+    """They took no flags and ran the whole benchmark on --help (6-7 s of timing, no usage)."""
+    done = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("usage:") and "Not a test." in done.stdout, done.stderr
+    done = subprocess.run([sys.executable, script, "--batch", "4"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "unrecognized arguments: --batch 4" in done.stderr
 
 
 def _wheel(path: Path, name: str, version: str, init: str) -> None:
