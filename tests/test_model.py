@@ -150,6 +150,14 @@ def test_summary_of_an_abstract_model_equals_the_built_one_dropout_too():
     assert fcn.summary(abstract, (1, 20, 24, 3)) == fcn.summary(built, (1, 20, 24, 3))
 
 
+def test_summary_flops_are_the_same_whatever_the_conv_impl():
+    """oneDNN's convolutions (conv_impl "auto" on a CPU) are custom calls that XLA's cost analysis
+    counts as no FLOPs: scripts/ablation.py's table gave 0.0 GFLOPs for every variant."""
+    xla = fcn.summary(tiny(depth=2), (1, 20, 24, 3))
+    for impl in ("gemm", "auto"):
+        assert fcn.summary(tiny(depth=2, conv_general_dilated=fcn.ops.conv_fn(impl)), (1, 20, 24, 3)) == xla
+
+
 def test_eager_call_runs_jitted_with_the_traced_values_and_updates_batch_norm():
     model = tiny(depth=2)
     x = np.random.default_rng(0).random((2, 20, 24, 3), np.float32)
