@@ -3,7 +3,7 @@
     python train.py --config configs/camvid.py --workdir runs/camvid \
         --config.data.path=../shared/datasets/camvid
 
-Full resolution (360 x 480), bfloat16 compute, scale augmentation 0.5-2.0,
+Full resolution (360 x 480 frames; batches of 16 crops of 352 x 480), bfloat16 compute, scale augmentation 0.5-2.0,
 median-frequency class weights, EMA of the weights, flip test-time
 augmentation at evaluation.
 
