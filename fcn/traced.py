@@ -112,9 +112,10 @@ def load(key: str):
     )
 
 
-def save(key: str, exported) -> None:
-    """Stores `exported` under `key` atomically; a disk that refuses costs the next start its tracing."""
-    cache.write_entry(
+def save(key: str, exported) -> bool:
+    """Stores `exported` under `key` atomically; False where the disk refused (logged), which costs
+    the next start its tracing."""
+    return cache.write_entry(
         _path(key), lambda f: f.write(exported.serialize()), _LIMIT_BYTES, "could not keep the traced step"
     )
 
@@ -172,8 +173,8 @@ class TracedStep:
             except Exception as e:  # what jax.export refuses still trains: the plain step (whose errors are the step's)
                 logger.warning("the training step cannot be kept traced (%s); tracing it at every start", e)
                 return self._plain
-            save(key, exported)
-            logger.info("training step traced and kept in %s", folder())
+            if save(key, exported):
+                logger.info("training step traced and kept in %s", folder())
 
         def step(state, *batch):
             new_leaves, outputs = exported.call(jax.tree.leaves(state), *batch)

@@ -1,6 +1,8 @@
 """The training step kept traced, and the initial state kept, in fcn's cache folder (fcn/traced.py):
 same results, never stale."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,6 +99,16 @@ def _truncated_entry_is_replaced(entries, run, expected, message, caplog):
     assert "unreadable" in caplog.text and message in caplog.text
     (entry,) = entries()
     assert entry.stat().st_size > 200
+
+
+def test_a_cache_folder_that_cannot_be_written_still_trains_and_says_so(tmp_path, monkeypatch, caplog):
+    (tmp_path / "file").write_text("")  # a file where the folder would be: nothing can be made under it
+    monkeypatch.setenv("FCN_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    caplog.set_level(logging.INFO, logger="fcn")
+    setup = _setup()
+    _same(_run(True, *setup), _run(False, *setup))
+    assert "could not keep the traced step" in caplog.text
+    assert "traced and kept" not in caplog.text  # it was not
 
 
 def test_turned_off_keeps_nothing(monkeypatch):
