@@ -78,6 +78,7 @@ TARGETS = {  # custom-call target -> handler symbol in the built library
 _LIB = "libdnnl.so.3"
 TURNED_OFF = "FCN_ONEDNN=0"  # unavailable_reason() when the user turned it off
 _reason: str | None = None
+_library: str | None = None  # the loaded handlers' file name, keyed by their sources, jaxlib and oneDNN
 
 
 def unavailable_reason() -> str | None:
@@ -88,19 +89,29 @@ def unavailable_reason() -> str | None:
 @functools.cache
 def available() -> bool:
     """Whether the oneDNN convolutions are built, loaded and registered with XLA (once per process)."""
-    global _reason
+    global _reason, _library
     try:
         if os.environ.get("FCN_ONEDNN", "1") == "0":
             raise _Unavailable(TURNED_OFF)
-        lib = ctypes.CDLL(str(_build(_onednn_root())))
-        _register(lib)
+        path = _build(_onednn_root())
+        _register(ctypes.CDLL(str(path)))
     except _Unavailable as e:
         _reason = str(e)
         return False
     except OSError as e:  # a library that does not load
         _reason = f"cannot load the oneDNN convolutions: {e}"
         return False
+    _library = path.name
     return True
+
+
+def identity() -> str | None:
+    """What a program traced with the handlers depends on beyond fcn's source, for keys of kept
+    programs (fcn.traced): the loaded library (its name follows the sources, jaxlib and oneDNN's
+    library file) and the implementations oneDNN picks here (`impls`: the CPU's instructions, or
+    $ONEDNN_MAX_CPU_ISA). bn_relu's workspace size, fixed when a step is traced, follows both.
+    None where not `available()`."""
+    return f"{_library} {impls(jnp.float32)}" if available() else None
 
 
 class _Unavailable(Exception):

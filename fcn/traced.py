@@ -12,7 +12,8 @@ The key covers everything the traced program depends on: the whole config and
 the step's other arguments, the shapes and types of every input and the state's
 structure, the source of every fcn module, the versions of jax, jaxlib, flax,
 optax and numpy, every jax configuration value, the backend and its devices,
-whether oneDNN's convolutions are in use, and the FCN_, JAX_ and XLA_
+whether oneDNN's convolutions are in use and, if so, which build of them and
+which implementations oneDNN picks on this CPU, and the FCN_, JAX_ and XLA_
 environment variables. Change any one and the entry is not found, so a stale
 program is never run. An entry that cannot be read is logged, deleted and
 traced afresh; entries are written to a temporary file and renamed into place;
@@ -91,8 +92,9 @@ def fingerprint(uses_onednn: bool) -> dict:
         "fcn": _source_digest(),
         "jax_config": sorted((k, repr(v)) for k, v in jax.config.values.items()),
         "backend": [jax.default_backend(), [d.device_kind for d in jax.devices()]],
-        # Loading oneDNN registers its handlers, which the deserialized program calls.
-        "onednn": uses_onednn and jax.default_backend() == "cpu" and onednn.available(),
+        # Loading oneDNN registers its handlers, which the deserialized program calls; which library and
+        # implementations (the CPU's instructions) decide sizes traced into it (bn_relu's workspace).
+        "onednn": onednn.identity() if uses_onednn and jax.default_backend() == "cpu" else None,
         # Whether bfloat16 convolutions went to oneDNN when traced (the CPU's instructions decide).
         "onednn_bf16": uses_onednn and jax.default_backend() == "cpu" and onednn.supports(jax.numpy.bfloat16),
         "env": sorted((k, v) for k, v in os.environ.items() if k.startswith(("FCN_", "JAX_", "XLA_"))),

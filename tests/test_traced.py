@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from fcn import state as state_lib, traced
+from fcn import onednn, state as state_lib, traced
 
 
 @pytest.fixture(autouse=True)
@@ -127,6 +127,19 @@ def test_the_key_follows_fcn_source_and_jax_settings(monkeypatch):
         assert traced.fingerprint(False) != base
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=true")
     assert traced.fingerprint(False) != base
+
+
+@pytest.mark.skipif(not onednn.available(), reason="oneDNN's handlers are not available here")
+def test_the_key_follows_the_onednn_build_and_what_it_runs_on_this_cpu(monkeypatch):
+    """A kept step has bn_relu's workspace size in it, which oneDNN's instruction set decides: a step
+    traced on another CPU (a shared cache folder), under $ONEDNN_MAX_CPU_ISA, or with another oneDNN
+    failed with 'the workspace has the wrong size'."""
+    base = traced.fingerprint(True)
+    with monkeypatch.context() as m:
+        m.setattr(onednn, "impls", lambda dtype: "isa:sse41 bn_fwd:nspc_bnorm:any")
+        assert traced.fingerprint(True) != base
+    monkeypatch.setattr(onednn, "_library", "onednn_conv-another.so")
+    assert traced.fingerprint(True) != base
 
 
 def test_a_step_jax_export_refuses_runs_plain(monkeypatch, caplog):
