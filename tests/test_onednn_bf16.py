@@ -80,6 +80,35 @@ def test_bfloat16_convolutions_equal_lax_on_the_same_values(shape, k, c_out, str
 
 
 @needs_bf16
+def test_bfloat16_weight_gradient_is_zero_at_taps_that_meet_only_padding():
+    """A 1-pixel-wide image under a 3x3 conv (the deepest level of a U-Net on a small or odd-sized image):
+    the taps beside the centre meet only padding. oneDNN's bfloat16 weight gradient on AMX left there
+    what earlier calls had left in its buffers: the last gradient's values, or 1e27."""
+    for shape, strides in [
+        ((1, 3, 1, 13), (3, 3)),
+        ((1, 3, 1, 16), (3, 3)),
+        ((1, 3, 1, 13), (1, 1)),
+        ((1, 3, 3, 13), (3, 3)),
+        ((1, 1, 1, 13), (3, 3)),
+        ((2, 1, 5, 8), (1, 1)),
+    ]:
+        x = random(0, shape, BF16)
+        pads = tuple(onednn.padding_pairs("SAME", shape[1:3], (3, 3), strides))
+        w = jnp.zeros((3, 3, shape[-1], shape[-1]), BF16)
+        lax_conv = lambda x, w, s=strides, p=pads: lax.conv_general_dilated(x, w, s, p, dimension_numbers=DN)  # noqa: E731
+        dy = random(2, jax.eval_shape(lax_conv, x, w).shape, BF16)
+        want = weight_grad(lax_conv, x, w, dy, jnp.float32)  # the same values, summed in float32
+        got = weight_grad(lambda x, w, s=strides, p=pads: onednn.conv(x, w, s, p), x, w, dy, BF16)
+        close(got, want, 2e-2, f"{shape} strides {strides}")
+
+
+def weight_grad(conv, x, w, dy, dtype):
+    """The gradient of conv(x, w) with respect to w for the output gradient dy, computed in `dtype`."""
+    x, w, dy = (a.astype(dtype) for a in (x, w, dy))
+    return jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]
+
+
+@needs_bf16
 def test_bfloat16_conv_bias_relu_and_batch_norm():
     x, w, b = random(0, (2, 9, 11, 16), BF16), random(1, (3, 3, 16, 16), BF16), random(2, (16,))
     pads = ((1, 1), (1, 1))

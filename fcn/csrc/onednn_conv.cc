@@ -16,9 +16,11 @@
 // Activations stay NHWC (no reorder); kernels are reordered to and from the layout the
 // primitive picks (small), into the shared kernel buffer (onednn_common.h).
 
+#include <algorithm>
 #include <array>
 #include <cstdio>
 #include <cstdint>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -128,6 +130,23 @@ ffi::Error MakeGeometry(const ffi::AnyBuffer& xb, const ffi::AnyBuffer& wb, cons
   return ffi::Error::Success();
 }
 
+// Whether kernel tap i of one spatial dimension (n pixels, stride s, padding lo before, o outputs)
+// meets only padding (its weight gradient is zero), as at a 1-pixel-wide level under a 3x3 conv.
+bool OnPaddingOnly(int64_t i, int64_t n, int64_t s, int64_t lo, int64_t o) {
+  int64_t first = std::max<int64_t>(0, (lo - i + s - 1) / s);  // the first output at or past pixel 0
+  return first >= o || first * s - lo + i > n - 1;
+}
+
+// Zeroes the taps of the HWIO weight gradient `w` that meet only padding. oneDNN 3's bfloat16 weight
+// gradient on AMX (brgconv_bwd_w) leaves garbage there (stale values of earlier calls, or 1e27).
+void ZeroTapsOnPaddingOnly(const Geometry& g, void* w) {
+  size_t tap = static_cast<size_t>(g.c * g.k) * (g.dt == memory::data_type::bf16 ? 2 : 4);
+  for (int64_t i = 0; i < g.kh; ++i)
+    for (int64_t j = 0; j < g.kw; ++j)
+      if (OnPaddingOnly(i, g.h, g.sh, g.pt, g.oh) || OnPaddingOnly(j, g.w, g.sw, g.pl, g.ow))
+        std::memset(static_cast<char*>(w) + (i * g.kw + j) * tap, 0, tap);
+}
+
 // Runs the primitive for `kind`; `w` is the kernel in HWIO (an input, or the output for kBwdWeights).
 ffi::Error Run(Kind kind, const Geometry& g, void* src, void* w, void* dst, void* bias = nullptr) {
   std::lock_guard<std::mutex> lock(RunMutex());
@@ -157,6 +176,7 @@ ffi::Error Run(Kind kind, const Geometry& g, void* src, void* w, void* dst, void
     e.prim.execute(stream, args);
     if (kind == kBwdWeights && e.prim_w != e.user_w) e.reorder.execute(stream, prim_w, user_w);
     stream.wait();
+    if (kind == kBwdWeights) ZeroTapsOnPaddingOnly(g, w);
   } catch (const std::exception& err) {  // dnnl::error among them
     return ffi::Error::Internal(std::string("fcn onednn conv: ") + err.what());
   }
