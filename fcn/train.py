@@ -250,7 +250,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         bar = tqdm(
             total=config.num_steps,
             initial=start,
-            disable=jax.process_index() != 0,
+            disable=jax.process_index() != 0 or start >= config.num_steps,  # nothing to train: said above
             dynamic_ncols=True,
             unit="step",
             mininterval=0.1 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not every step

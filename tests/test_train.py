@@ -74,9 +74,10 @@ def test_running_a_finished_workdir_again_says_there_is_nothing_to_train(tmp_pat
     train_and_evaluate(config, tmp_path / "run")
     capsys.readouterr()
     assert train_and_evaluate(config, tmp_path / "run") == {}
-    out = capsys.readouterr().out
-    assert f"{tmp_path / 'run'} is trained to step 6 already (config.num_steps): nothing to train." in out
-    assert "python -m fcn.evaluate --workdir" in out
+    captured = capsys.readouterr()
+    assert f"{tmp_path / 'run'} is trained to step 6 already (config.num_steps): nothing to train." in captured.out
+    assert "python -m fcn.evaluate --workdir" in captured.out
+    assert "6/6" not in captured.err  # and no progress bar at 100% under it
 
 
 def test_zero_periods_mean_only_at_the_end(tmp_path):
