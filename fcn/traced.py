@@ -17,7 +17,8 @@ which implementations oneDNN picks on this CPU, and the FCN_, JAX_ and XLA_
 environment variables. Change any one and the entry is not found, so a stale
 program is never run. An entry that cannot be read is logged, deleted and
 traced afresh; entries are written to a temporary file and renamed into place;
-the folder is trimmed to its 256 MiB, least recently used first. Only for one
+the folder is trimmed to its 256 MiB, least recently used first (an entry larger than
+that is not kept). Only for one
 process on one device (the program is exported for one); a step that
 `jax.export` refuses runs as a plain jit, with a warning. `FCN_TRACE_CACHE=0`
 turns it off.
@@ -29,7 +30,8 @@ values depend only on the config, the class count and the fingerprint. They are
 kept in `<cache root>/initial/` (23 MB for configs/camvid_cpu.py: parameters
 and Adam's moments; a JSON header and raw arrays, nothing pickled) and read back
 as fresh arrays, bit for bit the same, into the structure that `jax.eval_shape`
-gives without computing anything (0.1-0.3 s); trimmed to 1 GiB.
+gives without computing anything (0.1-0.3 s); trimmed to 1 GiB (a larger state is not
+kept).
 """
 
 from __future__ import annotations
@@ -117,8 +119,14 @@ def load(key: str):
 def save(key: str, exported) -> bool:
     """Stores `exported` under `key` atomically; False where the disk refused (logged), which costs
     the next start its tracing."""
+    data = exported.serialize()
     return cache.write_entry(
-        _path(key), lambda f: f.write(exported.serialize()), _LIMIT_BYTES, "could not keep the traced step"
+        _path(key),
+        lambda f: f.write(data),
+        _LIMIT_BYTES,
+        "could not keep the traced step",
+        size=len(data),
+        limit_name=f"its folder's limit ({_LIMIT_BYTES >> 20} MiB)",
     )
 
 
@@ -212,7 +220,8 @@ def kept_state(build, abstract, key, desc: str = "initial state"):
     (jax.eval_shape); a kept entry must match its structure, shapes and dtypes. `key`: JSON-able,
     all that build depends on beyond `fingerprint`. Arrays come back as fresh device arrays on
     the default device, never views of the file. Used where `enabled()`; an entry that cannot be
-    read or does not match is logged, deleted and built afresh; the folder is trimmed to 1 GiB.
+    read or does not match is logged, deleted and built afresh; the folder is trimmed to 1 GiB, and
+    a state larger than that is not kept.
     Nothing is pickled: the file holds a JSON header and raw arrays. A tree with weakly typed
     leaves is not kept (the file would bring them back strongly typed).
     """
@@ -256,7 +265,11 @@ def _write_state(path: Path, tree, desc: str) -> None:
         for a in data:  # as bytes: any dtype (bfloat16 too) and shape round-trips through the layout
             np.save(f, np.ascontiguousarray(a).reshape(-1).view(np.uint8), allow_pickle=False)
 
-    if cache.write_entry(path, write, _STATE_LIMIT_BYTES, f"could not keep the {desc}"):
+    size = sum(a.nbytes for a in data)
+    limit_name = f"its folder's limit ({_STATE_LIMIT_BYTES >> 20} MiB)"
+    if cache.write_entry(
+        path, write, _STATE_LIMIT_BYTES, f"could not keep the {desc}", size=size, limit_name=limit_name
+    ):
         logger.info("%s kept in %s (FCN_TRACE_CACHE=0 turns this off)", desc, path.parent)
 
 

@@ -236,3 +236,17 @@ def test_kept_state_turned_off_keeps_nothing(monkeypatch):
     config = tiny.get_config()
     _same(state_lib.create(config, 4, keep=True)[1], state_lib.create(config, 4)[1])
     assert not traced.state_folder().exists()
+
+
+def test_a_state_over_the_folders_limit_is_not_kept_and_the_others_stay(monkeypatch, caplog):
+    """A state bigger than the folder's limit would be trimmed at once, with every other kept state,
+    and written again at every start: it is not written, and the log says why."""
+    small = {"w": jnp.ones(4)}
+    traced.kept_state(lambda: (None, small), lambda: pytest.fail("read although not kept"), {"test": 4})
+    kept = _states()
+    monkeypatch.setattr(traced, "_STATE_LIMIT_BYTES", 1000)
+    caplog.set_level(logging.INFO, logger="fcn.data.cache")  # fcn.data.cache.write_entry says it, for every cache
+    big = {"w": jnp.ones(1000)}  # 4000 bytes
+    _, out = traced.kept_state(lambda: (None, big), lambda: pytest.fail("read although not kept"), {"test": 5})
+    assert out is big and _states() == kept
+    assert "could not keep the initial state: 0 MiB is over its folder's limit (0 MiB)" in caplog.text

@@ -145,10 +145,15 @@ def read_entry(path: Path, read, what: str, again: str):
     return out
 
 
-def write_entry(path: Path, write, limit: int, failure: str) -> bool:
+def write_entry(path: Path, write, limit: int, failure: str, *, size: int, limit_name: str) -> bool:
     """write(binary file) into the cache entry `path` atomically (`write_atomic`), then trims its
     folder's entries (same suffix) to `limit` bytes. False where the disk refused, logged as
-    "FAILURE in FOLDER (...)": the next run makes the entry again, nothing else is lost."""
+    "FAILURE in FOLDER (...)": the next run makes the entry again, nothing else is lost. An entry
+    of `size` bytes over `limit` (named `limit_name` in the log) is not written: the trim would
+    delete it at once (and the folder's other entries with it), and every run would write it again."""
+    if size > limit:
+        logger.info("%s: %.0f MiB is over %s", failure, size / 2**20, limit_name)
+        return False
     try:
         write_atomic(path, write)
     except OSError as e:
@@ -203,11 +208,9 @@ def save_arrays(key: str, arrays, desc: str) -> bool:
                 np.save(f, a, allow_pickle=False)
 
     size, limit = sum(sum(np.size(b) for b in a) if isinstance(a, list) else a.nbytes for a in arrays), _limit_bytes()
-    if size > limit:  # written, it would only be trimmed away again: every run would write it for nothing
-        logger.info("%s: not cached: %.0f MiB is over FCN_DECODED_CACHE_GB=%g", desc, size / 2**20, limit / 2**30)
-        return False
     path = decoded_dir() / f"{key}{_SUFFIX}"
-    return write_entry(path, write, limit, f"{desc}: could not cache decoded data")
+    limit_name = f"FCN_DECODED_CACHE_GB={limit / 2**30:g}"
+    return write_entry(path, write, limit, f"{desc}: not cached", size=size, limit_name=limit_name)
 
 
 def write_atomic(path: Path, write) -> None:
