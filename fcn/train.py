@@ -219,7 +219,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
             state_lib.make_eval_step(graphs, source.num_classes, source.ignore_label, hflip=config.eval_hflip),
             out_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),  # (confusion, predictions)
         )
-        metrics_log = MetricsLog(workdir, start)
+        metrics_log = MetricsLog(workdir, start) if start < config.num_steps else None  # None: nothing to log
         rows = sharding.process_slice(config.batch_size)
         last_report: dict = {}
 

@@ -73,7 +73,9 @@ def test_running_a_finished_workdir_again_says_there_is_nothing_to_train(tmp_pat
     config = tiny.get_config()
     train_and_evaluate(config, tmp_path / "run")
     capsys.readouterr()
+    files = sorted(p for p in (tmp_path / "run").rglob("*") if p.is_file())
     assert train_and_evaluate(config, tmp_path / "run") == {}
+    assert sorted(p for p in (tmp_path / "run").rglob("*") if p.is_file()) == files  # not even an events file
     captured = capsys.readouterr()
     assert f"{tmp_path / 'run'} is trained to step 6 already (config.num_steps): nothing to train." in captured.out
     assert "python -m fcn.evaluate --workdir" in captured.out
