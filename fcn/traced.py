@@ -121,12 +121,7 @@ def save(key: str, exported) -> bool:
     the next start its tracing."""
     data = exported.serialize()
     return cache.write_entry(
-        _path(key),
-        lambda f: f.write(data),
-        _LIMIT_BYTES,
-        "could not keep the traced step",
-        size=len(data),
-        limit_name=f"its folder's limit ({_LIMIT_BYTES >> 20} MiB)",
+        _path(key), lambda f: f.write(data), _LIMIT_BYTES, "could not keep the traced step", size=len(data)
     )
 
 
@@ -266,10 +261,7 @@ def _write_state(path: Path, tree, desc: str) -> None:
             np.save(f, np.ascontiguousarray(a).reshape(-1).view(np.uint8), allow_pickle=False)
 
     size = sum(a.nbytes for a in data)
-    limit_name = f"its folder's limit ({_STATE_LIMIT_BYTES >> 20} MiB)"
-    if cache.write_entry(
-        path, write, _STATE_LIMIT_BYTES, f"could not keep the {desc}", size=size, limit_name=limit_name
-    ):
+    if cache.write_entry(path, write, _STATE_LIMIT_BYTES, f"could not keep the {desc}", size=size):
         logger.info("%s kept in %s (FCN_TRACE_CACHE=0 turns this off)", desc, path.parent)
 
 

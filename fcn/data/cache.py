@@ -145,13 +145,15 @@ def read_entry(path: Path, read, what: str, again: str):
     return out
 
 
-def write_entry(path: Path, write, limit: int, failure: str, *, size: int, limit_name: str) -> bool:
+def write_entry(path: Path, write, limit: int, failure: str, *, size: int, limit_name: str = "") -> bool:
     """write(binary file) into the cache entry `path` atomically (`write_atomic`), then trims its
     folder's entries (same suffix) to `limit` bytes. False where the disk refused, logged as
     "FAILURE in FOLDER (...)": the next run makes the entry again, nothing else is lost. An entry
-    of `size` bytes over `limit` (named `limit_name` in the log) is not written: the trim would
-    delete it at once (and the folder's other entries with it), and every run would write it again."""
+    of `size` bytes over `limit` (`limit_name` in the log: the setting that set it) is not written:
+    the trim would delete it at once (and the folder's other entries with it), and every run would
+    write it again."""
     if size > limit:
+        limit_name = limit_name or f"its folder's limit ({limit >> 20} MiB)"
         logger.info("%s: %.0f MiB is over %s", failure, size / 2**20, limit_name)
         return False
     try:
