@@ -23,9 +23,9 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from fcn.data import download as dl
-from fcn.data.base import Examples, Source, Split, decode_all
+from fcn.data.base import Source
 from fcn.data.cache import cache_root
-from fcn.data.folder import pair_by_stem, pair_examples
+from fcn.data.folder import pair_by_stem, pair_loaders
 from fcn.data.images import DataError
 
 CLASS_NAMES = (
@@ -169,23 +169,14 @@ def camvid_source(data_config) -> Source:
     root, found_in = find_root(data_config.path, data_config.url, data_config.sha256)
     ignore = int(data_config.ignore_label)
 
-    def examples(split: str) -> Examples:
-        return pair_examples(
-            list_pairs(root, split),
-            num_classes=len(CLASS_NAMES),
-            ignore_label=ignore,
-            value_map={VOID: ignore},
-            max_size=int(data_config.max_size),
-            cache=bool(data_config.get("cache_decoded", False)),
-        )
-
-    def load(split: str) -> Split:
-        return decode_all(
-            examples(split),
-            workers=int(data_config.decode_workers),
-            skip_bad=bool(data_config.skip_bad),
-            desc=f"camvid {split}",
-        )
+    examples, load = pair_loaders(
+        data_config,
+        lambda split: list_pairs(root, split),
+        "camvid",
+        num_classes=len(CLASS_NAMES),
+        ignore_label=ignore,
+        value_map={VOID: ignore},
+    )
 
     return Source(
         name="camvid",

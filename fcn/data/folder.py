@@ -16,7 +16,7 @@ between train and val. The pairing (`pair_by_stem`) and the pairs as examples
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -159,25 +159,15 @@ def folder_source(data_config) -> Source:
     images.check_labels_config(len(class_names), ignore, value_map, color_map)
     splits = find_splits(root, float(data_config.val_fraction))
 
-    def examples(split: str) -> Examples:
-        return pair_examples(
-            splits[split],
-            num_classes=len(class_names),
-            ignore_label=ignore,
-            value_map=value_map,
-            color_map=color_map,
-            max_size=int(data_config.max_size),
-            cache=bool(data_config.get("cache_decoded", False)),
-        )
-
-    def load(split: str) -> Split:
-        return decode_all(
-            examples(split),
-            workers=int(data_config.decode_workers),
-            skip_bad=bool(data_config.skip_bad),
-            desc=f"folder {split}",
-        )
-
+    examples, load = pair_loaders(
+        data_config,
+        splits.__getitem__,
+        "folder",
+        num_classes=len(class_names),
+        ignore_label=ignore,
+        value_map=value_map,
+        color_map=color_map,
+    )
     palette = default_palette(len(class_names)) if color_map is None else color_map[: len(class_names)]
     return Source(
         name=f"folder {root}",
@@ -188,6 +178,30 @@ def folder_source(data_config) -> Source:
         palette=palette.astype("uint8"),
         ignore_label=ignore,
     )
+
+
+def pair_loaders(data_config, pairs_of: Callable[[str], list], name: str, **labels):
+    """A file-pair source's `examples_fn` and `load_fn`: `pair_examples` of a split's `pairs_of(split)`
+    with `labels` (num_classes, ignore_label, value_map, color_map) and `config.data`'s max_size and
+    cache_decoded, and `decode_all` of those with its decode_workers and skip_bad (progress: "NAME SPLIT")."""
+
+    def examples(split: str) -> Examples:
+        return pair_examples(
+            pairs_of(split),
+            **labels,
+            max_size=int(data_config.max_size),
+            cache=bool(data_config.get("cache_decoded", False)),
+        )
+
+    def load(split: str) -> Split:
+        return decode_all(
+            examples(split),
+            workers=int(data_config.decode_workers),
+            skip_bad=bool(data_config.skip_bad),
+            desc=f"{name} {split}",
+        )
+
+    return examples, load
 
 
 def pair_examples(
