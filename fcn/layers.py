@@ -4,7 +4,7 @@
 in a bfloat16 network gets its gradient summed in float32. `Conv` is nnx.Conv with its bias
 added that way (fcn.ops.ConvTranspose adds its own so too). `plain_conv` and `plain_conv_call`
 say when an nnx.Conv is one call of its seam plus a bias, and make that call (fcn.norm folds
-batch norm into such convs).
+batch norm into such convs). `max_pool_2x2` is the U-Net's pooling, with a gradient of its own.
 """
 
 from __future__ import annotations
@@ -92,3 +92,43 @@ def _add_bias_bwd(bias_C, dy):
 
 
 _add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+@jax.custom_jvp
+def max_pool_2x2(x_BHWC: jax.Array) -> jax.Array:
+    """2x2 max pooling, stride 2, on even H and W: the maximum of four strided slices.
+
+    The same values as nnx.max_pool, and the same derivative (`_max_pool_2x2_jvp`): each window's
+    gradient goes to its first maximum in row-major order, as XLA's and PyTorch's pooling gradients
+    do. Not nnx.max_pool itself: its gradient is the windowed reduction's scatter (a camvid_cpu
+    training step took 1.7 s against 1.2 s, timed once on a loaded 2-core machine). Slices, not a
+    reshape and a max over the window: the reshape form's jax-derived gradient gave NaN under XLA's
+    unoptimised CPU compilation.
+    """
+    top = jnp.maximum(x_BHWC[:, 0::2, 0::2], x_BHWC[:, 0::2, 1::2])
+    bottom = jnp.maximum(x_BHWC[:, 1::2, 0::2], x_BHWC[:, 1::2, 1::2])
+    return jnp.maximum(top, bottom)
+
+
+@max_pool_2x2.defjvp
+def _max_pool_2x2_jvp(primals, tangents):
+    """The tangent of the first maximum of each window, written with x seen as [B, H/2, 2, W/2, 2, C]
+    (a reshape, no copy): the gradient, its transpose, is one elementwise pass that writes each
+    window's four values at once. jax's own derivative of the four slices' maximum split the
+    gradient among tied maxima (ReLU zeros tie often; the ReLU's gradient is 0 there either way).
+    Alone the two take about the same time; inside camvid_cpu's training step on a 2-core Xeon
+    the four pooling gradients took 11.0-15.4 ms before, 9.8-11.7 ms after (four alternating
+    profiles, benchmarks/profile_step.py; docs/benchmarks.md, the fifteenth session).
+    """
+    (x_BHWC,), (dx_BHWC,) = primals, tangents
+    y_BHWC = max_pool_2x2(x_BHWC)
+    b, h, w, c = x_BHWC.shape
+    x6 = x_BHWC.reshape(b, h // 2, 2, w // 2, 2, c)
+    is_max = x6 == y_BHWC[:, :, None, :, None, :]
+    # The first maximum in window order (0, 0), (0, 1), (1, 0), (1, 1): a maximum with none before it.
+    m00, m01, m10, m11 = (is_max[:, :, i, :, j] for i in (0, 1) for j in (0, 1))
+    f01 = m01 & ~m00
+    f10 = m10 & ~(m00 | m01)
+    f11 = m11 & ~(m00 | m01 | m10)
+    first6 = jnp.stack([jnp.stack([m00, f01], axis=3), jnp.stack([f10, f11], axis=3)], axis=2)
+    return y_BHWC, jnp.sum(jnp.where(first6, dx_BHWC.reshape(x6.shape), 0.0), axis=(2, 4))

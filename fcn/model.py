@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fcn import layers, ops, resize
+from fcn.layers import max_pool_2x2
 from fcn.norm import Norm, conv_bias_relu
 
 HEADS = ("linear", "stacked", "mlp")
@@ -311,46 +312,6 @@ class UNet(nnx.Module):
         return logits_BHWK
 
 
-@jax.custom_jvp
-def max_pool_2x2(x_BHWC: jax.Array) -> jax.Array:
-    """2x2 max pooling, stride 2, on even H and W: the maximum of four strided slices.
-
-    The same values as nnx.max_pool, and the same derivative (`_max_pool_2x2_jvp`): each window's
-    gradient goes to its first maximum in row-major order, as XLA's and PyTorch's pooling gradients
-    do. Not nnx.max_pool itself: its gradient is the windowed reduction's scatter (a camvid_cpu
-    training step took 1.7 s against 1.2 s, timed once on a loaded 2-core machine). Slices, not a
-    reshape and a max over the window: the reshape form's jax-derived gradient gave NaN under XLA's
-    unoptimised CPU compilation.
-    """
-    top = jnp.maximum(x_BHWC[:, 0::2, 0::2], x_BHWC[:, 0::2, 1::2])
-    bottom = jnp.maximum(x_BHWC[:, 1::2, 0::2], x_BHWC[:, 1::2, 1::2])
-    return jnp.maximum(top, bottom)
-
-
-@max_pool_2x2.defjvp
-def _max_pool_2x2_jvp(primals, tangents):
-    """The tangent of the first maximum of each window, written with x seen as [B, H/2, 2, W/2, 2, C]
-    (a reshape, no copy): the gradient, its transpose, is one elementwise pass that writes each
-    window's four values at once. jax's own derivative of the four slices' maximum split the
-    gradient among tied maxima (ReLU zeros tie often; the ReLU's gradient is 0 there either way).
-    Alone the two take about the same time; inside camvid_cpu's training step on a 2-core Xeon
-    the four pooling gradients took 11.0-15.4 ms before, 9.8-11.7 ms after (four alternating
-    profiles, benchmarks/profile_step.py; docs/benchmarks.md, the fifteenth session).
-    """
-    (x_BHWC,), (dx_BHWC,) = primals, tangents
-    y_BHWC = max_pool_2x2(x_BHWC)
-    b, h, w, c = x_BHWC.shape
-    x6 = x_BHWC.reshape(b, h // 2, 2, w // 2, 2, c)
-    is_max = x6 == y_BHWC[:, :, None, :, None, :]
-    # The first maximum in window order (0, 0), (0, 1), (1, 0), (1, 1): a maximum with none before it.
-    m00, m01, m10, m11 = (is_max[:, :, i, :, j] for i in (0, 1) for j in (0, 1))
-    f01 = m01 & ~m00
-    f10 = m10 & ~(m00 | m01)
-    f11 = m11 & ~(m00 | m01 | m10)
-    first6 = jnp.stack([jnp.stack([m00, f01], axis=3), jnp.stack([f10, f11], axis=3)], axis=2)
-    return y_BHWC, jnp.sum(jnp.where(first6, dx_BHWC.reshape(x6.shape), 0.0), axis=(2, 4))
-
-
 def scaled_size(h: int, w: int, scale: float) -> tuple[int, int]:
     """The size at which the network sees an H x W image under `input_scale`."""
     return max(1, round(h * scale)), max(1, round(w * scale))
@@ -374,9 +335,17 @@ def _call_jitted(model: UNet, x_BHWC, rngs, prescaled: bool):
     return model(x_BHWC, rngs=rngs, prescaled=prescaled)
 
 
-@nnx.jit
 def predict_proba(model: UNet, x_BHWC: jax.Array) -> jax.Array:
-    """Per-pixel class probabilities [B, H, W, K]: softmax of the logits over K (jitted)."""
+    """Per-pixel class probabilities [B, H, W, K]: softmax of the logits over K (jitted), in
+    inference mode (batch norm's running statistics, no dropout) whatever mode `model` is in;
+    `model` is left as it was."""
+    return _proba_jitted(
+        nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False), x_BHWC
+    )
+
+
+@nnx.jit
+def _proba_jitted(model: UNet, x_BHWC):
     return jax.nn.softmax(model(x_BHWC), axis=-1)
 
 

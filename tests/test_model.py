@@ -81,6 +81,21 @@ def test_probabilities_non_negative_and_sum_to_one():
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
 
 
+def test_probabilities_are_inference_mode_and_leave_the_model_as_it_was():
+    model = fcn.UNet(3, features=4, depth=2, dropout=0.5, rngs=nnx.Rngs(0))  # training mode, as built
+    x = jax.random.uniform(jax.random.key(0), (2, 19, 23, 3))
+    before = jax.tree.map(np.array, nnx.state(model))
+    probs = fcn.predict_proba(model, x)
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model), before)  # running statistics kept
+    bns = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.BatchNorm)]
+    assert bns and not any(bn.use_running_average for bn in bns)  # still in training mode
+    eval_model = nnx.clone(model)
+    eval_model.eval()
+    np.testing.assert_allclose(probs, jax.nn.softmax(eval_model(x), -1), atol=1e-6)
+    np.testing.assert_array_equal(fcn.predict_proba(model, x), probs)  # no dropout
+    np.testing.assert_array_equal(fcn.predict_proba(eval_model, x), probs)
+
+
 def test_1x1_conv_is_a_dense_layer_at_every_pixel():
     conv = nnx.Conv(6, 4, (1, 1), rngs=nnx.Rngs(0))
     x_BHWC = jax.random.normal(jax.random.key(1), (2, 5, 7, 6))
@@ -315,7 +330,7 @@ def test_inference_folds_batch_norm_into_the_convolution(dtype, monkeypatch):
 
 
 def test_max_pool_values_and_gradient_equal_xla_pooling_ties_included():
-    from fcn.model import max_pool_2x2
+    from fcn.layers import max_pool_2x2
 
     rng = np.random.default_rng(0)
     # A ReLU's output: many windows of zeros (ties), and some ties at positive values too.
