@@ -293,3 +293,23 @@ def test_any_array_works_or_fails_clearly(seg, h, w, channels, dtype, scale, see
         assert isinstance(e, DataError) and str(e)
         return
     assert classes.shape == (h, w) and classes.dtype == np.uint8 and classes.max() < 4
+
+
+def test_a_truncated_or_closed_pil_image_is_a_data_error_naming_it(tmp_path):
+    """Image.open of a truncated file decodes lazily: predicting it raised OSError ("image file is
+    truncated", no name), or for RGBA/palette files "cannot convert mode RGBA to RGB"; a closed one
+    raised a bare AssertionError from PIL."""
+    seg = Segmenter(UNet(3, features=4, depth=2, rngs=nnx.Rngs(0)))
+    good = random_image(8, 8)
+    for mode in ("RGB", "RGBA", "P"):
+        path = tmp_path / f"{mode}.png"
+        Image.fromarray(random_image(40, 50, seed=1)).convert(mode).save(path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        with pytest.raises(DataError, match=r"^image 1: corrupt or truncated image \(image file is truncated\)"):
+            seg.predict([good, Image.open(path)])
+    Image.fromarray(good).save(tmp_path / "whole.png")
+    with Image.open(tmp_path / "whole.png") as image:
+        pass
+    with pytest.raises(DataError, match="image: its file was closed before it was decoded; pass the path"):
+        seg.predict(image)
+    assert seg.compilations == 0

@@ -110,7 +110,13 @@ def read_image(path: PathLike) -> np.ndarray:
 
 
 def pil_rgb(img: Image.Image, name: str) -> np.ndarray:
-    """A decoded PIL image as uint8 [H, W, 3], by the module docstring's rules; `name` for errors."""
+    """A PIL image as uint8 [H, W, 3], by the module docstring's rules; `name` for errors."""
+    try:
+        img.load()  # an image from Image.open decodes here: a truncated file fails as read_image's does
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise DataError(f"{name}: corrupt or truncated image ({e})") from e
+    except AssertionError as e:  # PIL's check that the file is still open
+        raise DataError(f"{name}: its file was closed before it was decoded; pass the path, or load() it first") from e
     if img.mode in _HIGH_BIT_MODES:
         raise DataError(
             f"{name}: {img.mode} image (more than 8 bits per channel); fcn reads "
