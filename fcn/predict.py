@@ -7,9 +7,10 @@ as a palette PNG (it opens as colours; the pixel values are the class ids),
 and `OUT/NAME_overlay.png`, the image blended with those colours. Where that
 name is an earlier input's (`a/x.png` and `b/x.jpg`) or would overwrite an
 input, the later input's outputs are `NAME-2_...` (`-3`, ...), and a note
-says which file they belong to. A directory argument stands for the images
-directly inside it (other files there are passed over). Inputs are only read,
-never written. Inputs that cannot be used (missing, not an image, empty, a
+says which file they belong to. Names are compared ignoring case (`a/IMG.png`
+and `b/img.jpg` too), as macOS and Windows file systems compare them. A
+directory argument stands for the images directly inside it (other files there
+are passed over). Inputs are only read, never written. Inputs that cannot be used (missing, not an image, empty, a
 directory without images) are reported by name and skipped; the exit code is
 0 when every input was predicted, 1 when some failed, 2 for bad arguments.
 """
@@ -57,20 +58,25 @@ def expand_inputs(args: list[str], out: Path | None = None) -> tuple[list[Path],
     return list(first.values()), errors
 
 
+def _folded(path: Path) -> str:
+    """A path as a case-insensitive file system (macOS, Windows) tells it apart: `X.png` is `x.png` there."""
+    return str(path.resolve()).casefold()
+
+
 def output_names(files: list[Path], out: Path) -> list[tuple[Path, Path]]:
-    """(class map path, overlay path) per input: unique, and never an input path."""
-    inputs = {p.resolve() for p in files}
+    """(class map path, overlay path) per input: unique, and never an input path, ignoring case."""
+    inputs = {_folded(p) for p in files}
     used: set[str] = set()
     names = []
     for path in files:
         stem, n = path.stem, 1
         while True:
             pair = (out / f"{stem}_classes.png", out / f"{stem}_overlay.png")
-            if stem not in used and not any(p.resolve() in inputs for p in pair):
+            if stem.casefold() not in used and not any(_folded(p) in inputs for p in pair):
                 break
             n += 1
             stem = f"{path.stem}-{n}"
-        used.add(stem)
+        used.add(stem.casefold())
         names.append(pair)
     return names
 

@@ -12,7 +12,7 @@ from test_inference import train_tiny
 
 from fcn.data.synthetic import make_example
 from fcn.inference import load
-from fcn.predict import main, predict_files
+from fcn.predict import main, output_names, predict_files
 
 
 @pytest.fixture(scope="session")
@@ -184,3 +184,20 @@ def test_a_corrupt_checkpoint_is_one_error_naming_it(workdir, tmp_path):
     assert line.startswith(f"error: cannot load {broken}: cannot read checkpoint ") and "best: " in line
     assert "incomplete or corrupt" in line
     assert not (tmp_path / "o").exists()
+
+
+def test_names_that_differ_only_in_case_get_outputs_of_their_own(tmp_path):
+    """a/IMG.png and b/img.jpg were written as IMG_classes.png and img_classes.png: one file on a
+    case-insensitive file system (macOS, Windows), so the second overwrote the first, and an input
+    A_classes.png beside a.png was overwritten by a.png's class map."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    files = [tmp_path / "a" / "IMG.png", tmp_path / "b" / "img.jpg", tmp_path / "a.png", tmp_path / "A_classes.png"]
+    names = output_names(files, tmp_path)
+    assert [c.name for c, _ in names] == [
+        "IMG_classes.png",
+        "img-2_classes.png",
+        "a-2_classes.png",
+        "A_classes_classes.png",
+    ]
+    assert len({o.name.casefold() for pair in names for o in pair}) == 8
