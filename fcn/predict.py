@@ -10,9 +10,10 @@ input, the later input's outputs are `NAME-2_...` (`-3`, ...), and a note
 says which file they belong to. Names are compared ignoring case (`a/IMG.png`
 and `b/img.jpg` too), as macOS and Windows file systems compare them. A
 directory argument stands for the images directly inside it (other files there
-are passed over). Inputs are only read, never written. Inputs that cannot be used (missing, not an image, empty, a
-directory without images) are reported by name and skipped; the exit code is
-0 when every input was predicted, 1 when some failed, 2 for bad arguments.
+are passed over). Inputs are only read, never written. Inputs that cannot be
+used (missing, not an image, empty, a directory without images or that cannot
+be listed) are reported by name and skipped; the exit code is 0 when every
+input was predicted, 1 when some failed, 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -42,7 +43,11 @@ def expand_inputs(args: list[str], out: Path | None = None) -> tuple[list[Path],
     for arg in args:
         path = Path(arg)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            try:
+                found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            except OSError as e:  # no permission to list it, say: the other inputs are still predicted
+                errors.append(f"{path}: cannot list directory ({e.strerror or e})")
+                continue
             if out is not None and out.exists() and path.resolve() == out.resolve():
                 found = [p for p in found if not _is_output(p)]
             if not found:

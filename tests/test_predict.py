@@ -12,7 +12,7 @@ from test_inference import train_tiny
 
 from fcn.data.synthetic import make_example
 from fcn.inference import load
-from fcn.predict import main, output_names, predict_files
+from fcn.predict import expand_inputs, main, output_names, predict_files
 
 
 @pytest.fixture(scope="session")
@@ -201,3 +201,23 @@ def test_names_that_differ_only_in_case_get_outputs_of_their_own(tmp_path):
         "A_classes_classes.png",
     ]
     assert len({o.name.casefold() for pair in names for o in pair}) == 8
+
+
+def test_a_directory_that_cannot_be_listed_is_named_and_the_others_kept(tmp_path, monkeypatch):
+    """A folder without read permission raised PermissionError out of the command (a traceback, no
+    image predicted); it is one error line now, as a missing file is."""
+    import pathlib
+
+    _write(tmp_path / "x.png", 8, 8)
+    (tmp_path / "locked").mkdir()
+    iterdir = pathlib.Path.iterdir
+
+    def refuse(self):
+        if self.name == "locked":
+            raise PermissionError(13, "Permission denied", str(self))
+        return iterdir(self)
+
+    monkeypatch.setattr(pathlib.Path, "iterdir", refuse)
+    files, errors = expand_inputs([str(tmp_path / "locked"), str(tmp_path / "x.png")])
+    assert files == [tmp_path / "x.png"]
+    assert errors == [f"{tmp_path / 'locked'}: cannot list directory (Permission denied)"]
