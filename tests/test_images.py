@@ -18,6 +18,7 @@ from fcn.data.images import (
     normalize_value_map,
     read_image,
     read_mask,
+    read_size,
 )
 
 
@@ -84,6 +85,16 @@ def test_not_an_image_and_missing_file(tmp_path):
         read_image(tmp_path / "notes.png")
     with pytest.raises(DataError, match=r"nope\.png: cannot read"):
         read_image(tmp_path / "nope.png")
+
+
+def test_an_image_over_pillows_decompression_bomb_limit_is_refused_naming_it(tmp_path, monkeypatch):
+    """docs/reliability.md: an image too large to decode safely is refused with its file name, from
+    its header (read_size, where a split is streamed) and when decoded (images and masks alike)."""
+    path = save(tmp_path / "huge.png", np.zeros((20, 20), np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses above twice this: 400 > 200
+    for read in (read_image, lambda p: read_mask(p, num_classes=2), read_size):
+        with pytest.raises(DataError, match=r"huge\.png: image too large to decode safely"):
+            read(path)
 
 
 # --- masks ----------------------------------------------------------------
