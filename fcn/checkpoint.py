@@ -14,6 +14,7 @@ and no half-written one is ever restored.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -63,11 +64,23 @@ def _get(config: dict, dotted: str):
     return config
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to a temporary file and rename it over `path`. An OSError names `path` (a full disk's
+    names no file), and leaves no temporary file where it can be removed."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        e.filename = str(path)
+        raise
+
+
 def write_json_atomic(path: Path, obj) -> None:
     """Write JSON to a temporary file and rename it over `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2, default=_jsonable))
 
 
 def _jsonable(x):

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import jax
 
+from fcn import checkpoint
+
 log = logging.getLogger("fcn")
 
 
@@ -37,9 +39,7 @@ class MetricsLog:
                 for ln in self.path.read_text().splitlines()
                 if _line_step(ln) is not None and _line_step(ln) <= resume_step
             ]
-            tmp = self.path.with_name("metrics.jsonl.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
-            os.replace(tmp, self.path)
+            checkpoint.write_atomic(self.path, "".join(ln + "\n" for ln in kept))
         try:
             # Resumed: TensorBoard hides the steps past the checkpoint that a stopped run had logged
             # (its events file stays), as metrics.jsonl drops their lines. The file's name has the
@@ -56,8 +56,12 @@ class MetricsLog:
         if not self.enabled:
             return
         line = {"step": step, **{k: v for k, v in values.items() if isinstance(v, int | float | str)}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+        except OSError as e:  # a full disk fails the write or the close, naming no file: train.py needs it named
+            e.filename = e.filename or str(self.path)
+            raise
         if self.writer is not None:
             for k, v in values.items():
                 if isinstance(v, int | float) and not isinstance(v, bool):

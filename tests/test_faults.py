@@ -241,25 +241,34 @@ def test_unwritable_checkpoint_is_one_error_line_and_older_ones_stay(workdir3, m
     assert_all_restore(workdir3)
 
 
-def test_a_full_disk_for_metrics_jsonl_is_one_error_line_and_checkpoints_stay(workdir3, monkeypatch, capsys):
-    """metrics.jsonl cannot take a line (disk full) at step 4: exit code 1 with one line naming the
-    file and the reason, not a traceback; checkpoint 3 untouched."""
+@pytest.mark.parametrize("where", ["open", "write", "config.json"])
+def test_a_full_disk_for_metrics_jsonl_is_one_error_line_and_checkpoints_stay(workdir3, monkeypatch, capsys, where):
+    """metrics.jsonl cannot take a line at step 4 (its open fails; or its write does, naming no file, as
+    on a real full disk: /dev/full), or config.json cannot be written: exit code 1 with one line naming
+    the file and the reason, not a traceback; no temporary file left; checkpoint 3 untouched."""
     from fcn import metrics_log
 
     def full(path, *args, **kwargs):
         if Path(path).name == "metrics.jsonl":
+            if where == "write":
+                return open("/dev/full", *args, **kwargs)
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return open(path, *args, **kwargs)
 
-    monkeypatch.setattr(metrics_log, "open", full, raising=False)  # the module's name for the builtin
+    if where == "config.json":
+        (workdir3 / "config.json.tmp").symlink_to("/dev/full")  # its write fails, naming no file
+    else:
+        monkeypatch.setattr(metrics_log, "open", full, raising=False)  # the module's name for the builtin
     assert run_training(tiny.get_config(), str(workdir3)) == 1
     err = capsys.readouterr().err
     errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert "Traceback" not in err and len(errors) == 1, err
+    name = "config.json" if where == "config.json" else "metrics.jsonl"
     assert errors[0] == (
-        f"error: cannot write {workdir3 / 'metrics.jsonl'}: No space left on device. The checkpoints are "
+        f"error: cannot write {workdir3 / name}: No space left on device. The checkpoints are "
         "untouched (the latest: step 3); free space or fix permissions and re-run to resume"
     )
+    assert not list(workdir3.glob("*.tmp"))
     assert steps_on_disk(workdir3) == [3]
     assert_all_restore(workdir3)
 
