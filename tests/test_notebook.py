@@ -1,5 +1,6 @@
 """notebooks/quickstart.ipynb runs top to bottom, so it cannot rot."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,27 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     assert "mean IoU" in outputs and "tiled vs whole" in outputs
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 2, "the predictions are shown as pictures"
+
+
+def test_quickstart_loads_the_workdir_its_text_names_instead_of_training(tmp_path, monkeypatch):
+    """The notebook's text: train with `python train.py ... --workdir runs/shapes` (from the repository
+    root) and point FCN_QUICKSTART_WORKDIR at that workdir. Its kernel runs in notebooks/, where that
+    relative path named nothing: the notebook trained a model of its own there instead of loading."""
+    from configs import tiny
+    from fcn.train import train_and_evaluate
+
+    run = tmp_path / "run"
+    train_and_evaluate(tiny.get_config(), run)
+    monkeypatch.setenv("FCN_QUICKSTART_WORKDIR", os.path.relpath(run, NOTEBOOK.parents[1]))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb.cells = nb.cells[:7]  # up to the predictions: loading is what is checked
+    client = nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    )
+    client.execute()
+    outputs = "\n".join(_text(c) for c in nb.cells if c.cell_type == "code")
+    assert f"workdir: {run}" in outputs and "mean IoU" not in outputs  # loaded, not trained
 
 
 def test_every_public_name_is_listed_and_importable():
