@@ -292,13 +292,14 @@ def test_resuming_with_another_model_names_the_fields_and_changes_nothing(workdi
     before = {p: p.read_bytes() for p in workdir3.rglob("*") if p.is_file()}
     config = tiny.get_config()
     config.model.features, config.model.head, config.optimizer.learning_rate = 8, "mlp", 0.5
-    config.optimizer.name, config.optimizer.grad_clip = "sgd", 0.0
+    config.optimizer.name, config.optimizer.grad_clip, config.optimizer.ema_decay = "sgd", 0.0, 0.99
     assert run_training(config, str(workdir3)) == 1
     err = capsys.readouterr().err
     assert "holds checkpoints of a different model or optimizer" in err and "Traceback" not in err
     assert "model.features: workdir has 4, config has 8" in err and "model.head: workdir has 'linear'" in err
     assert "optimizer.name: workdir has 'adamw', config has 'sgd'" in err
     assert "optimizer.grad_clip: workdir has 1.0, config has 0.0 (turning it off" in err
+    assert "optimizer.ema_decay: workdir has 0.0, config has 0.99 (turning it on" in err
     assert "learning_rate" not in err
     assert {p: p.read_bytes() for p in workdir3.rglob("*") if p.is_file()} == before
 
