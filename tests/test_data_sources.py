@@ -1,5 +1,6 @@
 """Data sources: the user's folders, TFDS (mocked), synthetic shapes (CamVid: test_data_camvid.py)."""
 
+import io
 import os
 import subprocess
 import sys
@@ -236,6 +237,19 @@ def test_folder_loads_or_raises_data_error(size, pixels, fmt, mask_grows, values
 
 
 # --- TFDS and synthetic ---------------------------------------------------
+
+
+def test_tfds_image_header_over_pillows_limit_is_a_data_error_naming_the_example(monkeypatch):
+    from PIL import Image
+
+    from fcn.data.tfds import _encoded_size
+
+    png = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(png, format="PNG")
+    assert _encoded_size(png.getvalue(), "train[3]") == (30, 40)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1200 pixels: over twice the limit
+    with pytest.raises(DataError, match=r"train\[3\]: image too large to decode safely"):
+        _encoded_size(png.getvalue(), "train[3]")
 
 
 def test_tfds_unknown_dataset_needs_class_names():

@@ -109,6 +109,8 @@ def _encoded_size(value, name: str) -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(value)) as img:
             w, h = img.size
+    except Image.DecompressionBombError as e:  # not an OSError: it would end in a traceback
+        raise DataError(f"{name}: image too large to decode safely ({e})") from e
     except (OSError, ValueError) as e:
         raise DataError(f"{name}: cannot read the image header ({e})") from e
     return h, w
