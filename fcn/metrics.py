@@ -23,11 +23,15 @@ def confusion_matrix(labels_BHW: jax.Array, preds_BHW: jax.Array, num_classes: i
     """[K, K] int32 counts, rows = ground truth, columns = prediction.
 
     Pixels whose label is `ignore_label` count nowhere (neither as ground truth
-    nor as prediction). Works on sharded arrays inside jit: XLA sums across
+    nor as prediction), nor do pixels whose label or prediction is no class id
+    (outside 0..K-1): their flat index label * K + prediction would land in
+    another pixel's cell. Works on sharded arrays inside jit: XLA sums across
     devices.
     """
-    valid = labels_BHW != ignore_label
-    index = jnp.where(valid, labels_BHW.astype(jnp.int32) * num_classes + preds_BHW.astype(jnp.int32), 0)
+    labels_BHW, preds_BHW = labels_BHW.astype(jnp.int32), preds_BHW.astype(jnp.int32)
+    in_range = (labels_BHW >= 0) & (labels_BHW < num_classes) & (preds_BHW >= 0) & (preds_BHW < num_classes)
+    valid = (labels_BHW != ignore_label) & in_range
+    index = jnp.where(valid, labels_BHW * num_classes + preds_BHW, 0)
     counts = jnp.zeros(num_classes * num_classes, jnp.int32).at[index.ravel()].add(valid.ravel().astype(jnp.int32))
     return counts.reshape(num_classes, num_classes)
 

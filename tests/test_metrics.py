@@ -90,6 +90,15 @@ def test_ignored_pixels_count_nowhere():
     np.testing.assert_array_equal(cm, [[1, 0], [0, 1]])
 
 
+def test_labels_and_predictions_that_are_no_class_id_count_nowhere():
+    """fcn.metrics is public: a label or prediction outside 0..K-1 (here -1 and K) counted in another
+    pixel's cell (label * K + prediction: a label -1 with prediction 1 as class K-1's ground truth)."""
+    labels = jnp.array([[[0, -1, 2, 3, 1, 1]]], jnp.int32)
+    preds = jnp.array([[[0, 1, 2, 0, 3, -1]]], jnp.int32)
+    cm = np.asarray(metrics.confusion_matrix(labels, preds, 3))
+    np.testing.assert_array_equal(cm, [[1, 0, 0], [0, 0, 0], [0, 0, 1]])
+
+
 def test_empty_matrix_gives_nan_not_errors():
     s = metrics.scores(np.zeros((3, 3), np.int64))
     assert np.isnan(s["mean_iou"]) and np.isnan(s["pixel_accuracy"])
