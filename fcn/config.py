@@ -91,7 +91,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer = o = ml_collections.ConfigDict()
     o.name = "adamw"  # adamw | sgd
     o.learning_rate = 1e-3  # peak learning rate
-    o.warmup_steps = 100
+    o.warmup_steps = 100  # steps of linear warmup from 0 to the peak rate (0 = the peak from step 0)
     o.schedule = "cosine"  # cosine | constant
     o.weight_decay = 1e-4
     o.momentum = 0.9  # sgd only

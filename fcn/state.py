@@ -35,9 +35,11 @@ class Graphs:
 def learning_rate_schedule(config) -> optax.Schedule:
     """Linear warmup to the peak rate, then cosine decay to 0 at `num_steps` (or constant)."""
     opt = config.optimizer
+    if opt.schedule == "cosine" and not opt.warmup_steps:  # the peak at step 0, as the constant schedule's
+        return optax.cosine_decay_schedule(opt.learning_rate, config.num_steps)
     if opt.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
-            0.0, opt.learning_rate, max(opt.warmup_steps, 1), max(config.num_steps, opt.warmup_steps + 1)
+            0.0, opt.learning_rate, opt.warmup_steps, max(config.num_steps, opt.warmup_steps + 1)
         )
     if opt.schedule == "constant":
         return optax.join_schedules(
