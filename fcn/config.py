@@ -195,8 +195,9 @@ def validate(config) -> None:
         raise ConfigError(f"config.model.input_scale={config.model.input_scale!r} must be in (0, 1]")
     if not 0 <= config.model.dropout < 1:
         raise ConfigError(f"config.model.dropout={config.model.dropout!r} must be in [0, 1)")
-    if not 0 <= config.optimizer.ema_decay < 1:
-        raise ConfigError(f"config.optimizer.ema_decay={config.optimizer.ema_decay!r} must be in [0, 1)")
+    for name in ("optimizer.ema_decay", "optimizer.momentum"):  # 1 or more: an average or a sum that never forgets
+        if not 0 <= config[name] < 1:
+            raise ConfigError(f"config.{name}={config[name]!r} must be in [0, 1)")
     crop = tuple(config.augment.crop_size)
     if len(crop) != 2 or min(crop) < 1:
         raise ConfigError(f"config.augment.crop_size={crop!r} must be two positive sizes (H, W)")

@@ -7,6 +7,7 @@ import pytest
 
 from configs import tiny
 from fcn import state as state_lib
+from fcn.config import ConfigError, validate
 
 
 def _reference_rate(step: int, peak: float, warmup: int, num_steps: int, schedule: str) -> float:
@@ -30,3 +31,13 @@ def test_learning_rate_schedule_matches_hand_computation(schedule, warmup):
     got = [float(rate(s)) for s in range(config.num_steps + 1)]
     want = [_reference_rate(s, 1e-3, warmup, config.num_steps, schedule) for s in range(config.num_steps + 1)]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize(("name", "value"), [("momentum", 1.0), ("momentum", -0.5), ("ema_decay", 1.0)])
+def test_a_decay_of_one_or_more_or_below_zero_is_refused(name, value):
+    """SGD's momentum of 1 sums the gradients for ever (the steps grow without end), and went unchecked."""
+    config = tiny.get_config()
+    config.optimizer.name = "sgd"
+    config.optimizer[name] = value
+    with pytest.raises(ConfigError, match=rf"config\.optimizer\.{name}={value!r} must be in \[0, 1\)"):
+        validate(config)
