@@ -2,6 +2,8 @@
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -41,3 +43,38 @@ def test_a_decay_of_one_or_more_or_below_zero_is_refused(name, value):
     config.optimizer[name] = value
     with pytest.raises(ConfigError, match=rf"config\.optimizer\.{name}={value!r} must be in \[0, 1\)"):
         validate(config)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_weight_decay_moves_the_kernels_only(name):
+    """With zero gradients only weight decay moves parameters: every kernel (4-D), no bias or norm scale."""
+    config = tiny.get_config()
+    config.optimizer.name, config.optimizer.weight_decay = name, 0.5
+    config.optimizer.schedule, config.optimizer.warmup_steps = "constant", 0
+    _, state, tx = state_lib.create(config, 3)
+    params = state["params"]
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    moved = {jax.tree_util.keystr(k): bool(jnp.any(u != 0)) for k, u in jax.tree_util.tree_leaves_with_path(updates)}
+    kernels = {k for k in moved if "kernel" in k}
+    assert kernels and {k for k, m in moved.items() if m} == kernels
+
+
+def test_ema_follows_its_formula_and_grad_norm_is_the_norm_before_clipping():
+    """ema_t = d * ema_{t-1} + (1 - d) * params_t from ema_0 = the initial parameters; the logged
+    gradient norm is that of the gradients before the global-norm clip."""
+    config = tiny.get_config()
+    config.optimizer.ema_decay, config.optimizer.grad_clip = 0.8, 1e-3
+    config.optimizer.schedule, config.optimizer.warmup_steps = "constant", 0
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 24, 32, 3), np.uint8)
+    labels = rng.integers(0, 3, (4, 24, 32), np.uint8)
+    sizes = np.full((4, 2), (24, 32), np.int32)
+    graphs, state, tx = state_lib.create(config, 3)
+    step = state_lib.jit_train_step(config, graphs, tx, 3, 255)
+    ema = jax.tree.map(np.asarray, state["params"])
+    for _ in range(3):
+        state, out = step(state, images, labels, sizes)
+        ema = jax.tree.map(lambda e, p: 0.8 * e + 0.2 * np.asarray(p), ema, state["params"])
+        assert float(out["grad_norm"]) > 10 * config.optimizer.grad_clip
+    for got, want in zip(jax.tree.leaves(state["ema"]), jax.tree.leaves(ema), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
