@@ -40,11 +40,14 @@ def retain_memory() -> bool:
     return os.environ.get("FCN_RETAIN_MEMORY", "1") != "0" and retain_freed_memory()
 
 
-def out_dir_error(out) -> str | None:
-    """Why `--out` cannot become a folder (a file at it or above it, in words), or None: checked before a
-    command loads its model."""
+def out_dir_error(out: str) -> str | None:
+    """Why `--out` cannot become a folder (empty, or a file at it or above it, in words), or None: checked
+    before a command loads its model. An empty --out (a shell variable that was not set) would be the
+    current directory."""
     from pathlib import Path
 
+    if not str(out):
+        return "--out is an empty path; name a folder for the outputs"
     out = Path(out)
     blocker = next((p for p in (out, *out.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
@@ -62,6 +65,8 @@ def _define_flags():
     from ml_collections import config_flags
 
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.", required=True)
+    # An empty --workdir= (a shell variable that was not set) would be the current directory.
+    flags.register_validator("workdir", lambda v: v != "", message="an empty path; name a directory for the run")
     config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).", lock_config=True)
     parser = flags.FLAGS["config"].parser
     parser.parse = functools.partial(_load_config_file, parser.parse)

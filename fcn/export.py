@@ -298,7 +298,7 @@ def main(argv=None) -> int:
         return 1
 
     out = Path(args.out)
-    if problem := out_dir_error(out):
+    if problem := out_dir_error(args.out):
         print(f"error: {problem}", file=sys.stderr)
         return 1
 

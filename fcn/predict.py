@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     files, errors = expand_inputs(args.images, out)
     for msg in errors:
         print(f"error: {msg}", file=sys.stderr)
-    if problem := out_dir_error(out):
+    if problem := out_dir_error(args.out):
         print(f"error: {problem}", file=sys.stderr)
         return 1
     if not files:

@@ -136,3 +136,13 @@ def test_folder_cases_reach_the_checks_they_name(runs):
     """The folder config is otherwise valid: with two class names it fails on the image, not before."""
     results, *_ = runs
     assert "im03.png" in results["corrupt image"][0].stderr and "class_names" not in results["corrupt image"][0].stderr
+
+
+def test_an_empty_workdir_is_refused_not_taken_for_the_current_folder(tmp_path):
+    """--workdir="$RUN" with RUN unset: Path("") is ".", where a whole run was written among the user's files."""
+    cmd = [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs' / 'tiny.py'}", "--workdir="]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "error: flag --workdir=: an empty path; name a directory for the run" in done.stderr
+    assert "Traceback" not in done.stderr and list(tmp_path.iterdir()) == []

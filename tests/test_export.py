@@ -173,6 +173,13 @@ def test_an_out_that_is_a_file_is_an_error(workdir, tmp_path, capsys):
     assert (tmp_path / "notes.txt").read_text() == "not a folder"
 
 
+def test_an_empty_out_is_refused_not_taken_for_the_current_folder(workdir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # --out="$OUT" with OUT unset: Path("") is "."
+    assert main(["--workdir", workdir, "--out", "", "--no_saved_model"]) == 1
+    assert "error: --out is an empty path; name a folder for the outputs" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_constant_padding_exports_the_model_own_logits(tmp_path):
     """The export pads images before the model as the model pads them: zeros are black, not the mean."""
     from fcn.export import export_model

@@ -164,6 +164,15 @@ def test_bad_out_or_alpha_fail_in_words_before_loading_the_model(tmp_path, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "x.png"]
 
 
+def test_an_empty_out_is_refused_not_taken_for_the_current_folder(workdir, tmp_path, monkeypatch, capsys):
+    # --out="$OUT" with OUT unset: Path("") is ".", where the outputs went among the user's files
+    _write(tmp_path / "x.png", 8, 8)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--workdir", workdir, "--out", "", "x.png"]) == 1
+    assert "error: --out is an empty path; name a folder for the outputs" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
+
+
 def test_a_corrupt_checkpoint_is_one_error_naming_it(workdir, tmp_path):
     """Array files cut short (a partial copy): an error line that names the checkpoint, exit code 1.
     In a process of its own: orbax's other reads of the broken arrays are left pending, and are
