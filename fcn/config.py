@@ -125,6 +125,14 @@ def _choice(config, key: str, choices) -> None:
         raise ConfigError(f"config.{key}={value!r} is not valid; expected one of {', '.join(map(str, choices))}")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _positive(config, name: str, *, strict: bool = True) -> None:
     value = config[name]
     if isinstance(value, bool) or not isinstance(value, int | float) or (value <= 0 if strict else value < 0):
@@ -169,8 +177,10 @@ def validate(config) -> None:
     # keep_checkpoints: with none kept, a run could neither resume nor be evaluated at its last step
     for name, least in (("data.decode_workers", 1), ("data.prefetch", 0), ("keep_checkpoints", 1)):
         value = config[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        if not _is_int(value) or value < least:
             raise ConfigError(f"config.{name}={value!r} must be an integer of at least {least}")
+    if not _is_int(config.seed) or not 0 <= config.seed < 2**63:  # numpy's and jax's generators' seeds
+        raise ConfigError(f"config.seed={config.seed!r} must be an integer in 0..2**63 - 1")
     ignore = config.data.ignore_label
     if isinstance(ignore, bool) or not isinstance(ignore, int) or not 0 <= ignore <= 255:
         raise ConfigError(
@@ -199,11 +209,11 @@ def validate(config) -> None:
         if not 0 <= config[name] < 1:
             raise ConfigError(f"config.{name}={config[name]!r} must be in [0, 1)")
     crop = tuple(config.augment.crop_size)
-    if len(crop) != 2 or min(crop) < 1:
-        raise ConfigError(f"config.augment.crop_size={crop!r} must be two positive sizes (H, W)")
-    lo, hi = config.augment.scale_range
-    if not 0 < lo <= hi:
-        raise ConfigError(f"config.augment.scale_range=({lo}, {hi}) needs 0 < min <= max")
+    if len(crop) != 2 or not all(_is_int(v) and v >= 1 for v in crop):
+        raise ConfigError(f"config.augment.crop_size={crop!r} must be two positive integers (H, W)")
+    scales = tuple(config.augment.scale_range)
+    if len(scales) != 2 or not all(_is_number(v) for v in scales) or not 0 < scales[0] <= scales[1]:
+        raise ConfigError(f"config.augment.scale_range={scales!r} must be two numbers (min, max), 0 < min <= max")
 
 
 def _check_conv_impl(config) -> None:

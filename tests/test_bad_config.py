@@ -36,6 +36,13 @@ CASES = {
         ["--config.data.ignore_label=2"],
         ["data.ignore_label=2 must be in 4..255 (not a class id"],
     ),
+    # Tuples take any values from the command line; these, and a negative seed, were tracebacks, the last two
+    # after a workdir was made.
+    "one scale": (["--config.augment.scale_range=(1.0,)"], ["config.augment.scale_range=(1.0,)", "two numbers"]),
+    "text crop size": (["--config.augment.crop_size=('a','b')"], ["config.augment.crop_size=('a', 'b')"]),
+    "one synthetic size": (["--config.data.synthetic_size=(24,)"], ["data.synthetic_size=(24,)", "H, W"]),
+    "fractional crop size": (["--config.augment.crop_size=(23.5,32)"], ["crop_size=(23.5, 32) must be two positive"]),
+    "negative seed": (["--config.seed=-1"], ["config.seed=-1 must be an integer in 0..2**63 - 1"]),
     "unknown train split": (["--config.data.train_split=trian"], ["config.data.train_split='trian'", "train, val"]),
     "crop larger than images": (
         ["--config.augment.crop_size=(64,64)"],

@@ -112,9 +112,10 @@ def generate(split: str, count: int, size: tuple[int, int], max_size: int = 0, w
 
 def synthetic_source(data_config) -> Source:
     """The synthetic source for a `config.data` ConfigDict (synthetic_size, synthetic_counts)."""
-    h, w = (int(v) for v in data_config.synthetic_size)
-    if h < 8 or w < 8:
-        raise DataError(f"data.synthetic_size={(h, w)}: expected H, W of at least 8")
+    size = tuple(data_config.synthetic_size)
+    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 8 for v in size):
+        raise DataError(f"data.synthetic_size={size!r}: expected H, W, integers of at least 8")
+    h, w = size
     counts = {str(k): int(v) for k, v in data_config.synthetic_counts.items()}
     if not counts or min(counts.values()) < 1:
         raise DataError(
