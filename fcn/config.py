@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 
 import ml_collections
 
@@ -64,7 +65,7 @@ def default_config() -> ml_collections.ConfigDict:
     a.crop_size = (96, 128)  # training crop H, W in network pixels (after model.input_scale)
     a.scale_range = (0.5, 2.0)  # random rescale before the crop
     a.hflip = True
-    a.brightness = 0.2  # photometric jitter amplitudes (0 = off)
+    a.brightness = 0.2  # photometric jitter amplitudes, in [0, 1] (0 = off)
     a.contrast = 0.2
     a.saturation = 0.2
 
@@ -94,7 +95,7 @@ def default_config() -> ml_collections.ConfigDict:
     o.warmup_steps = 100  # steps of linear warmup from 0 to the peak rate (0 = the peak from step 0)
     o.schedule = "cosine"  # cosine | constant
     o.weight_decay = 1e-4
-    o.momentum = 0.9  # sgd only
+    o.momentum = 0.9  # sgd only, in [0, 1)
     o.grad_clip = 1.0  # global-norm clip (0 = off)
     o.ema_decay = 0.0  # >0: evaluate an exponential moving average of the weights
 
@@ -135,8 +136,12 @@ def _is_number(value) -> bool:
 
 def _positive(config, name: str, *, strict: bool = True) -> None:
     value = config[name]
-    if isinstance(value, bool) or not isinstance(value, int | float) or (value <= 0 if strict else value < 0):
-        raise ConfigError(f"config.{name}={value!r} must be a {'positive' if strict else 'non-negative'} number")
+    # not finite: --config.optimizer.learning_rate=nan passed `value <= 0` and trained on NaN weights
+    if not _is_number(value) or not math.isfinite(value) or (value <= 0 if strict else value < 0):
+        finite = "" if _is_number(value) and math.isfinite(value) else "finite, "
+        raise ConfigError(
+            f"config.{name}={value!r} must be a {finite}{'positive' if strict else 'non-negative'} number"
+        )
 
 
 def _check_fields(config) -> None:
@@ -205,9 +210,12 @@ def validate(config) -> None:
         raise ConfigError(f"config.model.input_scale={config.model.input_scale!r} must be in (0, 1]")
     if not 0 <= config.model.dropout < 1:
         raise ConfigError(f"config.model.dropout={config.model.dropout!r} must be in [0, 1)")
-    for name in ("optimizer.ema_decay", "optimizer.momentum"):  # 1 or more: an average or a sum that never forgets
+    for name in ("optimizer.ema_decay", "optimizer.momentum"):  # at 1 and above, averages never forget
         if not 0 <= config[name] < 1:
             raise ConfigError(f"config.{name}={config[name]!r} must be in [0, 1)")
+    for name in ("augment.brightness", "augment.contrast", "augment.saturation"):
+        if not 0 <= config[name] <= 1:  # a factor 1 +- amplitude: above 1 it may be negative, a negated image
+            raise ConfigError(f"config.{name}={config[name]!r} must be in [0, 1] (0 = off)")
     crop = tuple(config.augment.crop_size)
     if len(crop) != 2 or not all(_is_int(v) and v >= 1 for v in crop):
         raise ConfigError(f"config.augment.crop_size={crop!r} must be two positive integers (H, W)")

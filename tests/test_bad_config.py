@@ -26,6 +26,12 @@ CASES = {
     "float for an int": (["--config.model.features=2.5"], ["--config.model.features=2.5"]),
     "zero learning rate": (["--config.optimizer.learning_rate=0"], ["config.optimizer.learning_rate=0.0", "positive"]),
     "negative learning rate": (["--config.optimizer.learning_rate=-1e-3"], ["config.optimizer.learning_rate=-0.001"]),
+    # Accepted before, and trained: on NaN weights from the second step, with an inverted-image jitter, with an
+    # SGD momentum that pushes each update back.
+    "NaN learning rate": (["--config.optimizer.learning_rate=nan"], ["learning_rate=nan must be a finite, positive"]),
+    "infinite gradient clip": (["--config.optimizer.grad_clip=inf"], ["grad_clip=inf must be a finite, non-negative"]),
+    "negative momentum": (["--config.optimizer.momentum=-1"], ["config.optimizer.momentum=-1.0 must be in [0, 1)"]),
+    "contrast past 1": (["--config.augment.contrast=5"], ["config.augment.contrast=5.0 must be in [0, 1]"]),
     "negative max size": (["--config.data.max_size=-5"], ["config.data.max_size=-5", "non-negative"]),
     "unknown choice": (["--config.data.source=camvidd"], ["config.data.source='camvidd'", "camvid, folder"]),
     "unknown conv_impl": (["--config.model.conv_impl=fast"], ["config.model.conv_impl='fast'", "gemm, onednn, auto"]),
