@@ -86,14 +86,13 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from fcn.cli import retain_memory
+    from fcn.cli import retain_memory, run_training
 
     retain_memory()  # as train.py does, before JAX starts its threads
     from flax import nnx
 
     from fcn.model import from_config
     from fcn.summary import layer_rows
-    from fcn.train import train_and_evaluate
 
     out = Path(args.out)
     rows, curves = [], {}
@@ -112,7 +111,8 @@ def main(argv=None) -> int:
                     if not loss or loss[-1][0] < config.num_steps or miou is None:
                         continue  # unfinished
                 else:
-                    train_and_evaluate(config, workdir)
+                    if code := run_training(config, workdir):  # an error: said in one line
+                        return code
                     loss, speed, miou = train_logs(workdir)
                 mious.append(miou)
                 speeds.extend(speed[1:])  # the first logged interval includes compilation

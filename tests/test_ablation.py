@@ -73,3 +73,11 @@ def test_report_only_tabulates_finished_runs(tmp_path, monkeypatch):
     assert "35.00 ± 7.07" in lines[0]  # mean and sample std (ddof=1) of 30 and 40
     assert "30.0, 40.0" in lines[0]
     assert (tmp_path / "loss_curves.png").stat().st_size > 0
+
+
+def test_a_bad_override_value_is_one_error_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("fcn.cli.retain_memory", lambda: False)
+    argv = ["--config", TINY, "--seeds", "0", "--out", str(tmp_path), "--override", "batch_size=100"]
+    assert ablation.main(argv) == 1  # was a ConfigError's traceback
+    assert "error: config.batch_size=100 is larger than the 16 training examples" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
