@@ -9,6 +9,9 @@ resumes or skips), then writes `OUT/ablation.md` (mean and standard deviation
 of val mean IoU over seeds, parameters, FLOPs per image (360x480, or --flops_size) from XLA's cost
 analysis, training images per second) and `OUT/loss_curves.png` (mean training
 loss per variant over steps).
+
+Ctrl-C (or SIGTERM) saves the run in progress, as train.py does, and stops the
+ablation there with exit code 130 and no report; the same command resumes it.
 """
 
 from __future__ import annotations
@@ -67,6 +70,11 @@ def train_logs(workdir: Path) -> tuple[list[tuple[int, float]], list[float], flo
     return losses, speeds, miou
 
 
+def finished(loss: list, miou: float | None, config) -> bool:
+    """Whether a run's metrics.jsonl (train_logs) reaches config.num_steps and its final evaluation."""
+    return bool(loss) and loss[-1][0] >= config.num_steps and miou is not None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/camvid.py")
@@ -108,12 +116,15 @@ def main(argv=None) -> int:
                     if not (workdir / "metrics.jsonl").exists():
                         continue
                     loss, speed, miou = train_logs(workdir)
-                    if not loss or loss[-1][0] < config.num_steps or miou is None:
-                        continue  # unfinished
+                    if not finished(loss, miou, config):
+                        continue
                 else:
                     if code := run_training(config, workdir):  # an error: said in one line
                         return code
                     loss, speed, miou = train_logs(workdir)
+                    if not finished(loss, miou, config):  # stopped by a signal, with a checkpoint saved
+                        print(f"ablation stopped at {workdir}: run the same command again to resume", file=sys.stderr)
+                        return 130
                 mious.append(miou)
                 speeds.extend(speed[1:])  # the first logged interval includes compilation
                 per_seed.append(loss)

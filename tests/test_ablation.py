@@ -75,6 +75,21 @@ def test_report_only_tabulates_finished_runs(tmp_path, monkeypatch):
     assert (tmp_path / "loss_curves.png").stat().st_size > 0
 
 
+def test_a_run_stopped_by_a_signal_stops_the_ablation_without_a_report(tmp_path, monkeypatch, capsys):
+    """Ctrl-C saves the run in progress and train_and_evaluate returns (stop_after stands in for the
+    signal). The ablation took that run for finished: with no evaluation yet, np.mean of None was a
+    TypeError; after one, it trained the next variant and tabulated the cut-short run."""
+    import fcn.train
+
+    train = fcn.train.train_and_evaluate
+    monkeypatch.setattr(fcn.train, "train_and_evaluate", lambda config, workdir: train(config, workdir, stop_after=4))
+    monkeypatch.setattr("fcn.cli.retain_memory", lambda: False)
+    argv = ["--config", TINY, "--seeds", "0", "--out", str(tmp_path), "--flops_size", "24", "32"]
+    assert ablation.main(argv) == 130  # tiny: an evaluation at step 3, the run stopped at 4 of 6
+    assert "ablation stopped at" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["linear_s0"]  # no next variant, no ablation.md
+
+
 def test_a_bad_override_value_is_one_error_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("fcn.cli.retain_memory", lambda: False)
     argv = ["--config", TINY, "--seeds", "0", "--out", str(tmp_path), "--override", "batch_size=100"]
