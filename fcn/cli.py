@@ -55,6 +55,52 @@ def out_dir_error(out: str) -> str | None:
     return None
 
 
+def exits_130_on_ctrl_c(note: str = ""):
+    """Decorates a command's main: Ctrl-C is one line, `interrupted (Ctrl-C)` and `note`, and exit code 130,
+    not a traceback; and, once main has begun, it is not lost. Python's own handler raises KeyboardInterrupt
+    in whatever code runs, and JAX runs a gc callback at every garbage collection (jax-ml/jax#18246), in
+    which the exception was dropped: a Ctrl-C while a command started (data, the model's state) could do
+    nothing at all."""
+
+    def decorate(main):
+        @functools.wraps(main)
+        def wrapped(*args, **kwargs):
+            import signal
+            import threading
+
+            # Python's handler only: an ignored SIGINT (a background job, nohup) stays ignored
+            ours = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            ours = ours and threading.current_thread() is threading.main_thread()  # else signal() refuses
+            previous = signal.signal(signal.SIGINT, _on_sigint) if ours else None
+            try:
+                return main(*args, **kwargs)
+            except KeyboardInterrupt:
+                print(f"interrupted (Ctrl-C){note}", file=sys.stderr, flush=True)
+                raise SystemExit(130) from None
+            finally:
+                if ours:
+                    signal.signal(signal.SIGINT, previous)
+
+        return wrapped
+
+    return decorate
+
+
+def _on_sigint(signum, frame) -> None:
+    """KeyboardInterrupt, as Python's handler raises it; inside a gc callback, once the callback has returned."""
+    import _thread
+    import gc
+    import threading
+
+    callbacks = {getattr(cb, "__code__", None) for cb in gc.callbacks} - {None}
+    while frame is not None:
+        if frame.f_code in callbacks:  # raised here, the exception would be dropped: delivered again shortly
+            threading.Timer(0.05, _thread.interrupt_main).start()
+            return
+        frame = frame.f_back
+    raise KeyboardInterrupt
+
+
 def _without_traceback(record: logging.LogRecord) -> bool:
     record.exc_info = record.exc_text = None
     return True
@@ -117,6 +163,7 @@ def _load_config_file(parse, path: str):
     return config
 
 
+@exits_130_on_ctrl_c(": the same command resumes from the latest checkpoint, if one was saved")
 def train_main(argv=None) -> None:
     """`python train.py --config FILE --workdir DIR [--config.key=value ...]`."""
     from absl import app, flags

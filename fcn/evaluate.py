@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from fcn import checkpoint, metrics, sharding, state as state_lib
+from fcn.cli import exits_130_on_ctrl_c
 from fcn.data import pipeline
 from fcn.data.base import Split
 
@@ -157,6 +158,7 @@ def load_for_eval(workdir: str | Path, which: str = "best", mesh=None, data_over
     return config, info, graphs, state
 
 
+@exits_130_on_ctrl_c()
 def main(argv=None) -> int:
     from fcn.cli import DATA_OVERRIDE, is_data_override
 

@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fcn import ops
-from fcn.cli import out_dir_error
+from fcn.cli import exits_130_on_ctrl_c, out_dir_error
 from fcn.data.images import fitted_size
 from fcn.exported import (  # the reloading side
     ARTIFACT,
@@ -268,6 +268,7 @@ def _export_tf(fn, out: Path, platforms, saved_model: bool, tflite_size, size) -
     return written
 
 
+@exits_130_on_ctrl_c()
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fcn.export", description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True, help="a workdir written by train.py (or a checkpoint in it)")

@@ -23,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from fcn.cli import out_dir_error
+from fcn.cli import exits_130_on_ctrl_c, out_dir_error
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 _PROGRESS_MIN_FILES = 2  # a bar for a single file is noise
@@ -196,6 +196,7 @@ def _predicted(segmenter, batch: list, report) -> list:
         return maps
 
 
+@exits_130_on_ctrl_c()
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fcn.predict", description=__doc__.split("\n")[0])
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or directories of images")
