@@ -254,6 +254,9 @@ def with_data_overrides(config, overrides: list[str]):
         raise ValueError(flag_error(e)) from None
     if len(rest) > 1:
         raise ValueError(f"unexpected arguments: {' '.join(rest[1:])}")
+    from fcn.config import validate_data
+
+    validate_data(flag_values.config)  # a ConfigError, a ValueError: --config.data.max_size=-5 read images at -5
     return flag_values.config
 
 

@@ -166,7 +166,7 @@ def _check_fields(config) -> None:
 def validate(config) -> None:
     """Check types and ranges that do not need the data."""
     _check_fields(config)
-    _choice(config, "data.source", ("camvid", "folder", "tfds", "synthetic"))
+    validate_data(config)
     _choice(config, "model.norm", NORMS)
     _choice(config, "model.upsample", UPSAMPLES)
     _choice(config, "model.head", HEADS)
@@ -177,20 +177,10 @@ def validate(config) -> None:
     _choice(config, "optimizer.schedule", ("cosine", "constant"))
     _choice(config, "loss.class_weights", ("none", "median_freq", "median_freq_sqrt"))
     _choice(config, "loss.fused_head", FUSED_HEAD)
-    _choice(config, "data.storage", ("auto", "memory", "stream"))
-    _positive(config, "data.max_memory_gb")
     # keep_checkpoints: with none kept, a run could neither resume nor be evaluated at its last step
-    for name, least in (("data.decode_workers", 1), ("data.prefetch", 0), ("keep_checkpoints", 1)):
-        value = config[name]
-        if not _is_int(value) or value < least:
-            raise ConfigError(f"config.{name}={value!r} must be an integer of at least {least}")
+    _at_least(config, "keep_checkpoints", 1)
     if not _is_int(config.seed) or not 0 <= config.seed < 2**63:  # numpy's and jax's generators' seeds
         raise ConfigError(f"config.seed={config.seed!r} must be an integer in 0..2**63 - 1")
-    ignore = config.data.ignore_label
-    if isinstance(ignore, bool) or not isinstance(ignore, int) or not 0 <= ignore <= 255:
-        raise ConfigError(
-            f"config.data.ignore_label={ignore!r} must be an integer in 0..255 (labels are 8-bit) above every class id"
-        )
     for name in ("optimizer.learning_rate", "batch_size", "eval_batch_size", "num_steps", "model.features"):
         _positive(config, name)
     for name in (
@@ -200,7 +190,6 @@ def validate(config) -> None:
         "loss.dice_weight",
         "model.bottleneck",
         "model.depth",
-        "data.max_size",
         "eval_every",
         "log_every",
         "checkpoint_every",
@@ -222,6 +211,28 @@ def validate(config) -> None:
     scales = tuple(config.augment.scale_range)
     if len(scales) != 2 or not all(_is_number(v) for v in scales) or not 0 < scales[0] <= scales[1]:
         raise ConfigError(f"config.augment.scale_range={scales!r} must be two numbers (min, max), 0 < min <= max")
+
+
+def validate_data(config) -> None:
+    """Check the types and ranges of config.data's fields: validate() does, and so do the commands that take
+    `--config.data.KEY=VALUE` overrides for a trained workdir (fcn.cli.with_data_overrides)."""
+    _choice(config, "data.source", ("camvid", "folder", "tfds", "synthetic"))
+    _choice(config, "data.storage", ("auto", "memory", "stream"))
+    _positive(config, "data.max_memory_gb")
+    _positive(config, "data.max_size", strict=False)
+    _at_least(config, "data.decode_workers", 1)
+    _at_least(config, "data.prefetch", 0)
+    ignore = config.data.ignore_label
+    if isinstance(ignore, bool) or not isinstance(ignore, int) or not 0 <= ignore <= 255:
+        raise ConfigError(
+            f"config.data.ignore_label={ignore!r} must be an integer in 0..255 (labels are 8-bit) above every class id"
+        )
+
+
+def _at_least(config, name: str, least: int) -> None:
+    value = config[name]
+    if not _is_int(value) or value < least:
+        raise ConfigError(f"config.{name}={value!r} must be an integer of at least {least}")
 
 
 def _check_conv_impl(config) -> None:

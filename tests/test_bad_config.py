@@ -6,6 +6,7 @@ goes through `python train.py`. The runs fail before any compilation, so they ru
 """
 
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -159,3 +160,30 @@ def test_an_empty_workdir_is_refused_not_taken_for_the_current_folder(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "error: flag --workdir=: an empty path; name a directory for the run" in done.stderr
     assert "Traceback" not in done.stderr and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("--config.data.max_size=-5", "config.data.max_size=-5 must be a non-negative number"),
+        ("--config.data.ignore_label=300", "config.data.ignore_label=300 must be an integer in 0..255"),
+        ("--config.data.storage=disk", "config.data.storage='disk' is not valid"),
+    ],
+)
+def test_data_overrides_of_a_workdir_are_checked_as_train_py_checks_them(override, words):
+    """`python -m fcn.evaluate --config.data.KEY=VALUE`: -5 evaluated images shrunk to a nonsense size, 300 was
+    numpy's OverflowError; each is now the message train.py gives."""
+    import json
+
+    from ml_collections import ConfigDict
+
+    from configs import tiny
+    from fcn.cli import with_data_overrides
+    from fcn.config import ConfigError
+
+    def saved():  # as checkpoint.load_config reads config.json
+        return ConfigDict(json.loads(tiny.get_config().to_json()))
+
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        with_data_overrides(saved(), [override])
+    assert with_data_overrides(saved(), ["--config.data.max_size=16"]).data.max_size == 16
