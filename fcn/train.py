@@ -291,6 +291,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
                         epoch=f"{values['epoch']:.1f}",
                         loss=f"{values['loss']:.4f}",
                         img_s=f"{values['images_per_sec']:.1f}",
+                        refresh=False,  # shown at the bar's next print: else a log file got a line per log_every
                     )
                 if do_eval:
                     last_report = evaluate(step)

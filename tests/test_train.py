@@ -82,6 +82,16 @@ def test_running_a_finished_workdir_again_says_there_is_nothing_to_train(tmp_pat
     assert "6/6" not in captured.err  # and no progress bar at 100% under it
 
 
+def test_a_log_file_gets_the_progress_bar_every_30_s_not_at_every_logged_step(tmp_path, capsys):
+    config = tiny.get_config()  # log_every = 1
+    config.num_steps, config.eval_every, config.checkpoint_every = 12, 0, 0
+    train_and_evaluate(config, tmp_path / "run")
+    bars = [ln for ln in capsys.readouterr().err.replace("\r", "\n").splitlines() if "/12 [" in ln]
+    # the bar at its start, once compiled, and at its end (seconds apart: well within 30 s); the postfix's
+    # refresh printed it at each of the 12 logged steps too
+    assert len(bars) <= 4, bars
+
+
 def test_zero_periods_mean_only_at_the_end(tmp_path):
     config = tiny.get_config()
     config.eval_every = config.checkpoint_every = config.log_every = 0
