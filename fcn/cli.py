@@ -114,8 +114,7 @@ def _define_flags():
     # An empty --workdir= (a shell variable that was not set) would be the current directory.
     flags.register_validator("workdir", lambda v: v != "", message="an empty path; name a directory for the run")
     config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).", lock_config=True)
-    parser = flags.FLAGS["config"].parser
-    parser.parse = functools.partial(_load_config_file, parser.parse)
+    config_file_errors_in_one_line(flags.FLAGS)
     flags.mark_flags_as_required(["config"])
     # Multi-process runs (see docs/distributed.md); unset, FCN_* variables or a detected cluster decide.
     flags.DEFINE_string("coordinator", None, "host:port of process 0 of a multi-process run (or FCN_COORDINATOR).")
@@ -124,6 +123,13 @@ def _define_flags():
     # --help lists the main module's key flags only: without this, none of these (they are fcn.cli's).
     for name in ("config", "workdir", "coordinator", "num_processes", "process_id"):
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
+
+
+def config_file_errors_in_one_line(flag_values, name: str = "config") -> None:
+    """Have the config-file flag `name` (ml_collections' DEFINE_config_file) raise a config file's own
+    mistakes as a one-line flag error (`_load_config_file`), not a traceback."""
+    parser = flag_values[name].parser
+    parser.parse = functools.partial(_load_config_file, parser.parse)
 
 
 def _load_config_file(parse, path: str):

@@ -39,11 +39,12 @@ def load_config(path: str, overrides: list[str]):
     from absl import flags
     from ml_collections import config_flags
 
-    from fcn.cli import flag_error
+    from fcn.cli import config_file_errors_in_one_line, flag_error
 
     argv = [sys.argv[0], f"--config={path}", *(f"--config.{o}" for o in overrides)]
     values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True, sys_argv=argv)
+    config_file_errors_in_one_line(values)  # a missing file, a syntax error: one line, as in train.py
     try:
         values(argv)
         return values.config
@@ -93,6 +94,10 @@ def main(argv=None) -> int:
         "--report_only", action="store_true", help="train nothing: the table of the runs already finished"
     )
     args = parser.parse_args(argv)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds={args.seeds!r}: expected integers separated by commas, e.g. 0,1,2")
 
     from fcn.cli import retain_memory, run_training
 
@@ -108,7 +113,7 @@ def main(argv=None) -> int:
         for bottleneck in BOTTLENECKS:
             name = f"{head}" + (f"+bottleneck{bottleneck}" if bottleneck else "")
             mious, speeds, per_seed = [], [], []
-            for seed in (int(s) for s in args.seeds.split(",")):
+            for seed in seeds:
                 config = load_config(args.config, args.override)
                 config.seed, config.model.head, config.model.bottleneck = seed, head, bottleneck
                 workdir = out / f"{name}_s{seed}"

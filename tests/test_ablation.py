@@ -96,3 +96,17 @@ def test_a_bad_override_value_is_one_error_line(tmp_path, monkeypatch, capsys):
     assert ablation.main(argv) == 1  # was a ConfigError's traceback
     assert "error: config.batch_size=100 is larger than the 16 training examples" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_config_file_that_cannot_be_loaded_and_bad_seeds_are_one_line(tmp_path, capsys):
+    (tmp_path / "syntax.py").write_text("def get_config(:\n")
+    for path, words in [
+        (tmp_path / "nowhere.py", "nowhere.py: no such file"),  # was an OSError's traceback
+        (tmp_path / "syntax.py", "syntax.py, line 1: SyntaxError"),  # was the SyntaxError's
+    ]:
+        with pytest.raises(SystemExit) as e:
+            ablation.load_config(str(path), [])
+        assert str(e.value).startswith("error: flag --config=") and words in str(e.value)
+    with pytest.raises(SystemExit) as e:  # was int()'s ValueError, after the config was loaded
+        ablation.main(["--config", TINY, "--seeds", "0,x", "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and "--seeds='0,x': expected integers" in capsys.readouterr().err
