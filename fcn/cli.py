@@ -179,8 +179,9 @@ def train_main(argv=None) -> None:
     _define_flags()
 
     def main(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        if len(argv) > 1:  # (app.UsageError printed the whole --help above it, with exit code 1)
+            print(f"error: unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)", file=sys.stderr)
+            return 2
         # app.run put absl's handler on the root logger, which prefixes every line with a level, time,
         # thread and file: plain messages instead, as run_training asks (it leaves a caller's handlers be).
         logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)

@@ -22,6 +22,7 @@ FOLDER = ["--config.data.source=folder", "--config.data.path={data}", '--config.
 # id: (overrides on top of configs/tiny.py, what stderr must name)
 CASES = {
     "unknown nested key": (["--config.optimizer.learning_rat=1e-3"], ["learning_rat", 'Did you mean "learning_rate"']),
+    "stray argument": (["runs/other"], ["error: unexpected arguments: runs/other"]),
     "text for an int": (["--config.batch_size=abc"], ["--config.batch_size=abc", "invalid literal for int()"]),
     "text for a float": (["--config.optimizer.learning_rate=fast"], ["--config.optimizer.learning_rate=fast"]),
     "float for an int": (["--config.model.features=2.5"], ["--config.model.features=2.5"]),
@@ -83,6 +84,7 @@ CONFIG_FILES = {
 # Exit code 2: the command line itself (docs/reliability.md); every other case is a config value or the data: 1.
 COMMAND_LINE = {
     "unknown nested key",
+    "stray argument",
     "text for an int",
     "text for a float",
     "float for an int",
