@@ -329,30 +329,6 @@ def test_inference_folds_batch_norm_into_the_convolution(dtype, monkeypatch):
     assert np.linalg.norm(folded - plain) / np.linalg.norm(plain) < (1e-6 if dtype == jnp.float32 else 2e-2)
 
 
-def test_max_pool_values_and_gradient_equal_xla_pooling_ties_included():
-    from fcn.layers import max_pool_2x2
-
-    rng = np.random.default_rng(0)
-    # A ReLU's output: many windows of zeros (ties), and some ties at positive values too.
-    x = np.maximum(rng.normal(size=(2, 6, 8, 3)), 0).astype(np.float32)
-    x[0, 0:2, 0:2, 0] = 0.7
-    x[1, 2, 4:6, 1] = 1.5
-
-    def xla_pool(v):
-        return nnx.max_pool(v, (2, 2), strides=(2, 2))
-
-    np.testing.assert_array_equal(np.asarray(max_pool_2x2(x)), np.asarray(xla_pool(x)))
-    w = rng.normal(size=(2, 3, 4, 3)).astype(np.float32)
-    ours = jax.grad(lambda v: jnp.sum(max_pool_2x2(v) * w))(x)
-    xla = jax.grad(lambda v: jnp.sum(xla_pool(v) * w))(x)
-    np.testing.assert_array_equal(np.asarray(ours), np.asarray(xla))  # first maximum of each window
-    assert np.count_nonzero(np.asarray(ours)) == w.size  # one position per window takes the gradient
-    direction = rng.normal(size=x.shape).astype(np.float32)
-    _, along = jax.jvp(max_pool_2x2, (x,), (direction,))
-    _, along_xla = jax.jvp(xla_pool, (x,), (direction,))
-    np.testing.assert_array_equal(np.asarray(along), np.asarray(along_xla))
-
-
 @settings(max_examples=12, deadline=None)
 @given(
     size_in=st.tuples(st.integers(1, 50), st.integers(1, 50)),

@@ -1,4 +1,5 @@
-"""fcn.ops: every convolution implementation computes jax.lax's function, values and gradients."""
+"""fcn.ops: every convolution implementation computes jax.lax's function, values and gradients (and
+fcn.layers' pooling, XLA's)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ from flax import nnx
 from jax import lax
 
 from fcn import ops
+from fcn.layers import max_pool_2x2
 
 DN = ("NHWC", "HWIO", "NHWC")
 CPU = jax.default_backend() == "cpu"
@@ -175,3 +177,25 @@ def test_conv_transpose_keeps_nnx_parameters():
     x = random(4, (1, 3, 5, 4), jnp.float32)
     plain = ops.ConvTranspose(4, 3, (2, 2), strides=(2, 2), rngs=nnx.Rngs(0))
     np.testing.assert_array_equal(plain(x), a(x))
+
+
+def test_max_pool_values_and_gradient_equal_xla_pooling_ties_included():
+    rng = np.random.default_rng(0)
+    # A ReLU's output: many windows of zeros (ties), and some ties at positive values too.
+    x = np.maximum(rng.normal(size=(2, 6, 8, 3)), 0).astype(np.float32)
+    x[0, 0:2, 0:2, 0] = 0.7
+    x[1, 2, 4:6, 1] = 1.5
+
+    def xla_pool(v):
+        return nnx.max_pool(v, (2, 2), strides=(2, 2))
+
+    np.testing.assert_array_equal(np.asarray(max_pool_2x2(x)), np.asarray(xla_pool(x)))
+    w = rng.normal(size=(2, 3, 4, 3)).astype(np.float32)
+    ours = jax.grad(lambda v: jnp.sum(max_pool_2x2(v) * w))(x)
+    xla = jax.grad(lambda v: jnp.sum(xla_pool(v) * w))(x)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(xla))  # first maximum of each window
+    assert np.count_nonzero(np.asarray(ours)) == w.size  # one position per window takes the gradient
+    direction = rng.normal(size=x.shape).astype(np.float32)
+    _, along = jax.jvp(max_pool_2x2, (x,), (direction,))
+    _, along_xla = jax.jvp(xla_pool, (x,), (direction,))
+    np.testing.assert_array_equal(np.asarray(along), np.asarray(along_xla))
