@@ -15,10 +15,10 @@ optax and numpy, every jax configuration value, the backend and its devices,
 whether oneDNN's convolutions are in use and, if so, which build of them and
 which implementations oneDNN picks on this CPU, and the FCN_, JAX_ and XLA_
 environment variables. Change any one and the entry is not found, so a stale
-program is never run. An entry that cannot be read is logged, deleted and
-traced afresh; entries are written to a temporary file and renamed into place;
-the folder is trimmed to its 256 MiB, least recently used first (an entry larger than
-that is not kept). Only for one
+program is never run. An entry that cannot be read, or whose checksum does not
+match its contents, is logged, deleted and traced afresh; entries are written to
+a temporary file and renamed into place; the folder is trimmed to its 256 MiB,
+least recently used first (an entry larger than that is not kept). Only for one
 process on one device (the program is exported for one); a step that
 `jax.export` refuses runs as a plain jit, with a warning. `FCN_TRACE_CACHE=0`
 turns it off.
@@ -109,19 +109,29 @@ def _path(key: str) -> Path:
 
 def load(key: str):
     """The Exported stored under `key`, or None (not there; unreadable: then deleted)."""
+    return cache.read_entry(_path(key), _read_exported, "traced step", "tracing it again")
+
+
+def _read_exported(path: Path):
+    """An entry is the SHA-256 of the serialized program, then the program. jax.export checks the
+    outer structure only: a byte changed inside the StableHLO was deserialized without complaint,
+    and the first step then failed ("Failed to deserialize StableHLO") or ran the changed program."""
     from jax import export
 
-    return cache.read_entry(
-        _path(key), lambda p: export.deserialize(bytearray(p.read_bytes())), "traced step", "tracing it again"
-    )
+    raw = path.read_bytes()
+    digest, data = raw[:32], raw[32:]
+    if hashlib.sha256(data).digest() != digest:
+        raise ValueError("its checksum does not match its contents")
+    return export.deserialize(bytearray(data))
 
 
 def save(key: str, exported) -> bool:
     """Stores `exported` under `key` atomically; False where the disk refused (logged), which costs
     the next start its tracing."""
     data = exported.serialize()
+    digest = hashlib.sha256(data).digest()
     return cache.write_entry(
-        _path(key), lambda f: f.write(data), _LIMIT_BYTES, "could not keep the traced step", size=len(data)
+        _path(key), lambda f: f.write(digest + data), _LIMIT_BYTES, "could not keep the traced step", size=len(data)
     )
 
 

@@ -90,6 +90,23 @@ def test_unreadable_entry_is_traced_again_and_replaced(caplog):
     _truncated_entry_is_replaced(_entries, lambda: _run(True, *setup), _run(False, *setup), "tracing it again", caplog)
 
 
+def test_an_entry_changed_inside_its_program_is_traced_again_and_replaced(caplog):
+    """Bytes changed in the middle (the StableHLO), the length kept: jax.export deserializes it without
+    complaint, and the step failed at its first call ("Failed to deserialize StableHLO")."""
+    setup = _setup()
+    expected = _run(False, *setup)
+    _run(True, *setup)
+    (entry,) = _entries()
+    data = bytearray(entry.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    entry.write_bytes(bytes(data))
+    _same(_run(True, *setup), expected)
+    assert "unreadable (its checksum does not match its contents); tracing it again" in caplog.text
+    (entry,) = _entries()
+    _same(_run(True, *setup), expected)  # the entry written anew is read back
+
+
 def _truncated_entry_is_replaced(entries, run, expected, message, caplog):
     """run() keeps one entry; truncated, the next run() logs `message`, gives `expected` and keeps it anew."""
     run()
