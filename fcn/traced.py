@@ -15,9 +15,11 @@ optax and numpy, every jax configuration value, the backend and its devices,
 whether oneDNN's convolutions are in use and, if so, which build of them and
 which implementations oneDNN picks on this CPU, and the FCN_, JAX_ and XLA_
 environment variables. Change any one and the entry is not found, so a stale
-program is never run. An entry that cannot be read, or whose checksum does not
-match its contents, is logged, deleted and traced afresh; entries are written to
-a temporary file and renamed into place; the folder is trimmed to its 256 MiB,
+program is never run; and a process whose fcn source files changed after it
+imported fcn neither keeps nor reads entries (its code is no longer what the
+files say). An entry that cannot be read, or whose checksum does not match its
+contents, is logged, deleted and traced afresh; entries are written to a
+temporary file and renamed into place; the folder is trimmed to its 256 MiB,
 least recently used first (an entry larger than that is not kept). Only for one
 process on one device (the program is exported for one); a step that
 `jax.export` refuses runs as a plain jit, with a warning. `FCN_TRACE_CACHE=0`
@@ -61,8 +63,33 @@ def folder() -> Path:
 
 
 def enabled() -> bool:
-    """One process, one device, and not turned off with FCN_TRACE_CACHE=0."""
-    return os.environ.get("FCN_TRACE_CACHE", "1") != "0" and jax.process_count() == 1 and jax.device_count() == 1
+    """One process, one device, fcn's source files as this process imported them, and not turned off
+    with FCN_TRACE_CACHE=0."""
+    if os.environ.get("FCN_TRACE_CACHE", "1") == "0" or jax.process_count() != 1 or jax.device_count() != 1:
+        return False
+    return _source_as_imported()
+
+
+def _source_as_imported() -> bool:
+    """Whether fcn's source files are as they were when this process imported fcn. Keys name the
+    files' contents; a program traced from the code in memory, older than the files, was kept under
+    the newer files' key, and every later process with the newer code ran the older program."""
+    import fcn
+
+    global _warned_source_changed
+    if fcn._source_files() == fcn._imported_source:
+        return True
+    if not _warned_source_changed:
+        _warned_source_changed = True
+        logger.warning(
+            "fcn's source files changed since this process imported fcn: the training step and initial state "
+            "are neither kept in nor read from %s by this process (a new process keeps them again)",
+            cache.cache_root(),
+        )
+    return False
+
+
+_warned_source_changed = False  # logged once per process
 
 
 def enable_compilation_cache() -> str:

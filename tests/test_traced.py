@@ -2,6 +2,11 @@
 same results, never stale."""
 
 import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -144,6 +149,44 @@ def test_the_key_follows_fcn_source_and_jax_settings(monkeypatch):
         assert traced.fingerprint(False) != base
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=true")
     assert traced.fingerprint(False) != base
+
+
+_PROBE = """
+import sys
+import jax, jax.numpy as jnp
+import fcn.probe  # the code in memory from here on
+from fcn import traced
+if sys.argv[1] == "edit":  # then the file changes: the process still runs the old code
+    with open(fcn.probe.__file__, "a") as f:
+        f.write("\\ndef f(x):\\n    return x + 2\\n")
+fn = lambda s, x: (s, {"y": fcn.probe.f(x)})
+step = traced.TracedStep(fn, jax.jit(fn), "probe", uses_onednn=False)
+_, out = step({"n": jnp.zeros(())}, jnp.ones(()))
+print(float(out["y"]), len(list(traced.folder().glob("*.jaxexport"))))
+"""
+
+
+def test_a_process_whose_fcn_source_changed_after_import_keeps_no_step(tmp_path):
+    """A notebook kept open while fcn's files change (an edit, a git pull): its step, traced from the
+    old code in memory, was kept under the new files' key, and a new process with the new code ran the
+    old program, silently."""
+    root = Path(traced.__file__).resolve().parents[1]
+    shutil.copytree(root / "fcn", tmp_path / "fcn", ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.o"))
+    (tmp_path / "fcn" / "probe.py").write_text("def f(x):\n    return x + 1\n")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(tmp_path), "FCN_CACHE_DIR": str(tmp_path / "c")}
+
+    def run(how):
+        done = subprocess.run(
+            [sys.executable, "-c", _PROBE, how], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout.split(), done.stderr
+
+    out, err = run("edit")
+    assert out == ["2.0", "0"]  # the old code ran, and nothing was kept from it
+    assert "fcn's source files changed since this process imported fcn" in err
+    assert run("fresh")[0] == ["3.0", "1"]  # the new code, traced and kept
+    assert run("fresh")[0] == ["3.0", "1"]  # and read back
 
 
 @pytest.mark.skipif(not onednn.available(), reason="oneDNN's handlers are not available here")
