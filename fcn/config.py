@@ -26,7 +26,7 @@ from fcn.norm import NORMS
 def default_config() -> ml_collections.ConfigDict:
     """Every field, with its default and a comment; configs/*.py override a few."""
     c = ml_collections.ConfigDict()
-    c.seed = 0  # one seed for init, data order, augmentation and dropout
+    c.seed = 0  # one seed for init, data order, augmentation and dropout; 0..2**32-1
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "synthetic"  # camvid | folder | tfds | synthetic
@@ -179,8 +179,10 @@ def validate(config) -> None:
     _choice(config, "loss.fused_head", FUSED_HEAD)
     # keep_checkpoints: with none kept, a run could neither resume nor be evaluated at its last step
     _at_least(config, "keep_checkpoints", 1)
-    if not _is_int(config.seed) or not 0 <= config.seed < 2**63:  # numpy's and jax's generators' seeds
-        raise ConfigError(f"config.seed={config.seed!r} must be an integer in 0..2**63 - 1")
+    if not _is_int(config.seed) or not 0 <= config.seed < 2**32:
+        # numpy's generator of the data order takes no negative seed (the run failed at its first batch), and
+        # jax's keys keep the low 32 bits (seeds 0 and 2**32 gave the same weights, another data order)
+        raise ConfigError(f"config.seed={config.seed!r} must be an integer in 0..{2**32 - 1}")
     for name in ("optimizer.learning_rate", "batch_size", "eval_batch_size", "num_steps", "model.features"):
         _positive(config, name)
     for name in (

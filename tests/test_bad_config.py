@@ -40,17 +40,18 @@ CASES = {
     "unknown pad mode": (["--config.model.pad_mode=mirror"], ["config.model.pad_mode='mirror'", "reflect"]),
     "no checkpoint kept": (["--config.keep_checkpoints=0"], ["config.keep_checkpoints=0", "at least 1"]),
     "negative ignore label": (["--config.data.ignore_label=-1"], ["config.data.ignore_label=-1", "0..255"]),
+    "negative seed": (["--config.seed=-1"], ["config.seed=-1 must be an integer in 0..4294967295"]),
+    "seed over 32 bits": (["--config.seed=4294967296"], ["config.seed=4294967296 must be an integer in 0..4294967295"]),
     "ignore label a class id": (
         ["--config.data.ignore_label=2"],
         ["data.ignore_label=2 must be in 4..255 (not a class id"],
     ),
-    # Tuples take any values from the command line; these, and a negative seed, were tracebacks, the last two
+    # Tuples take any values from the command line; these were tracebacks, the last one
     # after a workdir was made.
     "one scale": (["--config.augment.scale_range=(1.0,)"], ["config.augment.scale_range=(1.0,)", "two numbers"]),
     "text crop size": (["--config.augment.crop_size=('a','b')"], ["config.augment.crop_size=('a', 'b')"]),
     "one synthetic size": (["--config.data.synthetic_size=(24,)"], ["data.synthetic_size=(24,)", "H, W"]),
     "fractional crop size": (["--config.augment.crop_size=(23.5,32)"], ["crop_size=(23.5, 32) must be two positive"]),
-    "negative seed": (["--config.seed=-1"], ["config.seed=-1 must be an integer in 0..2**63 - 1"]),
     "unknown train split": (["--config.data.train_split=trian"], ["config.data.train_split='trian'", "train, val"]),
     "crop larger than images": (
         ["--config.augment.crop_size=(64,64)"],
