@@ -7,30 +7,14 @@ probs_BHWK = fcn.predict_proba(model, images_BHWC)
 print(fcn.summary(model, (1, 360, 480, 3)))
 """
 
-from pathlib import Path as _Path
+# First, before any other of fcn's modules: the source files as this process imports them (fcn.traced).
+from fcn import sources  # noqa: F401
 
-
-def _source_files() -> list:
-    """[path, size, modification time] of each of fcn's source files (its .py files, and the .cc and .h
-    of the oneDNN handlers), in order; a file gone as it is listed, [path]."""
-    out = []
-    for p in sorted(p for suffix in ("py", "cc", "h") for p in _Path(__file__).parent.rglob(f"*.{suffix}")):
-        try:
-            st = p.stat()
-            out.append([str(p), st.st_size, st.st_mtime_ns])
-        except OSError:
-            out.append([str(p)])
-    return out
-
-
-# Before any of fcn's modules is imported. fcn.traced keys the programs it keeps by these files'
-# contents, which describe the code in this process only while the files are as they were here.
-_imported_source = _source_files()
-
-from fcn import losses, metrics  # noqa: E402
-from fcn.inference import Segmenter, load  # noqa: E402
-from fcn.model import UNet, predict_proba  # noqa: E402
-from fcn.summary import summary  # noqa: E402
+# isort: split
+from fcn import losses, metrics
+from fcn.inference import Segmenter, load
+from fcn.model import UNet, predict_proba
+from fcn.summary import summary
 
 __all__ = ["Segmenter", "UNet", "load", "load_exported", "losses", "metrics", "predict_proba", "summary"]
 __version__ = "0.1.0"

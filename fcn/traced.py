@@ -48,14 +48,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from fcn import onednn
+from fcn import onednn, sources
 from fcn.data import cache
 
 logger = logging.getLogger(__name__)
 
 _SUFFIX = ".jaxexport"
 _LIMIT_BYTES = 256 * 2**20
-_PACKAGE = Path(__file__).resolve().parent
 
 
 def folder() -> Path:
@@ -74,10 +73,8 @@ def _source_as_imported() -> bool:
     """Whether fcn's source files are as they were when this process imported fcn. Keys name the
     files' contents; a program traced from the code in memory, older than the files, was kept under
     the newer files' key, and every later process with the newer code ran the older program."""
-    import fcn
-
     global _warned_source_changed
-    if fcn._source_files() == fcn._imported_source:
+    if sources.unchanged():
         return True
     if not _warned_source_changed:
         _warned_source_changed = True
@@ -105,8 +102,8 @@ def enable_compilation_cache() -> str:
 @functools.cache
 def _source_digest() -> str:
     h = hashlib.sha256()
-    for p in sorted([*_PACKAGE.rglob("*.py"), *_PACKAGE.rglob("*.cc")]):
-        h.update(str(p.relative_to(_PACKAGE)).encode() + b"\0" + p.read_bytes())
+    for p in sources.files():
+        h.update(str(p.relative_to(sources.PACKAGE)).encode() + b"\0" + p.read_bytes())
     return h.hexdigest()
 
 
