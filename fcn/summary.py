@@ -2,8 +2,8 @@
 
 FLOPs are XLA's cost analysis of each layer's forward call (as `nnx.tabulate`
 computes them), for the given input shape, with XLA's own convolutions whatever
-the model's conv_impl; the total row is the whole forward pass, including padding,
-pooling and concatenation.
+the model's conv_impl, and the model in training mode whatever its mode; the total
+row is the whole forward pass, including padding, pooling and concatenation.
 """
 
 from __future__ import annotations
@@ -50,10 +50,13 @@ def _with_values(model: nnx.Module) -> nnx.Module:
 
 
 def _xla_convs(model: nnx.Module) -> nnx.Module:
-    """A copy of `model` whose convolutions are XLA's own. oneDNN's (conv_impl "auto" or "onednn" on
-    a CPU, fcn/ops.py) are custom calls, whose FLOPs XLA's cost analysis does not count: a network
-    of 4.2 GFLOPs came out at 0.01."""
+    """A copy of `model` in training mode whose convolutions are XLA's own. oneDNN's (conv_impl
+    "auto" or "onednn" on a CPU, fcn/ops.py) are custom calls, whose FLOPs XLA's cost analysis does
+    not count: a network of 4.2 GFLOPs came out at 0.01. In inference mode batch norm is folded
+    into the conv before it (fcn.norm.conv_bias_relu), which calls no conv module: the table kept
+    only the transposed convs and the head."""
     model = nnx.merge(*nnx.split(model))
+    model.train()
     for _, module in nnx.iter_graph(model):
         if isinstance(module, nnx.Conv | ops.ConvTranspose):
             module.conv_general_dilated = jax.lax.conv_general_dilated
@@ -64,7 +67,8 @@ def layer_rows(model: nnx.Module, input_shape) -> tuple[list[dict], dict]:
     """(rows for each conv/norm layer, totals) for a forward pass on `input_shape`.
 
     `model` may be abstract (from `nnx.eval_shape`): the figures depend on shapes only. They are
-    the same whatever its conv_impl: each convolution is counted as XLA's own.
+    the same whatever its conv_impl (each convolution is counted as XLA's own) and its mode (a
+    training-mode copy is summarised; `model` is left as it is).
     """
     model = _xla_convs(_with_values(model))
     calls = []

@@ -150,29 +150,6 @@ def test_stacked_head_is_one_5x5_convolution():
     np.testing.assert_allclose(out[:, 2:-2, 2:-2], ref, atol=1e-4)
 
 
-def test_summary_table_has_totals_matching_parameter_count():
-    model = tiny(depth=2)
-    text = fcn.summary(model, (1, 37, 41, 3))
-    count = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    assert f"{count:,}" in text.splitlines()[-1]
-    assert "(1, 37, 41, 3)" in text and "FLOPs" in text and "ConvTranspose" in text
-
-
-def test_summary_of_an_abstract_model_equals_the_built_one_dropout_too():
-    # nnx.eval_shape skips the initialisers (about a second of compilation each on CPU).
-    built = tiny(depth=2, dropout=0.1)
-    abstract = nnx.eval_shape(lambda: tiny(depth=2, dropout=0.1))
-    assert fcn.summary(abstract, (1, 20, 24, 3)) == fcn.summary(built, (1, 20, 24, 3))
-
-
-def test_summary_flops_are_the_same_whatever_the_conv_impl():
-    """oneDNN's convolutions (conv_impl "auto" on a CPU) are custom calls that XLA's cost analysis
-    counts as no FLOPs: scripts/ablation.py's table gave 0.0 GFLOPs for every variant."""
-    xla = fcn.summary(tiny(depth=2), (1, 20, 24, 3))
-    for impl in ("gemm", "auto"):
-        assert fcn.summary(tiny(depth=2, conv_general_dilated=fcn.ops.conv_fn(impl)), (1, 20, 24, 3)) == xla
-
-
 def test_eager_call_runs_jitted_with_the_traced_values_and_updates_batch_norm():
     model = tiny(depth=2)
     x = np.random.default_rng(0).random((2, 20, 24, 3), np.float32)
