@@ -3,9 +3,11 @@ fcn to PyTorch, start-up, memory, FLOPs and MFU) and the analytic FLOP count."""
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import platform
+import re
 import time
 
 
@@ -25,6 +27,11 @@ def unet_flops(args) -> tuple[float, float]:
     macs += h * w * widths[0] * args.classes
     fwd = 2.0 * macs * args.batch
     return fwd, 3 * fwd
+
+
+def onednn_calls(hlo_text: str) -> dict[str, int]:
+    """{custom-call target: count} of fcn's oneDNN calls in a compiled program's text."""
+    return dict(collections.Counter(re.findall(r'custom_call_target="(fcn_onednn\w*)"', hlo_text)))
 
 
 def table(args, argv, res: dict) -> str:
@@ -119,8 +126,13 @@ def table(args, argv, res: dict) -> str:
     lines += ["", f"Training step FLOPs: {train_flops / 1e9:.1f} G analytic (convolutions, 3 x forward)"]
     if tput.get("xla_flops"):
         lines[-1] += f"; {tput['xla_flops'] / 1e9:.1f} G by XLA's cost analysis of fcn's step"
-        if tput.get("xla_flops_custom_calls"):
-            lines[-1] += f", which leaves out its {tput['xla_flops_custom_calls']} oneDNN convolutions (custom calls)"
+        calls = tput.get("xla_flops_custom_calls") or {}
+        convs = sum(n for target, n in calls.items() if target.startswith("fcn_onednn_conv"))
+        if calls:
+            lines[-1] += (
+                f", which leaves out what its {sum(calls.values())} oneDNN custom calls compute: "
+                f"{convs} convolutions, {sum(calls.values()) - convs} batch norms with ReLU"
+            )
     memory = "fcn.host_memory.retain_freed_memory() in every process, fcn's and PyTorch's"
     lines.append(f"Host memory: {memory if res.get('retained') else 'glibc defaults'}.")
     if tput and not tput["upsampling_wired"]:

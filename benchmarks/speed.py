@@ -222,7 +222,7 @@ def throughput(args) -> dict:
         "upsampling_wired": fcn0["upsampling_wired"],
         "fcn_from": {k: v["fcn_from"] for k, v in info.items() if "fcn_from" in v},
         "xla_flops": fcn0["xla_flops"],
-        "xla_flops_custom_calls": fcn0.get("xla_flops_custom_calls", 0),
+        "xla_flops_custom_calls": fcn0.get("xla_flops_custom_calls") or {},
         "device": fcn0["device"],
     }
     if "bf16_matmul_flops" in fcn0:

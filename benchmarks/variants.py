@@ -11,7 +11,7 @@ import resource
 import sys
 import time
 
-from benchmarks import common
+from benchmarks import common, report
 
 
 def start(args, names: list, info: dict) -> dict:
@@ -100,8 +100,8 @@ def _fcn_variant(args):
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         info["xla_flops"] = float(cost.get("flops", 0.0)) or None
-        # XLA counts nothing inside a custom call: the oneDNN convolutions on CPU.
-        info["xla_flops_custom_calls"] = compiled.as_text().count('custom_call_target="fcn_onednn')
+        # XLA counts nothing inside a custom call: the oneDNN convolutions (and batch norms) on CPU.
+        info["xla_flops_custom_calls"] = report.onednn_calls(compiled.as_text())
     except Exception:  # noqa: BLE001 -- cost analysis is not offered on every backend
         info["xla_flops"] = None
     info["device"] = str(jax.devices()[0].device_kind)

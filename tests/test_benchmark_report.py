@@ -63,6 +63,28 @@ def test_trees_are_compared_round_by_round_and_named(tmp_path):
     assert f"fcn gemm @before from {tmp_path}" in text
 
 
+def test_the_xla_flops_line_counts_onednn_convolutions_apart_from_its_other_calls():
+    # A CPU training step on oneDNN (--conv_impls auto): 38 convolution calls and 20 batch norms
+    # with ReLU, all custom calls. The line said "its 58 oneDNN convolutions".
+    hlo = "".join(
+        f'%c{i} = f32[2]{{0}} custom-call(%x), custom_call_target="{target}", api_version=API_VERSION_TYPED_FFI\n'
+        for i, target in enumerate(
+            ["fcn_onednn_conv_fwd"] * 13
+            + ["fcn_onednn_conv_bwd_data"] * 12
+            + ["fcn_onednn_conv_bwd_weights"] * 13
+            + ["fcn_onednn_bn_relu_fwd", "fcn_onednn_bn_relu_bwd"] * 10
+            + ["__onednn$convolution"]  # XLA's own oneDNN rewrite: its FLOPs are counted
+        )
+    )
+    calls = report.onednn_calls(hlo)
+    assert sum(calls.values()) == 58 and calls["fcn_onednn_conv_bwd_data"] == 12
+    args = speed.parse(["--conv_impls", "auto", "--skip_startup"])
+    tput = {"params": 10, "load": (0.0, 0.0), "upsampling_wired": True, "fcn auto": _variant([1.0])}
+    tput.update({"torch eager": _variant([1.0]), "xla_flops": 5.9e9, "xla_flops_custom_calls": calls})
+    text = report.table(args, [], {"throughput": tput, "env": {"hardware": "h", "software": "s", "date": "d"}})
+    assert "leaves out what its 58 oneDNN custom calls compute: 38 convolutions, 20 batch norms with ReLU" in text
+
+
 def test_trees_must_hold_an_fcn_package(tmp_path):
     with pytest.raises(SystemExit, match="before=.*fcn/__init__.py"):
         common.trees(speed.parse(["--trees", f"before={tmp_path}"]))
