@@ -12,7 +12,8 @@ writes into --out:
                   [H, W] when exported for one size, else null; "max_size": the
                   training's data.max_size, 0 for none; "hflip": whether the
                   logits average the image's with its mirror image's, as the
-                  run's eval_hflip (or --hflip) has fcn.load's predictor do).
+                  run's eval_hflip (or --hflip) has fcn.load's predictor do;
+                  "sha256": model.jax's, which `load_exported` checks).
   saved_model/    where TensorFlow is installed (it is imported only for this):
                   a TF SavedModel through jax2tf for TF Serving, signature
                   "serving_default": images -> {"logits"}, the same contract.
@@ -49,6 +50,7 @@ to h x w inside the artifact. So no caller needs to pad.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -188,8 +190,10 @@ def _write_artifacts(fn, out: Path, info: dict, platforms, saved_model, tflite_s
 
     spec = jax.ShapeDtypeStruct(export.symbolic_shape(_input_shape(size)), jnp.float32)
     exported = export.export(jax.jit(fn), platforms=platforms)(spec)
-    (out / ARTIFACT).write_bytes(exported.serialize())
+    artifact = exported.serialize()
+    (out / ARTIFACT).write_bytes(artifact)
     meta = {
+        "sha256": hashlib.sha256(artifact).hexdigest(),  # of model.jax: load_exported refuses a damaged one
         "class_names": list(info["class_names"]),
         "palette": np.asarray(info.get("palette", []), np.uint8).tolist(),
         "ignore_label": int(info.get("ignore_label", 255)),

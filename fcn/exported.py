@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -27,13 +28,24 @@ class ExportedModel:
                     f"{path / name} not found: is {path} a folder written by `python -m fcn.export`, "
                     "and did that export finish?"
                 )
-        self.exported = export.deserialize(bytearray((path / ARTIFACT).read_bytes()))
-        meta = json.loads((path / METADATA).read_text())
-        self.class_names = tuple(meta["class_names"])
-        self.palette = np.asarray(meta["palette"], np.uint8).reshape(-1, 3)
-        self.ignore_label = meta["ignore_label"]
-        self.size = tuple(meta["size"]) if meta.get("size") else None  # (H, W) when exported for one size
-        self.max_size = int(meta.get("max_size", 0))  # data.max_size in training: larger images are shrunk
+        again = "; export it again with `python -m fcn.export`"
+        try:
+            meta = json.loads((path / METADATA).read_text())
+            self.class_names = tuple(meta["class_names"])
+            self.palette = np.asarray(meta["palette"], np.uint8).reshape(-1, 3)
+            self.ignore_label = meta["ignore_label"]
+            self.size = tuple(meta["size"]) if meta.get("size") else None  # (H, W) when exported for one size
+            self.max_size = int(meta.get("max_size", 0))  # data.max_size in training: larger images are shrunk
+        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{path / METADATA} is damaged or not fcn's ({type(e).__name__}: {e}){again}") from e
+        artifact = (path / ARTIFACT).read_bytes()
+        digest = hashlib.sha256(artifact).hexdigest()
+        if meta.get("sha256", digest) != digest:  # exports before the checksum have none
+            raise ValueError(f"{path / ARTIFACT} does not match the SHA-256 in {METADATA}: damaged or replaced{again}")
+        try:
+            self.exported = export.deserialize(bytearray(artifact))
+        except Exception as e:
+            raise ValueError(f"{path / ARTIFACT} cannot be read by jax.export ({type(e).__name__}: {e}){again}") from e
 
     def logits(self, images) -> np.ndarray:
         """float32 logits [B, H, W, K] (or [H, W, K]) of a batch of images of one size (or one image),

@@ -228,6 +228,28 @@ def test_a_failed_export_leaves_the_previous_one_whole(workdir, tmp_path, monkey
         load_exported(out)
 
 
+def test_a_damaged_export_is_refused_naming_its_file(workdir, tmp_path):
+    out = tmp_path / "exported"
+    assert main(["--workdir", workdir, "--out", str(out), "--no_saved_model"]) == 0
+    good = (out / "model.jax").read_bytes()
+    damaged = bytearray(good)
+    damaged[len(good) // 2 : len(good) // 2 + 64] = bytes(64)  # the same length, changed inside
+    (out / "model.jax").write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match=r"model\.jax does not match the SHA-256 in model\.json: damaged"):
+        load_exported(out)
+    meta = json.loads((out / "model.json").read_text())
+    del meta["sha256"]  # as an export from before the checksum
+    (out / "model.json").write_text(json.dumps(meta))
+    (out / "model.jax").write_bytes(good[:100])
+    with pytest.raises(ValueError, match=r"model\.jax cannot be read by jax\.export"):
+        load_exported(out)
+    (out / "model.jax").write_bytes(good)
+    assert load_exported(out).class_names  # an export without the checksum still loads
+    (out / "model.json").write_text('{"class_names": ')
+    with pytest.raises(ValueError, match=r"model\.json is damaged or not fcn's \(JSONDecodeError"):
+        load_exported(out)
+
+
 def with_config(workdir, tmp_path, edit) -> str:
     """A copy of the tiny workdir as if trained with `edit(config)`'s settings (the same weights)."""
     import shutil
