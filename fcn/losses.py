@@ -16,13 +16,15 @@ def cross_entropy(
 ) -> jax.Array:
     """Mean softmax cross-entropy over valid pixels.
 
-    Pixels labelled `ignore_label` add nothing. With class weights w, the mean is
+    Pixels labelled `ignore_label` add nothing, nor do pixels whose label is no class id
+    (outside 0..K-1: a -1 took the last class's logit, a K gave a NaN loss), as in
+    `fcn.metrics`. With class weights w, the mean is
     sum_i w[y_i] * ce_i / sum_i w[y_i] over valid pixels (as in PyTorch), so a
     weight scales a class's share of the loss, not the loss's overall size. A
     batch with no valid pixel gives 0, never NaN.
     """
     num_classes = logits_BHWK.shape[-1]
-    valid_BHW = labels_BHW != ignore_label
+    valid_BHW = _valid(labels_BHW, num_classes, ignore_label)
     safe_BHW = jnp.where(valid_BHW, labels_BHW, 0).astype(jnp.int32)
     nll_BHW = _nll(logits_BHWK.astype(jnp.float32), safe_BHW)
     w_BHW = valid_BHW.astype(jnp.float32)
@@ -30,6 +32,11 @@ def cross_entropy(
         class_weights_K = jnp.asarray(class_weights_K, jnp.float32).reshape(num_classes)
         w_BHW = w_BHW * class_weights_K[safe_BHW]
     return jnp.sum(w_BHW * nll_BHW) / jnp.maximum(jnp.sum(w_BHW), 1e-12)
+
+
+def _valid(labels_BHW, num_classes: int, ignore_label: int):
+    """Pixels with a class id for a label: not `ignore_label`, and in 0..K-1."""
+    return (labels_BHW != ignore_label) & (labels_BHW >= 0) & (labels_BHW < num_classes)
 
 
 def _nll_parts(logits_BHWK, labels_BHW):
@@ -66,12 +73,13 @@ def soft_dice(logits_BHWK: jax.Array, labels_BHW: jax.Array, *, ignore_label: in
     """1 - mean over classes of the soft Dice coefficient, over valid pixels only.
 
     Dice_k = (2 sum p_k y_k + eps) / (sum p_k + sum y_k + eps), summed over the
-    whole batch (not per image), with ignored pixels masked out of p and y.
+    whole batch (not per image), with ignored pixels (and labels outside 0..K-1) masked out of p and y.
     """
     num_classes = logits_BHWK.shape[-1]
-    valid_BHW1 = (labels_BHW != ignore_label)[..., None].astype(jnp.float32)
+    valid_BHW = _valid(labels_BHW, num_classes, ignore_label)
+    valid_BHW1 = valid_BHW[..., None].astype(jnp.float32)
     probs_BHWK = jax.nn.softmax(logits_BHWK.astype(jnp.float32), axis=-1) * valid_BHW1
-    onehot_BHWK = jax.nn.one_hot(jnp.where(labels_BHW == ignore_label, 0, labels_BHW), num_classes) * valid_BHW1
+    onehot_BHWK = jax.nn.one_hot(jnp.where(valid_BHW, labels_BHW, 0), num_classes) * valid_BHW1
     inter_K = jnp.sum(probs_BHWK * onehot_BHWK, axis=(0, 1, 2))
     total_K = jnp.sum(probs_BHWK, axis=(0, 1, 2)) + jnp.sum(onehot_BHWK, axis=(0, 1, 2))
     return 1.0 - jnp.mean((2 * inter_K + eps) / (total_K + eps))

@@ -71,6 +71,25 @@ def test_ignored_pixels_add_nothing():
     assert float(a) == pytest.approx(float(b), rel=1e-6)
 
 
+def test_labels_that_are_no_class_id_count_as_ignored_in_every_loss():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(2, 4, 5, 3)).astype(np.float32)
+    labels = rng.integers(0, 3, size=(2, 4, 5)).astype(np.int32)
+    bad = labels.copy()
+    bad[0, 0, :2], bad[1, 3, 4] = -1, 3  # no class id of 3 classes: counted nowhere, as fcn.metrics does
+    ignored = np.where((bad < 0) | (bad >= 3), 255, bad)
+    weights = np.array([0.5, 1.0, 2.0], np.float32)
+    for loss in (
+        lambda x, y: losses.cross_entropy(x, y),
+        lambda x, y: losses.cross_entropy(x, y, class_weights_K=weights),
+        lambda x, y: losses.soft_dice(x, y),
+    ):
+        value, grad = jax.value_and_grad(loss)(logits, bad)
+        want, want_grad = jax.value_and_grad(loss)(logits, ignored)
+        assert np.isfinite(float(value)) and float(value) == pytest.approx(float(want), rel=1e-6)
+        np.testing.assert_allclose(np.asarray(grad), np.asarray(want_grad), atol=1e-7)
+
+
 def test_all_ignored_batch_gives_zero_and_zero_gradient():
     logits = np.random.default_rng(2).normal(size=(2, 3, 3, 5)).astype(np.float32)
     labels = np.full((2, 3, 3), 255)
