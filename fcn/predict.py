@@ -210,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.alpha <= 1:
         parser.error(f"--alpha={args.alpha:g}: expected an opacity between 0 and 1")
+    if args.tile < 1 or args.overlap < 0:  # the predictor would quietly take 2**depth, or no overlap
+        parser.error(
+            f"--tile={args.tile} --overlap={args.overlap}: expected a tile of 1 px or more, an overlap of 0 or more"
+        )
 
     out = Path(args.out)
     files, errors = expand_inputs(args.images, out)

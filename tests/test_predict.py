@@ -161,6 +161,10 @@ def test_bad_out_or_alpha_fail_in_words_before_loading_the_model(tmp_path, capsy
     with pytest.raises(SystemExit) as info:  # an opacity past 1 wrapped the overlay's colours around
         main(["--workdir", no_run, "--out", str(tmp_path / "o"), "--alpha", "1.5", str(tmp_path / "x.png")])
     assert info.value.code == 2 and "--alpha=1.5: expected an opacity between 0 and 1" in capsys.readouterr().err
+    for flags in (["--tile", "0"], ["--overlap", "-8"]):  # the predictor took 2**depth px tiles, or no overlap
+        with pytest.raises(SystemExit) as info:
+            main(["--workdir", no_run, "--out", str(tmp_path / "o"), *flags, str(tmp_path / "x.png")])
+        assert info.value.code == 2 and "expected a tile of 1 px or more" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "x.png"]
 
 
