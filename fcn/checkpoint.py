@@ -19,6 +19,7 @@ import functools
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -64,18 +65,23 @@ def _get(config: dict, dotted: str):
     return config
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to a temporary file and rename it over `path`. An OSError names `path` (a full disk's
-    names no file), and leaves no temporary file where it can be removed."""
+def write_atomic(path: Path, content: str | Callable[[Path], None]) -> None:
+    """Write `content` (text, or a function that writes a file at the path it is given) to a temporary
+    file and rename it over `path`, so an interrupted write leaves `path` as it was. An OSError names
+    `path` (a full disk's names no file); no temporary file is left where it can be removed."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(text)
+        if callable(content):
+            content(tmp)
+        else:
+            tmp.write_text(content)
         os.replace(tmp, path)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         e.filename = str(path)
         raise
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, obj) -> None:

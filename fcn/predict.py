@@ -19,7 +19,6 @@ input was predicted, 1 when some failed, 2 for bad arguments.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -88,12 +87,9 @@ def output_names(files: list[Path], out: Path) -> list[tuple[Path, Path]]:
 
 def _save_png(image, path: Path, compress_level: int = 6) -> None:
     """Write through a temporary file, so an interrupted run leaves no half-written PNG."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        image.save(tmp, format="PNG", compress_level=compress_level)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from fcn.checkpoint import write_atomic
+
+    write_atomic(path, lambda tmp: image.save(tmp, format="PNG", compress_level=compress_level))
 
 
 def predict_files(segmenter, files: list[Path], out: Path, *, alpha: float = 0.5, workers: int = 4) -> list[str]:

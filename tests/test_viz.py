@@ -1,6 +1,9 @@
 """Pictures: colours, overlays, palette PNGs, legends, side-by-side figures."""
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 from PIL import Image
 
 from fcn import viz
@@ -62,3 +65,31 @@ def test_save_examples_and_plot_examples(tmp_path):
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+def test_pictures_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """evaluate's pictures go through a temporary file: an interrupt while one is written leaves the
+    earlier picture as it was and no temporary file (they were written in place)."""
+    image = np.zeros((8, 10, 3), np.uint8)
+    path = tmp_path / "examples.png"
+    pred = np.ones((8, 10), np.uint8)
+    viz.save_examples(path, [(image, pred, pred)], NAMES, PALETTE)
+    before = path.read_bytes()
+    report = {"per_class": [{"name": n, "iou": 0.5} for n in NAMES], "mean_iou": 0.5}
+    viz.save_iou_bars(tmp_path / "iou.png", report)
+    iou_before = (tmp_path / "iou.png").read_bytes()
+
+    def interrupted(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        viz.save_examples(path, [(image, None, 2 * pred)], NAMES, PALETTE)
+    import matplotlib.figure
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        viz.save_iou_bars(tmp_path / "iou.png", report)
+    assert path.read_bytes() == before and (tmp_path / "iou.png").read_bytes() == iou_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["examples.png", "iou.png"]
