@@ -119,3 +119,30 @@ def test_a_smaller_example_on_the_canvas_never_blends_in_its_padding():
     xs = np.broadcast_to(((np.arange(12) + 0.5) / 2 - 0.5)[None, :], (10, 12))
     np.testing.assert_allclose(x[0], reference_bilinear(images[0, :5, :6], ys, xs) / 255.0, rtol=0, atol=1e-5)
     np.testing.assert_array_equal(y[0], labels[0][np.arange(10)[:, None] // 2, np.arange(12)[None, :] // 2])
+
+
+def test_every_label_is_the_label_of_the_image_pixel_it_lies_on():
+    """Images whose red and green are their own row and column, labels a function of both: after
+    any scale, crop offset, flip and size on a mixed canvas, each labelled pixel's image decodes to
+    source coordinates whose label it carries (a tie, half way between two pixels, may go either
+    way), inside its own example; the canvas's padding (label 14) is never seen; jitter changes no
+    label."""
+    f = lambda r, c: (r * 5 + c * 3) % 13  # noqa: E731
+    sizes = np.array([(45, 61), (7, 5), (1, 9), (3, 1)], np.int32)
+    images, labels = np.zeros((4, 45, 61, 3), np.uint8), np.full((4, 45, 61), 14, np.uint8)
+    for b, (h, w) in enumerate(sizes):
+        r, c = np.mgrid[:h, :w]
+        images[b, :h, :w, 0], images[b, :h, :w, 1], labels[b, :h, :w] = r, c, f(r, c)
+    for crop, seed in [((16, 20), 0), ((90, 3), 1), ((5, 70), 2)]:
+        x, y = run(jax.random.key(seed), images, labels, sizes, settings(crop, scale=(0.3, 3.0), hflip=True))
+        _, y_jittered = run(jax.random.key(seed), images, labels, sizes, settings(crop, (0.3, 3.0), True, 0.5))
+        np.testing.assert_array_equal(y_jittered, y)
+        assert set(np.unique(y)) <= set(range(13)) | {IGNORE}
+        rows, cols = x[..., 0] * 255, x[..., 1] * 255
+        tie = (np.abs(rows % 1 - 0.5) < 1e-3) | (np.abs(cols % 1 - 0.5) < 1e-3)
+        labelled = y != IGNORE
+        assert labelled[:3].any(axis=(1, 2)).all()  # a 3 x 1 image at scale 0.3 may cover no pixel centre
+        r, c = np.round(rows).astype(int), np.round(cols).astype(int)
+        assert np.all((f(r, c) == y)[labelled & ~tie])
+        for b, (h, w) in enumerate(sizes):
+            assert np.all(r[b][labelled[b]] < h) and np.all(c[b][labelled[b]] < w)
