@@ -13,12 +13,16 @@ from fcn.data.folder import decode_pairs
 from fcn.data.images import (
     DataError,
     check_labels_config,
+    fit_max_size,
+    fitted_size,
     map_labels,
     normalize_color_map,
     normalize_value_map,
     read_image,
     read_mask,
     read_size,
+    rescale_pair,
+    scaled_size,
 )
 
 
@@ -259,3 +263,25 @@ def test_decode_pairs_keeps_order_and_skip_bad_counts(tmp_path, caplog):
     assert list(split.names) == ["0", "2", "4"]
     np.testing.assert_array_equal(split.images[1], rgb(seed=2))
     assert "skipped 2 of 5 pairs" in caplog.text
+
+
+@pytest.mark.parametrize("h, w", [(45, 61), (7, 5), (1, 9), (100, 37)])
+def test_rescale_pair_keeps_each_label_on_its_image_pixel(h, w):
+    """Images whose red and green are their own row and column, labels their row, column, or a
+    two-value checkerboard: after `input_scale`'s or `data.max_size`'s resize each label is the
+    source pixel under the new pixel's centre (nearest; a tie may go either way), within a pixel of
+    where the image says it is (antialiasing pulls edge pixels inward), and no value is invented."""
+    r, c = np.mgrid[:h, :w].astype(np.uint8)
+    image = np.stack([r, c, np.zeros_like(r)], -1)
+    checker = ((r + c) % 2 * 200).astype(np.uint8)
+    for scale in [0.77, 0.5, 0.3]:
+        hs, ws = scaled_size(h, w, scale)
+        (im, rows), (_, cols), (_, check) = (rescale_pair(image, lab, scale) for lab in (r, c, checker))
+        assert im.shape == (hs, ws, 3) and rows.shape == cols.shape == check.shape == (hs, ws)
+        centre_r = ((np.arange(hs) + 0.5) * h / hs - 0.5)[:, None]
+        centre_c = ((np.arange(ws) + 0.5) * w / ws - 0.5)[None, :]
+        assert np.abs(rows - centre_r).max() <= 0.5 + 1e-6 and np.abs(cols - centre_c).max() <= 0.5 + 1e-6
+        assert np.abs(im[..., 0].astype(int) - rows).max() <= 1 and np.abs(im[..., 1].astype(int) - cols).max() <= 1
+        np.testing.assert_array_equal(check, (rows.astype(int) + cols) % 2 * 200)
+    image_fit, rows_fit = fit_max_size(image, r, 20)
+    assert rows_fit.shape == image_fit.shape[:2] == fitted_size(h, w, 20) and max(rows_fit.shape) == min(20, max(h, w))
