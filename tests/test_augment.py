@@ -146,3 +146,34 @@ def test_every_label_is_the_label_of_the_image_pixel_it_lies_on():
         assert np.all((f(r, c) == y)[labelled & ~tie])
         for b, (h, w) in enumerate(sizes):
             assert np.all(r[b][labelled[b]] < h) and np.all(c[b][labelled[b]] < w)
+
+
+@pytest.mark.parametrize(
+    "size, crop, scale, spans",
+    [
+        ((10, 12), (6, 8), 1.0, (4, 4)),
+        ((4, 5), (7, 9), 1.0, (3, 4)),
+        ((10, 12), (6, 8), 1.37, (8, 8)),  # 13.7 x 16.44: 14 x 16 pixel centres
+        ((7, 7), (12, 13), 1.5, (2, 3)),  # 10.5 x 10.5: 10 x 10 pixel centres
+    ],
+)
+def test_crops_take_every_placement_the_last_row_and_column_included(size, crop, scale, spans):
+    """A crop slides over the rescaled image's pixels (as many as pixel centres inside it), or the
+    image in the window, one whole pixel at a time: 0 .. span placements, its last row and column
+    seen in the last, the image at the window's top left in the first. Each is drawn, nothing else."""
+    (h, w), ch = size, crop[0]  # in each case both sides are larger than the crop, or both smaller
+    r, c = np.mgrid[:h, :w]
+    images = np.broadcast_to(np.stack([r, c, r], -1).astype(np.uint8), (128, h, w, 3))
+    labels = np.zeros((128, h, w), np.uint8)
+    sizes = np.full((128, 2), (h, w), np.int32)
+    x, y = run(jax.random.key(0), images, labels, sizes, settings(crop, scale=(scale, scale)))
+    found_y, found_x = set(), set()
+    for b in range(128):
+        if h * scale >= ch:  # the crop's first pixel samples source (p + 0.5) / scale - 0.5
+            found_y.add(round((x[b, 0, 0, 0] * 255 + 0.5) * scale - 0.5))
+            found_x.add(round((x[b, 0, 0, 1] * 255 + 0.5) * scale - 0.5))
+        else:  # the window's row and column where the image starts
+            rows, cols = np.nonzero(y[b] != IGNORE)
+            found_y.add(int(rows.min()))
+            found_x.add(int(cols.min()))
+    assert found_y == set(range(spans[0] + 1)) and found_x == set(range(spans[1] + 1))

@@ -217,6 +217,12 @@ def _sample_bilinear(image_HWC: jax.Array, y_hw: jax.Array, x_hw: jax.Array) -> 
     return top * (1 - wy) + bottom * wy
 
 
+def _placement(span: jax.Array, u: jax.Array) -> jax.Array:
+    """The whole number in [min(0, span), max(0, span)] that the uniform [0, 1) `u` picks."""
+    first, last = jnp.minimum(span, 0), jnp.maximum(span, 0)
+    return jnp.minimum(first + jnp.floor(u * (last - first + 1)), last)
+
+
 # The uniform numbers each example's augmentation draws, in this order (`_augment_one`).
 _DRAWS = ("scale", "offset_y", "offset_x", "flip", "brightness", "contrast", "saturation")
 
@@ -228,12 +234,14 @@ def _augment_one(u_7, image_HWC, label_HW, size_2, *, crop, scale_range, hflip, 
     lo, hi = np.log(scale_range[0]), np.log(scale_range[1])
     s = jnp.exp(lo + (hi - lo) * u["scale"])
     h, w = size_2[0].astype(jnp.float32), size_2[1].astype(jnp.float32)
-    # Place the crop window in the rescaled image (or the image in the window
-    # when the image is smaller): offset uniform over all valid placements.
-    span_y, span_x = h * s - ch, w * s - cw
-    oy = jnp.minimum(span_y, 0) + u["offset_y"] * jnp.abs(span_y)
-    ox = jnp.minimum(span_x, 0) + u["offset_x"] * jnp.abs(span_x)
-    oy, ox = jnp.floor(oy), jnp.floor(ox)
+    # Place the crop window over the rescaled image's pixels, or the image in the window when it has
+    # fewer: a whole-pixel offset, uniform over every placement. The rescaled image has as many pixels
+    # as pixel centres inside h * s (ceil(h * s - 0.5), the `inside` test below), so the last one, a
+    # pixel the sampler clamps to the last row, is in the window at the last placement. (floor(u *
+    # (h * s - crop)) never drew that placement: at scale 1 no crop showed an image's last row.)
+    span_y = jnp.ceil(h * s - 0.5) - ch
+    span_x = jnp.ceil(w * s - 0.5) - cw
+    oy, ox = _placement(span_y, u["offset_y"]), _placement(span_x, u["offset_x"])
     ii = jnp.arange(ch, dtype=jnp.float32)[:, None]
     jj = jnp.arange(cw, dtype=jnp.float32)[None, :]
     flip = hflip & (u["flip"] < 0.5)
