@@ -225,7 +225,7 @@ def validate_data(config) -> None:
     _at_least(config, "data.decode_workers", 1)
     _at_least(config, "data.prefetch", 0)
     ignore = config.data.ignore_label
-    if isinstance(ignore, bool) or not isinstance(ignore, int) or not 0 <= ignore <= 255:
+    if not _is_int(ignore) or not 0 <= ignore <= 255:
         raise ConfigError(
             f"config.data.ignore_label={ignore!r} must be an integer in 0..255 (labels are 8-bit) above every class id"
         )

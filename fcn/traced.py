@@ -153,9 +153,9 @@ def save(key: str, exported) -> bool:
     """Stores `exported` under `key` atomically; False where the disk refused (logged), which costs
     the next start its tracing."""
     data = exported.serialize()
-    digest = hashlib.sha256(data).digest()
+    entry = hashlib.sha256(data).digest() + data  # the layout `_read_exported` reads
     return cache.write_entry(
-        _path(key), lambda f: f.write(digest + data), _LIMIT_BYTES, "could not keep the traced step", size=len(data)
+        _path(key), lambda f: f.write(entry), _LIMIT_BYTES, "could not keep the traced step", size=len(entry)
     )
 
 
