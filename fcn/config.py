@@ -87,7 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss = lo = ml_collections.ConfigDict()
     lo.class_weights = "none"  # none | median_freq | median_freq_sqrt (its square root: milder)
     lo.dice_weight = 0.0  # weight of the soft Dice term added to cross-entropy
-    lo.fused_head = "auto"  # auto (GPU: head+norm, else off) | off | head | head+norm: fcn/head_loss.py
+    lo.fused_head = "auto"  # auto (Hopper GPU: head+norm, else off) | off | head | head+norm: fcn/head_loss.py
 
     c.optimizer = o = ml_collections.ConfigDict()
     o.name = "adamw"  # adamw | sgd

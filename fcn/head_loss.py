@@ -23,10 +23,11 @@ end's (`fcn.norm`'s batch norm + ReLU, the head, `fcn.losses.cross_entropy`), wi
 weights and the ignore label, to float
 rounding (tests/test_head_loss.py, the kernel interpreted on a CPU).
 
-`config.loss.fused_head` chooses: "auto" (the default) is "head+norm" on a GPU and the unfused
-path elsewhere. On an H200 (2026-11-24, docs/benchmarks.md) the values equal XLA's to bfloat16
-rounding, either mode makes the CamVid recipe's training step 2% faster (1.22x torch.compile,
-from 1.19x), and the recipe trained with "head+norm" reached val mean IoU 74.8.
+`config.loss.fused_head` chooses: "auto" (the default) is "head+norm" on the GPUs it was
+measured on (NVIDIA's Hopper, compute capability 9.x) and the unfused path elsewhere. On an
+H200 (2026-11-24, docs/benchmarks.md) the values equal XLA's to bfloat16 rounding, either mode
+makes the CamVid recipe's training step 2% faster (1.22x torch.compile, from 1.19x), and the
+recipe trained with "head+norm" reached val mean IoU 74.8.
 `bash benchmarks/run_gpu.sh --head_loss` compares the modes with XLA's kernels, alone and in
 the training step, in one run. The kernel is written for Pallas's Triton backend, which jax
 0.11 deprecates; Mosaic GPU is its next home.
@@ -86,18 +87,28 @@ def fits(shape_BHWC: tuple[int, ...], largest: int | None = None) -> int | None:
     return block_pixels(b // devices * hp * wp, c, largest) if b % devices == 0 else None
 
 
-def fused_head_mode(config, backend: str | None = None) -> str | None:
-    """The config's choice for training: None (unfused), "head" or "head+norm".
+def measured_on(device) -> bool:
+    """Whether `device` is of the kind the kernel was measured to speed up: an NVIDIA GPU of
+    compute capability 9.x (Hopper: an H200, docs/benchmarks.md, the thirty-second session)."""
+    if device.platform != "gpu":
+        return False
+    return str(getattr(device, "compute_capability", "")).split(".")[0] == "9"
 
-    "auto": "head+norm" on a GPU, else None; "head", "head+norm": wherever they apply (on a
-    CPU the kernel is interpreted: slow, for tests); "off": None. Only the linear head with
-    cross-entropy alone (no Dice term) is fused; "head+norm" needs batch norm (else "head").
+
+def fused_head_mode(config, device=None) -> str | None:
+    """The config's choice for training on `device` (default: jax's first): None (unfused),
+    "head" or "head+norm".
+
+    "auto": "head+norm" where `measured_on(device)`, else None; "head", "head+norm": wherever
+    they apply (on a CPU the kernel is interpreted: slow, for tests); "off": None. Only the
+    linear head with cross-entropy alone (no Dice term) is fused; "head+norm" needs batch norm
+    (else "head").
     """
     choice = config.loss.get("fused_head", "off")
     if choice == "off" or config.model.head != "linear" or config.loss.dice_weight:
         return None
     if choice == "auto":
-        if (backend or jax.default_backend()) != "gpu":
+        if not measured_on(device or jax.devices()[0]):
             return None
         choice = "head+norm"
     return "head" if choice == "head+norm" and config.model.norm != "batch" else choice

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from fcn import checkpoint, host_memory, losses, sharding, state as state_lib
+from fcn import checkpoint, head_loss, host_memory, losses, sharding, state as state_lib
 from fcn.config import ConfigError, validate, validate_against_data, validate_against_source
 from fcn.data import get_source, pipeline
 from fcn.evaluate import evaluate_split, format_report, report
@@ -137,12 +137,20 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
     steps; re-running resumes. For time-sliced jobs, and for tests.
     """
     validate(config)
-    if config.loss.fused_head in ("head", "head+norm") and jax.default_backend() != "gpu":
+    fused = head_loss.fused_head_mode(config)
+    if fused and jax.default_backend() != "gpu":
         log.warning(
             "config.loss.fused_head=%r on %s: where it applies, the kernel runs in Pallas's interpreter, "
-            "which is slow and meant for tests; 'auto' uses it on a GPU only",
+            "which is slow and meant for tests; 'auto' uses it only on the GPUs it was measured on",
             config.loss.fused_head,
             jax.default_backend(),
+        )
+    elif fused:
+        log.info(
+            "the network's end (%sthe 1x1 head, the loss and its gradient) runs as one kernel where the "
+            "shapes allow: config.loss.fused_head=%r (fcn/head_loss.py; 'off' turns it off)",
+            "the last batch norm and ReLU, " if fused == "head+norm" else "",
+            config.loss.fused_head,
         )
     jax_cache = enable_compilation_cache()
     workdir = Path(workdir)

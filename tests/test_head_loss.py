@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -167,28 +168,36 @@ def test_shapes_the_kernel_cannot_take_are_refused():
         _fused(x, kernel, bias, labels)
 
 
+H200 = types.SimpleNamespace(platform="gpu", compute_capability="9.0", device_kind="NVIDIA H200")
+CPU = types.SimpleNamespace(platform="cpu")
+TPU = types.SimpleNamespace(platform="tpu")
+
+
 def test_when_training_uses_it():
     config = tiny.get_config()
     assert config.loss.fused_head == "auto"  # measured on an H200: docs/benchmarks.md, the thirty-second session
-    assert head_loss.fused_head_mode(config, "gpu") == "head+norm"
-    assert head_loss.fused_head_mode(config, "cpu") is None
-    assert head_loss.fused_head_mode(config, "tpu") is None
+    assert head_loss.fused_head_mode(config, H200) == "head+norm"
+    assert head_loss.fused_head_mode(config) is None  # this CPU
+    assert head_loss.fused_head_mode(config, TPU) is None
+    for unmeasured in ("8.0", "10.0", "gfx90a", None):  # an A100, a Blackwell, an AMD GPU, no capability given
+        device = types.SimpleNamespace(platform="gpu", compute_capability=unmeasured)
+        assert head_loss.fused_head_mode(config, device) is None, unmeasured
     config.loss.fused_head = "head"
-    assert head_loss.fused_head_mode(config, "cpu") == "head"
+    assert head_loss.fused_head_mode(config, CPU) == "head"
     config.loss.fused_head = "head+norm"
     config.model.norm = "group"
-    assert head_loss.fused_head_mode(config, "gpu") == "head"  # only batch norm is taken in
+    assert head_loss.fused_head_mode(config, H200) == "head"  # only batch norm is taken in
     config.model.norm = "batch"
     config.loss.dice_weight = 0.5  # the Dice term needs the logits
-    assert head_loss.fused_head_mode(config, "gpu") is None
+    assert head_loss.fused_head_mode(config, H200) is None
     config.loss.dice_weight = 0.0
     config.model.head = "mlp"
-    assert head_loss.fused_head_mode(config, "gpu") is None
+    assert head_loss.fused_head_mode(config, H200) is None
     config.model.head = "linear"
     config.loss.fused_head = "off"
-    assert head_loss.fused_head_mode(config, "gpu") is None
+    assert head_loss.fused_head_mode(config, H200) is None
     del config.loss.fused_head  # a config saved before the option: unfused, as it was trained
-    assert head_loss.fused_head_mode(config, "gpu") is None
+    assert head_loss.fused_head_mode(config, H200) is None
     config.loss.fused_head = "on"
     with pytest.raises(ValueError, match="loss.fused_head='on' is not valid"):
         from fcn.config import validate
