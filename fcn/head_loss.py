@@ -3,34 +3,26 @@ cross-entropy, its gradient and the training accuracy.
 
 A training step's last layers are a 1x1 convolution (the per-pixel linear classifier,
 features C -> classes K), the softmax cross-entropy of its logits, and the argmax that
-counts the training accuracy. XLA runs them as four kernels over the full-resolution
-features and logits (the head's product, the loss and its gradient, and the two products
-of the head's gradient), and the 11-class logits rows of 22 bytes are read at a fraction
-of the memory's rate (docs/benchmarks.md, the twenty-fifth session). Here one Pallas
-kernel reads each block of pixels' features and labels once and writes the features'
-gradient once. The logits and their gradient never reach the GPU's memory; of the head's
-weight and bias gradients, each block writes its share, which XLA then adds up.
+counts the training accuracy: for XLA, four kernels over the full-resolution features and
+logits, whose 11-class rows of 22 bytes are read at a fraction of the memory's rate. Here
+one Pallas kernel reads each block of pixels' features and labels once and writes the
+features' gradient once; the logits never reach the GPU's memory, and each block writes its
+share of the head's weight and bias gradients, which XLA adds up. Mode "head+norm" takes the
+last decoder block's batch norm and ReLU in too: the kernel normalises that block's last
+convolution output itself and returns, with the gradient at the batch norm's output, the two
+per-channel sums its gradient needs (`fcn.norm.bn_grad_from_sums` finishes it).
 
-Mode "head+norm" takes the last decoder block's batch norm and ReLU in too: the kernel
-reads that block's last convolution output and normalises it itself, so the normalised
-features are never written, and it returns the gradient at the batch norm's output with
-the two per-channel sums that batch norm's gradient needs, so the pass that would sum them
-is saved as well (`fcn.norm.bn_grad_from_sums` finishes the gradient).
+The gradients are computed in the forward pass (the loss ends the network) and scaled by the
+incoming cotangent in the backward pass. Values equal the unfused end's (`fcn.norm`'s batch
+norm + ReLU, the head, `fcn.losses.cross_entropy`, class weights, the ignore label) to float
+rounding (tests/test_head_loss.py, interpreted on a CPU) and, on an H200, to bfloat16 rounding.
 
-The gradients are computed in the forward pass (the loss ends the network) and kept for the
-backward pass, which scales them by the incoming cotangent. Values equal the unfused network
-end's (`fcn.norm`'s batch norm + ReLU, the head, `fcn.losses.cross_entropy`), with class
-weights and the ignore label, to float
-rounding (tests/test_head_loss.py, the kernel interpreted on a CPU).
-
-`config.loss.fused_head` chooses: "auto" (the default) is "head+norm" on the GPUs it was
-measured on (NVIDIA's Hopper, compute capability 9.x) and the unfused path elsewhere. On an
-H200 (2026-11-24, docs/benchmarks.md) the values equal XLA's to bfloat16 rounding, either mode
-makes the CamVid recipe's training step 2% faster (1.22x torch.compile, from 1.19x), and the
-recipe trained with "head+norm" reached val mean IoU 74.8.
-`bash benchmarks/run_gpu.sh --head_loss` compares the modes with XLA's kernels, alone and in
-the training step, in one run. The kernel is written for Pallas's Triton backend, which jax
-0.11 deprecates; Mosaic GPU is its next home.
+`config.loss.fused_head`: "auto" (the default) is "head+norm" on the GPUs it was measured on
+(NVIDIA's Hopper, compute capability 9.x), else unfused. On an H200 either mode made the
+CamVid recipe's training step 2% faster (1.22x torch.compile, from 1.19x), and the recipe
+trained with "head+norm" reached val mean IoU 74.8 (2026-11-24, docs/benchmarks.md; `bash
+benchmarks/run_gpu.sh --head_loss` compares the modes). The kernel is written for Pallas's
+Triton backend, which jax 0.11 deprecates; Mosaic GPU is its next home.
 """
 
 from __future__ import annotations
@@ -44,14 +36,12 @@ FUSED_HEAD = ("off", "auto", "head", "head+norm")
 # The custom call a Pallas Triton kernel lowers to, which jax.export refuses unless told (fcn.traced).
 TRITON_CALL = "__gpu$xla.gpu.triton"
 _NEG = -1e30  # the bias of padded classes: exp() of their shifted logits is 0
-# Feature values a kernel instance takes a step (pixels x channels: 128 pixels at 32 channels), its
-# warps, the steps it takes in a loop, and Triton's pipelining stages for that loop (the next step's
-# loads issued while this one computes). Each instance writes one share of the head's weight
-# gradient (C x 16 floats) for all its steps: one share per 128 pixels would add about a quarter to
-# the kernel's writes at 32 channels. Compiled for an H200 (sm_90a) by Triton 3.9 and its ptxas
-# without a GPU (benchmarks/triton_registers.py; docs/benchmarks.md, the twenty-sixth session), the
-# default uses 167 registers a thread ("head+norm": 227) and spills none; one step an instance, 96
-# (138). Not yet timed on a GPU: benchmarks/head_loss.py --kernels sweeps these settings.
+# Feature values a kernel instance takes a step (128 pixels at 32 channels), its warps, the steps it
+# loops over (each instance writes one share of the head's weight gradient for all of them), and
+# Triton's pipelining stages for that loop. For sm_90a the default uses 167 registers a thread
+# ("head+norm": 227) and spills none (benchmarks/triton_registers.py). On an H200 it is within 3% of
+# the fastest of the six settings benchmarks/head_loss.py sweeps, in both modes; 8 warps ran
+# 1.2-1.7x slower (docs/benchmarks.md, the twenty-sixth and thirty-second sessions).
 BLOCK_VALUES, NUM_WARPS, STEPS, NUM_STAGES = 4096, 4, 8, 2
 
 
