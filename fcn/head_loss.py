@@ -1,5 +1,4 @@
-"""The network's end in one GPU kernel: (the last batch norm and ReLU,) the linear head, softmax
-cross-entropy, its gradient and the training accuracy.
+"""The network's end in one GPU kernel: (batch norm + ReLU,) head, cross-entropy, its gradient, accuracy.
 
 A training step's last layers are a 1x1 convolution (the per-pixel linear classifier,
 features C -> classes K), the softmax cross-entropy of its logits, and the argmax that
