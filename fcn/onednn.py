@@ -18,16 +18,9 @@ oneDNN's too (reading the ReLU's mask from the workspace, a bit per value, that 
 forward pass kept). Forward and gradient took about half the time of XLA:CPU's
 (docs/benchmarks.md, the fourteenth session).
 
-The handlers are compiled at first use with the C++ compiler (`$CXX`, else
-g++) against jaxlib's FFI headers and the oneDNN of the pip packages
-`onednn-cpu-gomp` and `onednn-devel-cpu-gomp` (or `$FCN_ONEDNN_ROOT`, a folder
-with include/ and lib/), and kept in `<cache root>/ext/` (fcn.data.cache:
-$FCN_CACHE_DIR, else $XDG_CACHE_HOME/fcn, else ~/.cache/fcn) under a key of the
-source, jaxlib and oneDNN, so later processes only load them (the sources compile side by side, one
-compiler process each, then link). Anything missing makes
-`available()` False with the reason in `unavailable_reason()`; nothing is
-half-written (the library is compiled to a temporary name and renamed).
-`FCN_ONEDNN=0` turns it off.
+The handlers are compiled at first use (fcn/onednn_build.py: with which compiler and
+oneDNN, kept where, and what it removes) and loaded; anything missing makes
+`available()` False with the reason in `unavailable_reason()`. `FCN_ONEDNN=0` turns it off.
 
 Data types: float32, and bfloat16 where `supports("bfloat16")`: the CPU has bfloat16
 instructions (AVX-512 BF16 or AMX) and oneDNN fast code for them. `impls(dtype)` names the
@@ -47,26 +40,18 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import shlex
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fcn.onednn_build import Unavailable, build, onednn_root
+
 logger = logging.getLogger(__name__)
 
-CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "onednn_conv.cc", CSRC / "onednn_bn.cc")  # with CSRC / "onednn_common.h"
 TARGETS = {  # custom-call target -> handler symbol in the built library
     "fcn_onednn_conv_fwd": "FcnOnednnConvFwd",
     "fcn_onednn_conv_bwd_data": "FcnOnednnConvBwdData",
@@ -75,7 +60,6 @@ TARGETS = {  # custom-call target -> handler symbol in the built library
     "fcn_onednn_bn_relu_fwd": "FcnOnednnBnReluFwd",
     "fcn_onednn_bn_relu_bwd": "FcnOnednnBnReluBwd",
 }
-_LIB = "libdnnl.so.3"
 TURNED_OFF = "FCN_ONEDNN=0"  # unavailable_reason() when the user turned it off
 _reason: str | None = None
 _library: str | None = None  # the loaded handlers' file name, keyed by their sources, jaxlib and oneDNN
@@ -92,10 +76,18 @@ def available() -> bool:
     global _reason, _library
     try:
         if os.environ.get("FCN_ONEDNN", "1") == "0":
-            raise _Unavailable(TURNED_OFF)
-        path = _build(_onednn_root())
-        _register(ctypes.CDLL(str(path)))
-    except _Unavailable as e:
+            raise Unavailable(TURNED_OFF)
+        root = onednn_root()
+        path = build(root)
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:
+            if path.exists():
+                raise
+            path = build(root)  # removed meanwhile by another process (unused a week): built again
+            lib = ctypes.CDLL(str(path))
+        _register(lib)
+    except Unavailable as e:
         _reason = str(e)
         return False
     except OSError as e:  # a library that does not load
@@ -112,10 +104,6 @@ def identity() -> str | None:
     $ONEDNN_MAX_CPU_ISA). bn_relu's workspace size, fixed when a step is traced, follows both.
     None where not `available()`."""
     return f"{_library} {impls(jnp.float32)}" if available() else None
-
-
-class _Unavailable(Exception):
-    pass
 
 
 _registered: ctypes.CDLL | None = None
@@ -158,83 +146,6 @@ def supports(dtype) -> bool:
     if dtype not in DTYPES or not available():
         return False
     return dtype == jnp.float32 or _probe(dtype)[0] == 1
-
-
-def _onednn_root() -> Path:
-    """The folder whose include/ has oneDNN's headers and lib/ its library."""
-    candidates = [os.environ["FCN_ONEDNN_ROOT"]] if os.environ.get("FCN_ONEDNN_ROOT") else [sys.prefix]
-    for root in map(Path, candidates):
-        if (root / "include" / "oneapi" / "dnnl" / "dnnl.hpp").is_file() and (root / "lib" / _LIB).is_file():
-            return root
-    raise _Unavailable(
-        f"no oneDNN under {', '.join(candidates)} (include/oneapi/dnnl/dnnl.hpp and lib/{_LIB}): "
-        "pip install onednn-cpu-gomp onednn-devel-cpu-gomp, or set FCN_ONEDNN_ROOT"
-    )
-
-
-def _build(root: Path) -> Path:
-    """The compiled handlers for oneDNN at `root`: from the cache, else compiled into it."""
-    from fcn.data.cache import cache_root
-
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if not cxx:
-        raise _Unavailable("no C++ compiler (g++, c++ or $CXX) to build the oneDNN convolutions")
-    lib = root / "lib" / _LIB
-    st = lib.stat()
-    key = hashlib.sha256()
-    for source in sorted([*CSRC.glob("*.cc"), *CSRC.glob("*.h")]):
-        key.update(source.read_bytes() + b"\0")
-    parts = (jax.ffi.include_dir(), jax.__version__, cxx, lib.resolve(), st.st_size, st.st_mtime_ns)
-    key.update("\0".join(map(str, parts)).encode())
-    out = cache_root() / "ext" / f"onednn_conv-{key.hexdigest()[:20]}.so"
-    if out.is_file():
-        return out
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp")
-    except OSError as e:
-        raise _Unavailable(f"cannot build the oneDNN convolutions in {out.parent}: {e}") from e
-    os.close(fd)
-    _remove_stale(out.parent)
-    objs = [f"{tmp.removesuffix('.tmp')}.{src.stem}.o.tmp" for src in SOURCES]  # beside it, removed alike
-    try:
-        _compile(shlex.split(cxx), root, lib, objs, tmp)  # $CXX may carry a wrapper or flags ("ccache g++")
-        os.replace(tmp, out)  # atomic: another process sees the whole library or none
-    finally:
-        for f in (tmp, *objs):
-            if os.path.exists(f):
-                os.unlink(f)
-    return out
-
-
-def _compile(compiler: list[str], root: Path, lib: Path, objs: list[str], out: str) -> None:
-    """Compile SOURCES side by side into `objs`, one compiler process each, then link them with oneDNN
-    into `out`."""
-    flags = ["-O2", "-std=c++17", "-fPIC", "-I", jax.ffi.include_dir(), "-I", str(root / "include")]
-    steps = [([*compiler, *flags, "-c", str(src), "-o", obj], src.name) for src, obj in zip(SOURCES, objs)]
-    logger.info("compiling the oneDNN convolutions (once): %s", "; ".join(" ".join(c) for c, _ in steps))
-    try:
-        running = [(subprocess.Popen(c, stderr=subprocess.PIPE, text=True), c, name) for c, name in steps]
-    except OSError as e:
-        raise _Unavailable(f"cannot run the C++ compiler {compiler[0]!r}: {e}") from e
-    errors = [(proc.communicate()[1], proc.returncode, c, name) for proc, c, name in running]  # wait for all
-    for stderr, rc, cmd, name in errors:
-        if rc != 0:
-            raise _Unavailable(f"compiling {name} failed ({' '.join(cmd)}):\n{stderr[-2000:]}")
-    link = [*compiler, "-shared", *objs, "-o", out, str(lib), f"-Wl,-rpath,{lib.parent}"]
-    done = subprocess.run(link, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise _Unavailable(f"linking the oneDNN convolutions failed ({' '.join(link)}):\n{done.stderr[-2000:]}")
-
-
-def _remove_stale(folder: Path, age_s: float = 3600) -> None:
-    """Temporary files of builds that were killed (a live build renames or removes its own)."""
-    for f in folder.glob("*.tmp"):
-        try:
-            if time.time() - f.stat().st_mtime > age_s:
-                f.unlink()
-        except OSError:
-            pass  # another process's, gone or not ours to remove
 
 
 def padding_pairs(padding, in_hw: Sequence[int], window: Sequence[int], strides: Sequence[int]) -> list:

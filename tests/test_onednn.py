@@ -5,6 +5,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -257,11 +258,14 @@ def test_stale_temporaries_of_killed_builds_are_removed(fresh):
     ext = fresh / "ext"
     ext.mkdir()
     old, recent = ext / "onednn_conv-x.so.abc.tmp", ext / "onednn_conv-x.so.def.tmp"
-    for f in (old, recent):
+    foreign = ext / "notes.tmp"  # not a build's: left alone, however old
+    for f in (old, recent, foreign):
         f.write_bytes(b"half a library")
     os.utime(old, (0, 0))
+    os.utime(foreign, (0, 0))
     assert onednn.available(), onednn.unavailable_reason()
     assert not old.exists() and recent.exists()  # a recent one may be another process's build
+    assert foreign.exists()
 
 
 @pytest.mark.skipif(not CPU, reason="oneDNN's convolutions are XLA:CPU custom calls")
@@ -323,3 +327,65 @@ def test_training_batch_norms_go_to_onednn_with_the_convolutions(impl):
     expected = num_norms if impl in ("auto", "onednn") else 0
     assert num_norms == 10
     assert text.count("@fcn_onednn_bn_relu_fwd(") == text.count("@fcn_onednn_bn_relu_bwd(") == expected
+
+
+def fake_compile(calls):
+    """onednn_build._compile writing a stand-in library (a real build takes 12-13 s on two cores)."""
+
+    def compile_(compiler, root, lib, objs, out):
+        calls.append(out)
+        with open(out, "wb") as f:
+            f.write(b"a library")
+
+    return compile_
+
+
+@pytest.mark.skipif(not CPU, reason="oneDNN's convolutions are XLA:CPU custom calls")
+def test_libraries_of_old_sources_are_removed_once_unused_for_a_week(fresh, monkeypatch):
+    from fcn import onednn_build
+
+    calls = []
+    monkeypatch.setattr(onednn_build, "_compile", fake_compile(calls))
+    ext = fresh / "ext"
+    ext.mkdir()
+    week_old, recent = ext / "onednn_conv-0123456789abcdef0123.so", ext / "onednn_conv-fedcba9876543210fedc.so"
+    # A build in progress in another process, and files that are not fcn's libraries: never touched.
+    others = [ext / "onednn_conv-fedcba9876543210fedc.so.x1y2.tmp", ext / "mine.so", ext / "onednn_conv-mine.so"]
+    for f in (week_old, recent, *others):
+        f.write_bytes(b"x")
+        os.utime(f, (0, 0) if f != recent else None)
+    os.utime(others[0], None)  # written to now
+    os.utime(recent, (time.time() - 6 * 86400,) * 2)  # another environment's, used six days ago
+
+    built = onednn_build.build(onednn_build.onednn_root())
+    assert len(calls) == 1 and built.read_bytes() == b"a library"
+    assert not week_old.exists()
+    assert sorted(p.name for p in ext.iterdir()) == sorted(p.name for p in (built, recent, *others))
+
+    # Found, not built: marked used (its mtime) once it is more than a day old, and the sweep runs again.
+    os.utime(built, (time.time() - 3 * 86400,) * 2)
+    os.utime(recent, (time.time() - 8 * 86400,) * 2)
+    assert onednn_build.build(onednn_build.onednn_root()) == built and len(calls) == 1
+    assert time.time() - built.stat().st_mtime < 60
+    assert not recent.exists() and all(f.exists() for f in others)
+
+
+@pytest.mark.skipif(not CPU, reason="oneDNN's convolutions are XLA:CPU custom calls")
+def test_library_removed_between_finding_and_loading_it_is_built_again(fresh, monkeypatch):
+    from fcn import onednn_build
+
+    calls, loaded = [], []
+    monkeypatch.setattr(onednn_build, "_compile", fake_compile(calls))
+    monkeypatch.setattr(onednn, "_register", lambda lib: None)
+
+    def cdll(path):
+        if not loaded:  # another process's sweep unlinks it just before this one loads it
+            os.unlink(path)
+            loaded.append(None)
+            raise OSError(f"{path}: cannot open shared object file: No such file or directory")
+        loaded.append(path)
+        return object()
+
+    monkeypatch.setattr(onednn.ctypes, "CDLL", cdll)
+    assert onednn.available(), onednn.unavailable_reason()
+    assert len(calls) == 2 and os.path.exists(loaded[-1])
