@@ -23,7 +23,10 @@ writes into --out:
 An export replaces every one of these that --out held from an earlier export,
 the ones it does not write too (no stale saved_model/ beside a new model.jax),
 and leaves other files alone. It is written in full into a hidden staging
-folder in --out first, so an export that fails leaves --out as it was.
+folder in --out first (.fcn-export-*), so an export that fails leaves --out as
+it was; the folder of an export that was killed (SIGKILL, a power cut) is
+removed by the next export into --out, once no live process holds it
+(fcn/staging.py).
 
 With --size H,W the artifact and the SavedModel take images of that size only
 (any B). A model trained with `model.input_scale` below 1 (configs/camvid_cpu.py)
@@ -52,9 +55,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
@@ -73,6 +74,9 @@ from fcn.exported import (  # the reloading side
     load_exported as load_exported,
 )
 from fcn.model import PAD_MODES
+from fcn.staging import staging_folder
+
+STAGING_PREFIX = ".fcn-export-"  # the hidden folder each export is written into first
 
 
 def _pad_index(n, n_pad: int, mode: str):
@@ -162,15 +166,14 @@ def export_model(
 
 def _export_model(fn, out, info: dict, platforms, saved_model, tflite_size, size) -> list[Path]:
     """Write the whole export into a staging folder inside `out`, then swap it in (`_replace_artifacts`):
-    an export that fails leaves `out` as it was."""
+    an export that fails leaves `out` as it was; one killed leaves its staging folder, which the next
+    export into `out` removes."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".fcn-export-", dir=out))
-    try:
+    # Also removes the staging folders of exports into `out` that were killed (fcn.staging).
+    with staging_folder(out, STAGING_PREFIX) as staging:
         names = _write_artifacts(fn, staging, info, platforms, saved_model, tflite_size, size)
         _replace_artifacts(staging, out, names)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return [out / name for name in names]
 
 

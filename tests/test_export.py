@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -319,3 +320,67 @@ def test_a_bad_workdir_is_reported_without_importing_tensorflow(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "config.json not found" in done.stderr
+
+
+# An export that stops inside its staging folder: prints the folder, then waits to be killed.
+STUCK_EXPORT = """
+import sys, time
+import fcn.export
+
+def write(fn, staging, *args):
+    (staging / "model.jax").write_bytes(b"half an export")
+    print(staging, flush=True)
+    time.sleep(300)
+
+fcn.export._write_artifacts = write
+fcn.export._export_model(None, sys.argv[1], {}, None, False, None, None)
+"""
+
+
+def test_the_next_export_removes_staging_folders_of_killed_exports_only(tmp_path, monkeypatch):
+    """A SIGKILLed export left its .fcn-export-* folder in --out forever. The next export removes the
+    folders no live process holds, and nothing else: not a live export's, not other files of the name."""
+    import os
+    import signal
+
+    import fcn.export
+
+    out = tmp_path / "exported"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    stuck = [
+        subprocess.Popen([sys.executable, "-c", STUCK_EXPORT, str(out)], stdout=subprocess.PIPE, text=True, cwd=root)
+        for _ in range(2)
+    ]
+    try:
+        killed, live = [Path(p.stdout.readline().strip()) for p in stuck]
+        assert killed.is_dir() and live.is_dir() and killed.name.startswith(".fcn-export-")
+        stuck[0].send_signal(signal.SIGKILL)
+        stuck[0].wait()
+        # Not fcn's: a file and a link of the name, and a folder of the name with a file of its own.
+        (out / ".fcn-export-notes").write_text("mine")
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (elsewhere / "keep.txt").write_text("mine")
+        (elsewhere / ".fcn-staging-owner").write_text("pid 1")
+        (out / ".fcn-export-link").symlink_to(elsewhere)
+        (out / ".fcn-export-mine").mkdir()
+        (out / ".fcn-export-mine" / "keep.txt").write_text("mine")
+
+        def write(fn, staging, *args):
+            (staging / "model.jax").write_bytes(b"artifact")
+            (staging / "model.json").write_text("{}")
+            return ["model.jax", "model.json"]
+
+        monkeypatch.setattr(fcn.export, "_write_artifacts", write)
+        fcn.export._export_model(None, out, {}, None, False, None, None)
+        assert not killed.exists()
+        assert live.is_dir() and (live / "model.jax").read_bytes() == b"half an export"
+        assert sorted(p.name for p in out.iterdir()) == sorted(
+            [live.name, ".fcn-export-link", ".fcn-export-mine", ".fcn-export-notes", "model.jax", "model.json"]
+        )
+        assert sorted(p.name for p in elsewhere.iterdir()) == [".fcn-staging-owner", "keep.txt"]
+        assert (out / ".fcn-export-mine" / "keep.txt").exists() and (out / "model.jax").read_bytes() == b"artifact"
+    finally:
+        for p in stuck:
+            p.kill()
+            p.wait()
