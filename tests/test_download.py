@@ -21,14 +21,34 @@ from fcn.data.images import DataError
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """Serves server.routes[path] = (body, how); how: ok | short | slow | stall."""
+    """Serves server.routes[path] = (body, how); how: ok | short | slow | stall. Paths in server.ranges
+    answer a Range request with the rest of the body (206) unless an If-Range names another version than
+    server.etags[path] (then 200, all of it); server.requests logs (path, Range, If-Range)."""
 
     def do_GET(self):
+        asked, if_range = self.headers.get("Range"), self.headers.get("If-Range")
+        self.server.requests.append((self.path, asked, if_range))
         if self.path not in self.server.routes:
             self.send_error(404)
             return
         body, how = self.server.routes[self.path]
-        self.send_response(200)
+        etag = self.server.etags.get(self.path)
+        start = 0
+        if asked and self.path in self.server.ranges and if_range in (None, etag):
+            start = int(asked.removeprefix("bytes=").removesuffix("-"))
+            if start >= len(body):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        if etag:
+            self.send_header("ETag", etag)
+        body = body[start:]
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if how == "ok":
@@ -50,6 +70,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 def server():
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     srv.routes, srv.release = {}, threading.Event()
+    srv.ranges, srv.etags, srv.requests = set(), {}, []
     thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     srv.url = lambda path: f"http://127.0.0.1:{srv.server_port}{path}"
@@ -122,6 +143,58 @@ def test_failed_download_leaves_nothing(server, tmp_path, route, how, kwargs, ma
     with pytest.raises(DownloadError, match=match):
         download(server.url(route), dest, **kwargs)
     assert list(tmp_path.iterdir()) == []
+
+
+BODY = bytes(range(256)) * 40  # 10240 bytes
+
+
+@pytest.mark.parametrize("known_by", ["etag", "sha256"])
+def test_an_interrupted_download_resumes_where_it_stopped(server, tmp_path, known_by):
+    """A dropped connection cost the whole download again; the rest is now asked for (Range) and appended,
+    where the server names the file's version (ETag, sent back as If-Range) or the SHA-256 is known."""
+    server.routes["/a.bin"], server.ranges = (BODY, "short"), {"/a.bin"}
+    sha = hashlib.sha256(BODY).hexdigest() if known_by == "sha256" else None
+    if known_by == "etag":
+        server.etags["/a.bin"] = '"v1"'
+    dest = tmp_path / "a.bin"
+    with pytest.raises(DownloadError, match="closed after 5120 of 10240 bytes"):
+        download(server.url("/a.bin"), dest, sha256=sha, size=len(BODY))
+    assert (tmp_path / "a.bin.part").read_bytes() == BODY[:5120]  # kept, to be resumed
+    server.routes["/a.bin"] = (BODY, "ok")
+    assert download(server.url("/a.bin"), dest, sha256=sha, size=len(BODY)) == dest
+    assert dest.read_bytes() == BODY
+    assert server.requests[-1] == ("/a.bin", "bytes=5120-", '"v1"' if known_by == "etag" else None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
+
+
+@pytest.mark.parametrize("server_has", ["no range support", "a new version of the file"])
+def test_a_resume_the_server_refuses_downloads_it_all_again(server, tmp_path, server_has):
+    """Asked for the rest, a server without Range support, or whose file changed since (If-Range), sends
+    all of it (200): that is what is kept, not the old start with it appended."""
+    server.routes["/a.bin"], server.etags["/a.bin"] = (BODY, "short"), '"v1"'
+    dest = tmp_path / "a.bin"
+    with pytest.raises(DownloadError, match="closed after"):
+        download(server.url("/a.bin"), dest)
+    new = BODY
+    if server_has == "a new version of the file":
+        server.ranges, server.etags["/a.bin"], new = {"/a.bin"}, '"v2"', BODY[::-1]
+    server.routes["/a.bin"] = (new, "ok")
+    assert download(server.url("/a.bin"), dest, size=len(BODY)) == dest
+    assert dest.read_bytes() == new
+    assert server.requests[-1] == ("/a.bin", "bytes=5120-", '"v1"')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
+
+
+@pytest.mark.parametrize("part", [b"x" * 5120, BODY + b"more"], ids=["damaged start", "longer than the file"])
+def test_a_resumed_download_that_does_not_verify_is_downloaded_again_in_full(server, tmp_path, part):
+    server.routes["/a.bin"], server.ranges = (BODY, "ok"), {"/a.bin"}
+    dest = tmp_path / "a.bin"
+    (tmp_path / "a.bin.part").write_bytes(part)
+    sha = hashlib.sha256(BODY).hexdigest()
+    assert download(server.url("/a.bin"), dest, sha256=sha) == dest
+    assert dest.read_bytes() == BODY
+    assert [r[1] for r in server.requests] == [f"bytes={len(part)}-", None]  # the rest, then all of it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
 
 
 # --- safe_extract ---------------------------------------------------------

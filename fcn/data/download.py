@@ -2,7 +2,9 @@
 
 `download` streams into `dest.part` and renames it to `dest` only once every
 byte has arrived and the size and SHA-256 (when given) match, so a crash or a
-dropped connection never leaves something that looks complete. `safe_extract`
+dropped connection never leaves something that looks complete. An interrupted
+download is resumed by the next call (HTTP Range) where the server allows it
+and a mix of two versions of the file would be caught (`download`). `safe_extract`
 unpacks into a temporary folder beside the destination and renames it at the
 end, refusing members that could write outside it (absolute paths, `..`,
 links). `folder_lock` lets runs started together fetch a dataset once: one
@@ -15,6 +17,7 @@ import contextlib
 import gzip
 import hashlib
 import http.client
+import json
 import logging
 import os
 import re
@@ -84,18 +87,78 @@ def _part_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".part")
 
 
-def _stream(url: str, part: Path, timeout: float) -> tuple[int, str]:
-    """Writes the body at url into part; returns (bytes written, sha256 hex)."""
+def _meta_path(part: Path) -> Path:
+    """Beside dest.part: the URL and the server's version of the file (ETag or Last-Modified) it came from."""
+    return part.with_name(part.name + ".json")
+
+
+def _discard(part: Path) -> None:
+    part.unlink(missing_ok=True)
+    _meta_path(part).unlink(missing_ok=True)
+
+
+def _validator(part: Path, url: str) -> str | None:
+    """The version of the file at url that part holds the start of, as the server named it; else None."""
+    try:
+        meta = json.loads(_meta_path(part).read_text())
+        return meta["validator"] if meta["url"] == url and isinstance(meta["validator"], str) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _resumable(part: Path, url: str, sha256: str | None) -> bool:
+    """Whether part's bytes may be continued: a resumed file must be told apart from a mix of two versions,
+    by the server (If-Range with the version part came from) or by the file's SHA-256 at the end."""
+    return part.is_file() and part.stat().st_size > 0 and (sha256 is not None or _validator(part, url) is not None)
+
+
+def _open(url: str, part: Path, timeout: float):
+    """(response, offset): the rest of the body from part's size on (HTTP Range, 206) where the server sends
+    it, else all of it (200; part is then truncated)."""
+    offset = part.stat().st_size if part.is_file() else 0
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    if offset and (validator := _validator(part, url)):
+        headers["If-Range"] = validator  # the server sends all of a changed file, not the rest of it
+    try:
+        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code != 416 or not offset:
+            raise
+        e.close()  # Range Not Satisfiable: part is no start of the file; start over
+        _discard(part)
+        return _open(url, part, timeout)
+    if resp.status == 206 and not resp.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
+        resp.close()  # another range than the one asked for: start over
+        _discard(part)
+        return _open(url, part, timeout)
+    if resp.status != 206:
+        etag = resp.headers.get("ETag", "")
+        validator = etag if etag and not etag.startswith("W/") else resp.headers.get("Last-Modified")
+        _discard(part)  # first: a kill in between must not leave old bytes under the new version's name
+        _meta_path(part).write_text(json.dumps({"url": url, "validator": validator}))
+        offset = 0
+    return resp, offset
+
+
+def _stream(url: str, part: Path, timeout: float) -> tuple[int, int, str]:
+    """Writes the body at url into part, after part's bytes where the server sends the rest; returns
+    (bytes kept from before, bytes in part, sha256 hex of part)."""
     from tqdm import tqdm  # only needed here; keeps `import fcn.data` light
 
     digest = hashlib.sha256()
-    written = 0
-    with urllib.request.urlopen(url, timeout=timeout) as resp, part.open("wb") as f:
+    resp, offset = _open(url, part, timeout)
+    with resp, part.open("ab" if offset else "wb") as f:
+        if offset:
+            with part.open("rb") as kept:
+                while chunk := kept.read(_CHUNK):
+                    digest.update(chunk)
+        written = offset
         length = resp.headers.get("Content-Length")
-        expected = int(length) if length and length.isdigit() else None
+        expected = offset + int(length) if length and length.isdigit() else None
         small = expected is not None and expected < _PROGRESS_MIN_BYTES
         with tqdm(
             total=expected,
+            initial=offset,
             unit="B",
             unit_scale=True,
             desc=f"downloading {Path(url).name}",
@@ -109,7 +172,7 @@ def _stream(url: str, part: Path, timeout: float) -> tuple[int, str]:
     # http.client returns b"" (no error) when the server closes early.
     if expected is not None and written != expected:
         raise DownloadError(f"{url}: connection closed after {written} of {expected} bytes")
-    return written, digest.hexdigest()
+    return offset, written, digest.hexdigest()
 
 
 def download(
@@ -123,8 +186,14 @@ def download(
     """Downloads url to dest, verified, via dest.part; returns dest.
 
     An existing dest is reused when it matches sha256 (or no sha256 is given:
-    it can only exist if a previous download completed). A stale dest.part from
-    an interrupted run is discarded, never resumed.
+    it can only exist if a previous download completed). A dest.part that an
+    interrupted download left is resumed (HTTP Range) where the server sends the
+    rest (206) and a mix of two versions of the file would be caught: the server
+    named the version that dest.part came from (ETag or Last-Modified, kept in
+    dest.part.json and sent back as If-Range), or sha256 is given. Else, or where
+    the server sends the whole file (200), it starts from the beginning. A
+    resumed file that fails the size or SHA-256 check is downloaded once more in
+    full. Callers serialize downloads to one dest (`folder_lock`).
     """
     dest = Path(dest)
     part = _part_path(dest)
@@ -133,27 +202,39 @@ def download(
         if want is None or _file_sha256(dest) == want:
             return dest
         dest.unlink()
-    part.unlink(missing_ok=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    done = False
     try:
-        written, got = _stream(url, part, timeout)
-        if size is not None and written != size:
-            raise DownloadError(f"{url}: got {written} bytes, expected {size}")
-        if want is not None and got != want:
-            raise DownloadError(
-                f"{url}: SHA-256 mismatch: expected {want}, got {got}; "
-                "the file was discarded (check data.url and data.sha256)"
-            )
-        part.replace(dest)
-    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
-        # URLError's reason is the useful part ("Connection refused"); HTTPError's
-        # own text carries the status ("HTTP Error 404: Not Found").
-        is_http = isinstance(e, urllib.error.HTTPError)
-        reason = e if is_http else getattr(e, "reason", None) or e
-        raise DownloadError(f"download of {url} failed: {reason}") from e
+        while True:  # a resumed download that does not verify: once more, from the start (offset 0)
+            if not _resumable(part, url, want):
+                _discard(part)
+            try:
+                offset, written, got = _stream(url, part, timeout)
+            except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+                # URLError's reason is the useful part ("Connection refused"); HTTPError's
+                # own text carries the status ("HTTP Error 404: Not Found").
+                is_http = isinstance(e, urllib.error.HTTPError)
+                reason = e if is_http else getattr(e, "reason", None) or e
+                raise DownloadError(f"download of {url} failed: {reason}") from e
+            problem = None
+            if size is not None and written != size:
+                problem = f"{url}: got {written} bytes, expected {size}"
+            elif want is not None and got != want:
+                problem = (
+                    f"{url}: SHA-256 mismatch: expected {want}, got {got}; "
+                    "the file was discarded (check data.url and data.sha256)"
+                )
+            if problem is None:
+                part.replace(dest)
+                done = True
+                return dest
+            _discard(part)
+            if not offset:
+                raise DownloadError(problem)
+            logger.warning("%s (after resuming at byte %d); downloading it again in full", problem, offset)
     finally:
-        part.unlink(missing_ok=True)  # no-op after the rename
-    return dest
+        if done or not _resumable(part, url, want):
+            _discard(part)  # kept only to be resumed
 
 
 def _file_sha256(path: Path) -> str:
