@@ -54,12 +54,9 @@ class ExportedModel:
         longer side exceeds the training's `data.max_size` are shrunk to it and the logits scaled back,
         as the predictor does. An image is run whole: the predictor cuts one over its `tile` size (512 px)
         into tiles, whose logits differ a little near tile edges."""
-        from fcn.inference import float_batch, resize_channels, shrink
+        from fcn.inference import float_batch, resize_channels
 
-        x_BHWC, single = float_batch(images)
-        h, w = x_BHWC.shape[1:3]
-        if self.max_size and max(h, w) > self.max_size:
-            x_BHWC = np.stack([shrink(x_HWC, self.max_size) for x_HWC in x_BHWC])
+        x_BHWC, single, (h, w) = float_batch(images, self.max_size)
         if self.size is not None and tuple(x_BHWC.shape[1:3]) != self.size:
             eh, ew = self.size
             shrunk = f" (shrunk to {x_BHWC.shape[1]}x{x_BHWC.shape[2]}: data.max_size={self.max_size})"

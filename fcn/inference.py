@@ -50,7 +50,7 @@ from PIL import Image
 
 from fcn import canvas
 from fcn.data.base import default_palette
-from fcn.data.images import DataError, fitted_size, pil_rgb, read_image
+from fcn.data.images import DataError, fit_image, fitted_size, pil_rgb, read_image
 from fcn.model import UNet
 
 # ----------------------------------------------------------------------------
@@ -129,16 +129,20 @@ def _read_batch(images) -> tuple[list[np.ndarray], str]:
     return [read_input(x, "image" if kind == "single" else f"image {i}") for i, x in enumerate(batch)], kind
 
 
-def float_batch(images) -> tuple[np.ndarray, bool]:
-    """Images read as the predictor reads them, as float32 [B, H, W, 3] in [0, 1], and whether a single
-    image was given (fcn.export's ExportedModel). A batch's images must share one size."""
+def float_batch(images, max_size: int = 0) -> tuple[np.ndarray, bool, tuple[int, int]]:
+    """Images read as the predictor reads them, as float32 [B, H, W, 3] in [0, 1], whether a single
+    image was given, and their own (H, W) (fcn.export's ExportedModel). A batch's images must share one
+    size. max_size: shrink them first when their longer side exceeds it, as the predictor does."""
     arrays, kind = _read_batch(images)
     if not arrays:
         raise DataError("empty batch of images: nothing to predict")
     if len({a.shape for a in arrays}) > 1:
         sizes = sorted({f"{a.shape[0]}x{a.shape[1]}" for a in arrays})
         raise DataError(f"a batch of images of sizes {', '.join(sizes)}: one call takes images of one size")
-    return np.stack([_to01(a) for a in arrays]), kind == "single"
+    size = arrays[0].shape[:2]
+    if max_size and max(size) > max_size:
+        arrays = [shrink(a, max_size) for a in arrays]
+    return np.stack([_to01(a) for a in arrays]), kind == "single", size
 
 
 def resize_channels(x_HWC: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -149,8 +153,12 @@ def resize_channels(x_HWC: np.ndarray, h: int, w: int) -> np.ndarray:
 
 
 def shrink(image_HWC: np.ndarray, max_size: int) -> np.ndarray:
-    """Shrink so the longer side is max_size (to the size `data.max_size` gave in training)."""
-    return resize_channels(_to01(image_HWC), *fitted_size(*image_HWC.shape[:2], max_size))
+    """Shrink so the longer side is max_size (to the size `data.max_size` gave in training): a uint8
+    image exactly as `data.max_size` shrank the training and evaluation images (fit_image), so that
+    evaluation scores what `predict` returns; a float one in float."""
+    if image_HWC.dtype == np.uint8:
+        return fit_image(image_HWC, max_size)
+    return resize_channels(image_HWC, *fitted_size(*image_HWC.shape[:2], max_size))
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -191,6 +191,18 @@ def test_max_size_predicts_at_training_scale(workdir):
     assert small.predict(random_image(40, 60)).shape == (40, 60)
 
 
+def test_max_size_shrinks_a_uint8_image_as_the_data_was_shrunk(workdir):
+    """The predictor shrank a uint8 image in float, data.max_size (training, evaluation) in uint8: the
+    network saw an input that differed by rounding, and evaluation could not score what predict returns."""
+    from fcn.data.images import fit_image
+    from fcn.inference import resize_channels
+
+    image = random_image(40, 60)
+    small, whole = load(workdir, max_size=16), load(workdir)
+    expected = resize_channels(next(whole._logits([fit_image(image, 16)], False)), 40, 60)
+    np.testing.assert_array_equal(next(small._logits([image], False)), expected)
+
+
 def test_more_classes_than_a_uint8_class_map_holds_is_refused():
     """A model of 300 classes predicted class 299 as 43 (299 % 256): the class map is uint8."""
     with pytest.raises(ValueError, match="300 classes: class maps are uint8"):

@@ -350,13 +350,23 @@ def fit_max_size(image: np.ndarray, label: np.ndarray, max_size: int) -> tuple[n
     return rescale_pair(image, label, max_size / max(h, w))
 
 
+def fit_image(image: np.ndarray, max_size: int) -> np.ndarray:
+    """The image of `fit_max_size`'s pair, alone (uint8 [H, W, 3])."""
+    h, w = fitted_size(*image.shape[:2], max_size)
+    return image if (h, w) == image.shape[:2] else _resize_image(image, (w, h))
+
+
+def _resize_image(image: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
+    return np.asarray(Image.fromarray(image).resize(size_wh, Image.Resampling.BILINEAR))
+
+
 def rescale_pair(image: np.ndarray, label: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
     """Resizes a pair by `scale`: antialiased bilinear image, nearest-neighbour label."""
     h, w = label.shape
     size = scaled_size(h, w, scale)[::-1]  # PIL wants (W, H)
     if size == (w, h):
         return image, label
-    image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+    image = _resize_image(image, size)
     # Nearest neighbour: interpolating class ids would invent classes at edges.
     label = np.asarray(Image.fromarray(label).resize(size, Image.Resampling.NEAREST))
     return image, label
