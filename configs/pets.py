@@ -5,7 +5,8 @@
 
 TFDS downloads the dataset on first use (about 800 MB) into ~/tensorflow_datasets,
 or reads it from --config.data.path=DIR. Images are shrunk to at most 256 px
-on the longer side at load time. Measured: not yet.
+on the longer side at load time; evaluation scores at the labels' own size (README,
+"Every score ..."). Measured: not yet.
 """
 
 from fcn.config import default_config

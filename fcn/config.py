@@ -47,7 +47,7 @@ def default_config() -> ml_collections.ConfigDict:
     d.tfds_splits = ml_collections.ConfigDict({"train": "train", "val": "test"})
     d.synthetic_size = (96, 128)  # synthetic: image H, W
     d.synthetic_counts = ml_collections.ConfigDict({"train": 256, "val": 64})
-    d.max_size = 0  # resize so the longer side is at most this (0 = keep); labels nearest
+    d.max_size = 0  # resize so the longer side is at most this (0 = keep); labels nearest; scored unshrunk
     d.decode_workers = 8  # threads decoding files in parallel (once in memory, or each step when streamed)
     # camvid, folder: keep splits decoded in memory also decoded on disk ($FCN_CACHE_DIR/decoded, default
     # ~/.cache/fcn), with the training canvas made from them; reused (memory-mapped) while the files, these

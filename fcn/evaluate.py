@@ -23,6 +23,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from PIL import Image
 
 from fcn import checkpoint, metrics, sharding, state as state_lib
 from fcn.cli import exits_130_on_ctrl_c
@@ -31,18 +32,32 @@ from fcn.data.base import Split
 
 
 def evaluate_split(
-    eval_step, state, split: Split, config, num_classes: int, mesh, *, keep_examples: int = 0, in_flight=None
+    eval_step,
+    state,
+    split: Split,
+    config,
+    num_classes: int,
+    mesh,
+    *,
+    keep_examples: int = 0,
+    in_flight=None,
+    logits_step=None,
 ) -> tuple[np.ndarray, list]:
     """Run `eval_step` over a whole split; returns ([K, K] int64 confusion, kept examples).
 
     kept examples: up to `keep_examples` (image, label, prediction) triples at
-    the split's resolution (without the batch's padding), for pictures. in_flight: batches evaluated at once
+    the labels' resolution (without the batch's padding), for pictures. in_flight: batches evaluated at once
     (`batches_in_flight()` when None); the sums, and so the result, are the
     same for any value. config.eval_hflip must say whether `eval_step` flips.
+    logits_step: `jit_eval_steps`' second, for images that `data.max_size` shrank (`pipeline.eval_split`):
+    their logits are scaled up to the label's size on the host as `fcn.load(...).predict` scales them.
     """
+    from fcn.inference import resize_channels
+
     sharding.check_batch_size(config.eval_batch_size, "eval_batch_size")
     rows = sharding.process_slice(config.eval_batch_size)
     acc = metrics.ConfusionAccumulator(num_classes)
+    full_size = np.zeros((num_classes, num_classes), np.int64)  # images scored at their labels' size
     kept = []
     # Images whose sizes round up to the same multiple of 2**depth are padded to it, in the model's pad mode,
     # and batched together: the network pads them so itself, so no prediction changes. Not where it resizes
@@ -55,38 +70,85 @@ def evaluate_split(
         split, config.eval_batch_size, multiple, config.data.ignore_label, config.model.pad_mode
     )
 
-    def run(images, labels):
+    def run(images, labels, shrunk):
+        if shrunk:
+            if logits_step is None:
+                raise ValueError("images shrunk by data.max_size need evaluate_split(logits_step=...)")
+            return logits_step(state, *sharding.put_batch(mesh, images[rows]))
         x, y = sharding.put_batch(mesh, images[rows], labels[rows])
         return eval_step(state, x, y)
 
-    def consume(images, labels, sizes, cm, preds):
-        acc.add(cm, labels.size)
+    def scaled_up(logits, idx, sizes) -> dict:
+        """This process's shrunk images' predictions at their labels' size, scored; {row: prediction}."""
+        local = [np.asarray(s.data) for s in sorted(logits.addressable_shards, key=lambda s: s.index[0].start or 0)]
+        preds = {}
+        for row, logits_HWK in zip(range(config.eval_batch_size)[rows], np.concatenate(local)):
+            if row < len(idx):  # else a row that fills a short batch
+                (h, w), label = sizes[row], split.labels[idx[row]]
+                preds[row] = resize_channels(np.array(logits_HWK[:h, :w]), *label.shape).argmax(-1).astype(np.uint8)
+                full_size[:] += metrics.host_confusion_matrix(label, preds[row], num_classes, config.data.ignore_label)
+        return preds
+
+    def consume(images, labels, idx, sizes, shrunk, out):
+        if shrunk:
+            preds = scaled_up(out, idx, sizes)
+        else:
+            cm, preds = out
+            acc.add(cm, labels.size)
         if len(kept) < keep_examples and jax.process_count() == 1:
-            preds = np.asarray(preds)
+            preds = preds if shrunk else np.asarray(preds)
             for row, (h, w) in enumerate(sizes[: keep_examples - len(kept)]):
-                kept.append((images[row, :h, :w], labels[row, :h, :w], preds[row, :h, :w]))
+                image, label = images[row, :h, :w], labels[row, :h, :w]
+                if shrunk:  # the picture at the label's size
+                    label = split.labels[idx[row]]
+                    image = np.asarray(Image.fromarray(image).resize(label.shape[::-1], Image.Resampling.BILINEAR))
+                kept.append((image, label, preds[row][: label.shape[0], : label.shape[1]]))
+
+    def is_shrunk(idx, sizes) -> bool:
+        return split.labels[idx[0]].shape != tuple(sizes[0])
 
     in_flight = batches_in_flight() if in_flight is None else in_flight
     if in_flight <= 1:
-        for images, labels, _, sizes in batches:
-            consume(images, labels, sizes, *run(images, labels))
-        return acc.result(), kept
+        for images, labels, idx, sizes in batches:
+            shrunk = is_shrunk(idx, sizes)
+            consume(images, labels, idx, sizes, shrunk, run(images, labels, shrunk))
+        return acc.result() + _summed_over_processes(full_size), kept
     pending: collections.deque = collections.deque()  # consumed in batch order: the same kept examples
 
     def finish_oldest():
-        images, labels, sizes, task = pending.popleft()
-        consume(images, labels, sizes, *task.result())
+        *batch, task = pending.popleft()
+        consume(*batch, task.result())
 
     with ThreadPoolExecutor(max_workers=in_flight) as pool:
-        for images, labels, _, sizes in batches:
+        for images, labels, idx, sizes in batches:
+            shrunk = is_shrunk(idx, sizes)
             # Each thread waits for its own batch: XLA:CPU then runs the programs side by side.
-            task = pool.submit(lambda i, lab: jax.block_until_ready(run(i, lab)), images, labels)
-            pending.append((images, labels, sizes, task))
+            task = pool.submit(lambda i, lab, s: jax.block_until_ready(run(i, lab, s)), images, labels, shrunk)
+            pending.append((images, labels, idx, sizes, shrunk, task))
             if len(pending) >= in_flight:
                 finish_oldest()
         while pending:
             finish_oldest()
-    return acc.result(), kept
+    return acc.result() + _summed_over_processes(full_size), kept
+
+
+def _summed_over_processes(cm: np.ndarray) -> np.ndarray:
+    """A host matrix summed over all processes (each scored its own rows); int64 travels as int32 pairs."""
+    if jax.process_count() == 1:
+        return cm
+    from jax.experimental import multihost_utils
+
+    gathered = np.asarray(multihost_utils.process_allgather(cm.view(np.int32)))
+    return gathered.view(np.int64).sum(axis=0)
+
+
+def jit_eval_steps(graphs, num_classes: int, ignore_label: int, hflip: bool, mesh):
+    """(eval_step, logits_step) for `evaluate_split`, jitted: every process reads the confusion matrix."""
+    eval_step = jax.jit(
+        state_lib.make_eval_step(graphs, num_classes, ignore_label, hflip=hflip),
+        out_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),  # (confusion, predictions)
+    )
+    return eval_step, jax.jit(state_lib.make_logits_step(graphs, hflip), out_shardings=sharding.batch_sharding(mesh))
 
 
 def batches_in_flight() -> int:
@@ -214,7 +276,6 @@ def main(argv=None) -> int:
 
 
 def _evaluate(args) -> int:
-    from fcn.data import get_source  # after argument parsing: --help stays instant
     from fcn.traced import enable_compilation_cache
 
     enable_compilation_cache()  # a second evaluation reads the compiled step back
@@ -226,16 +287,14 @@ def _evaluate(args) -> int:
     with config.unlocked():
         config.eval_hflip = bool(args.hflip or config.get("eval_hflip", False))  # how evaluate_split batches
     config.eval_batch_size = _eval_batch_size(args.batch_size, config.eval_batch_size)
-    source = get_source(config.data)
-    split = source.load(args.split)
+    split = pipeline.eval_split(config.data, args.split)
     state = jax.device_put(state, sharding.replicated(mesh))
     num_classes = len(info["class_names"])
-    eval_step = jax.jit(
-        state_lib.make_eval_step(graphs, num_classes, info["ignore_label"], hflip=config.eval_hflip),
-        out_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),  # every process reads the matrix
-    )
+    eval_step, logits_step = jit_eval_steps(graphs, num_classes, info["ignore_label"], config.eval_hflip, mesh)
     t0 = time.time()
-    cm, kept = evaluate_split(eval_step, state, split, config, num_classes, mesh, keep_examples=args.examples)
+    cm, kept = evaluate_split(
+        eval_step, state, split, config, num_classes, mesh, keep_examples=args.examples, logits_step=logits_step
+    )
     rep = report(cm, info["class_names"], split=args.split, step=int(state["step"]))
     rep["seconds"] = round(time.time() - t0, 2)
     if jax.process_index() == 0:

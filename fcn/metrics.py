@@ -1,8 +1,7 @@
 """Dataset-wide segmentation metrics from one confusion matrix.
 
 Every score here is a function of a single confusion matrix summed over the
-whole dataset at the resolution it is read at (the files' own, unless
-data.max_size shrinks it), never an average of per-batch scores, so the result
+whole dataset at the label files' own resolution, never an average of per-batch scores, so the result
 cannot depend on batch size or order.
 """
 
@@ -33,6 +32,15 @@ def confusion_matrix(labels_BHW: jax.Array, preds_BHW: jax.Array, num_classes: i
     valid = (labels_BHW != ignore_label) & in_range
     index = jnp.where(valid, labels_BHW * num_classes + preds_BHW, 0)
     counts = jnp.zeros(num_classes * num_classes, jnp.int32).at[index.ravel()].add(valid.ravel().astype(jnp.int32))
+    return counts.reshape(num_classes, num_classes)
+
+
+def host_confusion_matrix(labels_HW: np.ndarray, preds_HW: np.ndarray, num_classes: int, ignore_label: int = 255):
+    """`confusion_matrix`'s counts, in numpy on the host ([K, K] int64): for images of sizes of their own."""
+    labels, preds = labels_HW.astype(np.int64).ravel(), preds_HW.astype(np.int64).ravel()
+    in_range = (labels >= 0) & (labels < num_classes) & (preds >= 0) & (preds < num_classes)
+    valid = (labels != ignore_label) & in_range
+    counts = np.bincount(labels[valid] * num_classes + preds[valid], minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes)
 
 

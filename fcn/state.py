@@ -227,16 +227,24 @@ def jit_train_step(
     return traced.TracedStep(step, plain, key, uses_onednn=conv_impl in ("auto", "onednn"), **jit_kwargs)
 
 
-def make_eval_step(graphs: Graphs, num_classes: int, ignore_label: int, hflip: bool = False):
-    """eval_step(state, images uint8, labels) -> (confusion [K, K] int32, predictions [B, H, W])."""
+def make_logits_step(graphs: Graphs, hflip: bool = False):
+    """logits_step(state, images uint8) -> float32 logits [B, H, W, K]: what the eval step scores (with
+    `hflip`, averaged with the mirror image's, as `fcn.load(...).predict(hflip=True)` averages)."""
 
-    def logits_fn(state, images_BHWC):
+    def logits_step(state, images_BHWC):
         model = eval_model(graphs, state)
         x_BHWC = images_BHWC.astype(jnp.float32) / 255.0
         logits_BHWK = model(x_BHWC)
         if hflip:  # test-time augmentation: average with the mirrored prediction
             logits_BHWK = 0.5 * (logits_BHWK + model(x_BHWC[:, :, ::-1])[:, :, ::-1])
         return logits_BHWK
+
+    return logits_step
+
+
+def make_eval_step(graphs: Graphs, num_classes: int, ignore_label: int, hflip: bool = False):
+    """eval_step(state, images uint8, labels) -> (confusion [K, K] int32, predictions [B, H, W])."""
+    logits_fn = make_logits_step(graphs, hflip)
 
     def eval_step(state: State, images_BHWC, labels_BHW):
         preds_BHW = jnp.argmax(logits_fn(state, images_BHWC), axis=-1).astype(jnp.uint8)

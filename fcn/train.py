@@ -27,7 +27,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from fcn import checkpoint, head_loss, host_memory, losses, sharding, state as state_lib
 from fcn.config import ConfigError, validate, validate_against_data, validate_against_source
 from fcn.data import get_source, pipeline
-from fcn.evaluate import evaluate_split, format_report, report
+from fcn.evaluate import evaluate_split, format_report, jit_eval_steps, report
 from fcn.metrics_log import MetricsLog
 from fcn.traced import enable_compilation_cache
 
@@ -159,7 +159,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
     validate_against_source(config, source)
     train_data = pipeline.training_data(source, config)  # decoded in memory, or streamed (config.data.storage)
     validate_against_data(config, source.num_classes, train_data.sizes_N2.tolist())
-    eval_data = source.load(config.data.eval_split) if config.data.eval_split in source.splits else None
+    eval_data = None  # with data.max_size: shrunk images, labels at their files' size (scored there)
+    if config.data.eval_split in source.splits:
+        eval_data = pipeline.eval_split(config.data, config.data.eval_split)
     if eval_data is None:
         log.warning("%s offers no %r split: training without evaluation", source.name, config.data.eval_split)
     checkpoint.check_compatible(workdir, config, source.num_classes)
@@ -223,16 +225,17 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
             # State and metrics stay replicated, so every process can read the losses it logs.
             out_shardings=sharding.replicated(mesh),
         )
-        eval_step = jax.jit(
-            state_lib.make_eval_step(graphs, source.num_classes, source.ignore_label, hflip=config.eval_hflip),
-            out_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),  # (confusion, predictions)
+        eval_step, logits_step = jit_eval_steps(
+            graphs, source.num_classes, source.ignore_label, config.eval_hflip, mesh
         )
         metrics_log = MetricsLog(workdir, start) if start < config.num_steps else None  # None: nothing to log
         rows = sharding.process_slice(config.batch_size)
         last_report: dict = {}
 
         def evaluate(step: int) -> dict:
-            cm, _ = evaluate_split(eval_step, state, eval_data, config, source.num_classes, mesh)
+            cm, _ = evaluate_split(
+                eval_step, state, eval_data, config, source.num_classes, mesh, logits_step=logits_step
+            )
             rep = report(cm, source.class_names, split=config.data.eval_split, step=step)
             metrics_log.write(
                 step,

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fcn.data.base import Source, Split, decode_all
-from fcn.data.images import rescale_pair, scaled_size
+from fcn.data.images import fit_image, rescale_pair, scaled_size
 
 logger = logging.getLogger(__name__)
 
@@ -307,6 +307,30 @@ def augment(key, images_BHWC, labels_BHW, sizes_B2, augment_config, ignore_label
 # Evaluation batches: whole images at full resolution, unaugmented.
 
 
+def eval_split(data_config, split: str) -> Split:
+    """The split as evaluation scores it. With `data.max_size`, an image whose longer side exceeds it is
+    shrunk as the training images are (the network's input), while its label stays at the file's own
+    size: fcn.evaluate scales the logits back up to it, as `fcn.load(...).predict` does."""
+    from fcn.data import get_source
+
+    max_size = int(data_config.get("max_size", 0))
+    if not max_size:
+        return get_source(data_config).load(split)
+    full = data_config.copy_and_resolve_references()
+    full.max_size = 0
+    source = get_source(full)
+    examples = source.examples(split)
+
+    def read(i: int) -> tuple[np.ndarray, np.ndarray]:
+        image, label = examples.read(i)
+        return fit_image(image, max_size), label
+
+    # Not kept decoded on disk (key_fn): that cache holds images and labels of one size.
+    shrunk = dataclasses.replace(examples, read_fn=read, key_fn=None)
+    workers, skip_bad = int(data_config.decode_workers), bool(data_config.skip_bad)
+    return decode_all(shrunk, workers=workers, skip_bad=skip_bad, desc=f"{source.name} {split}")
+
+
 def eval_batches(
     split: Split,
     batch_size: int,
@@ -314,29 +338,32 @@ def eval_batches(
     ignore_label: int,
     pad_mode: str = "reflect",
 ) -> Iterator[tuple[np.ndarray, np.ndarray, list[int], list[tuple[int, int]]]]:
-    """Yield (images_BHWC uint8, labels_BHW uint8, example indices, true (H, W) sizes).
+    """Yield (images_BHWC uint8, labels_BHW uint8, example indices, true (H, W) image sizes).
 
     Images are grouped by size rounded up to `multiple` (the model's own
     padding multiple, so predictions equal those on the unpadded image; a pair
     (H, W) gives each axis its own);
     images are padded after their last row and column in `pad_mode`, labels
     with the ignore label, and a short last batch is filled with all-ignore
-    examples so that every batch has the same shape.
+    examples so that every batch has the same shape. Images shrunk by
+    `data.max_size` (`eval_split`: a label of another size) are batched apart,
+    with all-ignore labels: they are scored at their labels' size.
     """
-    groups: dict[tuple[int, int], list[int]] = {}
+    groups: dict[tuple[int, int, bool], list[int]] = {}
     examples = list(zip(split.images, split.labels))
     mh, mw = (multiple, multiple) if isinstance(multiple, int) else multiple
-    for n, (_, label) in enumerate(examples):
-        h, w = label.shape
-        groups.setdefault((h + -h % mh, w + -w % mw), []).append(n)
-    for (bh, bw), members in groups.items():
+    for n, (image, label) in enumerate(examples):
+        h, w = image.shape[:2]
+        groups.setdefault((h + -h % mh, w + -w % mw, label.shape != (h, w)), []).append(n)
+    for (bh, bw, shrunk), members in groups.items():
         for start in range(0, len(members), batch_size):
             idx = members[start : start + batch_size]
             images = np.zeros((batch_size, bh, bw, 3), np.uint8)
             labels = np.full((batch_size, bh, bw), ignore_label, np.uint8)
             for row, n in enumerate(idx):
                 image, label = examples[n]
-                h, w = label.shape
+                h, w = image.shape[:2]
                 images[row] = np.pad(image, ((0, bh - h), (0, bw - w), (0, 0)), mode=pad_mode)
-                labels[row, :h, :w] = label
-            yield images, labels, idx, [examples[n][1].shape for n in idx]
+                if not shrunk:
+                    labels[row, :h, :w] = label
+            yield images, labels, idx, [examples[n][0].shape[:2] for n in idx]
