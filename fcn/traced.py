@@ -17,10 +17,10 @@ which implementations oneDNN picks on this CPU, and the FCN_, JAX_ and XLA_
 environment variables. Change any one and the entry is not found, so a stale
 program is never run; and a process whose fcn source files changed after it
 imported fcn neither keeps nor reads entries (its code is no longer what the
-files say). An entry that cannot be read, or whose checksum does not match its
-contents, is logged, deleted and traced afresh; entries are written to a
-temporary file and renamed into place; the folder is trimmed to its 256 MiB,
-least recently used first (an entry larger than that is not kept). Only for one
+files say). An entry that cannot be read, or whose checksum (a CRC-32, kept with every entry of
+the cache folder: fcn/data/cache.py) does not match its contents, is logged, deleted and traced
+afresh; entries are written to a temporary file and renamed into place; the folder is trimmed to
+its 256 MiB, least recently used first (an entry larger than that is not kept). Only for one
 process on one device (the program is exported for one); a step that
 `jax.export` refuses runs as a plain jit, with a warning. `FCN_TRACE_CACHE=0`
 turns it off.
@@ -32,8 +32,8 @@ values depend only on the config, the class count and the fingerprint. They are
 kept in `<cache root>/initial/` (23 MB for configs/camvid_cpu.py: parameters
 and Adam's moments; a JSON header and raw arrays, nothing pickled) and read back
 as fresh arrays, bit for bit the same, into the structure that `jax.eval_shape`
-gives without computing anything (0.1-0.3 s); trimmed to 1 GiB (a larger state is not
-kept).
+gives without computing anything (0.1-0.3 s), once their checksum matches (a state with a flipped
+byte was read back as it was, and trained from); trimmed to 1 GiB (a larger state is not kept).
 """
 
 from __future__ import annotations
@@ -137,25 +137,21 @@ def load(key: str):
 
 
 def _read_exported(path: Path):
-    """An entry is the SHA-256 of the serialized program, then the program. jax.export checks the
-    outer structure only: a byte changed inside the StableHLO was deserialized without complaint,
-    and the first step then failed ("Failed to deserialize StableHLO") or ran the changed program."""
+    """The program in an entry whose checksum `cache.read_entry` has checked: jax.export checks the
+    outer structure only, and a byte changed inside the StableHLO was deserialized without
+    complaint; the first step then failed ("Failed to deserialize StableHLO") or ran the changed
+    program."""
     from jax import export
 
-    raw = path.read_bytes()
-    digest, data = raw[:32], raw[32:]
-    if hashlib.sha256(data).digest() != digest:
-        raise ValueError("its checksum does not match its contents")
-    return export.deserialize(bytearray(data))
+    return export.deserialize(bytearray(path.read_bytes()[: cache.payload_bytes(path)]))
 
 
 def save(key: str, exported) -> bool:
     """Stores `exported` under `key` atomically; False where the disk refused (logged), which costs
     the next start its tracing."""
     data = exported.serialize()
-    entry = hashlib.sha256(data).digest() + data  # the layout `_read_exported` reads
     return cache.write_entry(
-        _path(key), lambda f: f.write(entry), _LIMIT_BYTES, "could not keep the traced step", size=len(entry)
+        _path(key), lambda f: f.write(data), _LIMIT_BYTES, "could not keep the traced step", size=len(data)
     )
 
 
@@ -249,8 +245,8 @@ def kept_state(build, abstract, key, desc: str = "initial state"):
     (jax.eval_shape); a kept entry must match its structure, shapes and dtypes. `key`: JSON-able,
     all that build depends on beyond `fingerprint`. Arrays come back as fresh device arrays on
     the default device, never views of the file. Used where `enabled()`; an entry that cannot be
-    read or does not match is logged, deleted and built afresh; the folder is trimmed to 1 GiB, and
-    a state larger than that is not kept.
+    read, is damaged (its checksum: `cache.read_entry`) or does not match is logged, deleted and
+    built afresh; the folder is trimmed to 1 GiB, and a state larger than that is not kept.
     Nothing is pickled: the file holds a JSON header and raw arrays. A tree with weakly typed
     leaves is not kept (the file would bring them back strongly typed).
     """
@@ -286,7 +282,7 @@ def _write_state(path: Path, tree, desc: str) -> None:
         return
     layout = [_layout(x) for x in leaves]
     impls = [str(jax.random.key_impl(x)) if key_type else None for x, (_, _, key_type) in zip(leaves, layout)]
-    header = {"format": 1, "treedef": str(treedef), "leaves": layout, "impls": impls}
+    header = {"format": 2, "treedef": str(treedef), "leaves": layout, "impls": impls}
     data = [np.asarray(jax.random.key_data(x) if impl else x) for x, impl in zip(leaves, impls)]
 
     def write(f):

@@ -166,3 +166,54 @@ def test_unreadable_canvas_entry_is_made_again(tmp_path, monkeypatch, caplog):
     assert "unreadable" in caplog.text
     assert np.array_equal(again.images_NHWC, first.images_NHWC)
     assert len(cached_entries()) == 2
+
+
+def flip_bytes(path, at, n=64):
+    """Inverts n bytes of `path` from `at`, its length kept: a flipped bit, a block read back wrong."""
+    data = bytearray(path.read_bytes())
+    data[at : at + n] = bytes(b ^ 0xFF for b in data[at : at + n])
+    path.write_bytes(bytes(data))
+
+
+def test_split_and_canvas_entries_changed_inside_are_made_again_with_one_warning_each(tmp_path, monkeypatch, caplog):
+    """Bytes changed inside an entry, its length kept: the split's pixels and the canvas were read back as
+    they were, without a word, and trained on. Each gets one warning naming it, and is made afresh."""
+    from fcn.data import pipeline
+
+    monkeypatch.setenv("FCN_CACHE_DIR", str(tmp_path / "cache"))
+    root = make_folder(tmp_path / "data", n=4)
+    split = folder(root, val_fraction=0.0).load("train")
+    (split_entry,) = cached_entries()
+    first = pipeline.stack(split, IGNORE_LABEL)
+    (canvas_entry,) = set(cached_entries()) - {split_entry}
+    for entry in (split_entry, canvas_entry):
+        flip_bytes(entry, 150)  # inside the first array (the images; its .npy header is 128 bytes)
+    caplog.set_level("WARNING")
+    split = folder(root, val_fraction=0.0).load("train")
+    again = pipeline.stack(split, IGNORE_LABEL)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2, warnings
+    for entry, message in zip((split_entry, canvas_entry), warnings):
+        assert f"{entry} is unreadable (its checksum does not match its contents)" in message
+    assert all(np.array_equal(a, b) for a, b in zip(split.images, first.images_NHWC))
+    assert np.array_equal(again.images_NHWC, first.images_NHWC) and np.array_equal(again.labels_NHW, first.labels_NHW)
+    with monkeypatch.context() as m:  # both written anew, and read back
+        no_decoding(m)
+        m.setattr(pipeline, "rescale_pair", lambda *a: pytest.fail("made although cached"))
+        assert np.array_equal(
+            pipeline.stack(folder(root, val_fraction=0.0).load("train"), IGNORE_LABEL).images_NHWC[0], rgb(0)
+        )
+
+
+def test_an_entry_without_its_checksum_is_not_used(tmp_path, monkeypatch, caplog):
+    """What an older fcn kept (its arrays, no checksum) is made afresh: the cache is only a cache."""
+    from fcn.data import cache
+
+    monkeypatch.setenv("FCN_CACHE_DIR", str(tmp_path))
+    cache.decoded_dir().mkdir(parents=True)
+    with open(cache.decoded_dir() / "key.split", "wb") as f:
+        for a in (np.zeros(6, np.uint8), np.zeros(2, np.uint8), np.array([[1, 2]]), np.array(["n"])):
+            np.save(f, a, allow_pickle=False)
+    assert cache.load("key", "test") is None
+    assert "key.split is unreadable (it carries no checksum)" in caplog.text
+    assert not cached_entries()

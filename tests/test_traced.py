@@ -291,6 +291,28 @@ def test_unreadable_kept_state_is_computed_again_and_replaced(caplog):
     )
 
 
+def test_kept_state_changed_inside_is_computed_again_with_one_warning(monkeypatch, caplog):
+    """Bytes changed inside a kept state, its length kept: it was read back as it was (16 values
+    differing from a fresh state's in the tiny config) and trained from, without a word."""
+    config = tiny.get_config()
+    fresh = state_lib.create(config, 4)[1]
+    state_lib.create(config, 4, keep=True)
+    (entry,) = _states()
+    data = bytearray(entry.read_bytes())
+    middle = len(data) // 2  # inside the parameters
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    entry.write_bytes(bytes(data))
+    caplog.set_level(logging.WARNING)
+    _same(state_lib.create(config, 4, keep=True)[1], fresh)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        f"initial state {entry} is unreadable (its checksum does not match its contents); computing it again"
+    ]
+    with monkeypatch.context() as m:  # kept anew, and read back
+        m.setattr(state_lib, "run_once_compiler_options", lambda *a, **k: pytest.fail("built although kept"))
+        _same(state_lib.create(config, 4, keep=True)[1], fresh)
+
+
 def test_kept_state_turned_off_keeps_nothing(monkeypatch):
     monkeypatch.setenv("FCN_TRACE_CACHE", "0")
     config = tiny.get_config()

@@ -14,9 +14,11 @@ size, inode and modification and change times, the decoding settings (class coun
 value and colour maps, max_size, skip_bad), and the source of the decoding
 code itself. Change any one and the entry is not found, so a stale split is
 never used. A split with bad files skipped (`data.skip_bad`) is not kept, so
-every run reports what it skipped. An entry that cannot be read (truncated, foreign) is logged,
-deleted and decoded afresh. Entries are written to a temporary file and
-renamed into place, so a run stopped midway leaves no half entry; the oldest
+every run reports what it skipped. Every entry of the cache folder (decoded splits, canvases,
+the kept step and initial state of fcn/traced.py) ends with the CRC-32 of its contents, checked
+before it is used (`read_entry`); one that cannot be read (truncated, foreign) or whose bytes
+changed is logged once, deleted and decoded afresh, never used. Entries are written to a
+temporary file and renamed into place, so a run stopped midway leaves no half entry; the oldest
 are deleted once the folder holds more than $FCN_DECODED_CACHE_GB
 (default 4) GiB, and an entry larger than that is not written at all.
 Deleting the folder is always safe.
@@ -29,6 +31,7 @@ import json
 import logging
 import os
 import tempfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,8 +39,15 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when the layout of an entry changes
+FORMAT = 2  # bump when the layout of an entry changes (2: ends with its checksum, `_SEAL`)
 _SUFFIX = ".split"
+# Every entry ends with this and the CRC-32 of all bytes before it (4 bytes, big-endian). CRC-32, not
+# SHA-256: a warm start of configs/camvid_cpu.py checks 392 MiB of entries, which SHA-256 read at
+# 0.9 GiB/s on 2 busy cores and zlib's CRC-32 at 3.3 GiB/s (docs/benchmarks.md). It is there to
+# catch damage (a flipped bit, a zeroed block), not forgery: whoever can write the cache folder
+# can write fcn's source files too.
+_SEAL = b"fcn-crc32:"
+_SEAL_BYTES = len(_SEAL) + 4
 
 
 def cache_root() -> Path:
@@ -122,14 +132,16 @@ def load_arrays(key: str, desc: str, count: int, build=lambda arrays: arrays):
 
 
 def read_entry(path: Path, read, what: str, again: str):
-    """read(path) for an entry of fcn's cache folder, or None: not there, or unreadable (any
-    error from `read`: truncated, foreign, stale), then logged as "WHAT PATH is unreadable (...);
-    AGAIN" and deleted, never failing the run. An entry read is marked recently used (`trim`
-    keeps it longest). Shared by every cache kept here: decoded splits, canvases, kept steps
-    and states."""
+    """read(path) for an entry of fcn's cache folder whose checksum matches its contents (the
+    contents end at `payload_bytes(path)`), or None: not there, or unreadable (no checksum or
+    another one: damaged; any error from `read`: truncated, foreign, stale), then logged as "WHAT
+    PATH is unreadable (...); AGAIN" and deleted, never failing the run. An entry read is marked
+    recently used (`trim` keeps it longest). Shared by every cache kept here: decoded splits,
+    canvases, kept steps and states."""
     if not path.exists():
         return None
     try:
+        _check_seal(path)
         out = read(path)
     except Exception as e:  # noqa: BLE001 -- whatever is wrong with a cache entry, it is made afresh
         logger.warning("%s %s is unreadable (%s); %s", what, path, e, again)
@@ -146,7 +158,8 @@ def read_entry(path: Path, read, what: str, again: str):
 
 
 def write_entry(path: Path, write, limit: int, failure: str, *, size: int, limit_name: str = "") -> bool:
-    """write(binary file) into the cache entry `path` atomically (`write_atomic`), then trims its
+    """write(binary file) into the cache entry `path` atomically (`write_atomic`), followed by the
+    checksum of what it wrote (what `read_entry` checks), then trims its
     folder's entries (same suffix) to `limit` bytes. False where the disk refused, logged as
     "FAILURE in FOLDER (...)": the next run makes the entry again, nothing else is lost. An entry
     of `size` bytes over `limit` (`limit_name` in the log: the setting that set it) is not written:
@@ -156,8 +169,17 @@ def write_entry(path: Path, write, limit: int, failure: str, *, size: int, limit
         limit_name = limit_name or f"its folder's limit ({limit >> 20} MiB)"
         logger.info("%s: %.0f MiB is over %s", failure, size / 2**20, limit_name)
         return False
+
+    def sealed(f) -> None:
+        write(f)
+        f.flush()
+        end = f.tell()
+        crc = _crc32(f, end)  # read back from the page cache: any writer (np.save, tofile) will do
+        f.seek(end)
+        f.write(_SEAL + crc.to_bytes(4, "big"))
+
     try:
-        write_atomic(path, write)
+        write_atomic(path, sealed)
     except OSError as e:
         logger.warning("%s in %s (%s)", failure, path.parent, e)
         return False
@@ -165,10 +187,42 @@ def write_entry(path: Path, write, limit: int, failure: str, *, size: int, limit
     return True
 
 
+def payload_bytes(path: Path) -> int:
+    """How many bytes of the entry `path` are its contents (before its checksum)."""
+    return path.stat().st_size - _SEAL_BYTES
+
+
+def _crc32(f, end: int) -> int:
+    """CRC-32 of the first `end` bytes of the binary file `f`, read in pieces into one buffer."""
+    f.seek(0)
+    crc, buf = 0, memoryview(bytearray(1 << 20))
+    while end > 0:
+        n = f.readinto(buf[: min(end, len(buf))])
+        if not n:
+            raise ValueError("shorter than its checksum says")
+        crc, end = zlib.crc32(buf[:n], crc), end - n
+    return crc
+
+
+def _check_seal(path: Path) -> None:
+    """Raises ValueError unless `path` ends with the checksum of its contents (`write_entry`)."""
+    with open(path, "rb") as f:
+        end = os.fstat(f.fileno()).st_size - _SEAL_BYTES
+        if end < 0:
+            raise ValueError("too short to carry its checksum")
+        f.seek(end)
+        seal = f.read(_SEAL_BYTES)
+        if seal[: len(_SEAL)] != _SEAL:
+            raise ValueError("it carries no checksum")
+        if _crc32(f, end) != int.from_bytes(seal[len(_SEAL) :], "big"):
+            raise ValueError("its checksum does not match its contents")
+
+
 def map_arrays(path: Path) -> list[np.ndarray]:
-    """The .npy arrays stored one after the other in `path`, memory-mapped read-only."""
+    """The .npy arrays stored one after the other in the entry `path` (up to its checksum),
+    memory-mapped read-only."""
     arrays = []
-    size = path.stat().st_size
+    size = payload_bytes(path)
     with open(path, "rb") as f:
         while f.tell() < size:
             version = np.lib.format.read_magic(f)
@@ -221,7 +275,7 @@ def write_atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "w+b") as f:  # read too: `write_entry` reads back what it checksums
             write(f)
         os.replace(tmp, path)
     except BaseException:
