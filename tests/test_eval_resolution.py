@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -63,8 +65,6 @@ def test_max_size_evaluation_scores_the_predictor_output_at_the_labels_size(work
         labelled += int(np.sum(label != 255))
     got = np.asarray(rep["confusion_matrix"])
     assert rep["num_pixels"] == labelled == sum(h * w for h, w in sizes)  # every pixel of the files, once
-    # The network's input is shrunk as training's images are (uint8) and predict's in float: the two may
-    # differ by rounding, which moves a near tie's pixel at most.
     # Equal, not close: the network's input is shrunk alike (fcn.data.images.fit_image), its logits scaled
     # back alike (fcn.inference.resize_channels); a near tie in this 6-step model's logits moved pixels before.
     np.testing.assert_array_equal(got, expected)
@@ -85,3 +85,38 @@ def test_without_max_size_the_batches_are_those_of_the_files():
     assert [b[3] for b in batches] == [[(8, 8), (7, 8)], [(8, 8)]]
     np.testing.assert_array_equal(batches[0][1][1, :7], 1)
     assert (batches[0][1][1, 7] == 255).all() and (batches[1][1] == 255).all()
+
+
+def test_two_processes_score_what_one_does(workdir, tmp_path):
+    """With two processes, each scales up and scores its own rows of a batch of shrunk images, and the
+    matrices are summed once across them: the same matrix as one process's, with every file's pixel once."""
+    from test_distributed import ROOT, _env, _free_port
+
+    run, _ = folder_run(workdir, tmp_path, [(48, 64), (50, 62), (60, 40), (24, 30), (47, 63)], max_size=32)
+    command = [sys.executable, "-m", "fcn.evaluate", "--workdir", run, "--examples", "0"]
+    env = _env(tmp_path / "jax_cache")  # both runs with XLA's convolutions: oneDNN's serve one process only
+    one = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert one.returncode == 0, one.stderr[-3000:]
+    alone = json.loads((tmp_path / "run" / "eval_val.json").read_text())
+    (tmp_path / "run" / "eval_val.json").unlink()
+    launch = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num_processes", "2"]
+    procs = [
+        subprocess.Popen(
+            [*command, *launch, "--process_id", str(i)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outs]
+    both = json.loads((tmp_path / "run" / "eval_val.json").read_text())
+    assert both["confusion_matrix"] == alone["confusion_matrix"]
+    assert both["num_pixels"] == alone["num_pixels"] == 48 * 64 + 50 * 62 + 60 * 40 + 24 * 30 + 47 * 63
