@@ -27,6 +27,51 @@ def run_training(config, workdir: str) -> int:
     return 0
 
 
+def out_of_memory(e: BaseException) -> str | None:
+    """'ran out of memory on the CPU (it tried to allocate 1.32 TiB)' when `e` (or an exception it was raised
+    from) is XLA's out-of-memory error, else None. XLA says it in several ways: `RESOURCE_EXHAUSTED: Out of
+    memory allocating N bytes.` (CPU), `... Out of memory while trying to allocate N bytes.` and then pages of
+    buffer statistics, `Failed to allocate request for 6.27GiB (6727663616B) on device ordinal 0` (GPU),
+    `Attempting to allocate 16.00G. That was not possible.` (TPU)."""
+    import re
+
+    import jax
+
+    while e is not None and not isinstance(e, jax.errors.JaxRuntimeError):
+        e = e.__cause__
+    text = str(e) if e is not None else ""
+    if not re.search(r"out of memory|RESOURCE_EXHAUSTED.*(memory|allocat)", text, re.I | re.S):
+        return None
+    size = ""
+    if found := re.search(r"(\d+) bytes|\((\d+)B\)", text):
+        n = int(found[1] or found[2])
+        power = min(5, (n.bit_length() - 1) // 10)
+        size = f" (it tried to allocate {n / 1024**power:.3g} {('bytes', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB')[power]})"
+    elif found := re.search(r"allocate ([\d.]+ ?[KMGT]i?B?)", text):
+        size = f" (it tried to allocate {found[1]})"
+    return f"ran out of memory on the {jax.default_backend().upper()}{size}"
+
+
+def less_memory(config, doing: str) -> str:
+    """Training flags that take less device memory than `config`'s, for what ran out of it: fcn.train's `doing`
+    (creating the model's state, in the training step, evaluating)."""
+    import jax
+
+    n_dev, m = jax.device_count(), config.model
+    half = lambda n: max(n_dev, n // 2 // n_dev * n_dev)  # noqa: E731 - a batch divides among the devices
+    if doing.startswith("evaluating"):
+        flags = [f"--config.eval_batch_size={half(config.eval_batch_size)} (now {config.eval_batch_size})"]
+        flags += ["--config.eval_hflip=False"] if config.eval_hflip else []
+    else:
+        (h, w), step = config.augment.crop_size, not doing.startswith("creating")
+        flags = [f"--config.batch_size={half(config.batch_size)} (now {config.batch_size})"] if step else []
+        flags += [f"--config.augment.crop_size=({max(1, h // 2)},{max(1, w // 2)}) (now ({h},{w}))"] if step else []
+        flags += [f"--config.model.features={max(1, m.features // 2)} (now {m.features})"]
+        flags += [f"--config.model.depth={m.depth - 1} (now {m.depth})"] if m.depth else []
+        flags += ["--config.model.dtype=bfloat16"] if step and m.dtype != "bfloat16" else []
+    return " or ".join(flags) if len(flags) < 3 else ", ".join(flags[:-1]) + " or " + flags[-1]
+
+
 def retain_memory() -> bool:
     """fcn.host_memory.retain_freed_memory() unless FCN_RETAIN_MEMORY=0: a command's first call, before JAX's threads.
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fcn import checkpoint, head_loss, host_memory, losses, sharding, state as state_lib
+from fcn.cli import less_memory, out_of_memory
 from fcn.config import ConfigError, validate, validate_against_data, validate_against_source
 from fcn.data import get_source, pipeline
 from fcn.evaluate import evaluate_split, format_report, jit_eval_steps, report
@@ -180,10 +181,11 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         if config.loss.class_weights == "median_freq_sqrt":  # milder: rare classes up, common ones not crushed
             class_weights = class_weights**0.5
         log.info("median-frequency class weights: %s", [round(float(w), 3) for w in class_weights])
-    graphs, state, tx = state_lib.create(config, source.num_classes, keep=True)  # a warm start reads it back
     ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
     metrics_log = None
+    doing = "creating the model's state"  # (what ran out of memory, if something does)
     try:
+        graphs, state, tx = state_lib.create(config, source.num_classes, keep=True)  # a warm start reads it back
         start = ckpts.latest_step() or 0
         if start > config.num_steps:  # before config.json is written: the workdir stays as it is
             raise ConfigError(
@@ -258,6 +260,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
                 f"--config.num_steps to train on, or evaluate it: python -m fcn.evaluate --workdir {workdir}",
                 flush=True,
             )
+        doing = "in the training step"
         bar = tqdm(
             total=config.num_steps,
             initial=start,
@@ -305,7 +308,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
                         refresh=False,  # shown at the bar's next print: else a log file got a line per log_every
                     )
                 if do_eval:
+                    doing = f"evaluating on {config.data.eval_split!r} at step {step}"
                     last_report = evaluate(step)
+                    doing = "in the training step"
                     if jax.process_index() == 0:  # tqdm.write prints even where the bar is disabled
                         bar.write(
                             f"step {step}: {config.data.eval_split} mean IoU "
@@ -339,6 +344,20 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
             f"cannot write {e.filename}: {e.strerror or e}. "
             + (f"The checkpoints are untouched (the latest: step {last}); " if last else "")
             + "free space or fix permissions and re-run to resume"
+        ) from e
+    except jax.errors.JaxRuntimeError as e:
+        if (oom := out_of_memory(e)) is None:
+            raise
+        last = ckpts.latest_step()
+        raise TrainingError(
+            f"{oom} {doing}. "
+            + (f"The checkpoints are untouched (the latest: step {last}). " if last else "No checkpoint was written. ")
+            + f"To use less memory try {less_memory(config, doing)}; then run the command again"
+            + (
+                " to resume (a new model.features or depth needs a new --workdir)"
+                if last and "eval" not in doing
+                else ""
+            )
         ) from e
     finally:  # also on errors: orbax threads and the event file are closed, never left hanging
         train_data.close()  # a stream's decoding threads

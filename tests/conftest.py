@@ -55,3 +55,17 @@ def diverge_at(monkeypatch):
         monkeypatch.setattr(state_lib, "jit_train_step", diverging)
 
     return setup
+
+
+@pytest.fixture(scope="session")
+def oom_error():
+    """XLA's own out-of-memory error, raised for real by a program that asks for 16 PiB: more than any
+    machine's address space, so no allocator grants it (a test that raises it loses no memory)."""
+    import jax
+    import jax.numpy as jnp
+
+    try:
+        jax.jit(lambda x: jnp.broadcast_to(x, (2**52,)) + 1)(jnp.float32(1)).block_until_ready()
+    except jax.errors.JaxRuntimeError as e:
+        return e
+    pytest.fail("16 PiB were allocated")

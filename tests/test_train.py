@@ -111,6 +111,61 @@ def test_nan_found_at_a_sparse_log_step_names_the_steps_it_may_have_begun_at(tmp
         train_and_evaluate(config, tmp_path / "run")
 
 
+@pytest.mark.parametrize("where", ["step", "evaluation", "state"])
+def test_out_of_memory_is_one_line_saying_what_takes_less_and_checkpoints_stay(
+    tmp_path, monkeypatch, capsys, caplog, oom_error, where
+):
+    """XLA's out-of-memory error (raised for real) in the training step of step 5, after checkpoint 3, in
+    the evaluation at step 3, or creating the model's state: one error line, exit code 1, how much it asked
+    for, the flags that take less; checkpoint 3 stays, and the same command resumes from it (it was a
+    traceback)."""
+    from fcn.cli import run_training
+
+    def out_of_memory(*args, **kwargs):
+        raise oom_error
+
+    jit_train_step = state_lib.jit_train_step
+
+    def failing_at_step_5(*args, **kwargs):
+        train_step = jit_train_step(*args, **kwargs)
+        return lambda state, *batch: out_of_memory() if state["step"] == 4 else train_step(state, *batch)
+
+    if where == "step":
+        monkeypatch.setattr(state_lib, "jit_train_step", failing_at_step_5)
+    elif where == "evaluation":  # raised as the evaluation step is traced
+        monkeypatch.setattr(state_lib, "make_eval_step", lambda *args, **kwargs: out_of_memory)
+    else:
+        monkeypatch.setattr(state_lib, "create", out_of_memory)
+    workdir = tmp_path / "run"
+    assert run_training(tiny.get_config(), str(workdir)) == 1
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert "Traceback" not in err and len(errors) == 1, err
+    oom = f"error: ran out of memory on the {jax.default_backend().upper()} (it tried to allocate 16 PiB)"
+    if where == "step":
+        assert errors[0].startswith(f"{oom} in the training step. The checkpoints are untouched (the latest: step 3).")
+        flags = ["batch_size=2 (now 4)", "augment.crop_size=(12,16) (now (24,32))", "model.features=2 (now 4)"]
+        for flag in [*flags, "model.depth=1 (now 2)", "model.dtype=bfloat16"]:
+            assert f"--config.{flag}" in errors[0], flag
+        assert errors[0].endswith(
+            "run the command again to resume (a new model.features or depth needs a new --workdir)"
+        )
+    else:
+        assert errors[0] == (
+            f"{oom} evaluating on 'val' at step 3. No checkpoint was written. To use less memory try "
+            "--config.eval_batch_size=1 (now 2); then run the command again"
+            if where == "evaluation"
+            else f"{oom} creating the model's state. No checkpoint was written. To use less memory try "
+            "--config.model.features=2 (now 4) or --config.model.depth=1 (now 2); then run the command again"
+        )
+        return
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [3]
+    monkeypatch.undo()
+    with caplog.at_level("INFO", logger="fcn"):
+        assert run_training(tiny.get_config(), str(workdir)) == 0
+    assert f"resuming {workdir} from step 3" in caplog.text
+
+
 def test_command_line_train_evaluate_resume(tmp_path):
     # FCN_JAX_CACHE: the session's cache (conftest.py). The first run is the tiny config as it is, which
     # the tests above compiled already; the second trains it for longer, resuming from the first's last step.
