@@ -346,6 +346,10 @@ class Checkpoints:
         try:
             return manager.restore(step, args=ocp.args.StandardRestore(target))
         except Exception as e:  # noqa: BLE001 - orbax raises plain Exception for an unreadable array
+            from fcn.cli import out_of_memory
+
+            if out_of_memory(e):  # not the files' fault: the caller says so
+                raise
             raise CheckpointError(
                 f"cannot read checkpoint {step} in {manager.directory}: {_root_cause(e)}. Its files are "
                 "incomplete or corrupt (a partial copy?), or it was written with other model or optimizer "

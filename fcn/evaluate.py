@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from fcn import checkpoint, metrics, sharding, state as state_lib
-from fcn.cli import exits_130_on_ctrl_c
+from fcn.cli import exits_130_on_ctrl_c, out_of_memory
 from fcn.data import pipeline
 from fcn.data.base import Split
 
@@ -273,6 +273,22 @@ def main(argv=None) -> int:
     except (FileNotFoundError, CheckpointError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:  # XLA's errors are RuntimeErrors
+        if (oom := out_of_memory(e)) is None:
+            raise
+        now, n_dev = getattr(args, "batch_in_use", None), jax.device_count()  # (set once the model is loaded)
+        if now is None:
+            print(
+                f"error: {oom} loading {args.workdir}: its model does not fit in this device's memory", file=sys.stderr
+            )
+            return 1
+        smaller = f"--batch_size={max(n_dev, now // 2 // n_dev * n_dev)} (now {now})"
+        flip = " or without --hflip" if args.hflip else ""
+        print(
+            f"error: {oom} evaluating {args.workdir} on {args.split!r}; to use less memory try {smaller}{flip}",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def _evaluate(args) -> int:
@@ -286,7 +302,7 @@ def _evaluate(args) -> int:
     config, info, graphs, state = load_for_eval(workdir, args.checkpoint, mesh, args.data_overrides)
     with config.unlocked():
         config.eval_hflip = bool(args.hflip or config.get("eval_hflip", False))  # how evaluate_split batches
-    config.eval_batch_size = _eval_batch_size(args.batch_size, config.eval_batch_size)
+    config.eval_batch_size = args.batch_in_use = _eval_batch_size(args.batch_size, config.eval_batch_size)
     split = pipeline.eval_split(config.data, args.split)
     state = jax.device_put(state, sharding.replicated(mesh))
     num_classes = len(info["class_names"])

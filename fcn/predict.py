@@ -22,7 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fcn.cli import exits_130_on_ctrl_c, out_dir_error
+from fcn.cli import exits_130_on_ctrl_c, out_dir_error, out_of_memory
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 _PROGRESS_MIN_FILES = 2  # a bar for a single file is noise
@@ -233,12 +233,17 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         print(f"error: cannot load {args.workdir}: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:
+        return _out_of_memory(e, args)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         print(f"error: cannot make --out {out}: {e}", file=sys.stderr)
         return 1
-    failed = predict_files(segmenter, files, out, alpha=args.alpha)
+    try:
+        failed = predict_files(segmenter, files, out, alpha=args.alpha)
+    except RuntimeError as e:
+        return _out_of_memory(e, args)
     print(
         f"wrote class maps and overlays of {len(files) - len(failed)} of {len(files)} images to {out}", file=sys.stderr
     )
@@ -252,6 +257,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     return 0
+
+
+def _out_of_memory(e: RuntimeError, args) -> int:
+    """XLA's out-of-memory error in one line, with the flag that takes less (exit code 1); any other, raised on."""
+    if (oom := out_of_memory(e)) is None:
+        raise e
+    print(
+        f"error: {oom} predicting with {args.workdir}; to use less memory try --tile={max(1, args.tile // 2)} "
+        f"(now {args.tile}: images and tiles of up to {args.tile} x {args.tile} px, a few at a time)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 if __name__ == "__main__":

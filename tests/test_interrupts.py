@@ -1,5 +1,5 @@
 """Ctrl-C outside the training loop: one line, exit code 130, and never lost (the loop's own handling,
-which saves a checkpoint, is tested in test_faults.py)."""
+which saves a checkpoint, is tested in test_faults.py); and out of memory in evaluate and predict, one line."""
 
 import os
 import subprocess
@@ -67,3 +67,47 @@ def test_ctrl_c_while_loading_is_one_line_and_exit_code_130(tmp_path, monkeypatc
             pytest.fail("KeyboardInterrupt escaped main(): a traceback and no message")
     assert e.value.code == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted (Ctrl-C)"
+
+
+@pytest.mark.parametrize("where", ["evaluate", "evaluate restoring", "predict"])
+def test_out_of_memory_in_evaluate_and_predict_is_one_line_naming_the_flag(
+    tmp_path_factory, tmp_path, monkeypatch, capsys, oom_error, where
+):
+    """XLA's out-of-memory error (raised for real) while evaluating, restoring the checkpoint (not taken for
+    corrupt files) or predicting: one line saying how much and the flag that takes less, exit code 1."""
+    import jax
+    from orbax import checkpoint as ocp
+    from PIL import Image
+    from test_inference import train_tiny
+
+    from fcn import evaluate, inference, predict, state as state_lib
+    from fcn.data.synthetic import make_example
+
+    def out_of_memory(*args, **kwargs):
+        raise oom_error
+
+    workdir = train_tiny(tmp_path_factory)
+    if where == "predict":
+        monkeypatch.setattr(inference.Segmenter, "predict", out_of_memory)
+        Image.fromarray(make_example(0, 0, (20, 30))[0]).save(tmp_path / "x.png")
+        code = predict.main(["--workdir", workdir, "--out", str(tmp_path / "out"), str(tmp_path / "x.png")])
+    else:
+        if where == "evaluate restoring":
+            monkeypatch.setattr(ocp.CheckpointManager, "restore", out_of_memory)
+        monkeypatch.setattr(state_lib, "make_eval_step", lambda *args, **kwargs: out_of_memory)
+        code = evaluate.main(["--workdir", workdir, "--hflip", "--examples", "0"])
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 1 and "Traceback" not in err and len(errors) == 1, err
+    oom = f"error: ran out of memory on the {jax.default_backend().upper()} (it tried to allocate 16 PiB)"
+    if where == "predict":
+        assert errors[0] == (
+            f"{oom} predicting with {workdir}; to use less memory try --tile=256 (now 512: images and tiles of up "
+            "to 512 x 512 px, a few at a time)"
+        )
+    elif where == "evaluate":
+        assert errors[0] == (
+            f"{oom} evaluating {workdir} on 'val'; to use less memory try --batch_size=1 (now 2) or without --hflip"
+        )
+    else:  # it said the checkpoint's files were incomplete or corrupt
+        assert errors[0] == f"{oom} loading {workdir}: its model does not fit in this device's memory"
