@@ -92,7 +92,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer = o = ml_collections.ConfigDict()
     o.name = "adamw"  # adamw | sgd
     o.learning_rate = 1e-3  # peak learning rate
-    o.warmup_steps = 100  # steps of linear warmup from 0 to the peak rate (0 = the peak from step 0)
+    o.warmup_steps = 100  # steps of linear warmup from 0 to the peak rate (0 = the peak from step 0); < num_steps
     o.schedule = "cosine"  # cosine | constant
     o.weight_decay = 1e-4
     o.momentum = 0.9  # sgd only, in [0, 1)
@@ -207,12 +207,33 @@ def validate(config) -> None:
     for name in ("augment.brightness", "augment.contrast", "augment.saturation"):
         if not 0 <= config[name] <= 1:  # a factor 1 +- amplitude: above 1 it may be negative, a negated image
             raise ConfigError(f"config.{name}={config[name]!r} must be in [0, 1] (0 = off)")
+    _check_warmup(config)
     crop = tuple(config.augment.crop_size)
     if len(crop) != 2 or not all(_is_int(v) and v >= 1 for v in crop):
         raise ConfigError(f"config.augment.crop_size={crop!r} must be two positive integers (H, W)")
     scales = tuple(config.augment.scale_range)
     if len(scales) != 2 or not all(_is_number(v) for v in scales) or not 0 < scales[0] <= scales[1]:
         raise ConfigError(f"config.augment.scale_range={scales!r} must be two numbers (min, max), 0 < min <= max")
+
+
+def _check_warmup(config) -> None:
+    """Warn where the warmup (linear from 0, fcn.state.learning_rate_schedule) lasts the whole run: the rate
+    never reaches its peak, and the cosine decay never begins. The last step's rate is the schedule's at
+    num_steps - 1, so warmup_steps = num_steps - 1 still reaches it."""
+    opt, n = config.optimizer, config.num_steps
+    if not opt.warmup_steps or opt.warmup_steps < n:
+        return
+    logging.getLogger(__name__).warning(
+        "config.optimizer.warmup_steps=%d is not below config.num_steps=%d: the learning rate rises for the whole "
+        "run and never reaches its peak, config.optimizer.learning_rate=%g (at the last step it is %.3g)%s. "
+        "Use --config.optimizer.warmup_steps=%s0 for none",
+        opt.warmup_steps,
+        n,
+        opt.learning_rate,
+        opt.learning_rate * (n - 1) / opt.warmup_steps,
+        ", and the cosine decay never begins" if opt.schedule == "cosine" else "",
+        f"{n // 10} (a tenth of the run), or " if n >= 10 else "",
+    )
 
 
 def validate_data(config) -> None:

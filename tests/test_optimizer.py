@@ -78,3 +78,43 @@ def test_ema_follows_its_formula_and_grad_norm_is_the_norm_before_clipping():
         assert float(out["grad_norm"]) > 10 * config.optimizer.grad_clip
     for got, want in zip(jax.tree.leaves(state["ema"]), jax.tree.leaves(ema), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_a_warmup_as_long_as_the_run_is_warned_about_naming_both(schedule, caplog):
+    """warmup_steps >= num_steps: the rate never reaches its peak (and the cosine never decays); it trained
+    without a word. One step shorter, the last step runs at the peak: no warning."""
+    config = tiny.get_config()
+    config.optimizer.schedule, config.optimizer.warmup_steps, config.num_steps = schedule, 100, 50
+    with caplog.at_level("WARNING", logger="fcn.config"):
+        validate(config)
+    rate = state_lib.learning_rate_schedule(config)
+    last = float(rate(config.num_steps - 1))  # what the last step runs at (fcn.train logs it so)
+    assert last < 0.5 * config.optimizer.learning_rate
+    warned = [r.getMessage() for r in caplog.records if "warmup_steps" in r.getMessage()]
+    assert len(warned) == 1, caplog.text
+    assert warned[0].startswith(
+        "config.optimizer.warmup_steps=100 is not below config.num_steps=50: the learning rate rises for the whole "
+        f"run and never reaches its peak, config.optimizer.learning_rate=0.001 (at the last step it is {last:.3g})"
+    )
+    assert ("cosine decay never begins" in warned[0]) == (schedule == "cosine")
+    assert warned[0].endswith("Use --config.optimizer.warmup_steps=5 (a tenth of the run), or 0 for none")
+    caplog.clear()
+    config.optimizer.warmup_steps = 49
+    with caplog.at_level("WARNING", logger="fcn.config"):
+        validate(config)
+    assert float(rate(config.num_steps - 1)) < float(state_lib.learning_rate_schedule(config)(config.num_steps - 1))
+    assert float(state_lib.learning_rate_schedule(config)(config.num_steps - 1)) == pytest.approx(1e-3, rel=1e-2)
+    assert "warmup_steps" not in caplog.text
+    config.optimizer.warmup_steps, config.num_steps = 2, 2  # a run too short for a tenth of it
+    with caplog.at_level("WARNING", logger="fcn.config"):
+        validate(config)
+    assert (
+        caplog.records[-1]
+        .getMessage()
+        .endswith(
+            " (at the last step it is 0.0005)"
+            + (", and the cosine decay never begins" if schedule == "cosine" else "")
+            + ". Use --config.optimizer.warmup_steps=0 for none"
+        )
+    )
