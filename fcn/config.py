@@ -17,7 +17,7 @@ import math
 
 import ml_collections
 
-from fcn.data.images import check_labels_config
+from fcn.data.labels import check_labels_config
 from fcn.head_loss import FUSED_HEAD
 from fcn.model import HEADS, PAD_MODES, UPSAMPLES
 from fcn.norm import NORMS

@@ -12,18 +12,15 @@ from PIL import Image
 from fcn.data.folder import decode_pairs
 from fcn.data.images import (
     DataError,
-    check_labels_config,
     fit_max_size,
     fitted_size,
-    map_labels,
-    normalize_color_map,
-    normalize_value_map,
     read_image,
     read_mask,
     read_size,
     rescale_pair,
     scaled_size,
 )
+from fcn.data.labels import check_labels_config, map_labels, normalize_color_map, normalize_value_map
 
 
 def save(path, array, mode=None, **kwargs):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fcn.data import images
+from fcn.data import images, labels as label_values
 from fcn.data.base import IGNORE_LABEL, Examples, Source, Split, decode_all, default_palette
 from fcn.data.images import DataError, PathLike
 
@@ -154,9 +154,9 @@ def folder_source(data_config) -> Source:
         raise DataError(f"data.path is empty: set --config.data.path=DIR to a folder holding {_LAYOUT}")
     root = Path(data_config.path).expanduser()
     ignore = int(data_config.ignore_label)
-    value_map = images.normalize_value_map(data_config.value_map)
-    color_map = images.normalize_color_map(data_config.color_map, len(class_names))
-    images.check_labels_config(len(class_names), ignore, value_map, color_map)
+    value_map = label_values.normalize_value_map(data_config.value_map)
+    color_map = label_values.normalize_color_map(data_config.color_map, len(class_names))
+    label_values.check_labels_config(len(class_names), ignore, value_map, color_map)
     splits = find_splits(root, float(data_config.val_fraction))
 
     examples, load = pair_loaders(
@@ -220,9 +220,9 @@ def pair_examples(
     decoded split on disk for the next run (fcn/data/cache.py).
     """
     pairs = [(Path(i), Path(m)) for i, m in pairs]
-    value_map = images.normalize_value_map(value_map)
-    color_map = images.normalize_color_map(color_map, num_classes)
-    images.check_labels_config(num_classes, ignore_label, value_map, color_map)
+    value_map = label_values.normalize_value_map(value_map)
+    color_map = label_values.normalize_color_map(color_map, num_classes)
+    label_values.check_labels_config(num_classes, ignore_label, value_map, color_map)
     kwargs = {
         "num_classes": num_classes,
         "ignore_label": ignore_label,
@@ -241,7 +241,7 @@ def pair_examples(
             # The JPEG and PNG decoders are PIL's (libjpeg's version moves pixels).
             "versions": (Image.__version__, np.__version__),
         }
-        return cache.files_key(pairs, settings, code=(__file__, images.__file__, base.__file__))
+        return cache.files_key(pairs, settings, code=(__file__, images.__file__, label_values.__file__, base.__file__))
 
     return Examples(
         names=[image.stem for image, _ in pairs],

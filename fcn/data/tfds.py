@@ -25,17 +25,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from fcn.data.base import Examples, Source, decode_all, default_palette
-from fcn.data.images import (
-    DataError,
-    _colors_to_ids,
-    as_rgb,
-    check_labels_config,
-    fit_max_size,
-    fitted_size,
-    map_labels,
-    normalize_color_map,
-    normalize_value_map,
-)
+from fcn.data.images import DataError, _colors_to_ids, as_rgb, fit_max_size, fitted_size
+from fcn.data.labels import check_labels_config, map_labels, normalize_color_map, normalize_value_map
 
 
 @dataclasses.dataclass(frozen=True)
