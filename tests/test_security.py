@@ -1,6 +1,6 @@
 """Nothing in the package unpickles: loading a checkpoint, config.json or a dataset cannot run code.
 
-(Config files are Python and are executed by design; archive extraction is tested in test_download.py.)
+(Config files are Python and are executed by design; archive extraction is tested in test_extract.py.)
 """
 
 import ast

