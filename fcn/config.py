@@ -208,6 +208,7 @@ def validate(config) -> None:
         if not 0 <= config[name] <= 1:  # a factor 1 +- amplitude: above 1 it may be negative, a negated image
             raise ConfigError(f"config.{name}={config[name]!r} must be in [0, 1] (0 = off)")
     _check_warmup(config)
+    _check_unused_optimizer_fields(config)
     crop = tuple(config.augment.crop_size)
     if len(crop) != 2 or not all(_is_int(v) and v >= 1 for v in crop):
         raise ConfigError(f"config.augment.crop_size={crop!r} must be two positive integers (H, W)")
@@ -234,6 +235,28 @@ def _check_warmup(config) -> None:
         ", and the cosine decay never begins" if opt.schedule == "cosine" else "",
         f"{n // 10} (a tenth of the run), or " if n >= 10 else "",
     )
+
+
+# Fields of config.optimizer that only some optimizers read (fcn.state.make_optimizer): field -> those.
+# The others (learning rate, schedule, warmup, weight decay, clipping, EMA) apply to every optimizer.
+_OPTIMIZER_ONLY = {"momentum": ("sgd",)}
+
+
+def _check_unused_optimizer_fields(config) -> None:
+    """Warn where a field is set away from its default under an optimizer that does not read it: AdamW's
+    moment decays are optax's fixed b1=0.9, b2=0.999, so optimizer.momentum changed nothing, silently."""
+    opt, default = config.optimizer, default_config().optimizer
+    for field, users in _OPTIMIZER_ONLY.items():
+        if opt.name not in users and opt[field] != default[field]:
+            logging.getLogger(__name__).warning(
+                "config.optimizer.%s=%r has no effect with config.optimizer.name=%r: only %s uses it. "
+                "Use --config.optimizer.name=%s to train with it",
+                field,
+                opt[field],
+                opt.name,
+                " and ".join(users),
+                users[0],
+            )
 
 
 def validate_data(config) -> None:

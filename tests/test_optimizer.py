@@ -118,3 +118,25 @@ def test_a_warmup_as_long_as_the_run_is_warned_about_naming_both(schedule, caplo
             + ". Use --config.optimizer.warmup_steps=0 for none"
         )
     )
+
+
+@pytest.mark.parametrize("momentum", [0.5, 0.0])
+def test_momentum_set_for_adamw_is_warned_about(momentum, caplog):
+    """optimizer.momentum is SGD's only (fcn.state.make_optimizer): with adamw, the default optimizer, a
+    user setting it trained with it ignored, without a word. The default (0.9), or sgd, warn nothing."""
+    config = tiny.get_config()
+    assert config.optimizer.name == "adamw"
+    config.optimizer.momentum = momentum
+    with caplog.at_level("WARNING", logger="fcn.config"):
+        validate(config)
+    warned = [r.getMessage() for r in caplog.records if "momentum" in r.getMessage()]
+    assert warned == [
+        f"config.optimizer.momentum={momentum!r} has no effect with config.optimizer.name='adamw': only sgd uses "
+        "it. Use --config.optimizer.name=sgd to train with it"
+    ]
+    for name, value in [("sgd", momentum), ("adamw", 0.9)]:
+        caplog.clear()
+        config.optimizer.name, config.optimizer.momentum = name, value
+        with caplog.at_level("WARNING", logger="fcn.config"):
+            validate(config)
+        assert "momentum" not in caplog.text
