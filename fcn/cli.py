@@ -44,12 +44,16 @@ def out_of_memory(e: BaseException) -> str | None:
         return None
     size = ""
     if found := re.search(r"(\d+) bytes|\((\d+)B\)", text):
-        n = int(found[1] or found[2])
-        power = min(5, (n.bit_length() - 1) // 10)
-        size = f" (it tried to allocate {n / 1024**power:.3g} {('bytes', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB')[power]})"
+        size = f" (it tried to allocate {format_bytes(int(found[1] or found[2]))})"
     elif found := re.search(r"allocate ([\d.]+ ?[KMGT]i?B?)", text):
         size = f" (it tried to allocate {found[1]})"
     return f"ran out of memory on the {jax.default_backend().upper()}{size}"
+
+
+def format_bytes(n: int) -> str:
+    """'1.32 TiB': `n` bytes in binary units, three significant digits."""
+    power = max(0, min(5, (int(n).bit_length() - 1) // 10))
+    return f"{n / 1024**power:.3g} {('bytes', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB')[power]}"
 
 
 def less_memory(config, doing: str) -> str:

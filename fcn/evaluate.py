@@ -211,7 +211,7 @@ def load_for_eval(workdir: str | Path, which: str = "best", mesh=None, data_over
 
     config = with_data_overrides(checkpoint.load_config(workdir), list(data_overrides))
     info = checkpoint.load_dataset_info(workdir)
-    graphs, abstract, _ = state_lib.abstract_state(config, len(info["class_names"]))
+    graphs, abstract, _ = state_lib.abstract_state(config, len(info["class_names"]), workdir=workdir)
     ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
     if which == "best":
         which = ckpts.best_or_latest()

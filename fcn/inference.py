@@ -373,7 +373,7 @@ def load(path: str | Path, *, which: str = "best", **options) -> Segmenter:
         which = "best" if kind == "best" else "latest"
     config = checkpoint.load_config(path)
     info = checkpoint.load_dataset_info(path)
-    graphs, abstract, _ = state_lib.abstract_state(config, len(info["class_names"]))
+    graphs, abstract, _ = state_lib.abstract_state(config, len(info["class_names"]), workdir=path)
     ckpts = checkpoint.Checkpoints(path, keep=config.keep_checkpoints)
     try:
         if which == "best" and step is None:

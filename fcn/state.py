@@ -9,6 +9,9 @@ per step.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -93,11 +96,15 @@ def _initialiser(config, num_classes: int):
     return init, tx, lambda: graphs[-1]
 
 
-def create(config, num_classes: int, *, keep: bool = False) -> tuple[Graphs, State, optax.GradientTransformation]:
+def create(
+    config, num_classes: int, *, keep: bool = False, abstract=None
+) -> tuple[Graphs, State, optax.GradientTransformation]:
     """Initialise the model and optimizer state from `config.seed`.
 
     keep: compute it once per config and machine, and read it back from fcn's
     cache folder in later processes (fcn.traced.kept_state; what train.py does).
+    abstract: `abstract_state(config, num_classes)` where the caller has it
+    already (train.py, which has its size checked first): not traced again.
     A warm start of configs/camvid_cpu.py then traces its structure
     (jax.eval_shape, 0.1-0.3 s) and reads the values back (0.06 s) instead of
     tracing, lowering, loading and running the compiled initialiser (1.3-1.4 s).
@@ -122,17 +129,83 @@ def create(config, num_classes: int, *, keep: bool = False) -> tuple[Graphs, Sta
         from fcn import traced
 
         key = {"init": config.to_json(), "num_classes": num_classes}
-        built = traced.kept_state(build, lambda: abstract_state(config, num_classes)[:2], key)
+        shapes = (lambda: abstract[:2]) if abstract else (lambda: abstract_state(config, num_classes)[:2])
+        built = traced.kept_state(build, shapes, key)
     else:
         built = build()
     return *built, tx
 
 
-def abstract_state(config, num_classes: int) -> tuple[Graphs, State, optax.GradientTransformation]:
-    """Shapes and dtypes of the state, without computing it (for restoring)."""
+def abstract_state(config, num_classes: int, *, workdir=None) -> tuple[Graphs, State, optax.GradientTransformation]:
+    """Shapes and dtypes of the state, without computing it (for restoring, and for its size).
+
+    A ConfigError (`check_fits`) when the state alone cannot fit in the device's
+    memory; workdir: the run whose checkpoint is to be restored, for the message.
+    """
     init, tx, graphs = _initialiser(config, num_classes)
     state = jax.eval_shape(init)
+    check_fits(config, state, workdir)
     return graphs(), state, tx
+
+
+def state_bytes(state) -> int:
+    """The bytes of a state's arrays, from `abstract_state`'s shapes (or from arrays)."""
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state))
+
+
+def memory_limit(device=None) -> tuple[int | None, str]:
+    """(bytes, what they are) that one device can hold, or (None, ...) where its backend does not say.
+
+    A GPU's or TPU's allocator limit (memory_stats' bytes_limit). On a CPU the
+    host's physical memory (or its cgroup's limit where lower), not what is
+    free now: this is for refusing what can never fit, and other processes'
+    memory comes and goes (a state larger than the RAM would page all of
+    itself in and out at every step, were it created at all).
+    """
+    device = device or jax.local_devices()[0]
+    if device.platform != "cpu":
+        try:
+            return (device.memory_stats() or {}).get("bytes_limit"), f"{device.platform.upper()}'s memory"
+        except Exception:  # a backend without memory statistics
+            return None, ""
+    limit, what = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host's physical memory"
+    try:  # cgroup v2: "max" or a number of bytes
+        cgroup = int(Path("/sys/fs/cgroup/memory.max").read_text())
+    except (OSError, ValueError):
+        cgroup = None
+    if cgroup is not None and cgroup < limit:
+        limit, what = cgroup, "cgroup's memory limit (/sys/fs/cgroup/memory.max)"
+    return limit, what
+
+
+def check_fits(config, shapes: State, workdir=None) -> None:
+    """A ConfigError when the state alone (`abstract_state`'s shapes: parameters,
+    optimizer state, batch-norm statistics, an EMA copy) is larger than the
+    device's memory (`memory_limit`), before anything is allocated: such a
+    state either ran out of memory or, on a CPU (jaxlib 0.10.2), hung forever
+    once read. Activations come on top; only the state, a hard lower bound, is
+    checked here. workdir: the run being loaded (fcn.evaluate, fcn.load), else
+    the state is to be created for training (train.py checks it before it
+    decodes data or makes the workdir).
+    """
+    from fcn.cli import format_bytes, less_memory
+    from fcn.config import ConfigError
+
+    need, (limit, what) = state_bytes(shapes), memory_limit()
+    if limit is None or need <= limit:
+        return
+    m = config.model
+    then = (
+        f"{workdir}'s checkpoints cannot be restored on this machine"
+        if workdir is not None
+        else "nothing was created. To use less memory try " + less_memory(config, "creating the model's state")
+    )
+    params = format_bytes(state_bytes(shapes["params"]))
+    raise ConfigError(
+        f"the model's state alone needs {format_bytes(need)} (parameters {params}, "
+        f"with the optimizer state, batch-norm statistics and any EMA copy), more than the {what} "
+        f"({format_bytes(limit)}), with config.model.features={m.features} and config.model.depth={m.depth}: {then}"
+    )
 
 
 def eval_model(graphs: Graphs, state: State) -> UNet:

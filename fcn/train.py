@@ -155,9 +155,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         )
     jax_cache = enable_compilation_cache()
     workdir = Path(workdir)
-
     source = get_source(config.data)
     validate_against_source(config, source)
+    abstract = state_lib.abstract_state(config, source.num_classes)  # a state too large for memory: refused here
     train_data = pipeline.training_data(source, config)  # decoded in memory, or streamed (config.data.storage)
     validate_against_data(config, source.num_classes, train_data.sizes_N2.tolist())
     eval_data = None  # with data.max_size: shrunk images, labels at their files' size (scored there)
@@ -185,7 +185,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
     metrics_log = None
     doing = "creating the model's state"  # (what ran out of memory, if something does)
     try:
-        graphs, state, tx = state_lib.create(config, source.num_classes, keep=True)  # a warm start reads it back
+        graphs, state, tx = state_lib.create(config, source.num_classes, keep=True, abstract=abstract)
         start = ckpts.latest_step() or 0
         if start > config.num_steps:  # before config.json is written: the workdir stays as it is
             raise ConfigError(
