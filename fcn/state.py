@@ -144,7 +144,7 @@ def abstract_state(config, num_classes: int, *, workdir=None) -> tuple[Graphs, S
     """
     init, tx, graphs = _initialiser(config, num_classes)
     state = jax.eval_shape(init)
-    check_fits(config, state, workdir)
+    check_fits(config, state, workdir, num_classes)
     return graphs(), state, tx
 
 
@@ -178,7 +178,7 @@ def memory_limit(device=None) -> tuple[int | None, str]:
     return limit, what
 
 
-def check_fits(config, shapes: State, workdir=None) -> None:
+def check_fits(config, shapes: State, workdir=None, num_classes: int | None = None) -> None:
     """A ConfigError when the state alone (`abstract_state`'s shapes: parameters,
     optimizer state, batch-norm statistics, an EMA copy) is larger than the
     device's memory (`memory_limit`), before anything is allocated: such a
@@ -186,26 +186,41 @@ def check_fits(config, shapes: State, workdir=None) -> None:
     once read. Activations come on top; only the state, a hard lower bound, is
     checked here. workdir: the run being loaded (fcn.evaluate, fcn.load), else
     the state is to be created for training (train.py checks it before it
-    decodes data or makes the workdir).
+    decodes data or makes the workdir), and the message names the deepest and
+    the widest network whose state would fit (with `num_classes`).
     """
-    from fcn.cli import format_bytes, less_memory
+    from fcn.cli import format_bytes
     from fcn.config import ConfigError
 
     need, (limit, what) = state_bytes(shapes), memory_limit()
     if limit is None or need <= limit:
         return
     m = config.model
-    then = (
-        f"{workdir}'s checkpoints cannot be restored on this machine"
-        if workdir is not None
-        else "nothing was created. To use less memory try " + less_memory(config, "creating the model's state")
-    )
+    if workdir is not None:
+        then = f"{workdir}'s checkpoints cannot be restored on this machine"
+    else:
+        fits = _fitting(config, num_classes, limit) if num_classes else []
+        then = "nothing was created" + (f". The state would fit with {' or '.join(fits)}" if fits else "")
     params = format_bytes(state_bytes(shapes["params"]))
     raise ConfigError(
         f"the model's state alone needs {format_bytes(need)} (parameters {params}, "
         f"with the optimizer state, batch-norm statistics and any EMA copy), more than the {what} "
         f"({format_bytes(limit)}), with config.model.features={m.features} and config.model.depth={m.depth}: {then}"
     )
+
+
+def _fitting(config, num_classes: int, limit: int) -> list[str]:
+    """Flags for the deepest network at the config's width, and the widest (halving it) at its depth,
+    whose state fits in `limit` bytes: abstract shapes only, tried from the config's own values down."""
+    m, flags = config.model, []
+    for field, values in (("depth", range(m.depth - 1, -1, -1)), ("features", [m.features >> i for i in range(1, 12)])):
+        for value in (v for v in values if v >= (0 if field == "depth" else 1)):
+            smaller = config.copy_and_resolve_references()
+            setattr(smaller.model, field, value)
+            if state_bytes(jax.eval_shape(_initialiser(smaller, num_classes)[0])) <= limit:
+                flags.append(f"--config.model.{field}={value} (now {getattr(m, field)})")
+                break
+    return flags
 
 
 def eval_model(graphs: Graphs, state: State) -> UNet:

@@ -6,6 +6,7 @@ its state on a CPU and then waited forever reading it (jaxlib 0.10.2), every thr
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -35,10 +36,21 @@ def test_a_state_larger_than_memory_is_one_error_line_at_once(tmp_path):
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     for needle in (
         "the model's state alone needs 5.56 TiB (parameters 1.85 TiB,",
-        "config.model.features=32 and config.model.depth=12: nothing was created",
-        "--config.model.features=16 (now 32) or --config.model.depth=11 (now 12)",
+        "config.model.features=32 and config.model.depth=12: nothing was created. The state would fit with",
     ):
         assert needle in lines[0], lines[0]
+    # The deepest network at width 32 and the widest at depth 12 whose state fits this machine's memory.
+    depth = int(re.search(r"--config\.model\.depth=(\d+) \(now 12\)", lines[0])[1])
+    features = int(re.search(r"--config\.model\.features=(\d+) \(now 32\)", lines[0])[1])
+    limit = state_lib.memory_limit()[0]
+
+    def need(**model) -> int:
+        config = tiny.get_config()
+        config.model.update(model)
+        return state_lib.state_bytes(jax.eval_shape(state_lib._initialiser(config, 4)[0]))
+
+    assert need(features=32, depth=depth) <= limit < need(features=32, depth=depth + 1)
+    assert need(features=features, depth=12) <= limit < need(features=2 * features, depth=12)
     assert "more than the host's physical memory" in lines[0] or "cgroup's memory limit" in lines[0], lines[0]
     assert not workdir.exists()  # nothing written: no config.json, no empty folder
     assert took < 60, took  # the process's start and the data: seconds, never a wait
@@ -60,7 +72,7 @@ def test_the_size_is_the_created_state_and_the_check_compares_it_with_the_limit(
     message = str(e.value)
     assert f"needs {need / 1024:.3g} KiB" in message and "more than the test device's memory (" in message
     assert "config.model.features=4 and config.model.depth=2" in message
-    assert "--config.model.features=2 (now 4) or --config.model.depth=1 (now 2)" in message
+    assert "The state would fit with --config.model.depth=1 (now 2) or --config.model.features=2 (now 4)" in message
     monkeypatch.setattr(state_lib, "memory_limit", lambda device=None: (None, ""))  # a backend that does not say
     state_lib.abstract_state(config, 4)
 
