@@ -14,17 +14,17 @@ and no half-written one is ever restored.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
+
+from fcn.staging import write_atomic
 
 
 class _Orbax:
@@ -63,25 +63,6 @@ def _get(config: dict, dotted: str):
     for part in dotted.split("."):
         config = config.get(part, {}) if isinstance(config, dict) else None
     return config
-
-
-def write_atomic(path: Path, content: str | Callable[[Path], None]) -> None:
-    """Write `content` (text, or a function that writes a file at the path it is given) to a temporary
-    file and rename it over `path`, so an interrupted write leaves `path` as it was. An OSError names
-    `path` (a full disk's names no file); no temporary file is left where it can be removed."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        if callable(content):
-            content(tmp)
-        else:
-            tmp.write_text(content)
-        os.replace(tmp, path)
-    except OSError as e:
-        e.filename = str(path)
-        raise
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jax
 
-from fcn import checkpoint
+from fcn.staging import write_atomic
 
 log = logging.getLogger("fcn")
 
@@ -39,7 +39,7 @@ class MetricsLog:
                 for ln in self.path.read_text().splitlines()
                 if _line_step(ln) is not None and _line_step(ln) <= resume_step
             ]
-            checkpoint.write_atomic(self.path, "".join(ln + "\n" for ln in kept))
+            write_atomic(self.path, "".join(ln + "\n" for ln in kept))
         try:
             # Resumed: TensorBoard hides the steps past the checkpoint that a stopped run had logged
             # (its events file stays), as metrics.jsonl drops their lines. The file's name has the

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from fcn.cli import exits_130_on_ctrl_c, out_dir_error, out_of_memory
+from fcn.staging import write_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 _PROGRESS_MIN_FILES = 2  # a bar for a single file is noise
@@ -87,8 +88,6 @@ def output_names(files: list[Path], out: Path) -> list[tuple[Path, Path]]:
 
 def _save_png(image, path: Path, compress_level: int = 6) -> None:
     """Write through a temporary file, so an interrupted run leaves no half-written PNG."""
-    from fcn.checkpoint import write_atomic
-
     write_atomic(path, lambda tmp: image.save(tmp, format="PNG", compress_level=compress_level))
 
 

@@ -1,5 +1,6 @@
-"""Staging folders: a command writes its output in full into a hidden folder inside (or beside) its
-destination and moves it into place at the end; this makes them, and removes those of killed commands.
+"""Staging: a command writes its output in full into a hidden file or folder beside its destination
+and moves it into place at the end. `write_atomic` does it for one file; `staging_folder` makes a
+folder for it, and removes those of killed commands.
 
 A process holds a lock (flock, on the folder itself) on its staging folder for as long as the folder
 exists, and the lock goes with the process, SIGKILL included. So a folder of the prefix that can be
@@ -18,15 +19,40 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 OWNER = ".fcn-staging-owner"
+
+
+def write_atomic(path: Path, content: str | Callable[[Path], None]) -> None:
+    """Write `content` (text, or a function that writes a file at the path it is given) to a hidden
+    temporary file beside `path`, then rename it over `path`: an interrupted or failed write leaves
+    `path` as it was and removes the temporary file. Its name is new for each call, so two processes
+    may write one path at once (the last rename wins); it is created with the umask's mode, as `path`
+    would be. An OSError names `path` (a full disk's names no file). For every file fcn writes whole:
+    the workdir's JSON and metrics.jsonl, evaluation's pictures, predict's PNGs, cache entries."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        if callable(content):
+            content(tmp)
+        else:
+            tmp.write_text(content)
+        os.replace(tmp, path)
+    except OSError as e:
+        e.filename = str(path)
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)  # gone after the rename
 
 
 @contextlib.contextmanager

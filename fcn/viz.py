@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from fcn.staging import write_atomic  # an interrupted evaluation leaves no half-written picture
+
 
 def colorize(classes_HW: np.ndarray, palette_K3: np.ndarray, ignore_label: int = 255) -> np.ndarray:
     """uint8 [H, W, 3] colours of a class map; ignored (or unknown) pixels black."""
@@ -90,7 +92,7 @@ def save_examples(path, examples, class_names, palette_K3, ignore_label: int = 2
     grid = np.pad(grid, ((0, height - grid.shape[0]), (0, 0), (0, 0)), constant_values=255)
     leg = np.pad(leg, ((0, height - leg.shape[0]), (0, 0), (0, 0)), constant_values=255)
     picture = Image.fromarray(np.concatenate([grid, leg], axis=1))
-    _write_atomic(Path(path), lambda tmp: picture.save(tmp, format="PNG"))
+    write_atomic(Path(path), lambda tmp: picture.save(tmp, format="PNG"))
 
 
 def plot_examples(examples, class_names, palette_K3, ignore_label: int = 255, *, size: float = 2.5):
@@ -119,13 +121,6 @@ def plot_examples(examples, class_names, palette_K3, ignore_label: int = 255, *,
     fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 0.85, 1))
     return fig
-
-
-def _write_atomic(path: Path, write) -> None:
-    """`write(tmp)`, then `tmp` renamed over `path`: an interrupted evaluation leaves no half-written picture."""
-    from fcn.checkpoint import write_atomic
-
-    write_atomic(path, write)
 
 
 def _pyplot():
@@ -164,7 +159,7 @@ def save_confusion(path: str | Path, cm_KK: np.ndarray, class_names) -> None:
                 )
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    _write_atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    write_atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 
@@ -184,5 +179,5 @@ def save_iou_bars(path: str | Path, report: dict) -> None:
     ax.set_ylabel("IoU (%)")
     ax.set_ylim(0, 100)
     fig.tight_layout()
-    _write_atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    write_atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)

@@ -1,6 +1,11 @@
-"""fcn.checkpoint.Checkpoints' choice of what best/ keeps, on a small state."""
+"""fcn.checkpoint.Checkpoints' choice of what best/ keeps, on a small state; and the writer of whole files."""
+
+import errno
+import os
+import stat
 
 import numpy as np
+import pytest
 
 from fcn import checkpoint
 
@@ -30,3 +35,27 @@ def test_best_writes_only_states_it_keeps_and_a_tie_goes_to_the_later_step(tmp_p
     assert written == [1, 3, 4, 7] and resumed.best.all_steps() == [7]
     assert resumed.latest.all_steps() == list(range(1, 8))
     resumed.close()
+
+
+def test_write_atomic_writes_whole_files_with_the_umask_mode_and_leaves_nothing_on_failure(tmp_path):
+    """fcn.staging.write_atomic, the one writer of whole files (workdir JSON, metrics.jsonl, pictures, PNGs,
+    cache entries): the file gets the mode a plain write would (mkstemp's 0600 would hide predictions from
+    other users), and a failed write leaves the old file and no temporary one, its error naming the file."""
+    from fcn.staging import write_atomic
+
+    path = tmp_path / "config.json"
+    write_atomic(path, "old")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.read_text() == "old" and stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+    def fails(tmp):
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as e:
+        write_atomic(path, fails)
+    assert e.value.filename == str(path) and path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+    write_atomic(path, lambda tmp: tmp.write_bytes(b"new"))
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["config.json"]

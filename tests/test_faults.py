@@ -255,8 +255,16 @@ def test_a_full_disk_for_metrics_jsonl_is_one_error_line_and_checkpoints_stay(wo
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return open(path, *args, **kwargs)
 
-    if where == "config.json":
-        (workdir3 / "config.json.tmp").symlink_to("/dev/full")  # its write fails, naming no file
+    if where == "config.json":  # its temporary file's write fails, naming no file
+        write_text = Path.write_text
+
+        def to_dev_full(path, *args, **kwargs):
+            if path.name.startswith(".config.json.") and path.name.endswith(".tmp"):
+                path.unlink()
+                path.symlink_to("/dev/full")
+            return write_text(path, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "write_text", to_dev_full)
     else:
         monkeypatch.setattr(metrics_log, "open", full, raising=False)  # the module's name for the builtin
     assert run_training(tiny.get_config(), str(workdir3)) == 1

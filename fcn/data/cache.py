@@ -30,12 +30,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from fcn.staging import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def read_entry(path: Path, read, what: str, again: str):
 
 
 def write_entry(path: Path, write, limit: int, failure: str, *, size: int, limit_name: str = "") -> bool:
-    """write(binary file) into the cache entry `path` atomically (`write_atomic`), followed by the
+    """write(binary file) into the cache entry `path` atomically (`fcn.staging.write_atomic`), followed by the
     checksum of what it wrote (what `read_entry` checks), then trims its
     folder's entries (same suffix) to `limit` bytes. False where the disk refused, logged as
     "FAILURE in FOLDER (...)": the next run makes the entry again, nothing else is lost. An entry
@@ -170,15 +171,17 @@ def write_entry(path: Path, write, limit: int, failure: str, *, size: int, limit
         logger.info("%s: %.0f MiB is over %s", failure, size / 2**20, limit_name)
         return False
 
-    def sealed(f) -> None:
-        write(f)
-        f.flush()
-        end = f.tell()
-        crc = _crc32(f, end)  # read back from the page cache: any writer (np.save, tofile) will do
-        f.seek(end)
-        f.write(_SEAL + crc.to_bytes(4, "big"))
+    def sealed(tmp: Path) -> None:
+        with open(tmp, "w+b") as f:
+            write(f)
+            f.flush()
+            end = f.tell()
+            crc = _crc32(f, end)  # read back from the page cache: any writer (np.save, tofile) will do
+            f.seek(end)
+            f.write(_SEAL + crc.to_bytes(4, "big"))
 
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, sealed)
     except OSError as e:
         logger.warning("%s in %s (%s)", failure, path.parent, e)
@@ -267,20 +270,6 @@ def save_arrays(key: str, arrays, desc: str) -> bool:
     path = decoded_dir() / f"{key}{_SUFFIX}"
     limit_name = f"FCN_DECODED_CACHE_GB={limit / 2**30:g}"
     return write_entry(path, write, limit, f"{desc}: not cached", size=size, limit_name=limit_name)
-
-
-def write_atomic(path: Path, write) -> None:
-    """write(binary file) into a temporary file beside `path`, renamed into place: a run stopped
-    midway leaves no half entry. Raises OSError where the disk refuses."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w+b") as f:  # read too: `write_entry` reads back what it checksums
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _save_flat(f, arrays) -> None:
