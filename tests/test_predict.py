@@ -191,9 +191,13 @@ def test_a_corrupt_checkpoint_is_one_error_naming_it(workdir, tmp_path):
     args = ["--workdir", str(broken), "--out", str(tmp_path / "o"), str(tmp_path / "x.png")]
     done = subprocess.run([sys.executable, "-m", "fcn.predict", *args], capture_output=True, text=True)
     assert done.returncode == 1
-    before, _, rest = done.stderr.partition("error: ")
+    _, _, rest = done.stderr.partition("error: ")
     line = "error: " + rest.splitlines()[0]
-    assert "Traceback" not in before  # the error comes first (JAX may log before it)
+    # No traceback of fcn's: only orbax's abandoned reads, which end on a closed event loop in threads of
+    # their own, before, after or amid the error line (docs/reliability.md says so).
+    frames = [ln for ln in done.stderr.splitlines() if 'File "' in ln]
+    assert all("asyncio" in ln for ln in frames), done.stderr
+    assert done.stderr.count("Traceback") == done.stderr.count("raise RuntimeError('Event loop is closed')")
     assert line.startswith(f"error: cannot load {broken}: cannot read checkpoint ") and "best: " in line
     assert "incomplete or corrupt" in line
     assert not (tmp_path / "o").exists()
