@@ -14,8 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # imported) and waits inside the callback for it to be handled there. JAX keeps such a callback
 # (jax._src.lib._xla_gc_callback, run at every collection); Python drops an exception raised in one,
 # so a Ctrl-C that arrived during one while the command started was lost, and the run trained on.
+# It first gives SIGINT Python's handler, as a command typed at a terminal has it: a process started in
+# the background by a non-interactive shell (`pytest ... &`) inherits SIGINT ignored, which fcn leaves
+# ignored, and the run then trained on whatever the code did.
 HARNESS = """
 import gc, os, runpy, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {root!r})
 fired = []
 
