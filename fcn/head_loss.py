@@ -1,27 +1,22 @@
 """The network's end in one GPU kernel: (batch norm + ReLU,) head, cross-entropy, its gradient, accuracy.
 
-A training step's last layers are a 1x1 convolution (the per-pixel linear classifier,
-features C -> classes K), the softmax cross-entropy of its logits, and the argmax that
-counts the training accuracy: for XLA, four kernels over the full-resolution features and
-logits, whose 11-class rows of 22 bytes are read at a fraction of the memory's rate. Here
-one Pallas kernel reads each block of pixels' features and labels once and writes the
-features' gradient once; the logits never reach the GPU's memory, and each block writes its
-share of the head's weight and bias gradients, which XLA adds up. Mode "head+norm" takes the
-last decoder block's batch norm and ReLU in too: the kernel normalises that block's last
-convolution output itself and returns, with the gradient at the batch norm's output, the two
-per-channel sums its gradient needs (`fcn.norm.bn_grad_from_sums` finishes it).
-
-The gradients are computed in the forward pass (the loss ends the network) and scaled by the
-incoming cotangent in the backward pass. Values equal the unfused end's (`fcn.norm`'s batch
-norm + ReLU, the head, `fcn.losses.cross_entropy`, class weights, the ignore label) to float
-rounding (tests/test_head_loss.py, interpreted on a CPU) and, on an H200, to bfloat16 rounding.
+For XLA a training step's end (the 1x1 head, features C -> classes K; the softmax cross-entropy;
+the argmax that counts the accuracy) is four kernels over the full-resolution features and
+logits, whose 11-class rows of 22 bytes are read at a fraction of the memory's rate. Here one
+Pallas kernel reads each block of pixels' features and labels once and writes the features'
+gradient once; each block writes its share of the head's weight and bias gradients, which XLA
+adds up. Mode "head+norm" takes the last decoder block's batch norm and ReLU in too, and returns
+the two per-channel sums its gradient needs (`fcn.norm.bn_grad_from_sums` finishes it). The
+gradients are computed in the forward pass and scaled by the cotangent in the backward pass.
+Values equal the unfused end's to float rounding (tests/test_head_loss.py, interpreted on a CPU)
+and, on an H200, to bfloat16 rounding.
 
 `config.loss.fused_head`: "auto" (the default) is "head+norm" on the GPUs it was measured on
-(NVIDIA's Hopper, compute capability 9.x), else unfused. On an H200 either mode made the
-CamVid recipe's training step 2% faster (1.22x torch.compile, from 1.19x), and the recipe
-trained with "head+norm" reached val mean IoU 74.8 (2026-11-24, docs/benchmarks.md; `bash
-benchmarks/run_gpu.sh --head_loss` compares the modes). The kernel is written for Pallas's
-Triton backend, which jax 0.11 deprecates; Mosaic GPU is its next home.
+(NVIDIA's Hopper, compute capability 9.x), else unfused. On an H200 either mode made the CamVid
+recipe's training step 2% faster (1.22x torch.compile, from 1.19x; docs/benchmarks.md, `bash
+benchmarks/run_gpu.sh --head_loss`). The kernel is written for Pallas's Triton backend, which
+jax 0.11 deprecates (Mosaic GPU is its next home): where a jax cannot import it, "auto" trains
+unfused and "head" or "head+norm" is refused.
 """
 
 from __future__ import annotations
@@ -79,27 +74,36 @@ def fits(shape_BHWC: tuple[int, ...], largest: int | None = None) -> int | None:
 def measured_on(device) -> bool:
     """Whether `device` is of the kind the kernel was measured to speed up: an NVIDIA GPU of
     compute capability 9.x (Hopper: an H200, docs/benchmarks.md, the thirty-second session)."""
-    if device.platform != "gpu":
-        return False
-    return str(getattr(device, "compute_capability", "")).split(".")[0] == "9"
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).split(".")[0] == "9"
+
+
+@functools.cache
+def triton_missing() -> str | None:
+    """None where jax's Pallas Triton backend, which the kernel is written for, imports; else what failed."""
+    try:
+        from jax.experimental.pallas import triton  # noqa: F401
+    except ImportError as e:
+        return f"jax.experimental.pallas.triton, which this jax {jax.__version__} cannot import ({e})"
+    return None
 
 
 def fused_head_mode(config, device=None) -> str | None:
-    """The config's choice for training on `device` (default: jax's first): None (unfused),
-    "head" or "head+norm".
-
-    "auto": "head+norm" where `measured_on(device)`, else None; "head", "head+norm": wherever
-    they apply (on a CPU the kernel is interpreted: slow, for tests); "off": None. Only the
-    linear head with cross-entropy alone (no Dice term) is fused; "head+norm" needs batch norm
-    (else "head").
-    """
-    choice = config.loss.get("fused_head", "off")
+    """The config's choice for training on `device` (default: jax's first): None (unfused), "head"
+    or "head+norm". "auto": "head+norm" where `measured_on(device)` and this jax has Pallas's Triton
+    backend, else None; "head", "head+norm": wherever they apply (on a CPU the kernel is interpreted:
+    slow, for tests). Only the linear head with cross-entropy alone (no Dice term) is fused;
+    "head+norm" needs batch norm (else "head")."""
+    choice = config.loss.get("fused_head", "off")  # a config saved before the option: "off"
+    device = device or jax.devices()[0]
+    missing = device.platform == "gpu" and triton_missing()
+    if choice == "auto":
+        choice = "head+norm" if measured_on(device) and not missing else "off"
     if choice == "off" or config.model.head != "linear" or config.loss.dice_weight:
         return None
-    if choice == "auto":
-        if not measured_on(device or jax.devices()[0]):
-            return None
-        choice = "head+norm"
+    if missing:
+        from fcn.config import ConfigError
+
+        raise ConfigError(f"config.loss.fused_head={choice!r} needs {missing}; 'auto' or 'off' trains unfused")
     return "head" if choice == "head+norm" and config.model.norm != "batch" else choice
 
 
@@ -152,21 +156,17 @@ def linear_head_cross_entropy(
     """(loss, correct): `fcn.losses.cross_entropy` of the 1x1 head's logits, and the count of valid
     pixels whose argmax is their label.
 
-    features_BHWC: the head's input at the network's padded size (H and W at least the
-      labels'; the rows and columns beyond the labels count as ignored, as the network's
-      cropped logits do).
+    features_BHWC: the head's input at the network's padded size (rows and columns beyond the
+      labels' count as ignored, as the network's cropped logits do).
     kernel_11CK, bias_K: the head's 1x1 convolution (nnx.Conv's kernel [1, 1, C, K]).
-    bn: (scale, bias, epsilon) of a training-mode batch norm and ReLU to apply to
-      `features_BHWC` first (the last conv's output); the result is then
-      ((loss, correct), (batch mean, batch variance)).
+    bn: (scale, bias, epsilon) of a training-mode batch norm and ReLU to apply to `features_BHWC`
+      first; the result is then ((loss, correct), (batch mean, batch variance)).
     interpret: run the kernel in Pallas's interpreter (default: off a GPU).
-    sub, steps: the most pixels a kernel instance takes at a time (default: BLOCK_VALUES /
-      channels), and the most such steps it takes in a loop;
-    num_warps, num_stages: Triton's warps an instance, and its pipelining stages for the loop.
+    sub, steps, num_warps, num_stages: the most pixels an instance takes at a time (default:
+      BLOCK_VALUES / channels), the most such steps in its loop, Triton's warps and stages.
 
-    With more than one device, each runs the kernel on its share of the batch (fcn.sharding's
-    `data` axis; a Pallas call is not split by XLA itself). The shapes must suit the kernel
-    (`fits`); `usable_mode` checks before training calls.
+    With several devices each runs the kernel on its share of the batch (fcn.sharding's `data`
+    axis). The shapes must suit the kernel (`fits`; `usable_mode` checks before training calls).
     """
     b, hp, wp, c = features_BHWC.shape
     _, h, w = labels_BHW.shape

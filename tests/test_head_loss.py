@@ -205,6 +205,31 @@ def test_when_training_uses_it():
         validate(config)
 
 
+def test_a_jax_without_pallas_triton_trains_unfused_under_auto(monkeypatch):
+    """jax 0.11 deprecates Pallas's Triton backend, which the kernel is written for: on a Hopper GPU
+    whose jax cannot import it, "auto" is unfused, and a mode named in the config is one ConfigError."""
+    import sys
+
+    from jax.experimental import pallas
+
+    from fcn.config import ConfigError
+
+    config = tiny.get_config()
+    head_loss.triton_missing.cache_clear()
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "jax.experimental.pallas.triton", None)  # its import raises ImportError
+        patch.delattr(pallas, "triton", raising=False)  # (once imported, `from pallas import triton` reads this)
+        assert head_loss.fused_head_mode(config, H200) is None
+        assert head_loss.fused_head_mode(config, CPU) is None
+        config.loss.fused_head = "head"
+        assert head_loss.fused_head_mode(config, CPU) == "head"  # interpreted: Triton is not needed
+        with pytest.raises(ConfigError, match=r"fused_head='head' needs jax.experimental.pallas.triton, which this"):
+            head_loss.fused_head_mode(config, H200)
+    head_loss.triton_missing.cache_clear()
+    assert head_loss.triton_missing() is None  # this jax has it
+    assert head_loss.fused_head_mode(config, H200) == "head"
+
+
 def test_lowers_to_one_triton_kernel_for_a_gpu():
     """Every operation in the kernel has a Triton lowering (checked without a GPU: lowering for
     CUDA needs none); compiling the Triton code itself needs one (benchmarks/run_gpu.sh)."""
