@@ -79,6 +79,14 @@ def test_folder_split_layout(tmp_path):
     assert source.splits == ("train", "val") and len(source.load("val")) == 2
 
 
+def test_folder_with_both_layouts_is_an_error_naming_both(tmp_path):
+    """images/ masks/ beside val/: reading either layout alone would silently drop the other's files."""
+    make_folder(tmp_path, n=3)
+    make_folder(tmp_path / "val", n=2)
+    with pytest.raises(DataError, match=r"holds both images/ and masks/ .* split folders val/: use one layout"):
+        folder(tmp_path)
+
+
 def test_folder_binary_0_255_masks(tmp_path):
     root = make_folder(tmp_path, n=2)
     save(root / "masks" / "im01.png", np.array([[0, 255] * 4] * 6, np.uint8))

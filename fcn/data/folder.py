@@ -5,7 +5,7 @@ Two layouts under `data.path`, pairing files by stem (`images/a.jpg` with
 
     images/ masks/                     one pool; `data.val_fraction` held out as val
     train/images train/masks [val/...] splits as folders (test/ too); without
-    val/, val is held out of train the same way
+    val/, val is held out of train the same way; both layouts at once are an error
 
 The held-out stems are those with the smallest SHA-256 of their name, so the
 choice is deterministic, needs no seed, and adding files moves no other file
@@ -119,8 +119,15 @@ def find_splits(root: Path, val_fraction: float) -> dict[str, Pairs]:
     if not root.is_dir():
         raise DataError(f"data.path={root} does not exist or is not a folder")
     split_dirs = [s for s in SPLITS if (root / s).is_dir()]
-    if (root / "images").is_dir() or (root / "masks").is_dir() or not split_dirs:
-        if not (root / "images").is_dir() and not (root / "masks").is_dir():
+    pool = [d for d in ("images", "masks") if (root / d).is_dir()]
+    if pool and split_dirs:  # either layout would leave the other's files unread
+        raise DataError(
+            f"data.path={root} holds both {' and '.join(d + '/' for d in pool)} (one pool, val held out of it) "
+            f"and split folders {', '.join(d + '/' for d in split_dirs)}: use one layout (images/ and masks/ "
+            "inside train/, val/, test/; or only images/ and masks/)"
+        )
+    if pool or not split_dirs:
+        if not pool:
             found = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
             raise DataError(f"data.path={root}: expected {_LAYOUT}; found: {_shown(found) or '(empty)'}")
         splits = {"train": pair_files(root)}
