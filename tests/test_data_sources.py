@@ -150,6 +150,18 @@ def test_folder_skip_bad_counts(tmp_path, caplog):
     assert "skipped 1 of 4 pairs" in caplog.text
 
 
+def test_folder_link_to_nothing_is_named_as_unreadable_not_dropped(tmp_path):
+    """A dangling link (an image on an unmounted drive) was dropped from the listing, so its mask
+    was reported as having no image; now reading names it, and skip_bad skips it."""
+    root = make_folder(tmp_path, n=3)
+    (root / "images" / "im01.png").unlink()
+    (root / "images" / "im01.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(DataError, match=r"im01\.png: cannot read file"):
+        folder(root, val_fraction=0.0).load("train")
+    split = folder(root, val_fraction=0.0, skip_bad=True).load("train")
+    assert list(split.names) == ["im00", "im02"]
+
+
 def test_folder_layout_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"expected images/ and masks/.*found: \(empty\)"):

@@ -41,15 +41,16 @@ def _shown(items: Sequence[str], n: int = 5) -> str:
 
 def _files_by_stem(folder: Path, suffixes: tuple[str, ...], what: str, *, expected: str = "") -> dict[str, Path]:
     """The files of `folder` with one of `suffixes` (any case), by stem. Hidden files and
-    subfolders are not data. An error names the folder when it is missing, holds none of them
-    (listing what it holds), or holds two for one stem. `what`: the files' noun ("mask");
-    `expected`: the layout, for the message when the folder is missing."""
+    subfolders are not data; a link to nothing is listed, for reading to name it. An error names
+    the folder when it is missing, holds none of them (listing what it holds), or holds two for one
+    stem. `what`: the files' noun ("mask"); `expected`: the layout, for the message when the folder
+    is missing."""
     if not folder.is_dir():
         raise DataError(f"{folder}: folder not found" + (f" (expected {expected})" if expected else ""))
     files: dict[str, Path] = {}
     others = []
     for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or not p.is_file():
+        if p.name.startswith(".") or p.is_dir():
             continue  # .DS_Store and the like
         if p.suffix.lower() not in suffixes:
             others.append(p.name)
