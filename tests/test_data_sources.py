@@ -183,6 +183,14 @@ def test_folder_layout_errors(tmp_path):
         get_source(config("folder", path=str(root)))
 
 
+def test_folder_of_subfolders_only_says_they_are_not_searched(tmp_path):
+    """Images sorted into class or date subfolders: the error said only 'no image files'."""
+    save(tmp_path / "images" / "2024" / "a.png", rgb(0))
+    save(tmp_path / "masks" / "a.png", np.zeros((6, 8), np.uint8))
+    with pytest.raises(DataError, match=r"images: no image files \(.*\); subfolders there, not searched: 2024/$"):
+        folder(tmp_path)
+
+
 def test_unpaired_stem_names_its_file_of_a_format_not_read(tmp_path):
     root = make_folder(tmp_path, n=3)
     (root / "masks" / "im01.png").unlink()

@@ -48,11 +48,13 @@ def _files_by_stem(folder: Path, suffixes: tuple[str, ...], what: str, *, expect
     if not folder.is_dir():
         raise DataError(f"{folder}: folder not found" + (f" (expected {expected})" if expected else ""))
     files: dict[str, Path] = {}
-    others = []
+    others, subfolders = [], []
     for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or p.is_dir():
+        if p.name.startswith("."):
             continue  # .DS_Store and the like
-        if p.suffix.lower() not in suffixes:
+        if p.is_dir():
+            subfolders.append(p.name + "/")
+        elif p.suffix.lower() not in suffixes:
             others.append(p.name)
         elif p.stem in files:
             raise DataError(f"{folder}: two {what} files for stem {p.stem!r}: {files[p.stem].name}, {p.name}")
@@ -60,6 +62,7 @@ def _files_by_stem(folder: Path, suffixes: tuple[str, ...], what: str, *, expect
             files[p.stem] = p
     if not files:
         extra = f"; other files there: {_shown(others)}" if others else ""
+        extra += f"; subfolders there, not searched: {_shown(subfolders)}" if subfolders else ""
         raise DataError(f"{folder}: no {what} files ({', '.join(suffixes)}){extra}")
     return files
 
