@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fcn.data import images
 from fcn.data.folder import decode_pairs
 from fcn.data.images import (
     DataError,
@@ -282,3 +283,21 @@ def test_rescale_pair_keeps_each_label_on_its_image_pixel(h, w):
         np.testing.assert_array_equal(check, (rows.astype(int) + cols) % 2 * 200)
     image_fit, rows_fit = fit_max_size(image, r, 20)
     assert rows_fit.shape == image_fit.shape[:2] == fitted_size(h, w, 20) and max(rows_fit.shape) == min(20, max(h, w))
+
+
+def test_an_exif_orientation_the_sizes_cannot_reveal_is_warned_once(tmp_path, monkeypatch, caplog):
+    """Turned 180 degrees: a mask drawn as a viewer shows the image has the same size as one in stored
+    order, so only a warning can tell the user that fcn reads pixels as stored."""
+    monkeypatch.setattr(images, "_warned_orientation", False, raising=False)
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    array = np.zeros((6, 8, 3), np.uint8)
+    for name, tags in (("plain.png", {}), ("turned.png", {"exif": exif}), ("turned2.png", {"exif": exif})):
+        Image.fromarray(array).save(tmp_path / name, **tags)
+    Image.fromarray(np.zeros((6, 8), np.uint8)).save(tmp_path / "mask.png")
+    images.read_pair(tmp_path / "plain.png", tmp_path / "mask.png", num_classes=2)
+    assert "EXIF" not in caplog.text
+    for name in ("turned.png", "turned2.png"):
+        image, label = images.read_pair(tmp_path / name, tmp_path / "mask.png", num_classes=2)
+        assert image.shape == (6, 8, 3) and label.shape == (6, 8)  # read as stored, not turned
+    assert caplog.text.count("EXIF orientation 3") == 1 and "turned.png has EXIF orientation 3" in caplog.text

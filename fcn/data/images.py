@@ -8,7 +8,10 @@ Policies, decided once here for every file-based source:
   ('I;16', 'I', 'F') are refused with an error: scaling them to 8 bits needs a
   range only the user knows (12-bit sensors, HDR), so we do not guess.
 - No EXIF rotation is applied: masks are stored in raw pixel order, and rotating
-  only the image would misalign the pair.
+  only the image would misalign the pair. A mask drawn as a viewer shows the image
+  is caught when a quarter turn swaps the sizes (the error says so); other
+  orientations (180 degrees, mirrored, square images) cannot be told from a
+  correct pair, so the first image with an orientation tag is warned about.
 - Masks: 'L' and 'P' PNGs are raw values (for 'P', the palette index is the
   value, as in PASCAL VOC; for 2- and 4-bit grayscale, the stored sample, not
   PIL's 0..255 brightness); '1' gives 0/1; 16-bit masks are read as integers
@@ -26,6 +29,7 @@ Policies, decided once here for every file-based source:
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -35,6 +39,7 @@ from PIL import Image
 from fcn.data.base import IGNORE_LABEL, DataError
 from fcn.data.labels import map_labels, normalize_color_map
 
+logger = logging.getLogger(__name__)
 PathLike = str | Path
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 # Grayscale samples of 2 and 4 bits, which PIL scales to 0..255: the factor that undoes it.
@@ -268,18 +273,47 @@ def _exif_orientation(path: PathLike) -> int:
     """The EXIF orientation tag of an image file (1, upright, when it has none or cannot be read)."""
     try:
         with Image.open(path) as img:
-            return int(img.getexif().get(0x0112, 1))
+            return _orientation(img)
     except (OSError, ValueError, SyntaxError, EOFError, TypeError):
         return 1
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag of an opened image (1 when it has none or it cannot be read)."""
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except (OSError, ValueError, SyntaxError, EOFError, TypeError):
+        return 1
+
+
+_warned_orientation = False
+
+
+def _warn_orientation(image_path: PathLike, turn: int) -> None:
+    """Warns, once per process, of an image whose EXIF orientation tag fcn does not apply."""
+    global _warned_orientation
+    if turn == 1 or _warned_orientation:
+        return
+    _warned_orientation = True
+    logger.warning(
+        "%s has EXIF orientation %d (a viewer shows it turned or mirrored), which fcn does not apply: its "
+        "mask, and those of any other such image, must be in the pixel orientation stored in the file, not "
+        "as a viewer shows it (warned once)",
+        image_path,
+        turn,
+    )
 
 
 def read_pair(
     image_path: PathLike, mask_path: PathLike, *, max_size: int = 0, **mask_kwargs
 ) -> tuple[np.ndarray, np.ndarray]:
     """Reads an (image, mask) pair and checks that their sizes agree."""
-    image = read_image(image_path)
+    with _open_loaded(image_path) as img:
+        turn = _orientation(img)
+        image = pil_rgb(img, str(image_path))
     label = read_mask(mask_path, **mask_kwargs)
     _check_same_size(image_path, image.shape[:2], mask_path, label.shape)
+    _warn_orientation(image_path, turn)
     return fit_max_size(image, label, max_size)
 
 
