@@ -1,6 +1,5 @@
-"""Data sources: the user's folders, TFDS (mocked), synthetic shapes (CamVid: test_data_camvid.py)."""
+"""Data sources: the user's folders, synthetic shapes (CamVid: test_data_camvid.py; TFDS: test_data_tfds.py)."""
 
-import io
 import os
 import subprocess
 import sys
@@ -264,107 +263,7 @@ def test_folder_loads_or_raises_data_error(size, pixels, fmt, mask_grows, values
         assert set(np.unique(split.labels[0])) <= {0, 1, 2, 255}
 
 
-# --- TFDS and synthetic ---------------------------------------------------
-
-
-def test_tfds_image_header_over_pillows_limit_is_a_data_error_naming_the_example(monkeypatch):
-    from PIL import Image
-
-    from fcn.data.tfds import _encoded_size
-
-    png = io.BytesIO()
-    Image.new("RGB", (40, 30)).save(png, format="PNG")
-    assert _encoded_size(png.getvalue(), "train[3]") == (30, 40)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1200 pixels: over twice the limit
-    with pytest.raises(DataError, match=r"train\[3\]: image too large to decode safely"):
-        _encoded_size(png.getvalue(), "train[3]")
-
-
-def test_tfds_unknown_dataset_needs_class_names():
-    with pytest.raises(DataError, match="'cityscapes' has no built-in label map"):
-        get_source(config("tfds", tfds_name="cityscapes"))
-
-
-def mock_pets(mask_fn, channels=1):
-    """tfds.testing.mock_data for oxford_iiit_pet: 3 examples, 10-12 x 12, mask i from mask_fn(i, h, w)."""
-    tfds = pytest.importorskip("tensorflow_datasets", reason="tensorflow-datasets not installed")
-    import tensorflow as tf
-
-    def as_dataset(self, split, **kwargs):
-        specs = self.info.features.get_tensor_info()
-
-        def examples():
-            for i in range(3):
-                ex = {k: np.zeros([d or 1 for d in s.shape], s.np_dtype) for k, s in specs.items()}
-                ex["image"] = rgb(i, 10 + i, 12)
-                ex["segmentation_mask"] = mask_fn(i, 10 + i, 12)
-                ex["file_name"] = f"pet{i}.jpg".encode()
-                yield ex
-
-        signature = {k: tf.TensorSpec(s.shape, s.dtype) for k, s in specs.items()}
-        signature["segmentation_mask"] = tf.TensorSpec((None, None, channels), tf.uint8)
-        return tf.data.Dataset.from_generator(examples, output_signature=signature)
-
-    return tfds.testing.mock_data(as_dataset_fn=as_dataset)
-
-
-def test_tfds_oxford_pet_through_mock_data(tmp_path):
-    with mock_pets(lambda i, h, w: np.random.default_rng(i).integers(1, 4, (h, w, 1), dtype=np.uint8)):
-        source = get_source(config("tfds", path=str(tmp_path)))
-        split = source.load("val")
-    assert source.class_names == ("pet", "background", "border")
-    assert list(split.names) == ["pet0.jpg", "pet1.jpg", "pet2.jpg"]
-    assert split.images[1].shape == (11, 12, 3) and split.labels[1].shape == (11, 12)
-    assert set(np.unique(np.concatenate([lab.ravel() for lab in split.labels]))) == {
-        0,
-        1,
-        2,
-    }
-
-
-def test_tfds_colour_coded_masks_read_through_color_map_or_named(tmp_path):
-    """An RGB mask (of a dataset given class_names, so no built-in value map): read through
-    data.color_map as for folders; without one, an error that names the mask's key and
-    data.color_map, not a size mismatch."""
-    colors = np.array([(200, 0, 0), (0, 200, 0), (0, 0, 200)], np.uint8)
-    ids = [np.random.default_rng(i).integers(0, 3, (10 + i, 12), dtype=np.uint8) for i in range(3)]
-    with mock_pets(lambda i, h, w: colors[ids[i]], channels=3):
-        named = config("tfds", path=str(tmp_path), class_names=("r", "g", "b"), color_map=colors.tolist())
-        split = get_source(named).load("val")
-        with pytest.raises(DataError, match=r"pet0.jpg: the mask \(data.tfds_mask_key='segmentation_mask'\) has 3 "):
-            get_source(config("tfds", path=str(tmp_path))).load("val")
-    for got, want in zip(split.labels, ids):
-        np.testing.assert_array_equal(got, want)
-
-
-def test_tfds_split_the_dataset_lacks_names_the_config_key(tmp_path):
-    """A prepared local dataset (a tiny builder): a TFDS split it does not have is a DataError naming
-    data.tfds_splits.KEY and the splits it has, not a ValueError traceback."""
-    tfds = pytest.importorskip("tensorflow_datasets", reason="tensorflow-datasets not installed")
-
-    class FcnTinySeg(tfds.core.GeneratorBasedBuilder):
-        VERSION = tfds.core.Version("1.0.0")
-
-        def _info(self):
-            image, mask = tfds.features.Image(shape=(None, None, 3)), tfds.features.Image(shape=(None, None, 1))
-            return tfds.core.DatasetInfo(
-                builder=self, features=tfds.features.FeaturesDict({"image": image, "segmentation_mask": mask})
-            )
-
-        def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples(2), "test": self._generate_examples(1)}
-
-        def _generate_examples(self, n):
-            for i in range(n):
-                yield i, {"image": rgb(i, 4, 5), "segmentation_mask": np.ones((4, 5, 1), np.uint8)}
-
-    FcnTinySeg(data_dir=str(tmp_path)).download_and_prepare()
-    splits = {"train": "train", "val": "validation"}
-    c = config("tfds", path=str(tmp_path), tfds_name="fcn_tiny_seg", class_names=("a", "b"), tfds_splits=splits)
-    source = get_source(c)
-    assert len(source.load("train")) == 2
-    with pytest.raises(DataError, match=r"data.tfds_splits.val='validation': Unknown split .*'train', 'test'"):
-        source.load("val")
+# --- synthetic ---------------------------------------------------
 
 
 def test_importing_fcn_data_and_synthetic_loading_do_not_import_tensorflow():
