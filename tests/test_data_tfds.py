@@ -80,9 +80,10 @@ def test_tfds_colour_coded_masks_read_through_color_map_or_named(tmp_path):
         np.testing.assert_array_equal(got, want)
 
 
-def test_tfds_split_the_dataset_lacks_names_the_config_key(tmp_path):
-    """A prepared local dataset (a tiny builder): a TFDS split it does not have is a DataError naming
-    data.tfds_splits.KEY and the splits it has, not a ValueError traceback."""
+@pytest.fixture(scope="module")
+def tiny_seg(tmp_path_factory):
+    """A tiny dataset prepared in a temporary folder: 'fcn_tiny_seg', train 10 and test 2 examples, example
+    i an rgb(i) image of 4+i x 5 with a mask of i % 2 (an Image feature, H x W x 1); returns its data_dir."""
     tfds = pytest.importorskip("tensorflow_datasets", reason="tensorflow-datasets not installed")
 
     class FcnTinySeg(tfds.core.GeneratorBasedBuilder):
@@ -91,20 +92,53 @@ def test_tfds_split_the_dataset_lacks_names_the_config_key(tmp_path):
         def _info(self):
             image, mask = tfds.features.Image(shape=(None, None, 3)), tfds.features.Image(shape=(None, None, 1))
             return tfds.core.DatasetInfo(
-                builder=self, features=tfds.features.FeaturesDict({"image": image, "segmentation_mask": mask})
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {"image": image, "segmentation_mask": mask, "file_name": tfds.features.Text()}
+                ),
             )
 
         def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples(2), "test": self._generate_examples(1)}
+            return {"train": self._generate_examples(range(10)), "test": self._generate_examples(range(10, 12))}
 
-        def _generate_examples(self, n):
-            for i in range(n):
-                yield i, {"image": rgb(i, 4, 5), "segmentation_mask": np.ones((4, 5, 1), np.uint8)}
+        def _generate_examples(self, ids):
+            for i in ids:
+                mask = np.full((4 + i, 5, 1), i % 2, np.uint8)
+                yield i, {"image": rgb(i, 4 + i, 5), "segmentation_mask": mask, "file_name": f"ex{i}"}
 
-    FcnTinySeg(data_dir=str(tmp_path)).download_and_prepare()
+    path = tmp_path_factory.mktemp("tfds")
+    FcnTinySeg(data_dir=str(path)).download_and_prepare()
+    return str(path)
+
+
+def test_tfds_split_the_dataset_lacks_names_the_config_key(tiny_seg):
+    """A prepared local dataset (a tiny builder): a TFDS split it does not have is a DataError naming
+    data.tfds_splits.KEY and the splits it has, not a ValueError traceback."""
     splits = {"train": "train", "val": "validation"}
-    c = config("tfds", path=str(tmp_path), tfds_name="fcn_tiny_seg", class_names=("a", "b"), tfds_splits=splits)
+    c = config("tfds", path=tiny_seg, tfds_name="fcn_tiny_seg", class_names=("a", "b"), tfds_splits=splits)
     source = get_source(c)
-    assert len(source.load("train")) == 2
+    assert len(source.load("train")) == 10
     with pytest.raises(DataError, match=r"data.tfds_splits.val='validation': Unknown split .*'train', 'test'"):
         source.load("val")
+
+
+def test_tfds_unknown_dataset_name_or_version_is_one_line_naming_the_key(tiny_seg):
+    """A mistyped data.tfds_name (with class_names, so no built-in label map is looked up): one line naming
+    the key, tfds's suggestion and data.path, not tfds's traceback listing every dataset it knows."""
+    for name, path, want in [
+        (
+            "oxford_iiit_pets",
+            "",
+            r"'oxford_iiit_pets': no such tensorflow-datasets dataset \(did you mean oxford_iiit_pet\?\)$",
+        ),
+        (
+            "fcn_tiny_sge",
+            tiny_seg,
+            r"'fcn_tiny_sge': no such tensorflow-datasets dataset.*, nor one prepared in data.path=",
+        ),
+        ("oxford_iiit_pet:9.*.*", "", r"'oxford_iiit_pet:9.\*.\*': .*cannot be loaded at version 9.\*.\*, only: "),
+    ]:
+        c = config("tfds", path=path, tfds_name=name, class_names=("a", "b"))
+        with pytest.raises(DataError, match=r"^data.tfds_name=" + want) as e:
+            get_source(c).load("train")
+        assert "\n" not in str(e.value) and len(str(e.value)) < 400, str(e.value)

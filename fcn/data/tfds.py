@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -84,6 +85,22 @@ def _import_tfds():
     return tfds
 
 
+def _builder(tfds, data_config):
+    """tfds.builder for data.tfds_name; a name (or version) it cannot find is a DataError naming the key,
+    not tfds's traceback and its list of every dataset it knows."""
+    name, path = data_config.tfds_name, data_config.path
+    try:
+        return tfds.builder(name, data_dir=path or None)
+    except (ValueError, AssertionError) as e:  # DatasetNotFoundError; a version it lacks: AssertionError
+        text = str(e)
+        if isinstance(e, tfds.core.registered.DatasetNotFoundError):
+            close = re.search(r"Did you mean: \S+ -> (\S+)", text)
+            text = "no such tensorflow-datasets dataset" + (f" (did you mean {close[1]}?)" if close else "")
+            if path:
+                text += f", nor one prepared in data.path={path!r}"
+        raise DataError(f"data.tfds_name={name!r}: {' '.join(text.split())}") from e
+
+
 def _example_name(example: Mapping, split: str, index: int) -> str:
     name = example.get("file_name")
     if isinstance(name, bytes):
@@ -115,7 +132,7 @@ def _read_split(data_config, labels: LabelMap, color_map, split: str) -> Example
 
     tfds_split = data_config.tfds_splits[split]
     image_key, mask_key = data_config.tfds_image_key, data_config.tfds_mask_key
-    features = tfds.builder(data_config.tfds_name, data_dir=data_config.path or None).info.features
+    features = _builder(tfds, data_config).info.features
     for key, field in ((image_key, "tfds_image_key"), (mask_key, "tfds_mask_key")):
         if key not in features:
             raise DataError(
