@@ -142,3 +142,22 @@ def test_tfds_unknown_dataset_name_or_version_is_one_line_naming_the_key(tiny_se
         with pytest.raises(DataError, match=r"^data.tfds_name=" + want) as e:
             get_source(c).load("train")
         assert "\n" not in str(e.value) and len(str(e.value)) < 400, str(e.value)
+
+
+def test_tfds_slices_split_the_examples_and_an_empty_or_malformed_one_is_one_line(tiny_seg):
+    """train[:80%] and train[80%:] hold 8 and 2 of the 10 examples, none in both; a slice that selects
+    nothing, or one tfds cannot parse, is one DataError line naming data.tfds_splits.KEY (the empty one
+    was tfds's 'Instruction [] corresponds to no data!' traceback)."""
+    splits = {"train": "train[:80%]", "val": "train[80%:]", "empty": "train[10:]", "bad": "train[:80%"}
+    c = config("tfds", path=tiny_seg, tfds_name="fcn_tiny_seg", class_names=("a", "b"), tfds_splits=splits)
+    source = get_source(c)
+    train, val = source.load("train"), source.load("val")
+    assert (len(train), len(val)) == (8, 2)
+    assert sorted(train.names + val.names) == sorted(f"ex{i}" for i in range(10))
+    for name, image in zip(train.names + val.names, train.images + val.images):
+        np.testing.assert_array_equal(image, rgb(int(name[2:]), 4 + int(name[2:]), 5))
+    with pytest.raises(DataError, match=r"^data.tfds_splits.empty='train\[10:\]': selects no examples of fcn_tiny_seg"):
+        source.load("empty")
+    with pytest.raises(DataError, match=r"^data.tfds_splits.bad='train\[:80%': Error parsing split") as e:
+        source.load("bad")
+    assert "\n" not in str(e.value)

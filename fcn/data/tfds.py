@@ -149,10 +149,16 @@ def _read_split(data_config, labels: LabelMap, color_map, split: str) -> Example
             decoders={k: tfds.decode.SkipDecoding() for k in encoded} or None,
         )
     except ValueError as e:
-        if "split" not in str(e).lower():
+        # "Unknown split 'validation'. Should be one of ['train', 'test'].", a slice it cannot parse (two
+        # lines), "Instruction [] corresponds to no data!" (train[10:] of 10): none names the config key.
+        text = " ".join(str(e).split())
+        if "corresponds to no data" in text:
+            text = f"selects no examples of {data_config.tfds_name}"
+        elif "split" in text.lower():
+            text += f" ({data_config.tfds_name})"
+        else:
             raise
-        # "Unknown split 'validation'. Should be one of ['train', 'test']." names no config key.
-        raise DataError(f"data.tfds_splits.{split}={tfds_split!r}: {e} ({data_config.tfds_name})") from e
+        raise DataError(f"data.tfds_splits.{split}={tfds_split!r}: {text}") from e
     images, masks, names = [], [], []
     desc = f"tfds {data_config.tfds_name} {tfds_split}"
     for i, ex in enumerate(tqdm(tfds.as_numpy(ds), desc=desc, disable=None)):
