@@ -190,6 +190,24 @@ def test_folder_of_subfolders_only_says_they_are_not_searched(tmp_path):
         folder(tmp_path)
 
 
+def test_stems_pair_in_either_unicode_form(tmp_path):
+    """A name written decomposed (NFD, as macOS has stored them) pairs with the same name composed
+    (NFC): before, the pair was refused with two names that look identical."""
+    import unicodedata
+
+    name = "caf\u00e9 \u00e0 l'ombre"
+    decomposed = unicodedata.normalize("NFD", name)
+    assert decomposed != name
+    save(tmp_path / "images" / f"{decomposed}.png", rgb(0))
+    save(tmp_path / "images" / "b.png", rgb(1))
+    save(tmp_path / "masks" / f"{name}.png", np.full((6, 8), 1, np.uint8))
+    save(tmp_path / "masks" / "b.png", np.zeros((6, 8), np.uint8))
+    from fcn.data.folder import pair_files
+
+    pairs = pair_files(tmp_path)
+    assert [(i.name, m.name) for i, m in pairs] == [("b.png", "b.png"), (f"{decomposed}.png", f"{name}.png")]
+
+
 def test_unpaired_stem_names_its_file_of_a_format_not_read(tmp_path):
     root = make_folder(tmp_path, n=3)
     (root / "masks" / "im01.png").unlink()

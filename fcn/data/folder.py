@@ -16,6 +16,7 @@ between train and val. The pairing (`pair_by_stem`) and the pairs as examples
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -39,8 +40,14 @@ def _shown(items: Sequence[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
+def _stem(path: Path) -> str:
+    """A file's stem for pairing, in Unicode's composed form (NFC): macOS has written names decomposed
+    (NFD), so `café.jpg` from one tool and `café.png` from another are one stem, as they look."""
+    return unicodedata.normalize("NFC", path.stem)
+
+
 def _files_by_stem(folder: Path, suffixes: tuple[str, ...], what: str, *, expected: str = "") -> dict[str, Path]:
-    """The files of `folder` with one of `suffixes` (any case), by stem. Hidden files and
+    """The files of `folder` with one of `suffixes` (any case), by stem (`_stem`). Hidden files and
     subfolders are not data; a link to nothing is listed, for reading to name it. An error names
     the folder when it is missing, holds none of them (listing what it holds), or holds two for one
     stem. `what`: the files' noun ("mask"); `expected`: the layout, for the message when the folder
@@ -56,10 +63,10 @@ def _files_by_stem(folder: Path, suffixes: tuple[str, ...], what: str, *, expect
             subfolders.append(p.name + "/")
         elif p.suffix.lower() not in suffixes:
             others.append(p.name)
-        elif p.stem in files:
-            raise DataError(f"{folder}: two {what} files for stem {p.stem!r}: {files[p.stem].name}, {p.name}")
+        elif _stem(p) in files:
+            raise DataError(f"{folder}: two {what} files for stem {p.stem!r}: {files[_stem(p)].name}, {p.name}")
         else:
-            files[p.stem] = p
+            files[_stem(p)] = p
     if not files:
         extra = f"; other files there: {_shown(others)}" if others else ""
         extra += f"; subfolders there, not searched: {_shown(subfolders)}" if subfolders else ""
@@ -85,7 +92,7 @@ def pair_by_stem(
         alone = sorted(a.keys() - b.keys())
         if alone:
             # Files of those stems in a format not read (a JPEG mask) are named: the user sees them there.
-            unread = sorted(p.name for p in b_dir.iterdir() if p.stem in set(alone) and not p.name.startswith("."))
+            unread = sorted(p.name for p in b_dir.iterdir() if _stem(p) in set(alone) and not p.name.startswith("."))
             hint = f" ({_shown(unread)}: not read as {b_noun} files, which end in {', '.join(b_suffixes)})"
             raise DataError(
                 f"{a_dir}: {len(alone)} {a_noun}(s) with no {b_noun} of the same stem in {b_dir}: {_shown(alone)}"
