@@ -60,8 +60,8 @@ class ExportedModel:
         if self.size is not None and tuple(x_BHWC.shape[1:3]) != self.size:
             eh, ew = self.size
             shrunk = f" (shrunk to {x_BHWC.shape[1]}x{x_BHWC.shape[2]}: data.max_size={self.max_size})"
-            raise ValueError(
-                f"images of size {h}x{w}{shrunk if x_BHWC.shape[1] != h else ''}: this model was exported for "
+            raise ValueError(  # shrunk: either side may have kept its length (1 x 300 -> 1 x 20)
+                f"images of size {h}x{w}{shrunk if x_BHWC.shape[1:3] != (h, w) else ''}: this model was exported for "
                 f"{eh}x{ew} images only (python -m fcn.export --size {eh},{ew}); resize them, or export again "
                 "with --size"
             )

@@ -110,6 +110,19 @@ def test_a_model_that_resizes_its_input_exports_for_one_size(tmp_path):
         exported.predict(np.zeros((21, 30, 3), np.uint8))
 
 
+def test_a_wrong_size_shrunk_along_one_side_is_named_as_shrunk(tmp_path):
+    """A 1 x 40 image under data.max_size=16 runs at 1 x 16: only its width shrinks. The refusal of a
+    --size export named the shrunk size only when the height changed, so it said "1x40" alone."""
+    from fcn.export import export_model
+    from fcn.model import UNet
+
+    model = UNet(num_classes=2, features=4, depth=2, rngs=nnx.Rngs(0))
+    model.eval()
+    export_model(model, tmp_path, {"class_names": ("a", "b"), "max_size": 16}, saved_model=False, size=(1, 15))
+    with pytest.raises(ValueError, match=r"images of size 1x40 \(shrunk to 1x16: data.max_size=16\): .* 1x15 "):
+        load_exported(tmp_path).predict(np.zeros((1, 40, 3), np.uint8))
+
+
 def test_size_flag(workdir, tmp_path, capsys):
     out = tmp_path / "exported"
     assert main(["--workdir", workdir, "--out", str(out), "--no_saved_model", "--size", "24,32"]) == 0
