@@ -21,7 +21,7 @@ class ExportedModel:
     def __init__(self, path: str | Path):
         from jax import export
 
-        path = Path(path)
+        path = self.path = Path(path)
         for name in (ARTIFACT, METADATA):  # model.json is the last file an export puts in place
             if not (path / name).is_file():
                 raise FileNotFoundError(
@@ -65,7 +65,15 @@ class ExportedModel:
                 f"{eh}x{ew} images only (python -m fcn.export --size {eh},{ew}); resize them, or export again "
                 "with --size"
             )
-        out = np.asarray(self.exported.call(x_BHWC))
+        try:
+            out = np.asarray(self.exported.call(x_BHWC))
+        except ValueError as e:  # jax.export's refusal of another platform's artifact does not name the file
+            if "exported for platforms" not in str(e):
+                raise
+            raise ValueError(
+                f"{self.path / ARTIFACT}: {e} Export it again on this machine, or with --platforms naming this "
+                "machine's platform too (python -m fcn.export --platforms cpu,cuda)"
+            ) from None
         if out.shape[1:3] != (h, w):
             out = np.stack([resize_channels(logits_HWK, h, w) for logits_HWK in out])
         return out[0] if single else out

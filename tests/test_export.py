@@ -123,6 +123,22 @@ def test_a_wrong_size_shrunk_along_one_side_is_named_as_shrunk(tmp_path):
         load_exported(tmp_path).predict(np.zeros((1, 40, 3), np.uint8))
 
 
+def test_an_export_for_another_platform_is_refused_naming_its_file(tmp_path):
+    """Exported with --platforms cuda and run on a CPU, the artifact raised jax.export's error, which names
+    neither the file nor the flag that would have made one for this machine."""
+    from fcn.export import export_model
+    from fcn.model import UNet
+
+    model = UNet(num_classes=2, features=4, depth=2, rngs=nnx.Rngs(0))
+    model.eval()
+    export_model(model, tmp_path, {"class_names": ("a", "b")}, saved_model=False, platforms=("cuda",))
+    exported = load_exported(tmp_path)  # its class names can still be read anywhere
+    assert exported.class_names == ("a", "b")
+    with pytest.raises(ValueError, match=r"model\.jax: .*cuda.*--platforms") as e:
+        exported.predict(np.zeros((5, 6, 3), np.uint8))
+    assert str(tmp_path) in str(e.value) and "\n" not in str(e.value)
+
+
 def test_size_flag(workdir, tmp_path, capsys):
     out = tmp_path / "exported"
     assert main(["--workdir", workdir, "--out", str(out), "--no_saved_model", "--size", "24,32"]) == 0
