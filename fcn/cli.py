@@ -262,17 +262,32 @@ def _parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError, flags.Error) as e:
-        print(f"error: {flag_error(e)}", file=sys.stderr)
+        print(f"error: {flag_error(e, argv)}", file=sys.stderr)
         sys.exit(2)
 
 
-def flag_error(e: Exception) -> str:
-    """One line for an error parsing flags, --config.key=value overrides included."""
+def flag_error(e: Exception, argv=()) -> str:
+    """One line for an error parsing flags, --config.key=value overrides included: an unknown key is
+    named by its whole flag, as `argv` spells it (`--config.model.haed: not a config field (did you
+    mean head?)`), as a misspelt field of a config file is (fcn.config)."""
     if isinstance(e, (AttributeError, KeyError)):
-        # ml_collections raises these for an unknown --config.key, naming the closest valid key.
+        # ml_collections raises these for an unknown --config.key, naming the closest valid key:
+        # "'haed' Did you mean \"head\" instead of \"haed\"?" (the name alone, not its path).
+        import re
+
         msg = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+        named = re.match(r"'?([^' ]+)'?(?: Did you mean \"([^\"]+)\")?", msg)
+        flag = named and next((a.split("=")[0] for a in argv if _names_key(a, named[1])), None)
+        if flag:
+            return f"{flag}: not a config field" + (f" (did you mean {named[2]}?)" if named[2] else "")
         return f"unknown config key in the command line: {msg}"
     return str(e)
+
+
+def _names_key(arg: str, key: str) -> bool:
+    """Whether `arg` is a --config.a.b=value flag with `key` among a.b."""
+    path = arg.lstrip("-").split("=")[0].split(".")
+    return arg.startswith("-") and path[0] == "config" and key in path[1:]
 
 
 DATA_OVERRIDE = "--config.data."
@@ -307,7 +322,7 @@ def with_data_overrides(config, overrides: list[str]):
         config_flags.DEFINE_config_dict("config", config, flag_values=flag_values, sys_argv=argv)
         rest = flag_values(argv)
     except (AttributeError, KeyError, flags.Error) as e:
-        raise ValueError(flag_error(e)) from None
+        raise ValueError(flag_error(e, argv)) from None
     if len(rest) > 1:
         raise ValueError(f"unexpected arguments: {' '.join(rest[1:])}")
     from fcn.config import validate_data
