@@ -12,7 +12,7 @@ settings): val mean IoU 74.0, pixel accuracy 93.3%, in 5 min 46 s for the whole
 command (2 min 25 s of it compiling the training step, 177 s in the first run on an
 empty cache, then 10000 steps at about 1,100 images/s); the target of 72 in 10
 minutes is met. With 6000 steps (the first run, 2026-11-22): 70.8. With the network's end
-in one kernel (`loss.fused_head`, "auto": on a GPU since 2026-11-24), 74.8 at 10000 steps.
+in one kernel (`loss.fused_head`, "auto": on a Hopper GPU since 2026-11-24), 74.8 at 10000 steps.
 docs/results.md has the details.
 """
 
