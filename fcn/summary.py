@@ -3,7 +3,9 @@
 FLOPs are XLA's cost analysis of each layer's forward call (as `nnx.tabulate`
 computes them), for the given input shape, with XLA's own convolutions whatever
 the model's conv_impl, and the model in training mode whatever its mode; the total
-row is the whole forward pass, including padding, pooling and concatenation.
+row is the whole forward pass, including padding, pooling and concatenation. Every conv and
+norm has a row, so the rows' parameters add up to the total; a batch norm's FLOPs include the
+ReLU it is fused with in training mode (fcn.norm.batch_norm_train).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from fcn import ops
+from fcn.norm import Norm
 
 _LEAVES = (nnx.Conv, nnx.ConvTranspose, nnx.BatchNorm, nnx.GroupNorm)
 
@@ -80,23 +83,32 @@ def layer_rows(model: nnx.Module, input_shape) -> tuple[list[dict], dict]:
     # rngs: for dropout, when the model is in training mode (as it is when built).
     nnx.tabulate(model, jnp.zeros(input_shape, jnp.float32), rngs=nnx.Rngs(0), compute_flops=True, row_filter=record)
     modules = dict(nnx.iter_modules(model))
+    leaves = {tuple(c.path) for c in calls if isinstance(modules.get(tuple(c.path)), _LEAVES)}
     rows, total = [], {"flops": 0, "params": _count(model)}
+
+    def add(path, module, call):
+        rows.append(
+            {
+                "name": "/".join(map(str, path)),
+                "type": type(module).__name__,
+                "output": tuple(jax.tree.leaves(call.outputs)[0].shape),
+                "params": _count(module),
+                "flops": call.flops or 0,
+            }
+        )
+
     for call in calls:
-        module = modules.get(tuple(call.path))
-        if not call.path:
+        path = tuple(call.path)
+        module = modules.get(path)
+        if not path:
             total["flops"] = call.flops or 0
             total["output"] = tuple(jax.tree.leaves(call.outputs)[0].shape)
+        elif isinstance(module, Norm) and module.norm is not None and (*path, "norm") not in leaves:
+            # Batch norm in training mode runs fused with its ReLU (fcn.norm.batch_norm_train), never
+            # through nnx.BatchNorm's own call: its row is the Norm's call, ReLU included.
+            add((*path, "norm"), module.norm, call)
         elif isinstance(module, _LEAVES):
-            out = jax.tree.leaves(call.outputs)[0]
-            rows.append(
-                {
-                    "name": "/".join(map(str, call.path)),
-                    "type": type(module).__name__,
-                    "output": tuple(out.shape),
-                    "params": _count(module),
-                    "flops": call.flops or 0,
-                }
-            )
+            add(path, module, call)
     return rows, total
 
 

@@ -52,7 +52,7 @@ def test_summary_flops_are_twice_the_multiply_adds_of_each_conv():
     ((3H - 2)(3W - 2) of 9HW; XLA leaves out the padding's), the 2x2 stride-2 transposed convs and the
     1x1 head each one multiply-add per input pixel, output pixel and channel pair, plus their bias."""
     rows, _ = layer_rows(tiny(depth=1, features=4), (2, 8, 12, 3))
-    got = {r["name"]: r["flops"] for r in rows}
+    got = {r["name"]: r["flops"] for r in rows if r["type"] in ("Conv", "ConvTranspose")}  # not the norms
 
     def conv3(h, w, c_in, c_out):
         return 2 * 2 * (3 * h - 2) * (3 * w - 2) * c_in * c_out
@@ -68,3 +68,21 @@ def test_summary_flops_are_twice_the_multiply_adds_of_each_conv():
         "head/layers/0": 2 * 2 * 8 * 12 * 4 * 3 + 2 * 8 * 12 * 3,
     }
     assert got == want
+
+
+def test_every_norm_has_a_row_and_the_rows_add_up_to_the_total():
+    """Batch norm (the default) runs fused with its ReLU in training mode (fcn.norm.batch_norm_train),
+    never through nnx.BatchNorm's call: the table had no batch-norm row, and its rows summed to 160
+    parameters fewer than its total for a features=4, depth=2 U-Net."""
+    for norm, kind in (("batch", "BatchNorm"), ("group", "GroupNorm"), ("none", None)):
+        model = tiny(depth=2, norm=norm, bottleneck=2 if norm == "group" else 0)
+        rows, total = layer_rows(model, (1, 20, 24, 3))
+        assert (
+            sum(r["params"] for r in rows)
+            == total["params"]
+            == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        )
+        norms = [r for r in rows if r["type"] == kind]
+        assert len(norms) == (10 if kind else 0), (norm, [r["name"] for r in rows])
+        assert all(r["name"].endswith("/norm") and r["flops"] > 0 for r in norms)
+        assert norms == [] or norms[0]["name"] == "down/0/norms/0/norm"
