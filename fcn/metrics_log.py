@@ -2,7 +2,8 @@
 
 One JSON line per logged step and per evaluation, written by process 0. On resume the lines past
 the checkpoint resumed from are dropped first, so no step appears twice; TensorBoard is told to
-hide those steps' events too (tensorboardX's purge_step). TensorBoard's tags are `train/loss`,
+hide those steps' events too (tensorboardX's purge_step), all of them where a run is started again
+before its first checkpoint. TensorBoard's tags are `train/loss`,
 `eval/mean_iou` (metrics.jsonl's `eval_mean_iou`), ...
 """
 
@@ -42,9 +43,11 @@ class MetricsLog:
             write_atomic(self.path, "".join(ln + "\n" for ln in kept))
         try:
             # Resumed: TensorBoard hides the steps past the checkpoint that a stopped run had logged
-            # (its events file stays), as metrics.jsonl drops their lines. The file's name has the
-            # start's second; a suffix keeps a run resumed within it from overwriting the first's.
-            purge = resume_step + 1 if resume_step else None
+            # (its events file stays), as metrics.jsonl drops their lines; also where a run died before
+            # its first checkpoint (resume_step 0). The file's name has the start's second; a suffix
+            # keeps a run resumed within it from overwriting the first's.
+            earlier = any((workdir / "tensorboard").glob("events.out.tfevents.*"))
+            purge = resume_step + 1 if resume_step or earlier else None
             suffix = f".{time.time_ns() % 10**9:09d}.{os.getpid()}"  # the second's nanoseconds: in order
             self.writer = _summary_writer_class()(
                 str(workdir / "tensorboard"), purge_step=purge, filename_suffix=suffix

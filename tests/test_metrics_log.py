@@ -55,3 +55,27 @@ def test_a_resumed_log_hides_the_stopped_runs_later_steps_and_names_eval_tags_on
     assert purges == [4]
     first_events = [e for name, e in events if name == files[0]]
     assert not any(e.HasField("session_log") and e.session_log.status == e.session_log.START for e in first_events)
+
+
+def test_a_run_restarted_before_its_first_checkpoint_hides_the_dead_runs_events(tmp_path):
+    """A run logs steps 1..3 and dies before its first checkpoint; the same command starts again
+    from step 0. metrics.jsonl dropped the dead run's lines, but TensorBoard was told nothing: it
+    showed steps 1 and 2 twice and the dead run's step 3 as if it were this run's."""
+    first = MetricsLog(tmp_path, 0)
+    for step in (1, 2, 3):
+        first.write(step, {"loss": 1.0 / step})
+    first.close()
+
+    again = MetricsLog(tmp_path, 0)
+    for step in (1, 2):
+        again.write(step, {"loss": 0.5 / step})
+    again.close()
+
+    lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in lines] == [(1, 0.5), (2, 0.25)]
+    events = _events(tmp_path)
+    files = sorted({name for name, _ in events})
+    assert len(files) == 2, files
+    later = [e for name, e in events if name == files[1]]
+    purges = [e.step for e in later if e.HasField("session_log") and e.session_log.status == e.session_log.START]
+    assert purges == [1]
