@@ -164,12 +164,18 @@ def save_confusion(path: str | Path, cm_KK: np.ndarray, class_names) -> None:
 
 
 def save_iou_bars(path: str | Path, report: dict) -> None:
-    """Per-class IoU bar chart with the mean IoU as a line."""
+    """Per-class IoU bar chart with the mean IoU as a line.
+
+    A class absent from both ground truth and prediction (IoU None, left out of the mean) gets no
+    bar but "n/a", not a bar of 0 as a class predicted but never right gets.
+    """
     plt = _pyplot()
     names = [c["name"] for c in report["per_class"]]
-    ious = [100 * (c["iou"] or 0.0) for c in report["per_class"]]
+    scored = [(k, 100 * c["iou"]) for k, c in enumerate(report["per_class"]) if c["iou"] is not None]
     fig, ax = plt.subplots(figsize=(1 + 0.5 * len(names), 3.5))
-    ax.bar(range(len(names)), ious, color="tab:blue")
+    ax.bar([k for k, _ in scored], [v for _, v in scored], color="tab:blue")
+    for k in sorted(set(range(len(names))) - {k for k, _ in scored}):
+        ax.text(k, 1, "n/a", ha="center", va="bottom", rotation=90, fontsize=7, color="gray")
     if report["mean_iou"] is not None:
         ax.axhline(
             100 * report["mean_iou"], color="tab:red", linestyle="--", label=f"mean {100 * report['mean_iou']:.1f}"

@@ -93,3 +93,21 @@ def test_pictures_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
         viz.save_iou_bars(tmp_path / "iou.png", report)
     assert path.read_bytes() == before and (tmp_path / "iou.png").read_bytes() == iou_before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["examples.png", "iou.png"]
+
+
+def test_iou_bars_mark_a_class_absent_from_truth_and_prediction_not_as_zero(tmp_path, monkeypatch):
+    """A class with no IoU (absent from both ground truth and prediction, left out of the mean) was
+    drawn as a bar of 0, as if it had been predicted and never right."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    per_class = [{"name": "a", "iou": 0.5}, {"name": "b", "iou": None}, {"name": "c", "iou": 0.0}]
+    viz.save_iou_bars(tmp_path / "iou.png", {"per_class": per_class, "mean_iou": 0.25})
+    assert Image.open(tmp_path / "iou.png").format == "PNG"
+    (ax,) = figures[0].axes
+    bars = {round(p.get_x() + p.get_width() / 2): p.get_height() for p in ax.patches}
+    assert bars == {0: 50.0, 2: 0.0}
+    assert [(t.get_position()[0], t.get_text()) for t in ax.texts] == [(1, "n/a")]
+    monkeypatch.undo()
+    plt.close("all")
