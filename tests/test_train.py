@@ -221,7 +221,7 @@ def test_command_line_train_evaluate_resume(tmp_path):
     assert json.loads((workdir / "config.json").read_text())["data"]["synthetic_counts"]["val"] == 5  # not saved
     # A misspelt data key is named with the closest one; a model or training setting is refused: those
     # are the workdir's.
-    with pytest.raises(ValueError, match='"path" instead of "pth"'):
+    with pytest.raises(ValueError, match=re.escape("--config.data.pth: not a config field (did you mean path?)")):
         evaluate.load_for_eval(workdir, data_overrides=["--config.data.pth=/x"])
     with pytest.raises(ValueError, match="only --config.data.KEY=VALUE"):
         evaluate.load_for_eval(workdir, data_overrides=["--config.model.features=8"])
