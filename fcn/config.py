@@ -338,8 +338,11 @@ def validate_against_data(config, num_classes: int, train_sizes) -> None:
     max_h = max(h for h, _ in train_sizes) * config.augment.scale_range[1]
     max_w = max(w for _, w in train_sizes) * config.augment.scale_range[1]
     if crop_h > max_h or crop_w > max_w:
+        # train_sizes are in network pixels: a model.input_scale below 1 shrank them, and the crop with them
+        scale = config.model.input_scale
+        at = f", in network pixels at config.model.input_scale={scale:g}" if scale != 1 else ""
         raise ConfigError(
             f"config.augment.crop_size=({crop_h}, {crop_w}) is larger than any training image even at "
-            f"the largest scale ({max_h:.0f} x {max_w:.0f}); crops would be mostly padding. "
+            f"the largest scale ({max_h:.0f} x {max_w:.0f}{at}); crops would be mostly padding. "
             "Use a smaller crop_size or a larger augment.scale_range."
         )

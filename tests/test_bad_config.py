@@ -60,6 +60,12 @@ CASES = {
         ["--config.augment.crop_size=(64,64)"],
         ["config.augment.crop_size=(64, 64)", "30 x 40"],
     ),
+    # crop_size is in network pixels: input_scale alone made the tiny config's crop too large, and the
+    # message's image size (15 x 20) did not say it was the images' at that scale
+    "crop larger than images at input_scale": (
+        ["--config.model.input_scale=0.5"],
+        ["config.augment.crop_size=(24, 32)", "15 x 20, in network pixels at config.model.input_scale=0.5"],
+    ),
     "batch larger than dataset": (["--config.batch_size=32"], ["config.batch_size=32", "16 training examples"]),
     "one class": ([*FOLDER[:2], '--config.data.class_names=("only",)'], ["data.class_names=('only',)", "at least 2"]),
     "corrupt image": (FOLDER, ["{data}/images/im03.png: not an image"]),
