@@ -50,11 +50,8 @@ def test_a_resumed_log_hides_the_stopped_runs_later_steps_and_names_eval_tags_on
     assert len(files) == 2, files
     tags = {(v.tag, e.step) for _, e in events for v in e.summary.value}
     assert ("eval/mean_iou", 4) in tags and not any("eval_" in tag for tag, _ in tags)
-    later = [e for name, e in events if name == files[1]]
-    purges = [e.step for e in later if e.HasField("session_log") and e.session_log.status == e.session_log.START]
-    assert purges == [4]
-    first_events = [e for name, e in events if name == files[0]]
-    assert not any(e.HasField("session_log") and e.session_log.status == e.session_log.START for e in first_events)
+    assert _purges(events, files[1]) == [4]
+    assert _purges(events, files[0]) == []
 
 
 def test_a_run_restarted_before_its_first_checkpoint_hides_the_dead_runs_events(tmp_path):
@@ -76,6 +73,10 @@ def test_a_run_restarted_before_its_first_checkpoint_hides_the_dead_runs_events(
     events = _events(tmp_path)
     files = sorted({name for name, _ in events})
     assert len(files) == 2, files
-    later = [e for name, e in events if name == files[1]]
-    purges = [e.step for e in later if e.HasField("session_log") and e.session_log.status == e.session_log.START]
-    assert purges == [1]
+    assert _purges(events, files[1]) == [1]
+
+
+def _purges(events, file):
+    """The steps from which `file`'s events tell TensorBoard to hide earlier ones (SessionLog START)."""
+    mine = [e for name, e in events if name == file and e.HasField("session_log")]
+    return [e.step for e in mine if e.session_log.status == e.session_log.START]
