@@ -17,14 +17,16 @@ from __future__ import annotations
 import functools
 import json
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
 
-from fcn.staging import write_atomic
+from fcn.staging import lock_folder, write_atomic
 
 
 class _Orbax:
@@ -171,6 +173,32 @@ def prepare_workdir(workdir: Path) -> None:
             ) from e
 
 
+TRAINER = ".fcn-trainer"  # in a workdir being trained: who trains it, for the refusal of a second run
+
+
+def hold_for_training(workdir: Path) -> int | None:
+    """Lock `workdir` (flock, `fcn.staging.lock_folder`) for one training run: a second run in it,
+    from another terminal or a job started again while the first still runs, would write the same
+    checkpoints and metrics.jsonl, so it is refused with a CheckpointError naming the first (its pid
+    and host, from the TRAINER file written here). The lock goes with the process, SIGKILL included.
+    Returns the descriptor holding it; None where the file system has no locks (nothing is checked)."""
+    try:
+        held = lock_folder(workdir)
+    except BlockingIOError:
+        try:
+            who = (workdir / TRAINER).read_text().strip() or "another process"
+        except OSError:
+            who = "another process"
+        raise CheckpointError(
+            f"{workdir} is being trained by {who}; two runs in one workdir would overwrite each other's "
+            "checkpoints. Wait for that run to end (or stop it: it saves and exits), or use another --workdir"
+        ) from None
+    if held is not None:
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        write_atomic(workdir / TRAINER, f"pid {os.getpid()} on {socket.gethostname()} (since {since})\n")
+    return held
+
+
 def _manager(directory: Path, **options) -> ocp.CheckpointManager:
     """An orbax manager of `directory`, all of whose barriers between processes carry its folder's name."""
     return ocp.CheckpointManager(
@@ -231,11 +259,13 @@ def _root_cause(e: BaseException, limit: int = 300) -> str:
 
 
 class Checkpoints:
-    """The latest few training states and the best one by eval mean IoU."""
+    """The latest few training states and the best one by eval mean IoU. With `training`, the
+    workdir is this process's to write until `close` (`hold_for_training`)."""
 
-    def __init__(self, workdir: str | os.PathLike, keep: int = 3):
+    def __init__(self, workdir: str | os.PathLike, keep: int = 3, *, training: bool = False):
         self.workdir = Path(workdir)
         self._keep = keep
+        self._held = hold_for_training(self.workdir) if training and jax.process_index() == 0 else None
 
     # The managers are made at their first use: a fresh workdir's run needs neither before its first save.
     @functools.cached_property
@@ -340,3 +370,7 @@ class Checkpoints:
     def close(self) -> None:
         for manager in self._made():
             manager.close()
+        if self._held is not None:
+            (self.workdir / TRAINER).unlink(missing_ok=True)
+            os.close(self._held)  # releases the lock
+            self._held = None

@@ -55,6 +55,26 @@ def write_atomic(path: Path, content: str | Callable[[Path], None]) -> None:
             tmp.unlink(missing_ok=True)  # gone after the rename
 
 
+def lock_folder(folder: Path, *, wait: bool = False) -> int | None:
+    """An exclusive lock (flock) on `folder` itself: the descriptor that holds it (closing it releases
+    the lock, as the process's end does, SIGKILL included), or None where no lock is to be had (not
+    Unix, a file system without locks). Without `wait`, BlockingIOError while another process, or
+    another call in this one, holds it. No lock file is left behind."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except OSError as e:
+        os.close(fd)
+        if isinstance(e, BlockingIOError):
+            raise
+        return None  # ENOLCK, EOPNOTSUPP: a file system without locks
+    return fd
+
+
 @contextlib.contextmanager
 def staging_folder(parent: Path, prefix: str) -> Iterator[Path]:
     """A new folder `parent/<prefix><random>`, locked by this process, for the block; removed after it with

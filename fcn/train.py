@@ -181,7 +181,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         if config.loss.class_weights == "median_freq_sqrt":  # milder: rare classes up, common ones not crushed
             class_weights = class_weights**0.5
         log.info("median-frequency class weights: %s", [round(float(w), 3) for w in class_weights])
-    ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
+    ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints, training=True)  # one run at a time
     metrics_log = None
     doing = "creating the model's state"  # (what ran out of memory, if something does)
     try:

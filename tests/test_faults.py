@@ -281,19 +281,6 @@ def test_a_full_disk_for_metrics_jsonl_is_one_error_line_and_checkpoints_stay(wo
     assert_all_restore(workdir3)
 
 
-@pytest.mark.parametrize("in_the_way", ["workdir", "checkpoints"])
-def test_a_file_in_place_of_a_folder_fails_before_training(tmp_path, capsys, in_the_way):
-    """A workdir (or its checkpoints folder) that cannot take files is found before any step is run."""
-    workdir = tmp_path / "run"
-    blocker = workdir if in_the_way == "workdir" else workdir / "checkpoints"
-    blocker.parent.mkdir(parents=True, exist_ok=True)
-    blocker.write_text("not a folder")
-    assert run_training(tiny.get_config(), str(workdir)) == 1
-    err = capsys.readouterr().err
-    assert f"error: cannot write to {blocker}:" in err and "Traceback" not in err
-    assert blocker.read_text() == "not a folder" and not (workdir / "metrics.jsonl").exists()
-
-
 def test_resuming_with_another_model_names_the_fields_and_changes_nothing(workdir3, capsys):
     """A workdir of another model or optimizer structure is refused before any restore, naming each
     field; a learning rate may change."""

@@ -34,7 +34,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from fcn.data.images import DataError
-from fcn.staging import staging_folder
+from fcn.staging import lock_folder, staging_folder
 
 logger = logging.getLogger(__name__)
 
@@ -62,26 +62,21 @@ class UnsafeArchiveError(DataError):
 def folder_lock(folder: Path, what: str):
     """Holds an exclusive lock on `folder` (created if missing) while the block runs: another run
     (process or thread) locking it waits, logged as "WHAT: another run is at it; waiting". The lock
-    is the folder's own (flock), so no lock file is left behind; it goes with the process."""
+    is the folder's own (`fcn.staging.lock_folder`), so no lock file is left behind."""
     try:
-        import fcntl
-
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder, os.O_RDONLY)
-    except (ImportError, OSError):  # not Unix, or a folder that cannot be made: what runs says why
-        fd = None
-    if fd is None:
-        yield
-        return
-    try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = lock_folder(folder)
         except BlockingIOError:
             logger.warning("%s: another run is at it; waiting", what)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fd = lock_folder(folder, wait=True)
+    except OSError:  # a folder that cannot be made or opened: what runs says why
+        fd = None
+    try:
         yield
     finally:
-        os.close(fd)  # releases the lock
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 def _part_path(dest: Path) -> Path:
