@@ -1,6 +1,7 @@
 """`python -m fcn.predict`: class-map and overlay PNGs per input, bad inputs named and skipped."""
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 from PIL import Image
 from test_inference import train_tiny
 
+import fcn
 from fcn.data.synthetic import make_example
 from fcn.inference import load
 from fcn.predict import expand_inputs, main, output_names, predict_files
@@ -193,11 +195,12 @@ def test_a_corrupt_checkpoint_is_one_error_naming_it(workdir, tmp_path):
     assert done.returncode == 1
     _, _, rest = done.stderr.partition("error: ")
     line = "error: " + rest.splitlines()[0]
-    # No traceback of fcn's: only orbax's abandoned reads, which end on a closed event loop in threads of
-    # their own, before, after or amid the error line (docs/reliability.md says so).
-    frames = [ln for ln in done.stderr.splitlines() if 'File "' in ln]
-    assert all("asyncio" in ln for ln in frames), done.stderr
-    assert done.stderr.count("Traceback") == done.stderr.count("raise RuntimeError('Event loop is closed')")
+    # No traceback of fcn's (an uncaught error's would pass through fcn/predict.py): only orbax's abandoned
+    # reads, reported as unraisable from threads of their own (on a closed event loop, or orbax's own
+    # "Encountered error while reading array index" on a busy machine), before, after or amid the error
+    # line (docs/reliability.md says so).
+    fcn_dir = f'File "{os.path.dirname(fcn.__file__)}{os.sep}'
+    assert not [ln for ln in done.stderr.splitlines() if fcn_dir in ln], done.stderr
     assert line.startswith(f"error: cannot load {broken}: cannot read checkpoint ") and "best: " in line
     assert "incomplete or corrupt" in line
     assert not (tmp_path / "o").exists()
