@@ -58,13 +58,15 @@ def write_atomic(path: Path, content: str | Callable[[Path], None]) -> None:
 def lock_folder(folder: Path, *, wait: bool = False) -> int | None:
     """An exclusive lock (flock) on `folder` itself: the descriptor that holds it (closing it releases
     the lock, as the process's end does, SIGKILL included), or None where no lock is to be had (not
-    Unix, a file system without locks). Without `wait`, BlockingIOError while another process, or
-    another call in this one, holds it. No lock file is left behind."""
+    Unix, a file system without locks, a folder that cannot be opened). Without `wait`,
+    BlockingIOError while another process, or another call in this one, holds it. No lock file is
+    left behind."""
     try:
         import fcntl
-    except ImportError:
+
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except (ImportError, OSError):  # not Unix; a folder that cannot be opened: what writes there says why
         return None
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except OSError as e:
