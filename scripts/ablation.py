@@ -167,9 +167,10 @@ def write_report(out: Path, rows, curves, args) -> None:
     ]
     for name, mean, std, mious, params, flops, speed in rows:
         seeds = ", ".join(f"{100 * m:.1f}" for m in mious)
-        lines.append(
-            f"| {name} | {100 * mean:.2f} ± {100 * std:.2f} | {seeds} | {params:,} | {flops / 1e9:.1f} | {speed:.1f} |"
-        )
+        # One seed has no standard deviation, a run without logged speeds no speed: said, not "nan".
+        iou = f"{100 * mean:.2f} ± {100 * std:.2f}" if np.isfinite(std) else f"{100 * mean:.2f} (one seed)"
+        img_s = f"{speed:.1f}" if np.isfinite(speed) else "not logged"
+        lines.append(f"| {name} | {iou} | {seeds} | {params:,} | {flops / 1e9:.1f} | {img_s} |")
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

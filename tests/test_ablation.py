@@ -1,5 +1,6 @@
 """scripts/ablation.py: its overrides (as train.py's --config.key=value) and its report."""
 
+import argparse
 import importlib.util
 import json
 import sys
@@ -110,3 +111,17 @@ def test_a_config_file_that_cannot_be_loaded_and_bad_seeds_are_one_line(tmp_path
     with pytest.raises(SystemExit) as e:  # was int()'s ValueError, after the config was loaded
         ablation.main(["--config", TINY, "--seeds", "0,x", "--out", str(tmp_path / "out")])
     assert e.value.code == 2 and "--seeds='0,x': expected integers" in capsys.readouterr().err
+
+
+def test_one_seed_or_no_logged_speed_is_said_not_printed_as_nan(tmp_path):
+    # `bash scripts/run_gpu.sh ablation --smoke --seeds 0` printed "0.39 ± nan".
+    args = argparse.Namespace(config=TINY, seeds="0", out=str(tmp_path), override=[], flops_size=(24, 32))
+    rows = [
+        ("linear", 0.39, float("nan"), [0.39], 7599, 2e9, 27.0),
+        ("mlp", 0.5, float("nan"), [0.5], 7619, 2e9, float("nan")),
+    ]
+    ablation.write_report(tmp_path, rows, {"linear": ([1, 2], [1.0, 0.5])}, args)
+    table = (tmp_path / "ablation.md").read_text()
+    assert "nan" not in table
+    assert "| linear | 39.00 (one seed) | 39.0 | 7,599 | 2.0 | 27.0 |" in table
+    assert "| mlp | 50.00 (one seed) | 50.0 | 7,619 | 2.0 | not logged |" in table
