@@ -110,3 +110,13 @@ def test_gpu_env_carries_xla_autotuning_results_to_the_next_call(tmp_path):
     )
     assert "autotune/ was made with jaxlib==0.1 another_GPU, not jaxlib==" in third.stdout
     assert third.stdout.splitlines()[-1].strip() == "0" and not (tmp_path / "out3" / "autotune.tgz").exists()
+
+
+def test_the_readme_writes_head_loss_kernel_settings_as_the_script_reads_them():
+    """benchmarks/README.md said `--kernels BLOCKxWARPS,...`; head_loss.py reads SUBxWARPSxSTEPSxSTAGES."""
+    import re
+
+    (form,) = re.findall(r"`--kernels (\S+),\.\.\.`", (ROOT / "benchmarks" / "README.md").read_text())
+    source = (ROOT / "benchmarks" / "head_loss.py").read_text()
+    assert f"the kernel's settings, {form},..." in source
+    assert len(form.split("x")) == 4  # parse_setting's sub, warps, steps, stages
