@@ -94,6 +94,19 @@ def describe(setting: dict) -> str:
     )
 
 
+def unfused_note(args) -> str | None:
+    """Why the training-step rows with fused_head on would run unfused (fcn.state falls back
+    quietly where the kernel does not take the features' shape), or None where it applies."""
+    m = 2**args.depth
+    shape = (args.batch, -(-args.size[0] // m) * m, -(-args.size[1] // m) * m, args.features)
+    if head_loss.fits(shape) is None:
+        return (
+            f"the kernel does not take features of shape {shape} (fcn.head_loss.fits: 16, 32, 64... channels, "
+            "pixels in blocks): the training-step rows with fused_head on run unfused"
+        )
+    return None
+
+
 def _train_step(args, fused: str):
     """fn(*batch) -> metrics: fcn's training step with `config.loss.fused_head = fused`, and the batch."""
     step, state, batch = common.fcn_train_step(args, lambda config: setattr(config.loss, "fused_head", fused))
@@ -132,6 +145,9 @@ def main() -> None:
         flush=True,
     )
 
+    note = unfused_note(args)
+    if note:
+        print(note, flush=True)
     variants, against = {}, {}
     for mode, (unfused, fused, inputs) in _parts(args, rng).items():
         if mode not in modes:

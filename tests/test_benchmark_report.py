@@ -133,3 +133,16 @@ def test_a_variant_whose_process_dies_is_reported_and_the_run_goes_on(tmp_path, 
     workers = variants.start(args, ["fcn xla @dead"], info)
     assert workers == {} and info == {}
     assert "fcn xla @dead: cannot run: the worker process exited with code -6" in capsys.readouterr().err
+
+
+def test_head_loss_says_when_its_training_step_rows_cannot_use_the_kernel():
+    """At --features 4 its 'fused_head=head' training-step rows ran unfused, unsaid, beside 'off'."""
+    import argparse
+
+    from benchmarks import head_loss
+
+    args = argparse.Namespace(batch=2, size=(36, 48), depth=2, features=4)
+    note = head_loss.unfused_note(args)
+    assert note and "(2, 36, 48, 4)" in note and "run unfused" in note
+    assert head_loss.unfused_note(argparse.Namespace(batch=2, size=(32, 48), depth=2, features=16)) is None
+    assert head_loss.unfused_note(argparse.Namespace(batch=16, size=(360, 480), depth=4, features=32)) is None
