@@ -88,22 +88,22 @@ def triton_missing() -> str | None:
 
 
 def fused_head_mode(config, device=None) -> str | None:
-    """The config's choice for training on `device` (default: jax's first): None (unfused), "head"
-    or "head+norm". "auto": "head+norm" where `measured_on(device)` and this jax has Pallas's Triton
-    backend, else None; "head", "head+norm": wherever they apply (on a CPU the kernel is interpreted:
-    slow, for tests). Only the linear head with cross-entropy alone (no Dice term) is fused;
-    "head+norm" needs batch norm (else "head")."""
+    """The config's choice for training on `device` (default: jax's first): None (unfused), "head" or
+    "head+norm". "auto": "head+norm" where `measured_on(device)` and this jax has Pallas's Triton backend;
+    "head", "head+norm": wherever they apply (interpreted on a CPU: slow, for tests). Only a linear head
+    with cross-entropy alone (no Dice term) is fused; "head+norm" needs batch norm (else "head")."""
     choice = config.loss.get("fused_head", "off")  # a config saved before the option: "off"
-    device = device or jax.devices()[0]
-    missing = device.platform == "gpu" and triton_missing()
-    if choice == "auto":
-        choice = "head+norm" if measured_on(device) and not missing else "off"
     if choice == "off" or config.model.head != "linear" or config.loss.dice_weight:
         return None
-    if missing:
+    device = device or jax.devices()[0]  # Triton is imported only where the kernel would run on it
+    if choice == "auto":
+        if not measured_on(device) or triton_missing():
+            return None
+        choice = "head+norm"
+    elif device.platform == "gpu" and triton_missing():
         from fcn.config import ConfigError
 
-        raise ConfigError(f"config.loss.fused_head={choice!r} needs {missing}; 'auto' or 'off' trains unfused")
+        raise ConfigError(f"config.loss.fused_head={choice!r} needs {triton_missing()}; 'auto' or 'off' trains unfused")
     return "head" if choice == "head+norm" and config.model.norm != "batch" else choice
 
 

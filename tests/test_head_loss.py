@@ -169,6 +169,7 @@ def test_shapes_the_kernel_cannot_take_are_refused():
 
 
 H200 = types.SimpleNamespace(platform="gpu", compute_capability="9.0", device_kind="NVIDIA H200")
+GPU_8 = types.SimpleNamespace(platform="gpu", compute_capability="8.0", device_kind="NVIDIA A100")
 CPU = types.SimpleNamespace(platform="cpu")
 TPU = types.SimpleNamespace(platform="tpu")
 
@@ -216,6 +217,10 @@ def test_a_jax_without_pallas_triton_trains_unfused_under_auto(monkeypatch):
 
     config = tiny.get_config()
     head_loss.triton_missing.cache_clear()
+    for choice in ("off", "auto"):  # an unfused config, and "auto" off Hopper, do not import Triton at all
+        config.loss.fused_head = choice
+        assert head_loss.fused_head_mode(config, GPU_8) is None
+    assert head_loss.triton_missing.cache_info().misses == 0
     with monkeypatch.context() as patch:
         patch.setitem(sys.modules, "jax.experimental.pallas.triton", None)  # its import raises ImportError
         patch.delattr(pallas, "triton", raising=False)  # (once imported, `from pallas import triton` reads this)
