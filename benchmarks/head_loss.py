@@ -31,17 +31,22 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from fcn import head_loss, losses, norm  # noqa: E402
+from fcn import canvas, head_loss, losses, norm  # noqa: E402
 
 IGNORE, EPS = 255, 1e-5
+
+
+def features_shape(args) -> tuple[int, int, int, int]:
+    """The head's input: the batch at the network's padded size (a multiple of 2**depth)."""
+    m = 2**args.depth
+    return args.batch, canvas.ceil_to(args.size[0], m), canvas.ceil_to(args.size[1], m), args.features
 
 
 def _parts(args, rng):
     """{mode: (unfused, fused, inputs)}: unfused and fused(**kernel setting) are jitted functions of
     the inputs -> ((loss, correct), gradients of all inputs but the labels)."""
     (h, w), c, k = args.size, args.features, args.classes
-    m = 2**args.depth
-    hp, wp = -(-h // m) * m, -(-w // m) * m
+    _, hp, wp, _ = features_shape(args)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     x = jnp.asarray(rng.normal(size=(args.batch, hp, wp, c)), dtype)
     kernel = jnp.asarray(rng.normal(size=(1, 1, c, k)) * c**-0.5, jnp.float32)
@@ -97,8 +102,7 @@ def describe(setting: dict) -> str:
 def unfused_note(args) -> str | None:
     """Why the training-step rows with fused_head on would run unfused (fcn.state falls back
     quietly where the kernel does not take the features' shape), or None where it applies."""
-    m = 2**args.depth
-    shape = (args.batch, -(-args.size[0] // m) * m, -(-args.size[1] // m) * m, args.features)
+    shape = features_shape(args)
     if head_loss.fits(shape) is None:
         return (
             f"the kernel does not take features of shape {shape} (fcn.head_loss.fits: 16, 32, 64... channels, "
