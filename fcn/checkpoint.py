@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fcn.staging import lock_folder, write_atomic
+from fcn.staging import lock_folder, this_process, write_atomic
 
 
 class _Orbax:
@@ -195,7 +194,7 @@ def hold_for_training(workdir: Path) -> int | None:
         ) from None
     if held is not None:
         since = time.strftime("%Y-%m-%d %H:%M:%S")
-        write_atomic(workdir / TRAINER, f"pid {os.getpid()} on {socket.gethostname()} (since {since})\n")
+        write_atomic(workdir / TRAINER, f"{this_process()} (since {since})\n")
     return held
 
 

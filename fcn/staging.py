@@ -55,6 +55,11 @@ def write_atomic(path: Path, content: str | Callable[[Path], None]) -> None:
             tmp.unlink(missing_ok=True)  # gone after the rename
 
 
+def this_process() -> str:
+    """'pid N on HOST': who holds a lock, for the person (or the refusal) that finds it held."""
+    return f"pid {os.getpid()} on {socket.gethostname()}"
+
+
 def lock_folder(folder: Path, *, wait: bool = False) -> int | None:
     """An exclusive lock (flock) on `folder` itself: the descriptor that holds it (closing it releases
     the lock, as the process's end does, SIGKILL included), or None where no lock is to be had (not
@@ -110,7 +115,7 @@ def _create(parent: Path, prefix: str) -> tuple[Path, int | None]:
             if not ours:
                 os.close(fd)
                 continue
-        (path / OWNER).write_text(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        (path / OWNER).write_text(f"{this_process()}\n")
         return path, fd
 
 
