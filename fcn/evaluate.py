@@ -186,10 +186,19 @@ def report(cm: np.ndarray, class_names, *, split: str, step: int | None = None) 
     }
 
 
+def pct(value: float | None, spec: str = "5.1f") -> str:
+    """A metric in percent, or "-" at the same width where it is undefined (None: no class scored)."""
+    return f"{'-':>{len(format(0.0, spec))}}" if value is None else format(100 * value, spec)
+
+
+def headline(rep: dict) -> str:
+    """One line for a training log: the mean IoU and pixel accuracy of a report."""
+    return f"mean IoU {pct(rep['mean_iou'], '.2f')}, pixel accuracy {pct(rep['pixel_accuracy'], '.2f')}"
+
+
 def format_report(rep: dict) -> str:
     """A table a person reads at a glance."""
-    pct = lambda v: "    -" if v is None else f"{100 * v:5.1f}"  # noqa: E731
-    width = max(12, *(len(c["name"]) for c in rep["per_class"]))
+    width = max([12, *(len(c["name"]) for c in rep["per_class"])])
     lines = [f"{'class':<{width}}    IoU    acc", "-" * (width + 15)]
     lines += [f"{c['name']:<{width}}  {pct(c['iou'])}  {pct(c['accuracy'])}" for c in rep["per_class"]]
     lines += [

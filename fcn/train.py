@@ -28,7 +28,7 @@ from fcn import checkpoint, head_loss, host_memory, losses, sharding, state as s
 from fcn.cli import less_memory, out_of_memory
 from fcn.config import ConfigError, validate, validate_against_data, validate_against_source
 from fcn.data import get_source, pipeline
-from fcn.evaluate import evaluate_split, format_report, jit_eval_steps, report
+from fcn.evaluate import evaluate_split, format_report, headline, jit_eval_steps, report
 from fcn.metrics_log import MetricsLog
 from fcn.traced import enable_compilation_cache
 
@@ -312,11 +312,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
                     last_report = evaluate(step)
                     doing = "in the training step"
                     if jax.process_index() == 0:  # tqdm.write prints even where the bar is disabled
-                        bar.write(
-                            f"step {step}: {config.data.eval_split} mean IoU "
-                            f"{100 * (last_report['mean_iou'] or 0):.2f}, "
-                            f"pixel accuracy {100 * (last_report['pixel_accuracy'] or 0):.2f}"
-                        )
+                        bar.write(f"step {step}: {config.data.eval_split} {headline(last_report)}")
                 if do_save:
                     ckpts.save(step, state, mean_iou=last_report.get("mean_iou") if do_eval else None)
                 if do_save or _every(step, config.log_every):

@@ -102,3 +102,11 @@ def test_labels_and_predictions_that_are_no_class_id_count_nowhere():
 def test_empty_matrix_gives_nan_not_errors():
     s = metrics.scores(np.zeros((3, 3), np.int64))
     assert np.isnan(s["mean_iou"]) and np.isnan(s["pixel_accuracy"])
+
+
+def test_an_undefined_metric_is_shown_as_a_dash_not_as_zero():
+    from fcn.evaluate import format_report, headline
+
+    rep = {"mean_iou": None, "pixel_accuracy": 0.5, "mean_accuracy": None, "fw_iou": None, "per_class": []}
+    assert headline(rep) == "mean IoU    -, pixel accuracy 50.00"  # was "mean IoU 0.00": a score no class had
+    assert format_report(rep).splitlines()[-1].startswith("mean IoU     -   pixel acc  50.0")
