@@ -218,7 +218,13 @@ class Segmenter:
         if len(self.class_names) != k:
             raise ValueError(f"{len(self.class_names)} class names for a model with {k} classes")
         palette = default_palette(k) if palette is None else palette
-        self.palette = np.asarray(palette, np.uint8).reshape(-1, 3)
+        palette = np.asarray(palette)  # [K, 3], or flat [r, g, b, r, g, b, ...] as PIL's putpalette takes
+        if palette.size % 3 or palette.size < 3 * k or not np.isin(palette, np.arange(256)).all():
+            raise ValueError(  # else classes past its end drew black, and the legend raised an IndexError
+                f"a palette of shape {palette.shape} for a model with {k} classes: "
+                f"give one RGB colour (three integers 0-255) per class, shape ({k}, 3)"
+            )
+        self.palette = palette.reshape(-1, 3).astype(np.uint8)
         self.ignore_label, self.hflip, self.max_size = ignore_label, hflip, max_size
         self.multiple, self.pad_mode = 2**model.depth, model.pad_mode
         m = self.multiple

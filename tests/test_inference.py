@@ -273,6 +273,17 @@ def test_a_model_of_other_than_three_input_channels_is_refused_when_built(channe
         Segmenter(UNet(3, in_channels=channels, features=4, depth=2, rngs=nnx.Rngs(0)))
 
 
+@pytest.mark.parametrize("palette", [[[255, 0, 0], [0, 255, 0]], [[0.5, 0.2, 0.1]] * 3, [[0, 0, 300]] * 3, [1, 2]])
+def test_a_palette_short_of_the_classes_or_out_of_range_is_refused_when_built(palette):
+    """A palette of 2 colours for 3 classes drew the third class black and made viz.legend raise an
+    IndexError; colours in [0, 1] (matplotlib's) or past 255 were cast to uint8 without a word."""
+    model = UNet(3, features=4, depth=2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"a palette of shape .* for a model with 3 classes: give one RGB colour"):
+        Segmenter(model, palette=palette)
+    flat = Segmenter(model, palette=[9, 8, 7] * 3)  # a flat list, as PIL's putpalette takes, still works
+    assert flat.palette.shape == (3, 3) and flat.palette.dtype == np.uint8 and flat.palette[2, 0] == 9
+
+
 def test_bad_files_are_named(seg, tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "notes.png").write_text("not an image")
