@@ -301,3 +301,14 @@ def test_an_exif_orientation_the_sizes_cannot_reveal_is_warned_once(tmp_path, mo
         image, label = images.read_pair(tmp_path / name, tmp_path / "mask.png", num_classes=2)
         assert image.shape == (6, 8, 3) and label.shape == (6, 8)  # read as stored, not turned
     assert caplog.text.count("EXIF orientation 3") == 1 and "turned.png has EXIF orientation 3" in caplog.text
+
+
+def test_a_jpeg_mask_is_refused_whatever_its_name(tmp_path):
+    # JPEG's lossy compression smears class ids at edges (values stay in range, so nothing else
+    # catches it); a folder source lists no .jpg masks, but a JPEG saved as .png was read silently.
+    values = np.zeros((16, 16), np.uint8)
+    values[4:12, 4:12] = 2
+    path = save(tmp_path / "m.png", values, format="JPEG", quality=75)
+    with pytest.raises(DataError, match=r"m\.png: mask stored as JPEG"):
+        read_mask(path, num_classes=3)
+    read_image(path)  # as an image, JPEG is fine

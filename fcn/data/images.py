@@ -15,7 +15,8 @@ Policies, decided once here for every file-based source:
 - Masks: 'L' and 'P' PNGs are raw values (for 'P', the palette index is the
   value, as in PASCAL VOC; for 2- and 4-bit grayscale, the stored sample, not
   PIL's 0..255 brightness); '1' gives 0/1; 16-bit masks are read as integers
-  and must map into range. An RGB mask needs `color_map` unless all its
+  and must map into range. A mask stored as JPEG (lossy: class ids smear at
+  edges) is refused, whatever its file's name. An RGB mask needs `color_map` unless all its
   channels are equal (a grayscale mask saved as RGB). 16-bit colour masks are
   refused (PIL keeps only their high byte).
 - With `color_map`, RGB and palette ('P') masks are read by colour (a colour
@@ -203,6 +204,11 @@ def read_mask(
     colors = None if color_map is None else normalize_color_map(color_map, num_classes)
     img, rawmode = _decode(path)
     with img:
+        if img.format in ("JPEG", "MPO"):  # whatever the file's name: folder sources list no .jpg masks
+            raise DataError(
+                f"{path}: mask stored as JPEG, whose lossy compression changes class ids at region edges; "
+                "save masks losslessly, as PNG"
+            )
         raw = _mask_values(img, rawmode, path, colors, ignore_label)
     if raw.ndim != 2:
         raise DataError(f"{path}: mask has shape {raw.shape}, expected [H, W]")
