@@ -95,8 +95,9 @@ def test_an_image_over_pillows_decompression_bomb_limit_is_refused_naming_it(tmp
     path = save(tmp_path / "huge.png", np.zeros((20, 20), np.uint8))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses above twice this: 400 > 200
     for read in (read_image, lambda p: read_mask(p, num_classes=2), read_size):
-        with pytest.raises(DataError, match=r"huge\.png: image too large to decode safely"):
+        with pytest.raises(DataError, match=r"huge\.png: image too large to decode safely") as e:
             read(path)
+        assert "shrink it or cut it into smaller images" in str(e.value)  # what to do: it said only why
 
 
 # --- masks ----------------------------------------------------------------
