@@ -313,3 +313,21 @@ def test_a_jpeg_mask_is_refused_whatever_its_name(tmp_path):
     with pytest.raises(DataError, match=r"m\.png: mask stored as JPEG"):
         read_mask(path, num_classes=3)
     read_image(path)  # as an image, JPEG is fine
+
+
+def test_16_bit_colour_image_is_read_by_its_high_byte_and_a_multi_frame_file_by_its_first_frame(tmp_path):
+    """The module docstring's rules for two files it did not mention (pinned: they read so before)."""
+    values = np.array([[0, 1000, 40000], [65535, 256, 300]], ">u2")
+    rows = b"".join(b"\0" + np.repeat(values[y, :, None], 3, -1).tobytes() for y in range(2))
+    ihdr = struct.pack(">IIBBBBB", 3, 2, 16, 2, 0, 0, 0)  # 16-bit RGB
+    path = tmp_path / "rgb16.png"
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(rows)) + _chunk(b"IEND", b"")
+    )
+    np.testing.assert_array_equal(read_image(path)[..., 0], values >> 8)
+    first, second = np.full((4, 6), 1, np.uint8), np.full((4, 6), 2, np.uint8)
+    for name in ("pages.tif", "anim.png", "anim.gif"):
+        Image.fromarray(first).save(tmp_path / name, save_all=True, append_images=[Image.fromarray(second)])
+        np.testing.assert_array_equal(read_image(tmp_path / name), np.full((4, 6, 3), 1, np.uint8))
+        if name != "anim.gif":  # (PIL's GIF writer renumbers the palette: a GIF mask's values are not these)
+            np.testing.assert_array_equal(read_mask(tmp_path / name, num_classes=3), first)

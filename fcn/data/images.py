@@ -4,9 +4,13 @@ Policies, decided once here for every file-based source:
 
 - Images come back as uint8 [H, W, 3]. Grayscale ('L', '1') is replicated to
   three channels; 'RGBA', 'LA', 'P', 'CMYK' and other 8-bit modes are converted
-  to RGB by PIL (alpha is dropped, not composited). 16- and 32-bit images
-  ('I;16', 'I', 'F') are refused with an error: scaling them to 8 bits needs a
-  range only the user knows (12-bit sensors, HDR), so we do not guess.
+  to RGB by PIL (alpha is dropped, not composited). 16- and 32-bit grayscale
+  images ('I;16', 'I', 'F') are refused with an error: PIL would clip them at
+  255, and scaling them to 8 bits needs a range only the user knows (12-bit
+  sensors, HDR), so we do not guess. 16-bit colour images (RGB or RGBA PNG and
+  TIFF) are read as PIL reads them: each sample's high byte, the full 0..65535
+  range scaled to 0..255. A file of several frames (TIFF pages, an animated GIF,
+  PNG or WebP) gives its first frame, for images and masks alike.
 - No EXIF rotation is applied: masks are stored in raw pixel order, and rotating
   only the image would misalign the pair. A mask drawn as a viewer shows the image
   is caught when a quarter turn swaps the sizes (the error says so); other
