@@ -19,8 +19,9 @@ def test_tfds_image_header_over_pillows_limit_is_a_data_error_naming_the_example
     Image.new("RGB", (40, 30)).save(png, format="PNG")
     assert _encoded_size(png.getvalue(), "train[3]") == (30, 40)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1200 pixels: over twice the limit
-    with pytest.raises(DataError, match=r"train\[3\]: image too large to decode safely"):
+    with pytest.raises(DataError, match=r"train\[3\]: image too large to decode safely") as e:
         _encoded_size(png.getvalue(), "train[3]")
+    assert "shrink it or cut it into smaller images" in str(e.value)  # what to do, as for a file
 
 
 def test_tfds_unknown_dataset_needs_class_names():

@@ -75,14 +75,14 @@ def _decode(path: PathLike) -> tuple[Image.Image, str]:
     except Image.UnidentifiedImageError as e:
         raise DataError(f"{path}: not an image format PIL can read") from e
     except Image.DecompressionBombError as e:
-        raise _too_large(path, e) from e
+        raise too_large_error(path, e) from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DataError(f"{path}: corrupt or truncated image ({e})") from e
     rawmode = rawmode[0] if isinstance(rawmode, tuple) and rawmode else rawmode  # TIFF: (rawmode, ...)
     return img, rawmode if isinstance(rawmode, str) else ""
 
 
-def _too_large(path: Path, e: Exception) -> DataError:
+def too_large_error(path: PathLike, e: Exception) -> DataError:
     """Pillow's decompression-bomb refusal (over 2 * Image.MAX_IMAGE_PIXELS), with what to do."""
     return DataError(
         f"{path}: image too large to decode safely ({str(e).rstrip('.')}); shrink it or cut it into smaller images "
@@ -101,7 +101,7 @@ def read_size(path: PathLike) -> tuple[int, int]:
     except Image.UnidentifiedImageError as e:
         raise DataError(f"{path}: not an image format PIL can read") from e
     except Image.DecompressionBombError as e:
-        raise _too_large(path, e) from e
+        raise too_large_error(path, e) from e
     except OSError as e:
         raise DataError(f"{path}: cannot read file ({e.strerror or e})") from e
     except (SyntaxError, ValueError, EOFError) as e:

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from fcn.data.base import Examples, Source, decode_all, default_palette
-from fcn.data.images import DataError, _colors_to_ids, as_rgb, fit_max_size, fitted_size
+from fcn.data.images import DataError, _colors_to_ids, as_rgb, fit_max_size, fitted_size, too_large_error
 from fcn.data.labels import check_labels_config, map_labels, normalize_color_map, normalize_value_map
 
 
@@ -118,7 +118,7 @@ def _encoded_size(value, name: str) -> tuple[int, int]:
         with Image.open(io.BytesIO(value)) as img:
             w, h = img.size
     except Image.DecompressionBombError as e:  # not an OSError: it would end in a traceback
-        raise DataError(f"{name}: image too large to decode safely ({e})") from e
+        raise too_large_error(name, e) from e
     except (OSError, ValueError) as e:
         raise DataError(f"{name}: cannot read the image header ({e})") from e
     return h, w
