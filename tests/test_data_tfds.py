@@ -2,6 +2,7 @@
 (no download)."""
 
 import io
+import sys
 
 import numpy as np
 import pytest
@@ -162,3 +163,18 @@ def test_tfds_slices_split_the_examples_and_an_empty_or_malformed_one_is_one_lin
     with pytest.raises(DataError, match=r"^data.tfds_splits.bad='train\[:80%': Error parsing split") as e:
         source.load("bad")
     assert "\n" not in str(e.value)
+
+
+def test_tfds_without_tensorflow_is_one_line_naming_the_extra(monkeypatch, tmp_path, capsys):
+    from configs import tiny
+    from fcn.cli import run_training
+    from fcn.data.tfds import _import_tfds
+
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` raises ImportError
+    with pytest.raises(DataError, match=r"data.source='tfds' needs tensorflow .*pip install 'fcn\[tfds\]'"):
+        _import_tfds()
+    c = tiny.get_config()
+    c.data.source = "tfds"  # oxford_iiit_pet, which has its label map
+    assert run_training(c, str(tmp_path / "run")) == 1  # an error the user can act on, not a traceback
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "fcn[tfds]" in errors[0], errors

@@ -73,10 +73,10 @@ def _import_tfds():
     try:
         import tensorflow as tf
         import tensorflow_datasets as tfds
-    except ImportError as e:
-        raise ImportError(
-            f"data.source='tfds' needs tensorflow and tensorflow-datasets ({e}); "
-            "install them with: pip install tensorflow-cpu tensorflow-datasets"
+    except ImportError as e:  # a DataError: the commands say it in one line, not a traceback
+        raise DataError(
+            f"data.source='tfds' needs tensorflow and tensorflow-datasets ({e}): pip install 'fcn[tfds]' "
+            "(in a checkout: pip install -e '.[tfds]'), or pip install tensorflow-cpu tensorflow-datasets"
         ) from e
     try:
         tf.config.set_visible_devices([], "GPU")
