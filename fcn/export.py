@@ -235,6 +235,9 @@ def _input_shape(size: tuple[int, int] | None) -> str:
     return "b, h, w, 3" if size is None else f"b, {size[0]}, {size[1]}, 3"
 
 
+INSTALL_TF = "pip install 'fcn[tfds]', or pip install tensorflow-cpu"
+
+
 def tensorflow_available() -> bool:
     """Whether tensorflow is installed, without importing it (seconds): a command that stops at a bad
     --workdir should not have paid for it."""
@@ -299,11 +302,11 @@ def main(argv=None) -> int:
     tflite_size, size = _size_flag(parser, "tflite_size", args.tflite_size), _size_flag(parser, "size", args.size)
     platforms = _platforms_flag(parser, args.platforms)
     saved_model = not args.no_saved_model and tensorflow_available()
-    if not args.no_saved_model and not saved_model:
-        print("note: tensorflow is not installed: no SavedModel (pip install tensorflow-cpu)", file=sys.stderr)
     if tflite_size and not tensorflow_available():
-        print("error: --tflite_size needs tensorflow (pip install tensorflow-cpu)", file=sys.stderr)
+        print(f"error: --tflite_size needs tensorflow, which is not installed: {INSTALL_TF}", file=sys.stderr)
         return 1
+    if not args.no_saved_model and not saved_model:
+        print(f"note: tensorflow is not installed: no SavedModel ({INSTALL_TF})", file=sys.stderr)
 
     out = Path(args.out)
     if problem := out_dir_error(args.out):

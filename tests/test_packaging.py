@@ -62,3 +62,20 @@ def test_requirements_pin_every_dependency_within_its_range():
         name = canonicalize_name(req.name)
         assert name in pins, f"requirements.txt does not pin {req.name} (pyproject: {spec})"
         assert req.specifier.contains(pins[name], prereleases=True), f"requirements.txt's {name}=={pins[name]}: {spec}"
+
+
+def test_tf_exports_without_tensorflow_name_the_extra_in_one_line(tmp_path, monkeypatch, capsys):
+    import fcn.export
+
+    monkeypatch.setattr(fcn.export, "tensorflow_available", lambda: False)
+    out, missing = tmp_path / "exported", str(tmp_path / "no-run")  # refused before the workdir is read
+    assert fcn.export.main(["--workdir", missing, "--out", str(out), "--tflite_size", "24,32"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --tflite_size needs tensorflow, which is not installed: pip install 'fcn[tfds]', "
+        "or pip install tensorflow-cpu"
+    ]
+    assert fcn.export.main(["--workdir", missing, "--out", str(out)]) == 1  # the jax export goes on, with a note
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "note: tensorflow is not installed: no SavedModel (pip install 'fcn[tfds]', or pip install tensorflow-cpu)"
+    )
+    assert not out.exists()
