@@ -192,8 +192,9 @@ def _load_config_file(parse, path: str):
 
     file = path.split(":", 1)[0]  # FILE:ARG passes ARG to get_config
     if not os.path.isfile(file):
-        raise ValueError(
-            f"{'a directory' if os.path.isdir(file) else 'no such file'}; name a config file, e.g. configs/tiny.py"
+        raise ValueError(  # (an installed fcn has no configs/: say what one is)
+            f"{'a directory' if os.path.isdir(file) else 'no such file'}; name a config file: a Python file whose "
+            "get_config() returns fcn.config.default_config() with changes, as the repository's configs/*.py do"
         )
     try:
         config = parse(path)

@@ -7,6 +7,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -79,3 +80,11 @@ def test_tf_exports_without_tensorflow_name_the_extra_in_one_line(tmp_path, monk
         "note: tensorflow is not installed: no SavedModel (pip install 'fcn[tfds]', or pip install tensorflow-cpu)"
     )
     assert not out.exists()
+
+
+def test_a_missing_config_file_says_what_a_config_file_is(tmp_path):
+    from fcn.cli import _load_config_file
+
+    # an installed fcn has no configs/ folder to point at
+    with pytest.raises(ValueError, match=r"no such file; .*get_config\(\) returns fcn\.config\.default_config\(\)"):
+        _load_config_file(None, str(tmp_path / "configs" / "tiny.py"))
