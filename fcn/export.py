@@ -235,7 +235,7 @@ def _input_shape(size: tuple[int, int] | None) -> str:
     return "b, h, w, 3" if size is None else f"b, {size[0]}, {size[1]}, 3"
 
 
-INSTALL_TF = "pip install 'fcn[tfds]', or pip install tensorflow-cpu"
+INSTALL_TF = "pip install tensorflow-cpu (in fcn's checkout: pip install '.[tfds]')"  # fcn is not on PyPI
 
 
 def tensorflow_available() -> bool:
@@ -306,7 +306,7 @@ def main(argv=None) -> int:
         print(f"error: --tflite_size needs tensorflow, which is not installed: {INSTALL_TF}", file=sys.stderr)
         return 1
     if not args.no_saved_model and not saved_model:
-        print(f"note: tensorflow is not installed: no SavedModel ({INSTALL_TF})", file=sys.stderr)
+        print(f"note: tensorflow is not installed, so no SavedModel: {INSTALL_TF}", file=sys.stderr)
 
     out = Path(args.out)
     if problem := out_dir_error(args.out):

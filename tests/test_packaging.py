@@ -72,12 +72,13 @@ def test_tf_exports_without_tensorflow_name_the_extra_in_one_line(tmp_path, monk
     out, missing = tmp_path / "exported", str(tmp_path / "no-run")  # refused before the workdir is read
     assert fcn.export.main(["--workdir", missing, "--out", str(out), "--tflite_size", "24,32"]) == 1
     assert capsys.readouterr().err.splitlines() == [
-        "error: --tflite_size needs tensorflow, which is not installed: pip install 'fcn[tfds]', "
-        "or pip install tensorflow-cpu"
+        "error: --tflite_size needs tensorflow, which is not installed: pip install tensorflow-cpu "
+        "(in fcn's checkout: pip install '.[tfds]')"
     ]
     assert fcn.export.main(["--workdir", missing, "--out", str(out)]) == 1  # the jax export goes on, with a note
     assert capsys.readouterr().err.splitlines()[0] == (
-        "note: tensorflow is not installed: no SavedModel (pip install 'fcn[tfds]', or pip install tensorflow-cpu)"
+        "note: tensorflow is not installed, so no SavedModel: pip install tensorflow-cpu (in fcn's checkout: "
+        "pip install '.[tfds]')"
     )
     assert not out.exists()
 

@@ -75,8 +75,8 @@ def _import_tfds():
         import tensorflow_datasets as tfds
     except ImportError as e:  # a DataError: the commands say it in one line, not a traceback
         raise DataError(
-            f"data.source='tfds' needs tensorflow and tensorflow-datasets ({e}): pip install 'fcn[tfds]' "
-            "(in a checkout: pip install -e '.[tfds]'), or pip install tensorflow-cpu tensorflow-datasets"
+            f"data.source='tfds' needs tensorflow and tensorflow-datasets ({e}): pip install "
+            "tensorflow-cpu tensorflow-datasets (in fcn's checkout: pip install '.[tfds]')"
         ) from e
     try:
         tf.config.set_visible_devices([], "GPU")
