@@ -195,17 +195,19 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         saved = json.loads(config.to_json())
         if source.found_at and not config.data.path:  # where the environment pointed, for evaluation later
             saved["data"]["path"] = source.found_at
+        training = start < config.num_steps  # else a finished workdir, left as it is: nothing to train
         if start:
             state = ckpts.restore(state, sharding=sharding.replicated(mesh))  # each process reads its shards
             log.info("resuming %s from step %d", workdir, start)
-            changes = checkpoint.config_changes(workdir, saved)
+            changes = checkpoint.config_changes(workdir, saved) if training else []
             if changes:  # allowed (a learning rate, a longer run), but never unsaid
                 log.warning(
                     "resuming with a config that differs from the one %s was trained with so far:\n  %s",
                     workdir,
                     "\n  ".join(changes),
                 )
-        if jax.process_index() == 0:
+        # Not where nothing is trained: config.json would name settings no step was trained with.
+        if jax.process_index() == 0 and training:
             checkpoint.write_json_atomic(workdir / "config.json", saved)
             info = {
                 "source": source.name,
@@ -230,7 +232,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         eval_step, logits_step = jit_eval_steps(
             graphs, source.num_classes, source.ignore_label, config.eval_hflip, mesh
         )
-        metrics_log = MetricsLog(workdir, start) if start < config.num_steps else None  # None: nothing to log
+        metrics_log = MetricsLog(workdir, start) if training else None  # None: nothing to log
         rows = sharding.process_slice(config.batch_size)
         last_report: dict = {}
 
@@ -246,7 +248,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
             )
             return rep
 
-        if start < config.num_steps:
+        if training:
             # The first call compiles: seconds on a CPU, 150-170 s on an H200 with an empty
             # cache, 6 s from it (docs/benchmarks.md): say so before a bar that does not move.
             log.info(

@@ -70,12 +70,16 @@ def test_stopped_and_resumed_run_equals_unbroken_run(tmp_path):
 
 
 def test_running_a_finished_workdir_again_says_there_is_nothing_to_train(tmp_path, capsys):
+    """Nothing in the workdir changes, config.json included: run again with other settings (here a
+    learning rate and seed), it was rewritten with them, though no step was trained with them."""
     config = tiny.get_config()
     train_and_evaluate(config, tmp_path / "run")
     capsys.readouterr()
-    files = sorted(p for p in (tmp_path / "run").rglob("*") if p.is_file())
+    files = {p: p.read_bytes() for p in sorted((tmp_path / "run").rglob("*")) if p.is_file()}
+    config.optimizer.learning_rate, config.seed = 0.5, 7
     assert train_and_evaluate(config, tmp_path / "run") == {}
-    assert sorted(p for p in (tmp_path / "run").rglob("*") if p.is_file()) == files  # not even an events file
+    # not even an events file, and every file's bytes as they were
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "run").rglob("*")) if p.is_file()} == files
     captured = capsys.readouterr()
     assert f"{tmp_path / 'run'} is trained to step 6 already (config.num_steps): nothing to train." in captured.out
     assert "python -m fcn.evaluate --workdir" in captured.out
