@@ -343,6 +343,16 @@ class Checkpoints:
         step = step if step is not None else (manager.best_step() if which == "best" else manager.latest_step())
         if step is None:
             raise CheckpointError(f"no {which} checkpoint in {self.workdir}")
+        if step not in (held := manager.all_steps()):  # else "incomplete or corrupt", of files that are not there
+            raise CheckpointError(
+                f"no checkpoint {step} in {manager.directory}: it holds "
+                + (f"step{'s' * (len(held) > 1)} {', '.join(map(str, sorted(held)))}" if held else "none")
+                + (
+                    " (it keeps the best one only)"
+                    if which == "best"
+                    else " (the latest config.keep_checkpoints are kept)"
+                )
+            )
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
         # Never the saved sharding: a checkpoint written by several processes must load in one.
         sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -37,6 +37,26 @@ def test_best_writes_only_states_it_keeps_and_a_tie_goes_to_the_later_step(tmp_p
     resumed.close()
 
 
+def test_a_step_not_on_disk_is_named_with_the_steps_there(tmp_path):
+    """`fcn.load("W/checkpoints/5")` once step 5 was deleted (keep_checkpoints), or a step never saved:
+    the error said its files were "incomplete or corrupt (a partial copy?)"; it names the steps held."""
+    state = {"step": np.int32(0), "params": np.arange(6, dtype=np.float32)}
+    ckpts = checkpoint.Checkpoints(tmp_path, keep=2)
+    for step in (3, 6, 9):
+        ckpts.save(step, state, mean_iou=0.1 * step)
+    ckpts.close()
+    reader = checkpoint.Checkpoints(tmp_path)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        reader.restore(state, step=3)
+    assert str(e.value).startswith(f"no checkpoint 3 in {tmp_path / 'checkpoints'}: it holds steps 6, 9 (the latest ")
+    with pytest.raises(
+        checkpoint.CheckpointError, match=rf"^no checkpoint 6 in {tmp_path / 'best'}: it holds step 9 \(it keeps "
+    ):
+        reader.restore(state, which="best", step=6)
+    assert int(reader.restore(state, step=6)["step"]) == 0  # the steps it holds still restore
+    reader.close()
+
+
 def test_write_atomic_writes_whole_files_with_the_umask_mode_and_leaves_nothing_on_failure(tmp_path):
     """fcn.staging.write_atomic, the one writer of whole files (workdir JSON, metrics.jsonl, pictures, PNGs,
     cache entries): the file gets the mode a plain write would (mkstemp's 0600 would hide predictions from
