@@ -297,13 +297,16 @@ class Checkpoints:
         """Save the state as latest (and as best when `mean_iou` equals or beats the best so far: a
         state that would not be kept is not written, then deleted)."""
         try:
-            self.latest.save(step, args=ocp.args.StandardSave(state), force=True)
             if mean_iou is not None and np.isfinite(mean_iou) and self._is_best(step, float(mean_iou)):
                 if step in self.best.all_steps():
                     # Left by a run killed between its best and latest saves; this run redid the step.
                     self.best.delete(step)
                 metrics = {"mean_iou": float(mean_iou)}
                 self.best.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+                # Best in place before latest: killed in between, the run resumes from the step before and
+                # redoes this one (above). The other way round it resumed past this step, never saved as best.
+                self.best.wait_until_finished()
+            self.latest.save(step, args=ocp.args.StandardSave(state), force=True)
             self.wait()
         except (OSError, ValueError) as e:
             try:  # let orbax's background writes end before the error ends the process

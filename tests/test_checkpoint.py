@@ -37,6 +37,43 @@ def test_best_writes_only_states_it_keeps_and_a_tie_goes_to_the_later_step(tmp_p
     resumed.close()
 
 
+def test_a_new_best_is_in_place_before_the_latest_at_its_step(tmp_path, monkeypatch):
+    """A run killed once checkpoints/N was in place but not best/N resumed from N, and best/ never got
+    that step's state, though it scored best. best/N is now renamed into place before checkpoints/N
+    begins its rename (best/'s is slowed here, which the old order let the latest's overtake)."""
+    import time
+
+    from orbax.checkpoint._src.path import atomicity
+
+    events = []
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def recorded(self):
+        final = self.get_final()
+        if final.parent.name == "best":
+            time.sleep(0.3)
+            await finalize(self)
+            events.append(f"best/{final.name} in place")
+        else:
+            if final.parent.name == "checkpoints":  # (not an item's folder inside a step's)
+                events.append(f"checkpoints/{final.name} begins")
+            await finalize(self)
+
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", recorded)
+    state = {"step": np.int32(0), "params": np.arange(6, dtype=np.float32)}
+    ckpts = checkpoint.Checkpoints(tmp_path, keep=2)
+    ckpts.save(1, state, mean_iou=0.5)
+    ckpts.save(2, state)  # no evaluation
+    ckpts.save(3, state, mean_iou=0.4)  # not the best
+    ckpts.close()
+    assert events == [
+        "best/1 in place",
+        "checkpoints/1 begins",
+        "checkpoints/2 begins",
+        "checkpoints/3 begins",
+    ]
+
+
 def test_a_step_not_on_disk_is_named_with_the_steps_there(tmp_path):
     """`fcn.load("W/checkpoints/5")` once step 5 was deleted (keep_checkpoints), or a step never saved:
     the error said its files were "incomplete or corrupt (a partial copy?)"; it names the steps held."""
