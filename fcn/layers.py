@@ -103,8 +103,11 @@ def max_pool_2x2(x_BHWC: jax.Array) -> jax.Array:
     do. Not nnx.max_pool itself: its gradient is the windowed reduction's scatter (a camvid_cpu
     training step took 1.7 s against 1.2 s, timed once on a loaded 2-core machine). Slices, not a
     reshape and a max over the window: the reshape form's jax-derived gradient gave NaN under XLA's
-    unoptimised CPU compilation.
+    unoptimised CPU compilation. An odd H or W is refused (the slices would broadcast into a wrong
+    answer); the U-Net pads its input to a multiple of 2**depth first.
     """
+    if x_BHWC.ndim != 4 or x_BHWC.shape[1] % 2 or x_BHWC.shape[2] % 2:
+        raise ValueError(f"max_pool_2x2 needs [B, H, W, C] with even H and W, got shape {tuple(x_BHWC.shape)}")
     top = jnp.maximum(x_BHWC[:, 0::2, 0::2], x_BHWC[:, 0::2, 1::2])
     bottom = jnp.maximum(x_BHWC[:, 1::2, 0::2], x_BHWC[:, 1::2, 1::2])
     return jnp.maximum(top, bottom)

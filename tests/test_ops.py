@@ -199,3 +199,11 @@ def test_max_pool_values_and_gradient_equal_xla_pooling_ties_included():
     _, along = jax.jvp(max_pool_2x2, (x,), (direction,))
     _, along_xla = jax.jvp(xla_pool, (x,), (direction,))
     np.testing.assert_array_equal(np.asarray(along), np.asarray(along_xla))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 1), (1, 4, 5, 2), (1, 1, 1, 3), (4, 4, 3)])
+def test_max_pool_refuses_odd_sizes(shape):
+    # The four strided slices of an odd H or W broadcast against each other: (2, 3, 4, 1) gave a
+    # (2, 2, 2, 1) answer (XLA's VALID pooling: (2, 1, 2, 1)) with the middle row in both rows.
+    with pytest.raises(ValueError, match=rf"even H and W, got shape \({shape[0]}, "):
+        max_pool_2x2(jnp.zeros(shape))
