@@ -62,6 +62,9 @@ def test_available_here():
         ((1, 9, 7, 4), 3, 6, (1, 1), [(0, 2), (1, 0)]),  # uneven padding
         ((2, 10, 10, 6), 5, 3, (1, 2), "VALID"),
         ((3, 8, 8, 4), 1, 4, (1, 1), "VALID"),
+        ((1, 1, 1, 1), 3, 1, (1, 1), "SAME"),  # one pixel, one channel: only the centre tap meets it
+        ((3, 7, 1, 13), 3, 7, (2, 2), "SAME"),  # 1 pixel wide, odd channel counts
+        ((1, 1, 9, 5), 3, 13, (1, 3), [(0, 2), (1, 1)]),  # 1 pixel tall, the lower rows padding only
     ],
 )
 def test_matches_lax(shape, k, c_out, strides, padding):
