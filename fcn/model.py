@@ -14,6 +14,7 @@ predictions.
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Callable
 
 import jax
@@ -194,12 +195,16 @@ class UNet(nnx.Module):
         conv_general_dilated: Callable | None = None,
         rngs: nnx.Rngs,
     ):
-        if num_classes < 2:
-            raise ValueError(f"num_classes={num_classes}: a segmentation model needs at least 2 classes")
+        if not _is_int(num_classes) or num_classes < 2:
+            raise ValueError(f"num_classes={num_classes!r}: a segmentation model needs an integer >= 2 classes")
+        _check_sizes(in_channels=in_channels, features=features)
+        _check_sizes(depth=depth, bottleneck=bottleneck, least=0)
         if upsample not in UPSAMPLES:
             raise ValueError(f"model.upsample={upsample!r}: expected one of {UPSAMPLES}")
-        if depth < 0 or features < 1:
-            raise ValueError(f"model.depth={depth}, model.features={features}: need depth >= 0, features >= 1")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"model.dropout={dropout!r}: expected a rate with 0 <= dropout < 1")
+        if not _is_float_dtype(dtype):
+            raise ValueError(f"model.dtype={dtype!r}: expected a floating dtype (jnp.float32 or jnp.bfloat16)")
         if not 0 < input_scale <= 1:
             raise ValueError(f"model.input_scale={input_scale}: expected 0 < input_scale <= 1")
         if pad_mode not in PAD_MODES:  # else only the first image of a size to pad would say so
@@ -310,6 +315,24 @@ class UNet(nnx.Module):
         if (hs, ws) != (h, w):
             logits_BHWK = resize.linear(logits_BHWK, (h, w))  # jax.image.resize(..., "linear")'s values
         return logits_BHWK
+
+
+def _check_sizes(*, least: int = 1, **sizes) -> None:
+    """Each of `sizes` (UNet's layer sizes, by argument name) an integer >= `least`: else a ValueError naming it."""
+    for name, v in sizes.items():
+        if not _is_int(v) or v < least:
+            raise ValueError(f"model.{name}={v!r}: expected an integer >= {least}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_float_dtype(dtype) -> bool:
+    try:
+        return jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:  # not a dtype at all ('foo')
+        return False
 
 
 def scaled_size(h: int, w: int, scale: float) -> tuple[int, int]:
