@@ -173,8 +173,8 @@ class UNet(nnx.Module):
         for backend-specific implementations; default `jax.lax.conv_general_dilated`).
       rngs: parameter initialisation keys.
 
-    Inputs are float images in [0, 1] with `in_channels` channels; the model centres them itself
-    (`input_stats`).
+    Inputs are float images in [0, 1] with `in_channels` channels (integer images are refused, not
+    rescaled); the model centres them itself (`input_stats`).
     """
 
     def __init__(
@@ -285,6 +285,10 @@ class UNet(nnx.Module):
         _, h, w, c = x_BHWC.shape
         if c != self.in_channels:
             raise ValueError(f"UNet built for in_channels={self.in_channels} got images of {c} channels {x_BHWC.shape}")
+        if not jnp.issubdtype(x_BHWC.dtype, jnp.floating):  # uint8 0..255 would be taken as floats in [0, 1]
+            raise ValueError(
+                f"UNet expects float images in [0, 1], got {x_BHWC.dtype} images {x_BHWC.shape}: divide 0..255 by 255"
+            )
         hs, ws = (h, w) if prescaled else scaled_size(h, w, self.input_scale)
         if (hs, ws) != (h, w):
             x_BHWC = resize.linear(x_BHWC.astype(jnp.float32), (hs, ws), antialias=True)

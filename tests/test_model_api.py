@@ -45,3 +45,27 @@ def test_a_dtype_given_as_a_string_and_numpy_integers_are_accepted():
     model = tiny(dtype="bfloat16", features=np.int64(4), depth=np.int32(1))
     model.eval()
     assert model(jnp.full((1, 5, 7, 3), 0.5)).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.bool_])
+def test_integer_images_are_refused_not_taken_as_floats(dtype):
+    """A uint8 image went in as floats in 0..255 instead of [0, 1]: logits of about +-100, silently
+    (fcn.load(...).predict divides uint8 by 255; the model itself takes floats only)."""
+    model = tiny()
+    model.eval()
+    images = np.zeros((1, 8, 8, 3), dtype)
+    with pytest.raises(ValueError, match=f"float images in \\[0, 1\\], got {np.dtype(dtype)} images \\(1, 8, 8, 3\\)"):
+        model(images)
+    with pytest.raises(ValueError, match="float images"):
+        model(jnp.asarray(images))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16, jnp.bfloat16])
+def test_float_images_of_any_precision_give_the_float32_logits(dtype):
+    model = tiny()
+    model.eval()
+    x = np.random.default_rng(0).random((2, 12, 12, 3)).astype(np.float32)
+    want = np.asarray(model(x))
+    got = np.asarray(model(x.astype(dtype)))  # a numpy array, float64 included
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=0 if dtype == np.float64 else 2e-2)
