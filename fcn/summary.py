@@ -5,10 +5,13 @@ computes them), for the given input shape, with XLA's own convolutions whatever
 the model's conv_impl, and the model in training mode whatever its mode; the total
 row is the whole forward pass, including padding, pooling and concatenation. Every conv and
 norm has a row, so the rows' parameters add up to the total; a batch norm's FLOPs include the
-ReLU it is fused with in training mode (fcn.norm.batch_norm_train).
+ReLU it is fused with in training mode (fcn.norm.batch_norm_train). A summary that fails (a shape
+the model refuses) raises the model's error and leaves every model working (`_tabulate`).
 """
 
 from __future__ import annotations
+
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +69,30 @@ def _xla_convs(model: nnx.Module) -> nnx.Module:
     return model
 
 
+def _tabulate(model: nnx.Module, *args, **kwargs):
+    """nnx.tabulate, with the methods of the model's classes put back whatever happens.
+
+    nnx.tabulate replaces them, on the classes, with wrappers that record each call, and puts them
+    back only when the model's call returns: after one that raised (`summary(model, (360, 480, 3))`,
+    no batch axis) every later UNet(...), and every call of a model, failed with "'List' object has
+    no attribute '_nnx_tabulate_id'" until the Python process (a notebook's kernel) restarted.
+    """
+    saved = {}
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Pytree) and type(node) not in saved:
+            cls = type(node)
+            saved[cls] = {name: vars(cls).get(name) for name, _ in inspect.getmembers(cls, inspect.isfunction)}
+    try:
+        return nnx.tabulate(model, *args, **kwargs)
+    finally:
+        for cls, methods in saved.items():
+            for name, method in methods.items():
+                if method is not None:
+                    setattr(cls, name, method)
+                elif name in vars(cls):  # inherited before; tabulate set it on the class itself
+                    delattr(cls, name)
+
+
 def layer_rows(model: nnx.Module, input_shape) -> tuple[list[dict], dict]:
     """(rows for each conv/norm layer, totals) for a forward pass on `input_shape`.
 
@@ -81,7 +108,7 @@ def layer_rows(model: nnx.Module, input_shape) -> tuple[list[dict], dict]:
         return False  # we format our own table
 
     # rngs: for dropout, when the model is in training mode (as it is when built).
-    nnx.tabulate(model, jnp.zeros(input_shape, jnp.float32), rngs=nnx.Rngs(0), compute_flops=True, row_filter=record)
+    _tabulate(model, jnp.zeros(input_shape, jnp.float32), rngs=nnx.Rngs(0), compute_flops=True, row_filter=record)
     modules = dict(nnx.iter_modules(model))
     leaves = {tuple(c.path) for c in calls if isinstance(modules.get(tuple(c.path)), _LEAVES)}
     rows, total = [], {"flops": 0, "params": _count(model)}

@@ -1,6 +1,8 @@
 """fcn.summary: the per-layer table, its parameters and its FLOPs (2 x multiply-adds, XLA's count)."""
 
 import jax
+import jax.numpy as jnp
+import pytest
 from flax import nnx
 
 import fcn
@@ -86,3 +88,17 @@ def test_every_norm_has_a_row_and_the_rows_add_up_to_the_total():
         assert len(norms) == (10 if kind else 0), (norm, [r["name"] for r in rows])
         assert all(r["name"].endswith("/norm") and r["flops"] > 0 for r in norms)
         assert norms == [] or norms[0]["name"] == "down/0/norms/0/norm"
+
+
+def test_a_summary_that_fails_leaves_every_later_model_working():
+    """nnx.tabulate puts back the methods it wraps only when the model's call returns: after a summary
+    of a bad shape (no batch axis) every later UNet(...) and model call raised AttributeError
+    ('_nnx_tabulate_id') until the notebook's kernel restarted."""
+    model = tiny()
+    with pytest.raises(ValueError, match=r"images \[B, H, W, C\], got shape \(12, 16, 3\)"):
+        fcn.summary(model, (12, 16, 3))
+    again = tiny()  # built after the failure
+    assert again(jnp.zeros((1, 12, 16, 3))).shape == (1, 12, 16, 3)
+    assert model(jnp.zeros((1, 12, 16, 3))).shape == (1, 12, 16, 3)
+    assert fcn.summary(again, (1, 12, 16, 3)) == fcn.summary(tiny(), (1, 12, 16, 3))
+    assert all("_nnx_tabulate_id" not in str(vars(type(m)).get("__call__", "")) for _, m in nnx.iter_modules(again))
