@@ -2,6 +2,7 @@
 
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -69,3 +70,28 @@ def test_float_images_of_any_precision_give_the_float32_logits(dtype):
     got = np.asarray(model(x.astype(dtype)))  # a numpy array, float64 included
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, want, atol=0 if dtype == np.float64 else 2e-2)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_the_models_logits_are_the_1x1_heads_matrix_times_each_pixels_features_plus_bias(train):
+    """GUIDE.md: the network ends in a per-pixel linear classifier. Through the whole model (padding to
+    2**depth and the crop back, batch norm folded in inference or on batch statistics in training)."""
+    model = UNet(5, features=4, depth=2, rngs=nnx.Rngs(0))
+    head = model.head.layers[0]
+    head.bias[...] = jnp.arange(5.0) - 2  # a bias that is not zero, so it is checked too
+    if not train:
+        model.eval()
+    x = np.random.default_rng(0).random((2, 13, 11, 3), np.float32)  # padded to 16 x 12 inside
+    graph, state = nnx.split(model)
+
+    @jax.jit
+    def features_and_logits(state, x):  # the same state for both: in training each call updates it
+        return nnx.merge(graph, state).features(x), nnx.merge(graph, state)(x)
+
+    features_BHWC, logits_BHWK = features_and_logits(state, x)
+    assert features_BHWC.shape == (2, 16, 12, 4) and logits_BHWK.shape == (2, 13, 11, 5)
+    w_CK = np.asarray(head.kernel[...], np.float64)[0, 0]
+    b_K = np.asarray(head.bias[...], np.float64)
+    f = np.asarray(features_BHWC, np.float64)
+    for b, i, j in [(0, 0, 0), (1, 12, 10), (0, 6, 5), (1, 3, 9)]:
+        np.testing.assert_allclose(logits_BHWK[b, i, j], f[b, i, j] @ w_CK + b_K, rtol=1e-5, atol=1e-5)
