@@ -5,7 +5,11 @@
 prints a per-class table and the summary scores, and writes
 `{workdir}/eval_{split}.json`, `eval_{split}_confusion.png`,
 `eval_{split}_iou.png` and `eval_{split}_examples.png` (with `--examples 0`, or
-with several processes, none: an earlier one is removed). The model and the data
+with several processes, none: an earlier one is removed). `--workdir
+{workdir}/checkpoints/N` (or `best/N`) evaluates that saved step instead
+(`fcn.trained.resolve`) and writes `eval_{split}_stepN.json` and
+`eval_{split}_stepN_*.png`; the report's `step` and `checkpoint` say which was
+evaluated. The model and the data
 settings are the workdir's (config.json); `--config.data.KEY=VALUE` overrides a
 data setting as train.py does, e.g. the data's path when it has moved.
 `--batch_size N` sets the images per batch over all devices (default: the
@@ -25,7 +29,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from fcn import checkpoint, metrics, sharding, state as state_lib
+from fcn import checkpoint, metrics, sharding, state as state_lib, trained
 from fcn.cli import exits_130_on_ctrl_c, out_of_memory
 from fcn.data import pipeline
 from fcn.data.base import Split
@@ -209,24 +213,16 @@ def format_report(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def load_for_eval(workdir: str | Path, which: str = "best", mesh=None, data_overrides: list[str] = ()):
-    """(config, dataset info, graphs, state) of a workdir; falls back to latest without a best.
+def load_for_eval(path: str | Path, which: str = "best", mesh=None, data_overrides: list[str] = ()):
+    """(config, dataset info, graphs, state) of a workdir (its best checkpoint, else the latest) or of
+    one checkpoint folder in it, `{workdir}/checkpoints/N` or `{workdir}/best/N` (`fcn.trained.restore`).
 
     mesh: restore the state replicated over it (needed with several processes).
     data_overrides: `--config.data.KEY=VALUE` arguments (fcn.cli.with_data_overrides), applied
     before anything is restored.
     """
-    from fcn.cli import with_data_overrides
-
-    config = with_data_overrides(checkpoint.load_config(workdir), list(data_overrides))
-    info = checkpoint.load_dataset_info(workdir)
-    graphs, abstract, _ = state_lib.abstract_state(config, len(info["class_names"]), workdir=workdir)
-    ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
-    if which == "best":
-        which = ckpts.best_or_latest()
-    state = ckpts.restore(abstract, which=which, sharding=None if mesh is None else sharding.replicated(mesh))
-    ckpts.close()
-    return config, info, graphs, state
+    at = None if mesh is None else sharding.replicated(mesh)
+    return trained.restore(path, which, data_overrides=data_overrides, sharding=at)[2:]
 
 
 @exits_130_on_ctrl_c()
@@ -239,9 +235,8 @@ def main(argv=None) -> int:
         epilog=f"{DATA_OVERRIDE}KEY=VALUE overrides a data setting of the workdir's config, as in train.py: "
         f"e.g. {DATA_OVERRIDE}path=DIR when the data has moved.",
     )
-    parser.add_argument("--workdir", required=True, help="a workdir written by train.py")
+    trained.add_flags(parser)
     parser.add_argument("--split", default="val", help="a split the data source offers (default: val)")
-    parser.add_argument("--checkpoint", default="best", choices=("best", "latest"), help="which checkpoint")
     parser.add_argument("--examples", type=int, default=4, help="example overlays to draw (0 = none)")
     parser.add_argument("--hflip", action="store_true", help="average with horizontally flipped predictions")
     parser.add_argument(
@@ -304,11 +299,14 @@ def _evaluate(args) -> int:
     from fcn.traced import enable_compilation_cache
 
     enable_compilation_cache()  # a second evaluation reads the compiled step back
-    workdir = Path(args.workdir)
     mesh = sharding.make_mesh()
     if args.batch_size is not None:  # before anything is read
         sharding.check_batch_size(args.batch_size, "--batch_size")
-    config, info, graphs, state = load_for_eval(workdir, args.checkpoint, mesh, args.data_overrides)
+    at = sharding.replicated(mesh)  # every process restores the whole state
+    run = trained.restore(args.workdir, args.checkpoint, data_overrides=args.data_overrides, sharding=at)
+    workdir, config, info, graphs, state = run.workdir, run.config, run.info, run.graphs, run.state
+    # A checkpoint folder's report is named by its step, beside (never over) the workdir's best or latest one.
+    stem = f"eval_{args.split}" + ("" if trained.resolve(args.workdir)[2] is None else f"_step{int(state['step'])}")
     with config.unlocked():
         config.eval_hflip = bool(args.hflip or config.get("eval_hflip", False))  # how evaluate_split batches
     config.eval_batch_size = args.batch_in_use = _eval_batch_size(args.batch_size, config.eval_batch_size)
@@ -321,22 +319,22 @@ def _evaluate(args) -> int:
         eval_step, state, split, config, num_classes, mesh, keep_examples=args.examples, logits_step=logits_step
     )
     rep = report(cm, info["class_names"], split=args.split, step=int(state["step"]))
-    rep["seconds"] = round(time.time() - t0, 2)
+    rep["checkpoint"], rep["seconds"] = run.checkpoint, round(time.time() - t0, 2)
     if jax.process_index() == 0:
-        print(f"{workdir}: {args.split} split, {len(split)} images, step {rep['step']}")
+        print(f"{workdir}: {args.split} split, {len(split)} images, step {rep['step']} ({run.checkpoint})")
         print(format_report(rep))
-        checkpoint.write_json_atomic(workdir / f"eval_{args.split}.json", rep)
+        checkpoint.write_json_atomic(workdir / f"{stem}.json", rep)
         from fcn import viz
 
         palette = np.asarray(info["palette"], np.uint8)
-        viz.save_confusion(workdir / f"eval_{args.split}_confusion.png", cm, info["class_names"])
-        viz.save_iou_bars(workdir / f"eval_{args.split}_iou.png", rep)
-        examples = workdir / f"eval_{args.split}_examples.png"
+        viz.save_confusion(workdir / f"{stem}_confusion.png", cm, info["class_names"])
+        viz.save_iou_bars(workdir / f"{stem}_iou.png", rep)
+        examples = workdir / f"{stem}_examples.png"
         if kept:
             viz.save_examples(examples, kept, info["class_names"], palette)
         else:  # --examples 0 (or several processes): an earlier evaluation's picture would pass for this one's
             examples.unlink(missing_ok=True)
-        print(f"wrote {workdir}/eval_{args.split}.json and pictures")
+        print(f"wrote {workdir}/{stem}.json and pictures")
     return 0
 
 

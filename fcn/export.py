@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcn import ops
+from fcn import ops, trained
 from fcn.cli import exits_130_on_ctrl_c, out_dir_error
 from fcn.data.images import fitted_size
 from fcn.exported import (  # the reloading side
@@ -281,9 +281,8 @@ def _export_tf(fn, out: Path, platforms, saved_model: bool, tflite_size, size) -
 @exits_130_on_ctrl_c()
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fcn.export", description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", required=True, help="a workdir written by train.py (or a checkpoint in it)")
+    trained.add_flags(parser)
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
-    parser.add_argument("--checkpoint", default="best", choices=("best", "latest"), help="which checkpoint")
     parser.add_argument("--platforms", default="", help="comma-separated, e.g. cpu,cuda (default: this machine's)")
     parser.add_argument("--no_saved_model", action="store_true", help="skip the TF SavedModel")
     parser.add_argument(

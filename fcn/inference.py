@@ -364,35 +364,20 @@ class Segmenter:
 def load(path: str | Path, *, which: str = "best", **options) -> Segmenter:
     """A Segmenter from a workdir (its best checkpoint, else the latest) or one checkpoint folder.
 
-    path: a workdir written by train.py, or `{workdir}/checkpoints/N` or `{workdir}/best/N`.
+    path: a workdir written by train.py, or `{workdir}/checkpoints/N` or `{workdir}/best/N`
+    (`fcn.trained.resolve`, as fcn.evaluate, fcn.predict and fcn.export read them).
     which: "best" or "latest", for a workdir. options: Segmenter keyword arguments;
     `hflip` and `max_size` default to the run's `eval_hflip` and `data.max_size`.
     """
-    from fcn import checkpoint, state as state_lib
+    from fcn import state as state_lib, trained
 
-    if which not in ("best", "latest"):  # anything else would read the latest
-        raise ValueError(f"which={which!r}: expected 'best' or 'latest'")
-    path, step = Path(path), None
-    kind = path.parent.name
-    if kind in ("checkpoints", "best") and path.name.isdigit():  # one checkpoint
-        path, step = path.parent.parent, int(path.name)
-        which = "best" if kind == "best" else "latest"
-    config = checkpoint.load_config(path)
-    info = checkpoint.load_dataset_info(path)
-    graphs, abstract, _ = state_lib.abstract_state(config, len(info["class_names"]), workdir=path)
-    ckpts = checkpoint.Checkpoints(path, keep=config.keep_checkpoints)
-    try:
-        if which == "best" and step is None:
-            which = ckpts.best_or_latest()
-        state = ckpts.restore(abstract, which=which, step=step)
-    finally:
-        ckpts.close()
-    options.setdefault("hflip", bool(config.get("eval_hflip", False)))
-    options.setdefault("max_size", int(config.data.get("max_size", 0)))
+    run = trained.restore(path, which)
+    options.setdefault("hflip", bool(run.config.get("eval_hflip", False)))
+    options.setdefault("max_size", int(run.config.data.get("max_size", 0)))
     return Segmenter(
-        state_lib.eval_model(graphs, state),
-        info["class_names"],
-        info.get("palette"),
-        info.get("ignore_label", 255),
+        state_lib.eval_model(run.graphs, run.state),
+        run.info["class_names"],
+        run.info.get("palette"),
+        run.info.get("ignore_label", 255),
         **options,
     )

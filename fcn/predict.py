@@ -22,6 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from fcn import trained
 from fcn.cli import exits_130_on_ctrl_c, out_dir_error, out_of_memory
 from fcn.staging import write_atomic
 
@@ -195,9 +196,8 @@ def _predicted(segmenter, batch: list, report) -> list:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fcn.predict", description=__doc__.split("\n")[0])
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or directories of images")
-    parser.add_argument("--workdir", required=True, help="a workdir written by train.py (or a checkpoint in it)")
+    trained.add_flags(parser)
     parser.add_argument("--out", required=True, help="output directory (created if missing)")
-    parser.add_argument("--checkpoint", default="best", choices=("best", "latest"), help="which checkpoint")
     parser.add_argument("--hflip", action="store_true", help="average with horizontally flipped predictions")
     parser.add_argument("--tile", type=int, default=512, help="images larger than this are tiled (px)")
     parser.add_argument("--overlap", type=int, default=128, help="overlap between tiles (px)")

@@ -1,0 +1,88 @@
+"""One way to name a trained run's checkpoint (fcn.trained): a workdir with best|latest, or W/checkpoints/N
+or W/best/N, the same for fcn.evaluate, fcn.predict, fcn.export and fcn.load."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_inference import train_tiny
+
+from fcn import evaluate, export, predict, trained
+from fcn.checkpoint import CheckpointError
+from fcn.inference import load
+
+SCORES = ("mean_iou", "pixel_accuracy", "mean_accuracy", "fw_iou")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return Path(train_tiny(tmp_path_factory))
+
+
+def test_resolve_names_a_workdir_or_one_checkpoint(tmp_path):
+    w = tmp_path / "run"
+    assert trained.resolve(w) == (w, "best", None)
+    assert trained.resolve(w, "latest") == (w, "latest", None)
+    assert trained.resolve(f"{w}/checkpoints/3/") == (w, "latest", 3)  # a folder names its own, whatever `which`
+    assert trained.resolve(w / "best" / "6", "latest") == (w, "best", 6)
+    with pytest.raises(ValueError, match="which='last': expected 'best' or 'latest'"):
+        trained.resolve(w, "last")
+
+
+def test_evaluate_one_checkpoint_folder_gives_that_steps_scores_beside_the_workdirs_report(workdir, tmp_path):
+    """`python -m fcn.evaluate --workdir W/checkpoints/N` failed ("config.json not found: is W/checkpoints/N a
+    workdir"): no saved step but the best and the latest could be evaluated. Each step the training evaluated
+    scores as the training's own evaluation at it (metrics.jsonl), in eval_val_stepN.json and pictures;
+    the workdir's eval_val.json (the best's report) is left as it was."""
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    logged = {
+        r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_mean_iou" in r
+    }
+    assert len(logged) >= 2 and len({logged[s]["eval_mean_iou"] for s in logged}) == len(logged)  # steps tell apart
+    (run / "eval_val.json").write_text('{"step": "the best one"}')
+    for step in sorted(logged):
+        assert evaluate.main(["--workdir", str(run / "checkpoints" / str(step)), "--examples", "1"]) == 0
+        rep = json.loads((run / f"eval_val_step{step}.json").read_text())
+        assert (rep["step"], rep["checkpoint"]) == (step, f"checkpoints/{step}")
+        assert {k: rep[k] for k in SCORES} == {k: logged[step][f"eval_{k}"] for k in SCORES}
+        for picture in ("confusion", "iou", "examples"):
+            assert (run / f"eval_val_step{step}_{picture}.png").stat().st_size > 1000
+    assert (run / "eval_val.json").read_text() == '{"step": "the best one"}'
+    assert not (run / "checkpoints" / "eval_val.json").exists()
+
+
+def test_the_four_commands_read_checkpoints_through_one_resolver_with_one_error(workdir, tmp_path, monkeypatch, capsys):
+    """A step not on disk: the same message, naming the steps the folder holds, from all four; each resolves
+    its --workdir with fcn.trained.resolve."""
+    held = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    missing = workdir / "checkpoints" / "99"
+    message = (
+        f"no checkpoint 99 in {workdir / 'checkpoints'}: it holds steps {', '.join(map(str, held))} "
+        "(the latest config.keep_checkpoints are kept)"
+    )
+    resolved = []
+    resolve = trained.resolve
+    monkeypatch.setattr(
+        trained, "resolve", lambda path, which="best": resolved.append(str(path)) or resolve(path, which)
+    )
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    commands = {
+        "evaluate": lambda: evaluate.main(["--workdir", str(missing), "--examples", "0"]),
+        "predict": lambda: predict.main([str(image), "--workdir", str(missing), "--out", str(tmp_path / "p")]),
+        "export": lambda: export.main(["--workdir", str(missing), "--out", str(tmp_path / "e")]),
+    }
+    for name, command in commands.items():
+        resolved.clear()
+        assert command() == 1, name
+        assert message in capsys.readouterr().err, name
+        assert str(missing) in resolved, name
+    resolved.clear()
+    with pytest.raises(CheckpointError) as e:
+        load(missing)
+    assert str(e.value) == message and str(missing) in resolved
+    assert not (tmp_path / "p").exists() and not (tmp_path / "e").exists() and not missing.exists()
