@@ -78,7 +78,8 @@ def default_config() -> ml_collections.ConfigDict:
     m.bottleneck = 0  # >0: 1x1 conv to channels // bottleneck before each 3x3 conv
     m.dropout = 0.0  # dropout rate at the bottom of the U
     # Compute dtype: float32 | bfloat16 (parameters stay float32). On a CPU with bfloat16 instructions
-    # (AVX-512 BF16, AMX; fcn.onednn.supports), bfloat16 trained 2.3-2.7x faster than float32 on 2 cores.
+    # (AVX-512 BF16, AMX; fcn.onednn.supports), bfloat16 trained camvid_cpu's network 2.3-2.7x faster than
+    # float32 on a 2-core Xeon with AMX, 1.7-1.9x on a 2-core AMD EPYC without (2026-11-23; README, Speed).
     m.dtype = "float32"
     m.pad_mode = "reflect"  # how inputs are padded up to a multiple of 2**depth
     m.input_scale = 1.0  # run the net at this fraction of the input size, logits resized back
