@@ -180,3 +180,37 @@ def test_tfds_without_tensorflow_is_one_line_naming_the_extra(monkeypatch, tmp_p
     assert run_training(c, str(tmp_path / "run")) == 1  # an error the user can act on, not a traceback
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "'.[tfds]'" in errors[0], errors
+
+
+def test_tfds_corrupt_image_is_a_data_error_that_skip_bad_skips(tmp_path):
+    """A prepared dataset whose example 1 holds a truncated PNG: TF's InvalidArgumentError ended the
+    run even with data.skip_bad; now it is one DataError naming the example and key, and skipped."""
+    tfds = pytest.importorskip("tensorflow_datasets", reason="tensorflow-datasets not installed")
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.fromarray(rgb(0, 6, 5)).save(png, format="PNG")
+    (tmp_path / "bad.png").write_bytes(png.getvalue()[:40])  # tfds keeps a file's bytes as they are
+
+    class FcnBadSeg(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            image, mask = tfds.features.Image(shape=(None, None, 3)), tfds.features.Image(shape=(None, None, 1))
+            return tfds.core.DatasetInfo(
+                builder=self, features=tfds.features.FeaturesDict({"image": image, "segmentation_mask": mask})
+            )
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(3):
+                image = str(tmp_path / "bad.png") if i == 1 else rgb(i, 6, 5)
+                yield i, {"image": image, "segmentation_mask": np.zeros((6, 5, 1), np.uint8)}
+
+    FcnBadSeg(data_dir=str(tmp_path / "d")).download_and_prepare()
+    kw = dict(path=str(tmp_path / "d"), tfds_name="fcn_bad_seg", class_names=("a", "b"))
+    with pytest.raises(DataError, match=r"^train\[1\]: 'image' is a corrupt or truncated image \(Invalid PNG"):
+        get_source(config("tfds", **kw)).load("train")
+    assert get_source(config("tfds", skip_bad=True, **kw)).load("train").names == ["train[0]", "train[2]"]

@@ -167,15 +167,19 @@ def _read_split(data_config, labels: LabelMap, color_map, split: str) -> Example
         masks.append(ex[mask_key])
     ignore, max_size = int(data_config.ignore_label), int(data_config.max_size)
 
-    def decoded(value, key: str) -> np.ndarray:
-        if isinstance(value, bytes):  # as tfds.load would decode it
+    def decoded(value, key: str, name: str) -> np.ndarray:
+        if not isinstance(value, bytes):
+            return np.asarray(value)
+        try:  # as tfds.load would decode it
             return features[key].decode_example(tf.constant(value)).numpy()
-        return np.asarray(value)
+        except tf.errors.OpError as e:  # a DataError, which data.skip_bad skips: TF's own error was fatal
+            why = e.message.split("}} ")[-1].split(" [Op:")[0]  # TF's words, without its op's names
+            raise DataError(f"{name}: {key!r} is a corrupt or truncated image ({why})") from e
 
     def read(i: int) -> tuple[np.ndarray, np.ndarray]:
         name = names[i]
-        image = as_rgb(decoded(images[i], image_key), name)
-        raw = decoded(masks[i], mask_key)
+        image = as_rgb(decoded(images[i], image_key, name), name)
+        raw = decoded(masks[i], mask_key, name)
         if raw.ndim == 3 and raw.shape[-1] == 1:
             raw = raw[..., 0]
         elif raw.ndim == 3 and raw.shape[-1] == 3 and color_map is not None:
