@@ -5,11 +5,11 @@
 prints a per-class table and the summary scores, and writes
 `{workdir}/eval_{split}.json`, `eval_{split}_confusion.png`,
 `eval_{split}_iou.png` and `eval_{split}_examples.png` (with `--examples 0`, or
-with several processes, none: an earlier one is removed). `--workdir
-{workdir}/checkpoints/N` (or `best/N`) evaluates that saved step instead
-(`fcn.trained.resolve`) and writes `eval_{split}_stepN.json` and
-`eval_{split}_stepN_*.png`; the report's `step` and `checkpoint` say which was
-evaluated. The model and the data
+with several processes, none: an earlier one is removed), of the best
+checkpoint. `--checkpoint latest`, or `--workdir {workdir}/checkpoints/N` (or
+`best/N`: that saved step, `fcn.trained.resolve`), writes `eval_{split}_stepN.json`
+and `eval_{split}_stepN_*.png` instead, beside the best's; the report's `step` and
+`checkpoint` say which was evaluated. The model and the data
 settings are the workdir's (config.json); `--config.data.KEY=VALUE` overrides a
 data setting as train.py does, e.g. the data's path when it has moved.
 `--batch_size N` sets the images per batch over all devices (default: the
@@ -305,8 +305,9 @@ def _evaluate(args) -> int:
     at = sharding.replicated(mesh)  # every process restores the whole state
     run = trained.restore(args.workdir, args.checkpoint, data_overrides=args.data_overrides, sharding=at)
     workdir, config, info, graphs, state = run.workdir, run.config, run.info, run.graphs, run.state
-    # A checkpoint folder's report is named by its step, beside (never over) the workdir's best or latest one.
-    stem = f"eval_{args.split}" + ("" if trained.resolve(args.workdir)[2] is None else f"_step{int(state['step'])}")
+    # eval_{split}.json is the best's (the default); any other checkpoint's is named by its step, beside it.
+    _, which, step = trained.resolve(args.workdir, args.checkpoint)
+    stem = f"eval_{args.split}" + ("" if which == "best" and step is None else f"_step{int(state['step'])}")
     with config.unlocked():
         config.eval_hflip = bool(args.hflip or config.get("eval_hflip", False))  # how evaluate_split batches
     config.eval_batch_size = args.batch_in_use = _eval_batch_size(args.batch_size, config.eval_batch_size)

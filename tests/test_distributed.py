@@ -188,12 +188,12 @@ def test_four_devices_match_one_device(reference, cache, tmp_path):
     for step in (3, STEPS):
         _close(_saved(tmp_path, 0, step), _saved(ref, 0, step))
     # The same state evaluated on 4 devices: the very same confusion matrix.
-    four = json.loads((ref / "wd" / "eval_val.json").read_text())
+    four = json.loads((ref / "wd" / f"eval_val_step{STEPS}.json").read_text())
     assert four["step"] == ref_report["step"]
     assert four["confusion_matrix"] == ref_report["confusion_matrix"]
     # A workdir's eval_batch_size that 4 devices do not divide is rounded up, with the same matrix;
     # a --batch_size they do not divide is refused, naming the flag.
-    odd = json.loads((tmp_path / "odd_eval_batch" / "eval_val.json").read_text())
+    odd = json.loads((tmp_path / "odd_eval_batch" / f"eval_val_step{STEPS}.json").read_text())
     assert odd["confusion_matrix"] == ref_report["confusion_matrix"]
     assert "eval_batch_size=3 does not divide among 4 devices: evaluating 4 images at a time" in done.stderr
     assert "error: --batch_size=6 must be a positive multiple of the device count (4 devices" in done.stderr
@@ -306,7 +306,7 @@ def test_two_processes_train_like_one_stop_together_and_resume(reference, cache,
     assert reports[0]["confusion_matrix"] == reports[1]["confusion_matrix"]
     assert reports[0]["num_pixels"] == ref_report["num_pixels"]
     # `python -m fcn.evaluate` with both processes: the same matrix from the restored checkpoint.
-    evaluated = json.loads((tmp_path / "wd" / "eval_val.json").read_text())
+    evaluated = json.loads((tmp_path / "wd" / f"eval_val_step{STEPS}.json").read_text())
     assert evaluated["step"] == STEPS and evaluated["confusion_matrix"] == reports[0]["confusion_matrix"]
     # Process 0 alone reports and logs, each step once.
     assert "mean IoU" in first["stdout"] and "wrote" in first["stdout"]

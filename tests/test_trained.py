@@ -51,6 +51,11 @@ def test_evaluate_one_checkpoint_folder_gives_that_steps_scores_beside_the_workd
         assert {k: rep[k] for k in SCORES} == {k: logged[step][f"eval_{k}"] for k in SCORES}
         for picture in ("confusion", "iou", "examples"):
             assert (run / f"eval_val_step{step}_{picture}.png").stat().st_size > 1000
+    latest = max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    (run / f"eval_val_step{latest}.json").unlink()
+    # --checkpoint latest is named by its step too: it used to write eval_val.json, over the best's report
+    assert evaluate.main(["--workdir", str(run), "--checkpoint", "latest", "--examples", "0"]) == 0
+    assert json.loads((run / f"eval_val_step{latest}.json").read_text())["checkpoint"] == f"checkpoints/{latest}"
     assert (run / "eval_val.json").read_text() == '{"step": "the best one"}'
     assert not (run / "checkpoints" / "eval_val.json").exists()
 
