@@ -32,7 +32,9 @@ def out_of_memory(e: BaseException) -> str | None:
     from) is XLA's out-of-memory error, else None. XLA says it in several ways: `RESOURCE_EXHAUSTED: Out of
     memory allocating N bytes.` (CPU), `... Out of memory while trying to allocate N bytes.` and then pages of
     buffer statistics, `Failed to allocate request for 6.27GiB (6727663616B) on device ordinal 0` (GPU),
-    `Attempting to allocate 16.00G. That was not possible.` (TPU)."""
+    `Attempting to allocate 16.00G. That was not possible.` (TPU, running), `XLA:TPU compile permanent error.
+    Ran out of memory in memory space hbm. Used 21.95G of 15.48G hbm.` (TPU, compiling: 'the program needs
+    21.95G; it has 15.48G')."""
     import re
 
     import jax
@@ -47,6 +49,8 @@ def out_of_memory(e: BaseException) -> str | None:
         size = f" (it tried to allocate {format_bytes(int(found[1] or found[2]))})"
     elif found := re.search(r"allocate ([\d.]+ ?[KMGT]i?B?)", text):
         size = f" (it tried to allocate {found[1]})"
+    elif found := re.search(r"Used ([\d.]+ ?[KMGT]i?B?) of ([\d.]+ ?[KMGT]i?B?) hbm", text):
+        size = f" (the program needs {found[1]}; it has {found[2]})"
     return f"ran out of memory on the {jax.default_backend().upper()}{size}"
 
 
