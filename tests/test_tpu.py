@@ -3,10 +3,20 @@
 No TPU has run fcn; these pin the platform branches (docs/benchmarks.md has no TPU figures).
 """
 
+import re
+import types
+
 import jax
+import numpy as np
 import pytest
 
-from fcn import cli
+from configs import camvid, tiny
+from fcn import cli, evaluate, head_loss, host_memory, model, ops, state as state_lib
+from fcn.config import ConfigError, validate
+
+TPU = types.SimpleNamespace(
+    platform="tpu", device_kind="TPU v4", id=0, memory_stats=lambda: {"bytes_limit": 32 * 2**30, "bytes_in_use": 0}
+)
 
 # XLA:TPU's out-of-memory errors: while compiling (most of them: it plans the memory of the whole
 # program), and while running (github.com/erfanzar/EasyDeL/issues/166, LargeWorldModel/LWM/issues/60).
@@ -35,3 +45,33 @@ def test_out_of_memory_on_a_tpu_says_how_much(on_a_tpu):
     oom = cli.out_of_memory(jax.errors.JaxRuntimeError(TPU_RUN_OOM))
     assert oom == "ran out of memory on the TPU (it tried to allocate 16.00G)"
     assert cli.out_of_memory(jax.errors.JaxRuntimeError("INVALID_ARGUMENT: Used 1G of 2G hbm")) is None
+
+
+def test_every_platform_branch_takes_the_accelerator_path_on_a_tpu(on_a_tpu):
+    """None of the CPU's choices (oneDNN, compiler options, barriers, pacing, two evaluations at once)
+    and none of the GPU's (the fused head's Triton kernel) applies on a TPU."""
+    for config in (tiny.get_config(), camvid.get_config()):
+        validate(config)  # camvid: bfloat16, native on a TPU, with no warning about oneDNN
+        assert head_loss.fused_head_mode(config, TPU) is None  # "auto": measured on Hopper GPUs only
+    config = tiny.get_config()
+    config.model.conv_impl = "onednn"
+    with pytest.raises(ConfigError, match="conv_impl='onednn' runs on a CPU; this backend is tpu: use auto"):
+        validate(config)
+    assert ops.train_compiler_options("auto") is None and model.run_once_compiler_options() is None
+    assert evaluate.batches_in_flight() == 1 and not host_memory.one_step_at_a_time([TPU])
+    assert state_lib.memory_limit(TPU) == (32 * 2**30, "TPU's memory")
+
+
+def test_the_training_step_traced_for_a_tpu_has_no_custom_calls(on_a_tpu):
+    """XLA's own convolutions and matrix products ('auto' is 'gemm' off the CPU): no oneDNN call, no
+    Triton kernel, no CPU-only optimization barrier."""
+    config = tiny.get_config()
+    config.model.dtype = "bfloat16"
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (4, 24, 32, 3), np.uint8)
+    labels = rng.integers(0, 4, (4, 24, 32), np.uint8)
+    sizes = np.array([(24, 32)] * 4, np.int32)
+    graphs, state, tx = state_lib.create(config, 4)
+    text = state_lib.jit_train_step(config, graphs, tx, 4, 255).lower(state, images, labels, sizes).as_text()
+    assert re.findall(r"custom_call @[\w$.]+", text) == []
+    assert text.count("optimization_barrier") == 0
