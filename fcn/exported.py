@@ -70,9 +70,12 @@ class ExportedModel:
         except ValueError as e:  # jax.export's refusal of another platform's artifact does not name the file
             if "exported for platforms" not in str(e):
                 raise
+            from jax import export
+
+            both = ",".join(dict.fromkeys([*self.exported.platforms, export.default_export_platform()]))
             raise ValueError(
                 f"{self.path / ARTIFACT}: {e} Export it again on this machine, or with --platforms naming this "
-                "machine's platform too (python -m fcn.export --platforms cpu,cuda)"
+                f"machine's platform too (python -m fcn.export --platforms {both})"
             ) from None
         if out.shape[1:3] != (h, w):
             out = np.stack([resize_channels(logits_HWK, h, w) for logits_HWK in out])

@@ -30,3 +30,18 @@ def test_an_export_for_another_platform_is_refused_naming_its_file(tmp_path):
     with pytest.raises(ValueError, match=r"model\.jax: .*cuda.*--platforms") as e:
         exported.predict(np.zeros((5, 6, 3), np.uint8))
     assert str(tmp_path) in str(e.value) and "\n" not in str(e.value)
+    assert str(e.value).endswith("(python -m fcn.export --platforms cuda,cpu)")
+
+
+def test_the_flag_it_suggests_names_this_machines_platform(tmp_path, monkeypatch):
+    """On a TPU (simulated: jax.export's name for this machine's platform) the suggestion was
+    `--platforms cpu,cuda` whatever the machine, a command that made another artifact a TPU refuses."""
+    from jax import export
+
+    model = UNet(num_classes=2, features=4, depth=2, rngs=nnx.Rngs(0))
+    model.eval()
+    export_model(model, tmp_path, {"class_names": ("a", "b")}, saved_model=False, platforms=("cuda", "rocm"))
+    monkeypatch.setattr(export, "default_export_platform", lambda: "tpu")
+    with pytest.raises(ValueError, match=r"model\.jax: ") as e:
+        load_exported(tmp_path).predict(np.zeros((5, 6, 3), np.uint8))
+    assert str(e.value).endswith("(python -m fcn.export --platforms cuda,rocm,tpu)")
