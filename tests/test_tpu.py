@@ -3,6 +3,7 @@
 No TPU has run fcn; these pin the platform branches (docs/benchmarks.md has no TPU figures).
 """
 
+import os
 import re
 import types
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import camvid, tiny
-from fcn import cli, evaluate, head_loss, host_memory, model, ops, state as state_lib
+from fcn import cli, distributed, evaluate, head_loss, host_memory, model, ops, state as state_lib
 from fcn.config import ConfigError, validate
 
 TPU = types.SimpleNamespace(
@@ -75,3 +76,25 @@ def test_the_training_step_traced_for_a_tpu_has_no_custom_calls(on_a_tpu):
     text = state_lib.jit_train_step(config, graphs, tx, 4, 255).lower(state, images, labels, sizes).as_text()
     assert re.findall(r"custom_call @[\w$.]+", text) == []
     assert text.count("optimization_barrier") == 0
+
+
+def test_a_cloud_tpu_is_found_as_a_cluster(monkeypatch):
+    """A TPU VM (libtpu installed, TPU chips present) or a GKE TPU pod's variables: jax.distributed.initialize()
+    with no arguments, which reads the slice from the metadata server (docs/distributed.md)."""
+    for name in [*os.environ]:
+        if name.startswith(("SLURM_", "OMPI_", "TPU_", "MEGASCALE_", "FCN_DISTRIBUTED")):
+            monkeypatch.delenv(name)
+    chips, libtpu = [], None
+    monkeypatch.setattr(distributed.glob, "glob", lambda pattern: [p for p in chips if p.startswith(pattern[:9])])
+    monkeypatch.setattr(distributed.importlib.util, "find_spec", lambda name: libtpu if name == "libtpu" else None)
+    assert distributed.detect_cluster() is None
+    libtpu = object()  # installed on a machine without TPU chips: no cluster
+    assert distributed.detect_cluster() is None
+    for chips in (["/dev/accel0"], ["/dev/vfio/0"]):  # TPU v4's chips, and v5e's or v6e's
+        assert distributed.detect_cluster() == "tpu", chips
+    monkeypatch.setenv("FCN_DISTRIBUTED", "0")
+    assert distributed.detect_cluster() is None
+    monkeypatch.delenv("FCN_DISTRIBUTED")
+    chips, libtpu = [], None
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "w0,w1")  # a GKE TPU pod
+    assert distributed.detect_cluster() == "tpu"
