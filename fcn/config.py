@@ -83,7 +83,7 @@ def default_config() -> ml_collections.ConfigDict:
     m.dtype = "float32"
     m.pad_mode = "reflect"  # how inputs are padded up to a multiple of 2**depth
     m.input_scale = 1.0  # run the net at this fraction of the input size, logits resized back
-    m.conv_impl = "auto"  # auto (CPU: onednn if available, else gemm; GPU: gemm) | onednn | gemm | xla: fcn/ops.py
+    m.conv_impl = "auto"  # auto (CPU: onednn if available, else gemm; GPU, TPU: gemm) | onednn | gemm | xla: fcn/ops.py
 
     c.loss = lo = ml_collections.ConfigDict()
     lo.class_weights = "none"  # none | median_freq | median_freq_sqrt (its square root: milder)

@@ -90,8 +90,8 @@ def triton_missing() -> str | None:
 def fused_head_mode(config, device=None) -> str | None:
     """The config's choice for training on `device` (default: jax's first): None (unfused), "head" or
     "head+norm". "auto": "head+norm" where `measured_on(device)` and this jax has Pallas's Triton backend;
-    "head", "head+norm": wherever they apply (interpreted on a CPU: slow, for tests). Only a linear head
-    with cross-entropy alone (no Dice term) is fused; "head+norm" needs batch norm (else "head")."""
+    "head", "head+norm": wherever they apply (interpreted off a GPU, on a CPU or TPU: slow, for tests). Only a
+    linear head with cross-entropy alone (no Dice term) is fused; "head+norm" needs batch norm (else "head")."""
     choice = config.loss.get("fused_head", "off")  # a config saved before the option: "off"
     if choice == "off" or config.model.head != "linear" or config.loss.dice_weight:
         return None
