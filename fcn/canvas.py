@@ -1,6 +1,7 @@
 """Where a predictor puts an image: on a bucketed canvas whose padding every convolution masks,
 or in overlapping tiles blended by linear ramps (fcn.inference.Segmenter; its module docstring
-says why).
+says why). The tiling (`tiles`, `tiled`) is shared with fcn.exported.ExportedModel, so this module
+imports no flax at the top (only `maskable` does, when called).
 
 `masked(conv)` wraps a model's convolution primitive: inside `valid_region(valid_B2, canvas_hw)`
 (a trace of the model) it zeroes the input outside each example's valid (H, W) before the
@@ -18,7 +19,6 @@ from collections.abc import Callable, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 _REGION = threading.local()
 
@@ -55,8 +55,10 @@ def masked(conv: Callable) -> Callable:
     return masked_conv
 
 
-def maskable(model: nnx.Module) -> bool:
-    """Whether zeroing conv inputs makes a large canvas equal to the exact one."""
+def maskable(model) -> bool:
+    """Whether zeroing conv inputs makes a large canvas equal to the exact one (model: an nnx.Module)."""
+    from flax import nnx
+
     modules = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)]
     per_pixel = not any(isinstance(m, nnx.GroupNorm | nnx.LayerNorm) for m in modules)
     resizes = getattr(model, "upsample_kind", "resize") != "transpose" or getattr(model, "input_scale", 1) != 1
@@ -71,6 +73,30 @@ def size(h: int, w: int, align: int, bucket: int, tile: int) -> tuple[int, int]:
     """The canvas (H, W) of an image or of its tiles: each side rounded up to `align`, then to
     `bucket`, and at most `tile`."""
     return tuple(min(ceil_to(ceil_to(min(n, tile), align), bucket), tile) for n in (h, w))
+
+
+def tiles(tile: int, overlap: int, multiple: int) -> tuple[int, int]:
+    """(tile, overlap) as a tiling uses them: the tile side rounded down to a multiple of `multiple`
+    (at least one), the overlap rounded up to one and less than the tile."""
+    tile = max(multiple, tile // multiple * multiple)
+    return tile, min(ceil_to(max(overlap, 0), multiple), tile - multiple)
+
+
+def tiled(
+    image_HWC: np.ndarray,
+    run: Callable[[Iterable[np.ndarray]], Iterable[np.ndarray]],
+    tile: int,
+    overlap: int,
+    multiple: int,
+    num_classes: int,
+) -> np.ndarray:
+    """float32 logits [H, W, K] of a large image: `run` gives the logits of each of its overlapping
+    tiles (crops at `tile_boxes`, those at the far edges shorter), which `blend` joins. tile and
+    overlap: as `tiles` returns them."""
+    h, w = image_HWC.shape[:2]
+    boxes = tile_boxes(h, w, tile, overlap, multiple)
+    crops = (image_HWC[y : y + tile, x : x + tile] for y, x in boxes)
+    return blend(boxes, run(crops), (h, w, num_classes), overlap)
 
 
 def tile_boxes(h: int, w: int, tile: int, overlap: int, multiple: int) -> list[tuple[int, int]]:

@@ -13,6 +13,7 @@ writes into --out:
                   training's data.max_size, 0 for none; "hflip": whether the
                   logits average the image's with its mirror image's, as the
                   run's eval_hflip (or --hflip) has fcn.load's predictor do;
+                  "multiple": 2**depth, where `load_exported` puts tile origins;
                   "sha256": model.jax's, which `load_exported` checks).
   saved_model/    where TensorFlow is installed (it is imported only for this):
                   a TF SavedModel through jax2tf for TF Serving, signature
@@ -156,7 +157,7 @@ def export_model(
     hflip: average with the mirrored image's logits inside the artifacts (the run's `eval_hflip`).
     """
     fn = serving_fn(model, size, hflip)  # refuses a model that needs a size, before anything is written
-    info = {**info, "hflip": hflip}
+    info = {**info, "hflip": hflip, "multiple": 2**model.depth}
     for flag, hw in (("--size", size), ("--tflite_size", tflite_size)):
         _check_max_size(flag, hw, int(info.get("max_size", 0)))
     # Traced without fcn's CPU custom calls (fcn.ops.portable): the artifacts run anywhere.
@@ -209,6 +210,8 @@ def _write_artifacts(fn, out: Path, info: dict, platforms, saved_model, tflite_s
         "max_size": int(info.get("max_size", 0)),
         # The logits are the mean of the image's and its mirror image's (eval_hflip, or --hflip).
         "hflip": bool(info.get("hflip", False)),
+        # 2**depth: load_exported cuts large images into tiles whose origins are multiples of it, as fcn.load's.
+        "multiple": int(info.get("multiple", 0)),
     }
     (out / METADATA).write_text(json.dumps(meta, indent=2))
     written = [ARTIFACT, METADATA]

@@ -38,6 +38,7 @@ linearly across each overlap, hiding tile edges, where a tile lacks context.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import reprlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -228,8 +229,7 @@ class Segmenter:
         self.ignore_label, self.hflip, self.max_size = ignore_label, hflip, max_size
         self.multiple, self.pad_mode = 2**model.depth, model.pad_mode
         m = self.multiple
-        self.tile = max(m, tile // m * m)
-        self.overlap = min(canvas.ceil_to(max(overlap, 0), m), self.tile - m)
+        self.tile, self.overlap = canvas.tiles(tile, overlap, m)
         self.exact_buckets = canvas.maskable(model)
         # A model that resizes its input (input_scale < 1) pads after resizing: any padding
         # of ours would change its result, so it gets images and tiles at their own size.
@@ -355,10 +355,8 @@ class Segmenter:
 
     def _tiled(self, image_HWC: np.ndarray) -> np.ndarray:
         """Logits of a large image from overlapping tiles, blended."""
-        h, w = image_HWC.shape[:2]
-        boxes = canvas.tile_boxes(h, w, self.tile, self.overlap, self._align)
-        crops = (image_HWC[y : y + self.tile, x : x + self.tile] for y, x in boxes)
-        return canvas.blend(boxes, self._run(crops, self._canvas(h, w)), (h, w, self.num_classes), self.overlap)
+        run = functools.partial(self._run, canvas_hw=self._canvas(*image_HWC.shape[:2]))
+        return canvas.tiled(image_HWC, run, self.tile, self.overlap, self._align, self.num_classes)
 
 
 def load(path: str | Path, *, which: str = "best", **options) -> Segmenter:

@@ -1,11 +1,15 @@
 """`fcn.load_exported(dir).predict` refusing what the artifact cannot run, naming the file or size (no training:
-small UNets exported directly). The export itself and its agreement with the model: tests/test_export.py."""
+small UNets exported directly), and tiling large images as fcn.load's predictor does. The export itself and
+its agreement with the model: tests/test_export.py."""
+
+import json
 
 import numpy as np
 import pytest
 from flax import nnx
 
 from fcn.export import export_model, load_exported
+from fcn.inference import Segmenter
 from fcn.model import UNet
 
 
@@ -45,3 +49,48 @@ def test_the_flag_it_suggests_names_this_machines_platform(tmp_path, monkeypatch
     with pytest.raises(ValueError, match=r"model\.jax: ") as e:
         load_exported(tmp_path).predict(np.zeros((5, 6, 3), np.uint8))
     assert str(e.value).endswith("(python -m fcn.export --platforms cuda,rocm,tpu)")
+
+
+def _export(tmp_path, **kwargs):
+    model = UNet(num_classes=3, features=4, depth=2, rngs=nnx.Rngs(0))
+    model.eval()
+    export_model(model, tmp_path, {"class_names": ("a", "b", "c")}, saved_model=False, **kwargs)
+    return model
+
+
+def test_a_large_image_is_tiled_as_the_predictor_tiles_it(tmp_path):
+    """ExportedModel ran every image whole, so a large photo needed the whole image's activations at
+    once (a 2000 x 2000 image, width-32 depth-4 model: 2.8 GB peak RSS, 0.9 GB tiled); it now cuts one
+    over `tile` into the predictor's tiles (fcn.canvas) and gives fcn.load's logits."""
+    model = _export(tmp_path)
+    image = np.random.default_rng(0).integers(0, 256, (70, 90, 3), np.uint8)
+    exported = load_exported(tmp_path, tile=32, overlap=8)
+    assert exported.tiles == (32, 8)
+    expected = Segmenter(model, ("a", "b", "c"), tile=32, overlap=8)._flipped(image, hflip=False)
+    logits = exported.logits(image)
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+    np.testing.assert_array_equal(exported.predict(image), expected.argmax(-1))
+    whole = np.asarray(exported.exported.call(image[None].astype(np.float32) / 255))[0]
+    assert np.abs(logits - whole).max() > 1e-3  # tiles lack context near their edges: not the whole run
+
+
+def test_images_within_a_tile_run_whole_and_one_size_exports_are_never_tiled(tmp_path):
+    """No change for an image within the tile size, for an artifact of one size (--size), nor for an
+    export from before model.json held "multiple": model.jax's own logits, bit for bit."""
+    _export(tmp_path / "any")
+    x = np.random.default_rng(1).random((2, 30, 20, 3), np.float32)
+    exported = load_exported(tmp_path / "any", tile=32)
+    np.testing.assert_array_equal(exported.logits(x), np.asarray(exported.exported.call(x)))
+
+    _export(tmp_path / "fixed", size=(40, 50))
+    fixed = load_exported(tmp_path / "fixed", tile=32)
+    x = np.random.default_rng(2).random((40, 50, 3), np.float32)
+    assert fixed.tiles is None
+    np.testing.assert_array_equal(fixed.logits(x), np.asarray(fixed.exported.call(x[None]))[0])
+
+    meta = json.loads((tmp_path / "any" / "model.json").read_text())
+    del meta["multiple"]  # as an export from before tiling: its 2**depth is unknown
+    (tmp_path / "any" / "model.json").write_text(json.dumps(meta))
+    old = load_exported(tmp_path / "any", tile=32)
+    assert old.tiles is None
+    np.testing.assert_array_equal(old.logits(x), np.asarray(old.exported.call(x[None]))[0])
