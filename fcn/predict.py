@@ -104,11 +104,11 @@ def predict_files(segmenter, files: list[Path], out: Path, *, alpha: float = 0.5
     from concurrent.futures import ThreadPoolExecutor
 
     from PIL import Image
-    from tqdm import tqdm
 
     from fcn import viz
     from fcn.data.images import DataError
     from fcn.inference import read_input
+    from fcn.progress import tqdm_class
 
     names = output_names(files, out)
     for path, (classes_path, overlay_path) in zip(files, names, strict=True):
@@ -121,13 +121,13 @@ def predict_files(segmenter, files: list[Path], out: Path, *, alpha: float = 0.5
     errors: dict[int, str] = {}
     ahead = 2 * segmenter.batch_size
     disable = True if len(files) < _PROGRESS_MIN_FILES else None  # None: only on a terminal
-    bar = tqdm(total=len(files), desc="predicting", unit="image", disable=disable, file=sys.stderr)
+    bar = tqdm_class()(total=len(files), desc="predicting", unit="image", disable=disable, file=sys.stderr)
 
     def report(i: int, e: Exception) -> None:
         """File i failed: say so now, list it at the end, count it as done."""
         msg = str(e) if str(files[i]) in str(e) else f"{files[i]}: {e}"
         errors[i] = msg
-        tqdm.write(f"error: {msg}", file=sys.stderr)
+        bar.write(f"error: {msg}", file=sys.stderr)
         bar.update(1)
 
     def settle(i: int, future):

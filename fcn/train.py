@@ -21,8 +21,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fcn import checkpoint, head_loss, host_memory, losses, sharding, state as state_lib
 from fcn.cli import less_memory, out_of_memory
@@ -30,6 +28,7 @@ from fcn.config import ConfigError, validate, validate_against_data, validate_ag
 from fcn.data import get_source, pipeline
 from fcn.evaluate import evaluate_split, format_report, headline, jit_eval_steps, report
 from fcn.metrics_log import MetricsLog
+from fcn.progress import logging_redirect, tqdm_class
 from fcn.traced import enable_compilation_cache
 
 log = logging.getLogger("fcn")
@@ -263,7 +262,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
                 flush=True,
             )
         doing = "in the training step"
-        bar = tqdm(
+        bar = tqdm_class()(
             total=config.num_steps,
             initial=start,
             disable=jax.process_index() != 0 or start >= config.num_steps,  # nothing to train: said above
@@ -277,7 +276,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         # the loop waits for it and for its temporaries to be freed (fcn.host_memory.StepPacer).
         pacer = host_memory.StepPacer(mesh.devices.flat)
         # The bar ends its line before any error; log lines print above it, not into it.
-        with _StopRequest() as stop, bar, logging_redirect_tqdm(tqdm_class=tqdm), _set_up_objects_frozen():
+        with _StopRequest() as stop, bar, logging_redirect(bar), _set_up_objects_frozen():
             while step < config.num_steps:
                 batch = sharding.put_batch(mesh, *train_data.batch(step, config.batch_size, config.seed, rows))
                 pacer.wait()

@@ -28,6 +28,8 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     outputs = "\n".join(_text(c) for c in nb.cells if c.cell_type == "code")
     assert f"python: {sys.executable}" in outputs
     assert "mean IoU" in outputs and "tiled vs whole" in outputs
+    stderr = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.get("name") == "stderr")
+    assert "Warning" not in stderr, stderr  # was tqdm.auto's "IProgress not found", without ipywidgets
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 2, "the predictions are shown as pictures"
 

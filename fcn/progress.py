@@ -1,0 +1,46 @@
+"""fcn's progress bars: which tqdm class they use, and lines written above them.
+
+Every bar in fcn (training, loading images, predicting, downloading) takes its class from
+`tqdm_class()`. A bar made with `disable=None` shows only on a terminal, as tqdm decides it:
+silent in a log file, and silent in a Jupyter kernel, whose streams are no terminal.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import warnings
+
+
+def tqdm_class() -> type:
+    """tqdm.notebook's widget in a Jupyter kernel where ipywidgets is installed, else tqdm's text bar.
+
+    `tqdm.auto` made the same choice but, in a kernel without ipywidgets, first printed a TqdmWarning
+    into the cell ("IProgress not found. Please update jupyter and ipywidgets"): ipywidgets is no
+    dependency of fcn, and the text bar it fell back to is the one given here without the warning.
+    """
+    if "ipykernel.zmqshell" in sys.modules and importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.std import TqdmExperimentalWarning
+
+        with warnings.catch_warnings():  # "Using tqdm.autonotebook.tqdm in notebook mode", as tqdm.auto hides it
+            warnings.simplefilter("ignore", TqdmExperimentalWarning)
+            from tqdm.autonotebook import tqdm  # the widget; the text bar in a Qt console or Spyder
+        return tqdm
+    from tqdm.std import tqdm
+
+    return tqdm
+
+
+def logging_redirect(bar):
+    """tqdm's logging_redirect_tqdm for `bar`'s class: inside it, log lines print above the bar, not into it.
+
+    tqdm.contrib imports tqdm.auto, which chooses its class on import: in a Jupyter kernel without
+    ipywidgets that printed the same "IProgress not found" warning into the cell, for a class fcn does
+    not use.
+    """
+    from tqdm.std import TqdmWarning
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "IProgress not found", TqdmWarning)
+        from tqdm.contrib.logging import logging_redirect_tqdm
+    return logging_redirect_tqdm(tqdm_class=type(bar))
