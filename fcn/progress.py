@@ -44,3 +44,13 @@ def logging_redirect(bar):
         warnings.filterwarnings("ignore", "IProgress not found", TqdmWarning)
         from tqdm.contrib.logging import logging_redirect_tqdm
     return logging_redirect_tqdm(tqdm_class=type(bar))
+
+
+def write(bar, text: str) -> None:
+    """Print `text` on stdout above `bar`, as bar.write does, but flushed before the bar is drawn again.
+
+    A Jupyter kernel sends stdout and stderr (the bar's) to the cell apart, each when flushed: the
+    unflushed line reached the cell after the redrawn bar, which then showed twice, above it and below.
+    """
+    with bar.external_write_mode():  # clears the bar, and draws it again on leaving
+        print(text, flush=True)

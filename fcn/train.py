@@ -28,7 +28,7 @@ from fcn.config import ConfigError, validate, validate_against_data, validate_ag
 from fcn.data import get_source, pipeline
 from fcn.evaluate import evaluate_split, format_report, headline, jit_eval_steps, report
 from fcn.metrics_log import MetricsLog
-from fcn.progress import logging_redirect, tqdm_class
+from fcn.progress import logging_redirect, tqdm_class, write
 from fcn.traced import enable_compilation_cache
 
 log = logging.getLogger("fcn")
@@ -312,8 +312,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
                     doing = f"evaluating on {config.data.eval_split!r} at step {step}"
                     last_report = evaluate(step)
                     doing = "in the training step"
-                    if jax.process_index() == 0:  # tqdm.write prints even where the bar is disabled
-                        bar.write(f"step {step}: {config.data.eval_split} {headline(last_report)}")
+                    if jax.process_index() == 0:  # write() prints even where the bar is disabled
+                        write(bar, f"step {step}: {config.data.eval_split} {headline(last_report)}")
                 if do_save:
                     ckpts.save(step, state, mean_iou=last_report.get("mean_iou") if do_eval else None)
                 if do_save or _every(step, config.log_every):

@@ -47,3 +47,53 @@ def test_a_kernel_without_ipywidgets_gets_the_text_bar_and_no_warning():
 def test_outside_a_kernel_the_text_bar(monkeypatch):
     monkeypatch.delitem(sys.modules, "ipykernel.zmqshell", raising=False)
     assert tqdm_class() is tqdm.std.tqdm
+
+
+class _KernelStream:
+    """A stream as a Jupyter kernel has them: what is written reaches the cell when flushed."""
+
+    def __init__(self, name: str, cell: list):
+        self.name, self.cell, self.pending = name, cell, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.cell.append((self.name, self.pending))
+            self.pending = ""
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _shown(cell: list) -> list[str]:
+    """The cell's lines as a notebook shows them: one block per run of a stream, "\\r" returns to the line's start."""
+    blocks = []
+    for name, text in cell:
+        if blocks and blocks[-1][0] == name:
+            blocks[-1][1] += text
+        else:
+            blocks.append([name, text])
+    return [line.rsplit("\r", 1)[-1] for _, text in blocks for line in text.split("\n") if line.strip("\r ")]
+
+
+def test_in_a_notebook_the_evaluation_line_prints_above_the_training_bar(tmp_path, monkeypatch):
+    """The line after an evaluation went to stdout unflushed, and the bar (stderr) was drawn again at
+    once: a kernel sends each stream when flushed, so the line reached the cell below the bar, and
+    with stdout's periodic flush in between the cell showed the bar twice, above the line and below."""
+    from configs import tiny
+    from fcn.train import train_and_evaluate
+
+    cell = []
+    monkeypatch.setattr(sys, "stdout", _KernelStream("stdout", cell))
+    monkeypatch.setattr(sys, "stderr", _KernelStream("stderr", cell))
+    config = tiny.get_config()
+    config.num_steps, config.optimizer.warmup_steps = 2, 0
+    train_and_evaluate(config, tmp_path / "run")
+    sys.stdout.flush(), sys.stderr.flush()  # the cell ends
+    lines = _shown(cell)
+    bars = [i for i, line in enumerate(lines) if "2/2 [" in line]
+    evaluated = [i for i, line in enumerate(lines) if line.startswith("step 2: val mean IoU")]
+    assert len(bars) == 1 and len(evaluated) == 1 and evaluated[0] < bars[0], lines
