@@ -19,7 +19,8 @@ Xeon (2026-11-23, with the augmentation rewritten in fewer operations): 58.3 aga
 pixel accuracy 88.8%, in 21 min 2 s; on a 2-core Xeon with AMX (2026-11-23), 58.3 and
 88.8% in 11 min 13 s, and in bfloat16 (below) 58.4 and 89.7% in 5 min 2 s. With training crops drawn
 over every placement (the last row and column included; the same Xeon, 2026-11-24, one run): 60.3
-and 90.6% in 11 min 3 s.
+and 90.6% in 11 min 3 s; again 60.3 and 90.6% in 10 min 25 s on the code of 74e383f (the same Xeon,
+2026-11-24, warm caches; docs/results.md).
 
 On a CPU with bfloat16 instructions (AVX-512 BF16 or AMX), `--config.model.dtype=bfloat16` trains
 1.7-2.7x as fast (its training steps; the whole 500-step command below 1.6-2x). On a 2-core Xeon
