@@ -148,8 +148,13 @@ def _read_exported(path: Path):
 
 def save(key: str, exported) -> bool:
     """Stores `exported` under `key` atomically; False where the disk refused (logged), which costs
-    the next start its tracing."""
-    data = exported.serialize()
+    the next start its tracing. Also False where jax cannot serialize (the flatbuffers package,
+    which jax does not require, missing): the step still runs, traced at every start."""
+    try:
+        data = exported.serialize()
+    except ImportError as e:
+        logger.warning("could not keep the traced step (%s); tracing it at every start", e)
+        return False
     return cache.write_entry(
         _path(key), lambda f: f.write(data), _LIMIT_BYTES, "could not keep the traced step", size=len(data)
     )

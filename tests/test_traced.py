@@ -215,6 +215,19 @@ def test_a_step_jax_export_refuses_runs_plain(monkeypatch, caplog):
     assert not _entries()
 
 
+def test_without_flatbuffers_the_step_trains_and_is_not_kept(monkeypatch, caplog):
+    """jax.export serializes with the flatbuffers package, which jax does not require: a machine
+    without it (a GPU image with jax but no TensorFlow) ended `python train.py` at its first step
+    with jax's ImportError ('Please install flatbuffers')."""
+    setup = _setup()
+    plain = _run(False, *setup)
+    monkeypatch.setitem(sys.modules, "flatbuffers", None)  # import flatbuffers -> ImportError
+    monkeypatch.delitem(sys.modules, "jax._src.export.serialization", raising=False)  # imported afresh
+    _same(_run(True, *setup), plain)
+    assert "could not keep the traced step" in caplog.text and "flatbuffers" in caplog.text
+    assert not _entries()
+
+
 def _states():
     return sorted(traced.state_folder().glob("*.state"))
 
