@@ -12,7 +12,9 @@
 # shorten it, --seeds to choose seeds). Training gets SIGTERM after --minutes:
 # it saves a checkpoint and stops cleanly, so a run cut by the device tool's
 # 10-minute limit still reports what it reached, and the same command resumes it
-# while the machine is warm. The log, metrics.jsonl, eval_val.json and the
+# while the machine is warm. A run so stopped exits with its command's own code (timeout
+# --preserve-status): 0 from train.py once it has saved, 130 from scripts/ablation.py, not
+# timeout's 124, which the device tool reads as "ran past its limit". The log, metrics.jsonl, eval_val.json and the
 # report's PNGs (ablation: ablation.md, loss_curves.png and every run's
 # metrics.jsonl in one tar) are copied to $OUT (the device tool's output
 # folder; /tmp/fcn_out elsewhere).
@@ -73,12 +75,12 @@ case "$what" in
     flags=()
     for kv in "${small[@]}"; do flags+=("--config.$kv"); done
     # SIGTERM: train.py saves a checkpoint and exits; the evaluation below still runs.
-    timeout -s TERM -k 120 "${minutes}m" "$PY" train.py --config configs/camvid.py --workdir "$workdir" \
+    timeout --preserve-status -s TERM -k 120 "${minutes}m" "$PY" train.py --config configs/camvid.py --workdir "$workdir" \
       "${flags[@]}" "${extra[@]}" 2>&1 | tr '\r' '\n' | tee "$OUT_DIR/train.log" || status=$?
     if [[ -d $workdir/checkpoints ]]; then
       "$PY" -m fcn.evaluate --workdir "$workdir" --split val 2>&1 | tee "$OUT_DIR/eval.log" || status=$?
     fi
-    for f in metrics.jsonl eval_val.json eval_val_iou.png eval_val_examples.png config.json; do
+    for f in metrics.jsonl eval_val.json eval_val_confusion.png eval_val_iou.png eval_val_examples.png config.json; do
       [[ -f $workdir/$f ]] && cp "$workdir/$f" "$OUT_DIR/"
     done
     ;;
@@ -86,7 +88,7 @@ case "$what" in
     out=$runs/ablation
     overrides=()
     for kv in "${small[@]}"; do overrides+=(--override "$kv"); done
-    timeout -s TERM -k 120 "${minutes}m" "$PY" scripts/ablation.py --config configs/camvid.py --out "$out" \
+    timeout --preserve-status -s TERM -k 120 "${minutes}m" "$PY" scripts/ablation.py --config configs/camvid.py --out "$out" \
       "${overrides[@]}" "${extra[@]}" 2>&1 | tr '\r' '\n' | tee "$OUT_DIR/ablation.log" || status=$?
     for f in ablation.md loss_curves.png; do
       [[ -f $out/$f ]] && cp "$out/$f" "$OUT_DIR/"
