@@ -23,7 +23,6 @@ import collections
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -211,18 +210,6 @@ def format_report(rep: dict) -> str:
         f"mean acc {pct(rep['mean_accuracy'])}   fw IoU {pct(rep['fw_iou'])}",
     ]
     return "\n".join(lines)
-
-
-def load_for_eval(path: str | Path, which: str = "best", mesh=None, data_overrides: list[str] = ()):
-    """(config, dataset info, graphs, state) of a workdir (its best checkpoint, else the latest) or of
-    one checkpoint folder in it, `{workdir}/checkpoints/N` or `{workdir}/best/N` (`fcn.trained.restore`).
-
-    mesh: restore the state replicated over it (needed with several processes).
-    data_overrides: `--config.data.KEY=VALUE` arguments (fcn.cli.with_data_overrides), applied
-    before anything is restored.
-    """
-    at = None if mesh is None else sharding.replicated(mesh)
-    return trained.restore(path, which, data_overrides=data_overrides, sharding=at)[2:]
 
 
 @exits_130_on_ctrl_c()

@@ -77,15 +77,15 @@ def test_load_one_checkpoint_folder(workdir):
 def test_a_workdir_without_checkpoints_is_one_clear_error_and_stays_as_it_was(workdir, tmp_path):
     """A run stopped before its first save (config.json and dataset.json, no checkpoint folders):
     loading or evaluating it names what is missing, and creates no folder in it."""
+    from fcn import trained
     from fcn.checkpoint import CheckpointError
-    from fcn.evaluate import load_for_eval
 
     bare = tmp_path / "bare"
     bare.mkdir()
     for name in ("config.json", "dataset.json"):
         shutil.copy(os.path.join(workdir, name), bare / name)
     (bare / "checkpoints").mkdir()  # made at the start of training, empty until the first save
-    for read in (load, load_for_eval):
+    for read in (load, trained.restore):  # fcn.load, and fcn.evaluate's reader
         with pytest.raises(CheckpointError, match=r"no latest checkpoint in .*bare: its checkpoints/ folder is"):
             read(bare)
     assert sorted(p.name for p in bare.iterdir()) == ["checkpoints", "config.json", "dataset.json"]

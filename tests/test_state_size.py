@@ -79,8 +79,7 @@ def test_the_size_is_the_created_state_and_the_check_compares_it_with_the_limit(
 
 def test_loading_a_workdir_whose_state_cannot_fit_says_so_before_restoring(tmp_path):
     """fcn.load (fcn.predict, fcn.export) and fcn.evaluate check it too, before any checkpoint is read."""
-    from fcn import load
-    from fcn.evaluate import load_for_eval
+    from fcn import load, trained
 
     config = tiny.get_config()
     config.model.depth, config.model.features = 12, 32
@@ -88,7 +87,7 @@ def test_loading_a_workdir_whose_state_cannot_fit_says_so_before_restoring(tmp_p
     info = {"source": "synthetic", "class_names": ["a", "b", "c"], "palette": [[0, 0, 0]] * 3, "ignore_label": 255}
     (tmp_path / "dataset.json").write_text(json.dumps(info))
     before = sorted(tmp_path.iterdir())
-    for loader in (load, load_for_eval):
+    for loader in (load, trained.restore):  # fcn.load, and fcn.evaluate's reader
         with pytest.raises(ConfigError, match=f"{tmp_path}'s checkpoints cannot be restored on this machine"):
             loader(tmp_path)
     assert sorted(tmp_path.iterdir()) == before

@@ -211,7 +211,7 @@ def test_command_line_train_evaluate_resume(tmp_path):
 
     # A data setting of the workdir's config overridden as train.py's are (e.g. the data's path when it
     # has moved): here the synthetic val split's size, which the report then counts (tiny.py: 5).
-    from fcn import evaluate
+    from fcn import evaluate, trained
 
     ev = subprocess.run(
         [sys.executable, "-m", "fcn.evaluate", "--workdir", str(workdir), "--examples", "0"]
@@ -226,9 +226,9 @@ def test_command_line_train_evaluate_resume(tmp_path):
     # A misspelt data key is named with the closest one; a model or training setting is refused: those
     # are the workdir's.
     with pytest.raises(ValueError, match=re.escape("--config.data.pth: not a config field (did you mean path?)")):
-        evaluate.load_for_eval(workdir, data_overrides=["--config.data.pth=/x"])
+        trained.restore(workdir, data_overrides=["--config.data.pth=/x"])
     with pytest.raises(ValueError, match="only --config.data.KEY=VALUE"):
-        evaluate.load_for_eval(workdir, data_overrides=["--config.model.features=8"])
+        trained.restore(workdir, data_overrides=["--config.model.features=8"])
     with pytest.raises(SystemExit) as exit_:
         evaluate.main(["--workdir", str(workdir), "--config.model.features=8"])
     assert exit_.value.code == 2
