@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from fcn.data import images
-from fcn.data.folder import decode_pairs
+from fcn.data.base import decode_all
+from fcn.data.folder import pair_examples
 from fcn.data.images import (
     DataError,
     fit_max_size,
@@ -238,7 +239,7 @@ def test_decode_pairs_size_mismatch_names_both_files_and_sizes(tmp_path):
     image = save(tmp_path / "a.png", rgb(6, 8))
     mask = save(tmp_path / "a_mask.png", np.zeros((5, 8), np.uint8))
     with pytest.raises(DataError) as e:
-        decode_pairs([(image, mask)], num_classes=2, workers=2)
+        decode_all(pair_examples([(image, mask)], num_classes=2), workers=2)
     msg = str(e.value)
     assert "a.png" in msg and "6x8" in msg and "a_mask.png" in msg and "5x8" in msg
 
@@ -256,9 +257,9 @@ def test_decode_pairs_keeps_order_and_skip_bad_counts(tmp_path, caplog):
     pairs[1][0].write_bytes(b"")  # bad image
     save(pairs[3][1], np.full((6, 8), 9, np.uint8))  # bad labels
     with pytest.raises(DataError, match=r"1\.png: empty file"):
-        decode_pairs(pairs, num_classes=2, workers=2)
+        decode_all(pair_examples(pairs, num_classes=2), workers=2)
     with caplog.at_level(logging.WARNING):
-        split = decode_pairs(pairs, num_classes=2, workers=2, skip_bad=True)
+        split = decode_all(pair_examples(pairs, num_classes=2), workers=2, skip_bad=True)
     assert list(split.names) == ["0", "2", "4"]
     np.testing.assert_array_equal(split.images[1], rgb(seed=2))
     assert "skipped 2 of 5 pairs" in caplog.text

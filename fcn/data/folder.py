@@ -268,19 +268,3 @@ def pair_examples(
         unit="pairs",
         key_fn=key if cache else None,
     )
-
-
-def decode_pairs(
-    pairs: Iterable[tuple[PathLike, PathLike]],
-    *,
-    workers: int = 8,
-    skip_bad: bool = False,
-    desc: str = "decoding",
-    **kwargs,
-) -> Split:
-    """Decodes (image, mask) file pairs in parallel threads into a Split.
-
-    kwargs: those of `pair_examples`. Names are the image file stems. A bad
-    pair raises DataError, or with skip_bad=True is logged, skipped and counted.
-    """
-    return decode_all(pair_examples(pairs, **kwargs), workers=workers, skip_bad=skip_bad, desc=desc)
