@@ -6,6 +6,8 @@ A workdir holds:
   checkpoints/N/    the latest `keep_checkpoints` training states
   best/N/           the state with the best eval mean IoU so far
   metrics.jsonl     one JSON line per logged step and per evaluation
+  tensorboard/      the same as TensorBoard events, where tensorboardX is installed (fcn.metrics_log)
+  eval_{split}*     fcn.evaluate's report and pictures
 
 orbax writes each checkpoint into a temporary folder and renames it only once
 complete, so a process killed mid-write leaves the previous checkpoints intact

@@ -132,7 +132,7 @@ def _read_batch(images) -> tuple[list[np.ndarray], str]:
 
 def float_batch(images, max_size: int = 0) -> tuple[np.ndarray, bool, tuple[int, int]]:
     """Images read as the predictor reads them, as float32 [B, H, W, 3] in [0, 1], whether a single
-    image was given, and their own (H, W) (fcn.export's ExportedModel). A batch's images must share one
+    image was given, and their own (H, W) (fcn.exported's ExportedModel). A batch's images must share one
     size. max_size: shrink them first when their longer side exceeds it, as the predictor does."""
     arrays, kind = _read_batch(images)
     if not arrays:

@@ -247,7 +247,7 @@ def make_train_step(config, graphs: Graphs, tx, num_classes: int, ignore_label: 
             # Fresh Variables at this trace level: BatchNorm updates its statistics in place.
             model = nnx.merge(graphs.train, params, jax.tree.map(lambda v: v, rest))
             rngs = nnx.Rngs(dropout=k_drop)
-            # Training data is stored at the network's scale already (pipeline.stack).
+            # Training data is stored at the network's scale already (pipeline.stack, stream.Stream).
             mode = head_loss.usable_mode(fused_mode, model, x_BHWC.shape)
             if mode:  # the network's end in one kernel (config.loss.fused_head)
                 loss, correct = head_loss.fused_loss(

@@ -1,4 +1,4 @@
-"""The training loop: data in memory, a jitted step, evaluation, checkpoints, logs.
+"""The training loop: data in memory or streamed, a jitted step, evaluation, checkpoints, logs.
 
 `train_and_evaluate(config, workdir)` trains from scratch, or resumes from the
 latest checkpoint in `workdir` when there is one: step, parameters, optimizer
