@@ -219,9 +219,13 @@ class Segmenter:
         if len(self.class_names) != k:
             raise ValueError(f"{len(self.class_names)} class names for a model with {k} classes")
         palette = default_palette(k) if palette is None else palette
-        palette = np.asarray(palette)  # [K, 3], or flat [r, g, b, r, g, b, ...] as PIL's putpalette takes
-        if palette.size % 3 or palette.size < 3 * k or not np.isin(palette, np.arange(256)).all():
-            raise ValueError(  # else classes past its end drew black, and the legend raised an IndexError
+        try:  # [K, 3], or flat [r, g, b, r, g, b, ...] as PIL's putpalette takes
+            palette = np.asarray(palette)
+        except ValueError:  # ragged: numpy's words name no palette
+            palette = np.asarray(palette, object)
+        rows = palette.ndim == 1 and palette.size % 3 == 0 or palette.ndim == 2 and palette.shape[1] == 3
+        if not rows or palette.size < 3 * k or not np.isin(palette, np.arange(256)).all():
+            raise ValueError(  # else classes past its end drew black, the legend raised an IndexError, RGBA mixed
                 f"a palette of shape {palette.shape} for a model with {k} classes: "
                 f"give one RGB colour (three integers 0-255) per class, shape ({k}, 3)"
             )

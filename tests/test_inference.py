@@ -284,6 +284,20 @@ def test_a_palette_short_of_the_classes_or_out_of_range_is_refused_when_built(pa
     assert flat.palette.shape == (3, 3) and flat.palette.dtype == np.uint8 and flat.palette[2, 0] == 9
 
 
+@pytest.mark.parametrize(
+    "palette",
+    [np.full((3, 4), 7, np.uint8), np.zeros((4, 3, 3), np.uint8), [(0, 0, 0), (255, 0)]],
+    ids=["rgba", "3d", "ragged"],
+)
+def test_a_palette_not_of_rgb_rows_is_refused_naming_it(palette):
+    """An RGBA palette [3, 4] for 3 classes (12 values: a multiple of 3) was read as four RGB rows made of
+    mixed channels, drawing class 1 in (A0, R1, G1), without a word; a ragged list raised numpy's
+    "inhomogeneous shape" error, naming no palette."""
+    model = UNet(3, features=4, depth=2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"^a palette of shape .* for a model with 3 classes: give one RGB colour"):
+        Segmenter(model, palette=palette)
+
+
 def test_bad_files_are_named(seg, tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "notes.png").write_text("not an image")
