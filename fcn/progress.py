@@ -1,8 +1,10 @@
 """fcn's progress bars: which tqdm class they use, and lines written above them.
 
 Every bar in fcn (training, loading images, predicting, downloading) takes its class from
-`tqdm_class()`. A bar made with `disable=None` shows only on a terminal, as tqdm decides it:
-silent in a log file, and silent in a Jupyter kernel, whose streams are no terminal.
+`tqdm_class()`. The training bar shows in process 0 wherever it runs. The others are made with
+`disable=None`: the text bar then shows only on a terminal, as tqdm decides it (silent in a log
+file, and in a Jupyter kernel without ipywidgets, whose streams are no terminal), while in a kernel
+with ipywidgets tqdm's widget shows them, as `tqdm.auto`'s did for the training bar before.
 """
 
 from __future__ import annotations
