@@ -6,7 +6,8 @@ prints a per-class table and the summary scores, and writes
 `{workdir}/eval_{split}.json`, `eval_{split}_confusion.png`,
 `eval_{split}_iou.png` and `eval_{split}_examples.png` (with `--examples 0`, or
 with several processes, none: an earlier one is removed), of the best
-checkpoint (the latest while no evaluation has saved a best). `--checkpoint latest`, or `--workdir {workdir}/checkpoints/N` (or
+checkpoint (the latest while no evaluation has saved a best). `--checkpoint latest`,
+or `--workdir {workdir}/checkpoints/N` (or
 `best/N`: that saved step, `fcn.trained.resolve`), writes `eval_{split}_stepN.json`
 and `eval_{split}_stepN_*.png` instead, beside the best's; the report's `step` and
 `checkpoint` say which was evaluated. The model and the data
