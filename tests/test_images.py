@@ -314,6 +314,12 @@ def test_a_jpeg_mask_is_refused_whatever_its_name(tmp_path):
     with pytest.raises(DataError, match=r"m\.png: mask stored as JPEG"):
         read_mask(path, num_classes=3)
     read_image(path)  # as an image, JPEG is fine
+    tiff = tmp_path / "m.tif"  # JPEG-coded strips in a TIFF smear alike: ids 1, 3 and 4 appear (44 of 256 pixels
+    Image.fromarray(values).save(tiff, compression="jpeg")  # wrong), which 5 classes took silently
+    with pytest.raises(DataError, match=r"m\.tif: mask stored as JPEG \(in a TIFF\)"):
+        read_mask(tiff, num_classes=5)
+    Image.fromarray(values).save(tiff, compression="tiff_lzw")  # lossless TIFF compression: read as before
+    np.testing.assert_array_equal(read_mask(tiff, num_classes=3), values)
 
 
 def test_16_bit_colour_image_is_read_by_its_high_byte_and_a_multi_frame_file_by_its_first_frame(tmp_path):

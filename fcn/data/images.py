@@ -20,7 +20,8 @@ Policies, decided once here for every file-based source:
   value, as in PASCAL VOC; for 2- and 4-bit grayscale, the stored sample, not
   PIL's 0..255 brightness); '1' gives 0/1; 16-bit masks are read as integers
   and must map into range. A mask stored as JPEG (lossy: class ids smear at
-  edges) is refused, whatever its file's name. An RGB mask needs `color_map` unless all its
+  edges) is refused, whatever its file's name, and so is a JPEG-compressed TIFF.
+  An RGB mask needs `color_map` unless all its
   channels are equal (a grayscale mask saved as RGB). 16-bit colour masks are
   refused (PIL keeps only their high byte).
 - With `color_map`, RGB and palette ('P') masks are read by colour (a colour
@@ -216,10 +217,11 @@ def read_mask(
     colors = None if color_map is None else normalize_color_map(color_map, num_classes)
     img, rawmode = _decode(path)
     with img:
-        if img.format in ("JPEG", "MPO"):  # whatever the file's name: folder sources list no .jpg masks
+        # Whatever the file's name (folder sources list no .jpg masks); a TIFF may hold JPEG-coded strips too.
+        if img.format in ("JPEG", "MPO") or (img.format == "TIFF" and img.info.get("compression") == "jpeg"):
             raise DataError(
-                f"{path}: mask stored as JPEG, whose lossy compression changes class ids at region edges; "
-                "save masks losslessly, as PNG"
+                f"{path}: mask stored as JPEG{' (in a TIFF)' * (img.format == 'TIFF')}, whose lossy compression "
+                "changes class ids at region edges; save masks losslessly, as PNG"
             )
         raw = _mask_values(img, rawmode, path, colors, ignore_label)
     if raw.ndim != 2:
