@@ -293,9 +293,8 @@ def _evaluate(args) -> int:
     at = sharding.replicated(mesh)  # every process restores the whole state
     run = trained.restore(args.workdir, args.checkpoint, data_overrides=args.data_overrides, sharding=at)
     workdir, config, info, graphs, state = run.workdir, run.config, run.info, run.graphs, run.state
-    # eval_{split}.json is the best's (the default); any other checkpoint's is named by its step, beside it.
-    _, which, step = trained.resolve(args.workdir, args.checkpoint)
-    stem = f"eval_{args.split}" + ("" if which == "best" and step is None else f"_step{int(state['step'])}")
+    # eval_{split}.json is the workdir's default checkpoint's; any other's is named by its step, beside it.
+    stem = f"eval_{args.split}" + ("" if run.default else f"_step{int(state['step'])}")
     with config.unlocked():
         config.eval_hflip = bool(args.hflip or config.get("eval_hflip", False))  # how evaluate_split batches
     config.eval_batch_size = args.batch_in_use = _eval_batch_size(args.batch_size, config.eval_batch_size)

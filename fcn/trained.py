@@ -47,6 +47,7 @@ class Restored(NamedTuple):
     info: dict  # dataset.json: class names, palette, ignore label
     graphs: Any  # fcn.state.Graphs
     state: Any  # the restored training state
+    default: bool  # the workdir's own choice (its best, else its latest): no flag or folder named another
 
 
 def restore(path: str | Path, which: str = "best", *, data_overrides=(), sharding=None) -> Restored:
@@ -59,15 +60,16 @@ def restore(path: str | Path, which: str = "best", *, data_overrides=(), shardin
     from fcn.cli import with_data_overrides
 
     workdir, which, step = resolve(path, which)
+    default = which == "best" and step is None
     config = with_data_overrides(checkpoint.load_config(workdir), list(data_overrides))
     info = checkpoint.load_dataset_info(workdir)
     graphs, abstract, _ = state_lib.abstract_state(config, len(info["class_names"]), workdir=workdir)
     ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
     try:
-        if which == "best" and step is None:
+        if default:
             which = ckpts.best_or_latest()
         state = ckpts.restore(abstract, which=which, step=step, sharding=sharding)
     finally:
         ckpts.close()
     folder = f"{'best' if which == 'best' else 'checkpoints'}/{int(state['step'])}"
-    return Restored(workdir, folder, config, info, graphs, state)
+    return Restored(workdir, folder, config, info, graphs, state, default)
