@@ -28,7 +28,7 @@ from fcn.config import ConfigError, validate, validate_against_data, validate_ag
 from fcn.data import get_source, pipeline
 from fcn.evaluate import evaluate_split, format_report, headline, jit_eval_steps, report
 from fcn.metrics_log import MetricsLog
-from fcn.progress import logging_redirect, tqdm_class, write
+from fcn.progress import logging_redirect, restart_clock, tqdm_class, write
 from fcn.traced import enable_compilation_cache
 
 log = logging.getLogger("fcn")
@@ -58,20 +58,6 @@ def _set_up_objects_frozen():
         yield
     finally:
         gc.unfreeze()
-
-
-def _restart_clock(bar) -> None:
-    """Restart a progress bar's clock, keeping its count: its rate and time left are then the steps'
-    alone. Without this, the first step's compilation (minutes on a GPU) stood in the rate for the
-    rest of a run written to a log file: "177.51s/step", 295 hours left, for a run of 5 minutes."""
-    n = bar.n
-    bar.refresh = lambda *args, **kwargs: None  # reset() would print the bar at 0 first
-    try:
-        bar.reset(total=bar.total)  # the clock, the rate's moving averages, and the count
-    finally:
-        del bar.refresh  # tqdm's own again
-    bar.initial = bar.n = bar.last_print_n = n
-    bar.refresh()
 
 
 class _StopRequest:
@@ -285,7 +271,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
                 step += 1
                 bar.update(1)
                 if step == start + 1:  # the compilation is not a step: the rate and time left from here on
-                    _restart_clock(bar)
+                    restart_clock(bar)
                     t_last = time.time()  # and images_per_sec's (the call returns once compiled and started)
                 signalled = stop.requested(step)
                 stopping = signalled or (stop_after is not None and step - start >= stop_after)

@@ -364,14 +364,14 @@ def test_progress_bar_clock_restarts_after_the_first_step():
 
     from tqdm import tqdm
 
-    from fcn.train import _restart_clock
+    from fcn.progress import restart_clock
 
     out = io.StringIO()
     bar = tqdm(total=100, initial=10, file=out, mininterval=0)
     time.sleep(0.6)  # "compiling"
     bar.update(1)
     assert bar.format_dict["elapsed"] >= 0.6
-    _restart_clock(bar)
+    restart_clock(bar)
     assert bar.n == 11 and bar.total == 100 and bar.format_dict["elapsed"] < 0.3
     assert " 0/100" not in out.getvalue() and out.getvalue().rstrip().endswith("11/100 [00:00<?, ?it/s]")
     for _ in range(5):
