@@ -295,9 +295,10 @@ class Checkpoints:
         """Which checkpoint to read for the best: "best" once one was saved, else "latest" (no evaluation yet)."""
         return "best" if self._holds_steps("best") and self.best.best_step() is not None else "latest"
 
-    def save(self, step: int, state, *, mean_iou: float | None = None) -> None:
+    def save(self, step: int, state, *, mean_iou: float | None = None, latest: bool = True) -> None:
         """Save the state as latest (and as best when `mean_iou` equals or beats the best so far: a
-        state that would not be kept is not written, then deleted)."""
+        state that would not be kept is not written, then deleted). latest=False: as best alone, for a
+        step that checkpoints/ holds already and that is evaluated only now."""
         try:
             if mean_iou is not None and np.isfinite(mean_iou) and self._is_best(step, float(mean_iou)):
                 if step in self.best.all_steps():
@@ -308,7 +309,8 @@ class Checkpoints:
                 # Best in place before latest: killed in between, the run resumes from the step before and
                 # redoes this one (above). The other way round it resumed past this step, never saved as best.
                 self.best.wait_until_finished()
-            self.latest.save(step, args=ocp.args.StandardSave(state), force=True)
+            if latest:
+                self.latest.save(step, args=ocp.args.StandardSave(state), force=True)
             self.wait()
         except (OSError, ValueError) as e:
             try:  # let orbax's background writes end before the error ends the process

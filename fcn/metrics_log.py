@@ -94,6 +94,22 @@ def _summary_writer_class():
     return SummaryWriter
 
 
+def evaluated_at(workdir: Path, step: int) -> bool:
+    """Whether the workdir's metrics.jsonl records an evaluation (an eval_mean_iou) at `step`."""
+    try:
+        lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return False
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step") == step and "eval_mean_iou" in row:
+            return True
+    return False
+
+
 def _line_step(line: str):
     try:
         return int(json.loads(line)["step"])

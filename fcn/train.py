@@ -27,7 +27,7 @@ from fcn.cli import less_memory, out_of_memory
 from fcn.config import ConfigError, validate, validate_against_data, validate_against_source
 from fcn.data import get_source, pipeline
 from fcn.evaluate import evaluate_split, format_report, headline, jit_eval_steps, report
-from fcn.metrics_log import MetricsLog
+from fcn.metrics_log import MetricsLog, evaluated_at
 from fcn.progress import logging_redirect, restart_clock, tqdm_class, write
 from fcn.traced import enable_compilation_cache
 
@@ -180,7 +180,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         saved = json.loads(config.to_json())
         if source.found_at and not config.data.path:  # where the environment pointed, for evaluation later
             saved["data"]["path"] = source.found_at
-        training = start < config.num_steps  # else a finished workdir, left as it is: nothing to train
+        training = start < config.num_steps  # else a finished workdir, left as it is: nothing to train,
+        # unless its last step has no evaluation (stopped there, then given num_steps = that step): done now
+        final_eval = bool(start) and not training and eval_data is not None and not evaluated_at(workdir, start)
         if start:
             state = ckpts.restore(state, sharding=sharding.replicated(mesh))  # each process reads its shards
             log.info("resuming %s from step %d", workdir, start)
@@ -217,7 +219,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         eval_step, logits_step = jit_eval_steps(
             graphs, source.num_classes, source.ignore_label, config.eval_hflip, mesh
         )
-        metrics_log = MetricsLog(workdir, start) if training else None  # None: nothing to log
+        metrics_log = MetricsLog(workdir, start) if training or final_eval else None  # None: nothing to log
         rows = sharding.process_slice(config.batch_size)
         last_report: dict = {}
 
@@ -241,6 +243,15 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
                 "compilation on a GPU takes minutes: XLA times each convolution's algorithms)",
                 jax_cache,
             )
+        elif final_eval:  # config.json stays: no step is trained with this config
+            if jax.process_index() == 0:
+                print(
+                    f"{workdir} is trained to step {start} (config.num_steps), not evaluated there: evaluating it",
+                    flush=True,
+                )
+            doing = f"evaluating on {config.data.eval_split!r} at step {start}"
+            last_report = evaluate(start)
+            ckpts.save(start, state, mean_iou=last_report["mean_iou"], latest=False)  # best/ if it wins
         elif jax.process_index() == 0:  # else the same command, run again, showed a bar at 100% and exited
             print(
                 f"{workdir} is trained to step {start} already (config.num_steps): nothing to train. Raise "

@@ -86,6 +86,37 @@ def test_running_a_finished_workdir_again_says_there_is_nothing_to_train(tmp_pat
     assert "6/6" not in captured.err  # and no progress bar at 100% under it
 
 
+def test_a_run_stopped_then_given_num_steps_at_its_stop_evaluates_that_step_once(tmp_path, capsys):
+    """Stopped at step 2 of 100 (not an evaluation step), then run with num_steps=2: its last step is
+    evaluated (metrics.jsonl, best/, the report), where it said "nothing to train" and left the final
+    weights unevaluated, with no best/ at all. config.json keeps the settings trained with; run once
+    more, it is a workdir evaluated at its last step: nothing to train, nothing written."""
+    config = tiny.get_config()
+    config.num_steps, run = 100, tmp_path / "run"
+    train_and_evaluate(config, run, stop_after=2)
+    config_json = (run / "config.json").read_bytes()
+    config.num_steps = 2
+    capsys.readouterr()
+    rep = train_and_evaluate(config, run)
+    out = capsys.readouterr().out
+    assert rep["step"] == 2 and f"{run} is trained to step 2 (config.num_steps), not evaluated there" in out
+    assert "mean IoU" in out and "nothing to train" not in out
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["step"], row["eval_mean_iou"]) for row in rows if "eval_mean_iou" in row] == [(2, rep["mean_iou"])]
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2]
+    ckpts = checkpoint.Checkpoints(run)
+    try:
+        assert ckpts.best.all_steps() == [2] and ckpts.latest.all_steps() == [2]
+        assert ckpts.best.metrics(2)["mean_iou"] == rep["mean_iou"]
+    finally:
+        ckpts.close()
+    assert (run / "config.json").read_bytes() == config_json  # num_steps=100: the schedule trained with
+    files = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    assert train_and_evaluate(config, run) == {}
+    assert "nothing to train" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == files
+
+
 def test_a_log_file_gets_the_progress_bar_every_30_s_not_at_every_logged_step(tmp_path, capsys):
     config = tiny.get_config()  # log_every = 1
     config.num_steps, config.eval_every, config.checkpoint_every = 12, 0, 0
