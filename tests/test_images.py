@@ -322,6 +322,23 @@ def test_a_jpeg_mask_is_refused_whatever_its_name(tmp_path):
     np.testing.assert_array_equal(read_mask(tiff, num_classes=3), values)
 
 
+def test_a_lossy_webp_mask_is_refused_and_a_lossless_one_reads(tmp_path):
+    # Saved lossy (Pillow's default, quality 75), this 4-class mask of raw ids came back with 1043 of 4096
+    # pixels wrong, all still class ids: read silently. Pillow does not say which coding a WebP has.
+    values = np.zeros((64, 64), np.uint8)
+    values[8:40, 8:40], values[24:56, 30:60], values[50:, :20] = 1, 2, 3
+    with_alpha = np.dstack([values] * 3 + [np.full_like(values, 200)])  # 'VP8X' + 'ALPH' + 'VP8 ' chunks
+    frames = {"save_all": True, "append_images": [Image.fromarray(values * 60)]}  # "ANMF" chunks
+    for name, array, kwargs in (("m.png", values, {}), ("alpha.webp", with_alpha, {}), ("anim.webp", values, frames)):
+        path = save(tmp_path / name, array, format="WEBP", **kwargs)
+        assert (read_image(path)[..., 0] != values).any()  # lossy indeed; as an image, it reads
+        with pytest.raises(DataError, match=rf"{name.replace('.', '[.]')}: mask stored as lossy WebP, whose lossy"):
+            read_mask(path, num_classes=4)
+    for name, kwargs in (("ok.webp", {}), ("ok_anim.webp", frames)):  # lossless ('VP8L'), also as animation frames
+        path = save(tmp_path / name, values, format="WEBP", lossless=True, **kwargs)
+        np.testing.assert_array_equal(read_mask(path, num_classes=4), values)
+
+
 def test_16_bit_colour_image_is_read_by_its_high_byte_and_a_multi_frame_file_by_its_first_frame(tmp_path):
     """The module docstring's rules for two files it did not mention (pinned: they read so before)."""
     values = np.array([[0, 1000, 40000], [65535, 256, 300]], ">u2")

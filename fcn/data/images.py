@@ -20,7 +20,10 @@ Policies, decided once here for every file-based source:
   value, as in PASCAL VOC; for 2- and 4-bit grayscale, the stored sample, not
   PIL's 0..255 brightness); '1' gives 0/1; 16-bit masks are read as integers
   and must map into range. A mask stored as JPEG (lossy: class ids smear at
-  edges) is refused, whatever its file's name, and so is a JPEG-compressed TIFF.
+  edges) is refused, whatever its file's name, and so are a JPEG-compressed TIFF
+  and a lossy WebP (a 'VP8 ' bitstream; lossless WebP, 'VP8L', reads). JPEG 2000
+  and AVIF masks are read as decoded: no cheap check tells a lossy one from a
+  lossless one (a reversible JPEG 2000 cut to a quality target is lossy too).
   An RGB mask needs `color_map` unless all its
   channels are equal (a grayscale mask saved as RGB). 16-bit colour masks are
   refused (PIL keeps only their high byte).
@@ -57,9 +60,9 @@ def _open_loaded(path: PathLike) -> Image.Image:
     return _decode(path)[0]
 
 
-def _decode(path: PathLike) -> tuple[Image.Image, str]:
+def _decode(path: PathLike) -> tuple[Image.Image, str, str]:
     """`_open_loaded`, with how the file stores its samples (PIL's raw mode, e.g. 'L;4'), which
-    decoding forgets."""
+    decoding forgets, and the lossy coding it was stored with ('JPEG', ...; '' if none is known)."""
     path = Path(path)
     try:
         # Read first, decode second: an I/O failure (permissions, a vanished
@@ -80,7 +83,30 @@ def _decode(path: PathLike) -> tuple[Image.Image, str]:
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DataError(f"{path}: corrupt or truncated image ({e})") from e
     rawmode = rawmode[0] if isinstance(rawmode, tuple) and rawmode else rawmode  # TIFF: (rawmode, ...)
-    return img, rawmode if isinstance(rawmode, str) else ""
+    return img, rawmode if isinstance(rawmode, str) else "", _lossy_coding(img, data)
+
+
+def _lossy_coding(img: Image.Image, data: bytes) -> str:
+    """The lossy coding a decoded file was stored with, as a mask's error names it ('' if none is known)."""
+    if img.format in ("JPEG", "MPO"):
+        return "JPEG"
+    if img.format == "TIFF" and img.info.get("compression") == "jpeg":
+        return "JPEG (in a TIFF)"
+    if img.format == "WEBP" and _webp_bitstream(data) == b"VP8 ":
+        return "lossy WebP"
+    return ""
+
+
+def _webp_bitstream(data: bytes) -> bytes:
+    """The chunk coding a WebP file's first frame: b'VP8 ' (lossy) or b'VP8L' (lossless), which PIL does not
+    tell; found by walking the RIFF chunks (into the first animation frame, ANMF, past its 16-byte header)."""
+    pos = 12  # past 'RIFF', the size and 'WEBP'
+    while pos + 8 <= len(data):
+        kind, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if kind in (b"VP8 ", b"VP8L"):
+            return kind
+        pos += 8 + (16 if kind == b"ANMF" else size + (size & 1))
+    return b""
 
 
 def too_large_error(path: PathLike, e: Exception) -> DataError:
@@ -215,13 +241,12 @@ def read_mask(
 ) -> np.ndarray:
     """Reads a label mask file as uint8 [H, W] class ids (or the ignore label)."""
     colors = None if color_map is None else normalize_color_map(color_map, num_classes)
-    img, rawmode = _decode(path)
+    img, rawmode, lossy = _decode(path)
     with img:
-        # Whatever the file's name (folder sources list no .jpg masks); a TIFF may hold JPEG-coded strips too.
-        if img.format in ("JPEG", "MPO") or (img.format == "TIFF" and img.info.get("compression") == "jpeg"):
+        if lossy:  # whatever the file's name (folder sources list no .jpg or .webp masks)
             raise DataError(
-                f"{path}: mask stored as JPEG{' (in a TIFF)' * (img.format == 'TIFF')}, whose lossy compression "
-                "changes class ids at region edges; save masks losslessly, as PNG"
+                f"{path}: mask stored as {lossy}, whose lossy compression changes class ids at region edges; "
+                "save masks losslessly, as PNG"
             )
         raw = _mask_values(img, rawmode, path, colors, ignore_label)
     if raw.ndim != 2:
