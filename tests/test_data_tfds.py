@@ -2,6 +2,7 @@
 (no download)."""
 
 import io
+import logging
 import sys
 
 import numpy as np
@@ -11,14 +12,20 @@ from fcn.data import DataError, get_source
 from tests.test_data_sources import config, rgb
 
 
-def test_tfds_image_header_over_pillows_limit_is_a_data_error_naming_the_example(monkeypatch):
+def test_tfds_image_header_over_pillows_limit_is_a_data_error_naming_the_example(monkeypatch, caplog):
     from PIL import Image
 
+    from fcn.data import images
     from fcn.data.tfds import _encoded_size
 
     png = io.BytesIO()
     Image.new("RGB", (40, 30)).save(png, format="PNG")
     assert _encoded_size(png.getvalue(), "train[3]") == (30, 40)
+    monkeypatch.setattr(images, "_warned_large", set(), raising=False)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1200 pixels: Pillow warns, naming nothing; fcn logs
+    with caplog.at_level(logging.WARNING), pytest.warns(Image.DecompressionBombWarning):
+        assert _encoded_size(png.getvalue(), "train[3]") == (30, 40)
+    assert "train[3]: image of 30x40 (HxW), 1200 pixels" in caplog.text
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1200 pixels: over twice the limit
     with pytest.raises(DataError, match=r"train\[3\]: image too large to decode safely") as e:
         _encoded_size(png.getvalue(), "train[3]")

@@ -101,6 +101,26 @@ def test_an_image_over_pillows_decompression_bomb_limit_is_refused_naming_it(tmp
         assert "shrink it or cut it into smaller images" in str(e.value)  # what to do: it said only why
 
 
+def test_an_image_in_pillows_warning_band_is_logged_naming_it_once(tmp_path, monkeypatch, caplog):
+    """Between Image.MAX_IMAGE_PIXELS and twice it Pillow only warns, without the file's name (and once per
+    size, so the second file of a size was not even warned of): fcn logs each such file, once, and reads it."""
+    monkeypatch.setattr(images, "_warned_large", set(), raising=False)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # 20 x 20 = 400: over it, under 600
+    values = np.eye(20, dtype=np.uint8)
+    paths = [save(tmp_path / name, values) for name in ("big.png", "big2.png")]
+    small = save(tmp_path / "small.png", values[:10])  # 200 pixels: not warned of
+    with caplog.at_level(logging.WARNING), pytest.warns(Image.DecompressionBombWarning):  # Pillow's: as before
+        for path in paths:
+            assert read_size(path) == (20, 20)
+            np.testing.assert_array_equal(read_mask(path, num_classes=2), values)
+            np.testing.assert_array_equal(read_image(path)[..., 0], values)
+        read_image(small)
+    for name in ("big.png", "big2.png"):
+        line = f"{tmp_path / name}: image of 20x20 (HxW), 400 pixels, over PIL.Image.MAX_IMAGE_PIXELS (300)"
+        assert caplog.text.count(line) == 1, caplog.text
+    assert "small.png" not in caplog.text
+
+
 # --- masks ----------------------------------------------------------------
 
 

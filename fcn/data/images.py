@@ -82,6 +82,7 @@ def _decode(path: PathLike) -> tuple[Image.Image, str, str]:
         raise too_large_error(path, e) from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DataError(f"{path}: corrupt or truncated image ({e})") from e
+    warn_if_large(path, img.size)
     rawmode = rawmode[0] if isinstance(rawmode, tuple) and rawmode else rawmode  # TIFF: (rawmode, ...)
     return img, rawmode if isinstance(rawmode, str) else "", _lossy_coding(img, data)
 
@@ -117,6 +118,28 @@ def too_large_error(path: PathLike, e: Exception) -> DataError:
     )
 
 
+_warned_large: set[str] = set()
+
+
+def warn_if_large(name: PathLike, size_wh: tuple[int, int]) -> None:
+    """Logs, once per file, an image in Pillow's warning band (over Image.MAX_IMAGE_PIXELS, up to twice it,
+    where Pillow refuses): Pillow's DecompressionBombWarning names no file, and is shown once per size."""
+    pixels, limit = max(1, size_wh[0]) * max(1, size_wh[1]), Image.MAX_IMAGE_PIXELS  # as Pillow counts
+    if not limit or pixels <= limit or str(name) in _warned_large:
+        return
+    _warned_large.add(str(name))
+    logger.warning(
+        "%s: image of %dx%d (HxW), %d pixels, over PIL.Image.MAX_IMAGE_PIXELS (%d), so Pillow warns of a possible "
+        "decompression bomb (DecompressionBombWarning, without the file's name); fcn reads it as it is (Pillow "
+        "refuses over twice the limit)",
+        name,
+        size_wh[1],
+        size_wh[0],
+        pixels,
+        limit,
+    )
+
+
 def read_size(path: PathLike) -> tuple[int, int]:
     """(H, W) of an image file from its header, without decoding the pixels."""
     path = Path(path)
@@ -133,6 +156,7 @@ def read_size(path: PathLike) -> tuple[int, int]:
         raise DataError(f"{path}: cannot read file ({e.strerror or e})") from e
     except (SyntaxError, ValueError, EOFError) as e:
         raise DataError(f"{path}: corrupt image header ({e})") from e
+    warn_if_large(path, (w, h))
     return h, w
 
 

@@ -26,7 +26,15 @@ from collections.abc import Mapping
 import numpy as np
 
 from fcn.data.base import Examples, Source, decode_all, default_palette
-from fcn.data.images import DataError, _colors_to_ids, as_rgb, fit_max_size, fitted_size, too_large_error
+from fcn.data.images import (
+    DataError,
+    _colors_to_ids,
+    as_rgb,
+    fit_max_size,
+    fitted_size,
+    too_large_error,
+    warn_if_large,
+)
 from fcn.data.labels import check_labels_config, map_labels, normalize_color_map, normalize_value_map
 
 
@@ -121,6 +129,7 @@ def _encoded_size(value, name: str) -> tuple[int, int]:
         raise too_large_error(name, e) from e
     except (OSError, ValueError) as e:
         raise DataError(f"{name}: cannot read the image header ({e})") from e
+    warn_if_large(name, (w, h))
     return h, w
 
 
