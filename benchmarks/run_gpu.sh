@@ -5,6 +5,7 @@
 #   bash benchmarks/run_gpu.sh --tiny     # seconds-long check of the script itself (any machine)
 #   bash benchmarks/run_gpu.sh --profile  # where fcn's training and inference steps spend the GPU's time
 #   bash benchmarks/run_gpu.sh --head_loss  # the fused network-end kernel against XLA's, alone and in the step
+#   bash benchmarks/run_gpu.sh --fused_conv # a prototype conv kernel with batch norm in, against cuDNN + XLA's passes
 #
 # Extra arguments go to benchmarks/speed.py. Python packages the machine lacks
 # come from wheels/ (scripts/gpu_env.sh says which and how to fetch them); the
@@ -30,6 +31,13 @@ if [[ "${1:-}" == "--head_loss" ]]; then
   shift
   "$PY" benchmarks/head_loss.py --batch 16 --size 360 480 --features 32 --depth 4 --dtype bfloat16 "$@" 2>&1 \
     | tee "$OUT_DIR/head_loss.log"
+  exit 0
+fi
+if [[ "${1:-}" == "--fused_conv" ]]; then
+  # benchmarks/fused_conv.py at the same size: each 3x3 conv of the network, values compared, then timed.
+  shift
+  "$PY" benchmarks/fused_conv.py --batch 16 --size 360 480 --features 32 --depth 4 --dtype bfloat16 "$@" 2>&1 \
+    | tee "$OUT_DIR/fused_conv.log"
   exit 0
 fi
 if [[ "${1:-}" == "--tiny" ]]; then

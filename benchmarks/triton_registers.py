@@ -1,16 +1,21 @@
-"""fcn's Pallas kernel compiled for a GPU on a machine without one: registers, spills, shared memory.
+"""fcn's Pallas kernels compiled for a GPU on a machine without one: registers, spills, shared memory.
 
     pip install triton==3.9.0      # once; 285 MB, not a dependency of fcn
-    python benchmarks/triton_registers.py [--kernels 64x4,128x4,...] [--arch 90]
+    python benchmarks/triton_registers.py [--kernels 64x4x8x2,...] [--arch 90]
+    python benchmarks/triton_registers.py --kernel conv [--kernels 128x64x32x4x3,...]
 
-For each mode ("head", "head+norm") and setting (pixels a step x steps, warps, stages) of the fused head
-and loss kernel (fcn/head_loss.py) at the full recipe's size (16 x 368 x 480 x 32 features in bfloat16,
-11 classes; `--features` for other widths): jax lowers it for CUDA to a Triton module (no GPU needed), Triton compiles
-that module to PTX for the given compute capability, and ptxas (shipped with Triton)
-reports each thread's registers and spills. A setting whose threads need more than 255
-registers spills to memory; fewer registers let more blocks share a multiprocessor.
-Triton here is PyPI's, not the one inside jaxlib's CUDA plugin that compiles the kernel on
-a GPU, so this says the kernel compiles and roughly what it costs, not how fast it runs.
+`--kernel head` (the default): for each mode ("head", "head+norm") and setting (pixels a step x
+steps, warps, stages) of the fused head and loss kernel (fcn/head_loss.py) at the full recipe's
+size (16 x 368 x 480 x 32 features in bfloat16, 11 classes; `--features` for other widths).
+`--kernel conv`: benchmarks/fused_conv.py's prototype conv kernel, for each of the network's 3x3
+convs at that size and each setting. jax lowers the kernel for CUDA to a Triton module (no GPU
+needed), Triton compiles that module to PTX for the given compute capability, and ptxas (shipped
+with Triton) reports each thread's registers and spills. A setting whose threads need more than
+255 registers spills to memory; fewer registers let more blocks share a multiprocessor. The PTX
+also tells whether the products run on Hopper's warpgroup instructions (wgmma) and whether loads
+are pipelined through shared memory (cp.async). Triton here is PyPI's, not the one inside
+jaxlib's CUDA plugin that compiles the kernel on a GPU, so this says the kernel compiles and
+roughly what it costs, not how fast it runs.
 Not a test.
 """
 
@@ -28,12 +33,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from benchmarks import fused_conv  # noqa: E402
 from benchmarks.head_loss import describe, parse_setting  # noqa: E402
 from fcn import head_loss  # noqa: E402
 
+HEAD_SETTINGS = "64x4x1x1,128x4x1x1,128x8x1x1,256x8x1x1,128x4x8x1,128x4x8x2,128x4x8x3,64x4x8x2,128x8x8x2"
 
-def triton_module(setting: dict, bn: bool, c: int = 32) -> str:
-    """The kernel's Triton module (MLIR text), as jax lowers it for CUDA."""
+
+def triton_module(fn, *shapes) -> str:
+    """The Triton module (MLIR text) of the one Pallas kernel in jitted `fn`, as jax lowers it for CUDA."""
     from jax._src.pallas.triton import lowering, pallas_call_registration as registration
 
     captured = []
@@ -46,18 +54,6 @@ def triton_module(setting: dict, bn: bool, c: int = 32) -> str:
 
     registration.lowering.lower_jaxpr_to_triton_module = capture
     try:
-        shapes = (
-            jax.ShapeDtypeStruct((16, 368, 480, c), jnp.bfloat16),
-            jax.ShapeDtypeStruct((1, 1, c, 11), jnp.float32),
-            jax.ShapeDtypeStruct((11,), jnp.float32),
-            jax.ShapeDtypeStruct((16, 360, 480), jnp.uint8),
-        )
-
-        norm = (jnp.ones(c), jnp.zeros(c), 1e-5) if bn else None
-
-        def fn(x, kernel, bias, labels):
-            return head_loss.linear_head_cross_entropy(x, kernel, bias, labels, bn=norm, interpret=False, **setting)
-
         jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",))
     finally:
         registration.lowering.lower_jaxpr_to_triton_module = lower
@@ -65,13 +61,69 @@ def triton_module(setting: dict, bn: bool, c: int = 32) -> str:
     return module
 
 
+def head_module(setting: dict, bn: bool, c: int = 32) -> str:
+    """The fused network-end kernel at the full recipe's size."""
+    shapes = (
+        jax.ShapeDtypeStruct((16, 368, 480, c), jnp.bfloat16),
+        jax.ShapeDtypeStruct((1, 1, c, 11), jnp.float32),
+        jax.ShapeDtypeStruct((11,), jnp.float32),
+        jax.ShapeDtypeStruct((16, 360, 480), jnp.uint8),
+    )
+    norm = (jnp.ones(c), jnp.zeros(c), 1e-5) if bn else None
+
+    def fn(x, kernel, bias, labels):
+        return head_loss.linear_head_cross_entropy(x, kernel, bias, labels, bn=norm, interpret=False, **setting)
+
+    return triton_module(fn, *shapes)
+
+
+def conv_module(setting: dict, x_shape: tuple, c_out: int, bn: bool) -> str:
+    """benchmarks/fused_conv.py's prototype conv kernel for one of the network's convs."""
+    c_in = x_shape[-1]
+    shapes = [jax.ShapeDtypeStruct(x_shape, jnp.bfloat16), jax.ShapeDtypeStruct((3, 3, c_in, c_out), jnp.float32)]
+    shapes += [jax.ShapeDtypeStruct((c_in,), jnp.float32)] * 3
+
+    def fn(x, w, mean, mul, bias):
+        return fused_conv.conv3x3(x, w, (mean, mul, bias) if bn else None, interpret=False, **setting)
+
+    return triton_module(fn, *shapes)
+
+
+def cases(args):
+    """(label, setting, Triton module) for each kernel and setting asked for."""
+    if args.kernel == "head":
+        for mode, item in ((m, k) for m in args.modes.split(",") for k in args.kernels.split(",")):
+            setting = parse_setting(item)
+            yield f"{mode:9s} {describe(setting)}", setting, head_module(setting, mode == "head+norm", args.features)
+        return
+    convs = fused_conv.network_convs(16, (360, 480), args.features, 4)
+    for name, x_shape, c_out, bn in convs:
+        seen = []
+        for item in (args.kernels or fused_conv.SETTINGS).split(","):
+            setting = fused_conv.fits(x_shape[-1], c_out, fused_conv.parse_setting(item))
+            if setting is not None and setting not in seen:  # settings cut to the same blocks: once
+                seen.append(setting)
+                label = "x".join(str(setting[k]) for k in ("bm", "bn", "bk", "num_warps", "num_stages"))
+                yield (
+                    f"{name:12s} {x_shape[-1]:3d} -> {c_out:3d}, {label:14s}",
+                    setting,
+                    conv_module(setting, x_shape, c_out, bn),
+                )
+
+
+def instructions(ptx: str) -> str:
+    """How the PTX multiplies (Hopper's asynchronous warpgroup products, wgmma; the older mma.sync; else
+    none) and whether it copies global memory to shared asynchronously (cp.async, Triton's pipelining)."""
+    products = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "no tensor-core"
+    return f"{products} products, {'' if 'cp.async' in ptx else 'no '}async copies"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--kernels",
-        default="64x4x1x1,128x4x1x1,128x8x1x1,256x8x1x1,128x4x8x1,128x4x8x2,128x4x8x3,64x4x8x2,128x8x8x2",
-        help="SUBxWARPSxSTEPSxSTAGES,... (benchmarks/head_loss.py's settings)",
-    )
+    p.add_argument("--kernel", default="head", choices=("head", "conv"), help="head: fcn/head_loss.py's; conv: "
+                   "benchmarks/fused_conv.py's prototype, for each of the network's convs")  # fmt: skip
+    p.add_argument("--kernels", default="", help="settings: head_loss.py's SUBxWARPSxSTEPSxSTAGES,... or "
+                   "fused_conv.py's BMxBNxBKxWARPSxSTAGES,... (default: each benchmark's own list)")  # fmt: skip
     p.add_argument("--arch", type=int, default=90, help="compute capability (90: H100 and H200)")
     p.add_argument("--modes", default="head,head+norm", help="the kernel's modes (config.loss.fused_head)")
     p.add_argument("--features", type=int, default=32, help="the head's input channels (config.model.features)")
@@ -85,19 +137,21 @@ def main() -> None:
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     ptxases = sorted(os.path.join(bin_dir, n) for n in os.listdir(bin_dir) if n.startswith("ptxas"))
     print(f"jax {jax.__version__}, triton {triton.__version__}, sm_{args.arch}a")
-    for mode, item in ((m, k) for m in args.modes.split(",") for k in args.kernels.split(",")):
-        setting = parse_setting(item)
+    if args.kernel == "head":
+        args.kernels = args.kernels or HEAD_SETTINGS
+    for label, setting, module in cases(args):
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "kernel.ttir")
             with open(path, "w") as f:
-                f.write(triton_module(setting, mode == "head+norm", args.features))
+                f.write(module)
             compiled = triton.compile(
                 path,
                 target=GPUTarget("cuda", args.arch, 32),
                 options={"num_warps": setting["num_warps"], "num_stages": setting["num_stages"]},
             )
+            ptx = compiled.asm["ptx"]
             with open(path + ".ptx", "w") as f:
-                f.write(compiled.asm["ptx"])
+                f.write(ptx)
             for ptxas in ptxases:  # Triton 3.9 ships two; the older refuses the newer PTX versions
                 done = subprocess.run(
                     [ptxas, f"-arch=sm_{args.arch}a", "-v", path + ".ptx", "-o", os.devnull],
@@ -112,8 +166,8 @@ def main() -> None:
         registers = re.search(r"Used (\d+) registers", report).group(1)
         spills = re.search(r"(\d+) bytes spill stores", report).group(1)
         print(
-            f"{mode:9s} {describe(setting)}: {registers:>3s} registers a thread, {spills:>5s} bytes spilled, "
-            f"{compiled.metadata.shared:6d} bytes of shared memory",
+            f"{label}: {registers:>3s} registers a thread, {spills:>5s} bytes spilled, "
+            f"{compiled.metadata.shared:6d} bytes of shared memory; {instructions(ptx)}",
             flush=True,
         )
 
