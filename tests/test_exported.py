@@ -3,6 +3,10 @@ small UNets exported directly), and tiling large images as fcn.load's predictor 
 its agreement with the model: tests/test_export.py."""
 
 import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +15,35 @@ from flax import nnx
 from fcn.export import export_model, load_exported
 from fcn.inference import Segmenter
 from fcn.model import UNet
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("flax", "optax", "orbax", "ml_collections", "tensorflow", "tensorflow_datasets")
+
+
+def _fresh(code: str) -> list[str]:
+    """The lines a fresh interpreter prints running code in the checkout."""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip().splitlines()
+
+
+def test_importing_the_exported_model_imports_no_model_or_training_code():
+    """`import fcn.exported` (and `from fcn import load_exported`, as README has it) ran fcn/__init__.py's
+    eager imports of the model, the predictor and the summary: flax and optax, for an artifact that
+    needs jax and numpy alone. fcn's other names (and `fcn.ops`) still come, on first use; fcn.summary
+    stays the function."""
+    for statement in ("import fcn.exported", "from fcn import load_exported"):
+        heavy = f"sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))"
+        assert _fresh(f"import sys\n{statement}\nprint({heavy})") == ["[]"], statement
+    assert _fresh(
+        """
+        import fcn
+        from fcn.summary import summary
+        print(fcn.summary is summary, fcn.UNet.__module__, fcn.load.__module__, fcn.Segmenter.__module__)
+        print(fcn.predict_proba.__module__, fcn.load_exported.__module__, set(fcn.__all__) <= set(dir(fcn)))
+        """
+    ) == ["True fcn.model fcn.inference fcn.inference", "fcn.model fcn.exported True"]
+    assert _fresh("import fcn\nprint(fcn.ops.__name__, fcn.data.DataError.__name__)") == ["fcn.ops DataError"]
 
 
 def test_a_wrong_size_shrunk_along_one_side_is_named_as_shrunk(tmp_path):
