@@ -56,7 +56,7 @@ def evaluate_split(
     logits_step: `jit_eval_steps`' second, for images that `data.max_size` shrank (`pipeline.eval_split`):
     their logits are scaled up to the label's size on the host as `fcn.load(...).predict` scales them.
     """
-    from fcn.inference import resize_channels
+    from fcn.inputs import resize_channels
 
     sharding.check_batch_size(config.eval_batch_size, "eval_batch_size")
     rows = sharding.process_slice(config.eval_batch_size)

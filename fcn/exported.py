@@ -68,7 +68,7 @@ class ExportedModel:
         longer side exceeds the training's `data.max_size` are shrunk to it and the logits scaled back,
         as the predictor does. An image with a side over `tile` (after that) is run in tiles blended as
         the predictor blends them (module docstring); a smaller one whole, as model.jax gives it."""
-        from fcn.inference import float_batch, resize_channels
+        from fcn.inputs import float_batch, resize_channels
 
         x_BHWC, single, (h, w) = float_batch(images, self.max_size)
         if self.size is not None and tuple(x_BHWC.shape[1:3]) != self.size:

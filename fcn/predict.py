@@ -107,7 +107,7 @@ def predict_files(segmenter, files: list[Path], out: Path, *, alpha: float = 0.5
 
     from fcn import viz
     from fcn.data.images import DataError
-    from fcn.inference import read_input
+    from fcn.inputs import read_input
     from fcn.progress import tqdm_class
 
     names = output_names(files, out)

@@ -46,6 +46,24 @@ def test_importing_the_exported_model_imports_no_model_or_training_code():
     assert _fresh("import fcn\nprint(fcn.ops.__name__, fcn.data.DataError.__name__)") == ["fcn.ops DataError"]
 
 
+def test_running_an_exported_model_imports_no_model_or_training_code(tmp_path):
+    """The first predict imported fcn.inference for its image reading (float_batch, resize_channels), and
+    with it flax and optax; they live in fcn/inputs.py now. Whole, tiled, shrunk and resized back."""
+    _export(tmp_path, max_size=48)
+    got = _fresh(
+        f"""
+        import sys
+        import numpy as np
+        from fcn import load_exported
+        exported = load_exported({str(tmp_path)!r}, tile=32, overlap=8)
+        image = np.random.default_rng(0).integers(0, 256, (70, 90, 3), np.uint8)
+        print(exported.predict(image).shape, exported.predict_proba(image[:20, :30] / 255).shape)
+        print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))
+        """
+    )
+    assert got == ["(70, 90) (20, 30, 3)", "[]"]
+
+
 def test_a_wrong_size_shrunk_along_one_side_is_named_as_shrunk(tmp_path):
     """A 1 x 40 image under data.max_size=16 runs at 1 x 16: only its width shrinks. The refusal of a
     --size export named the shrunk size only when the height changed, so it said "1x40" alone."""
@@ -84,10 +102,11 @@ def test_the_flag_it_suggests_names_this_machines_platform(tmp_path, monkeypatch
     assert str(e.value).endswith("(python -m fcn.export --platforms cuda,rocm,tpu)")
 
 
-def _export(tmp_path, **kwargs):
+def _export(tmp_path, max_size=0, **kwargs):
     model = UNet(num_classes=3, features=4, depth=2, rngs=nnx.Rngs(0))
     model.eval()
-    export_model(model, tmp_path, {"class_names": ("a", "b", "c")}, saved_model=False, **kwargs)
+    meta = {"class_names": ("a", "b", "c"), "max_size": max_size}
+    export_model(model, tmp_path, meta, saved_model=False, **kwargs)
     return model
 
 
