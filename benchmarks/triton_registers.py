@@ -7,13 +7,14 @@
 `--kernel head` (the default): for each mode ("head", "head+norm") and setting (pixels a step x
 steps, warps, stages) of the fused head and loss kernel (fcn/head_loss.py) at the full recipe's
 size (16 x 368 x 480 x 32 features in bfloat16, 11 classes; `--features` for other widths).
-`--kernel conv`: benchmarks/fused_conv.py's prototype conv kernel, for each of the network's 3x3
-convs at that size and each setting. jax lowers the kernel for CUDA to a Triton module (no GPU
-needed), Triton compiles that module to PTX for the given compute capability, and ptxas (shipped
-with Triton) reports each thread's registers and spills. A setting whose threads need more than
-255 registers spills to memory; fewer registers let more blocks share a multiprocessor. The PTX
-also tells whether the products run on Hopper's warpgroup instructions (wgmma) and whether loads
-are pipelined through shared memory (cp.async). Triton here is PyPI's, not the one inside
+`--kernel conv`: benchmarks/conv_kernels.py's prototype kernels (the conv, and its weight
+gradient), for each of the network's 3x3 convs at that size and each setting. jax lowers the
+kernel for CUDA to a Triton module (no GPU needed), Triton compiles that module to PTX for the
+given compute capability, and ptxas (shipped with Triton) reports each thread's registers and
+spills. A setting whose threads need more than 255 registers spills to memory; fewer registers
+let more blocks share a multiprocessor. The PTX also tells whether the products run on Hopper's
+warpgroup instructions (wgmma: a product of 64 rows or more) or the older mma.sync, and whether
+loads are pipelined through shared memory (cp.async). Triton here is PyPI's, not the one inside
 jaxlib's CUDA plugin that compiles the kernel on a GPU, so this says the kernel compiles and
 roughly what it costs, not how fast it runs.
 Not a test.
@@ -33,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks import fused_conv  # noqa: E402
+from benchmarks import conv_kernels  # noqa: E402
 from benchmarks.head_loss import describe, parse_setting  # noqa: E402
 from fcn import head_loss  # noqa: E402
 
@@ -77,14 +78,18 @@ def head_module(setting: dict, bn: bool, c: int = 32) -> str:
     return triton_module(fn, *shapes)
 
 
-def conv_module(setting: dict, x_shape: tuple, c_out: int, bn: bool) -> str:
-    """benchmarks/fused_conv.py's prototype conv kernel for one of the network's convs."""
+def conv_module(setting: dict, x_shape: tuple, c_out: int, bn: bool, wgrad: bool = False) -> str:
+    """One of benchmarks/conv_kernels.py's prototype kernels (the conv, or its weight gradient) for one
+    of the network's convs."""
     c_in = x_shape[-1]
-    shapes = [jax.ShapeDtypeStruct(x_shape, jnp.bfloat16), jax.ShapeDtypeStruct((3, 3, c_in, c_out), jnp.float32)]
+    shapes = [jax.ShapeDtypeStruct(x_shape, jnp.bfloat16)]
+    shapes += [jax.ShapeDtypeStruct((*x_shape[:3], c_out), jnp.bfloat16) if wgrad else
+               jax.ShapeDtypeStruct((3, 3, c_in, c_out), jnp.float32)]  # fmt: skip
     shapes += [jax.ShapeDtypeStruct((c_in,), jnp.float32)] * 3
+    kernel = conv_kernels.conv3x3_wgrad if wgrad else conv_kernels.conv3x3
 
-    def fn(x, w, mean, mul, bias):
-        return fused_conv.conv3x3(x, w, (mean, mul, bias) if bn else None, interpret=False, **setting)
+    def fn(x, w_or_g, mean, mul, bias):
+        return kernel(x, w_or_g, (mean, mul, bias) if bn else None, interpret=False, **setting)
 
     return triton_module(fn, *shapes)
 
@@ -96,19 +101,17 @@ def cases(args):
             setting = parse_setting(item)
             yield f"{mode:9s} {describe(setting)}", setting, head_module(setting, mode == "head+norm", args.features)
         return
-    convs = fused_conv.network_convs(16, (360, 480), args.features, 4)
+    convs = conv_kernels.network_convs(16, (360, 480), args.features, 4)
     for name, x_shape, c_out, bn in convs:
         seen = []
-        for item in (args.kernels or fused_conv.SETTINGS).split(","):
-            setting = fused_conv.fits(x_shape[-1], c_out, fused_conv.parse_setting(item))
+        for item in (args.kernels or conv_kernels.SETTINGS).split(","):
+            setting = conv_kernels.fits(x_shape[-1], c_out, conv_kernels.parse_setting(item))
             if setting is not None and setting not in seen:  # settings cut to the same blocks: once
                 seen.append(setting)
-                label = "x".join(str(setting[k]) for k in ("bm", "bn", "bk", "num_warps", "num_stages"))
-                yield (
-                    f"{name:12s} {x_shape[-1]:3d} -> {c_out:3d}, {label:14s}",
-                    setting,
-                    conv_module(setting, x_shape, c_out, bn),
-                )
+                for wgrad in (False, True):
+                    label = f"{name:12s} {'wgrad' if wgrad else 'conv':5s} {x_shape[-1]:3d} -> {c_out:3d}, "
+                    label += f"{conv_kernels.describe(setting):14s}"
+                    yield label, setting, conv_module(setting, x_shape, c_out, bn, wgrad)
 
 
 def instructions(ptx: str) -> str:
@@ -121,9 +124,9 @@ def instructions(ptx: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kernel", default="head", choices=("head", "conv"), help="head: fcn/head_loss.py's; conv: "
-                   "benchmarks/fused_conv.py's prototype, for each of the network's convs")  # fmt: skip
+                   "benchmarks/conv_kernels.py's prototypes, for each of the network's convs")  # fmt: skip
     p.add_argument("--kernels", default="", help="settings: head_loss.py's SUBxWARPSxSTEPSxSTAGES,... or "
-                   "fused_conv.py's BMxBNxBKxWARPSxSTAGES,... (default: each benchmark's own list)")  # fmt: skip
+                   "conv_kernels.py's BMxBNxBKxWARPSxSTAGES,... (default: each benchmark's own list)")  # fmt: skip
     p.add_argument("--arch", type=int, default=90, help="compute capability (90: H100 and H200)")
     p.add_argument("--modes", default="head,head+norm", help="the kernel's modes (config.loss.fused_head)")
     p.add_argument("--features", type=int, default=32, help="the head's input channels (config.model.features)")

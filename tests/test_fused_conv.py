@@ -1,6 +1,7 @@
-"""The prototype conv kernel of benchmarks/fused_conv.py (3x3 conv with batch norm + ReLU on its
-input and batch norm's sums of its output), interpreted on the CPU, against XLA's conv and
-fcn.norm; its list of the network's convs against fcn's model; its lowering for a GPU."""
+"""The prototype conv kernels of benchmarks/conv_kernels.py (a 3x3 conv with batch norm + ReLU on its
+input and batch norm's sums of its output; its weight gradient), interpreted on the CPU, against
+XLA's conv, its gradient and fcn.norm; the list of the network's convs against fcn's model; their
+lowering for a GPU; benchmarks/fused_conv.py end to end."""
 
 import re
 
@@ -10,11 +11,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from benchmarks import fused_conv
+from benchmarks import conv_kernels, fused_conv
 from fcn import model as model_lib
 
 
 def _case(shape, c_out, dtype=jnp.float32, seed=0):
+    """x, weights, batch norm's (mean, mul, bias), an output gradient."""
     return fused_conv._inputs(shape, c_out, dtype, np.random.default_rng(seed))
 
 
@@ -22,9 +24,9 @@ def _case(shape, c_out, dtype=jnp.float32, seed=0):
 def test_conv_and_sums_match_xla_at_the_image_edges_and_a_partial_last_block(bn):
     # 2 x 5 x 7 = 70 pixels in blocks of 64: the second block is mostly past the end; every tap of
     # a 5 x 7 image reaches over an edge somewhere. Two input chunks of 16 channels, two output blocks.
-    x, w, stats = _case((2, 5, 7, 32), 32)
+    x, w, stats, _ = _case((2, 5, 7, 32), 32)
     stats = stats if bn else None
-    y, sums = fused_conv.conv3x3(x, w, stats, bm=64, bn=16, bk=16)
+    y, sums = conv_kernels.conv3x3(x, w, stats, bm=64, bn=16, bk=16)
     a = x if stats is None else jax.nn.relu((x - stats[0]) * stats[1] + stats[2])
     want = jax.lax.conv_general_dilated(
         a, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest"
@@ -32,13 +34,36 @@ def test_conv_and_sums_match_xla_at_the_image_edges_and_a_partial_last_block(bn)
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
     y64 = np.asarray(want, np.float64).reshape(-1, 32)
     np.testing.assert_allclose(sums, np.stack([y64.sum(0), (y64**2).sum(0)]), rtol=1e-5, atol=1e-4)
-    mean, var = fused_conv.stats_from_sums(sums, 70)
+    mean, var = conv_kernels.stats_from_sums(sums, 70)
     np.testing.assert_allclose(mean, y64.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(var, y64.var(0), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("bn", [False, True])
+def test_weight_gradient_matches_xlas_over_shares_of_the_pixels(bn):
+    # 70 pixels in steps of 16: 5 blocks in shares of 2 steps (the grid has 9 x 2 x 2 = 36 instances
+    # before the shares), the last share half past the end; batch norm + ReLU taken in as the forward does.
+    x, w, stats, g = _case((2, 5, 7, 32), 32)
+    stats = stats if bn else None
+    assert conv_kernels.wgrad_shares(70, 16, 36, least=96) == (3, 2)
+    a = x if stats is None else fused_conv.bn_relu(x, stats)
+    want = jax.vjp(lambda w: jax.lax.conv_general_dilated(
+        a, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest"), w)[1](g)[0]  # fmt: skip
+    got = conv_kernels.conv3x3_wgrad(x, g, stats, bm=16, bn=16, bk=16)
+    assert got.shape == (3, 3, 32, 32)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_shares_cover_the_pixels_and_fill_the_grid():
+    for pixels, bm, instances in [(16 * 368 * 480, 128, 9), (16 * 23 * 30, 64, 9 * 16 * 8), (70, 64, 36), (1, 16, 4)]:
+        shares, steps = conv_kernels.wgrad_shares(pixels, bm, instances)
+        blocks = -(-pixels // bm)
+        assert (shares - 1) * steps < blocks <= shares * steps  # every block once, no share empty
+        assert shares * instances >= 1024 or shares == blocks
+
+
 def test_bfloat16_layer_matches_xlas_to_rounding():
-    x, w, stats = _case((2, 8, 8, 16), 32, jnp.bfloat16)
+    x, w, stats, _ = _case((2, 8, 8, 16), 32, jnp.bfloat16)
     (y_f, (m_f, v_f)), (y_r, (m_r, v_r)) = (
         fused_conv.fused_layer(x, w, stats, bm=64, bn=32, bk=16),
         jax.jit(fused_conv.xla_layer)(x, w, stats),
@@ -52,18 +77,22 @@ def test_bfloat16_layer_matches_xlas_to_rounding():
 
 
 def test_channel_blocks_are_cut_to_the_conv_or_refused():
-    setting = fused_conv.parse_setting("128x64x32x4x3")
+    setting = conv_kernels.parse_setting("128x64x32x4x3")
     assert setting == dict(bm=128, bn=64, bk=32, num_warps=4, num_stages=3)
-    assert fused_conv.fits(16, 32, setting) == dict(setting, bn=32, bk=16)
-    assert fused_conv.fits(8, 32, setting) is None  # Triton's products need 16 channels a side
-    assert fused_conv.fits(48, 32, setting) is None  # 48 is no multiple of a power-of-two block of 32
+    assert conv_kernels.describe(setting) == "128x64x32x4x3"
+    assert conv_kernels.fits(16, 32, setting) == dict(setting, bn=32, bk=16)
+    assert conv_kernels.fits(8, 32, setting) is None  # Triton's products need 16 channels a side
+    assert conv_kernels.fits(48, 32, setting) is None  # 48 is no multiple of a power-of-two block of 32
+    x, w, _, g = _case((1, 4, 4, 8), 32)
     with pytest.raises(ValueError, match="channels 8 -> 32"):
-        fused_conv.conv3x3(*_case((1, 4, 4, 8), 32)[:2])
+        conv_kernels.conv3x3(x, w)
+    with pytest.raises(ValueError, match="channels 8 -> 32"):
+        conv_kernels.conv3x3_wgrad(x, g)
 
 
 def test_the_list_of_convs_is_the_models():
     """Every 3x3 conv of fcn's U-Net with 16 input channels or more, in order, at the padded size."""
-    convs = fused_conv.network_convs(2, (20, 30), 16, 2)
+    convs = conv_kernels.network_convs(2, (20, 30), 16, 2)
     assert [(name, shape, c_out, bn) for name, shape, c_out, bn in convs] == [
         ("down0 conv2", (2, 20, 32, 16), 16, True),
         ("down1 conv1", (2, 10, 16, 16), 32, False),
@@ -83,14 +112,19 @@ def test_the_list_of_convs_is_the_models():
 
 def test_lowers_to_one_triton_kernel_for_a_gpu():
     """Every operation has a Triton lowering (checked without a GPU; compiling needs one)."""
+    x = jax.ShapeDtypeStruct((16, 23, 30, 512), jnp.bfloat16)  # 11040 pixels: a partial last block
+    w = jax.ShapeDtypeStruct((3, 3, 512, 512), jnp.float32)
     for bn in (False, True):
-        x = jax.ShapeDtypeStruct((16, 23, 30, 512), jnp.bfloat16)  # 11040 pixels: a partial last block
-        w = jax.ShapeDtypeStruct((3, 3, 512, 512), jnp.float32)
         stats = tuple(jax.ShapeDtypeStruct((512,), jnp.float32) for _ in range(3)) if bn else None
         fn = jax.jit(lambda x, w, s: fused_conv.fused_layer(x, w, s, bm=128, bn=128, bk=32, interpret=False))
         text = fn.trace(x, w, stats).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("__gpu$xla.gpu.triton") == 1, bn
         assert "grid_x = 87" in text and "grid_y = 4" in text  # ceil(11040 / 128) blocks, 512 / 128
+        wgrad = jax.jit(lambda x, g, s: conv_kernels.conv3x3_wgrad(x, g, s, bm=64, bn=128, bk=64, interpret=False))
+        text = wgrad.trace(x, x, stats).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == 1, bn
+        # 9 taps x 8 chunks, 4 channel blocks, and 4 shares of the pixels: 1024 instances or more
+        assert "grid_x = 72" in text and "grid_y = 4" in text and "grid_z = 4" in text
 
 
 def test_runs_end_to_end_on_a_tiny_network(capsys):
@@ -100,4 +134,6 @@ def test_runs_end_to_end_on_a_tiny_network(capsys):
     assert "the kernel interpreted: values, not speed" in out
     diffs = [float(d) for d in re.findall(r"output (\S+) of its largest", out)]
     assert len(diffs) == 5 and max(diffs) < 1e-5, out  # the network's five convs with 16 channels or more
-    assert "total: conv XLA" in out
+    wgrads = [float(d) for d in re.findall(r"weight gradient (\S+)$", out, re.M)]
+    assert len(wgrads) == 5 and max(wgrads) < 1e-5, out
+    assert out.count("total: XLA") == 3  # the conv, the layer, the weight gradient
