@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -146,6 +147,8 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
     p.add_argument("--kernels", default=SETTINGS, help="settings BMxBNxBKxWARPSxSTAGES,...: pixels, output and input "
                    "channels a block, warps, stages (channel blocks are cut to the conv's channels)")  # fmt: skip
+    p.add_argument("--convs", default="", help="only the convs whose names match this regular expression "
+                   "(e.g. 'down|bottom', then 'up' in a second call, should one call's 10 minutes not do)")  # fmt: skip
     args = p.parse_args(argv)
     settings = [parse_setting(item) for item in args.kernels.split(",")]
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
@@ -159,6 +162,8 @@ def main(argv=None) -> None:
     )
     rows = []
     for name, x_shape, c_out, bn in network_convs(args.batch, tuple(args.size), args.features, args.depth):
+        if not re.search(args.convs, name):
+            continue
         x, w, stats, g = _inputs(x_shape, c_out, dtype, rng)
         stats = stats if bn else None
         a = x if stats is None else bn_relu(x, stats)  # what XLA's weight gradient reads: the forward wrote it

@@ -127,6 +127,14 @@ def test_lowers_to_one_triton_kernel_for_a_gpu():
         assert "grid_x = 72" in text and "grid_y = 4" in text and "grid_z = 4" in text
 
 
+def test_convs_can_be_chosen_by_name(capsys):
+    fused_conv.main(["--batch", "1", "--size", "8", "8", "--features", "16", "--depth", "1", "--rounds", "1",
+                     "--steps", "1", "--kernels", "64x32x16x4x3", "--convs", "^up0 conv2$"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert re.findall(r"^(\w+ conv\d) \(", out, re.M) == ["up0 conv2"]
+    assert out.count("\nup0 conv2 ") == 4  # its values compared, and one line in each of the three tables
+
+
 def test_runs_end_to_end_on_a_tiny_network(capsys):
     fused_conv.main(["--batch", "1", "--size", "8", "8", "--features", "16", "--depth", "1", "--rounds", "1",
                      "--steps", "1", "--kernels", "64x32x16x4x3"])  # fmt: skip
