@@ -46,6 +46,15 @@ def test_importing_the_exported_model_imports_no_model_or_training_code():
     assert _fresh("import fcn\nprint(fcn.ops.__name__, fcn.data.DataError.__name__)") == ["fcn.ops DataError"]
 
 
+def test_the_data_modules_the_eager_imports_made_attributes_still_are():
+    """`import fcn; fcn.data.images.read_mask(...)` (and `import fcn.data`, then `fcn.data.labels`) worked while
+    fcn/__init__.py imported the predictor, which imported them; `fcn.data` alone imports neither."""
+    for statement in ("import fcn", "import fcn.data"):
+        code = f"{statement}\nprint(fcn.data.images.read_mask.__name__, fcn.data.labels.__name__)"
+        assert _fresh(code) == ["read_mask fcn.data.labels"], statement
+    assert _fresh("import fcn.data\nprint(hasattr(fcn.data, 'no_such_module'))") == ["False"]
+
+
 def test_running_an_exported_model_imports_no_model_or_training_code(tmp_path):
     """The first predict imported fcn.inference for its image reading (float_batch, resize_channels), and
     with it flax and optax; they live in fcn/inputs.py now. Whole, tiled, shrunk and resized back."""

@@ -10,6 +10,7 @@ TensorFlow is imported only when a TFDS split is loaded.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 from fcn.data.base import IGNORE_LABEL, DataError, Examples, Source, Split, default_palette
@@ -66,3 +67,11 @@ def get_source(data_config) -> Source:
             f"data.source={data_config.source!r} is not a known source; valid sources: {', '.join(SOURCES)}"
         )
     return make(data_config)
+
+
+def __getattr__(name: str):
+    # fcn.data.images and fcn.data.labels on first use: `import fcn; fcn.data.images.read_mask(...)` worked
+    # while fcn/__init__.py imported the predictor eagerly, which imported them; it imports them lazily now
+    if name in ("images", "labels"):
+        return importlib.import_module(f"{__name__}.{name}")  # which makes it this package's attribute
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
