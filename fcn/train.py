@@ -223,17 +223,18 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         rows = sharding.process_slice(config.batch_size)
         last_report: dict = {}
 
-        def evaluate(step: int) -> dict:
+        def evaluate(step: int, *, log: bool = True) -> dict:
             cm, _ = evaluate_split(
                 eval_step, state, eval_data, config, source.num_classes, mesh, logits_step=logits_step
             )
             rep = report(cm, source.class_names, split=config.data.eval_split, step=step)
-            metrics_log.write(
-                step,
-                {f"eval_{k}": rep[k] for k in ("mean_iou", "pixel_accuracy", "mean_accuracy", "fw_iou")},
-                "eval",
-            )
+            if log:
+                log_eval(step, rep)
             return rep
+
+        def log_eval(step: int, rep: dict) -> None:
+            keys = ("mean_iou", "pixel_accuracy", "mean_accuracy", "fw_iou")
+            metrics_log.write(step, {f"eval_{k}": rep[k] for k in keys}, "eval")
 
         if training:
             # The first call compiles: seconds on a CPU, 150-170 s on an H200 with an empty
@@ -250,8 +251,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
                     flush=True,
                 )
             doing = f"evaluating on {config.data.eval_split!r} at step {start}"
-            last_report = evaluate(start)
+            last_report = evaluate(start, log=False)
             ckpts.save(start, state, mean_iou=last_report["mean_iou"], latest=False)  # best/ if it wins
+            log_eval(start, last_report)  # then the line that marks step k evaluated: a failed save is redone
         elif jax.process_index() == 0:  # else the same command, run again, showed a bar at 100% and exited
             print(
                 f"{workdir} is trained to step {start} already (config.num_steps): nothing to train. Raise "

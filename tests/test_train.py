@@ -117,6 +117,34 @@ def test_a_run_stopped_then_given_num_steps_at_its_stop_evaluates_that_step_once
     assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == files
 
 
+def test_a_final_evaluation_whose_best_save_failed_is_done_again_by_the_next_run(tmp_path, monkeypatch):
+    """The final evaluation's metrics.jsonl line says that step k is evaluated. Written before best/ was saved,
+    a failed save (a full disk: "re-run to resume") left the line, and the re-run said "nothing to train"
+    with step k, the best, never in best/. The line comes after best/ now: the re-run evaluates and saves it."""
+    config = tiny.get_config()
+    config.num_steps, run = 100, tmp_path / "run"
+    train_and_evaluate(config, run, stop_after=2)  # step 2: no evaluation, best/ empty
+    config.num_steps = 2
+    save = checkpoint.Checkpoints.save
+
+    def disk_full(self, step, state, **kwargs):
+        raise checkpoint.CheckpointError(f"could not write a checkpoint at step {step} in {run}: disk full")
+
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", disk_full)
+    with pytest.raises(checkpoint.CheckpointError, match="disk full"):
+        train_and_evaluate(config, run)
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", save)
+    rep = train_and_evaluate(config, run)
+    assert rep["step"] == 2
+    ckpts = checkpoint.Checkpoints(run)
+    try:
+        assert ckpts.best.all_steps() == [2] and ckpts.best.metrics(2)["mean_iou"] == rep["mean_iou"]
+    finally:
+        ckpts.close()
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "eval_mean_iou" in row] == [2]  # one line, the second run's
+
+
 def test_a_log_file_gets_the_progress_bar_every_30_s_not_at_every_logged_step(tmp_path, capsys):
     config = tiny.get_config()  # log_every = 1
     config.num_steps, config.eval_every, config.checkpoint_every = 12, 0, 0
