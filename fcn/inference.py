@@ -51,12 +51,10 @@ from fcn import canvas
 from fcn.data.base import default_palette
 from fcn.data.images import DataError
 
-# float_batch and read_input: fcn.inference's names, as before they moved
-from fcn.inputs import _read_batch, _softmax, _to01, float_batch, read_input, resize_channels, shrink  # noqa: F401
+# Reading images: fcn/inputs.py (flax-free: fcn.exported reads them so too); read_input, float_batch,
+# resize_channels and shrink, fcn.inference's names before they moved there, are still importable from here.
+from fcn.inputs import float_batch, read_batch, read_input, resize_channels, shrink, softmax_inplace, to01  # noqa: F401
 from fcn.model import UNet
-
-# ----------------------------------------------------------------------------
-# Inputs: fcn/inputs.py (read_input, float_batch, resize_channels, shrink: names fcn.inference keeps)
 
 
 class Segmenter:
@@ -158,7 +156,7 @@ class Segmenter:
 
     def predict_proba(self, images, *, hflip: bool | None = None):
         """Softmax probabilities float32 [H, W, K] of an image or batch."""
-        return self._apply(images, hflip, _softmax)
+        return self._apply(images, hflip, softmax_inplace)
 
     # -- internals -------------------------------------------------------------
 
@@ -170,7 +168,7 @@ class Segmenter:
             return model(x_BHWC)
 
     def _apply(self, images, hflip: bool | None, finish: Callable[[np.ndarray], np.ndarray]):
-        arrays, kind = _read_batch(images)
+        arrays, kind = read_batch(images)
         if not arrays:  # an empty list and an empty array alike (np.stack has no shape to give)
             raise DataError("empty batch of images: nothing to predict")
         hflip = self.hflip if hflip is None else hflip
@@ -239,7 +237,7 @@ class Segmenter:
                 ph, pw = -h % self._align, -w % self._align
                 # Pad to the model's multiple as the model would; the rest is masked.
                 pad = ((0, ph), (0, pw), (0, 0))
-                x_BHWC[i, : h + ph, : w + pw] = np.pad(_to01(crop), pad, self.pad_mode)
+                x_BHWC[i, : h + ph, : w + pw] = np.pad(to01(crop), pad, self.pad_mode)
                 valid_B2[i] = (h + ph, w + pw)
             # np.array, not np.asarray: a writable copy, blended and softmaxed in place.
             logits_BHWK = np.array(self._logits_fn(self._state, x_BHWC, valid_B2))

@@ -74,13 +74,13 @@ def _as_batch(images) -> tuple[list, str]:
     return [images], "single"
 
 
-def _to01(image_HWC: np.ndarray) -> np.ndarray:
+def to01(image_HWC: np.ndarray) -> np.ndarray:
     if image_HWC.dtype == np.uint8:
         return image_HWC.astype(np.float32) / 255.0
     return image_HWC
 
 
-def _read_batch(images) -> tuple[list[np.ndarray], str]:
+def read_batch(images) -> tuple[list[np.ndarray], str]:
     """Images (see module doc) read as arrays, and how to return results: 'single', 'list' or 'stack'."""
     batch, kind = _as_batch(images)
     return [read_input(x, "image" if kind == "single" else f"image {i}") for i, x in enumerate(batch)], kind
@@ -90,7 +90,7 @@ def float_batch(images, max_size: int = 0) -> tuple[np.ndarray, bool, tuple[int,
     """Images read as the predictor reads them, as float32 [B, H, W, 3] in [0, 1], whether a single
     image was given, and their own (H, W) (fcn.exported's ExportedModel). A batch's images must share one
     size. max_size: shrink them first when their longer side exceeds it, as the predictor does."""
-    arrays, kind = _read_batch(images)
+    arrays, kind = read_batch(images)
     if not arrays:
         raise DataError("empty batch of images: nothing to predict")
     if len({a.shape for a in arrays}) > 1:
@@ -99,7 +99,7 @@ def float_batch(images, max_size: int = 0) -> tuple[np.ndarray, bool, tuple[int,
     size = arrays[0].shape[:2]
     if max_size and max(size) > max_size:
         arrays = [shrink(a, max_size) for a in arrays]
-    return np.stack([_to01(a) for a in arrays]), kind == "single", size
+    return np.stack([to01(a) for a in arrays]), kind == "single", size
 
 
 def resize_channels(x_HWC: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -118,7 +118,7 @@ def shrink(image_HWC: np.ndarray, max_size: int) -> np.ndarray:
     return resize_channels(image_HWC, *fitted_size(*image_HWC.shape[:2], max_size))
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax_inplace(logits: np.ndarray) -> np.ndarray:
     """Softmax over the last axis, in place on a float32 array."""
     logits -= logits.max(axis=-1, keepdims=True)
     np.exp(logits, out=logits)

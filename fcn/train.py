@@ -223,16 +223,13 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         rows = sharding.process_slice(config.batch_size)
         last_report: dict = {}
 
-        def evaluate(step: int, *, log: bool = True) -> dict:
+        def evaluate(step: int) -> dict:
             cm, _ = evaluate_split(
                 eval_step, state, eval_data, config, source.num_classes, mesh, logits_step=logits_step
             )
-            rep = report(cm, source.class_names, split=config.data.eval_split, step=step)
-            if log:
-                log_eval(step, rep)
-            return rep
+            return report(cm, source.class_names, split=config.data.eval_split, step=step)
 
-        def log_eval(step: int, rep: dict) -> None:
+        def log_eval(step: int, rep: dict) -> None:  # the line that marks `step` evaluated (evaluated_at)
             keys = ("mean_iou", "pixel_accuracy", "mean_accuracy", "fw_iou")
             metrics_log.write(step, {f"eval_{k}": rep[k] for k in keys}, "eval")
 
@@ -251,7 +248,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
                     flush=True,
                 )
             doing = f"evaluating on {config.data.eval_split!r} at step {start}"
-            last_report = evaluate(start, log=False)
+            last_report = evaluate(start)
             ckpts.save(start, state, mean_iou=last_report["mean_iou"], latest=False)  # best/ if it wins
             log_eval(start, last_report)  # then the line that marks step k evaluated: a failed save is redone
         elif jax.process_index() == 0:  # else the same command, run again, showed a bar at 100% and exited
@@ -310,6 +307,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
                 if do_eval:
                     doing = f"evaluating on {config.data.eval_split!r} at step {step}"
                     last_report = evaluate(step)
+                    log_eval(step, last_report)
                     doing = "in the training step"
                     if jax.process_index() == 0:  # write() prints even where the bar is disabled
                         write(bar, f"step {step}: {config.data.eval_split} {headline(last_report)}")
