@@ -1,7 +1,7 @@
 """Prototype Pallas (Triton) kernels for the U-Net's 3x3 convolutions with batch norm taken in:
 benchmarks/fused_conv.py times them against cuDNN and XLA. Not used by fcn.
 
-Both kernels are implicit matrix products over the nine taps of a 3x3 'SAME' convolution, NHWC,
+The kernels are implicit matrix products over the nine taps of a 3x3 'SAME' convolution, NHWC,
 on the pixels flattened to [B*H*W] rows: a block of `bm` pixels reads, for each tap and each
 chunk of `bk` input channels, the pixels that tap shifts it to, zero outside the image. With
 batch norm's (mean, mul, bias), that input is the previous conv's raw output, and the kernel
@@ -11,6 +11,10 @@ never written.
     (batch norm's statistics without a pass of their own).
   - `conv3x3_wgrad`: the weight gradient, sum over pixels of input (tap-shifted) x output
     gradient, each instance over its share of the pixels; XLA adds the shares.
+  - `conv3x3_dgrad`: the input gradient, `conv3x3`'s kernel over the output gradient with the
+    taps flipped and each tap's weights transposed. Where the conv's input was batch norm + ReLU of
+    y, its epilogue zeroes the gradient where the ReLU did and writes the two per-channel sums of
+    batch norm's gradient (of it, and of it times y) beside it: their pass over the activations gone.
 Triton's blocks are powers of two and its products take 16 rows and columns at least: the
 channels must divide into blocks of 16 or more (`fits`).
 """
@@ -77,9 +81,31 @@ def _iota(n: int):
     return jax.lax.broadcasted_iota(jnp.int32, (1, n), 1)
 
 
-def _kernel(x_ref, w_ref, mean_ref, mul_ref, bias_ref, y_ref, s_ref, *, h, w, bm, bn, bk, prologue):
+def _kernel(
+    x_ref,
+    w_ref,
+    mean_ref,
+    mul_ref,
+    bias_ref,
+    z_ref,
+    zmean_ref,
+    zmul_ref,
+    zbias_ref,
+    y_ref,
+    s_ref,
+    *,
+    h,
+    w,
+    bm,
+    bn,
+    bk,
+    prologue,
+    masked,
+):
     """Output pixels [i*bm, (i+1)*bm), channels [j*bn, (j+1)*bn): the sum over 9 taps x (C_in / bk)
-    chunks of (input [bm, bk]) . (weights [bk, bn]); then the block's per-channel sum and sum of squares."""
+    chunks of (input [bm, bk]) . (weights [bk, bn]) = o; then the block's per-channel sums of o and of
+    o * z. z is o itself (batch norm's sum of squares), or when `masked` the z_ref read alongside,
+    where o is zeroed as ReLU(z's batch norm) is (batch norm's gradient's sums)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -94,10 +120,15 @@ def _kernel(x_ref, w_ref, mean_ref, mul_ref, bias_ref, y_ref, s_ref, *, h, w, bm
 
     y = jax.lax.fori_loop(0, 9 * (x_ref.shape[1] // bk), tap, jnp.zeros((bm, bn), f32)).astype(y_ref.dtype)
     inside = p < x_ref.shape[0]
-    plgpu.store(y_ref.at[p[:, None], j * bn + _iota(bn)], y, mask=inside[:, None])  # rows past the end: dropped
-    y32 = jnp.where(inside[:, None], y.astype(f32), 0.0)  # the statistics of the rounded output
+    where = (p[:, None], j * bn + _iota(bn))
+    if masked:  # as fcn.norm._bn_relu_bwd: d = dy where (z - mean) * mul + bias > 0, then sums of d and d * z
+        z = plgpu.load(z_ref.at[where], mask=inside[:, None], other=0).astype(f32)
+        keep = (z - zmean_ref[cols][None, :]) * zmul_ref[cols][None, :] + zbias_ref[cols][None, :] > 0
+        y = jnp.where(keep, y, jnp.zeros_like(y))
+    plgpu.store(y_ref.at[where], y, mask=inside[:, None])  # rows past the end: dropped
+    y32 = jnp.where(inside[:, None], y.astype(f32), 0.0)  # the sums of the rounded output
     s_ref[i, 0, cols] = jnp.sum(y32, axis=0)
-    s_ref[i, 1, cols] = jnp.sum(y32 * y32, axis=0)
+    s_ref[i, 1, cols] = jnp.sum(y32 * (z if masked else y32), axis=0)
 
 
 def _wgrad_kernel(x_ref, g_ref, mean_ref, mul_ref, bias_ref, dw_ref, *, h, w, bm, bn, bk, steps, prologue):
@@ -146,27 +177,51 @@ def _setting(c_in: int, c_out: int, bn: int, bk: int) -> dict:
 def conv3x3(x_BHWC, w_33IO, bn_stats=None, *, bm=64, bn=64, bk=32, num_warps=4, num_stages=3, interpret=None):
     """(3x3 'SAME' conv of x, or with `bn_stats` = (mean, mul, bias) of relu((x - mean) * mul + bias);
     [2, C_out] float32 per-channel sum and sum of squares of the output) in one kernel."""
+    return _conv(x_BHWC, w_33IO, bn_stats, None, dict(bm=bm, bn=bn, bk=bk), num_warps, num_stages, interpret)
+
+
+def conv3x3_dgrad(g_BHWK, w_33IO, bn_grad=None, *, bm=64, bn=64, bk=32, num_warps=4, num_stages=3, interpret=None):
+    """The input gradient of the 3x3 'SAME' conv with weights w for the output gradient g: the same
+    kernel as `conv3x3`, over g with the taps flipped and each tap's weights transposed.
+
+    With `bn_grad` = (y, mean, mul, bias), the conv's input having been relu((y - mean) * mul + bias):
+    (d, the gradient zeroed where that ReLU was, and [2, C_in] float32 sums over pixels of d and of
+    d * y), what fcn.norm.bn_grad_from_sums takes for batch norm's gradient, whose reductions then
+    need no pass of their own. Without: (the gradient, its sums and sums of squares)."""
+    w_33KI = jnp.flip(w_33IO, (0, 1)).swapaxes(2, 3)
+    return _conv(g_BHWK, w_33KI, None, bn_grad, dict(bm=bm, bn=bn, bk=bk), num_warps, num_stages, interpret)
+
+
+def _conv(x_BHWC, w_33IO, bn_stats, bn_grad, blocks, num_warps, num_stages, interpret):
     from jax.experimental import pallas as pl
 
     b, h, w, c_in = x_BHWC.shape
     c_out = w_33IO.shape[-1]
-    setting = _setting(c_in, c_out, bn, bk)
+    setting = _setting(c_in, c_out, blocks["bn"], blocks["bk"])
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
-    num_pixels, blocks = b * h * w, pl.cdiv(b * h * w, bm)
+    num_pixels, bm = b * h * w, blocks["bm"]
+    grid_m = pl.cdiv(num_pixels, bm)
+    if bn_grad is None:  # unread
+        z, z_stats = x_BHWC.reshape(num_pixels, c_in)[:1, :1], _norm_args(None, c_out)
+    else:
+        z, z_stats = bn_grad[0].reshape(num_pixels, c_out), _norm_args(bn_grad[1:], c_out)
+    kernel = functools.partial(_kernel, h=h, w=w, prologue=bn_stats is not None, masked=bn_grad is not None)
     y, sums = pl.pallas_call(
-        functools.partial(_kernel, h=h, w=w, bm=bm, prologue=bn_stats is not None, **setting),
-        grid=(blocks, c_out // setting["bn"]),
+        functools.partial(kernel, bm=bm, bn=setting["bn"], bk=setting["bk"]),
+        grid=(grid_m, c_out // setting["bn"]),
         out_shape=[
             jax.ShapeDtypeStruct((num_pixels, c_out), x_BHWC.dtype),
-            jax.ShapeDtypeStruct((blocks, 2, c_out), jnp.float32),
+            jax.ShapeDtypeStruct((grid_m, 2, c_out), jnp.float32),
         ],
         interpret=interpret,
-        name="fcn_conv3x3_bn",
+        name="fcn_conv3x3_bn" if bn_grad is None else "fcn_conv3x3_dgrad_bn",
         **_params(interpret, num_warps, num_stages),
     )(
         x_BHWC.reshape(num_pixels, c_in),
         w_33IO.astype(x_BHWC.dtype).reshape(9, c_in, c_out),
         *_norm_args(bn_stats, c_in),
+        z,
+        *z_stats,
     )
     return y.reshape(b, h, w, c_out), sums.sum(0)
 

@@ -19,11 +19,15 @@ interleaved rounds (`--steps` calls each; median of the rounds):
   - "layer": XLA's (batch norm + ReLU ->) conv -> statistics, as fcn's training step computes
     them, against the kernel with both;
   - "wgrad": XLA's weight gradient (cuDNN's), from the activations the forward pass wrote,
-    against the kernel's, which takes batch norm + ReLU in as the forward does.
+    against the kernel's, which takes batch norm + ReLU in as the forward does;
+  - "dgrad": the input gradient, and for a conv after batch norm + ReLU on through them, as
+    fcn's training step computes it (cuDNN's, then fcn.norm's batch norm + ReLU gradient: a pass
+    for its two sums, a pass for the rest), against the conv kernel over the output gradient
+    with the taps flipped, which zeroes it where the ReLU was and writes those two sums beside it,
+    then the same last pass (fcn.norm.bn_grad_from_sums).
 Values are compared first (printed). A `--kernels` setting that does not compile is named and
 left out; each conv's fastest setting counts in the totals. On a CPU the kernels are interpreted:
-values, not speed. Not a test, and not used by fcn. The input gradient (the same conv kernel,
-weights flipped) and batch norm's own gradient are not here.
+values, not speed. Not a test, and not used by fcn.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from benchmarks import common  # noqa: E402
 from benchmarks.conv_kernels import (  # noqa: E402
     SETTINGS,
     conv3x3,
+    conv3x3_dgrad,
     conv3x3_wgrad,
     conv_flops,
     describe,
@@ -55,7 +60,8 @@ from benchmarks.conv_kernels import (  # noqa: E402
 from benchmarks.head_loss import _ms_per_call  # noqa: E402
 from fcn import norm  # noqa: E402
 
-KINDS = ("conv", "layer", "wgrad")
+KINDS = ("conv", "layer", "wgrad", "dgrad")
+EPS = 1e-5  # batch norm's epsilon (nnx.BatchNorm's)
 
 
 def xla_conv(x_BHWC, w_33IO):
@@ -88,6 +94,28 @@ def xla_wgrad(a_BHWC, g_BHWK, w_33IO):
     return jax.vjp(lambda w: xla_conv(a_BHWC, w), w_33IO)[1](g_BHWK)[0]
 
 
+def xla_dgrad(x_BHWC, g_BHWK, w_33IO, bn_stats=None):
+    """The gradient at the conv's input by XLA (cuDNN's on a GPU); with `bn_stats`, on through the batch
+    norm + ReLU before it, by fcn.norm's own gradient (its variance taken as 1 - eps, so that `mul` is
+    the scale)."""
+    dx = jax.vjp(lambda a: xla_conv(a, w_33IO), x_BHWC)[1](g_BHWK)[0]
+    if bn_stats is None:
+        return dx
+    mean, mul, bias = bn_stats
+    res = (x_BHWC, mean, jnp.full_like(mean, 1.0 - EPS), mul, bias)
+    return norm._bn_relu_bwd(EPS, x_BHWC.dtype, res, (dx, None, None))[0]
+
+
+def fused_dgrad(x_BHWC, g_BHWK, w_33IO, bn_stats=None, **setting):
+    """`xla_dgrad` by the kernel: its output masked by the ReLU and batch norm's two sums written beside it,
+    then fcn.norm's last pass."""
+    if bn_stats is None:
+        return conv3x3_dgrad(g_BHWK, w_33IO, **setting)[0]
+    mean, mul, bias = bn_stats
+    d, sums = conv3x3_dgrad(g_BHWK, w_33IO, (x_BHWC, mean, mul, bias), **setting)
+    return norm.bn_grad_from_sums(x_BHWC, d, mean, jnp.ones_like(mean), mul, sums[0], sums[1])[0]
+
+
 def _inputs(x_shape, c_out, dtype, rng):
     """x (standing for the previous conv's raw output), weights, batch norm's (mean, mul, bias), and an
     output gradient."""
@@ -117,25 +145,31 @@ def _variants(name, x_shape, c_out, bn, settings, x, w, stats, g, ref):
     """{setting's label: {kind: jitted fn of its inputs}} for the settings that fit and compile."""
     a = x if stats is None else bn_relu(x, stats)
     ref_dw = jax.jit(xla_wgrad)(a, g, w)
+    ref_dx = jax.jit(functools.partial(xla_dgrad, bn_stats=stats))(x, g, w)
     variants = {}
     for setting in settings:
-        s = fits(x_shape[-1], c_out, setting)
-        label = describe(s) if s else None
-        if s is None or label in variants:
+        s, s_back = fits(x_shape[-1], c_out, setting), fits(c_out, x_shape[-1], setting)  # the input gradient's
+        label = describe(s) if s and s_back else None
+        if label is None or label in variants:
             continue
         fns = {
             "conv": jax.jit(lambda x, w, s=s: conv3x3(x, w, **s)[0]),
             "layer": jax.jit(functools.partial(fused_layer, bn_stats=stats, **s)),
             "wgrad": jax.jit(functools.partial(conv3x3_wgrad, bn_stats=stats, **s)),
+            "dgrad": jax.jit(functools.partial(fused_dgrad, bn_stats=stats, **s_back)),
         }
         try:  # a setting Triton cannot compile is named, and the others run on
             layer = compare(fns["layer"](x, w), ref)
             wgrad = relative(fns["wgrad"](x, g), ref_dw)
+            dgrad = relative(fns["dgrad"](x, g, w), ref_dx)
             jax.block_until_ready(fns["conv"](x, w))
         except Exception as e:  # noqa: BLE001
             print(f"{name}, {label}: cannot run: {type(e).__name__}: {str(e)[:1500]}", flush=True)
             continue
-        print(f"{name} {x_shape} -> {c_out}{', bn' if bn else ''}, {label}: {layer}; weight gradient {wgrad:.2g}")
+        print(
+            f"{name} {x_shape} -> {c_out}{', bn' if bn else ''}, {label}: {layer}; weight gradient {wgrad:.2g}; "
+            f"input gradient {dgrad:.2g}"
+        )
         variants[label] = fns
     return variants
 
@@ -171,10 +205,11 @@ def main(argv=None) -> None:
             "conv": (jax.jit(xla_conv), (x, w)),
             "layer": (jax.jit(functools.partial(xla_layer, bn_stats=stats)), (x, w)),
             "wgrad": (jax.jit(xla_wgrad), (a, g, w)),
+            "dgrad": (jax.jit(functools.partial(xla_dgrad, bn_stats=stats)), (x, g, w)),
         }
         ref = base["layer"][0](x, w)
         variants = _variants(name, x_shape, c_out, bn, settings, x, w, stats, g, ref)
-        inputs = {"conv": (x, w), "layer": (x, w), "wgrad": (x, g)}
+        inputs = {"conv": (x, w), "layer": (x, w), "wgrad": (x, g), "dgrad": (x, g, w)}
         keys = [(kind, None) for kind in KINDS] + [(kind, label) for label in variants for kind in KINDS]
         times = {key: [] for key in keys}
         for _ in range(args.rounds):
@@ -193,6 +228,7 @@ HEADERS = {
     "conv": "the conv alone: XLA's (cuDNN's on a GPU) against the kernel's",
     "layer": "(batch norm + ReLU ->) conv -> statistics: XLA's passes against the fused kernel",
     "wgrad": "the weight gradient: XLA's (from the activations written) against the kernel's (batch norm taken in)",
+    "dgrad": "the input gradient (on through batch norm + ReLU): cuDNN's + XLA's two passes against the kernel's + one",
 }
 
 

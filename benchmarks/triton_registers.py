@@ -7,9 +7,11 @@
 `--kernel head` (the default): for each mode ("head", "head+norm") and setting (pixels a step x
 steps, warps, stages) of the fused head and loss kernel (fcn/head_loss.py) at the full recipe's
 size (16 x 368 x 480 x 32 features in bfloat16, 11 classes; `--features` for other widths).
-`--kernel conv`: benchmarks/conv_kernels.py's prototype kernels (the conv, and its weight
-gradient), for each of the network's 3x3 convs at that size and each setting. jax lowers the
-kernel for CUDA to a Triton module (no GPU needed), Triton compiles that module to PTX for the
+`--kernel conv`: benchmarks/conv_kernels.py's prototype kernels (the conv, its weight gradient,
+and its input gradient: the conv kernel over the output gradient, its epilogue batch norm's
+gradient's where the conv comes after batch norm + ReLU), for each of the network's 3x3 convs at
+that size and each setting. jax lowers the kernel for CUDA to a Triton module (no GPU needed),
+Triton compiles that module to PTX for the
 given compute capability, and ptxas (shipped with Triton) reports each thread's registers and
 spills. A setting whose threads need more than 255 registers spills to memory; fewer registers
 let more blocks share a multiprocessor. The PTX also tells whether the products run on Hopper's
@@ -78,20 +80,27 @@ def head_module(setting: dict, bn: bool, c: int = 32) -> str:
     return triton_module(fn, *shapes)
 
 
-def conv_module(setting: dict, x_shape: tuple, c_out: int, bn: bool, wgrad: bool = False) -> str:
-    """One of benchmarks/conv_kernels.py's prototype kernels (the conv, or its weight gradient) for one
-    of the network's convs."""
+CONV_KINDS = ("conv", "wgrad", "dgrad")
+
+
+def conv_module(setting: dict, x_shape: tuple, c_out: int, bn: bool, kind: str = "conv") -> str:
+    """One of benchmarks/conv_kernels.py's prototype kernels (`kind`: the conv, its weight gradient, its
+    input gradient) for one of the network's convs (`setting` cut to the kernel's own channels)."""
+    bf16, f32 = jnp.bfloat16, jnp.float32
     c_in = x_shape[-1]
-    shapes = [jax.ShapeDtypeStruct(x_shape, jnp.bfloat16)]
-    shapes += [jax.ShapeDtypeStruct((*x_shape[:3], c_out), jnp.bfloat16) if wgrad else
-               jax.ShapeDtypeStruct((3, 3, c_in, c_out), jnp.float32)]  # fmt: skip
-    shapes += [jax.ShapeDtypeStruct((c_in,), jnp.float32)] * 3
-    kernel = conv_kernels.conv3x3_wgrad if wgrad else conv_kernels.conv3x3
+    x, g = jax.ShapeDtypeStruct(x_shape, bf16), jax.ShapeDtypeStruct((*x_shape[:3], c_out), bf16)
+    w, stats = jax.ShapeDtypeStruct((3, 3, c_in, c_out), f32), [jax.ShapeDtypeStruct((c_in,), f32)] * 3
 
     def fn(x, w_or_g, mean, mul, bias):
-        return kernel(x, w_or_g, (mean, mul, bias) if bn else None, interpret=False, **setting)
+        bn_stats = (mean, mul, bias) if bn else None
+        if kind == "dgrad":  # its input the output gradient; its epilogue masks with x's batch norm + ReLU
+            return conv_kernels.conv3x3_dgrad(
+                w_or_g[0], w_or_g[1], bn_stats and (x, *bn_stats), interpret=False, **setting
+            )
+        kernel = conv_kernels.conv3x3_wgrad if kind == "wgrad" else conv_kernels.conv3x3
+        return kernel(x, w_or_g, bn_stats, interpret=False, **setting)
 
-    return triton_module(fn, *shapes)
+    return triton_module(fn, x, {"conv": w, "wgrad": g, "dgrad": (g, w)}[kind], *stats)
 
 
 def cases(args):
@@ -105,13 +114,14 @@ def cases(args):
     for name, x_shape, c_out, bn in convs:
         seen = []
         for item in (args.kernels or conv_kernels.SETTINGS).split(","):
-            setting = conv_kernels.fits(x_shape[-1], c_out, conv_kernels.parse_setting(item))
-            if setting is not None and setting not in seen:  # settings cut to the same blocks: once
-                seen.append(setting)
-                for wgrad in (False, True):
-                    label = f"{name:12s} {'wgrad' if wgrad else 'conv':5s} {x_shape[-1]:3d} -> {c_out:3d}, "
+            for kind in CONV_KINDS:  # the input gradient's channels the other way round
+                channels = (c_out, x_shape[-1]) if kind == "dgrad" else (x_shape[-1], c_out)
+                setting = conv_kernels.fits(*channels, conv_kernels.parse_setting(item))
+                if setting is not None and (kind, setting) not in seen:  # settings cut to the same blocks: once
+                    seen.append((kind, setting))
+                    label = f"{name:12s} {kind:5s} {channels[0]:3d} -> {channels[1]:3d}, "
                     label += f"{conv_kernels.describe(setting):14s}"
-                    yield label, setting, conv_module(setting, x_shape, c_out, bn, wgrad)
+                    yield label, setting, conv_module(setting, x_shape, c_out, bn, kind)
 
 
 def instructions(ptx: str) -> str:

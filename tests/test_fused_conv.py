@@ -1,5 +1,6 @@
 """The prototype conv kernels of benchmarks/conv_kernels.py (a 3x3 conv with batch norm + ReLU on its
-input and batch norm's sums of its output; its weight gradient), interpreted on the CPU, against
+input and batch norm's sums of its output; its weight gradient; its input gradient with batch norm's
+gradient's sums), interpreted on the CPU, against
 XLA's conv, its gradient and fcn.norm; the list of the network's convs against fcn's model; their
 lowering for a GPU; benchmarks/fused_conv.py end to end."""
 
@@ -12,7 +13,7 @@ import pytest
 from flax import nnx
 
 from benchmarks import conv_kernels, fused_conv
-from fcn import model as model_lib
+from fcn import model as model_lib, norm
 
 
 def _case(shape, c_out, dtype=jnp.float32, seed=0):
@@ -52,6 +53,33 @@ def test_weight_gradient_matches_xlas_over_shares_of_the_pixels(bn):
     got = conv_kernels.conv3x3_wgrad(x, g, stats, bm=16, bn=16, bk=16)
     assert got.shape == (3, 3, 32, 32)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_input_gradient_matches_xlas_and_on_through_batch_norm_and_relu(bn):
+    # The gradient at y1 of conv(relu(batch norm(y1))) with y1's own batch statistics, as jax
+    # differentiates fcn.norm._bn_relu: the kernel's masked output and two sums, then
+    # fcn.norm.bn_grad_from_sums. 70 pixels in blocks of 64, 32 -> 16 channels back in blocks of 16.
+    y1, w, _, g = _case((2, 5, 7, 16), 32)
+    scale, bias, eps = jnp.linspace(0.5, 1.5, 16), jnp.linspace(-0.5, 0.5, 16), 1e-5
+
+    def conv(a):
+        return jax.lax.conv_general_dilated(a, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            precision="highest")  # fmt: skip
+
+    if not bn:
+        want = jax.vjp(conv, y1)[1](g)[0]
+        got, sums = conv_kernels.conv3x3_dgrad(g, w, bm=64, bn=16, bk=16)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(sums, [np.sum(want, (0, 1, 2)), np.sum(np.square(want), (0, 1, 2))], rtol=1e-4)
+        return
+    want = jax.vjp(lambda y: conv(norm._bn_relu(y, scale, bias, eps, jnp.float32)[0]), y1)[1](g)[0]
+    mean, var = norm.batch_stats(y1)
+    inv = jax.lax.rsqrt(var + eps)
+    d, sums = conv_kernels.conv3x3_dgrad(g, w, (y1, mean, inv * scale, bias), bm=64, bn=16, bk=16)
+    assert float(jnp.mean(d == 0)) > 0.2  # the ReLU's zeros are there to mask
+    got = norm.bn_grad_from_sums(y1, d, mean, inv, scale, sums[0], sums[1])[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_shares_cover_the_pixels_and_fill_the_grid():
@@ -125,6 +153,11 @@ def test_lowers_to_one_triton_kernel_for_a_gpu():
         assert text.count("__gpu$xla.gpu.triton") == 1, bn
         # 9 taps x 8 chunks, 4 channel blocks, and 4 shares of the pixels: 1024 instances or more
         assert "grid_x = 72" in text and "grid_y = 4" in text and "grid_z = 4" in text
+        dgrad = jax.jit(lambda g, w, x, s: conv_kernels.conv3x3_dgrad(g, w, s and (x, *s), bm=128, bn=64, bk=64,
+                                                                      interpret=False))  # fmt: skip
+        text = dgrad.trace(x, w, x, stats).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == 1, bn
+        assert "grid_x = 87" in text and "grid_y = 8" in text  # 512 / 64 channels back
 
 
 def test_convs_can_be_chosen_by_name(capsys):
@@ -132,7 +165,7 @@ def test_convs_can_be_chosen_by_name(capsys):
                      "--steps", "1", "--kernels", "64x32x16x4x3", "--convs", "^up0 conv2$"])  # fmt: skip
     out = capsys.readouterr().out
     assert re.findall(r"^(\w+ conv\d) \(", out, re.M) == ["up0 conv2"]
-    assert out.count("\nup0 conv2 ") == 4  # its values compared, and one line in each of the three tables
+    assert out.count("\nup0 conv2 ") == 5  # its values compared, and one line in each of the four tables
 
 
 def test_runs_end_to_end_on_a_tiny_network(capsys):
@@ -142,6 +175,8 @@ def test_runs_end_to_end_on_a_tiny_network(capsys):
     assert "the kernel interpreted: values, not speed" in out
     diffs = [float(d) for d in re.findall(r"output (\S+) of its largest", out)]
     assert len(diffs) == 5 and max(diffs) < 1e-5, out  # the network's five convs with 16 channels or more
-    wgrads = [float(d) for d in re.findall(r"weight gradient (\S+)$", out, re.M)]
+    wgrads = [float(d) for d in re.findall(r"weight gradient (\S+);", out, re.M)]
     assert len(wgrads) == 5 and max(wgrads) < 1e-5, out
-    assert out.count("total: XLA") == 3  # the conv, the layer, the weight gradient
+    dgrads = [float(d) for d in re.findall(r"input gradient (\S+)$", out, re.M)]
+    assert len(dgrads) == 5 and max(dgrads) < 1e-5, out
+    assert out.count("total: XLA") == 4  # the conv, the layer, the weight and the input gradient
