@@ -180,3 +180,6 @@ def test_runs_end_to_end_on_a_tiny_network(capsys):
     dgrads = [float(d) for d in re.findall(r"input gradient (\S+)$", out, re.M)]
     assert len(dgrads) == 5 and max(dgrads) < 1e-5, out
     assert out.count("total: XLA") == 4  # the conv, the layer, the weight and the input gradient
+    totals = [float(t) for t in re.findall(r"([-+]\d+\.\d+) ms a step saved \(negative", out)]
+    step = float(re.search(r"layer \+ weight gradient \+ input gradient: ([-+]\d+\.\d+) ms a step saved", out)[1])
+    assert abs(step - sum(totals[1:])) < 2e-3  # the three a training step runs; the conv alone is in the layer
