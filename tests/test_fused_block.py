@@ -1,0 +1,115 @@
+"""benchmarks/fused_block.py: a whole ConvBlock's training, forward and backward, with the prototype conv
+kernels in it (interpreted on the CPU), against fcn's own ConvBlock; the list of the network's blocks
+against fcn's model; its lowering for a GPU; the benchmark end to end."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from benchmarks import conv_kernels, fused_block, fused_conv
+from fcn import model as model_lib
+
+SETTING = dict(bm=64, bn=16, bk=16)  # 2 x 6 x 10 = 120 pixels: a partial second block; 2 channel blocks
+
+
+def _case(dtype, seed=1):
+    """fcn's ConvBlock 16 -> 32 (batch norm's scale and bias at random), its parameters, x and an output gradient."""
+    block = fused_block.conv_block(16, 32, dtype)
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(2, 6, 10, 16)), dtype)
+    g = jnp.asarray(rng.normal(size=(2, 6, 10, 32)), dtype)
+    return block, nnx.split(block, nnx.Param, ...)[1], x, g
+
+
+def _run(block, params, x, g, first_kernel, **jit):
+    """(fcn's (output, x's gradient, parameters' gradients, running statistics after the step),
+    the fused block's) as fused_block's dicts."""
+    out, new_stats, (grads, dx) = jax.jit(fused_block.reference_grad(block, True), **jit)(params, x, g)
+    want = (out, dx, fused_block.block_params(grads), jax.tree.leaves(new_stats))
+    fn = fused_block.fused_grad(True, eps=fused_block.block_epsilon(block), first_kernel=first_kernel, setting=SETTING)
+    out, stats, (grads, dx) = jax.jit(fn, **jit)(fused_block.block_params(params), x, g)
+    updated = nnx.clone(block)
+    fused_block.update_stats(updated, stats)  # the running averages as fcn's batch norm updates them
+    return want, (out, dx, grads, jax.tree.leaves(nnx.state(updated, nnx.BatchStat)))
+
+
+@pytest.mark.parametrize("first_kernel", [False, True])
+def test_float32_block_equals_fcns_convblock(first_kernel):
+    block, params, x, g = _case(jnp.float32)
+    (out_r, dx_r, grads_r, stats_r), (out_f, dx_f, grads_f, stats_f) = _run(block, params, x, g, first_kernel)
+    assert out_f.dtype == dx_f.dtype == jnp.float32 and out_f.shape == (2, 6, 10, 32)
+    assert fused_conv.relative(out_f, out_r) < 1e-5
+    assert fused_conv.relative(dx_f, dx_r) < 1e-5
+    assert sorted(grads_f) == sorted(fused_block.PARAMS)
+    for k in fused_block.PARAMS:
+        assert grads_f[k].dtype == jnp.float32 and grads_f[k].shape == grads_r[k].shape, k
+        assert fused_conv.relative(grads_f[k], grads_r[k]) < 1e-5, k
+        assert float(jnp.max(jnp.abs(grads_r[k]))) > 1e-3, k  # a gradient that says something
+    assert len(stats_f) == 4
+    for a, b in zip(stats_f, stats_r):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("first_kernel", [False, True])
+def test_bfloat16_block_equals_fcns_to_rounding(first_kernel):
+    # XLA:CPU keeps its own bfloat16 conv outputs unrounded where it reads them again (excess precision),
+    # the kernels' are rounded, and a ReLU mask flipped by one rounding moves a gradient by a whole
+    # element of g: compared with that off, as bfloat16 strictly computes them.
+    block, params, x, g = _case(jnp.bfloat16)
+    strict = {"compiler_options": {"xla_allow_excess_precision": False}}
+    (out_r, dx_r, grads_r, stats_r), (out_f, dx_f, grads_f, stats_f) = _run(block, params, x, g, first_kernel, **strict)
+    assert out_f.dtype == dx_f.dtype == jnp.bfloat16
+    for got, want in [(out_f, out_r), (dx_f, dx_r), *((grads_f[k], grads_r[k]) for k in fused_block.PARAMS)]:
+        assert got.dtype == want.dtype  # the parameters' gradients in float32, rounded to bfloat16 as fcn's
+        assert fused_conv.relative(got, want) <= 2**-8  # one rounding at most (the kernels sum in another order)
+    for a, b in zip(stats_f, stats_r):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_refuses_what_it_does_not_compute():
+    block, params, x, _ = _case(jnp.float32)
+    with pytest.raises(ValueError, match="does not fit conv2's 32 channels"):
+        fused_block.fused_block(
+            fused_block.block_params(params), x, eps=1e-5, first_kernel=False, setting=dict(bn=8, bk=8)
+        )
+    assert fused_block.block_epsilon(block) == 1e-5
+    narrow = model_lib.ConvBlock(16, 32, norm="batch", bottleneck=4, dtype=jnp.float32, conv=nnx.Conv, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="bottleneck"):
+        fused_block.block_epsilon(narrow)
+    grouped = model_lib.ConvBlock(
+        16, 32, norm="group", bottleneck=0, dtype=jnp.float32, conv=nnx.Conv, rngs=nnx.Rngs(0)
+    )
+    with pytest.raises(ValueError, match="model.norm='group'"):
+        fused_block.block_epsilon(grouped)
+
+
+def test_the_list_of_blocks_is_the_models():
+    blocks = fused_block.network_blocks(2, (20, 30), 16, 2)
+    assert blocks == [
+        ("down0", (2, 20, 32, 3), 16),
+        ("down1", (2, 10, 16, 16), 32),
+        ("bottom", (2, 5, 8, 32), 64),
+        ("up1", (2, 10, 16, 64), 32),
+        ("up0", (2, 20, 32, 32), 16),
+    ]
+    net = model_lib.UNet(in_channels=3, num_classes=5, features=16, depth=2, rngs=nnx.Rngs(0))
+    modules = [*net.down, net.bottom, *net.up_blocks]
+    assert [b.convs[0].kernel.shape[2:] for b in modules] == [(shape[-1], c_out) for _, shape, c_out in blocks]
+    # each block's second conv is at the size conv_kernels.network_convs gives it (checked against the model there)
+    sizes = {name.split()[0]: shape[:3] for name, shape, _, bn in conv_kernels.network_convs(2, (20, 30), 16, 2) if bn}
+    assert {name: shape[:3] for name, shape, _ in blocks} == sizes
+
+
+def test_lowers_to_triton_kernels_for_a_gpu():
+    """Conv2's forward and weight gradient, and with first_kernel conv1's, are Triton calls (no GPU needed)."""
+    block = fused_block.conv_block(64, 64, jnp.bfloat16)
+    params = fused_block.block_params(nnx.split(block, nnx.Param, ...)[1])
+    x = jax.ShapeDtypeStruct((2, 8, 8, 64), jnp.bfloat16)
+    for first, calls in ((False, 2), (True, 4)):
+        fn = fused_block.fused_grad(
+            True, eps=1e-5, first_kernel=first, setting=dict(bm=64, bn=64, bk=32), interpret=False
+        )
+        text = jax.jit(fn).trace(params, x, x).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == calls, first
