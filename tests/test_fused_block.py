@@ -2,6 +2,8 @@
 kernels in it (interpreted on the CPU), against fcn's own ConvBlock; the list of the network's blocks
 against fcn's model; its lowering for a GPU; the benchmark end to end."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,3 +115,24 @@ def test_lowers_to_triton_kernels_for_a_gpu():
         )
         text = jax.jit(fn).trace(params, x, x).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("__gpu$xla.gpu.triton") == calls, first
+
+
+def test_runs_end_to_end_on_a_tiny_network(capsys):
+    fused_block.main(["--batch", "1", "--size", "8", "8", "--features", "16", "--depth", "1", "--rounds", "1",
+                      "--steps", "1", "--kernels", "64x16x16x4x3"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "the kernels interpreted: values, not speed" in out
+    compared = re.findall(r"^(\w+) \(.*?, (\S+(?: \+conv1)?): relative to the largest: (.*)$", out, re.M)
+    # down0's conv1 (3 channels in) is XLA's either way; bottom and up0 run with and without conv1's kernel
+    assert [(name, label) for name, label, _ in compared] == [
+        ("down0", "64x16x16x4x3"),
+        ("bottom", "64x16x16x4x3"),
+        ("bottom", "64x16x16x4x3 +conv1"),
+        ("up0", "64x16x16x4x3"),
+        ("up0", "64x16x16x4x3 +conv1"),
+    ]
+    for name, _, diffs in compared:
+        values = dict(item.rsplit(" ", 1) for item in diffs.split(", "))
+        assert ("x" in values) == (name != "down0") and max(map(float, values.values())) < 1e-5, diffs
+    assert re.findall(r"^(down0|bottom|up0) {2,}\(", out, re.M) == ["down0", "bottom", "up0"]
+    assert re.search(r"^total: XLA \S+ ms, fused \S+ ms: [+-]\S+ ms a step saved .* the 2.6 ms", out, re.M)
