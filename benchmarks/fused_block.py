@@ -16,14 +16,17 @@ as one `jax.custom_vjp`:
     relu(bn2(y2)) by XLA;
   - backward: fcn.norm._bn_relu_bwd for both batch norms; both input gradients by XLA (cuDNN on a
     GPU); conv2's weight gradient by `conv3x3_wgrad` with batch norm 1 + ReLU taken in on y1, conv1's
-    by `conv3x3_wgrad` with `first_kernel` where it fits, else XLA's.
+    by `conv3x3_wgrad` with `first_kernel` where it fits, else XLA's. With `dgrad_kernel`, conv2's
+    input gradient by `conv3x3_dgrad`, whose epilogue masks it by batch norm 1's ReLU and writes
+    batch norm 1's gradient's two sums (fcn.norm.bn_grad_from_sums does the rest: its reductions'
+    pass is gone), and conv1's by `conv3x3_dgrad` too with `first_kernel` where it fits.
 The dtypes are fcn's: batch norm's scale and bias and the conv kernels in the compute dtype, the
 parameters' gradients rounded to it and returned in float32.
 `main` times, for each of the U-Net's 9 blocks at its padded size, the block's forward + backward
 (a fixed random output gradient; gradients of the parameters and of x, but for down0's images)
 by fcn's ConvBlock and by `fused_block` for each `--kernels` setting, with and without the first
-conv's kernel, in interleaved rounds (`--steps` calls each; median of the rounds), after comparing
-their values (printed). A setting that does not compile is named and left out. On a CPU the
+conv's kernel and the input gradients', in interleaved rounds (`--steps` calls each; median of the
+rounds), after comparing their values (printed). A setting that does not compile is named and left out. On a CPU the
 kernels are interpreted: values, not speed. Not a test, and not used by fcn.
 In bfloat16 the gradients differ by more than one rounding where a ReLU's mask flips: XLA may keep
 its own conv's output unrounded where it reads it again (excess precision), the kernel's is
@@ -49,8 +52,8 @@ from flax import nnx  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks.conv_kernels import (  # noqa: E402
-    SETTINGS,
     conv3x3,
+    conv3x3_dgrad,
     conv3x3_wgrad,
     describe,
     fits,
@@ -65,6 +68,8 @@ from fcn.model import ConvBlock  # noqa: E402
 TARGET_MS = 2.6  # docs/benchmarks.md: a 13.9 ms step of kernels against the 11.3 ms of 40% MFU
 PARAMS = ("w1", "w2", "scale1", "bias1", "scale2", "bias2")
 IN_CHANNELS = 3  # fcn's default model: RGB images
+# Each setting is 4 variants a block, each compiling up to 6 kernels: pass fused_conv.py's fastest.
+SETTINGS = "128x64x32x4x3,128x64x64x4x3"
 
 
 # -- the fused block ------------------------------------------------------------------------------
@@ -104,20 +109,27 @@ class _Config(NamedTuple):  # hashable: custom_vjp's static argument
     eps: float
     first: tuple | None  # conv1's kernel setting (items), None: XLA's conv
     second: tuple  # conv2's
+    first_back: tuple | None  # conv1's input gradient's (channels the other way round), None: XLA's
+    dgrad: bool  # conv2's input gradient by the kernel
     interpret: bool | None
 
 
-def fused_block(params: dict, x_BHWC, *, eps: float, first_kernel: bool, setting: dict, interpret=None):
+def fused_block(
+    params: dict, x_BHWC, *, eps: float, first_kernel: bool, setting: dict, dgrad_kernel: bool = False, interpret=None
+):
     """(fcn's ConvBlock in training on x, in x's dtype; (mean1, var1, mean2, var2), batch norm's batch
     statistics, with no gradient through them), conv2 and its weight gradient by the Pallas kernels,
-    conv1 and its weight gradient too with `first_kernel` where `setting` fits its channels."""
+    conv1 and its weight gradient too with `first_kernel` where `setting` fits its channels; with
+    `dgrad_kernel` the input gradients too (conv1's with `first_kernel`)."""
     dtype = x_BHWC.dtype
     c_in, c_out = params["w1"].shape[2:]
     second = fits(c_out, c_out, setting)
     if second is None:
         raise ValueError(f"fused_block: setting {setting} does not fit conv2's {c_out} channels")
     first = fits(c_in, c_out, setting) if first_kernel else None
-    cfg = _Config(float(eps), first and tuple(first.items()), tuple(second.items()), interpret)
+    first_back = fits(c_out, c_in, setting) if first and dgrad_kernel else None
+    items = (None if v is None else tuple(v.items()) for v in (first, second, first_back))
+    cfg = _Config(float(eps), *items, bool(dgrad_kernel), interpret)
     # Cast as fcn casts them: nnx.Conv's kernel and batch norm's scale and bias (promote_dtype) to
     # the compute dtype; their gradients come back through the casts in float32.
     return _block(cfg, x_BHWC, *(params[k].astype(dtype) for k in PARAMS))
@@ -157,13 +169,22 @@ def _block_bwd(cfg: _Config, res, cotangents):
     dy2, dscale2, dbias2 = norm._bn_relu_bwd(cfg.eps, dtype, (y2, mean2, var2, scale2, bias2), cotangents[:1])
     bn1 = (mean1, _mul(var1, scale1, cfg.eps), bias1.astype(f32))
     dw2 = conv3x3_wgrad(y1, dy2, bn1, **dict(cfg.second), interpret=cfg.interpret)
-    da1 = _input_grad(dy2, w2, y1)
-    dy1, dscale1, dbias1 = norm._bn_relu_bwd(cfg.eps, dtype, (y1, mean1, var1, scale1, bias1), (da1,))
+    if cfg.dgrad:  # the ReLU's mask and batch norm 1's gradient's sums in the kernel's epilogue
+        d1, sums = conv3x3_dgrad(dy2, w2, (y1, *bn1), **dict(cfg.second), interpret=cfg.interpret)
+        inv1 = jax.lax.rsqrt(var1 + cfg.eps)
+        dy1, dscale1, dbias1 = norm.bn_grad_from_sums(y1, d1, mean1, inv1, scale1, sums[0], sums[1])
+        dscale1, dbias1 = dscale1.astype(scale1.dtype), dbias1.astype(bias1.dtype)  # as _bn_relu_bwd's
+    else:
+        da1 = _input_grad(dy2, w2, y1)
+        dy1, dscale1, dbias1 = norm._bn_relu_bwd(cfg.eps, dtype, (y1, mean1, var1, scale1, bias1), (da1,))
     if cfg.first is None:
         dw1 = xla_wgrad(x, dy1, w1)
     else:
         dw1 = conv3x3_wgrad(x, dy1, None, **dict(cfg.first), interpret=cfg.interpret)
-    dx = _input_grad(dy1, w1, x)
+    if cfg.first_back is None:
+        dx = _input_grad(dy1, w1, x)
+    else:
+        dx = conv3x3_dgrad(dy1, w1, **dict(cfg.first_back), interpret=cfg.interpret)[0]
     # The kernels' float32 weight gradients rounded to the kernel's dtype, as XLA's gradient of fcn's
     # conv in that dtype is.
     return dx, dw1.astype(w1.dtype), dw2.astype(w2.dtype), dscale1, dbias1, dscale2, dbias2
@@ -256,17 +277,18 @@ def _values(result, wrt_x: bool, fused: bool) -> dict:
 
 
 def _variants(name, shape, c_out, settings, eps, wrt_x, args_, ref) -> dict:
-    """{label: jitted fused_grad} for the settings that fit and compile, with and without conv1's kernel."""
+    """{label: jitted fused_grad} for the settings that fit and compile, with and without conv1's kernel
+    and the input gradients'."""
     variants = {}
     for setting in settings:
-        for first in (False, True):
+        for first, dgrad in ((False, False), (True, False), (False, True), (True, True)):
             s = fits(c_out, c_out, setting)
             if s is None or (first and fits(shape[-1], c_out, setting) is None):
                 continue  # conv2's channels do not fit; or conv1's do not, which first=False runs
-            label = describe(s) + (" +conv1" if first else "")
+            label = describe(s) + (" +conv1" if first else "") + (" +dgrad" if dgrad else "")
             if label in variants:
                 continue
-            fn = jax.jit(fused_grad(wrt_x, eps=eps, first_kernel=first, setting=setting))
+            fn = jax.jit(fused_grad(wrt_x, eps=eps, first_kernel=first, setting=setting, dgrad_kernel=dgrad))
             try:  # a setting Triton cannot compile is named, and the others run on
                 got = _values(fn(*args_), wrt_x, fused=True)
             except Exception as e:  # noqa: BLE001
@@ -326,12 +348,12 @@ def main(argv=None) -> None:
 def report(rows) -> None:
     """One line a block (fcn's ms, the fastest fused variant's ms and setting, ms saved) and the total."""
     print(f"\nforward + backward of each block: fcn's ConvBlock (XLA) against fused_block's fastest setting\n"
-          f"{'block':8s} {'input':22s}  out    XLA ms  fused ms (setting)          saved ms")  # fmt: skip
+          f"{'block':8s} {'input':22s}  out    XLA ms  fused ms (setting)                 saved ms")  # fmt: skip
     total = np.zeros(2)
     for name, shape, c_out, xla, fused, label in rows:
         if not np.isnan(fused):
             total += (xla, fused)
-        print(f"{name:8s} {str(shape):22s} {c_out:4d} {xla:9.3f} {fused:9.3f} ({label:20s}) {xla - fused:+9.3f}")
+        print(f"{name:8s} {str(shape):22s} {c_out:4d} {xla:9.3f} {fused:9.3f} ({label:27s}) {xla - fused:+9.3f}")
     print(
         f"total: XLA {total[0]:.3f} ms, fused {total[1]:.3f} ms: {total[0] - total[1]:+.3f} ms a step saved "
         f"(negative: lost), against the {TARGET_MS} ms that 40% MFU needs (blocks with no fused variant left out)",

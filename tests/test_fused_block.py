@@ -25,22 +25,28 @@ def _case(dtype, seed=1):
     return block, nnx.split(block, nnx.Param, ...)[1], x, g
 
 
-def _run(block, params, x, g, first_kernel, **jit):
+def _run(block, params, x, g, first_kernel, dgrad_kernel, **jit):
     """(fcn's (output, x's gradient, parameters' gradients, running statistics after the step),
     the fused block's) as fused_block's dicts."""
     out, new_stats, (grads, dx) = jax.jit(fused_block.reference_grad(block, True), **jit)(params, x, g)
     want = (out, dx, fused_block.block_params(grads), jax.tree.leaves(new_stats))
-    fn = fused_block.fused_grad(True, eps=fused_block.block_epsilon(block), first_kernel=first_kernel, setting=SETTING)
+    eps = fused_block.block_epsilon(block)
+    fn = fused_block.fused_grad(True, eps=eps, first_kernel=first_kernel, setting=SETTING, dgrad_kernel=dgrad_kernel)
     out, stats, (grads, dx) = jax.jit(fn, **jit)(fused_block.block_params(params), x, g)
     updated = nnx.clone(block)
     fused_block.update_stats(updated, stats)  # the running averages as fcn's batch norm updates them
     return want, (out, dx, grads, jax.tree.leaves(nnx.state(updated, nnx.BatchStat)))
 
 
-@pytest.mark.parametrize("first_kernel", [False, True])
-def test_float32_block_equals_fcns_convblock(first_kernel):
+KERNELS = [(False, False), (True, False), (False, True), (True, True)]  # (first_kernel, dgrad_kernel)
+
+
+@pytest.mark.parametrize("first_kernel, dgrad_kernel", KERNELS)
+def test_float32_block_equals_fcns_convblock(first_kernel, dgrad_kernel):
     block, params, x, g = _case(jnp.float32)
-    (out_r, dx_r, grads_r, stats_r), (out_f, dx_f, grads_f, stats_f) = _run(block, params, x, g, first_kernel)
+    (out_r, dx_r, grads_r, stats_r), (out_f, dx_f, grads_f, stats_f) = _run(
+        block, params, x, g, first_kernel, dgrad_kernel
+    )
     assert out_f.dtype == dx_f.dtype == jnp.float32 and out_f.shape == (2, 6, 10, 32)
     assert fused_conv.relative(out_f, out_r) < 1e-5
     assert fused_conv.relative(dx_f, dx_r) < 1e-5
@@ -54,14 +60,16 @@ def test_float32_block_equals_fcns_convblock(first_kernel):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("first_kernel", [False, True])
-def test_bfloat16_block_equals_fcns_to_rounding(first_kernel):
+@pytest.mark.parametrize("first_kernel, dgrad_kernel", KERNELS)
+def test_bfloat16_block_equals_fcns_to_rounding(first_kernel, dgrad_kernel):
     # XLA:CPU keeps its own bfloat16 conv outputs unrounded where it reads them again (excess precision),
     # the kernels' are rounded, and a ReLU mask flipped by one rounding moves a gradient by a whole
     # element of g: compared with that off, as bfloat16 strictly computes them.
     block, params, x, g = _case(jnp.bfloat16)
     strict = {"compiler_options": {"xla_allow_excess_precision": False}}
-    (out_r, dx_r, grads_r, stats_r), (out_f, dx_f, grads_f, stats_f) = _run(block, params, x, g, first_kernel, **strict)
+    (out_r, dx_r, grads_r, stats_r), (out_f, dx_f, grads_f, stats_f) = _run(
+        block, params, x, g, first_kernel, dgrad_kernel, **strict
+    )
     assert out_f.dtype == dx_f.dtype == jnp.bfloat16
     for got, want in [(out_f, out_r), (dx_f, dx_r), *((grads_f[k], grads_r[k]) for k in fused_block.PARAMS)]:
         assert got.dtype == want.dtype  # the parameters' gradients in float32, rounded to bfloat16 as fcn's
@@ -105,16 +113,18 @@ def test_the_list_of_blocks_is_the_models():
 
 
 def test_lowers_to_triton_kernels_for_a_gpu():
-    """Conv2's forward and weight gradient, and with first_kernel conv1's, are Triton calls (no GPU needed)."""
+    """Conv2's forward and weight gradient, with first_kernel conv1's, and with dgrad_kernel the input gradients
+    (conv1's with first_kernel), are Triton calls (no GPU needed)."""
     block = fused_block.conv_block(64, 64, jnp.bfloat16)
     params = fused_block.block_params(nnx.split(block, nnx.Param, ...)[1])
     x = jax.ShapeDtypeStruct((2, 8, 8, 64), jnp.bfloat16)
-    for first, calls in ((False, 2), (True, 4)):
+    for (first, dgrad), calls in zip(KERNELS, (2, 4, 3, 6)):
+        setting = dict(bm=64, bn=64, bk=32)
         fn = fused_block.fused_grad(
-            True, eps=1e-5, first_kernel=first, setting=dict(bm=64, bn=64, bk=32), interpret=False
+            True, eps=1e-5, first_kernel=first, setting=setting, dgrad_kernel=dgrad, interpret=False
         )
         text = jax.jit(fn).trace(params, x, x).lower(lowering_platforms=("cuda",)).as_text()
-        assert text.count("__gpu$xla.gpu.triton") == calls, first
+        assert text.count("__gpu$xla.gpu.triton") == calls, (first, dgrad)
 
 
 def test_runs_end_to_end_on_a_tiny_network(capsys):
@@ -122,14 +132,13 @@ def test_runs_end_to_end_on_a_tiny_network(capsys):
                       "--steps", "1", "--kernels", "64x16x16x4x3"])  # fmt: skip
     out = capsys.readouterr().out
     assert "the kernels interpreted: values, not speed" in out
-    compared = re.findall(r"^(\w+) \(.*?, (\S+(?: \+conv1)?): relative to the largest: (.*)$", out, re.M)
+    compared = re.findall(r"^(\w+) \(.*?, (\S+(?: \+conv1)?(?: \+dgrad)?): relative to the largest: (.*)$", out, re.M)
     # down0's conv1 (3 channels in) is XLA's either way; bottom and up0 run with and without conv1's kernel
+    s, s1 = "64x16x16x4x3", "64x16x16x4x3 +conv1"
     assert [(name, label) for name, label, _ in compared] == [
-        ("down0", "64x16x16x4x3"),
-        ("bottom", "64x16x16x4x3"),
-        ("bottom", "64x16x16x4x3 +conv1"),
-        ("up0", "64x16x16x4x3"),
-        ("up0", "64x16x16x4x3 +conv1"),
+        ("down0", s),
+        ("down0", f"{s} +dgrad"),
+        *((name, label) for name in ("bottom", "up0") for label in (s, s1, f"{s} +dgrad", f"{s1} +dgrad")),
     ]
     for name, _, diffs in compared:
         values = dict(item.rsplit(" ", 1) for item in diffs.split(", "))
