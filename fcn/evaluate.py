@@ -298,9 +298,10 @@ def _evaluate(args) -> int:
     with config.unlocked():
         config.eval_hflip = bool(args.hflip or config.get("eval_hflip", False))  # how evaluate_split batches
     config.eval_batch_size = args.batch_in_use = _eval_batch_size(args.batch_size, config.eval_batch_size)
+    num_classes = len(info["class_names"])
+    check_classes(config.data, info["class_names"], workdir)
     split = pipeline.eval_split(config.data, args.split)
     state = jax.device_put(state, sharding.replicated(mesh))
-    num_classes = len(info["class_names"])
     eval_step, logits_step = jit_eval_steps(graphs, num_classes, info["ignore_label"], config.eval_hflip, mesh)
     t0 = time.time()
     cm, kept = evaluate_split(
@@ -324,6 +325,22 @@ def _evaluate(args) -> int:
             examples.unlink(missing_ok=True)
         print(f"wrote {workdir}/{stem}.json and pictures")
     return 0
+
+
+def check_classes(data_config, model_classes, workdir) -> None:
+    """A DataError unless the data (the workdir's, or as `--config.data.KEY=VALUE` changed it) has the
+    model's number of classes: a label id the model has no class for counted nowhere, so the scores left
+    its pixels out without a word (and ids of another class list mean other classes)."""
+    from fcn.data import get_source
+    from fcn.data.base import DataError
+
+    data_classes = get_source(data_config).class_names
+    if len(data_classes) != len(model_classes):
+        raise DataError(
+            f"data.class_names: the data ({data_config.source}) has {len(data_classes)} classes "
+            f"({', '.join(data_classes)}) but the model in {workdir} was trained on {len(model_classes)} "
+            f"({', '.join(model_classes)}); evaluate it on data labelled with its classes"
+        )
 
 
 def _eval_batch_size(chosen: int | None, saved: int) -> int:
