@@ -110,3 +110,13 @@ def test_an_undefined_metric_is_shown_as_a_dash_not_as_zero():
     rep = {"mean_iou": None, "pixel_accuracy": 0.5, "mean_accuracy": None, "fw_iou": None, "per_class": []}
     assert headline(rep) == "mean IoU    -, pixel accuracy 50.00"  # was "mean IoU 0.00": a score no class had
     assert format_report(rep).splitlines()[-1].startswith("mean IoU     -   pixel acc  50.0")
+
+
+def test_a_class_predicted_but_absent_from_the_ground_truth_scores_iou_0_and_no_accuracy():
+    """As the README says: its IoU 0 counts in the mean IoU; its accuracy is undefined, left out of the mean."""
+    cm = np.array([[3, 1, 0], [0, 2, 2], [0, 0, 0]])  # class 2 predicted twice, never in the ground truth
+    s = metrics.scores(cm)
+    assert s["iou"][2] == 0.0 and np.isnan(s["accuracy"][2])
+    assert s["mean_iou"] == pytest.approx((3 / 4 + 2 / 5 + 0) / 3)
+    assert s["mean_accuracy"] == pytest.approx((3 / 4 + 2 / 4) / 2)
+    assert s["fw_iou"] == pytest.approx(4 / 8 * 3 / 4 + 4 / 8 * 2 / 5) and s["pixel_accuracy"] == 5 / 8
