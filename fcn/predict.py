@@ -108,7 +108,7 @@ def predict_files(segmenter, files: list[Path], out: Path, *, alpha: float = 0.5
     from fcn import viz
     from fcn.data.images import DataError
     from fcn.inputs import read_input
-    from fcn.progress import tqdm_class
+    from fcn.progress import progress_bar
 
     names = output_names(files, out)
     for path, (classes_path, overlay_path) in zip(files, names, strict=True):
@@ -120,8 +120,8 @@ def predict_files(segmenter, files: list[Path], out: Path, *, alpha: float = 0.5
             )
     errors: dict[int, str] = {}
     ahead = 2 * segmenter.batch_size
-    disable = True if len(files) < _PROGRESS_MIN_FILES else None  # None: only on a terminal
-    bar = tqdm_class()(total=len(files), desc="predicting", unit="image", disable=disable, file=sys.stderr)
+    disable = len(files) < _PROGRESS_MIN_FILES
+    bar = progress_bar(total=len(files), desc="predicting", unit="image", disable=disable, file=sys.stderr)
 
     def report(i: int, e: Exception) -> None:
         """File i failed: say so now, list it at the end, count it as done."""

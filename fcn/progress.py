@@ -1,10 +1,10 @@
 """fcn's progress bars: which tqdm class they use, and lines written above them.
 
-Every bar in fcn (training, loading images, predicting, downloading) takes its class from
-`tqdm_class()`. The training bar shows in process 0 wherever it runs. The others are made with
-`disable=None`: the text bar then shows only on a terminal, as tqdm decides it (silent in a log
-file, and in a Jupyter kernel without ipywidgets, whose streams are no terminal), while in a kernel
-with ipywidgets tqdm's widget shows them, as `tqdm.auto`'s did for the training bar before.
+Every bar in fcn (training, loading images, predicting, downloading) is made by `progress_bar()`, of the class
+`tqdm_class()` gives. On a terminal it is redrawn as tqdm does (every 0.1 s at most); where its stream
+is no terminal (a log file, a CI or cluster job's piped output, a Jupyter kernel without ipywidgets)
+it prints when it starts, every 30 s, and at its end: long work shows its progress, rate and time
+left in a log too, without a line per update. In a kernel with ipywidgets tqdm's widget shows them.
 """
 
 from __future__ import annotations
@@ -31,6 +31,25 @@ def tqdm_class() -> type:
     from tqdm.std import tqdm
 
     return tqdm
+
+
+LOG_EVERY_S = 30  # where a bar's stream is no terminal: a line every 30 s at most, not one per update
+
+
+def progress_bar(*, disable: bool = False, **kwargs):
+    """A progress bar of `tqdm_class()` with tqdm's keyword arguments, shown on a terminal and elsewhere.
+
+    Where its stream (`file`, stderr by default) is no terminal, it prints a line at most every
+    LOG_EVERY_S. fcn's bars other than training's were made with disable=None, which tqdm reads as
+    "only on a terminal": a job's log then said nothing while 10,000 images were predicted or decoded
+    or a dataset downloaded, for minutes, and no line said what was under way.
+    """
+    stream = kwargs.get("file") or sys.stderr
+    isatty = getattr(stream, "isatty", None)
+    if not (isatty and isatty()):
+        # maxinterval too: else tqdm's monitor thread printed every 10 s after the first line
+        kwargs = {"mininterval": LOG_EVERY_S, "maxinterval": LOG_EVERY_S, **kwargs}
+    return tqdm_class()(disable=disable, **kwargs)
 
 
 def logging_redirect(bar):

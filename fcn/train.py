@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from fcn.config import ConfigError, validate, validate_against_data, validate_ag
 from fcn.data import get_source, pipeline
 from fcn.evaluate import evaluate_split, format_report, headline, jit_eval_steps, report
 from fcn.metrics_log import MetricsLog, evaluated_at
-from fcn.progress import logging_redirect, restart_clock, tqdm_class, write
+from fcn.progress import logging_redirect, progress_bar, restart_clock, write
 from fcn.traced import enable_compilation_cache
 
 log = logging.getLogger("fcn")
@@ -258,13 +257,12 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
                 flush=True,
             )
         doing = "in the training step"
-        bar = tqdm_class()(
+        bar = progress_bar(  # a log file gets a line every 30 s, not every step
             total=config.num_steps,
             initial=start,
             disable=jax.process_index() != 0 or start >= config.num_steps,  # nothing to train: said above
             dynamic_ncols=True,
             unit="step",
-            mininterval=0.1 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not every step
         )
         step, t_last, n_last = start, time.time(), start
         read_at = start  # the last step whose loss was read (and finite)

@@ -125,6 +125,15 @@ def test_download_verifies_and_discards_a_stale_part(server, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
 
 
+def test_in_a_log_file_a_download_shows_its_progress(server, tmp_path, monkeypatch, capsys):
+    """stderr no terminal (a CI job's log): the bar was silent for the whole download."""
+    monkeypatch.setattr("fcn.data.download._PROGRESS_MIN_BYTES", 0)
+    server.routes["/camvid.zip"] = (b"0123456789" * 1000, "ok")
+    download(server.url("/camvid.zip"), tmp_path / "camvid.zip")
+    err = capsys.readouterr().err
+    assert "downloading camvid.zip:   0%" in err and "10.0k/10.0k [" in err, err
+
+
 @pytest.mark.parametrize(
     ("route", "how", "kwargs", "match"),
     [

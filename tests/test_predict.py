@@ -241,3 +241,15 @@ def test_a_directory_that_cannot_be_listed_is_named_and_the_others_kept(tmp_path
     files, errors = expand_inputs([str(tmp_path / "locked"), str(tmp_path / "x.png")])
     assert files == [tmp_path / "x.png"]
     assert errors == [f"{tmp_path / 'locked'}: cannot list directory (Permission denied)"]
+
+
+def test_in_a_log_file_predicting_shows_its_progress(workdir, tmp_path, capsys):
+    """stderr no terminal (a job's log): the bar was silent, and nothing said what was under way."""
+    for i in range(3):
+        _write(tmp_path / f"{i}.png", 20, 20, i)
+    assert (
+        main(["--workdir", workdir, "--out", str(tmp_path / "out"), *(str(tmp_path / f"{i}.png") for i in range(3))])
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert "predicting:   0%" in err and "3/3 [" in err, err

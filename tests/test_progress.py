@@ -97,3 +97,35 @@ def test_in_a_notebook_the_evaluation_line_prints_above_the_training_bar(tmp_pat
     bars = [i for i, line in enumerate(lines) if "2/2 [" in line]
     evaluated = [i for i, line in enumerate(lines) if line.startswith("step 2: val mean IoU")]
     assert len(bars) == 1 and len(evaluated) == 1 and evaluated[0] < bars[0], lines
+
+
+def test_in_a_log_file_decoding_says_what_it_does_and_how_long_it_took(capsys):
+    """The loading, predicting and download bars were made with disable=None, "only on a terminal": a
+    job's log (stderr a file) said nothing while a split was decoded, nor that it was. Now a log gets
+    the bar when it starts, every 30 s at most, and at its end, with the count and the rate."""
+    from fcn.data.base import Examples, map_examples
+
+    examples = Examples(names=[str(i) for i in range(150)], read_fn=lambda i: i, size_fn=lambda i: (1, 1))
+    done = map_examples(lambda i: i * 2, examples, workers=2, desc="decoding camvid train")
+    assert [v for _, v in done] == [2 * i for i in range(150)]
+    err = capsys.readouterr().err
+    assert "decoding camvid train:   0%" in err and "150/150 [" in err, err
+    assert err.count("\r") <= 3 and "\x1b" not in err, repr(err)  # start, end: no line per update, no ANSI codes
+
+
+def test_a_bar_in_a_log_file_prints_at_most_every_30_s(monkeypatch):
+    import io
+
+    from fcn.progress import LOG_EVERY_S, progress_bar
+
+    log = io.StringIO()  # no terminal
+    with progress_bar(total=1000, file=log, desc="x") as bar:
+        # maxinterval too: tqdm's monitor thread (every 10 s by default) printed between the 30 s lines
+        assert bar.mininterval == bar.maxinterval == LOG_EVERY_S == 30
+        for _ in range(1000):
+            bar.update(1)
+    assert log.getvalue().count("\r") <= 3, repr(log.getvalue())
+    tty = io.StringIO()
+    tty.isatty = lambda: True
+    with progress_bar(total=1, file=tty) as bar:
+        assert bar.mininterval == 0.1  # tqdm's own on a terminal

@@ -84,17 +84,17 @@ def map_examples(fn, examples: Examples, *, workers: int = 8, skip_bad: bool = F
 
     A DataError from fn raises, or with skip_bad=True is logged and the example
     left out; the count left out is logged at the end, and an error raised when
-    nothing is left. A progress bar on a terminal from 100 examples up.
+    nothing is left. A progress bar from 100 examples up (fcn.progress).
     """
-    from fcn.progress import tqdm_class  # tqdm only needed here; keeps `import fcn.data` light
+    from fcn.progress import progress_bar  # tqdm only needed here; keeps `import fcn.data` light
 
     done, n = [], len(examples)
-    disable = True if n < _PROGRESS_MIN_EXAMPLES else None  # None: only on a tty
+    disable = n < _PROGRESS_MIN_EXAMPLES
     # PIL and numpy release the GIL while decoding, so threads give real speed-up.
     pool = ThreadPoolExecutor(max_workers=max(1, workers))
     try:
         futures = [pool.submit(fn, i) for i in range(n)]
-        for i, future in tqdm_class()(enumerate(futures), total=n, desc=desc, disable=disable):
+        for i, future in progress_bar(iterable=enumerate(futures), total=n, desc=desc, disable=disable):
             try:
                 done.append((i, future.result()))
             except DataError as e:

@@ -139,7 +139,7 @@ def _open(url: str, part: Path, timeout: float):
 def _stream(url: str, part: Path, timeout: float) -> tuple[int, int, str]:
     """Writes the body at url into part, after part's bytes where the server sends the rest; returns
     (bytes kept from before, bytes in part, sha256 hex of part)."""
-    from fcn.progress import tqdm_class  # tqdm only needed here; keeps `import fcn.data` light
+    from fcn.progress import progress_bar  # tqdm only needed here; keeps `import fcn.data` light
 
     digest = hashlib.sha256()
     resp, offset = _open(url, part, timeout)
@@ -152,13 +152,13 @@ def _stream(url: str, part: Path, timeout: float) -> tuple[int, int, str]:
         length = resp.headers.get("Content-Length")
         expected = offset + int(length) if length and length.isdigit() else None
         small = expected is not None and expected < _PROGRESS_MIN_BYTES
-        with tqdm_class()(
+        with progress_bar(
             total=expected,
             initial=offset,
             unit="B",
             unit_scale=True,
             desc=f"downloading {Path(url).name}",
-            disable=True if small else None,  # None: only on a terminal
+            disable=small,
         ) as bar:
             while chunk := resp.read(_CHUNK):
                 f.write(chunk)

@@ -138,7 +138,7 @@ def _read_split(data_config, labels: LabelMap, color_map, split: str) -> Example
     tfds = _import_tfds()
     import tensorflow as tf
 
-    from fcn.progress import tqdm_class
+    from fcn.progress import progress_bar
 
     tfds_split = data_config.tfds_splits[split]
     image_key, mask_key = data_config.tfds_image_key, data_config.tfds_mask_key
@@ -171,7 +171,7 @@ def _read_split(data_config, labels: LabelMap, color_map, split: str) -> Example
         raise DataError(f"data.tfds_splits.{split}={tfds_split!r}: {text}") from e
     images, masks, names = [], [], []
     desc = f"tfds {data_config.tfds_name} {tfds_split}"
-    for i, ex in enumerate(tqdm_class()(tfds.as_numpy(ds), desc=desc, disable=None)):
+    for i, ex in enumerate(progress_bar(iterable=tfds.as_numpy(ds), desc=desc)):
         names.append(_example_name(ex, split, i))
         images.append(ex[image_key])
         masks.append(ex[mask_key])
