@@ -356,8 +356,11 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         ckpts.close()
         if metrics_log is not None:
             metrics_log.close()
-    if last_report and jax.process_index() == 0 and step == config.num_steps:
-        print(format_report(last_report))
+    if jax.process_index() == 0 and step == config.num_steps:
+        if last_report:
+            print(format_report(last_report))
+        if training:  # the last line says where it all went (a finished workdir run again said so above)
+            print(f"trained to step {step}: checkpoints and metrics in {workdir}", flush=True)
     return last_report
 
 

@@ -54,6 +54,16 @@ def test_a_log_file_gets_the_progress_bar_every_30_s_not_at_every_logged_step(tm
     assert len(bars) <= 4, bars
 
 
+def test_the_last_line_says_where_the_run_went(tmp_path, capsys):
+    """The run ended with the report's table (or, with no evaluation, with the bar): nothing said where
+    the checkpoints and metrics were, as fcn.evaluate and fcn.predict's last lines do."""
+    config = tiny.get_config()
+    config.num_steps, config.optimizer.warmup_steps = 2, 0
+    train_and_evaluate(config, tmp_path / "run")
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == f"trained to step 2: checkpoints and metrics in {tmp_path / 'run'}"
+
+
 def test_zero_periods_mean_only_at_the_end(tmp_path):
     config = tiny.get_config()
     config.eval_every = config.checkpoint_every = config.log_every = 0
