@@ -60,7 +60,7 @@ from benchmarks.conv_kernels import (  # noqa: E402
     parse_setting,
     stats_from_sums,
 )
-from benchmarks.fused_conv import bn_relu, relative, xla_conv, xla_wgrad  # noqa: E402
+from benchmarks.fused_conv import add_timing_flags, bn_relu, relative, xla_conv, xla_wgrad  # noqa: E402
 from benchmarks.head_loss import _ms_per_call  # noqa: E402
 from fcn import canvas, layers, norm, ops  # noqa: E402
 from fcn.model import ConvBlock  # noqa: E402
@@ -304,12 +304,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_model_flags(p)
     p.set_defaults(conv_impl="gemm")  # as fcn's model runs off a CPU: 3x3 convs left to XLA
-    p.add_argument("--steps", type=int, default=10, help="calls per timed round")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
-    p.add_argument("--kernels", default=SETTINGS, help="settings BMxBNxBKxWARPSxSTAGES,...: pixels, output and input "
-                   "channels a block, warps, stages (channel blocks are cut to the conv's channels)")  # fmt: skip
-    p.add_argument("--blocks", default="", help="only the blocks whose names match this regular expression "
-                   "(e.g. 'down|bottom', then 'up' in a second call, should one call's 10 minutes not do)")  # fmt: skip
+    add_timing_flags(p, SETTINGS, "blocks")
     args = p.parse_args(argv)
     settings = [parse_setting(item) for item in args.kernels.split(",")]
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32

@@ -175,15 +175,20 @@ def _variants(name, x_shape, c_out, bn, settings, x, w, stats, g, ref):
     return variants
 
 
+def add_timing_flags(p: argparse.ArgumentParser, kernels: str, which: str) -> None:
+    """--steps, --rounds, --kernels (default `kernels`) and --`which` (a filter of the convs or blocks by name)."""
+    p.add_argument("--steps", type=int, default=10, help="calls per timed round")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
+    p.add_argument("--kernels", default=kernels, help="settings BMxBNxBKxWARPSxSTAGES,...: pixels, output and input "
+                   "channels a block, warps, stages (channel blocks are cut to the conv's channels)")  # fmt: skip
+    p.add_argument(f"--{which}", default="", help=f"only the {which} whose names match this regular expression "
+                   "(e.g. 'down|bottom', then 'up' in a second call, should one call's 10 minutes not do)")  # fmt: skip
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_model_flags(p)
-    p.add_argument("--steps", type=int, default=10, help="calls per timed round")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
-    p.add_argument("--kernels", default=SETTINGS, help="settings BMxBNxBKxWARPSxSTAGES,...: pixels, output and input "
-                   "channels a block, warps, stages (channel blocks are cut to the conv's channels)")  # fmt: skip
-    p.add_argument("--convs", default="", help="only the convs whose names match this regular expression "
-                   "(e.g. 'down|bottom', then 'up' in a second call, should one call's 10 minutes not do)")  # fmt: skip
+    add_timing_flags(p, SETTINGS, "convs")
     args = p.parse_args(argv)
     settings = [parse_setting(item) for item in args.kernels.split(",")]
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
