@@ -165,7 +165,8 @@ def test_convs_can_be_chosen_by_name(capsys):
                      "--steps", "1", "--kernels", "64x32x16x4x3", "--convs", "^up0 conv2$"])  # fmt: skip
     out = capsys.readouterr().out
     assert re.findall(r"^(\w+ conv\d) \(", out, re.M) == ["up0 conv2"]
-    assert out.count("\nup0 conv2 ") == 5  # its values compared, and one line in each of the four tables
+    # its values compared, its times as soon as they are taken, and one line in each of the four tables
+    assert out.count("\nup0 conv2 ") == 6
 
 
 def test_runs_end_to_end_on_a_tiny_network(capsys):
