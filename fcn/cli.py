@@ -319,8 +319,11 @@ def with_data_overrides(config, overrides: list[str]):
     from absl import flags
     from ml_collections import ConfigDict, config_flags
 
+    from fcn.config import plain, validate_data
+
     # The workdir's config.json gave lists where the config file had tuples; ml_collections overrides tuples.
-    config.data = ConfigDict(_lists_to_tuples(config.data.to_dict()))
+    config.data = ConfigDict(plain(config.data))
+    before = plain(config.data)
     argv = ["fcn", *overrides]
     flag_values = flags.FlagValues()
     try:  # (an unknown key fails already here, where ml_collections defines a flag per override)
@@ -330,13 +333,8 @@ def with_data_overrides(config, overrides: list[str]):
         raise ValueError(flag_error(e, argv)) from None
     if len(rest) > 1:
         raise ValueError(f"unexpected arguments: {' '.join(rest[1:])}")
-    from fcn.config import validate_data
-
-    validate_data(flag_values.config)  # a ConfigError, a ValueError: --config.data.max_size=-5 read images at -5
+    after = plain(flag_values.config.data)
+    # A ConfigError, a ValueError: --config.data.max_size=-5 read images at -5. Whether the source reads a field:
+    # only of the fields the overrides change, not of an older run's that it trained with
+    validate_data(flag_values.config, {k for k, v in after.items() if v != before.get(k)})
     return flag_values.config
-
-
-def _lists_to_tuples(value):
-    if isinstance(value, dict):
-        return {k: _lists_to_tuples(v) for k, v in value.items()}
-    return tuple(_lists_to_tuples(v) for v in value) if isinstance(value, list) else value

@@ -35,8 +35,8 @@ def default_config() -> ml_collections.ConfigDict:
     d.sha256 = ""  # camvid: expected SHA-256 of the archive at `url`; "" = not checked
     d.train_split = "train"
     d.eval_split = "val"
-    d.class_names = ()  # folder: one name per class, in class-id order
-    d.value_map = ml_collections.ConfigDict()  # folder: raw mask value -> class id, e.g. {"255": 1}
+    d.class_names = ()  # folder, tfds (a dataset LABEL_MAPS lacks): one name per class, in class-id order
+    d.value_map = ml_collections.ConfigDict()  # folder, tfds: raw mask value -> class id, e.g. {"255": 1}
     d.color_map = ()  # folder, tfds: RGB colour per class id, for colour-coded masks; then extra colours value_map maps
     d.ignore_label = 255  # label value that adds nothing to loss or metrics: above every class id, at most 255
     d.val_fraction = 0.1  # folder without a val/ folder: share of images held out
@@ -260,9 +260,10 @@ def _check_unused_optimizer_fields(config) -> None:
             )
 
 
-def validate_data(config) -> None:
+def validate_data(config, keys=None) -> None:
     """Check the types and ranges of config.data's fields: validate() does, and so do the commands that take
-    `--config.data.KEY=VALUE` overrides for a trained workdir (fcn.cli.with_data_overrides)."""
+    `--config.data.KEY=VALUE` overrides for a trained workdir (fcn.cli.with_data_overrides), whose `keys`
+    (the fields they change) are the only ones checked for being read by the source (_check_unread_data)."""
     _choice(config, "data.source", ("camvid", "folder", "tfds", "synthetic"))
     _choice(config, "data.storage", ("auto", "memory", "stream"))
     _positive(config, "data.max_memory_gb")
@@ -274,6 +275,49 @@ def validate_data(config) -> None:
         raise ConfigError(
             f"config.data.ignore_label={ignore!r} must be an integer in 0..255 (labels are 8-bit) above every class id"
         )
+    _check_unread_data(config, keys)
+
+
+# Fields of config.data that only some sources read (fcn/data/*.py, each `*_source`), which say what data that
+# is: field -> those sources. Every source reads the others (splits, ignore_label, max_size, decode_workers,
+# skip_bad, storage, ...), but for two left out: cache_decoded (tfds and synthetic keep no decoded cache, so its
+# one other value, False, is what they do anyway) and synthetic_size and _counts, which configs/tiny.py and
+# shapes.py set: `--config configs/tiny.py --config.data.source=camvid` is a tiny model on real data.
+_DATA_ONLY = {
+    "path": ("camvid", "folder", "tfds"),
+    "url": ("camvid",),
+    "sha256": ("camvid",),
+    "class_names": ("folder", "tfds"),
+    "value_map": ("folder", "tfds"),
+    "color_map": ("folder", "tfds"),
+    "val_fraction": ("folder",),
+    **dict.fromkeys(("tfds_name", "tfds_image_key", "tfds_mask_key", "tfds_splits"), ("tfds",)),
+}
+
+
+def _check_unread_data(config, keys=None) -> None:
+    """A ConfigError where a field of config.data that config.data.source never reads is set away from its
+    default (of `keys` only, when given): `--config.data.class_names='("a","b")'` on CamVid scored CamVid's
+    11 classes, and `--config.data.path=DIR` with the default synthetic source trained on shapes, silently."""
+    data, default = config.data, default_config().data
+    for key, sources in _DATA_ONLY.items():
+        if data.source in sources or (keys is not None and key not in keys):
+            continue
+        if (value := plain(data[key])) != plain(default[key]):
+            raise ConfigError(
+                f"config.data.{key}={value!r} is read only by data.source={' or '.join(map(repr, sources))}; "
+                f"this config's source is {data.source!r}, which would ignore it: leave it out, or set "
+                f"config.data.source"
+            )
+
+
+def plain(value):
+    """A config value as plain data, to compare or print: a ConfigDict as a dict, a list (config.json's) as a tuple."""
+    if isinstance(value, ml_collections.ConfigDict):
+        value = value.to_dict()
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return tuple(plain(v) for v in value) if isinstance(value, list | tuple) else value
 
 
 def _at_least(config, name: str, least: int) -> None:

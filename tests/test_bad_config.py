@@ -201,3 +201,90 @@ def test_data_overrides_of_a_workdir_are_checked_as_train_py_checks_them(overrid
     assert with_data_overrides(saved(), ["--config.data.max_size=16"]).data.max_size == 16
     with pytest.raises(ValueError, match=re.escape("--config.data.pth: not a config field (did you mean path?)")):
         with_data_overrides(saved(), ["--config.data.pth=elsewhere"])
+
+
+def test_a_data_setting_the_source_never_reads_is_refused_by_train_py(tmp_path):
+    """`--config.data.class_names` is read by the folder and tfds sources only: with CamVid it was ignored, and
+    the run trained on CamVid's 11 classes without a word. Now one line names the key, its value and the
+    source, before the data is looked for (the empty data folder would be an error of its own) or the workdir
+    is made."""
+    workdir = tmp_path / "run"
+    (tmp_path / "camvid").mkdir()
+    cmd = [sys.executable, "train.py", "--config=configs/tiny.py", "--workdir", str(workdir)]
+    cmd += ["--config.data.source=camvid", f"--config.data.path={tmp_path / 'camvid'}"]
+    cmd += ['--config.data.class_names=("a","b")']
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert lines == [
+        "error: config.data.class_names=('a', 'b') is read only by data.source='folder' or 'tfds'; this config's "
+        "source is 'camvid', which would ignore it: leave it out, or set config.data.source"
+    ], done.stderr
+    assert "Traceback" not in done.stderr and not workdir.exists()
+
+
+@pytest.mark.parametrize(
+    "source, key, value",
+    [
+        ("synthetic", "path", "data"),  # the default source: trained on shapes, not on the folder named
+        ("camvid", "val_fraction", 0.2),
+        ("folder", "tfds_name", "voc"),
+        ("tfds", "url", "https://example.org/camvid.zip"),
+        ("camvid", "color_map", ((0, 0, 0), (255, 0, 0))),
+    ],
+)
+def test_each_source_refuses_the_fields_it_never_reads(source, key, value):
+    from fcn.config import ConfigError, default_config, validate_data
+
+    config = default_config()
+    config.data.source, config.data[key] = source, value
+    with pytest.raises(ConfigError, match=re.escape(f"config.data.{key}={value!r} is read only by data.source=")):
+        validate_data(config)
+    config.data[key] = default_config().data[key]  # its default: as good as unset
+    validate_data(config)
+
+
+def test_a_shipped_synthetic_config_may_switch_to_another_source():
+    """configs/tiny.py sets synthetic_size and synthetic_counts; with another source it is a tiny model on real
+    data (tests/test_data_camvid.py), not a mistake."""
+    from configs import tiny
+    from fcn.config import validate_data
+
+    config = tiny.get_config()
+    config.data.source, config.data.cache_decoded = "tfds", False  # and tfds keeps no decoded cache anyway
+    validate_data(config)
+
+
+def test_every_shipped_config_sets_only_fields_its_source_reads():
+    from fcn.config import default_config, validate_data
+
+    names = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
+    assert {"camvid", "camvid_cpu", "pets", "tiny"} <= set(names)
+    for name in names:
+        validate_data(__import__(f"configs.{name}", fromlist=["get_config"]).get_config())
+    # and the README's own-folders command, on configs/default.py
+    config = default_config()
+    config.data.source, config.data.path, config.data.class_names = "folder", "DIR", ("background", "object")
+    config.data.value_map = {"255": 1}
+    validate_data(config)
+
+
+def test_a_workdir_override_is_refused_where_its_source_never_reads_it_and_only_then():
+    """`python -m fcn.evaluate --config.data.class_names=...` on a CamVid workdir was scored with CamVid's 11
+    classes. Only the fields an override changes count: a field an older run saved, unread, blocks nothing."""
+    import json
+
+    from ml_collections import ConfigDict
+
+    from configs import camvid_cpu
+    from fcn.cli import with_data_overrides
+    from fcn.config import ConfigError
+
+    saved = ConfigDict(json.loads(camvid_cpu.get_config().to_json()))  # as checkpoint.load_config reads it
+    with pytest.raises(ConfigError, match=re.escape("config.data.class_names=('a', 'b') is read only by")):
+        with_data_overrides(saved, ['--config.data.class_names=("a","b")'])
+    saved.data.class_names = ["x", "y"]  # trained before fields were checked against the source
+    assert with_data_overrides(saved, ["--config.data.path=elsewhere"]).data.path == "elsewhere"
+    switched = ["--config.data.source=folder", '--config.data.class_names=("a","b")']
+    assert with_data_overrides(saved, switched).data.class_names == ("a", "b")

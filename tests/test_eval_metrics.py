@@ -1,5 +1,7 @@
 """What `python -m fcn.evaluate` and training's evaluation count: data that fits the model, each labelled pixel once."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -76,3 +78,17 @@ def test_evaluation_counts_each_labelled_pixel_once_as_each_image_alone_predicts
         expected += numpy_confusion(label, np.asarray(jnp.argmax(logits, -1))[0], 4)
     assert cm.dtype == np.int64 and cm.sum() == sum(int((label != 255).sum()) for label in labels)
     np.testing.assert_array_equal(cm, expected)
+
+
+def test_a_data_setting_the_workdirs_source_never_reads_is_refused(workdir, capsys):
+    """`--config.data.class_names` on a workdir of a source that never reads it (here synthetic; CamVid alike):
+    the evaluation ran and scored the source's own classes, saying nothing. Now one line names the key, its
+    value and the source, before anything is read or written."""
+    report = Path(workdir) / "eval_val.json"
+    before = report.read_bytes() if report.exists() else None
+    assert main(["--workdir", workdir, "--examples", "0", '--config.data.class_names=("a","b")']) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "config.data.class_names=('a', 'b') is read only by data.source='folder' or 'tfds'" in err
+    assert "this config's source is 'synthetic'" in err
+    assert (report.read_bytes() if report.exists() else None) == before
