@@ -70,6 +70,8 @@ def fcn_config(args):
     c.augment.crop_size = tuple(args.size)
     c.batch_size = args.batch
     c.num_steps = 1000
+    if getattr(args, "fused_head", None):  # benchmarks/fused_model.py's ':head'
+        c.loss.fused_head = args.fused_head
     return c
 
 

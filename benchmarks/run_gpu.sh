@@ -7,6 +7,8 @@
 #   bash benchmarks/run_gpu.sh --head_loss  # the fused network-end kernel against XLA's, alone and in the step
 #   bash benchmarks/run_gpu.sh --fused_conv # a prototype conv kernel with batch norm in, against cuDNN + XLA's passes
 #   bash benchmarks/run_gpu.sh --fused_block # each conv block's forward + backward with those kernels, against fcn's
+#   bash benchmarks/run_gpu.sh --conv_impls 'gemm,gemm+fused:A:conv1:dgrad' --torch_variants '' --skip_startup
+#                                           # the whole step with those kernels (benchmarks/fused_model.py) beside fcn's
 #
 # Extra arguments go to benchmarks/speed.py. Python packages the machine lacks
 # come from wheels/ (scripts/gpu_env.sh says which and how to fetch them); the

@@ -5,6 +5,7 @@ on the parent's request."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import resource
@@ -12,6 +13,8 @@ import sys
 import time
 
 from benchmarks import common, report
+
+_keep = contextlib.ExitStack()  # what a variant's process keeps entered until it ends
 
 
 def start(args, names: list, info: dict) -> dict:
@@ -50,7 +53,14 @@ def _run(conn, args: dict, name: str) -> None:
             sys.path.insert(0, common.trees(args)[tree])
         t = time.perf_counter()
         if kind == "fcn":
-            runner, info = _fcn_variant(argparse.Namespace(**{**vars(args), "conv_impl": variant}))
+            impl, _, fused = variant.partition("+fused:")  # benchmarks/fused_model.py
+            overrides = {"conv_impl": impl}
+            if fused:
+                from benchmarks import fused_model
+
+                flags = _keep.enter_context(fused_model.patched(fused))  # for the process's life
+                overrides["fused_head"] = "head" if "head" in flags else None
+            runner, info = _fcn_variant(argparse.Namespace(**{**vars(args), **overrides}))
             import fcn
 
             info["fcn_from"] = os.path.dirname(os.path.dirname(os.path.abspath(fcn.__file__)))

@@ -1,0 +1,63 @@
+"""benchmarks/fused_model.py: fcn's whole training step with benchmarks/fused_block.py's block in its
+conv blocks (the kernels interpreted on the CPU) equals fcn's own step; the variant's spec."""
+
+import argparse
+
+import jax
+import numpy as np
+import pytest
+
+from benchmarks import common, fused_model
+from fcn.model import ConvBlock
+
+ARGS = dict(batch=2, size=(16, 16), features=16, depth=1, classes=11, conv_impl="gemm", dtype="float32")
+
+
+def _step(**overrides):
+    """fcn's training step, built and run once in this context: (new state's leaves, outputs)."""
+    step, state, batch = common.fcn_train_step(argparse.Namespace(**{**ARGS, **overrides}))
+    new, out = step(state, *batch)
+    return [x for x in jax.tree.leaves(new) if x.dtype != jax.dtypes.float0], out
+
+
+@pytest.mark.parametrize("spec", ["64x16x16", "64x16x16:conv1:dgrad"])
+def test_training_step_with_fused_blocks_equals_fcns(spec):
+    want, out_want = _step()
+    fused = []
+    with fused_model.patched(spec, fused):
+        got, out_got = _step()
+    assert ConvBlock.__call__ is not None and "patched" not in ConvBlock.__call__.__qualname__  # restored
+    assert fused == [16, 32, 16]  # down0, bottom, up0: every block went through fused_block
+    assert abs(float(out_got["loss"]) - float(out_want["loss"])) < 1e-5
+    assert len(got) == len(want)  # parameters, optimizer state and batch norm's running averages
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-4, atol=1e-6)
+
+
+def test_blocks_it_cannot_fuse_run_as_fcns():
+    fused = []
+    with fused_model.patched("64x64x16", fused):  # 24 and 48 channels: no power-of-two block divides them
+        _step(features=24)
+    assert fused == []
+
+
+def test_spec_parsing():
+    assert fused_model.parse("128x64x32x4x3:conv1:head") == (
+        dict(bm=128, bn=64, bk=32, num_warps=4, num_stages=3),
+        {"conv1", "head"},
+    )
+    for bad in ("128x64", "128x64x32:dgrd", "big:conv1"):
+        with pytest.raises(ValueError, match="fused spec"):
+            fused_model.parse(bad)
+
+
+def test_default_network_step_lowers_for_a_gpu_with_every_block_fused():
+    """What benchmarks/run_gpu.sh's variant builds (bfloat16, the default network), lowered for CUDA
+    here: 9 blocks by fused_block, 6 Triton calls each but down0's conv1 (3 channels in: XLA's)."""
+    args = argparse.Namespace(**{**ARGS, "size": (32, 48), "features": 32, "depth": 4, "dtype": "bfloat16"})
+    fused = []
+    with fused_model.patched("128x64x32x4x3:conv1:dgrad", fused, interpret=False):
+        step, state, batch = common.fcn_train_step(args)
+        text = step.trace(state, *batch).lower(lowering_platforms=("cuda",)).as_text()
+    assert fused == [32, 64, 128, 256, 512, 256, 128, 64, 32]
+    assert text.count("__gpu$xla.gpu.triton") == 9 * 6 - 3
