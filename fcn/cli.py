@@ -180,9 +180,45 @@ def _define_flags():
 
 def config_file_errors_in_one_line(flag_values, name: str = "config") -> None:
     """Have the config-file flag `name` (ml_collections' DEFINE_config_file) raise a config file's own
-    mistakes as a one-line flag error (`_load_config_file`), not a traceback."""
+    mistakes as a one-line flag error (`_load_config_file`), not a traceback; and its tuple overrides
+    take comma-separated values (`tuples_take_commas`)."""
+    tuples_take_commas()
     parser = flag_values[name].parser
     parser.parse = functools.partial(_load_config_file, parser.parse)
+
+
+def tuples_take_commas() -> None:
+    """Have ml_collections' `--config.KEY=VALUE` read a tuple field's `a,b` as ('a', 'b'), as absl's list
+    flags do: it took `--config.data.class_names=road,sky`, not Python, for one name ('road,sky',). A value
+    that is Python (`'("a", "b")'`, `96,128`, `'("a,b",)'` for one name with a comma) reads as before; an
+    empty one is the empty tuple, not ('',). For every command's config flags, before they parse."""
+    from ml_collections import config_flags
+    from ml_collections.config_flags import tuple_parser
+
+    class CommaTupleParser(tuple_parser.TupleParser):
+        def parse(self, argument):
+            return super().parse(_comma_separated(argument))
+
+    config_flags.register_flag_parser_for_type(tuple, CommaTupleParser())
+
+
+def _comma_separated(argument):
+    """('a', 'b') for a string 'a, b' or '(a, b)' that is no Python literal (() for ''), else `argument`."""
+    import ast
+
+    if not isinstance(argument, str):
+        return argument
+    try:
+        ast.literal_eval(argument)
+        return argument
+    except (ValueError, SyntaxError):
+        pass
+    items = argument.strip()
+    if items[:1] + items[-1:] in ("()", "[]"):  # (a, b) without quotes
+        items = items[1:-1]
+    elif "," not in items and items:
+        return argument  # one item: ml_collections' own reading
+    return tuple(item.strip() for item in items.split(",") if item.strip())
 
 
 def _load_config_file(parse, path: str):
@@ -326,6 +362,7 @@ def with_data_overrides(config, overrides: list[str]):
     before = plain(config.data)
     argv = ["fcn", *overrides]
     flag_values = flags.FlagValues()
+    tuples_take_commas()
     try:  # (an unknown key fails already here, where ml_collections defines a flag per override)
         config_flags.DEFINE_config_dict("config", config, flag_values=flag_values, sys_argv=argv)
         rest = flag_values(argv)

@@ -288,3 +288,41 @@ def test_a_workdir_override_is_refused_where_its_source_never_reads_it_and_only_
     assert with_data_overrides(saved, ["--config.data.path=elsewhere"]).data.path == "elsewhere"
     switched = ["--config.data.source=folder", '--config.data.class_names=("a","b")']
     assert with_data_overrides(saved, switched).data.class_names == ("a", "b")
+
+
+@pytest.mark.parametrize(
+    "value, names",
+    [
+        ("bg,object", ("bg", "object")),  # was ('bg,object',): one class, or a wrong class list
+        ("bg, object", ("bg", "object")),
+        ("(bg,object)", ("bg", "object")),
+        ("road-marking,sky,", ("road-marking", "sky")),
+        ('("bg","object")', ("bg", "object")),  # the README's Python syntax, as before
+        ("bg", ("bg",)),
+        ('("a,b",)', ("a,b",)),  # a name with a comma, quoted
+        ("", ()),  # was ('',)
+    ],
+)
+def test_a_tuple_of_names_takes_comma_separated_values(value, names):
+    """`--config.data.class_names=bg,object` is two names, in train.py (its config-file flag, as
+    scripts/ablation.py parses it too) and in a workdir's data overrides (fcn.evaluate, fcn.predict);
+    numbers still read as Python (`96,128`)."""
+    import json
+
+    from absl import flags
+    from ml_collections import ConfigDict, config_flags
+
+    from configs import tiny
+    from fcn.cli import config_file_errors_in_one_line, with_data_overrides
+
+    argv = ["train.py", f"--config={ROOT / 'configs' / 'tiny.py'}", f"--config.data.class_names={value}"]
+    argv += ["--config.augment.crop_size=64,80"]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True, sys_argv=argv)
+    config_file_errors_in_one_line(values)
+    values(argv)
+    assert values.config.data.class_names == names and values.config.augment.crop_size == (64, 80)
+
+    saved = ConfigDict(json.loads(tiny.get_config().to_json()))  # as checkpoint.load_config reads it
+    overrides = ["--config.data.source=folder", f"--config.data.class_names={value}"]
+    assert with_data_overrides(saved, overrides).data.class_names == names
