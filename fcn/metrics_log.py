@@ -58,7 +58,9 @@ class MetricsLog:
     def write(self, step: int, values: dict, prefix: str = "train") -> None:
         if not self.enabled:
             return
-        line = {"step": step, **{k: v for k, v in values.items() if isinstance(v, int | float | str)}}
+        # None (a metric no pixel defined: all of them ignore_label) is null, not left out: evaluated_at
+        # looks for eval_mean_iou, and without it the same step was evaluated again at every re-run
+        line = {"step": step, **{k: v for k, v in values.items() if v is None or isinstance(v, int | float | str)}}
         try:
             with open(self.path, "a") as f:
                 f.write(json.dumps(line) + "\n")
@@ -95,7 +97,7 @@ def _summary_writer_class():
 
 
 def evaluated_at(workdir: Path, step: int) -> bool:
-    """Whether the workdir's metrics.jsonl records an evaluation (an eval_mean_iou) at `step`."""
+    """Whether the workdir's metrics.jsonl records an evaluation (an eval_mean_iou, null included) at `step`."""
     try:
         lines = (workdir / "metrics.jsonl").read_text().splitlines()
     except FileNotFoundError:

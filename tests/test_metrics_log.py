@@ -80,3 +80,19 @@ def _purges(events, file):
     """The steps from which `file`'s events tell TensorBoard to hide earlier ones (SessionLog START)."""
     mine = [e for name, e in events if name == file and e.HasField("session_log")]
     return [e.step for e in mine if e.session_log.status == e.session_log.START]
+
+
+def test_an_evaluation_that_scored_nothing_is_recorded_as_null(tmp_path):
+    """An eval split whose pixels are all ignore_label has no mean IoU (the report's None). The line was
+    written without it, so evaluated_at did not see the evaluation and a finished workdir evaluated its
+    last step again at every re-run of its command (fcn.train's final_eval)."""
+    from fcn.metrics_log import evaluated_at
+
+    log = MetricsLog(tmp_path, 0)
+    log.write(2, {"eval_mean_iou": None, "eval_pixel_accuracy": None, "eval_fw_iou": 0.0}, "eval")
+    log.close()
+    (row,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert row == {"step": 2, "eval_mean_iou": None, "eval_pixel_accuracy": None, "eval_fw_iou": 0.0}
+    assert evaluated_at(tmp_path, 2) and not evaluated_at(tmp_path, 1)
+    tags = {v.tag for _, e in _events(tmp_path) for v in e.summary.value}
+    assert tags == {"eval/fw_iou"}  # TensorBoard: no scalar for None
