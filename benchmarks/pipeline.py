@@ -70,17 +70,23 @@ def main(argv=None) -> int:
     import jax
 
     from fcn import sharding, state as state_lib
-    from fcn.data import get_source, pipeline
+    from fcn.config import ConfigError, validate_data
+    from fcn.data import DataError, get_source, pipeline
     from fcn.data.stream import Stream
 
     config = common.config_file(args.config)
     if args.data_path:
         config.data.path = args.data_path
 
-    source = get_source(config.data)
-    t = time.perf_counter()
-    split = source.load(config.data.train_split)
-    decode_s = time.perf_counter() - t
+    try:  # a wrong --data_path: one line naming it, as train.py says it (the sources' own checks)
+        validate_data(config, {"path"})  # a source that reads no path (synthetic) would ignore it
+        source = get_source(config.data)
+        t = time.perf_counter()
+        split = source.load(config.data.train_split)
+        decode_s = time.perf_counter() - t
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     memory = pipeline.stack(split, source.ignore_label, config.model.input_scale)
     n_images = len(split)
     del split
