@@ -9,10 +9,12 @@ upsampling's concatenation), which a custom_vjp's boundary stops. A variant name
 `IMPL+fused:SPEC` is fcn with config.model.conv_impl IMPL and, inside `patched(SPEC)`, every
 ConvBlock that fused_block can compute (training-mode batch norm, no bottleneck, conv2's channels
 fitting the setting) computed by it; the others, and inference, run as fcn's. SPEC is
-'SETTING[:conv1][:dgrad][:head]': SETTING as fused_conv.py's --kernels ('BMxBNxBKxWARPSxSTAGES'),
-`conv1` and `dgrad` as fused_block's first_kernel and dgrad_kernel, `head` to set
-config.loss.fused_head "head" (the last block's batch norm stays in the block, which fused_block
-then computes; with "head+norm", "auto"'s choice on a Hopper GPU, that block runs as fcn's).
+'SETTINGS[:conv1][:dgrad][:head]'. SETTINGS: one setting as fused_conv.py's --kernels
+('BMxBNxBKxWARPSxSTAGES') for every block, and/or '/'-separated 'WIDTH@SETTING' for the blocks of
+WIDTH output channels (fused_block.py's fastest setting may differ from block to block). `conv1`
+and `dgrad`: fused_block's first_kernel and dgrad_kernel. `head`: config.loss.fused_head "head"
+(the last block's batch norm stays in the block, which fused_block then computes; with
+"head+norm", "auto"'s choice on a Hopper GPU, that block runs as fcn's).
 Not a test, and not used by fcn.
 """
 
@@ -28,47 +30,54 @@ FLAGS = ("conv1", "dgrad", "head")
 
 
 def parse(spec: str) -> tuple[dict, set]:
-    """'SETTING[:conv1][:dgrad][:head]' -> (the kernels' setting, the flags); a ValueError naming a
-    part it does not know."""
-    setting, *flags = spec.split(":")
-    unknown = [f for f in flags if f not in FLAGS]
-    try:
-        kernels = parse_setting(setting)
-    except ValueError:
-        unknown.insert(0, setting)
-        kernels = {}
-    if unknown or len(kernels) < 3:
-        raise ValueError(f"fused spec {spec!r}: expected BMxBNxBK[xWARPSxSTAGES] then any of :{', :'.join(FLAGS)}")
-    return kernels, set(flags)
+    """'SETTINGS[:conv1][:dgrad][:head]' -> ({output channels or None: the kernels' setting}, the flags);
+    SETTINGS is 'BMxBNxBK[xWARPSxSTAGES]' for every block, and/or '/'-separated 'WIDTH@SETTING' for the
+    blocks with WIDTH output channels (the others: the plain one, or fcn's without one). A ValueError
+    naming the spec where a part is not understood."""
+    settings, *flags = spec.split(":")
+    out, bad = {}, [f for f in flags if f not in FLAGS]
+    for item in settings.split("/"):
+        width, _, setting = item.rpartition("@")
+        try:
+            kernels = parse_setting(setting)
+            key = int(width) if width else None
+        except ValueError:
+            kernels, key = {}, None
+        if len(kernels) < 3 or key in out:
+            bad.append(item)
+        out[key] = kernels
+    if bad:
+        raise ValueError(
+            f"fused spec {spec!r}: {', '.join(map(repr, bad))} not understood; expected BMxBNxBK[xWARPSxSTAGES] "
+            f"and/or WIDTH@BMxBNxBK[...], '/'-separated, then any of :{', :'.join(FLAGS)}"
+        )
+    return out, set(flags)
 
 
-def split_variant(variant: str) -> tuple[str, str | None]:
-    """speed.py's fcn variant 'IMPL' or 'IMPL+fused:SPEC' -> (IMPL, SPEC or None)."""
-    impl, sep, spec = variant.partition("+fused:")
-    return impl, (spec if sep else None)
-
-
-def fusable(block: ConvBlock, setting: dict) -> bool:
-    """Whether fused_block computes `block`: training-mode batch norms, no bottleneck, conv2's channels
-    fitting `setting`."""
+def setting_for(block: ConvBlock, settings: dict) -> dict | None:
+    """The setting (channels cut to conv2's) fused_block computes `block` with; None where it does not:
+    not training-mode batch norms, a bottleneck, no setting for its width or conv2's channels not
+    fitting it."""
     try:
         block_epsilon(block)
     except ValueError:
-        return False
+        return None
     c_out = block.convs[1].out_features
-    return fits(c_out, c_out, setting) is not None
+    setting = settings.get(c_out, settings.get(None))
+    return None if setting is None or fits(c_out, c_out, setting) is None else setting
 
 
 @contextlib.contextmanager
 def patched(spec: str, counter: list | None = None, interpret: bool | None = None):
-    """Within: ConvBlock.__call__ by fused_block where `fusable` (appending each fused block's output
-    channels to `counter` when given, as it is traced); fcn's own elsewhere. `interpret`: the kernels'
-    (None: interpreted off a GPU)."""
-    setting, flags = parse(spec)
+    """Within: ConvBlock.__call__ by fused_block where `setting_for` gives a setting (appending each
+    fused block's output channels to `counter` when given, as it is traced); fcn's own elsewhere.
+    `interpret`: the kernels' (None: interpreted off a GPU)."""
+    settings, flags = parse(spec)
     original = ConvBlock.__call__
 
     def call(self, x_BHWC, *, last_norm: bool = True):
-        if not last_norm or not fusable(self, setting):
+        setting = setting_for(self, settings)
+        if not last_norm or setting is None:
             return original(self, x_BHWC, last_norm=last_norm)
         from flax import nnx
 

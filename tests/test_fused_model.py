@@ -42,13 +42,22 @@ def test_blocks_it_cannot_fuse_run_as_fcns():
 
 
 def test_spec_parsing():
-    assert fused_model.parse("128x64x32x4x3:conv1:head") == (
-        dict(bm=128, bn=64, bk=32, num_warps=4, num_stages=3),
-        {"conv1", "head"},
-    )
-    for bad in ("128x64", "128x64x32:dgrd", "big:conv1"):
-        with pytest.raises(ValueError, match="fused spec"):
+    s1, s2 = dict(bm=128, bn=64, bk=32, num_warps=4, num_stages=3), dict(bm=64, bn=32, bk=16)
+    assert fused_model.parse("128x64x32x4x3:conv1:head") == ({None: s1}, {"conv1", "head"})
+    assert fused_model.parse("128x64x32x4x3/512@64x32x16") == ({None: s1, 512: s2}, set())
+    assert fused_model.parse("512@64x32x16:dgrad") == ({512: s2}, {"dgrad"})
+    bad_parts = [("128x64", "'128x64'"), ("128x64x32:dgrd", "'dgrd'"), ("big:conv1", "'big'"),
+                 ("64x32x16/w@64x32x16", "'w@64x32x16'"), ("32@64x32x16/32@64x32x16", "'32@64x32x16'")]  # fmt: skip
+    for bad, part in bad_parts:
+        with pytest.raises(ValueError, match=f"fused spec .*{part}"):
             fused_model.parse(bad)
+
+
+def test_settings_by_width():
+    fused = []
+    with fused_model.patched("32@64x16x16", fused):  # only the bottom block (32 channels) has a setting
+        _step()
+    assert fused == [32]
 
 
 def test_default_network_step_lowers_for_a_gpu_with_every_block_fused():
