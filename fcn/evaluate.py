@@ -23,7 +23,7 @@ import argparse
 import collections
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -33,6 +33,12 @@ from fcn import checkpoint, metrics, sharding, state as state_lib, trained
 from fcn.cli import exits_130_on_ctrl_c, out_of_memory
 from fcn.data import pipeline
 from fcn.data.base import Split
+from fcn.progress import progress_bar
+
+# Evaluation's bar appears once it has run this long: CamVid val (101 images) took 2.8 s on a 2-core CPU
+# with configs/camvid_cpu.py and 68 s with configs/camvid.py in float32, so no count of images tells apart
+# the evaluations worth a bar. Where stderr is no terminal its first line comes at 30 s (fcn.progress).
+_PROGRESS_AFTER_S = 5
 
 
 def evaluate_split(
@@ -46,6 +52,8 @@ def evaluate_split(
     keep_examples: int = 0,
     in_flight=None,
     logits_step=None,
+    desc: str = "evaluating",
+    leave: bool = True,
 ) -> tuple[np.ndarray, list]:
     """Run `eval_step` over a whole split; returns ([K, K] int64 confusion, kept examples).
 
@@ -55,6 +63,8 @@ def evaluate_split(
     same for any value. config.eval_hflip must say whether `eval_step` flips.
     logits_step: `jit_eval_steps`' second, for images that `data.max_size` shrank (`pipeline.eval_split`):
     their logits are scaled up to the label's size on the host as `fcn.load(...).predict` scales them.
+    desc, leave: the progress bar's (over images, shown after _PROGRESS_AFTER_S, by process 0 only);
+    leave=False clears it from a terminal at the end.
     """
     from fcn.inputs import resize_channels
 
@@ -112,22 +122,29 @@ def evaluate_split(
         return split.labels[idx[0]].shape != tuple(sizes[0])
 
     in_flight = batches_in_flight() if in_flight is None else in_flight
-    if in_flight <= 1:
-        for images, labels, idx, sizes in batches:
-            shrunk = is_shrunk(idx, sizes)
-            consume(images, labels, idx, sizes, shrunk, run(images, labels, shrunk))
-        return acc.result() + _summed_over_processes(full_size), kept
     pending: collections.deque = collections.deque()  # consumed in batch order: the same kept examples
+    bar = progress_bar(
+        total=len(split),
+        desc=desc,
+        unit="image",
+        leave=leave,
+        delay=_PROGRESS_AFTER_S,
+        disable=jax.process_index() != 0,
+    )
 
     def finish_oldest():
         *batch, task = pending.popleft()
         consume(*batch, task.result())
+        bar.update(len(batch[2]))  # its images (idx), not the rows that fill a short batch
 
-    with ThreadPoolExecutor(max_workers=in_flight) as pool:
+    with bar, ThreadPoolExecutor(max_workers=max(1, in_flight)) as pool:
         for images, labels, idx, sizes in batches:
             shrunk = is_shrunk(idx, sizes)
-            # Each thread waits for its own batch: XLA:CPU then runs the programs side by side.
-            task = pool.submit(lambda i, lab, s: jax.block_until_ready(run(i, lab, s)), images, labels, shrunk)
+            if in_flight <= 1:
+                task = Future()
+                task.set_result(run(images, labels, shrunk))
+            else:  # each thread waits for its own batch: XLA:CPU then runs the programs side by side
+                task = pool.submit(lambda i, lab, s: jax.block_until_ready(run(i, lab, s)), images, labels, shrunk)
             pending.append((images, labels, idx, sizes, shrunk, task))
             if len(pending) >= in_flight:
                 finish_oldest()
@@ -304,8 +321,9 @@ def _evaluate(args) -> int:
     state = jax.device_put(state, sharding.replicated(mesh))
     eval_step, logits_step = jit_eval_steps(graphs, num_classes, info["ignore_label"], config.eval_hflip, mesh)
     t0 = time.time()
+    positional = (eval_step, state, split, config, num_classes, mesh)
     cm, kept = evaluate_split(
-        eval_step, state, split, config, num_classes, mesh, keep_examples=args.examples, logits_step=logits_step
+        *positional, keep_examples=args.examples, logits_step=logits_step, desc=f"evaluate {args.split}"
     )
     rep = report(cm, info["class_names"], split=args.split, step=int(state["step"]))
     rep["checkpoint"], rep["seconds"] = run.checkpoint, round(time.time() - t0, 2)

@@ -1,10 +1,11 @@
 """fcn's progress bars: which tqdm class they use, and lines written above them.
 
-Every bar in fcn (training, loading images, predicting, downloading) is made by `progress_bar()`, of the class
-`tqdm_class()` gives. On a terminal it is redrawn as tqdm does (every 0.1 s at most); where its stream
-is no terminal (a log file, a CI or cluster job's piped output, a Jupyter kernel without ipywidgets)
-it prints when it starts, every 30 s, and at its end: long work shows its progress, rate and time
-left in a log too, without a line per update. In a kernel with ipywidgets tqdm's widget shows them.
+Every bar in fcn (training, loading images, evaluating, predicting, downloading) is made by
+`progress_bar()`, of the class `tqdm_class()` gives. On a terminal it is redrawn as tqdm does (every
+0.1 s at most); where its stream is no terminal (a log file, a CI or cluster job's piped output, a
+Jupyter kernel without ipywidgets) it prints when it starts, every 30 s, and at its end: long work
+shows its progress, rate and time left in a log too, without a line per update. In a kernel with
+ipywidgets tqdm's widget shows them.
 """
 
 from __future__ import annotations
@@ -47,9 +48,35 @@ def progress_bar(*, disable: bool = False, **kwargs):
     stream = kwargs.get("file") or sys.stderr
     isatty = getattr(stream, "isatty", None)
     if not (isatty and isatty()):
-        # maxinterval too: else tqdm's monitor thread printed every 10 s after the first line
-        kwargs = {"mininterval": LOG_EVERY_S, "maxinterval": LOG_EVERY_S, **kwargs}
+        # maxinterval too: else tqdm's monitor thread printed every 10 s after the first line.
+        # A log keeps every line, so leave=False would only drop the closing one; and tqdm's
+        # positions below another bar are cursor moves ("\x1b[A") that a log keeps as they are.
+        kwargs = {"mininterval": LOG_EVERY_S, "maxinterval": LOG_EVERY_S, **kwargs, "leave": True, "position": 0}
+        if not disable and any(b.fp == stream and not b.disable for b in list(getattr(tqdm_class(), "_instances", ()))):
+            kwargs["file"] = _OwnLine(stream)  # opened while another bar's line is open there (evaluation in training)
     return tqdm_class()(disable=disable, **kwargs)
+
+
+class _OwnLine:
+    """A log stream for a bar opened while another bar's line is still open in it: the bar's first
+    line starts a new line, instead of sharing (after a "\\r") the line of the other bar's last print."""
+
+    def __init__(self, stream):
+        self._stream, self._started = stream, False
+
+    def write(self, text: str):
+        if text and not self._started:
+            self._started, text = True, "\n" + text
+        return self._stream.write(text)
+
+    def __getattr__(self, name):  # flush, isatty, encoding, ...
+        return getattr(self._stream, name)
+
+    def __eq__(self, other):  # tqdm.write(file=stream) clears the bars written to stream: this one too
+        return self._stream == getattr(other, "_stream", other)
+
+    def __hash__(self):
+        return hash(self._stream)
 
 
 def logging_redirect(bar):

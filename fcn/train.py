@@ -223,9 +223,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         last_report: dict = {}
 
         def evaluate(step: int) -> dict:
-            cm, _ = evaluate_split(
-                eval_step, state, eval_data, config, source.num_classes, mesh, logits_step=logits_step
-            )
+            # Its bar below the training bar, cleared at the end (leave=False): the line printed after says it.
+            desc = f"evaluate {config.data.eval_split}"
+            args = (eval_step, state, eval_data, config, source.num_classes, mesh)
+            cm, _ = evaluate_split(*args, logits_step=logits_step, desc=desc, leave=False)
             return report(cm, source.class_names, split=config.data.eval_split, step=step)
 
         def log_eval(step: int, rep: dict) -> None:  # the line that marks `step` evaluated (evaluated_at)
