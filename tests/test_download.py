@@ -3,6 +3,7 @@
 import hashlib
 import http.server
 import io
+import re
 import socket
 import threading
 import zipfile
@@ -272,6 +273,17 @@ def test_camvid_without_network_says_where_it_looked_and_what_to_do(cache):
     assert "--config.data.path=DIR" in msg and "FCN_CAMVID_DIR=DIR" in msg
     assert "allow the download" in msg and "failed" in msg
     assert cached_files(cache) == []
+
+
+def test_in_a_log_file_camvid_extraction_shows_its_progress(server, cache, monkeypatch, capsys):
+    """After the download's bar ended, extracting CamVid's ~1,400 files said nothing, in a log or on a terminal."""
+    monkeypatch.setattr("fcn.data.download._PROGRESS_MIN_BYTES", 0)  # as if the archive were CamVid's 600 MiB
+    server.routes["/master.zip"] = (segnet_zip(), "ok")
+    get_source(camvid_config(server.url("/master.zip")))
+    err = capsys.readouterr().err
+    starts = re.findall(rf"extracting camvid-\w+\.download into {re.escape(str(cache / 'camvid'))}: (\d+) files", err)
+    assert starts and starts[0] == "0" and starts[-1] == "10", err  # a line at the start, and one at the end: 3+2 pairs
+    assert "downloading master.zip" in err.split("extracting")[0], err  # after the download's bar
 
 
 def test_two_runs_fetching_camvid_at_once_both_get_it(server, cache):

@@ -90,7 +90,7 @@ STUCK_EXTRACT = """
 import sys, time
 import fcn.data.download as dl
 
-def stuck(archive, out, prefix):
+def stuck(archive, out, *rest):
     (out / "half.png").write_bytes(b"half an extraction")
     print(out, flush=True)
     time.sleep(300)

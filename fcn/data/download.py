@@ -294,8 +294,9 @@ def _extract_all(
     opener: Callable[[Any], IO[bytes]],
     out: Path,
     prefix: tuple[str, ...],
+    bar,
 ) -> int:
-    """Checks and writes each member under out; returns the number of files."""
+    """Checks and writes each member under out, counted on `bar`; returns the number of files."""
     count = 0
     for name, kind, info in members:
         rel = _strip(_member_path(name), prefix)  # checks every name, even skipped
@@ -312,6 +313,7 @@ def _extract_all(
         with opener(info) as src, target.open("wb") as dst:
             shutil.copyfileobj(src, dst, _CHUNK)
         count += 1
+        bar.update(1)
     return count
 
 
@@ -339,7 +341,7 @@ def safe_extract(
     with staging_folder(dest.parent, f".{dest.name}.partial-") as staging:
         tree = staging / "tree"
         tree.mkdir()
-        count = _extract_to(archive, tree, prefix)
+        count = _extract_to(archive, tree, prefix, dest)
         if count == 0:
             where = f" under {members_prefix!r}" if members_prefix else ""
             raise DataError(f"{archive}: no files{where} in the archive")
@@ -347,14 +349,18 @@ def safe_extract(
     return dest
 
 
-def _extract_to(archive: Path, out: Path, prefix: tuple[str, ...]) -> int:
+def _extract_to(archive: Path, out: Path, prefix: tuple[str, ...], dest: Path) -> int:
+    from fcn.progress import progress_bar  # a bar as the download's (CamVid's: ~1,400 files after it)
+
+    small = archive.stat().st_size < _PROGRESS_MIN_BYTES
     try:
-        if zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as zf:
-                return _extract_all(archive, _zip_members(zf), zf.open, out, prefix)
-        if tarfile.is_tarfile(archive):
-            with tarfile.open(archive) as tf:
-                return _extract_all(archive, _tar_members(tf), tf.extractfile, out, prefix)
+        with progress_bar(desc=f"extracting {archive.name} into {dest}", unit=" files", disable=small) as bar:
+            if zipfile.is_zipfile(archive):
+                with zipfile.ZipFile(archive) as zf:
+                    return _extract_all(archive, _zip_members(zf), zf.open, out, prefix, bar)
+            if tarfile.is_tarfile(archive):
+                with tarfile.open(archive) as tf:
+                    return _extract_all(archive, _tar_members(tf), tf.extractfile, out, prefix, bar)
     except _CORRUPT as e:
         raise DataError(f"{archive}: corrupt or truncated archive ({e})") from e
     raise _not_an_archive(archive)
