@@ -10,6 +10,7 @@ from configs import tiny
 from fcn import evaluate, sharding, state as state_lib
 from fcn.data import get_source
 from fcn.progress import progress_bar
+from tests.test_train import tiny_eval_case
 
 
 class _Log(io.StringIO):
@@ -28,15 +29,10 @@ def test_a_long_evaluation_shows_a_bar_over_images_in_a_log(capsys, monkeypatch,
     full resolution, configs/camvid.py in float32: 68 s on 2 cores). Its bar counts images, not the
     rows that fill a short batch."""
     monkeypatch.setattr(evaluate, "_PROGRESS_AFTER_S", 0, raising=False)  # as if it ran long
-    config = tiny.get_config()
-    config.data.synthetic_counts.val = 7  # 4 batches of 2, the last one short
-    source = get_source(config.data)
-    split = source.load("val")
-    graphs, state, _ = state_lib.create(config, source.num_classes)
-    step = jax.jit(state_lib.make_eval_step(graphs, source.num_classes, source.ignore_label))
+    step, state, split, config, num_classes = tiny_eval_case()  # 7 images: 4 batches of 2, the last one short
     capsys.readouterr()
     evaluate.evaluate_split(
-        step, state, split, config, source.num_classes, sharding.make_mesh(), in_flight=in_flight, desc="evaluate val"
+        step, state, split, config, num_classes, sharding.make_mesh(), in_flight=in_flight, desc="evaluate val"
     )
     err = capsys.readouterr().err
     prints = _prints(err)

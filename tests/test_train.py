@@ -217,20 +217,27 @@ def test_help_lists_the_flags():
     assert "runs/camvid_cpu \\\n        [--config.optimizer.learning_rate" in out.stdout  # the usage, as typed
 
 
+def tiny_eval_case():
+    """(jitted eval step, state, val split, config, number of classes) of configs/tiny.py with 7 val
+    images: 4 batches of 2, the last one short."""
+    config = tiny.get_config()
+    config.data.synthetic_counts.val = 7
+    source = get_source(config.data)
+    split = source.load("val")
+    graphs, state, _ = state_lib.create(config, source.num_classes)
+    step = jax.jit(state_lib.make_eval_step(graphs, source.num_classes, source.ignore_label))
+    return step, state, split, config, source.num_classes
+
+
 def test_evaluation_with_batches_in_flight_equals_one_at_a_time():
     """On CPU, evaluate_split runs two batches at once (fcn.evaluate.batches_in_flight); the confusion
     matrix and the kept examples must be those of one batch at a time, in the same order."""
     from fcn import evaluate, sharding
 
-    config = tiny.get_config()
-    config.data.synthetic_counts.val = 7  # 4 batches of 2, the last one short
-    source = get_source(config.data)
-    split = source.load("val")
-    graphs, state, _ = state_lib.create(config, source.num_classes)
-    step = jax.jit(state_lib.make_eval_step(graphs, source.num_classes, source.ignore_label))
+    step, state, split, config, num_classes = tiny_eval_case()
     mesh = sharding.make_mesh()
     run = lambda k: evaluate.evaluate_split(  # noqa: E731
-        step, state, split, config, source.num_classes, mesh, keep_examples=5, in_flight=k
+        step, state, split, config, num_classes, mesh, keep_examples=5, in_flight=k
     )
     (cm1, kept1), (cm3, kept3) = run(1), run(3)
     assert cm1.sum() == sum(lab.size for lab in split.labels) and np.array_equal(cm1, cm3)
