@@ -30,28 +30,28 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "synthetic"  # camvid | folder | tfds | synthetic
-    d.path = ""  # dataset root (camvid, folder) or TFDS data_dir; "" = default lookup
+    d.path = ""  # camvid, folder: dataset root; tfds: data_dir. "": camvid, tfds look it up; folder: required
     d.url = ""  # camvid: archive to download when no copy is found; "" = the public one
     d.sha256 = ""  # camvid: expected SHA-256 of the archive at `url`; "" = not checked
-    d.train_split = "train"
-    d.eval_split = "val"
+    d.train_split = "train"  # a split the source offers: camvid, folder: train|val|test; tfds, synthetic: keys below
+    d.eval_split = "val"  # scored during training; a source without it trains without evaluation (a warning)
     d.class_names = ()  # folder, tfds (a dataset LABEL_MAPS lacks): one name per class, in class-id order
     d.value_map = ml_collections.ConfigDict()  # folder, tfds: raw mask value -> class id, e.g. {"255": 1}
     d.color_map = ()  # folder, tfds: RGB colour per class id, for colour-coded masks; then extra colours value_map maps
     d.ignore_label = 255  # label value that adds nothing to loss or metrics: above every class id, at most 255
-    d.val_fraction = 0.1  # folder without a val/ folder: share of images held out
+    d.val_fraction = 0.1  # folder without a val/ folder: share of images held out as val, in [0, 1); 0 = none
     d.skip_bad = False  # True: skip unreadable files with a warning and a count
     d.tfds_name = "oxford_iiit_pet"  # tfds: dataset name
-    d.tfds_image_key = "image"
-    d.tfds_mask_key = "segmentation_mask"
-    d.tfds_splits = ml_collections.ConfigDict({"train": "train", "val": "test"})
-    d.synthetic_size = (96, 128)  # synthetic: image H, W
-    d.synthetic_counts = ml_collections.ConfigDict({"train": 256, "val": 64})
+    d.tfds_image_key = "image"  # tfds: the image feature
+    d.tfds_mask_key = "segmentation_mask"  # tfds: the mask feature
+    d.tfds_splits = ml_collections.ConfigDict({"train": "train", "val": "test"})  # tfds: split name -> TFDS split
+    d.synthetic_size = (96, 128)  # synthetic: image H, W, integers of at least 8
+    d.synthetic_counts = ml_collections.ConfigDict({"train": 256, "val": 64})  # synthetic: split name -> images
     d.max_size = 0  # resize so the longer side is at most this (0 = keep); labels nearest; scored unshrunk
     d.decode_workers = 8  # threads decoding files in parallel (once in memory, or each step when streamed)
-    # camvid, folder: keep splits decoded in memory also decoded on disk ($FCN_CACHE_DIR/decoded, default
-    # ~/.cache/fcn), with the training canvas made from them; reused (memory-mapped) while the files, these
-    # settings and fcn's decoding code are unchanged.
+    # camvid, folder: keep splits decoded in memory also decoded on disk (the folder decoded/ in $FCN_CACHE_DIR,
+    # else $XDG_CACHE_HOME/fcn, else ~/.cache/fcn), with the training canvas made from them; reused (memory-mapped)
+    # while the files, these settings and fcn's decoding code are unchanged.
     d.cache_decoded = True
     # Training set held decoded in memory ("memory"), or read and decoded from its files each step, a few
     # batches ahead ("stream"); "auto": in memory when loading it fits max_memory_gb (from image headers:
@@ -59,15 +59,15 @@ def default_config() -> ml_collections.ConfigDict:
     # at model.input_scale). Same batches either way; eval_split is always in memory.
     d.storage = "auto"  # auto | memory | stream
     d.max_memory_gb = 4.0  # storage "auto": bound (GiB) on the memory taken to hold the training set decoded
-    d.prefetch = 4  # storage "stream": batches decoded ahead of the training step
+    d.prefetch = 4  # training set streamed (storage "stream", or "auto" that streams): batches decoded ahead
 
     c.augment = a = ml_collections.ConfigDict()
     a.crop_size = (96, 128)  # training crop H, W in network pixels (after model.input_scale)
-    a.scale_range = (0.5, 2.0)  # random rescale before the crop
-    a.hflip = True
+    a.scale_range = (0.5, 2.0)  # random rescale before the crop: (min, max), 0 < min <= max, drawn log-uniformly
+    a.hflip = True  # random horizontal flip
     a.brightness = 0.2  # photometric jitter amplitudes, in [0, 1] (0 = off)
-    a.contrast = 0.2
-    a.saturation = 0.2
+    a.contrast = 0.2  # as brightness
+    a.saturation = 0.2  # as brightness
 
     c.model = m = ml_collections.ConfigDict()
     m.features = 32  # channels of the first level, doubled per level
@@ -81,8 +81,8 @@ def default_config() -> ml_collections.ConfigDict:
     # (AVX-512 BF16, AMX; fcn.onednn.supports), bfloat16 trained camvid_cpu's network 2.3-2.7x faster than
     # float32 on a 2-core Xeon with AMX, 1.7-1.9x on a 2-core AMD EPYC without (2026-11-23; README, Speed).
     m.dtype = "float32"
-    m.pad_mode = "reflect"  # how inputs are padded up to a multiple of 2**depth
-    m.input_scale = 1.0  # run the net at this fraction of the input size, logits resized back
+    m.pad_mode = "reflect"  # padding up to a multiple of 2**depth: reflect | symmetric | edge | wrap | constant
+    m.input_scale = 1.0  # run the net at this fraction of the input size, in (0, 1]; logits resized back
     m.conv_impl = "auto"  # auto (CPU: onednn if available, else gemm; GPU, TPU: gemm) | onednn | gemm | xla: fcn/ops.py
 
     c.loss = lo = ml_collections.ConfigDict()
@@ -93,17 +93,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer = o = ml_collections.ConfigDict()
     o.name = "adamw"  # adamw | sgd
     o.learning_rate = 1e-3  # peak learning rate
-    o.warmup_steps = 100  # steps of linear warmup from 0 to the peak rate (0 = the peak from step 0); < num_steps
+    o.warmup_steps = 100  # linear warmup from 0 to the peak rate (0 = peak at once); below num_steps, else a warning
     o.schedule = "cosine"  # cosine | constant
-    o.weight_decay = 1e-4
+    o.weight_decay = 1e-4  # adamw: decoupled; sgd: added to the gradient. Not on 1-D parameters (biases, norm scales)
     o.momentum = 0.9  # sgd only, in [0, 1)
     o.grad_clip = 1.0  # global-norm clip (0 = off)
     o.ema_decay = 0.0  # >0: evaluate an exponential moving average of the weights
 
-    c.batch_size = 8  # global batch size, split over all devices
-    c.num_steps = 1000
+    c.batch_size = 8  # global batch size, split over all devices: a multiple of the device count
+    c.num_steps = 1000  # training steps in all; a resumed run trains on up to it
     c.eval_every = 250  # steps between evaluations on the eval split (0 = only at the end)
-    c.eval_batch_size = 4
+    c.eval_batch_size = 4  # global, as batch_size: a multiple of the device count
     c.eval_hflip = False  # test-time augmentation: average logits with the flipped image
     c.log_every = 25  # steps between metrics.jsonl lines (0 = only at checkpoints and the end)
     c.checkpoint_every = 250  # steps between checkpoints (0 = only at evaluations and the end)
