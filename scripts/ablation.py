@@ -71,9 +71,15 @@ def train_logs(workdir: Path) -> tuple[list[tuple[int, float]], list[float], flo
     return losses, speeds, miou
 
 
-def finished(loss: list, miou: float | None, config) -> bool:
-    """Whether a run's metrics.jsonl (train_logs) reaches config.num_steps and its final evaluation."""
-    return bool(loss) and loss[-1][0] >= config.num_steps and miou is not None
+def finished(loss: list, workdir: Path, config) -> bool:
+    """Whether a run's metrics.jsonl reaches config.num_steps and records its final evaluation.
+
+    That evaluation's mean IoU may be null (no pixel scored: fcn.metrics_log), which is
+    finished all the same: retraining would not change it.
+    """
+    from fcn.metrics_log import evaluated_at
+
+    return bool(loss) and loss[-1][0] >= config.num_steps and evaluated_at(workdir, config.num_steps)
 
 
 def main(argv=None) -> int:
@@ -121,15 +127,22 @@ def main(argv=None) -> int:
                     if not (workdir / "metrics.jsonl").exists():
                         continue
                     loss, speed, miou = train_logs(workdir)
-                    if not finished(loss, miou, config):
+                    if not finished(loss, workdir, config):
                         continue
                 else:
                     if code := run_training(config, workdir):  # an error: said in one line
                         return code
                     loss, speed, miou = train_logs(workdir)
-                    if not finished(loss, miou, config):  # stopped by a signal, with a checkpoint saved
+                    if not finished(loss, workdir, config):  # stopped by a signal, with a checkpoint saved
                         print(f"ablation stopped at {workdir}: run the same command again to resume", file=sys.stderr)
                         return 130
+                if miou is None:
+                    print(
+                        f"error: {workdir}: the final evaluation scored no pixel (every label of the split is"
+                        f" config.data.ignore_label={config.data.ignore_label}), so its mean IoU is undefined",
+                        file=sys.stderr,
+                    )
+                    return 1
                 mious.append(miou)
                 speeds.extend(speed[1:])  # the first logged interval includes compilation
                 per_seed.append(loss)

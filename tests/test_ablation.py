@@ -125,3 +125,29 @@ def test_one_seed_or_no_logged_speed_is_said_not_printed_as_nan(tmp_path):
     assert "nan" not in table
     assert "| linear | 39.00 (one seed) | 39.0 | 7,599 | 2.0 | 27.0 |" in table
     assert "| mlp | 50.00 (one seed) | 50.0 | 7,619 | 2.0 | not logged |" in table
+
+
+@pytest.mark.parametrize("report_only", [True, False])
+def test_a_final_evaluation_that_scored_no_pixel_is_one_error_line(tmp_path, monkeypatch, capsys, report_only):
+    """metrics.jsonl records such an evaluation's mean IoU as null. The ablation took the run for
+    unfinished: --report_only left it out without a word, and a training run was said to be
+    "stopped by a signal" (exit 130), though re-running would change nothing."""
+    d = tmp_path / "linear_s0"
+    rows = [{"step": s, "loss": 1.0, "images_per_sec": 10.0} for s in range(1, 7)] + [
+        {"step": 6, "eval_mean_iou": None}
+    ]
+
+    def run_training(config, workdir):  # the run as train.py would leave it
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return 0
+
+    if report_only:
+        run_training(None, d)
+    monkeypatch.setattr("fcn.cli.run_training", run_training)
+    monkeypatch.setattr("fcn.cli.retain_memory", lambda: False)
+    argv = ["--config", TINY, "--seeds", "0", "--out", str(tmp_path), "--flops_size", "24", "32"]
+    assert ablation.main(argv + ["--report_only"] * report_only) == 1
+    err = capsys.readouterr().err
+    assert f"error: {d}: the final evaluation scored no pixel" in err and "ignore_label=255" in err
+    assert "stopped" not in err and not (tmp_path / "ablation.md").exists()
