@@ -353,7 +353,8 @@ def _check_conv_impl(config) -> None:
         raise ConfigError(f"config.model.dtype='bfloat16' with conv_impl='onednn': {why}; use float32")
     logging.getLogger(__name__).warning(
         "config.model.dtype='bfloat16' on this CPU runs on XLA's own convolutions (in training 2.5x slower than "
-        "float32 on oneDNN's, on a 2-core Xeon; docs/benchmarks.md): %s. model.dtype='float32' is faster here.",
+        "float32 on oneDNN's, on a 2-core Xeon, 2026-11-23; docs/benchmarks.md): %s. model.dtype='float32' is "
+        "faster here.",
         why,
     )
 
