@@ -297,3 +297,18 @@ def test_two_runs_fetching_camvid_at_once_both_get_it(server, cache):
     assert [s.splits for s in sources] == [("train", "val")] * 2
     assert len(sources[1].load("train")) == 3
     assert sorted(p.name for p in cache.iterdir()) == ["camvid", "decoded"]
+
+
+def test_a_large_file_that_is_no_archive_gets_its_error_and_no_extraction_line(tmp_path, monkeypatch, capsys):
+    """safe_extract opened its bar before it knew the file's kind: the error came after a line
+    "extracting page.zip into ...: 0 files", as if something had been unpacked. (CamVid's
+    download lists the members first, which raised before.)"""
+    from fcn.data.download import safe_extract
+
+    monkeypatch.setattr("fcn.data.download._PROGRESS_MIN_BYTES", 0)  # a file as large as CamVid's
+    page = tmp_path / "page.zip"
+    page.write_bytes(b"<!DOCTYPE html>\n<html><body>Sign in</body></html>")
+    with pytest.raises(DataError, match=r"page\.zip: the server sent a web page"):
+        safe_extract(page, tmp_path / "out")
+    assert "extracting" not in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["page.zip"]

@@ -353,29 +353,33 @@ def _extract_to(archive: Path, out: Path, prefix: tuple[str, ...], dest: Path) -
     from fcn.progress import progress_bar  # a bar as the download's (CamVid's: ~1,400 files after it)
 
     small = archive.stat().st_size < _PROGRESS_MIN_BYTES
-    try:
-        with progress_bar(desc=f"extracting {archive.name} into {dest}", unit=" files", disable=small) as bar:
-            if zipfile.is_zipfile(archive):
-                with zipfile.ZipFile(archive) as zf:
-                    return _extract_all(archive, _zip_members(zf), zf.open, out, prefix, bar)
-            if tarfile.is_tarfile(archive):
-                with tarfile.open(archive) as tf:
-                    return _extract_all(archive, _tar_members(tf), tf.extractfile, out, prefix, bar)
-    except _CORRUPT as e:
-        raise DataError(f"{archive}: corrupt or truncated archive ({e})") from e
-    raise _not_an_archive(archive)
+    desc = f"extracting {archive.name} into {dest}"
+    # The archive first: a file that is none gets its error, not a bar's "0 files" line before it.
+    with _opened(archive) as a, progress_bar(desc=desc, unit=" files", disable=small) as bar:
+        if isinstance(a, zipfile.ZipFile):
+            return _extract_all(archive, _zip_members(a), a.open, out, prefix, bar)
+        return _extract_all(archive, _tar_members(a), a.extractfile, out, prefix, bar)
 
 
 def list_members(archive_path: str | Path) -> list[str]:
     """Member names of a .zip or .tar archive (for finding the folder to keep)."""
-    archive = Path(archive_path)
+    with _opened(Path(archive_path)) as a:
+        return a.namelist() if isinstance(a, zipfile.ZipFile) else a.getnames()
+
+
+@contextlib.contextmanager
+def _opened(archive: Path) -> Iterator[zipfile.ZipFile | tarfile.TarFile]:
+    """The archive opened as zip or tar; a DataError naming it where it is neither, or corrupt (while
+    it is open too: a truncated member found in the middle of an extraction)."""
     try:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
-                return zf.namelist()
+                yield zf
+            return
         if tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tf:
-                return tf.getnames()
+                yield tf
+            return
     except _CORRUPT as e:
         raise DataError(f"{archive}: corrupt or truncated archive ({e})") from e
     raise _not_an_archive(archive)
