@@ -82,6 +82,8 @@ class _StopRequest:
             if jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service:
                 self._agree, signals = "preemption", (signal.SIGINT,)  # SIGTERM stays JAX's
         for sig in signals:
+            if signal.getsignal(sig) is signal.SIG_IGN:  # ignored by what started us, as a script's `&` job's
+                continue  # SIGINT: it stays ignored, as Python and fcn.cli leave it, not a stop at a Ctrl-C
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone

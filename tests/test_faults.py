@@ -35,8 +35,11 @@ TIMEOUT = 240  # seconds any one wait may take before the test fails (and kills 
 # `python -c HOOKS ARGS` is train.py, except that it holds, writing $FCN_TEST_MARKER and waiting for
 # $FCN_TEST_MARKER.go: before the batch of step $FCN_TEST_HOLD_STEP + 1 (step N logged, N + 1 not
 # begun), or with checkpoint $FCN_TEST_HOLD_COMMIT fully written but not yet renamed into place.
+# SIGINT gets Python's handler first: a background job of a non-interactive shell (`pytest ... &`)
+# inherits it ignored, and a run keeps it so.
 HOOKS = """
-import os, sys, time
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal, whoever started pytest
 from pathlib import Path
 from orbax.checkpoint._src.path import atomicity
 from fcn.data import pipeline
@@ -207,6 +210,25 @@ def test_ctrl_c_and_sigterm_save_a_checkpoint_and_exit_0(tmp_path, env, sig):
     assert message in run.stdout()
     assert steps_on_disk(workdir) == [2] and logged(workdir) == [1, 2]
     assert_all_restore(workdir)
+
+
+def test_a_sigint_ignored_from_the_start_stays_ignored_in_the_loop():
+    """A run started with SIGINT ignored (a background job of a script: a Ctrl-C at the terminal is
+    not for it) kept it so until the training loop, which then took a Ctrl-C as its stop; as Python
+    and fcn.cli do, the loop now leaves it ignored. SIGTERM still stops it."""
+    from fcn.train import _StopRequest
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _StopRequest() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGINT)
+            assert not stop.requested(1)
+            signal.raise_signal(signal.SIGTERM)
+            assert stop.requested(1) and stop.why() == "SIGTERM received"
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize(
