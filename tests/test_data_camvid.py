@@ -103,6 +103,26 @@ def test_camvid_found_through_the_environment_is_recorded_for_evaluation(tmp_pat
     assert evaluate.main(["--workdir", str(tmp_path / "run"), "--examples", "0"]) == 0
 
 
+def test_a_relative_data_path_is_recorded_absolute_for_evaluation_from_another_folder(
+    tmp_path, no_download, monkeypatch
+):
+    # README's train command names the data relatively (--config.data.path=../shared/datasets/camvid);
+    # config.json held it as given, so python -m fcn.evaluate from another folder looked in the wrong place.
+    from configs import tiny
+    from fcn import evaluate
+    from fcn.train import train_and_evaluate
+
+    root = make_camvid(tmp_path / "cv", (("train", 4), ("val", 2)))
+    monkeypatch.chdir(tmp_path)
+    c = tiny.get_config()
+    c.data.source, c.data.path, c.augment.crop_size, c.num_steps = "camvid", "cv", (6, 8), 1
+    train_and_evaluate(c, str(tmp_path / "run"))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["path"] == str(root.resolve())
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert evaluate.main(["--workdir", str(tmp_path / "run"), "--examples", "0"]) == 0
+
+
 @pytest.mark.skipif(not REAL_CAMVID.is_dir(), reason=f"no dev copy at {REAL_CAMVID}")
 def test_real_camvid_dev_copy(monkeypatch):
     monkeypatch.delenv("FCN_CAMVID_DIR", raising=False)
