@@ -179,12 +179,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
                 f"nothing to train. Use --config.num_steps={start + 1} or more to train on, or a new --workdir"
             )
         saved = json.loads(config.to_json())
-        # The data's folder, absolute (from $FCN_CAMVID_DIR, or data.path unless a URL such as TFDS's gs://),
+        # The data's folder made absolute (data.path unless a URL such as TFDS's gs://, or $FCN_CAMVID_DIR's),
         # so that python -m fcn.evaluate finds it later from any folder, in a shell without the variable
-        if source.found_at and not config.data.path:
-            saved["data"]["path"] = source.found_at
-        elif config.data.path and "://" not in config.data.path:
-            saved["data"]["path"] = str(Path(config.data.path).expanduser().resolve())
+        if (path := config.data.path or source.found_at) and "://" not in path:
+            saved["data"]["path"] = str(Path(path).expanduser().resolve())
         training = start < config.num_steps  # else a finished workdir, left as it is: nothing to train,
         # unless its last step has no evaluation (stopped there, then given num_steps = that step): done now
         final_eval = bool(start) and not training and eval_data is not None and not evaluated_at(workdir, start)
