@@ -142,6 +142,22 @@ def test_stream_skip_bad(tmp_path, caplog):
     assert seen.count(SIZES[4]) == 4  # im4 once an epoch, and in im3's place once an epoch
 
 
+def test_skip_bad_held_in_memory_warns_of_a_bad_file_once(tmp_path, caplog):
+    """data.storage="auto" scans the headers, then decodes the split when it fits: a file the scan
+    skipped was read and warned of again ("skipped 1 of 7", then again in decoding)."""
+    root = make_folder(tmp_path / "d")
+    (root / "images" / "im1.png").write_bytes(b"")  # unreadable header: left out by the scan
+    good = (root / "images" / "im3.png").read_bytes()
+    (root / "images" / "im3.png").write_bytes(good[: len(good) // 2])  # fails only when decoded
+    config = folder_config(root, "auto", skip_bad=True)
+    with caplog.at_level(logging.WARNING):
+        data = pipeline.training_data(get_source(config.data), config)
+    assert not isinstance(data, Stream) and len(data) == len(SIZES) - 2
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping bad pair")]
+    assert len(skipped) == 2 and "im1.png" in skipped[0] and "im3.png" in skipped[1], skipped
+    assert "(sizes): skipped 1 of 7 pairs" in caplog.text and "skipped 1 of 6 pairs" in caplog.text
+
+
 def test_storage_fields_are_validated():
     config = tiny.get_config()
     config.data.storage = "disk"
