@@ -8,8 +8,8 @@ its logits are resized back, so evaluation is on the full 360 x 480 val
 images against full-resolution labels.
 
 Measured 2026-11-21 with the command above on the 2-core development machine
-(AMD EPYC, 24 GiB, no GPU; jax on CPU; nothing else running), on the code as
-committed (3x3 convolutions by oneDNN, fcn/onednn.py): 1400 steps, 12 min 19 s
+(AMD EPYC, 24 GiB, no GPU; jax on CPU; nothing else running), on that day's
+code (3x3 convolutions by oneDNN, fcn/onednn.py): 1400 steps, 12 min 19 s
 for the whole command from empty caches (data decoding, compilation, training,
 two full-resolution evaluations, checkpoints), val mean IoU 58.3, pixel
 accuracy 89.6% (per class in docs/results.md). Earlier code that rounds
