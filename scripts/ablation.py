@@ -164,6 +164,13 @@ def main(argv=None) -> int:
                     float(np.median(speeds)) if speeds else float("nan"),
                 )
             )
+    if not rows:  # --report_only only: a training run finishes or returns above
+        print(
+            f"error: --out {out} holds no finished run of seeds {args.seeds} (each in OUT/<variant>_s<seed>): "
+            "nothing to tabulate; its ablation.md, if any, is left as it is",
+            file=sys.stderr,
+        )
+        return 1
     write_report(out, rows, curves, args)
     return 0
 

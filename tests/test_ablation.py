@@ -151,3 +151,24 @@ def test_a_final_evaluation_that_scored_no_pixel_is_one_error_line(tmp_path, mon
     err = capsys.readouterr().err
     assert f"error: {d}: the final evaluation scored no pixel" in err and "ignore_label=255" in err
     assert "stopped" not in err and not (tmp_path / "ablation.md").exists()
+
+
+@pytest.mark.parametrize("out_exists", [True, False])
+def test_report_only_without_a_finished_run_is_one_error_line_and_keeps_the_table(
+    tmp_path, monkeypatch, capsys, out_exists
+):
+    """--report_only on an --out holding none of the sweep's finished runs (a mistyped folder, other seeds): a
+    FileNotFoundError's traceback where --out did not exist, else an ablation.md of headers only over the table."""
+    out = tmp_path / "ablation"
+    if out_exists:
+        out.mkdir()
+        (out / "ablation.md").write_text("the earlier table\n")
+    monkeypatch.setattr("fcn.cli.retain_memory", lambda: False)
+    argv = ["--config", TINY, "--seeds", "0", "--out", str(out), "--report_only", "--flops_size", "24", "32"]
+    assert ablation.main(argv) == 1
+    assert f"error: --out {out} holds no finished run of seeds 0" in capsys.readouterr().err
+    if out_exists:
+        assert (out / "ablation.md").read_text() == "the earlier table\n"
+        assert not (out / "loss_curves.png").exists()
+    else:
+        assert not out.exists()
