@@ -17,12 +17,13 @@ def numpy_confusion(labels, preds, k, ignore=255):
 
 def numpy_scores(cm):
     k = len(cm)
-    ious, accs = [], []
+    ious, accs, dices = [], [], []
     for c in range(k):
         tp = cm[c, c]
         fp = cm[:, c].sum() - tp
         fn = cm[c, :].sum() - tp
         ious.append(tp / (tp + fp + fn) if tp + fp + fn else np.nan)
+        dices.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else np.nan)
         accs.append(tp / cm[c].sum() if cm[c].sum() else np.nan)
     freq = cm.sum(1) / cm.sum()
     return {
@@ -31,6 +32,7 @@ def numpy_scores(cm):
         "mean_accuracy": np.nanmean(accs),
         "fw_iou": sum(f * i for f, i in zip(freq, ious) if not np.isnan(i)),
         "iou": np.array(ious),
+        "dice": np.array(dices),
     }
 
 
@@ -55,6 +57,7 @@ def test_scores_match_numpy(seed):
     for key in ("pixel_accuracy", "mean_iou", "mean_accuracy", "fw_iou"):
         assert got[key] == pytest.approx(ref[key], rel=1e-12), key
     np.testing.assert_array_equal(np.isnan(got["iou"]), np.isnan(ref["iou"]))
+    np.testing.assert_allclose(got["dice"], ref["dice"], rtol=1e-12)  # the report's per-class dice column
     assert np.isnan(got["iou"][4])  # absent from ground truth and prediction: left out of the mean
     assert got["iou"][2] == 0.0
 
@@ -90,12 +93,18 @@ def test_ignored_pixels_count_nowhere():
     np.testing.assert_array_equal(cm, [[1, 0], [0, 1]])
 
 
-def test_labels_and_predictions_that_are_no_class_id_count_nowhere():
+@pytest.mark.parametrize("host", [False, True], ids=["device", "host"])
+def test_labels_and_predictions_that_are_no_class_id_count_nowhere(host):
     """fcn.metrics is public: a label or prediction outside 0..K-1 (here -1 and K) counted in another
-    pixel's cell (label * K + prediction: a label -1 with prediction 1 as class K-1's ground truth)."""
-    labels = jnp.array([[[0, -1, 2, 3, 1, 1]]], jnp.int32)
-    preds = jnp.array([[[0, 1, 2, 0, 3, -1]]], jnp.int32)
-    cm = np.asarray(metrics.confusion_matrix(labels, preds, 3))
+    pixel's cell (label * K + prediction: a label -1 with prediction 1 as class K-1's ground truth).
+    The host matrix (evaluate's full-size path) must agree: there a prediction K would land in the
+    next row's column 0, and an ignored pixel (255) must count nowhere either."""
+    labels = np.array([[[0, -1, 2, 3, 1, 1, 0, 255]]], np.int32)
+    preds = np.array([[[0, 1, 2, 0, 3, -1, 3, 1]]], np.int32)
+    if host:
+        cm = metrics.host_confusion_matrix(labels[0], preds[0], 3)
+    else:
+        cm = np.asarray(metrics.confusion_matrix(jnp.asarray(labels), jnp.asarray(preds), 3))
     np.testing.assert_array_equal(cm, [[1, 0, 0], [0, 0, 0], [0, 0, 1]])
 
 
