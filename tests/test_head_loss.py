@@ -154,6 +154,23 @@ def test_a_batch_with_every_pixel_ignored_gives_zero_not_nan():
     assert all(not np.any(np.asarray(g)) for g in grads)
 
 
+@pytest.mark.parametrize("bn", [False, True], ids=["head", "head+norm"])
+def test_every_gradient_scales_with_the_loss_cotangent(bn):
+    """The kernel computes its gradients in the forward pass; the backward pass scales each by the loss's
+    cotangent. Training's is 1, so an unscaled one went unseen there: a loss scaled, averaged or added to
+    another term (here -2.5 x) must still get the unfused gradients."""
+    x, kernel, bias, labels = _case()
+    if bn:  # input, scale, shift, kernel, bias
+        fused, reference, args = _fused_bn, _reference_bn, (x, *_bn_params(16), kernel, bias, labels)
+    else:  # features, kernel, bias
+        fused, reference, args = _fused, _reference, (x, kernel, bias, labels)
+    argnums = range(len(args) - 1)
+    grads_f = jax.grad(lambda *a: -2.5 * fused(*a)[0], argnums)(*args)
+    grads_r = jax.grad(lambda *a: -2.5 * reference(*a)[0], argnums)(*args)
+    for i, (gf, gr) in enumerate(zip(grads_f, grads_r)):
+        np.testing.assert_allclose(gf, gr, rtol=1e-4, atol=1e-7 * float(np.abs(gr).max()), err_msg=f"argument {i}")
+
+
 def test_shapes_the_kernel_cannot_take_are_refused():
     assert head_loss.block_pixels(16 * 368 * 480, 32) == 128  # BLOCK_VALUES / channels
     assert head_loss.block_pixels(16 * 368 * 480, 64) == 64
