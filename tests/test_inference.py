@@ -158,6 +158,30 @@ def test_tiles_cover_the_image_and_blending_keeps_agreeing_logits():
     assert (share[inside] > 0).all() and (share[~inside] == 0).all() and share.max() < 1
 
 
+def test_blending_fades_linearly_from_one_tile_to_the_next_with_no_seam():
+    """Across an overlap each tile's weight falls as the next one's rises: a tile of 0s then a tile of 1s
+    blend to (i + 1) / (overlap + 1) at the overlap's i-th pixel, and each tile's own value outside it."""
+    boxes = canvas.tile_boxes(16, 96, 64, 32, 16)
+    assert boxes == [(0, 0), (0, 32)]
+    tiles = [np.zeros((16, 64, 1), np.float32), np.ones((16, 64, 1), np.float32)]
+    row = canvas.blend(boxes, tiles, (16, 96, 1), 32)[0, :, 0]
+    np.testing.assert_allclose(row[32:64], np.arange(1, 33) / 33, rtol=1e-6)  # a seam: a jump at x = 64
+    assert (row[:32] == 0).all() and (row[64:] == 1).all()
+
+
+def test_tiles_overlap_less_than_a_tile_whatever_overlap_is_asked():
+    """fcn.load(..., tile=64, overlap=64 or more) still tiles: an overlap of a whole tile gave a stride of 0."""
+    assert canvas.tiles(70, 20, 16) == (64, 32)  # tile rounded down, overlap up, to multiples of 16
+    for overlap in (64, 100):
+        tile, kept = canvas.tiles(64, overlap, 16)
+        assert (tile, kept) == (64, 48)
+        boxes = canvas.tile_boxes(150, 230, tile, kept, 16)
+        covered = np.zeros((150, 230), bool)
+        for y, x in boxes:
+            covered[y : y + tile, x : x + tile] = True
+        assert covered.all()
+
+
 def test_every_input_form_gives_the_same_answer(seg, tmp_path):
     image, _ = make_example(3, 0, (37, 45))
     expected = seg.predict(image)
