@@ -153,6 +153,10 @@ def test_out_of_range_labels_name_file_and_values(tmp_path):
     path = save(tmp_path / "m.png", np.array([[0, 1, 7], [9, 255, 2]], np.uint8))
     with pytest.raises(DataError, match=r"m\.png: label values 7, 9 are neither"):
         read_mask(path, num_classes=3)
+    # One past the last class id is no class id either: read as is, it was counted nowhere, silently.
+    path = save(tmp_path / "k.png", np.array([[0, 1, 2], [3, 255, 2]], np.uint8))
+    with pytest.raises(DataError, match=r"k\.png: label values 3 are neither class ids \(0\.\.2\)"):
+        read_mask(path, num_classes=3)
 
 
 def test_rgb_mask_without_color_map_says_colour_coded_and_shows_fix(tmp_path):
@@ -250,6 +254,15 @@ def test_map_labels_and_config_checks():
         check_labels_config(2, 255, {3: 9})
     with pytest.raises(ValueError, match="ignore_label=1"):
         check_labels_config(3, 1, {})
+    # At the edges: raw value 0 maps too (background to ignore); the last class id is no ignore
+    # label and no value_map target past the classes is taken; the first value past them is.
+    out = map_labels(np.array([[0, 1], [2, 0]], np.uint8), name="x", num_classes=3, value_map={0: 255})
+    np.testing.assert_array_equal(out, [[255, 1], [2, 255]])
+    with pytest.raises(ValueError, match="ignore_label=2 must be in 3..255"):
+        check_labels_config(3, 2, {})
+    with pytest.raises(ValueError, match="maps 3 to 2, which is neither a class id"):
+        check_labels_config(2, 255, {3: 2})
+    check_labels_config(3, 3, {7: 2, 8: 3})
 
 
 # --- pairs ----------------------------------------------------------------
