@@ -210,6 +210,21 @@ def test_hflip_averages_with_the_mirror_image(seg):
     assert not np.allclose(flip, seg.predict_proba(image), atol=1e-4)
 
 
+@pytest.mark.parametrize("size", [(40, 50), (100, 130)], ids=["one canvas", "tiled"])
+def test_hflip_is_the_softmax_of_the_mean_of_both_logits(seg, size):
+    """As fcn.load documents hflip: the logits of the image and of its mirror, mirrored back, averaged,
+    then softmaxed; for images within a tile (one batch) and beyond it (tiled, each pass blended).
+    Log-probabilities are logits shifted per pixel, so the mean of theirs gives the same softmax."""
+    image, _ = make_example(5, 0, size)
+    assert (max(size) <= seg.tile) == (size == (40, 50))
+    log_a = np.log(seg.predict_proba(image, hflip=False))
+    log_b = np.log(seg.predict_proba(image[:, ::-1], hflip=False))[:, ::-1]
+    mean = 0.5 * (log_a + log_b)
+    want = np.exp(mean - mean.max(-1, keepdims=True))
+    want /= want.sum(-1, keepdims=True)
+    np.testing.assert_allclose(seg.predict_proba(image, hflip=True), want, atol=1e-5)
+
+
 def test_max_size_predicts_at_training_scale(workdir):
     small = load(workdir, max_size=16)
     assert small.predict(random_image(40, 60)).shape == (40, 60)
