@@ -6,17 +6,15 @@ logits, whose 11-class rows of 22 bytes are read at a fraction of the memory's r
 Pallas kernel reads each block of pixels' features and labels once and writes the features'
 gradient once; each block writes its share of the head's weight and bias gradients, which XLA
 adds up. Mode "head+norm" takes the last decoder block's batch norm and ReLU in too, and returns
-the two per-channel sums its gradient needs (`fcn.norm.bn_grad_from_sums` finishes it). The
-gradients are computed in the forward pass and scaled by the cotangent in the backward pass.
-Values equal the unfused end's to float rounding (tests/test_head_loss.py, interpreted on a CPU)
-and, on an H200, to bfloat16 rounding.
+the two per-channel sums its gradient needs (`fcn.norm.bn_grad_from_sums` finishes it). Gradients
+are computed in the forward pass, scaled by the cotangent in the backward pass. Values equal the
+unfused end's to float rounding (tests/test_head_loss.py, on a CPU), on an H200 to bfloat16's.
 
 `config.loss.fused_head`: "auto" (the default) is "head+norm" on the GPUs it was measured on
 (NVIDIA's Hopper, compute capability 9.x), else unfused. On an H200 either mode made the CamVid
 recipe's training step 2% faster (1.22x torch.compile, from 1.19x; docs/benchmarks.md, `bash
-benchmarks/run_gpu.sh --head_loss`). The kernel is written for Pallas's Triton backend, which
-jax 0.11 deprecates (Mosaic GPU is its next home): where a jax cannot import it, "auto" trains
-unfused and "head" or "head+norm" is refused.
+benchmarks/run_gpu.sh --head_loss`). It is written for Pallas's Triton backend, which jax 0.11
+deprecates for Mosaic GPU: where a jax cannot import it, "auto" trains unfused, "head"/"head+norm" are refused.
 """
 
 from __future__ import annotations
@@ -25,6 +23,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from fcn import losses
 
 FUSED_HEAD = ("off", "auto", "head", "head+norm")
 # The custom call a Pallas Triton kernel lowers to, which jax.export refuses unless told (fcn.traced).
@@ -171,13 +171,12 @@ def linear_head_cross_entropy(
     b, hp, wp, c = features_BHWC.shape
     _, h, w = labels_BHW.shape
     k = kernel_11CK.shape[-1]
-    sub = fits(features_BHWC.shape, sub)
-    if sub is None:
+    if (sub := fits(features_BHWC.shape, sub)) is None:
         raise ValueError(f"features of shape {features_BHWC.shape} do not suit the fused head kernel (block_pixels)")
     kernel_CK = kernel_11CK.reshape(c, k).astype(jnp.float32)
     bias_K = jnp.zeros((k,), jnp.float32) if bias_K is None else bias_K.astype(jnp.float32)
     labels_BHW = jnp.pad(labels_BHW, ((0, 0), (0, hp - h), (0, wp - w)), constant_values=ignore_label)
-    valid = labels_BHW != ignore_label
+    valid = losses.valid_pixels(labels_BHW, k, ignore_label)  # as the unfused loss: a label K.. weighs nothing
     safe = jnp.where(valid, labels_BHW, 0).astype(jnp.int32)
     weights_K = jnp.ones((k,), jnp.float32) if class_weights_K is None else jnp.asarray(class_weights_K, jnp.float32)
     total = jnp.sum(jnp.where(valid, weights_K.reshape(k)[safe], 0.0))

@@ -24,7 +24,7 @@ def cross_entropy(
     batch with no valid pixel gives 0, never NaN.
     """
     num_classes = logits_BHWK.shape[-1]
-    valid_BHW = _valid(labels_BHW, num_classes, ignore_label)
+    valid_BHW = valid_pixels(labels_BHW, num_classes, ignore_label)
     safe_BHW = jnp.where(valid_BHW, labels_BHW, 0).astype(jnp.int32)
     nll_BHW = _nll(logits_BHWK.astype(jnp.float32), safe_BHW)
     w_BHW = valid_BHW.astype(jnp.float32)
@@ -34,7 +34,7 @@ def cross_entropy(
     return jnp.sum(w_BHW * nll_BHW) / jnp.maximum(jnp.sum(w_BHW), 1e-12)
 
 
-def _valid(labels_BHW, num_classes: int, ignore_label: int):
+def valid_pixels(labels_BHW, num_classes: int, ignore_label: int):
     """Pixels with a class id for a label: not `ignore_label`, and in 0..K-1."""
     return (labels_BHW != ignore_label) & (labels_BHW >= 0) & (labels_BHW < num_classes)
 
@@ -76,7 +76,7 @@ def soft_dice(logits_BHWK: jax.Array, labels_BHW: jax.Array, *, ignore_label: in
     whole batch (not per image), with ignored pixels (and labels outside 0..K-1) masked out of p and y.
     """
     num_classes = logits_BHWK.shape[-1]
-    valid_BHW = _valid(labels_BHW, num_classes, ignore_label)
+    valid_BHW = valid_pixels(labels_BHW, num_classes, ignore_label)
     valid_BHW1 = valid_BHW[..., None].astype(jnp.float32)
     probs_BHWK = jax.nn.softmax(logits_BHWK.astype(jnp.float32), axis=-1) * valid_BHW1
     onehot_BHWK = jax.nn.one_hot(jnp.where(valid_BHW, labels_BHW, 0), num_classes) * valid_BHW1
