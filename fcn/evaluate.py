@@ -243,11 +243,7 @@ def main(argv=None) -> int:
     trained.add_flags(parser)
     parser.add_argument("--split", default="val", help="a split the data source offers (default: val)")
     parser.add_argument("--examples", type=int, default=4, help="example overlays to draw (0 = none)")
-    parser.add_argument(
-        "--hflip",
-        action="store_true",
-        help="flip test-time augmentation: average with the mirror image's logits (default: the run's eval_hflip)",
-    )
+    parser.add_argument("--hflip", action="store_true", help=trained.HFLIP_HELP)
     parser.add_argument(
         "--batch_size",
         type=int,

@@ -198,11 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or directories of images")
     trained.add_flags(parser)
     parser.add_argument("--out", required=True, help="output directory (created if missing)")
-    parser.add_argument(
-        "--hflip",
-        action="store_true",
-        help="flip test-time augmentation: average with the mirror image's logits (default: the run's eval_hflip)",
-    )
+    parser.add_argument("--hflip", action="store_true", help=trained.HFLIP_HELP)
     parser.add_argument("--tile", type=int, default=512, help="images larger than this are tiled (px)")
     parser.add_argument("--overlap", type=int, default=128, help="overlap between tiles (px)")
     parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the colours in the overlay")

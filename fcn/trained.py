@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 WHICH = ("best", "latest")
 WORKDIR_HELP = "a workdir written by train.py, or one checkpoint in it: WORKDIR/checkpoints/N or WORKDIR/best/N"
 CHECKPOINT_HELP = "which checkpoint of a workdir (default: best; a checkpoint folder names its own)"
+HFLIP_HELP = "flip test-time augmentation: average with the mirror image's logits (default: the run's eval_hflip)"
 
 
 def add_flags(parser) -> None:

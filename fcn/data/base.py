@@ -78,6 +78,17 @@ class Examples:
     def size(self, i: int) -> tuple[int, int]:
         return self.size_fn(i)
 
+    def subset(self, ids: Sequence[int]) -> Examples:
+        """These examples' `ids`, in that order, numbered from 0; not kept decoded on disk (no key_fn)."""
+        ids = list(ids)
+        return dataclasses.replace(
+            self,
+            names=[self.names[i] for i in ids],
+            read_fn=lambda j: self.read(ids[j]),
+            size_fn=lambda j: self.size(ids[j]),
+            key_fn=None,
+        )
+
 
 def map_examples(fn, examples: Examples, *, workers: int = 8, skip_bad: bool = False, desc: str = "decoding"):
     """[(i, fn(i))] for every example, computed in parallel threads, in order.

@@ -164,15 +164,8 @@ def training_data(source: Source, config):
         how,
     )
     if fits:
-        if len(ids) < len(examples):  # what the scan skipped (skip_bad) is not read, nor warned of, again
-            kept_ids, e = list(ids), examples
-            examples = dataclasses.replace(
-                e,
-                names=[e.names[i] for i in kept_ids],
-                read_fn=lambda j: e.read(kept_ids[j]),
-                size_fn=lambda j: e.size(kept_ids[j]),
-                key_fn=None,  # not kept decoded: a split with bad files skipped never is (decode_all)
-            )
+        if len(ids) < len(examples):  # what the scan skipped (skip_bad) is not read, nor warned of, again;
+            examples = examples.subset(ids)  # not kept decoded: a split with bad files skipped never is
         split = decode_all(examples, workers=int(d.decode_workers), skip_bad=bool(d.skip_bad), desc=desc)
         return stack(split, source.ignore_label, scale, int(d.decode_workers))
     return stream.Stream(
