@@ -142,7 +142,8 @@ def _read_split(data_config, labels: LabelMap, color_map, split: str) -> Example
 
     tfds_split = data_config.tfds_splits[split]
     image_key, mask_key = data_config.tfds_image_key, data_config.tfds_mask_key
-    features = _builder(tfds, data_config).info.features
+    builder = _builder(tfds, data_config)
+    features = builder.info.features
     for key, field in ((image_key, "tfds_image_key"), (mask_key, "tfds_mask_key")):
         if key not in features:
             raise DataError(
@@ -169,6 +170,16 @@ def _read_split(data_config, labels: LabelMap, color_map, split: str) -> Example
         else:
             raise
         raise DataError(f"data.tfds_splits.{split}={tfds_split!r}: {text}") from e
+    except (tfds.download.DownloadError, OSError) as e:
+        # A first use downloads and prepares it: requests' errors are OSErrors (offline, after TFDS's own
+        # retries; a host that does not resolve), DownloadError an HTTP status; a full disk is an OSError too.
+        name = data_config.tfds_name
+        raise DataError(
+            f"data.tfds_name={name!r}: downloading or preparing it in {builder.data_dir} failed "
+            f"({' '.join(str(e).split())}); TFDS needs the network the first time, or set data.path to a TFDS "
+            f"data_dir where it is prepared already (`tfds build {_base_name(name)} --data_dir DIR` on a machine "
+            "with the network)"
+        ) from e
     images, masks, names = [], [], []
     desc = f"tfds {data_config.tfds_name} {tfds_split}"
     for i, ex in enumerate(progress_bar(iterable=tfds.as_numpy(ds), desc=desc)):
