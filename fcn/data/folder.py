@@ -118,10 +118,11 @@ def hold_out(pairs: Pairs, val_fraction: float) -> tuple[Pairs, Pairs]:
             "more, add a val/ folder, or set --config.data.val_fraction=0"
         )
     n_val = min(len(pairs) - 1, max(1, round(val_fraction * len(pairs))))
-    by_hash = sorted(pairs, key=lambda p: hashlib.sha256(p[0].stem.encode()).hexdigest())
-    val_stems = {p[0].stem for p in by_hash[:n_val]}
-    train = [p for p in pairs if p[0].stem not in val_stems]
-    val = [p for p in pairs if p[0].stem in val_stems]
+    # The stem as it pairs (NFC): a copy of the folder with its names stored decomposed holds out the same val.
+    by_hash = sorted(pairs, key=lambda p: hashlib.sha256(_stem(p[0]).encode()).hexdigest())
+    val_stems = {_stem(p[0]) for p in by_hash[:n_val]}
+    train = [p for p in pairs if _stem(p[0]) not in val_stems]
+    val = [p for p in pairs if _stem(p[0]) in val_stems]
     return train, val
 
 
