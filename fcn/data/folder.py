@@ -7,10 +7,13 @@ Two layouts under `data.path`, pairing files by stem (`images/a.jpg` with
     train/images train/masks [val/...] splits as folders (test/ too); without
     val/, val is held out of train the same way; both layouts at once are an error
 
-The held-out stems are those with the smallest SHA-256 of their name, so the
-choice is deterministic, needs no seed, and adding files moves no other file
-between train and val. The pairing (`pair_by_stem`) and the pairs as examples
-(`pair_examples`, read by fcn.data.images) serve the CamVid source too.
+The held-out stems are the round(val_fraction * n) with the smallest SHA-256 of
+their name (in Unicode's composed form, as they pair), so the choice is
+deterministic and needs no seed. Adding a file moves at most one other between
+train and val (the one it displaces from val, or the next one in when the count
+grows), so a run evaluated after files were added may score one it trained on.
+The pairing (`pair_by_stem`) and the pairs as examples (`pair_examples`, read by
+fcn.data.images) serve the CamVid source too.
 """
 
 from __future__ import annotations
