@@ -91,17 +91,38 @@ def pair_by_stem(
     image_files = _files_by_stem(image_dir, image_suffixes, nouns[0], expected=expected)
     mask_files = _files_by_stem(mask_dir, mask_suffixes, nouns[1], expected=expected)
     sides = [(image_dir, image_files, nouns[0], image_suffixes), (mask_dir, mask_files, nouns[1], mask_suffixes)]
+    problems, alone_of = [], []
     for (a_dir, a, a_noun, _), (b_dir, b, b_noun, b_suffixes) in (sides, sides[::-1]):
         alone = sorted(a.keys() - b.keys())
+        alone_of.append((alone, a, a_noun))
         if alone:
             # Files of those stems in a format not read (a JPEG mask) are named: the user sees them there.
             unread = sorted(p.name for p in b_dir.iterdir() if _stem(p) in set(alone) and not p.name.startswith("."))
             hint = f" ({_shown(unread)}: not read as {b_noun} files, which end in {', '.join(b_suffixes)})"
-            raise DataError(
+            problems.append(
                 f"{a_dir}: {len(alone)} {a_noun}(s) with no {b_noun} of the same stem in {b_dir}: {_shown(alone)}"
                 + (hint if unread else "")
             )
+    if problems:
+        raise DataError("; and ".join(problems) + _renaming(*alone_of) + _renaming(*alone_of[::-1]))
     return [(image_files[s], mask_files[s]) for s in sorted(image_files)]
+
+
+def _renaming(short: tuple[list[str], dict[str, Path], str], long: tuple[list[str], dict[str, Path], str]) -> str:
+    """What to rename when every unpaired stem of one side, `long`, is one of the other side's, `short`,
+    with the same text added (`a_mask.png` for `a.jpg`; CamVid's raw release: `a_L.png`), or ''.
+    Each side: (its unpaired stems, its files by stem, its noun)."""
+    (short_stems, _, short_noun), (long_stems, long_files, long_noun) = short, long
+    shorts = set(short_stems)
+    for stem in short_stems:
+        added = long_stems[0][len(stem) :] if long_stems and long_stems[0].startswith(stem) else ""
+        if added and all(s.endswith(added) and s[: -len(added)] in shorts for s in long_stems):
+            example = long_files[long_stems[0]]
+            return (
+                f"; the {long_noun}s' stems are the {short_noun}s' with {added!r} added, and files pair by the "
+                f"same stem: rename {example.name} to {stem}{example.suffix}, and so on"
+            )
+    return ""
 
 
 def pair_files(folder: Path) -> Pairs:
