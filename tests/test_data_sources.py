@@ -95,6 +95,18 @@ def test_folder_binary_0_255_masks(tmp_path):
     assert set(np.unique(split.labels[1])) == {0, 1}
 
 
+def test_folder_binary_0_255_masks_with_another_ignore_label(tmp_path):
+    """With data.ignore_label=100 the error said 255 would be read as the ignore label, and offered a
+    value_map, {"255": 255}, that the config check then refused."""
+    root = make_folder(tmp_path, n=2)
+    save(root / "masks" / "im01.png", np.array([[0, 255] * 4] * 6, np.uint8))
+    with pytest.raises(DataError, match="only 0 and 255") as e:
+        folder(root, val_fraction=0.0, ignore_label=100).load("train")
+    assert "read as the ignore label" not in str(e.value) and """value_map to {"255": 100}""" in str(e.value)
+    split = folder(root, val_fraction=0.0, ignore_label=100, value_map={"255": 100}).load("train")
+    assert set(np.unique(split.labels[1])) == {0, 100}
+
+
 def test_folder_colour_masks(tmp_path):
     root = make_folder(tmp_path, n=2)
     mask = np.zeros((6, 8, 3), np.uint8)

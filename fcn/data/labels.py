@@ -114,12 +114,13 @@ def map_labels(
         raw = _apply_value_map(raw, value_map)
     present = _present_values(raw)
     if not value_map and num_classes == 2 and 255 in present and set(present) <= {0, 255}:
+        read_as = "the ignore label" if ignore_label == 255 else f"no class (the ignore label is {ignore_label})"
         raise DataError(
             f"{name}: mask values are only 0 and 255 while there are 2 classes, so 255 "
-            f"would be read as the ignore label and no pixel as class 1. If 255 marks the "
+            f"would be read as {read_as} and no pixel as class 1. If 255 marks the "
             """foreground, add --config.data.value_map='{"255": 1}' (in a config file: """
             """config.data.value_map = {"255": 1}); if 255 really means 'ignore', set """
-            """value_map to {"255": 255}"""
+            f"""value_map to {{"255": {ignore_label}}}"""
         )
     bad = [v for v in present if not (0 <= v < num_classes or v == ignore_label)]
     if bad:
