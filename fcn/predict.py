@@ -37,7 +37,8 @@ def _is_output(path: Path) -> bool:
 def expand_inputs(args: list[str], out: Path | None = None) -> tuple[list[Path], list[str]]:
     """(image files, error messages) from file and directory arguments, in order, without repeats.
 
-    A directory that is also `out` contributes no earlier outputs of ours.
+    A directory gives its image files, not its hidden ones nor its subfolders'; one that is also
+    `out` contributes no earlier outputs of ours.
     """
     files: list[Path] = []
     errors: list[str] = []
@@ -45,7 +46,12 @@ def expand_inputs(args: list[str], out: Path | None = None) -> tuple[list[Path],
         path = Path(arg)
         if path.is_dir():
             try:
-                found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                # Hidden files are no images (macOS's `._x.png` metadata), as in the folder source.
+                found = sorted(
+                    p
+                    for p in path.iterdir()
+                    if not p.name.startswith(".") and p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                )
             except OSError as e:  # no permission to list it, say: the other inputs are still predicted
                 errors.append(f"{path}: cannot list directory ({e.strerror or e})")
                 continue

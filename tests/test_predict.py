@@ -253,3 +253,16 @@ def test_in_a_log_file_predicting_shows_its_progress(workdir, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert "predicting:   0%" in err and "3/3 [" in err, err
+
+
+def test_a_directory_gives_its_images_but_not_its_hidden_files(tmp_path):
+    """A folder copied from macOS holds `._x.png` (AppleDouble metadata, no image): each was predicted,
+    failed as 'not an image format PIL can read' and made the command exit 1. Hidden files are not
+    images, as in the folder source; one named on the command line is still predicted."""
+    _write(tmp_path / "x.png", 8, 8)
+    (tmp_path / "._x.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    _write(tmp_path / ".thumb.png", 8, 8)
+    files, errors = expand_inputs([str(tmp_path)])
+    assert (files, errors) == ([tmp_path / "x.png"], [])
+    files, errors = expand_inputs([str(tmp_path / ".thumb.png")])
+    assert (files, errors) == ([tmp_path / ".thumb.png"], [])
