@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from fcn.inputs import read_input
 from fcn.staging import write_atomic  # an interrupted evaluation leaves no half-written picture
 
 
@@ -23,15 +24,14 @@ def colorize(classes_HW: np.ndarray, palette_K3: np.ndarray, ignore_label: int =
 
 
 def _rgb(image) -> np.ndarray:
-    """uint8 [H, W, 3] of a uint8 or [0, 1] float image, grayscale or RGB(A)."""
-    image = np.asarray(image)
-    if image.dtype.kind == "f":
-        image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.shape[-1] == 1:
-        image = np.repeat(image, 3, axis=-1)
-    return np.asarray(image[..., :3], np.uint8)
+    """uint8 [H, W, 3] of an image read as Segmenter.predict reads it (fcn.inputs.read_input): a file path,
+    a PIL image of any 8-bit mode, or an array [H, W(, 1, 3 or 4)] of uint8, integers in 0..255 or floats
+    in [0, 1]; anything else is a DataError naming it (np.asarray alone drew a palette image's indices
+    as gray, a float image in 0..255 white, and raised an IndexError for a path)."""
+    image = read_input(image)
+    if image.dtype != np.uint8:  # float32 in [0, 1]
+        image = (image * 255).round().astype(np.uint8)
+    return image
 
 
 def overlay(
@@ -41,7 +41,8 @@ def overlay(
     alpha: float = 0.5,
     ignore_label: int | None = None,
 ) -> np.ndarray:
-    """The image blended with the colourised class map; `ignore_label` pixels keep the image."""
+    """The image (a path, PIL image or array, as Segmenter.predict takes it) blended with the colourised
+    class map; `ignore_label` pixels keep the image."""
     if not 0 <= alpha <= 1:  # outside, the blend leaves 0..255 and wraps around in uint8
         raise ValueError(f"alpha={alpha}: expected an opacity between 0 and 1")
     image = _rgb(image_HWC).astype(np.float32)

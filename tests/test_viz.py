@@ -111,3 +111,38 @@ def test_iou_bars_mark_a_class_absent_from_truth_and_prediction_not_as_zero(tmp_
     assert [(t.get_position()[0], t.get_text()) for t in ax.texts] == [(1, "n/a")]
     monkeypatch.undo()
     plt.close("all")
+
+
+def test_images_are_read_as_predict_reads_them(tmp_path):
+    """overlay, side_by_side and plot_examples took images by np.asarray alone: a path raised an IndexError,
+    a palette PIL image was drawn as gray indices, CMYK as inverted colours, a '1' image and a 16-bit one
+    (wrapped) black or wrong, a float one in 0..255 all white. They read them as Segmenter.predict does."""
+    from fcn.data.images import DataError
+    from fcn.inputs import read_input
+
+    rgb = np.random.default_rng(0).integers(0, 256, (2, 3, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "image.png")
+    pil = Image.fromarray(rgb)
+    for image in (
+        tmp_path / "image.png",
+        str(tmp_path / "image.png"),
+        pil,
+        pil.convert("P"),
+        pil.convert("CMYK"),
+        pil.convert("LA"),
+        pil.convert("1"),
+        rgb.astype(np.uint16),
+        rgb / 255.0,
+    ):
+        expected = read_input(image)
+        expected = expected if expected.dtype == np.uint8 else (expected * 255).round().astype(np.uint8)
+        np.testing.assert_array_equal(viz.overlay(image, CLASSES, PALETTE, alpha=0.0), expected)
+        assert viz.side_by_side(image, CLASSES, CLASSES, PALETTE)[:, :3].tolist() == expected.tolist()
+    for bad, words in [
+        (rgb.astype(np.float32), "float images must be in [0, 1] (divide 0..255 by 255)"),
+        (rgb.astype(np.uint16) * 257, "uint16 values in"),
+        (tmp_path / "missing.png", "missing.png"),
+    ]:
+        with pytest.raises(DataError, match=None) as info:
+            viz.overlay(bad, CLASSES, PALETTE)
+        assert words in str(info.value)
