@@ -15,12 +15,16 @@ from fcn.inputs import read_input
 from fcn.staging import write_atomic  # an interrupted evaluation leaves no half-written picture
 
 
-def colorize(classes_HW: np.ndarray, palette_K3: np.ndarray, ignore_label: int = 255) -> np.ndarray:
-    """uint8 [H, W, 3] colours of a class map; ignored (or unknown) pixels black."""
-    palette = np.zeros((256, 3), np.uint8)
+def colorize(classes_HW: np.ndarray, palette_K3: np.ndarray, ignore_label: int | None = 255) -> np.ndarray:
+    """uint8 [H, W, 3] colours of a class map; ignored (or unknown) pixels black; None ignores none."""
+    palette = np.zeros((257, 3), np.uint8)  # row 256: ids outside 0..255, which uint8 would wrap onto classes
     palette[: len(palette_K3)] = palette_K3
-    palette[ignore_label] = 0
-    return palette[np.asarray(classes_HW, np.uint8)]
+    if ignore_label is not None:  # palette[None] = 0 would black out every row
+        palette[ignore_label] = 0
+    classes = np.asarray(classes_HW)
+    if classes.dtype != np.uint8:
+        classes = np.where((classes >= 0) & (classes < 256), classes, 256).astype(np.intp)
+    return palette[classes]
 
 
 def _rgb(image) -> np.ndarray:

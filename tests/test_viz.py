@@ -146,3 +146,12 @@ def test_images_are_read_as_predict_reads_them(tmp_path):
         with pytest.raises(DataError, match=None) as info:
             viz.overlay(bad, CLASSES, PALETTE)
         assert words in str(info.value)
+
+
+def test_class_ids_past_the_palettes_256_entries_are_black_not_wrapped():
+    """colorize says unknown pixels are black: a class map of int32 ids 257 or -255 was cast to uint8
+    and drawn in class 1's colour."""
+    classes = np.array([[1, 257, -255, 300]], np.int32)
+    np.testing.assert_array_equal(viz.colorize(classes, PALETTE), [[PALETTE[1], [0, 0, 0], [0, 0, 0], [0, 0, 0]]])
+    # ignore_label=None ignores nothing: it blacked out every class (palette[None] = 0 set every row)
+    np.testing.assert_array_equal(viz.colorize(CLASSES[0], PALETTE, ignore_label=None), PALETTE)
