@@ -38,6 +38,19 @@ def _rgb(image) -> np.ndarray:
     return image
 
 
+def _class_map(classes_HW, image_HWC: np.ndarray) -> np.ndarray:
+    """classes_HW as an array, of the image's [H, W]: else a ValueError naming both shapes (numpy's
+    broadcast or concatenate error named neither argument)."""
+    classes_HW = np.asarray(classes_HW)
+    h, w = image_HWC.shape[:2]
+    if classes_HW.shape != (h, w):
+        raise ValueError(
+            f"a class map of shape {classes_HW.shape} for an image of {h}x{w}: expected [H, W] = ({h}, {w}) "
+            "of class ids (of probabilities [H, W, K], take the argmax over the last axis)"
+        )
+    return classes_HW
+
+
 def overlay(
     image_HWC: np.ndarray,
     classes_HW: np.ndarray,
@@ -49,11 +62,13 @@ def overlay(
     class map; `ignore_label` pixels keep the image."""
     if not 0 <= alpha <= 1:  # outside, the blend leaves 0..255 and wraps around in uint8
         raise ValueError(f"alpha={alpha}: expected an opacity between 0 and 1")
-    image = _rgb(image_HWC).astype(np.float32)
+    image = _rgb(image_HWC)
+    classes_HW = _class_map(classes_HW, image)
+    image = image.astype(np.float32)
     colours = colorize(classes_HW, palette_K3).astype(np.float32)
     out = image * (1 - alpha) + colours * alpha
     if ignore_label is not None:
-        out = np.where((np.asarray(classes_HW) == ignore_label)[..., None], image, out)
+        out = np.where((classes_HW == ignore_label)[..., None], image, out)
     return out.round().astype(np.uint8)
 
 
@@ -81,8 +96,8 @@ def side_by_side(image_HWC, label_HW, pred_HW, palette_K3, ignore_label: int = 2
     """image | ground truth | prediction, as one uint8 image (image | prediction without a label)."""
     image_HWC = _rgb(image_HWC)
     gap = np.full((image_HWC.shape[0], 4, 3), 255, np.uint8)
-    panels = [image_HWC] + ([] if label_HW is None else [colorize(label_HW, palette_K3, ignore_label)])
-    panels.append(colorize(pred_HW, palette_K3))
+    label = [] if label_HW is None else [colorize(_class_map(label_HW, image_HWC), palette_K3, ignore_label)]
+    panels = [image_HWC, *label, colorize(_class_map(pred_HW, image_HWC), palette_K3)]
     return np.concatenate([p for panel in panels for p in (panel, gap)][:-1], axis=1)
 
 

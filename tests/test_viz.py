@@ -155,3 +155,18 @@ def test_class_ids_past_the_palettes_256_entries_are_black_not_wrapped():
     np.testing.assert_array_equal(viz.colorize(classes, PALETTE), [[PALETTE[1], [0, 0, 0], [0, 0, 0], [0, 0, 0]]])
     # ignore_label=None ignores nothing: it blacked out every class (palette[None] = 0 set every row)
     np.testing.assert_array_equal(viz.colorize(CLASSES[0], PALETTE, ignore_label=None), PALETTE)
+
+
+def test_a_class_map_not_of_the_images_size_is_refused_naming_both():
+    """A class map of another size (a label of the unshrunk image, probabilities [H, W, K] for their argmax)
+    raised numpy's "operands could not be broadcast" from overlay, and from side_by_side its concatenate's."""
+    image = np.zeros((2, 3, 3), np.uint8)
+    probs = np.zeros((2, 3, 3), np.float32)
+    for call in (
+        lambda: viz.overlay(image, CLASSES[:1], PALETTE),
+        lambda: viz.overlay(image, probs, PALETTE),
+        lambda: viz.side_by_side(image, CLASSES, CLASSES[:, :2], PALETTE),
+        lambda: viz.side_by_side(image, CLASSES.T, CLASSES, PALETTE),
+    ):
+        with pytest.raises(ValueError, match=r"class map of shape \(.*\) for an image of 2x3: expected \[H, W\]"):
+            call()
