@@ -51,7 +51,7 @@ def _check_array(array: np.ndarray, name: str) -> np.ndarray:
                 "convert 16-bit images to 8 bits, or pass floats in [0, 1]"
             )
         array = array.astype(np.uint8)
-    elif kind == "f":
+    elif kind == "f" or jax.dtypes.issubdtype(array.dtype, np.floating):  # bfloat16 too, numpy's kind "V"
         array = array.astype(np.float32)
         lo, hi = float(array.min()), float(array.max())
         if not (np.isfinite(lo) and np.isfinite(hi) and 0.0 <= lo and hi <= 1.0):
