@@ -33,6 +33,9 @@ by one tile batch whatever the image size; host memory holds the image and the
 float32 logits [H, W, K]. Tile origins are multiples of 2**depth, so pooling
 windows match the whole-image ones; logits are blended with weights that ramp
 linearly across each overlap, hiding tile edges, where a tile lacks context.
+A model with input_scale < 1 (given no padding, above) gets its tiles at any
+origin instead, the last of a row or column ending at the image's edge, so
+their pooling windows need not match the whole image's.
 """
 
 from __future__ import annotations
