@@ -146,11 +146,18 @@ def plot_examples(examples, class_names, palette_K3, ignore_label: int = 255, *,
 def _pyplot():
     import matplotlib
 
-    if "matplotlib.pyplot" not in sys.modules:  # a script: no window; a notebook keeps its backend
+    # A script: no window. A notebook (or IPython) keeps its backend, pyplot imported or not: its kernel
+    # names the inline backend in MPLBACKEND, which Agg replaced for the rest of the session.
+    if "matplotlib.pyplot" not in sys.modules and not _in_ipython():
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _in_ipython() -> bool:
+    ipython = sys.modules.get("IPython")
+    return ipython is not None and ipython.get_ipython() is not None
 
 
 def save_confusion(path: str | Path, cm_KK: np.ndarray, class_names) -> None:

@@ -61,3 +61,22 @@ def test_every_public_name_is_listed_and_importable():
 
     assert set(fcn.__all__) <= set(dir(fcn))
     assert all(callable(getattr(fcn, name)) or name in ("losses", "metrics") for name in fcn.__all__)
+
+
+def test_a_figure_drawn_before_pyplot_is_imported_shows_in_the_notebook():
+    """viz.plot_examples switched matplotlib to Agg whenever pyplot was not imported yet, to draw no window
+    from a script; in a Jupyter kernel that replaced the inline backend: the figure, and every later one of
+    the session, showed as "<Figure size ...>" text, never as a picture."""
+    cells = [
+        "import numpy as np\nfrom fcn import viz\n"
+        "fig = viz.plot_examples([(np.zeros((8, 10, 3), np.uint8), None, np.ones((8, 10), np.uint8))], "
+        "['a', 'b'], np.array([[0, 0, 0], [255, 0, 0]], np.uint8))",
+        "import matplotlib.pyplot as plt\nplt.plot([0, 1]); plt.show()",
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    client = nbclient.NotebookClient(
+        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parents[1])}}
+    )
+    client.execute()
+    for cell in nb.cells:
+        assert any("image/png" in o.get("data", {}) for o in cell.outputs), (cell.source, cell.outputs)
