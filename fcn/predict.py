@@ -38,7 +38,7 @@ def expand_inputs(args: list[str], out: Path | None = None) -> tuple[list[Path],
     """(image files, error messages) from file and directory arguments, in order, without repeats.
 
     A directory gives its image files, not its hidden ones nor its subfolders'; one that is also
-    `out` contributes no earlier outputs of ours.
+    `out` contributes no earlier outputs of ours, and one that holds only those is no error.
     """
     files: list[Path] = []
     errors: list[str] = []
@@ -55,9 +55,10 @@ def expand_inputs(args: list[str], out: Path | None = None) -> tuple[list[Path],
             except OSError as e:  # no permission to list it, say: the other inputs are still predicted
                 errors.append(f"{path}: cannot list directory ({e.strerror or e})")
                 continue
-            if out is not None and out.exists() and path.resolve() == out.resolve():
+            ours = out is not None and out.exists() and path.resolve() == out.resolve()
+            if ours and found:  # `--out frames/preds frames/*` again: earlier outputs only, no failed input
                 found = [p for p in found if not _is_output(p)]
-            if not found:
+            elif not found:
                 errors.append(f"{path}: directory with no images (looked for {', '.join(IMAGE_SUFFIXES)})")
             files.extend(found)
         elif path.exists():

@@ -266,3 +266,18 @@ def test_a_directory_gives_its_images_but_not_its_hidden_files(tmp_path):
     assert (files, errors) == ([tmp_path / "x.png"], [])
     files, errors = expand_inputs([str(tmp_path / ".thumb.png")])
     assert (files, errors) == ([tmp_path / ".thumb.png"], [])
+
+
+def test_the_out_folder_among_the_inputs_holding_only_our_outputs_is_no_failure(tmp_path):
+    """`--out frames/preds frames/*`, run a second time: the glob names frames/preds, whose images are all
+    the first run's outputs. It was reported as a directory with no images, so the run that predicted
+    every image exited 1. A folder with no images at all is still named."""
+    frames, out = tmp_path / "frames", tmp_path / "frames" / "preds"
+    out.mkdir(parents=True)
+    _write(frames / "a.png", 8, 8)
+    _write(out / "a_classes.png", 8, 8)
+    _write(out / "a_overlay.png", 8, 8)
+    (tmp_path / "empty").mkdir()
+    files, errors = expand_inputs([str(frames / "a.png"), str(out), str(tmp_path / "empty")], out)
+    assert files == [frames / "a.png"]
+    assert [e.split(":")[0] for e in errors] == [str(tmp_path / "empty")]
