@@ -23,7 +23,8 @@ writes into --out:
 
 An export replaces every one of these that --out held from an earlier export,
 the ones it does not write too (no stale saved_model/ beside a new model.jax),
-and leaves other files alone. It is written in full into a hidden staging
+and leaves other files alone; files of these names with no model.json beside
+them are no export's (a model.tflite of your own), and it refuses to start. It is written in full into a hidden staging
 folder in --out first (.fcn-export-*), so an export that fails leaves --out as
 it was; the folder of an export that was killed (SIGKILL, a power cut) is
 removed by the next export into --out, once no live process holds it
@@ -165,11 +166,28 @@ def export_model(
         return _export_model(fn, out, info, platforms, saved_model, tflite_size, size)
 
 
+def not_ours(out: str | Path) -> str | None:
+    """Why an export into `out` would replace files that no export of fcn's wrote, or None: files of the
+    artifacts' names (a user's own model.tflite, say) with no model.json beside them, nor the staging
+    folder of a killed export whose swap left them so. Checked before anything is written or loaded."""
+    out = Path(out)
+    names = [n for n in (ARTIFACT, SAVED_MODEL, TFLITE) if (out / n).exists() or (out / n).is_symlink()]
+    if not names or (out / METADATA).exists() or any(out.glob(f"{STAGING_PREFIX}*")):
+        return None
+    shown = ", ".join(n + ("/" if (out / n).is_dir() else "") for n in names)
+    return (
+        f"--out {out} holds {shown} but no {METADATA}: not an earlier export of fcn's, and an export would "
+        "replace them; choose another --out, or move them away"
+    )
+
+
 def _export_model(fn, out, info: dict, platforms, saved_model, tflite_size, size) -> list[Path]:
     """Write the whole export into a staging folder inside `out`, then swap it in (`_replace_artifacts`):
     an export that fails leaves `out` as it was; one killed leaves its staging folder, which the next
-    export into `out` removes."""
+    export into `out` removes. Files of the artifacts' names that no export wrote are refused (not_ours)."""
     out = Path(out)
+    if problem := not_ours(out):
+        raise FileExistsError(problem)
     out.mkdir(parents=True, exist_ok=True)
     # Also removes the staging folders of exports into `out` that were killed (fcn.staging).
     with staging_folder(out, STAGING_PREFIX) as staging:
@@ -311,7 +329,7 @@ def main(argv=None) -> int:
         print(f"note: tensorflow is not installed, so no SavedModel: {INSTALL_TF}", file=sys.stderr)
 
     out = Path(args.out)
-    if problem := out_dir_error(args.out):
+    if problem := out_dir_error(args.out) or not_ours(out):
         print(f"error: {problem}", file=sys.stderr)
         return 1
 

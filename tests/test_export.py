@@ -202,6 +202,7 @@ def test_a_new_export_replaces_every_artifact_of_the_previous_one(workdir, tmp_p
     (out / "saved_model").mkdir(parents=True)
     (out / "saved_model" / "saved_model.pb").write_bytes(b"old")
     (out / "model.tflite").write_bytes(b"old")
+    (out / "model.json").write_text("{}")  # theirs: an earlier export's (without it: not_ours, test_export_out.py)
     (out / "notes.txt").write_text("mine")
     assert main(["--workdir", workdir, "--out", str(out), "--no_saved_model"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["model.jax", "model.json", "notes.txt"]

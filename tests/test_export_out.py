@@ -1,0 +1,51 @@
+"""`fcn.export --out`: what an export may replace there, and what it refuses to touch."""
+
+from pathlib import Path
+
+import pytest
+
+import fcn.export
+from fcn.export import main
+
+
+def listing(folder: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def stub_writer(staging, *args):
+    (staging / "model.jax").write_bytes(b"artifact")
+    (staging / "model.json").write_text("{}")
+    return ["model.jax", "model.json"]
+
+
+def test_files_of_the_artifacts_names_that_no_export_wrote_are_refused_and_kept(tmp_path, monkeypatch, capsys):
+    """An --out holding a user's own model.tflite and saved_model/, with no model.json: the export moved
+    them out with the artifacts of an earlier export, and deleted them, though it leaves other files alone."""
+    out = tmp_path / "deploy"
+    (out / "saved_model").mkdir(parents=True)
+    (out / "saved_model" / "saved_model.pb").write_bytes(b"theirs")
+    (out / "model.tflite").write_bytes(b"theirs")
+    (out / "notes.txt").write_text("mine")
+    before = listing(out)
+    # Refused before the workdir is read: this one does not exist.
+    assert main(["--workdir", str(tmp_path / "run"), "--out", str(out), "--no_saved_model"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: --out {out} holds saved_model/, model.tflite but no model.json: not an earlier export" in err
+    assert "choose another --out, or move them away" in err
+    monkeypatch.setattr(fcn.export, "_write_artifacts", lambda fn, staging, *args: stub_writer(staging))
+    with pytest.raises(FileExistsError, match="holds saved_model/, model.tflite but no model.json"):
+        fcn.export._export_model(None, out, {}, None, False, None, None)
+    assert listing(out) == before
+
+
+def test_a_swap_a_kill_interrupted_is_replaced_by_the_next_export(tmp_path, monkeypatch):
+    """A killed swap leaves artifacts without model.json, and its staging folder: those are an export's."""
+    out = tmp_path / "exported"
+    staging = out / ".fcn-export-killed"
+    staging.mkdir(parents=True)
+    (staging / ".fcn-staging-owner").write_text("pid 1 on elsewhere")  # no process holds it: swept
+    (out / "model.jax").write_bytes(b"old")
+    (out / "model.tflite").write_bytes(b"old")
+    monkeypatch.setattr(fcn.export, "_write_artifacts", lambda fn, staging, *args: stub_writer(staging))
+    fcn.export._export_model(None, out, {}, None, False, None, None)
+    assert listing(out) == {"model.jax": b"artifact", "model.json": b"{}"}
