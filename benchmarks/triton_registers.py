@@ -37,6 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import conv_kernels  # noqa: E402
+from benchmarks.gpu_target import abstract_gpu  # noqa: E402
 from benchmarks.head_loss import describe, parse_setting  # noqa: E402
 from fcn import head_loss  # noqa: E402
 
@@ -57,7 +58,8 @@ def triton_module(fn, *shapes) -> str:
 
     registration.lowering.lower_jaxpr_to_triton_module = capture
     try:
-        jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",))
+        with abstract_gpu():  # jax 0.11 asks which GPU to lower for
+            jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",))
     finally:
         registration.lowering.lower_jaxpr_to_triton_module = lower
     (module,) = captured
