@@ -67,6 +67,12 @@ import numpy as np
 from fcn import ops, trained
 from fcn.cli import exits_130_on_ctrl_c, out_dir_error
 from fcn.data.images import fitted_size
+from fcn.export_tf import (
+    INSTALL_TF,
+    export_tf as _export_tf,  # the SavedModel and TFLite model (TF imported there only)
+    input_shape,
+    tensorflow_available,
+)
 from fcn.exported import (  # the reloading side
     ARTIFACT,
     METADATA,
@@ -210,7 +216,7 @@ def _check_max_size(flag: str, size, max_size: int) -> None:
 def _write_artifacts(fn, out: Path, info: dict, platforms, saved_model, tflite_size, size) -> list[str]:
     from jax import export
 
-    spec = jax.ShapeDtypeStruct(export.symbolic_shape(_input_shape(size)), jnp.float32)
+    spec = jax.ShapeDtypeStruct(export.symbolic_shape(input_shape(size)), jnp.float32)
     exported = export.export(jax.jit(fn), platforms=platforms)(spec)
     artifact = exported.serialize()
     (out / ARTIFACT).write_bytes(artifact)
@@ -249,54 +255,6 @@ def _replace_artifacts(staging: Path, out: Path, names: list[str]) -> None:
             (out / name).rename(previous / name)
     for name in sorted(names, key=lambda n: n == METADATA):
         (staging / name).rename(out / name)
-
-
-def _input_shape(size: tuple[int, int] | None) -> str:
-    """The images' shape for jax.export and jax2tf: a symbolic batch, and H, W symbolic too unless `size`."""
-    return "b, h, w, 3" if size is None else f"b, {size[0]}, {size[1]}, 3"
-
-
-INSTALL_TF = "pip install tensorflow-cpu (in fcn's checkout: pip install '.[tfds]')"  # fcn is not on PyPI
-
-
-def tensorflow_available() -> bool:
-    """Whether tensorflow is installed, without importing it (seconds): a command that stops at a bad
-    --workdir should not have paid for it."""
-    import importlib.util
-
-    return importlib.util.find_spec("tensorflow") is not None
-
-
-def _export_tf(fn, out: Path, platforms, saved_model: bool, tflite_size, size) -> list[str]:
-    """SavedModel (any size, or `size`) and/or TFLite (fixed size) through jax2tf; TF imported here only."""
-    import tensorflow as tf
-    from jax.experimental import jax2tf
-
-    written = []
-    if saved_model:
-        tf_fn = jax2tf.convert(
-            fn,
-            polymorphic_shapes=[f"({_input_shape(size)})"],
-            with_gradient=False,
-            native_serialization_platforms=platforms,
-        )
-        module = tf.Module()
-        images = tf.TensorSpec([None, *(size or (None, None)), 3], tf.float32, name="images")
-        module.serve = tf.function(lambda x: {"logits": tf_fn(x)}, input_signature=[images], autograph=False)
-        tf.saved_model.save(module, str(out / SAVED_MODEL), signatures={"serving_default": module.serve})
-        written.append(SAVED_MODEL)
-    if tflite_size:
-        h, w = tflite_size
-        # TFLite cannot run the dynamic gathers of a symbolic size: convert for one fixed size, on CPU.
-        tf_fn = jax2tf.convert(fn, with_gradient=False, native_serialization_platforms=("cpu",))
-        module = tf.Module()
-        module.serve = tf.function(
-            tf_fn, input_signature=[tf.TensorSpec([1, h, w, 3], tf.float32, name="images")], autograph=False
-        )
-        converter = tf.lite.TFLiteConverter.from_concrete_functions([module.serve.get_concrete_function()], module)
-        (out / TFLITE).write_bytes(converter.convert())
-        written.append(TFLITE)
-    return written
 
 
 @exits_130_on_ctrl_c()

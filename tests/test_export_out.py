@@ -1,4 +1,5 @@
-"""`fcn.export --out`: what an export may replace there, and what it refuses to touch."""
+"""`fcn.export --out`: what an export may replace there, and what it refuses to touch; and the StableHLO
+version of its TensorFlow artifacts."""
 
 from pathlib import Path
 
@@ -49,3 +50,21 @@ def test_a_swap_a_kill_interrupted_is_replaced_by_the_next_export(tmp_path, monk
     monkeypatch.setattr(fcn.export, "_write_artifacts", lambda fn, staging, *args: stub_writer(staging))
     fcn.export._export_model(None, out, {}, None, False, None, None)
     assert listing(out) == {"model.jax": b"artifact", "model.json": b"{}"}
+
+
+def test_the_tensorflow_artifacts_hold_stablehlo_the_installed_tensorflow_reads():
+    """jax 0.11.2 serialized StableHLO 1.18.0 where TF 2.21 reads 1.13.7: its SavedModel was written and then
+    refused by TF when run (tests/test_export.py runs one; this checks the version asked for, on any jax)."""
+    pytest.importorskip("tensorflow")
+    from jax._src.lib.mlir.dialects import hlo
+    from tensorflow.compiler.mlir.stablehlo import stablehlo as tf_hlo
+
+    from fcn.export_tf import _stablehlo_tf_reads
+
+    requirement, tf_version = hlo.StablehloCompatibilityRequirement.WEEK_4, tf_hlo.get_current_version()
+    jax_asks = hlo.get_version_from_compatibility_requirement(requirement)
+    with _stablehlo_tf_reads():
+        asked = hlo.get_version_from_compatibility_requirement(requirement)
+    assert asked == tf_hlo.get_smaller_version(jax_asks, tf_version), (asked, jax_asks, tf_version)
+    assert tf_hlo.get_smaller_version(asked, tf_version) == asked  # no newer than TF reads
+    assert hlo.get_version_from_compatibility_requirement(requirement) == jax_asks  # put back
