@@ -84,11 +84,19 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     path = Path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {workdir} a workdir written by `python train.py`?")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return ml_collections.ConfigDict(read_json(path))
 
 
 def load_dataset_info(workdir: str | os.PathLike) -> dict:
-    return json.loads((Path(workdir) / "dataset.json").read_text())
+    return read_json(Path(workdir) / "dataset.json")
+
+
+def read_json(path: Path):
+    """A workdir's JSON file; one cut short or mistyped is a CheckpointError naming it (json's names none)."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}): fix it, or restore it from a copy") from None
 
 
 def check_compatible(workdir: Path, config, num_classes: int) -> None:
@@ -96,8 +104,7 @@ def check_compatible(workdir: Path, config, num_classes: int) -> None:
     path = workdir / "config.json"
     if not path.exists() or not (workdir / "checkpoints").exists():
         return
-    old = json.loads(path.read_text())
-    new = json.loads(config.to_json())
+    old, new = read_json(path), json.loads(config.to_json())
     diffs = [
         f"{f}: workdir has {_get(old, f)!r}, config has {_get(new, f)!r}"
         for f in (*MODEL_FIELDS, *OPTIMIZER_FIELDS)
@@ -112,7 +119,7 @@ def check_compatible(workdir: Path, config, num_classes: int) -> None:
             )
     info = workdir / "dataset.json"
     if info.exists():
-        old_k = len(json.loads(info.read_text())["class_names"])
+        old_k = len(read_json(info)["class_names"])
         if old_k != num_classes:
             diffs.append(f"number of classes: workdir has {old_k}, data has {num_classes}")
     if diffs:
@@ -152,7 +159,7 @@ def config_changes(workdir: Path, saved: dict) -> list[str]:
     path = workdir / "config.json"
     if not path.exists():
         return []
-    old, new = _leaves(json.loads(path.read_text())), _leaves(saved)
+    old, new = _leaves(read_json(path)), _leaves(saved)
     changes = []
     for key in sorted(old.keys() | new.keys()):
         if old.get(key) != new.get(key):

@@ -91,3 +91,20 @@ def test_the_four_commands_read_checkpoints_through_one_resolver_with_one_error(
         load(missing)
     assert str(e.value) == message and str(missing) in resolved
     assert not (tmp_path / "p").exists() and not (tmp_path / "e").exists() and not missing.exists()
+
+
+@pytest.mark.parametrize("name", ["config.json", "dataset.json"])
+def test_a_workdir_file_that_is_no_json_is_named(workdir, tmp_path, capsys, name):
+    """A config.json or dataset.json cut short (a partial copy) or mistyped in an edit: fcn.evaluate printed
+    json's own words alone ("error: Expecting value: line 2 column 1 (char 12)"), naming no file, and
+    fcn.load raised the same. Now the error names the file and what json found wrong."""
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    (run / name).write_text('{"class_names": ')
+    assert evaluate.main(["--workdir", str(run), "--examples", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"error: {run / name} is not valid JSON (Expecting value: line 1 column 17 (char 16))" in err
+    with pytest.raises(CheckpointError, match=f"{run / name} is not valid JSON"):
+        load(run)
+    assert not list(run.glob("eval_*"))
