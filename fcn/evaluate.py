@@ -24,6 +24,7 @@ import collections
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -330,19 +331,27 @@ def _evaluate(args) -> int:
     if jax.process_index() == 0:
         print(f"{workdir}: {args.split} split, {len(split)} images, step {rep['step']} ({run.checkpoint})")
         print(format_report(rep))
-        checkpoint.write_json_atomic(workdir / f"{stem}.json", rep)
-        from fcn import viz
-
-        palette = np.asarray(info["palette"], np.uint8)
-        viz.save_confusion(workdir / f"{stem}_confusion.png", cm, info["class_names"])
-        viz.save_iou_bars(workdir / f"{stem}_iou.png", rep)
-        examples = workdir / f"{stem}_examples.png"
-        if kept:
-            viz.save_examples(examples, kept, info["class_names"], palette)
-        else:  # --examples 0 (or several processes): an earlier evaluation's picture would pass for this one's
-            examples.unlink(missing_ok=True)
+        try:
+            _write(workdir, stem, rep, cm, kept, info)
+        except OSError as e:  # a workdir one may read but not write, a full disk: after the table, not a traceback
+            print(f"error: cannot write {e.filename or workdir}: {e.strerror or e}", file=sys.stderr)
+            return 1
         print(f"wrote {workdir}/{stem}.json and pictures")
     return 0
+
+
+def _write(workdir: Path, stem: str, rep: dict, cm: np.ndarray, kept: list, info: dict) -> None:
+    """The report `{stem}.json` and its pictures `{stem}_*.png` in workdir (an OSError names the file)."""
+    from fcn import viz
+
+    checkpoint.write_json_atomic(workdir / f"{stem}.json", rep)
+    viz.save_confusion(workdir / f"{stem}_confusion.png", cm, info["class_names"])
+    viz.save_iou_bars(workdir / f"{stem}_iou.png", rep)
+    examples = workdir / f"{stem}_examples.png"
+    if kept:
+        viz.save_examples(examples, kept, info["class_names"], np.asarray(info["palette"], np.uint8))
+    else:  # --examples 0 (or several processes): an earlier evaluation's picture would pass for this one's
+        examples.unlink(missing_ok=True)
 
 
 def check_classes(data_config, model_classes, workdir) -> None:

@@ -108,3 +108,15 @@ def test_a_workdir_file_that_is_no_json_is_named(workdir, tmp_path, capsys, name
     with pytest.raises(CheckpointError, match=f"{run / name} is not valid JSON"):
         load(run)
     assert not list(run.glob("eval_*"))
+
+
+def test_a_report_that_cannot_be_written_is_an_error_naming_it(workdir, tmp_path, capsys):
+    """A workdir the user may read but not write (a colleague's runs, a full disk; here a folder in the way of a
+    picture): fcn.evaluate printed the scores and then a traceback. Now one line names the file, exit code 1."""
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    (run / "eval_val_confusion.png").mkdir()
+    assert evaluate.main(["--workdir", str(run), "--examples", "0"]) == 1
+    out, err = capsys.readouterr()
+    assert "mean IoU" in out and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: cannot write {run / 'eval_val_confusion.png'}: Is a directory")
