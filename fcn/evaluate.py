@@ -10,7 +10,8 @@ checkpoint (the latest while no evaluation has saved a best). `--checkpoint late
 or `--workdir {workdir}/checkpoints/N` (or
 `best/N`: that saved step, `fcn.trained.resolve`), writes `eval_{split}_stepN.json`
 and `eval_{split}_stepN_*.png` instead, beside the best's; the report's `step` and
-`checkpoint` say which was evaluated. The model and the data
+`checkpoint` say which was evaluated, and `hflip` whether with `--hflip` (or the run's
+eval_hflip). The model and the data
 settings are the workdir's (config.json); `--config.data.KEY=VALUE` overrides a
 data setting as train.py does, e.g. the data's path when it has moved.
 `--batch_size N` sets the images per batch over all devices (default: the
@@ -328,8 +329,10 @@ def _evaluate(args) -> int:
     )
     rep = report(cm, info["class_names"], split=args.split, step=int(state["step"]))
     rep["checkpoint"], rep["seconds"] = run.checkpoint, round(time.time() - t0, 2)
+    rep["hflip"] = config.eval_hflip  # other scores of the same step, in the same file: say which
     if jax.process_index() == 0:
-        print(f"{workdir}: {args.split} split, {len(split)} images, step {rep['step']} ({run.checkpoint})")
+        flip = ", with flip test-time augmentation" if config.eval_hflip else ""
+        print(f"{workdir}: {args.split} split, {len(split)} images, step {rep['step']} ({run.checkpoint}){flip}")
         print(format_report(rep))
         try:
             _write(workdir, stem, rep, cm, kept, info)

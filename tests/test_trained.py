@@ -120,3 +120,16 @@ def test_a_report_that_cannot_be_written_is_an_error_naming_it(workdir, tmp_path
     out, err = capsys.readouterr()
     assert "mean IoU" in out and err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith(f"error: cannot write {run / 'eval_val_confusion.png'}: Is a directory")
+
+
+def test_the_report_says_whether_flip_test_time_augmentation_scored_it(workdir, tmp_path, capsys):
+    """`--hflip` scores a checkpoint otherwise, into the same eval_val.json, and neither that report nor the
+    printed lines said so: two reports of one step with two sets of scores could not be told apart."""
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    for flags, hflip in (([], False), (["--hflip"], True)):
+        assert evaluate.main(["--workdir", str(run), "--examples", "0", *flags]) == 0
+        rep = json.loads((run / "eval_val.json").read_text())
+        assert rep["hflip"] is hflip
+        header = capsys.readouterr().out.splitlines()[0]
+        assert header.endswith(", with flip test-time augmentation") is hflip, header
