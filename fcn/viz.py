@@ -82,7 +82,9 @@ def palette_image(classes_HW: np.ndarray, palette_K3: np.ndarray) -> Image.Image
 
 
 def legend(class_names, palette_K3: np.ndarray, *, width: int = 160, row: int = 18) -> np.ndarray:
-    """uint8 image of colour swatches with class names."""
+    """uint8 image of colour swatches with class names; wider than `width` where a name needs it."""
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = max([width, *(row + 10 + int(np.ceil(measure.textlength(str(n)))) for n in class_names)])
     img = Image.new("RGB", (width, row * len(class_names) + 4), (255, 255, 255))
     draw = ImageDraw.Draw(img)
     for k, name in enumerate(class_names):
@@ -160,6 +162,14 @@ def _in_ipython() -> bool:
     return ipython is not None and ipython.get_ipython() is not None
 
 
+def _save(fig, path: str | Path) -> None:
+    """Save a report figure and close it. Cropped to what is drawn (bbox_inches="tight"), not laid out to a
+    fixed size: tight_layout cut long class names off the confusion matrix and squeezed the IoU bars to
+    fit them."""
+    write_atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=100, format="png", bbox_inches="tight"))
+    _pyplot().close(fig)
+
+
 def save_confusion(path: str | Path, cm_KK: np.ndarray, class_names) -> None:
     """Row-normalised confusion matrix heatmap (rows: ground truth)."""
     plt = _pyplot()
@@ -185,9 +195,7 @@ def save_confusion(path: str | Path, cm_KK: np.ndarray, class_names) -> None:
                     color="white" if norm[i, j] > 0.5 else "black",
                 )
     fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    write_atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
+    _save(fig, path)
 
 
 def save_iou_bars(path: str | Path, report: dict) -> None:
@@ -211,6 +219,4 @@ def save_iou_bars(path: str | Path, report: dict) -> None:
     ax.set_xticks(range(len(names)), names, rotation=90)
     ax.set_ylabel("IoU (%)")
     ax.set_ylim(0, 100)
-    fig.tight_layout()
-    write_atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
+    _save(fig, path)

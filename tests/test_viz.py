@@ -170,3 +170,33 @@ def test_a_class_map_not_of_the_images_size_is_refused_naming_both():
     ):
         with pytest.raises(ValueError, match=r"class map of shape \(.*\) for an image of 2x3: expected \[H, W\]"):
             call()
+
+
+def _border_is_white(path, width: int = 2, *, right_only: bool = False) -> bool:
+    """Whether the picture's outer `width` pixels (or its right edge's) are all white: nothing drawn runs off."""
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    edges = [rgb[:, -width:]] + ([] if right_only else [rgb[:width], rgb[-width:], rgb[:, :width]])
+    return all((e >= 250).all() for e in edges)
+
+
+def test_long_class_names_are_drawn_whole_and_leave_the_plots_their_size(tmp_path):
+    """A class named `a_very_long_class_name_for_alignment` was cut: at the examples legend's 160 px and at the
+    edges of the confusion matrix (matplotlib warned "Tight layout not applied"), and the IoU chart's layout
+    squeezed its bars into 20 px to fit the rotated name. Now each picture holds every name whole (nothing runs
+    off its edges) and the IoU chart's bars keep the height they have with short names."""
+    long_names = ["background", "a_very_long_class_name_for_alignment", "object"]
+    image = np.random.default_rng(0).integers(0, 256, (8, 10, 3), dtype=np.uint8)
+    pred = np.ones((8, 10), np.uint8)
+    viz.save_examples(tmp_path / "examples.png", [(image, pred, pred)], long_names, PALETTE)
+    viz.save_confusion(tmp_path / "confusion.png", np.array([[5, 1, 0], [2, 7, 1], [0, 0, 9]]), long_names)
+    assert _border_is_white(tmp_path / "examples.png", right_only=True)  # the legend's side; images fill the rest
+    assert _border_is_white(tmp_path / "confusion.png")
+
+    def bar_height(names) -> int:  # the pixels of a 100% bar, in tab:blue
+        viz.save_iou_bars(tmp_path / "iou.png", {"per_class": [{"name": n, "iou": 1.0} for n in names], "mean_iou": 1})
+        rgb = np.asarray(Image.open(tmp_path / "iou.png").convert("RGB")).astype(int)
+        blue = (np.abs(rgb - [31, 119, 180]).sum(-1) < 30).any(axis=1)
+        assert _border_is_white(tmp_path / "iou.png")
+        return int(blue.sum())
+
+    assert bar_height(long_names) >= 0.9 * bar_height(NAMES) > 100
