@@ -244,7 +244,13 @@ def main(argv=None) -> int:
     )
     trained.add_flags(parser)
     parser.add_argument("--split", default="val", help="a split the data source offers (default: val)")
-    parser.add_argument("--examples", type=int, default=4, help="example overlays to draw (0 = none)")
+    parser.add_argument(
+        "--examples",
+        type=int,
+        default=4,
+        help="images drawn as image | ground truth | prediction in the report's examples picture (default: 4; "
+        "0: none, and an earlier evaluation's picture is removed)",
+    )
     parser.add_argument("--hflip", action="store_true", help=trained.HFLIP_HELP)
     parser.add_argument(
         "--batch_size",
