@@ -8,8 +8,6 @@ same parameters as one never stopped.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 import logging
 import math
@@ -40,27 +38,6 @@ def _every(step: int, period: int) -> bool:
 
 class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to try."""
-
-
-_FROZEN_AT_START = gc.get_freeze_count()  # the interpreter's own, when fcn.train is imported
-
-
-@contextlib.contextmanager
-def _set_up_objects_frozen():
-    """Python's cyclic collector leaves alone the objects made so far (jax, flax, the compiled
-    step: about 240,000, alive for the whole run) while inside: a full walk of them took
-    180-200 ms, once every 20-60 steps (docs/benchmarks.md, eighth session). They are handed
-    back on leaving, so a notebook that trains again gets its garbage collected; a freeze of
-    the caller's own is left as it is. Python 3.12 starts with objects frozen (375 in 3.12.1, none
-    in 3.11 or 3.13), which are no caller's: counted as one, they had kept the loop from freezing."""
-    if gc.get_freeze_count() > _FROZEN_AT_START:
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 class _StopRequest:
@@ -279,7 +256,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
         # the loop waits for it and for its temporaries to be freed (fcn.host_memory.StepPacer).
         pacer = host_memory.StepPacer(mesh.devices.flat)
         # The bar ends its line before any error; log lines print above it, not into it.
-        with _StopRequest() as stop, bar, logging_redirect(bar), _set_up_objects_frozen():
+        with _StopRequest() as stop, bar, logging_redirect(bar), host_memory.set_up_objects_frozen():
             while step < config.num_steps:
                 batch = sharding.put_batch(mesh, *train_data.batch(step, config.batch_size, config.seed, rows))
                 pacer.wait()
