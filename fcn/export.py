@@ -24,11 +24,11 @@ writes into --out:
 An export replaces every one of these that --out held from an earlier export,
 the ones it does not write too (no stale saved_model/ beside a new model.jax),
 and leaves other files alone; files of these names with no model.json beside
-them are no export's (a model.tflite of your own), and it refuses to start. It is written in full into a hidden staging
-folder in --out first (.fcn-export-*), so an export that fails leaves --out as
-it was; the folder of an export that was killed (SIGKILL, a power cut) is
-removed by the next export into --out, once no live process holds it
-(fcn/staging.py).
+them are no export's (a model.tflite of your own), and it refuses to start.
+It is written in full into a hidden staging folder in --out first
+(.fcn-export-*), so an export that fails leaves --out as it was; the folder
+of an export that was killed (SIGKILL, a power cut) is removed by the next
+export into --out, once no live process holds it (fcn/staging.py).
 
 With --size H,W the artifact and the SavedModel take images of that size only
 (any B). A model trained with `model.input_scale` below 1 (configs/camvid_cpu.py)
