@@ -1,16 +1,11 @@
 """`fcn.export --out`: what an export may replace there, and what it refuses to touch; and the StableHLO
 version of its TensorFlow artifacts."""
 
-from pathlib import Path
-
 import pytest
 
 import fcn.export
 from fcn.export import main
-
-
-def listing(folder: Path) -> dict[str, bytes | None]:
-    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+from tests.test_data_sources import snapshot
 
 
 def stub_writer(staging, *args):
@@ -27,7 +22,7 @@ def test_files_of_the_artifacts_names_that_no_export_wrote_are_refused_and_kept(
     (out / "saved_model" / "saved_model.pb").write_bytes(b"theirs")
     (out / "model.tflite").write_bytes(b"theirs")
     (out / "notes.txt").write_text("mine")
-    before = listing(out)
+    before = snapshot(out)  # bytes and modification times
     # Refused before the workdir is read: this one does not exist.
     assert main(["--workdir", str(tmp_path / "run"), "--out", str(out), "--no_saved_model"]) == 1
     err = capsys.readouterr().err
@@ -36,7 +31,7 @@ def test_files_of_the_artifacts_names_that_no_export_wrote_are_refused_and_kept(
     monkeypatch.setattr(fcn.export, "_write_artifacts", lambda fn, staging, *args: stub_writer(staging))
     with pytest.raises(FileExistsError, match="holds saved_model/, model.tflite but no model.json"):
         fcn.export._export_model(None, out, {}, None, False, None, None)
-    assert listing(out) == before
+    assert snapshot(out) == before
 
 
 def test_a_swap_a_kill_interrupted_is_replaced_by_the_next_export(tmp_path, monkeypatch):
@@ -49,7 +44,7 @@ def test_a_swap_a_kill_interrupted_is_replaced_by_the_next_export(tmp_path, monk
     (out / "model.tflite").write_bytes(b"old")
     monkeypatch.setattr(fcn.export, "_write_artifacts", lambda fn, staging, *args: stub_writer(staging))
     fcn.export._export_model(None, out, {}, None, False, None, None)
-    assert listing(out) == {"model.jax": b"artifact", "model.json": b"{}"}
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {"model.jax": b"artifact", "model.json": b"{}"}
 
 
 def test_the_tensorflow_artifacts_hold_stablehlo_the_installed_tensorflow_reads():
