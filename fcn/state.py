@@ -271,7 +271,7 @@ def make_train_step(config, graphs: Graphs, tx, num_classes: int, ignore_label: 
             ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
         out = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "train_accuracy": correct / jnp.maximum(jnp.sum(valid), 1),
         }
         new_state = {"step": state["step"] + 1, "params": params, "rest": rest, "opt_state": opt_state, "ema": ema}
