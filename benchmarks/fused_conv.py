@@ -243,12 +243,12 @@ HEADERS = {
 }
 
 
-def report(rows) -> None:
+def report(rows, headers=None) -> None:
     """For each kind, one line a conv and the total: XLA's ms, the kernel's fastest setting's ms, XLA /
-    kernel, and the TFLOP/s of each."""
-    saved = {}
-    for kind in KINDS:
-        print(f"\n{HEADERS[kind]}\n{'conv':14s} {'input':22s} out  bn   XLA ms  kernel ms (setting)        "
+    kernel, and the TFLOP/s of each (benchmarks/cudnn_graphs.py: a cuDNN graph's, with its `headers`)."""
+    saved, headers = {}, headers or HEADERS
+    for kind in [k for k in KINDS if rows and k in rows[0][-1]]:  # the kinds timed
+        print(f"\n{headers[kind]}\n{'conv':14s} {'input':22s} out  bn   XLA ms  kernel ms (setting)        "
               "XLA/kernel  TFLOP/s XLA kernel")  # fmt: skip
         total = np.zeros(2)
         for name, x_shape, c_out, bn, times in rows:
@@ -266,7 +266,7 @@ def report(rows) -> None:
         )
         saved[kind] = total[0] - total[1]
     # A training step runs each conv's layer (the conv alone is part of it), weight and input gradient.
-    step = sum(saved[kind] for kind in ("layer", "wgrad", "dgrad"))
+    step = sum(saved.get(kind, 0.0) for kind in ("layer", "wgrad", "dgrad"))
     print(f"\nlayer + weight gradient + input gradient: {step:+.3f} ms a step saved, of the {NEEDED_MS} ms that 40% "
           "MFU needs at the full recipe's size (docs/benchmarks.md)", flush=True)  # fmt: skip
 

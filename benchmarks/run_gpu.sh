@@ -7,6 +7,8 @@
 #   bash benchmarks/run_gpu.sh --head_loss  # the fused network-end kernel against XLA's, alone and in the step
 #   bash benchmarks/run_gpu.sh --fused_conv # a prototype conv kernel with batch norm in, against cuDNN + XLA's passes
 #   bash benchmarks/run_gpu.sh --fused_block # each conv block's forward + backward with those kernels, against fcn's
+#   bash benchmarks/run_gpu.sh --cudnn_graphs # each conv with batch norm fused in by cuDNN's own graphs, against XLA's
+#                                           # (needs nvidia-cudnn-frontend's wheel in wheels/: scripts/gpu_env.sh)
 #   bash benchmarks/run_gpu.sh --conv_impls 'gemm,gemm+fused:A:conv1:dgrad' --torch_variants '' --skip_startup
 #                                           # the whole step with those kernels (benchmarks/fused_model.py) beside fcn's
 #
@@ -49,6 +51,14 @@ if [[ "${1:-}" == "--fused_block" ]]; then
   shift
   "$PY" benchmarks/fused_block.py --batch 16 --size 360 480 --features 32 --depth 4 --dtype bfloat16 "$@" 2>&1 \
     | tee "$OUT_DIR/fused_block.log"
+  exit 0
+fi
+if [[ "${1:-}" == "--cudnn_graphs" ]]; then
+  # benchmarks/cudnn_graphs.py at the same size: each 3x3 conv's cuDNN graphs (batch norm + ReLU in, statistics
+  # out), values compared, then timed against XLA's in one process. jax leaves GPU memory to PyTorch's tensors.
+  shift
+  XLA_PYTHON_CLIENT_PREALLOCATE=false "$PY" benchmarks/cudnn_graphs.py --batch 16 --size 360 480 --features 32 \
+    --depth 4 --dtype bfloat16 "$@" 2>&1 | tee "$OUT_DIR/cudnn_graphs.log"
   exit 0
 fi
 if [[ "${1:-}" == "--tiny" ]]; then

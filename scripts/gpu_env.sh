@@ -9,6 +9,12 @@
 #
 #   pip download --no-deps --only-binary=:all: -d wheels/ ml_collections==1.1.0 tensorboardX==2.6.5
 #
+# and for benchmarks/cudnn_graphs.py (`run_gpu.sh --cudnn_graphs`) cuDNN's Python frontend, for the
+# machine's Python 3.12 (1.12.0: 1.7 MB, no dependencies; later releases pull in CUTLASS's DSL):
+#
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 -d wheels/ nvidia-cudnn-frontend==1.12.0
+#
 # The machine's own flax and orbax serve: on 2026-11-22 its jax 0.11.2 ran fcn with
 # its flax 0.12.10 and orbax-checkpoint 0.12.4, and the flax the tests run with
 # (0.12.8) did not import there. Should flax or orbax wheels be carried anyway and
@@ -60,7 +66,7 @@ print(" | ".join(parts), flush=True)
 missing = [p.split()[0] for p in parts if p.endswith("MISSING") and not p.startswith("torch")]
 if missing:
     print(f"missing: {', '.join(missing)}: carry them as wheels (see scripts/gpu_env.sh)", flush=True)
-names = ("jaxlib", "jax-cuda", "jax_cuda", "nvidia-cudnn", "nvidia_cudnn")
+names = ("jaxlib", "jax-cuda", "jax_cuda", "nvidia-cudnn-cu", "nvidia_cudnn_cu")  # not cuDNN's frontend: no kernels
 found = {f"{d.metadata['Name']}=={d.version}" for d in distributions() if (d.metadata["Name"] or "").lower().startswith(names)}
 with open(sys.argv[1], "w") as f:
     print(" ".join([*sorted(found), jax.devices()[0].device_kind.replace(" ", "_")]), file=f)
