@@ -2,6 +2,7 @@
 conv blocks (the kernels interpreted on the CPU) equals fcn's own step; the variant's spec."""
 
 import argparse
+import functools
 
 import jax
 import numpy as np
@@ -9,9 +10,26 @@ import pytest
 
 from benchmarks import common, fused_model
 from benchmarks.gpu_target import abstract_gpu
+from fcn import state as state_lib
 from fcn.model import ConvBlock
 
 ARGS = dict(batch=2, size=(16, 16), features=16, depth=1, classes=11, conv_impl="gemm", dtype="float32")
+# Every step here runs once: compiled without LLVM's optimisation (as tests/test_distributed.py's runs are),
+# in about half the time. What is compared, fused blocks against fcn's, both compiled so, does not depend on it.
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compiled_fast():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(state_lib, "jit_train_step", functools.partial(state_lib.jit_train_step, compiler_options=FAST))
+        yield
+
+
+@pytest.fixture(scope="module")
+def fcns_step(_compiled_fast):
+    """fcn's own step with ARGS, run once for the module: (new state's leaves, outputs)."""
+    return _step()
 
 
 def _step(**overrides):
@@ -22,8 +40,8 @@ def _step(**overrides):
 
 
 @pytest.mark.parametrize("spec", ["64x16x16", "64x16x16:conv1:dgrad"])
-def test_training_step_with_fused_blocks_equals_fcns(spec):
-    want, out_want = _step()
+def test_training_step_with_fused_blocks_equals_fcns(spec, fcns_step):
+    want, out_want = fcns_step
     fused = []
     with fused_model.patched(spec, fused):
         got, out_got = _step()
