@@ -2,6 +2,7 @@
 kernels in it (interpreted on the CPU), against fcn's own ConvBlock; the list of the network's blocks
 against fcn's model; its lowering for a GPU; the benchmark end to end."""
 
+import functools
 import re
 
 import jax
@@ -15,6 +16,9 @@ from benchmarks.gpu_target import abstract_gpu
 from fcn import model as model_lib
 
 SETTING = dict(bm=64, bn=16, bk=16)  # 2 x 6 x 10 = 120 pixels: a partial second block; 2 channel blocks
+# Every program here runs once or a few times: compiled without LLVM's optimisation (as tests/test_distributed.py's
+# runs are), in about half the time. Both sides of each comparison are compiled so.
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _case(dtype, seed=1):
@@ -26,9 +30,10 @@ def _case(dtype, seed=1):
     return block, nnx.split(block, nnx.Param, ...)[1], x, g
 
 
-def _run(block, params, x, g, first_kernel, dgrad_kernel, **jit):
+def _run(block, params, x, g, first_kernel, dgrad_kernel, compiler_options=None):
     """(fcn's (output, x's gradient, parameters' gradients, running statistics after the step),
     the fused block's) as fused_block's dicts."""
+    jit = {"compiler_options": {**FAST, **(compiler_options or {})}}
     out, new_stats, (grads, dx) = jax.jit(fused_block.reference_grad(block, True), **jit)(params, x, g)
     want = (out, dx, fused_block.block_params(grads), jax.tree.leaves(new_stats))
     eps = fused_block.block_epsilon(block)
@@ -67,9 +72,9 @@ def test_bfloat16_block_equals_fcns_to_rounding(first_kernel, dgrad_kernel):
     # the kernels' are rounded, and a ReLU mask flipped by one rounding moves a gradient by a whole
     # element of g: compared with that off, as bfloat16 strictly computes them.
     block, params, x, g = _case(jnp.bfloat16)
-    strict = {"compiler_options": {"xla_allow_excess_precision": False}}
+    strict = {"xla_allow_excess_precision": False}
     (out_r, dx_r, grads_r, stats_r), (out_f, dx_f, grads_f, stats_f) = _run(
-        block, params, x, g, first_kernel, dgrad_kernel, **strict
+        block, params, x, g, first_kernel, dgrad_kernel, strict
     )
     assert out_f.dtype == dx_f.dtype == jnp.bfloat16
     for got, want in [(out_f, out_r), (dx_f, dx_r), *((grads_f[k], grads_r[k]) for k in fused_block.PARAMS)]:
@@ -129,7 +134,9 @@ def test_lowers_to_triton_kernels_for_a_gpu():
         assert text.count("__gpu$xla.gpu.triton") == calls, (first, dgrad)
 
 
-def test_runs_end_to_end_on_a_tiny_network(capsys):
+def test_runs_end_to_end_on_a_tiny_network(capsys, monkeypatch):
+    # the benchmark's own jax.jit calls compiled as FAST (10 fused variants, each compiled once)
+    monkeypatch.setattr(jax, "jit", functools.partial(jax.jit, compiler_options=FAST))
     fused_block.main(["--batch", "1", "--size", "8", "8", "--features", "16", "--depth", "1", "--rounds", "1",
                       "--steps", "1", "--kernels", "64x16x16x4x3"])  # fmt: skip
     out = capsys.readouterr().out
