@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from fcn import head_loss, losses, norm, state as state_lib
+from fcn import head_loss, losses, norm, ops, state as state_lib
 from fcn.data import get_source
 
 IGNORE = 255
@@ -265,11 +265,15 @@ def test_training_step_with_the_kernel_equals_the_step_without(monkeypatch):
     labels = np.stack(split.labels[:4])
     sizes = np.array([lab.shape for lab in split.labels[:4]], np.int32)
     weights = losses.median_frequency_weights(split.labels, 4)
+    # Each step compiled without LLVM's optimisation (the three alike): they run twice, and compiling the
+    # interpreted kernel's loops took most of the test at -O2.
+    fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    fast.update(ops.train_compiler_options(config.model.conv_impl) or {})
     results = {}
     for choice in ("head", "head+norm", "off"):
         config.loss.fused_head = choice
         graphs, state, tx = state_lib.create(config, 4)
-        step = state_lib.jit_train_step(config, graphs, tx, 4, IGNORE, weights)
+        step = state_lib.jit_train_step(config, graphs, tx, 4, IGNORE, weights, compiler_options=fast)
         for _ in range(2):
             state, out = step(state, images, labels, sizes)
         results[choice] = jax.device_get((state["params"], state["rest"], out))
