@@ -11,6 +11,12 @@ import os
 
 import pytest
 
+# XLA:CPU options for programs a test runs once or a few times: compiled without LLVM's optimisation, in
+# about half the time. Both sides of a comparison are compiled so. As jit's compiler_options, and as
+# XLA_FLAGS for a training process a test starts.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_XLA = " ".join(f"--{k}={str(v).lower()}" for k, v in FAST_COMPILE.items())
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _fcn_cache_dir(tmp_path_factory):

@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import FAST_XLA
 
 from configs import tiny
 from fcn import checkpoint, distributed, state as state_lib
@@ -26,7 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ["--config.eval_batch_size=4"]  # divisible by 1, 2 and 4 devices
 STEPS = tiny.get_config().num_steps  # checkpoints at 3 and 6
 # Compiling at -O0 takes a third of the time; every run here uses the same flags.
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 LAUNCH_TIMEOUT = 180  # seconds for one two-process launch; 25 to 60 were needed on a busy 2-core machine
 
 # Runs train.py's main in this process, saving this process's own copy of the parameters and

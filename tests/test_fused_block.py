@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 from flax import nnx
 
 from benchmarks import conv_kernels, fused_block, fused_conv
@@ -16,9 +17,6 @@ from benchmarks.gpu_target import abstract_gpu
 from fcn import model as model_lib
 
 SETTING = dict(bm=64, bn=16, bk=16)  # 2 x 6 x 10 = 120 pixels: a partial second block; 2 channel blocks
-# Every program here runs once or a few times: compiled without LLVM's optimisation (as tests/test_distributed.py's
-# runs are), in about half the time. Both sides of each comparison are compiled so.
-FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _case(dtype, seed=1):
@@ -33,7 +31,7 @@ def _case(dtype, seed=1):
 def _run(block, params, x, g, first_kernel, dgrad_kernel, compiler_options=None):
     """(fcn's (output, x's gradient, parameters' gradients, running statistics after the step),
     the fused block's) as fused_block's dicts."""
-    jit = {"compiler_options": {**FAST, **(compiler_options or {})}}
+    jit = {"compiler_options": {**FAST_COMPILE, **(compiler_options or {})}}
     out, new_stats, (grads, dx) = jax.jit(fused_block.reference_grad(block, True), **jit)(params, x, g)
     want = (out, dx, fused_block.block_params(grads), jax.tree.leaves(new_stats))
     eps = fused_block.block_epsilon(block)
@@ -135,8 +133,8 @@ def test_lowers_to_triton_kernels_for_a_gpu():
 
 
 def test_runs_end_to_end_on_a_tiny_network(capsys, monkeypatch):
-    # the benchmark's own jax.jit calls compiled as FAST (10 fused variants, each compiled once)
-    monkeypatch.setattr(jax, "jit", functools.partial(jax.jit, compiler_options=FAST))
+    # the benchmark's own jax.jit calls compiled as FAST_COMPILE (10 fused variants, each compiled once)
+    monkeypatch.setattr(jax, "jit", functools.partial(jax.jit, compiler_options=FAST_COMPILE))
     fused_block.main(["--batch", "1", "--size", "8", "8", "--features", "16", "--depth", "1", "--rounds", "1",
                       "--steps", "1", "--kernels", "64x16x16x4x3"])  # fmt: skip
     out = capsys.readouterr().out

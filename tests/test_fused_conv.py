@@ -11,15 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 from flax import nnx
 
 from benchmarks import conv_kernels, fused_conv
 from benchmarks.gpu_target import abstract_gpu
 from fcn import model as model_lib, norm
-
-# The benchmark's programs each run once or a few times: compiled without LLVM's optimisation (as
-# tests/test_distributed.py's runs are), in less time. Its fused and XLA programs alike.
-FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _case(shape, c_out, dtype=jnp.float32, seed=0):
@@ -170,7 +167,7 @@ def test_lowers_to_one_triton_kernel_for_a_gpu():
 
 
 def test_convs_can_be_chosen_by_name(capsys, monkeypatch):
-    monkeypatch.setattr(jax, "jit", functools.partial(jax.jit, compiler_options=FAST))
+    monkeypatch.setattr(jax, "jit", functools.partial(jax.jit, compiler_options=FAST_COMPILE))
     fused_conv.main(["--batch", "1", "--size", "8", "8", "--features", "16", "--depth", "1", "--rounds", "1",
                      "--steps", "1", "--kernels", "64x32x16x4x3", "--convs", "^up0 conv2$"])  # fmt: skip
     out = capsys.readouterr().out
@@ -180,7 +177,7 @@ def test_convs_can_be_chosen_by_name(capsys, monkeypatch):
 
 
 def test_runs_end_to_end_on_a_tiny_network(capsys, monkeypatch):
-    monkeypatch.setattr(jax, "jit", functools.partial(jax.jit, compiler_options=FAST))
+    monkeypatch.setattr(jax, "jit", functools.partial(jax.jit, compiler_options=FAST_COMPILE))
     fused_conv.main(["--batch", "1", "--size", "8", "8", "--features", "16", "--depth", "1", "--rounds", "1",
                      "--steps", "1", "--kernels", "64x32x16x4x3"])  # fmt: skip
     out = capsys.readouterr().out

@@ -7,6 +7,7 @@ import functools
 import jax
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 
 from benchmarks import common, fused_model
 from benchmarks.gpu_target import abstract_gpu
@@ -14,15 +15,13 @@ from fcn import state as state_lib
 from fcn.model import ConvBlock
 
 ARGS = dict(batch=2, size=(16, 16), features=16, depth=1, classes=11, conv_impl="gemm", dtype="float32")
-# Every step here runs once: compiled without LLVM's optimisation (as tests/test_distributed.py's runs are),
-# in about half the time. What is compared, fused blocks against fcn's, both compiled so, does not depend on it.
-FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _compiled_fast():
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(state_lib, "jit_train_step", functools.partial(state_lib.jit_train_step, compiler_options=FAST))
+        fast_step = functools.partial(state_lib.jit_train_step, compiler_options=FAST_COMPILE)
+        mp.setattr(state_lib, "jit_train_step", fast_step)
         yield
 
 

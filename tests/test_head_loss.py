@@ -267,7 +267,9 @@ def test_training_step_with_the_kernel_equals_the_step_without(monkeypatch):
     weights = losses.median_frequency_weights(split.labels, 4)
     # Each step compiled without LLVM's optimisation (the three alike): they run twice, and compiling the
     # interpreted kernel's loops took most of the test at -O2.
-    fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    from conftest import FAST_COMPILE  # here: a subprocess below imports this module without tests/ on its path
+
+    fast = dict(FAST_COMPILE)
     fast.update(ops.train_compiler_options(config.model.conv_impl) or {})
     results = {}
     for choice in ("head", "head+norm", "off"):

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 from flax import nnx
 from jax import lax
 
@@ -134,7 +135,7 @@ def _steps(config, impl, n=2):
     graphs, state, tx = state_lib.create(config, 4)
     # Compiled without LLVM's optimisation (oneDNN's calls are no LLVM code; XLA's steps alike): they run twice,
     # and optimising XLA:CPU's bfloat16 code took most of the test.
-    fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    fast = dict(FAST_COMPILE)
     fast.update(ops.train_compiler_options(impl) or {})
     step = state_lib.jit_train_step(config, graphs, tx, 4, 255, compiler_options=fast)
     outs = []
