@@ -2,16 +2,18 @@
 exit, no traceback, and nothing written (the workdir is not even created) or changed.
 
 The loaders' own checks are tested in test_images.py and test_data_sources.py; here each mistake
-goes through `python train.py`. The runs fail before any compilation, so they run side by side.
+goes through train.py as `python train.py` runs it, in a process of its own forked from one that has
+imported JAX (tests/forked.py: the same output and exit code, without 2-3 s of start-up each), and one
+through a `python train.py` started afresh. The runs fail before any compilation, so they run side by side.
 """
 
 import os
 import re
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import forked
 import numpy as np
 import pytest
 from PIL import Image
@@ -124,24 +126,27 @@ def snapshot(root: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Every case's `python train.py` run, side by side; (result, workdir, data folder, snapshots)."""
+    """Every case's train.py run, forked side by side; (results, data folder, snapshots, config folder), each
+    result (process, workdir). Also "camvid with class_names", for test_a_data_setting_the_source_never_reads."""
     base = tmp_path_factory.mktemp("bad_config")
     data = make_folder(base / "data")
     before = snapshot(data)
     (base / "configs").mkdir()
     for name, text in CONFIG_FILES.items():
         (base / "configs" / name).write_text(text)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-
-    def run(case: str):
-        workdir = base / case.replace(" ", "_")
-        overrides = [o.format(data=data, configs=base / "configs") for o in CASES[case][0]]
+    (base / "camvid").mkdir()  # empty
+    cases = {case: [o.format(data=data, configs=base / "configs") for o in CASES[case][0]] for case in CASES}
+    cases["camvid with class_names"] = [
+        "--config.data.source=camvid",
+        f"--config.data.path={base / 'camvid'}",
+        '--config.data.class_names=("a","b")',
+    ]
+    commands, workdirs = [], []
+    for case, overrides in cases.items():
+        workdirs.append(base / case.replace(" ", "_"))
         config = overrides.pop(0) if overrides[0].startswith("--config=") else "--config=configs/tiny.py"
-        cmd = [sys.executable, "train.py", config, "--workdir", str(workdir), *overrides]
-        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300), workdir
-
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        results = dict(zip(CASES, pool.map(run, CASES)))
+        commands.append({"args": ["train.py", config, "--workdir", workdirs[-1], *overrides]})
+    results = dict(zip(cases, zip(forked.run(commands, {"JAX_PLATFORMS": "cpu"}), workdirs)))
     return results, data, before, snapshot(data), base / "configs"
 
 
@@ -203,18 +208,12 @@ def test_data_overrides_of_a_workdir_are_checked_as_train_py_checks_them(overrid
         with_data_overrides(saved(), ["--config.data.pth=elsewhere"])
 
 
-def test_a_data_setting_the_source_never_reads_is_refused_by_train_py(tmp_path):
+def test_a_data_setting_the_source_never_reads_is_refused_by_train_py(runs):
     """`--config.data.class_names` is read by the folder and tfds sources only: with CamVid it was ignored, and
     the run trained on CamVid's 11 classes without a word. Now one line names the key, its value and the
     source, before the data is looked for (the empty data folder would be an error of its own) or the workdir
     is made."""
-    workdir = tmp_path / "run"
-    (tmp_path / "camvid").mkdir()
-    cmd = [sys.executable, "train.py", "--config=configs/tiny.py", "--workdir", str(workdir)]
-    cmd += ["--config.data.source=camvid", f"--config.data.path={tmp_path / 'camvid'}"]
-    cmd += ['--config.data.class_names=("a","b")']
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done, workdir = runs[0]["camvid with class_names"]
     assert done.returncode == 1, done.stderr
     lines = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
     assert lines == [
