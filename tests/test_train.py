@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import forked
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,23 +46,22 @@ def test_tiny_model_overfits_one_batch():
 
 
 def test_a_log_file_gets_the_progress_bar_every_30_s_not_at_every_logged_step(tmp_path, capsys):
-    config = tiny.get_config()  # log_every = 1
-    config.num_steps, config.eval_every, config.checkpoint_every = 12, 0, 0
+    config = tiny.get_config()  # log_every = 1; its num_steps, so that its training step is compiled already
+    config.eval_every, config.checkpoint_every = 0, 0
     train_and_evaluate(config, tmp_path / "run")
-    bars = [ln for ln in capsys.readouterr().err.replace("\r", "\n").splitlines() if "/12 [" in ln]
+    bars = [ln for ln in capsys.readouterr().err.replace("\r", "\n").splitlines() if "/6 [" in ln]
     # the bar at its start, once compiled, and at its end (seconds apart: well within 30 s); the postfix's
-    # refresh printed it at each of the 12 logged steps too
+    # refresh printed it at each of the 6 logged steps too
     assert len(bars) <= 4, bars
 
 
 def test_the_last_line_says_where_the_run_went(tmp_path, capsys):
     """The run ended with the report's table (or, with no evaluation, with the bar): nothing said where
     the checkpoints and metrics were, as fcn.evaluate and fcn.predict's last lines do."""
-    config = tiny.get_config()
-    config.num_steps, config.optimizer.warmup_steps = 2, 0
+    config = tiny.get_config()  # as it is: evaluated at its last step, 6; its training step compiled already
     train_and_evaluate(config, tmp_path / "run")
     last = capsys.readouterr().out.splitlines()[-1]
-    assert last == f"trained to step 2: checkpoints and metrics in {tmp_path / 'run'}"
+    assert last == f"trained to step 6: checkpoints and metrics in {tmp_path / 'run'}"
 
 
 def test_zero_periods_mean_only_at_the_end(tmp_path):
@@ -138,19 +138,21 @@ def test_out_of_memory_is_one_line_saying_what_takes_less_and_checkpoints_stay(
     assert f"resuming {workdir} from step 3" in caplog.text
 
 
-def test_command_line_train_evaluate_resume(tmp_path):
+def test_command_line_train_evaluate_resume(tmp_path, capsys):
     # FCN_JAX_CACHE: the session's cache (conftest.py). The first run is the tiny config as it is, which
     # the tests above compiled already; the second trains it for longer, resuming from the first's last step.
-    env = dict(os.environ)
+    # The three commands run one after the other, each as `python` runs it, forked from one process that has
+    # imported JAX (tests/forked.py): a process of its own each, without 2 s of imports each.
     workdir = tmp_path / "run"
-    train = [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(workdir)]
-    subprocess.run(train, cwd=ROOT, env=env, check=True, capture_output=True)
-    done = subprocess.run(train + ["--config.num_steps=8"], cwd=ROOT, env=env, capture_output=True, text=True)
+    train = ["train.py", "--config", "configs/tiny.py", "--workdir", workdir]
+    commands = [train, [*train, "--config.num_steps=8"], ["-m", "fcn.evaluate", "--workdir", workdir, "--split", "val"]]
+    first, done, ev = forked.run([{"args": args} for args in commands], jobs=1)
+    assert first.returncode == 0, first.stderr
     assert done.returncode == 0, done.stderr
     assert f"resuming {workdir} from step {tiny.get_config().num_steps}" in done.stderr and "mean IoU" in done.stdout
     # Before the first step's compilation, which takes minutes on a GPU, the user is told where it is kept.
     assert "\ncompiling the training step, or reading it from the compilation cache in " in done.stderr  # plain
-    assert env["FCN_JAX_CACHE"] in done.stderr
+    assert os.environ["FCN_JAX_CACHE"] in done.stderr
     # Lines logged while the progress bar runs (the traced step kept) print above it, not after it.
     assert "training step traced and kept" in done.stderr
     bars = [seg for seg in re.split(r"[\r\n]", done.stderr) if "%|" in seg]
@@ -159,13 +161,6 @@ def test_command_line_train_evaluate_resume(tmp_path):
     assert [row["step"] for row in lines if "loss" in row] == list(range(1, 9))  # no step lost or repeated
     for name in ("config.json", "dataset.json", "metrics.jsonl", "checkpoints", "best", "tensorboard"):
         assert (workdir / name).exists(), name
-    ev = subprocess.run(
-        [sys.executable, "-m", "fcn.evaluate", "--workdir", str(workdir), "--split", "val"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
     assert ev.returncode == 0, ev.stderr
     report = json.loads((workdir / "eval_val.json").read_text())
     for key in ("mean_iou", "pixel_accuracy", "mean_accuracy", "fw_iou", "per_class"):
@@ -181,15 +176,9 @@ def test_command_line_train_evaluate_resume(tmp_path):
     # has moved): here the synthetic val split's size, which the report then counts (tiny.py: 5).
     from fcn import evaluate, trained
 
-    ev = subprocess.run(
-        [sys.executable, "-m", "fcn.evaluate", "--workdir", str(workdir), "--examples", "0"]
-        + ["--config.data.synthetic_counts.val", "3"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert ev.returncode == 0 and "val split, 3 images" in ev.stdout, ev.stderr
+    capsys.readouterr()
+    ev = evaluate.main(["--workdir", str(workdir), "--examples", "0", "--config.data.synthetic_counts.val", "3"])
+    assert ev == 0 and "val split, 3 images" in capsys.readouterr().out
     assert json.loads((workdir / "config.json").read_text())["data"]["synthetic_counts"]["val"] == 5  # not saved
     # A misspelt data key is named with the closest one; a model or training setting is refused: those
     # are the workdir's.
