@@ -55,12 +55,11 @@ def test_running_a_finished_workdir_again_says_there_is_nothing_to_train(tmp_pat
 
 
 def test_a_run_stopped_then_given_num_steps_at_its_stop_evaluates_that_step_once(tmp_path, capsys):
-    """Stopped at step 2 of 100 (not an evaluation step), then run with num_steps=2: its last step is
+    """Stopped at step 2 of 6 (not an evaluation step), then run with num_steps=2: its last step is
     evaluated (metrics.jsonl, best/, the report), where it said "nothing to train" and left the final
     weights unevaluated, with no best/ at all. config.json keeps the settings trained with; run once
     more, it is a workdir evaluated at its last step: nothing to train, nothing written."""
-    config = tiny.get_config()
-    config.num_steps, run = 100, tmp_path / "run"
+    config, run = tiny.get_config(), tmp_path / "run"  # its 6 steps: the training step the other tests compile
     train_and_evaluate(config, run, stop_after=2)
     config_json = (run / "config.json").read_bytes()
     config.num_steps = 2
@@ -78,7 +77,7 @@ def test_a_run_stopped_then_given_num_steps_at_its_stop_evaluates_that_step_once
         assert ckpts.best.metrics(2)["mean_iou"] == rep["mean_iou"]
     finally:
         ckpts.close()
-    assert (run / "config.json").read_bytes() == config_json  # num_steps=100: the schedule trained with
+    assert (run / "config.json").read_bytes() == config_json  # num_steps=6: the schedule trained with
     files = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
     assert train_and_evaluate(config, run) == {}
     assert "nothing to train" in capsys.readouterr().out
@@ -89,9 +88,8 @@ def test_a_final_evaluation_whose_best_save_failed_is_done_again_by_the_next_run
     """The final evaluation's metrics.jsonl line says that step k is evaluated. Written before best/ was saved,
     a failed save (a full disk: "re-run to resume") left the line, and the re-run said "nothing to train"
     with step k, the best, never in best/. The line comes after best/ now: the re-run evaluates and saves it."""
-    config = tiny.get_config()
-    config.num_steps, run = 100, tmp_path / "run"
-    train_and_evaluate(config, run, stop_after=2)  # step 2: no evaluation, best/ empty
+    config, run = tiny.get_config(), tmp_path / "run"
+    train_and_evaluate(config, run, stop_after=2)  # step 2 of 6: no evaluation, best/ empty
     config.num_steps = 2
     save = checkpoint.Checkpoints.save
 
