@@ -96,7 +96,7 @@ def test_camvid_found_through_the_environment_is_recorded_for_evaluation(tmp_pat
     assert get_source(config("camvid")).found_at == str(root.resolve())
     assert get_source(config("camvid", path=str(root))).found_at == ""  # named in the config: kept as given
     c = tiny.get_config()
-    c.data.source, c.augment.crop_size = "camvid", (6, 8)
+    c.data.source, c.augment.crop_size, c.num_steps = "camvid", (6, 8), 1  # as the next test: one program for both
     train_and_evaluate(c, str(tmp_path / "run"))
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["path"] == str(root.resolve())
     monkeypatch.delenv("FCN_CAMVID_DIR")
