@@ -97,10 +97,15 @@ def _serve(jobs: int) -> None:
     import importlib
     import shutil
     import tempfile
+    import threading
 
     commands = json.load(sys.stdin)
     for name in PRELOAD:
         importlib.import_module(name)
+    # A fork copies only the forking thread: a lock another thread held would stay locked in every child.
+    # Should an import above ever start a thread, say so rather than risk children that hang.
+    if threading.active_count() != 1:
+        raise RuntimeError(f"tests/forked.py: importing {PRELOAD} started threads: {threading.enumerate()}")
     results = [None] * len(commands)
     tmp = tempfile.mkdtemp()  # (not a TemporaryDirectory: its finalizer, an atexit handler, runs in each child)
     try:
