@@ -112,11 +112,15 @@ class Graphs:
     def _graph(self):
         dt = self.cudnn.data_type
         return self.cudnn.pygraph(
-            io_data_type=dt.BFLOAT16 if self.x.dtype == torch.bfloat16 else dt.FLOAT,
+            io_data_type=self._type(self.x),
             intermediate_data_type=dt.FLOAT,
             compute_data_type=dt.FLOAT,
             handle=self.handle,
         )
+
+    def _type(self, t: torch.Tensor):
+        dt = self.cudnn.data_type
+        return {torch.float32: dt.FLOAT, torch.bfloat16: dt.BFLOAT16, torch.float16: dt.HALF}[t.dtype]
 
     def _tensor(self, graph, t, name):
         return graph.tensor(name=name, dim=list(t.shape), stride=list(t.stride()), data_type=t.dtype)
@@ -134,8 +138,7 @@ class Graphs:
 
     def _output(self, graph, pack, T, t: torch.Tensor):
         """T an output of the graph, written to t (its dims, strides and dtype)."""
-        dt = self.cudnn.data_type.FLOAT if t.dtype == torch.float32 else self.cudnn.data_type.BFLOAT16
-        T.set_output(True).set_data_type(dt).set_dim(list(t.shape)).set_stride(list(t.stride()))
+        T.set_output(True).set_data_type(self._type(t)).set_dim(list(t.shape)).set_stride(list(t.stride()))
         pack[T] = t
         return t
 
@@ -269,7 +272,9 @@ def main(argv=None) -> None:
     p.add_argument("--plans", type=int, default=3, help="execution plans built and timed per graph (the fastest used)")
     p.add_argument("--convs", default="", help="only the convs whose names match this regular expression")
     p.add_argument("--kinds", default=",".join(KINDS), help="which of conv,layer,wgrad,dgrad to time")
-    p.add_argument("--bn_dtype", default="float32", choices=("float32", "bfloat16"),
+    p.add_argument("--float16", action="store_true", help="activations in float16, not --dtype (cuDNN's frontend "
+                   "tests its batch norm fusions in float16; fcn trains in bfloat16)")  # fmt: skip
+    p.add_argument("--bn_dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="batch norm's scale and bias in the graphs (float32: fcn's)")  # fmt: skip
     args = p.parse_args(argv)
     if jax.default_backend() != "gpu":
@@ -277,10 +282,11 @@ def main(argv=None) -> None:
     cudnn = import_cudnn()
     handle = cudnn.create_handle()
     cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
-    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    dtype = jnp.float16 if args.float16 else jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     rng = np.random.default_rng(0)
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, torch {torch.__version__}; batch {args.batch}, "
-          f"{tuple(args.size)}, features {args.features}, depth {args.depth}, {args.dtype}", flush=True)  # fmt: skip
+          f"{tuple(args.size)}, features {args.features}, depth {args.depth}, {jnp.dtype(dtype).name}",
+          flush=True)  # fmt: skip
     rows = []
     for name, x_shape, c_out, bn in network_convs(args.batch, tuple(args.size), args.features, args.depth):
         if not re.search(args.convs, name):
