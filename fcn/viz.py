@@ -81,8 +81,24 @@ def palette_image(classes_HW: np.ndarray, palette_K3: np.ndarray) -> Image.Image
     return img
 
 
+def _legend_palette(class_names, palette_K3) -> np.ndarray:
+    """palette_K3 as an array with a colour for each class name: else a ValueError naming both lengths (legend
+    raised numpy's IndexError, plot_examples' legend left the classes past the palette out)."""
+    palette_K3 = np.asarray(palette_K3)
+    if len(palette_K3) < len(class_names):
+        raise ValueError(
+            f"a palette of {len(palette_K3)} colours for {len(class_names)} class names: expected a colour "
+            f"[r, g, b] for each class (fcn.data.default_palette({len(class_names)}) makes one)"
+        )
+    return palette_K3
+
+
 def legend(class_names, palette_K3: np.ndarray, *, width: int = 160, row: int = 18) -> np.ndarray:
-    """uint8 image of colour swatches with class names; wider than `width` where a name needs it."""
+    """uint8 image of colour swatches with class names; wider than `width` where a name needs it.
+
+    A palette with fewer colours than class names is a ValueError naming both lengths."""
+    class_names = list(class_names)
+    palette_K3 = _legend_palette(class_names, palette_K3)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     width = max([width, *(row + 10 + int(np.ceil(measure.textlength(str(n)))) for n in class_names)])
     img = Image.new("RGB", (width, row * len(class_names) + 4), (255, 255, 255))
@@ -122,6 +138,8 @@ def plot_examples(examples, class_names, palette_K3, ignore_label: int = 255, *,
 
     For notebooks; returns the Figure (close it with `plt.close(fig)` when saving many).
     """
+    class_names = list(class_names)
+    palette_K3 = _legend_palette(class_names, palette_K3)
     plt = _pyplot()
     from matplotlib.patches import Patch
 

@@ -47,6 +47,20 @@ def test_legend_has_one_swatch_row_per_class():
     np.testing.assert_array_equal(legend[2 + 18 + 5, 8], PALETTE[1])
 
 
+def test_a_palette_shorter_than_the_class_names_is_refused_naming_both_lengths():
+    """legend raised numpy's IndexError (naming neither argument) for a class past the palette, and
+    plot_examples' legend silently left those classes out."""
+    names = (*NAMES, "blue")
+    image = np.zeros((2, 3, 3), np.uint8)
+    for call in (
+        lambda: viz.legend(names, PALETTE),
+        lambda: viz.plot_examples([(image, None, CLASSES)], names, PALETTE),
+    ):
+        with pytest.raises(ValueError, match="a palette of 3 colours for 4 class names"):
+            call()
+    assert viz.legend(NAMES[:2], PALETTE).shape == (18 * 2 + 4, 160, 3)  # a longer palette is fine
+
+
 def test_side_by_side_panels():
     image = np.zeros((2, 3, 3), np.uint8)
     assert viz.side_by_side(image, CLASSES, CLASSES, PALETTE).shape == (2, 3 * 3 + 8, 3)
