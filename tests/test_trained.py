@@ -2,6 +2,7 @@
 or W/best/N, the same for fcn.evaluate, fcn.predict, fcn.export and fcn.load."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -108,6 +109,31 @@ def test_a_workdir_file_that_is_no_json_is_named(workdir, tmp_path, capsys, name
     with pytest.raises(CheckpointError, match=f"{run / name} is not valid JSON"):
         load(run)
     assert not list(run.glob("eval_*"))
+
+
+def test_a_config_json_missing_keys_is_an_error_naming_the_file_and_the_keys(workdir, tmp_path, capsys):
+    """A config.json without fields every fcn has written (edited by hand, damaged): the four commands ended in
+    ml_collections' traceback, AttributeError: "'features'", naming neither the file nor the section. Now the
+    commands print one error line naming both, exit code 1, and fcn.load raises a CheckpointError saying the same."""
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    config = json.loads((run / "config.json").read_text())
+    del config["model"]["features"], config["data"]["source"], config["num_steps"]
+    (run / "config.json").write_text(json.dumps(config))
+    message = f"{run / 'config.json'} lacks data.source, model.features, num_steps"
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    for command in (
+        lambda: evaluate.main(["--workdir", str(run), "--examples", "0"]),
+        lambda: predict.main([str(image), "--workdir", str(run), "--out", str(tmp_path / "p")]),
+        lambda: export.main(["--workdir", str(run), "--out", str(tmp_path / "e")]),
+    ):
+        assert command() == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load(run)
+    assert not list(run.glob("eval_*")) and not (tmp_path / "p").exists() and not (tmp_path / "e").exists()
 
 
 def test_a_report_that_cannot_be_written_is_an_error_naming_it(workdir, tmp_path, capsys):
