@@ -87,16 +87,15 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(read_json(path))
 
 
-def load_dataset_info(workdir: str | os.PathLike) -> dict:
-    return read_json(Path(workdir) / "dataset.json")
-
-
-def read_json(path: Path):
-    """A workdir's JSON file; one cut short or mistyped is a CheckpointError naming it (json's names none)."""
+def read_json(path: Path) -> dict:
+    """A workdir's JSON object; one cut short, mistyped or not an object is a CheckpointError naming it."""
     try:
-        return json.loads(path.read_text())
+        out = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}): fix it, or restore it from a copy") from None
+    if not isinstance(out, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(out).__name__}, not an object: restore it from a copy")
+    return out
 
 
 def check_compatible(workdir: Path, config, num_classes: int) -> None:

@@ -98,7 +98,7 @@ def restore(path: str | Path, which: str = "best", *, data_overrides=(), shardin
     config = checkpoint.load_config(workdir)
     check_first_fields(config, workdir)
     config = with_data_overrides(config, list(data_overrides))
-    info = checkpoint.load_dataset_info(workdir)
+    info = checkpoint.read_json(workdir / "dataset.json")
     graphs, abstract, _ = state_lib.abstract_state(config, len(info["class_names"]), workdir=workdir)
     ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
     try:

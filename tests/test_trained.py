@@ -111,6 +111,21 @@ def test_a_workdir_file_that_is_no_json_is_named(workdir, tmp_path, capsys, name
     assert not list(run.glob("eval_*"))
 
 
+@pytest.mark.parametrize("name", ["config.json", "dataset.json"])
+def test_a_workdir_file_of_json_that_is_no_object_is_named(workdir, tmp_path, capsys, name):
+    """Valid JSON that is not an object ('[]', an edit gone wrong): fcn.evaluate ended in an AttributeError
+    ("'list' object has no attribute 'items'") or a TypeError, naming no file."""
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    (run / name).write_text("[]")
+    assert evaluate.main(["--workdir", str(run), "--examples", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"error: {run / name} holds a JSON list, not an object" in err
+    with pytest.raises(CheckpointError, match=f"{run / name} holds a JSON list"):
+        load(run)
+
+
 def test_a_config_json_missing_keys_is_an_error_naming_the_file_and_the_keys(workdir, tmp_path, capsys):
     """A config.json without fields every fcn has written (edited by hand, damaged): the four commands ended in
     ml_collections' traceback, AttributeError: "'features'", naming neither the file nor the section. Now the
