@@ -27,6 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from fcn import saved_config
 from fcn.staging import lock_folder, this_process, write_atomic
 
 
@@ -84,7 +85,7 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     path = Path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {workdir} a workdir written by `python train.py`?")
-    return ml_collections.ConfigDict(read_json(path))
+    return ml_collections.ConfigDict(saved_config.checked(read_json(path), path))
 
 
 def read_json(path: Path) -> dict:

@@ -41,39 +41,6 @@ def resolve(path: str | Path, which: str = "best") -> tuple[Path, str, int | Non
     return path, which, None
 
 
-# The fields of fcn's first config, in every config.json since: one missing is a file edited by hand or damaged,
-# not an older run's (fields added later, such as model.input_scale, are not here).
-FIRST_FIELDS = {
-    "": "seed batch_size num_steps eval_every eval_batch_size eval_hflip log_every checkpoint_every keep_checkpoints",
-    "data": "source path url sha256 train_split eval_split class_names value_map color_map ignore_label val_fraction"
-    " skip_bad tfds_name tfds_image_key tfds_mask_key tfds_splits synthetic_size synthetic_counts max_size"
-    " decode_workers",
-    "augment": "crop_size scale_range hflip brightness contrast saturation",
-    "model": "features depth norm upsample head bottleneck dropout dtype pad_mode",
-    "loss": "class_weights dice_weight",
-    "optimizer": "name learning_rate warmup_steps schedule weight_decay momentum grad_clip ema_decay",
-}
-
-
-def check_first_fields(config, workdir: Path) -> None:
-    """A CheckpointError naming the workdir's config.json and the fields where `config` (read from it) lacks any
-    of FIRST_FIELDS: ml_collections' AttributeError, from wherever one was first read, named neither."""
-    from ml_collections import ConfigDict
-
-    from fcn.checkpoint import CheckpointError
-
-    missing = []
-    for section, keys in FIRST_FIELDS.items():
-        fields = config.get(section) if section else config
-        prefix = f"{section}." if section else ""
-        missing += [prefix + key for key in keys.split() if not isinstance(fields, ConfigDict) or key not in fields]
-    if missing:
-        raise CheckpointError(
-            f"{workdir / 'config.json'} lacks {', '.join(sorted(missing))}: restore it from a copy, or add what it "
-            "lacks with the values the run was trained with (its config file's)"
-        )
-
-
 class Restored(NamedTuple):
     workdir: Path
     checkpoint: str  # the folder read, relative to the workdir: "best/6", "checkpoints/3"
@@ -95,9 +62,7 @@ def restore(path: str | Path, which: str = "best", *, data_overrides=(), shardin
 
     workdir, which, step = resolve(path, which)
     default = which == "best" and step is None
-    config = checkpoint.load_config(workdir)
-    check_first_fields(config, workdir)
-    config = with_data_overrides(config, list(data_overrides))
+    config = with_data_overrides(checkpoint.load_config(workdir), list(data_overrides))
     info = checkpoint.read_json(workdir / "dataset.json")
     graphs, abstract, _ = state_lib.abstract_state(config, len(info["class_names"]), workdir=workdir)
     ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
