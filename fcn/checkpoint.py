@@ -85,7 +85,7 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     path = Path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {workdir} a workdir written by `python train.py`?")
-    return ml_collections.ConfigDict(saved_config.checked(read_json(path), path))
+    return ml_collections.ConfigDict(saved_config.read(path))
 
 
 def read_json(path: Path) -> dict:
@@ -104,7 +104,7 @@ def check_compatible(workdir: Path, config, num_classes: int) -> None:
     path = workdir / "config.json"
     if not path.exists() or not (workdir / "checkpoints").exists():
         return
-    old, new = read_json(path), json.loads(config.to_json())
+    old, new = saved_config.read(path), json.loads(config.to_json())
     diffs = [
         f"{f}: workdir has {_get(old, f)!r}, config has {_get(new, f)!r}"
         for f in (*MODEL_FIELDS, *OPTIMIZER_FIELDS)
@@ -159,7 +159,7 @@ def config_changes(workdir: Path, saved: dict) -> list[str]:
     path = workdir / "config.json"
     if not path.exists():
         return []
-    old, new = _leaves(read_json(path)), _leaves(saved)
+    old, new = _leaves(saved_config.read(path)), _leaves(saved)
     changes = []
     for key in sorted(old.keys() | new.keys()):
         if old.get(key) != new.get(key):

@@ -92,7 +92,7 @@ def fused_head_mode(config, device=None) -> str | None:
     "head+norm". "auto": "head+norm" where `measured_on(device)` and this jax has Pallas's Triton backend;
     "head", "head+norm": wherever they apply (interpreted off a GPU, on a CPU or TPU: slow, for tests). Only a
     linear head with cross-entropy alone (no Dice term) is fused; "head+norm" needs batch norm (else "head")."""
-    choice = config.loss.get("fused_head", "off")  # a config saved before the option: "off"
+    choice = config.loss.fused_head
     if choice == "off" or config.model.head != "linear" or config.loss.dice_weight:
         return None
     device = device or jax.devices()[0]  # Triton is imported only where the kernel would run on it

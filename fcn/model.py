@@ -388,8 +388,8 @@ def from_config(model_config, num_classes: int, *, rngs: nnx.Rngs, **overrides) 
         dropout=model_config.dropout,
         dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[model_config.dtype],
         pad_mode=model_config.pad_mode,
-        input_scale=model_config.get("input_scale", 1.0),
-        conv_general_dilated=ops.conv_fn(model_config.get("conv_impl", "xla")),
+        input_scale=model_config.input_scale,
+        conv_general_dilated=ops.conv_fn(model_config.conv_impl),
     )
     kwargs.update(overrides)
     return UNet(num_classes, rngs=rngs, **kwargs)

@@ -1,8 +1,12 @@
-"""What a workdir's config.json must hold: the fields of fcn's first config, which every config.json since
-has. One missing is a file edited by hand or damaged, not an older run's (fields added later, such as
-model.input_scale, are read with their defaults, and are not here). `checkpoint.load_config` checks them,
-so every reader of a workdir (fcn.evaluate, fcn.predict, fcn.export, fcn.load) gets one error naming the
-file and the fields, where ml_collections' AttributeError, from wherever one was first read, named neither.
+"""A workdir's config.json as fcn reads it (`read`): every reader of a workdir (fcn.evaluate, fcn.predict,
+fcn.export, fcn.load through `checkpoint.load_config`, and a resumed run's checks) gets the same dict.
+
+- FIRST_FIELDS: the fields of fcn's first config, which every config.json since has. One missing is a file
+  edited by hand or damaged, not an older run's: one error naming the file and the fields, where
+  ml_collections' AttributeError, from wherever one was first read, named neither.
+- LATER_FIELDS: the fields added since, each with what a run written before it did, filled in where a
+  config.json has none (an older run's). tests/test_config_fields.py checks that the two name every field of
+  fcn.config.default_config(): a new field goes in LATER_FIELDS.
 """
 
 from __future__ import annotations
@@ -19,6 +23,29 @@ FIRST_FIELDS = {
     "loss": "class_weights dice_weight",
     "optimizer": "name learning_rate warmup_steps schedule weight_decay momentum grad_clip ema_decay",
 }
+
+# A field added later: the value that does what runs before it did (the network at the image's size, XLA's
+# convolutions, the unfused loss, the split decoded into memory and not cached).
+LATER_FIELDS = {
+    "data.cache_decoded": False,
+    "data.storage": "memory",
+    "data.max_memory_gb": 4.0,
+    "data.prefetch": 4,
+    "model.input_scale": 1.0,
+    "model.conv_impl": "xla",
+    "loss.fused_head": "off",
+}
+
+
+def read(path: Path) -> dict:
+    """The config.json at `path`: checked for FIRST_FIELDS, then LATER_FIELDS filled in where it has none."""
+    from fcn.checkpoint import read_json  # (fcn.checkpoint imports this module)
+
+    saved = checked(read_json(path), path)
+    for dotted, value in LATER_FIELDS.items():
+        section, key = dotted.split(".")
+        saved[section].setdefault(key, value)
+    return saved
 
 
 def checked(saved: dict, path: Path) -> dict:

@@ -307,8 +307,7 @@ def jit_train_step(
     folder for later processes (fcn.traced.TracedStep; what train.py does).
     """
     step = make_train_step(config, graphs, tx, num_classes, ignore_label, class_weights)
-    conv_impl = config.model.get("conv_impl", "xla")
-    jit_kwargs = {"compiler_options": ops.train_compiler_options(conv_impl), **jit_kwargs}
+    jit_kwargs = {"compiler_options": ops.train_compiler_options(config.model.conv_impl), **jit_kwargs}
     plain = jax.jit(step, donate_argnums=0, **jit_kwargs)
     if not keep_traced:
         return plain
@@ -321,7 +320,7 @@ def jit_train_step(
         "ignore_label": ignore_label,
         "class_weights": None if class_weights is None else np.asarray(class_weights, np.float32).tolist(),
     }
-    return traced.TracedStep(step, plain, key, uses_onednn=conv_impl in ("auto", "onednn"), **jit_kwargs)
+    return traced.TracedStep(step, plain, key, uses_onednn=config.model.conv_impl in ("auto", "onednn"), **jit_kwargs)
 
 
 def make_logits_step(graphs: Graphs, hflip: bool = False):

@@ -1,14 +1,17 @@
 """fcn/config.py's default_config() documents every field once, in a comment beside its default (or in the
-comment lines just above it); a field whose value validate() restricts to a list names that list there."""
+comment lines just above it); a field whose value validate() restricts to a list names that list there; and
+fcn/saved_config.py names each field as one of the first config's or one added later, with its value for older
+runs."""
 
 import inspect
 import io
+import json
 import re
 import tokenize
 
 import ml_collections
 
-from fcn import config as config_lib
+from fcn import config as config_lib, saved_config
 
 SECTIONS = {"c": "", "d": "data.", "a": "augment.", "m": "model.", "lo": "loss.", "o": "optimizer."}
 ASSIGN = re.compile(r"^\s*(\w+)\.(\w+) = (?!\w+ = )")  # `d.path = ...`, not a section's `c.data = d = ...`
@@ -63,3 +66,16 @@ def test_a_field_restricted_to_choices_names_each_in_its_comment(monkeypatch):
         for key, valid in choices.items()
     }
     assert {key: missing for key, missing in unnamed.items() if missing} == {}
+
+
+def test_the_first_and_later_fields_name_every_field_of_the_config():
+    """A field added to fcn.config without a value for older runs' config.json (saved_config.LATER_FIELDS) would
+    be read from them as ml_collections' AttributeError, wherever it was first used."""
+    default = json.loads(config_lib.default_config().to_json())
+    fields = {
+        f"{s}.{k}" if isinstance(v, dict) else s
+        for s, v in default.items()
+        for k in (v if isinstance(v, dict) else [s])
+    }
+    named = {f"{s}.{k}" if s else k for s, keys in saved_config.FIRST_FIELDS.items() for k in keys.split()}
+    assert named.isdisjoint(saved_config.LATER_FIELDS) and named | set(saved_config.LATER_FIELDS) == fields

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 from test_inference import train_tiny
 
-from fcn import evaluate, export, predict, trained
+from configs import tiny
+from fcn import checkpoint, evaluate, export, predict, saved_config, trained
 from fcn.checkpoint import CheckpointError
 from fcn.inference import load
 
@@ -142,6 +143,33 @@ def test_a_config_json_missing_keys_is_an_error_naming_the_file_and_the_keys(wor
     with pytest.raises(CheckpointError, match=re.escape(message)):
         load(run)
     assert not list(run.glob("eval_*")) and not (tmp_path / "p").exists() and not (tmp_path / "e").exists()
+
+
+def test_a_workdir_from_before_the_later_fields_is_evaluated_and_resumed(workdir, tmp_path, capsys):
+    """A config.json written before model.input_scale, model.conv_impl, loss.fused_head and the data's storage
+    fields: fcn.evaluate ended in AttributeError: "'input_scale'", and a resumed run was refused ("model.input_scale:
+    workdir has {}, config has 1.0"). Each is read as what the runs before it did (saved_config.LATER_FIELDS)."""
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    config = json.loads((run / "config.json").read_text())
+    for dotted in saved_config.LATER_FIELDS:
+        section, key = dotted.split(".")
+        del config[section][key]
+    (run / "config.json").write_text(json.dumps(config))
+    assert evaluate.main(["--workdir", str(run), "--examples", "0"]) == 0
+    assert "mean IoU" in capsys.readouterr().out
+    assert load(run).model.input_scale == 1.0
+    today = tiny.get_config()
+    checkpoint.check_compatible(run, today, len(json.loads((run / "dataset.json").read_text())["class_names"]))
+    now = json.loads(today.to_json())
+    changes = checkpoint.config_changes(run, now)
+    assert changes == [
+        f"{f}: {v!r} -> {checkpoint._get(now, f)!r}"
+        for f, v in sorted(saved_config.LATER_FIELDS.items())
+        if v != checkpoint._get(now, f)
+    ]
+    # the runs before them used XLA's convolutions and the unfused loss; tiny.py leaves both to "auto"
+    assert {"model.conv_impl: 'xla' -> 'auto'", "loss.fused_head: 'off' -> 'auto'"} <= set(changes)
 
 
 def test_a_report_that_cannot_be_written_is_an_error_naming_it(workdir, tmp_path, capsys):

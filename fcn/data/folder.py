@@ -233,7 +233,7 @@ def pair_loaders(data_config, pairs_of: Callable[[str], list], name: str, **labe
             pairs_of(split),
             **labels,
             max_size=int(data_config.max_size),
-            cache=bool(data_config.get("cache_decoded", False)),
+            cache=bool(data_config.cache_decoded),
         )
 
     def load(split: str) -> Split:
