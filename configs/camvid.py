@@ -17,7 +17,9 @@ kernel (`loss.fused_head`, which "auto" does on a Hopper GPU since 2026-11-24): 
 93.7% at 10000 steps (2026-11-24, the same H200, `bash scripts/run_gpu.sh camvid --minutes 5
 --config.loss.fused_head=head+norm`, cut at step 6364 and resumed; the training crops were also
 drawn over every placement by then, so not all of it is the kernel's; one run).
-docs/results.md has the details of all three runs.
+docs/results.md has the details of all three runs. The EMA has been bias-corrected since 2026-11-25
+(docs/results.md, "The EMA"): at step 10000 that moves the evaluated weights by 4.5e-5 of their
+distance from the initial ones; not run again.
 """
 
 from fcn.config import default_config

@@ -98,7 +98,7 @@ def default_config() -> ml_collections.ConfigDict:
     o.weight_decay = 1e-4  # adamw: decoupled; sgd: added to the gradient. Not on 1-D parameters (biases, norm scales)
     o.momentum = 0.9  # sgd only, in [0, 1)
     o.grad_clip = 1.0  # global-norm clip (0 = off)
-    o.ema_decay = 0.0  # >0: evaluate an exponential moving average of the weights
+    o.ema_decay = 0.0  # >0: evaluate an exponential moving average of the weights (bias-corrected: of trained ones)
 
     c.batch_size = 8  # global batch size, split over all devices: a multiple of the device count
     c.num_steps = 1000  # training steps in all; a resumed run trains on up to it

@@ -277,7 +277,12 @@ def make_train_step(config, graphs: Graphs, tx, num_classes: int, ignore_label: 
         params = optax.apply_updates(state["params"], updates)
         ema = state["ema"]
         if ema is not None:
-            ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+            # Bias-corrected, as Adam's moments (optax.ema's debias): at step t the weights of step k <= t weigh
+            # (1 - d) d^(t - k) / (1 - d^t), the initial ones nothing; as d^t vanishes, d and 1 - d.
+            t = (state["step"] + 1).astype(jnp.float32)
+            seen = _one_less_power(ema_decay, t)
+            keep, new = ema_decay * _one_less_power(ema_decay, t - 1) / seen, (1 - ema_decay) / seen
+            ema = jax.tree.map(lambda e, p: keep * e + new * p, ema, params)
         out = {
             "loss": loss,
             "grad_norm": optax.tree.norm(grads),
@@ -287,6 +292,11 @@ def make_train_step(config, graphs: Graphs, tx, num_classes: int, ignore_label: 
         return new_state, out
 
     return train_step
+
+
+def _one_less_power(d: float, n: jax.Array) -> jax.Array:
+    """1 - d**n, to float32's precision however close d**n is to 1 (at n = 1, d = 0.999: 1 - d rounded once)."""
+    return -jnp.expm1(n * math.log(d))
 
 
 def jit_train_step(
