@@ -38,7 +38,7 @@ def expand_inputs(args: list[str], out: Path | None = None) -> tuple[list[Path],
     """(image files, error messages) from file and directory arguments, in order, without repeats.
 
     A directory gives its image files, not its hidden ones nor its subfolders'; one that is also
-    `out` contributes no earlier outputs of ours, and one that holds only those is no error.
+    `out` contributes no earlier outputs of ours, and is no error when it holds no other image (or none).
     """
     files: list[Path] = []
     errors: list[str] = []
@@ -56,7 +56,7 @@ def expand_inputs(args: list[str], out: Path | None = None) -> tuple[list[Path],
                 errors.append(f"{path}: cannot list directory ({e.strerror or e})")
                 continue
             ours = out is not None and out.exists() and path.resolve() == out.resolve()
-            if ours and found:  # `--out frames/preds frames/*` again: earlier outputs only, no failed input
+            if ours:  # `--out frames/preds frames/*`: earlier outputs only, or none yet, is no failed input
                 found = [p for p in found if not _is_output(p)]
             elif not found:
                 errors.append(f"{path}: directory with no images (looked for {', '.join(IMAGE_SUFFIXES)})")

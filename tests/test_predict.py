@@ -281,3 +281,13 @@ def test_the_out_folder_among_the_inputs_holding_only_our_outputs_is_no_failure(
     files, errors = expand_inputs([str(frames / "a.png"), str(out), str(tmp_path / "empty")], out)
     assert files == [frames / "a.png"]
     assert [e.split(":")[0] for e in errors] == [str(tmp_path / "empty")]
+
+
+def test_an_empty_out_folder_among_the_inputs_is_no_failure(tmp_path):
+    """`mkdir frames/preds; --out frames/preds frames/*`: the glob names the empty out folder, which was
+    reported as a directory with no images, so the run that predicted every image exited 1."""
+    frames, out = tmp_path / "frames", tmp_path / "frames" / "preds"
+    out.mkdir(parents=True)
+    _write(frames / "a.png", 8, 8)
+    files, errors = expand_inputs([str(frames / "a.png"), str(out)], out)
+    assert (files, errors) == ([frames / "a.png"], [])
