@@ -206,8 +206,18 @@ def main(argv: list[str] | None = None) -> int:
     trained.add_flags(parser)
     parser.add_argument("--out", required=True, help="output directory (created if missing)")
     parser.add_argument("--hflip", action="store_true", help=trained.HFLIP_HELP)
-    parser.add_argument("--tile", type=int, default=512, help="images larger than this are tiled (px)")
-    parser.add_argument("--overlap", type=int, default=128, help="overlap between tiles (px)")
+    parser.add_argument(
+        "--tile",
+        type=int,
+        default=512,
+        help="images with a side over this are tiled (px, rounded down to a multiple of 2**depth: the model's)",
+    )
+    parser.add_argument(
+        "--overlap",
+        type=int,
+        default=128,
+        help="overlap between tiles (px, rounded up to a multiple of 2**depth, less than the tile)",
+    )
     parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the colours in the overlay")
     args = parser.parse_args(argv)
     if not 0 <= args.alpha <= 1:
