@@ -103,6 +103,17 @@ def test_entry_over_the_cache_limit_is_not_written(tmp_path, monkeypatch, caplog
     assert "not cached: 0 MiB is over FCN_DECODED_CACHE_GB" in caplog.text and "cached in" not in caplog.text
 
 
+@pytest.mark.parametrize(("value", "entries"), [("inf", 1), ("lots", 1), ("0", 0)])
+def test_decoded_cache_limit_inf_is_no_limit_and_a_bad_value_the_default(tmp_path, monkeypatch, caplog, value, entries):
+    """FCN_DECODED_CACHE_GB=inf (no limit) was an OverflowError from int(inf), a traceback that ended the run."""
+    monkeypatch.setenv("FCN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("FCN_DECODED_CACHE_GB", value)
+    root = make_folder(tmp_path / "data", n=3)
+    assert len(folder(root, val_fraction=0.0).load("train")) == 3
+    assert len(cached_entries()) == entries
+    assert ("is not a number of GiB; using 4" in caplog.text) == (value == "lots")
+
+
 @pytest.mark.parametrize("shapes", [[(5, 7), (3, 2), (9, 4)], []])
 def test_decoded_cache_round_trips_mixed_sizes_and_empty_splits(tmp_path, monkeypatch, shapes):
     from fcn.data import cache

@@ -65,9 +65,9 @@ def decoded_dir() -> Path:
 
 def _limit_bytes() -> int:
     value = os.environ.get("FCN_DECODED_CACHE_GB", "4")
-    try:
-        return int(float(value) * 2**30)
-    except ValueError:
+    try:  # inf: no limit (2**33 GiB, all of a 64-bit file system); -inf, nan: not a number of GiB
+        return int(min(float(value), 2.0**33) * 2**30)
+    except (ValueError, OverflowError):
         logger.warning("FCN_DECODED_CACHE_GB=%r is not a number of GiB; using 4", value)
         return 4 * 2**30
 
