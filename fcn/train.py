@@ -126,29 +126,35 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, stop_after: int | 
     validate_against_source(config, source)
     abstract = state_lib.abstract_state(config, source.num_classes)  # a state too large for memory: refused here
     train_data = pipeline.training_data(source, config)  # decoded in memory, or streamed (config.data.storage)
-    validate_against_data(config, source.num_classes, train_data.sizes_N2.tolist())
-    eval_data = None  # with data.max_size: shrunk images, labels at their files' size (scored there)
-    if config.data.eval_split in source.splits:
-        eval_data = pipeline.eval_split(config.data, config.data.eval_split)
-    if eval_data is None:
-        log.warning("%s offers no %r split: training without evaluation", source.name, config.data.eval_split)
-    checkpoint.check_compatible(workdir, config, source.num_classes)
+    try:  # from here on an error stops a stream's decoding threads (the class weights start them)
+        validate_against_data(config, source.num_classes, train_data.sizes_N2.tolist())
+        eval_data = None  # with data.max_size: shrunk images, labels at their files' size (scored there)
+        if config.data.eval_split in source.splits:
+            eval_data = pipeline.eval_split(config.data, config.data.eval_split)
+        if eval_data is None:
+            log.warning("%s offers no %r split: training without evaluation", source.name, config.data.eval_split)
+        checkpoint.check_compatible(workdir, config, source.num_classes)
 
-    mesh = sharding.make_mesh()
-    try:  # both batch sizes now, not at the first evaluation; a ConfigError, so the CLI prints one line
-        sharding.check_batch_size(config.batch_size)
-        if eval_data is not None:
-            sharding.check_batch_size(config.eval_batch_size, "eval_batch_size")
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    checkpoint.prepare_workdir(workdir)  # only now: a config or data error leaves no trace
-    class_weights = None
-    if config.loss.class_weights in ("median_freq", "median_freq_sqrt"):
-        class_weights = losses.median_frequency_weights(train_data.labels(), source.num_classes, source.ignore_label)
-        if config.loss.class_weights == "median_freq_sqrt":  # milder: rare classes up, common ones not crushed
-            class_weights = class_weights**0.5
-        log.info("median-frequency class weights: %s", [round(float(w), 3) for w in class_weights])
-    ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints, training=True)  # one run at a time
+        mesh = sharding.make_mesh()
+        try:  # both batch sizes now, not at the first evaluation; a ConfigError, so the CLI prints one line
+            sharding.check_batch_size(config.batch_size)
+            if eval_data is not None:
+                sharding.check_batch_size(config.eval_batch_size, "eval_batch_size")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        checkpoint.prepare_workdir(workdir)  # only now: a config or data error leaves no trace
+        class_weights = None
+        if config.loss.class_weights in ("median_freq", "median_freq_sqrt"):
+            class_weights = losses.median_frequency_weights(
+                train_data.labels(), source.num_classes, source.ignore_label
+            )
+            if config.loss.class_weights == "median_freq_sqrt":  # milder: rare classes up, common ones not crushed
+                class_weights = class_weights**0.5
+            log.info("median-frequency class weights: %s", [round(float(w), 3) for w in class_weights])
+        ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints, training=True)  # one run at a time
+    except BaseException:
+        train_data.close()
+        raise
     metrics_log = None
     doing = "creating the model's state"  # (what ran out of memory, if something does)
     try:

@@ -171,3 +171,18 @@ def test_storage_fields_are_validated():
     config.data.prefetch = -1
     with pytest.raises(ConfigError, match=r"config.data.prefetch=-1 must be an integer of at least 0"):
         validate(config)
+
+
+def test_a_bad_file_found_before_the_first_step_leaves_no_decoding_threads(tmp_path):
+    """The class weights read every label through the stream before training; a bad file there raised
+    out of train_and_evaluate with the stream's threads left running (closed only once training began)."""
+    import threading
+
+    root = make_folder(tmp_path / "d")
+    good = (root / "images" / "im3.png").read_bytes()
+    (root / "images" / "im3.png").write_bytes(good[: len(good) // 2])  # header fine, pixels cut off
+    config = folder_config(root, "stream")
+    config.loss.class_weights = "median_freq"
+    with pytest.raises(DataError, match=r"im3\.png: corrupt or truncated image"):
+        train_and_evaluate(config, tmp_path / "run")
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("fcn-stream")]
