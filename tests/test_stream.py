@@ -186,3 +186,21 @@ def test_a_bad_file_found_before_the_first_step_leaves_no_decoding_threads(tmp_p
     with pytest.raises(DataError, match=r"im3\.png: corrupt or truncated image"):
         train_and_evaluate(config, tmp_path / "run")
     assert not [t.name for t in threading.enumerate() if t.name.startswith("fcn-stream")]
+
+
+@pytest.mark.parametrize("skip_bad", [False, True])
+def test_a_pair_resized_after_the_start_is_named_as_changed_or_skipped(tmp_path, caplog, skip_bad):
+    """A pair rewritten at another size while streaming was "im4: decoded as 10x12 (HxW) but its header
+    says 22x32" (its header said 10x12 by then), and ended the run even with data.skip_bad."""
+    root = make_folder(tmp_path / "d")
+    config = folder_config(root, "stream", skip_bad=skip_bad)
+    with pipeline.training_data(get_source(config.data), config) as data:
+        Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(root / "images" / "im4.png")
+        Image.fromarray(np.zeros((10, 12), np.uint8)).save(root / "masks" / "im4.png")
+        if not skip_bad:
+            with pytest.raises(DataError, match=r"im4: decoded at 10x12 \(HxW\), but it was 22x32 when .* began"):
+                _all_batches(data)
+            return
+        sizes = [tuple(s) for step in range(4) for s in data.batch(step, 4, 0)[2].tolist()]
+    assert (10, 12) not in sizes and SIZES[4] not in sizes and len(sizes) == 16
+    assert "skipping bad pair" in caplog.text and "im4: decoded at 10x12" in caplog.text

@@ -81,6 +81,13 @@ class Stream:
                 continue
             try:
                 image, label = self.examples.read(self.ids[m])
+                image, label = rescale_pair(image, label, self.scale)
+                if label.shape != tuple(self.sizes_N2[m]):  # its files changed since `scan_sizes` read them
+                    (h, w), (sh, sw) = label.shape, self.sizes_N2[m]
+                    raise DataError(
+                        f"{self.examples.names[self.ids[m]]}: decoded at {h}x{w} (HxW), but it was {sh}x{sw} when "
+                        "training began: its files changed since (the command run again reads them afresh)"
+                    )
             except DataError as e:
                 if not self.skip_bad:
                     raise
@@ -94,12 +101,6 @@ class Stream:
                             e,
                         )
                 continue
-            image, label = rescale_pair(image, label, self.scale)
-            if label.shape != tuple(self.sizes_N2[m]):
-                raise DataError(
-                    f"{self.examples.names[self.ids[m]]}: decoded as {label.shape[0]}x{label.shape[1]} "
-                    f"(HxW) but its header says {self.sizes_N2[m][0]}x{self.sizes_N2[m][1]}"
-                )
             return image, label
         raise DataError(f"{self.desc}: all {len(self)} {self.examples.unit} were unreadable")
 
