@@ -76,14 +76,15 @@ def test_tfds_oxford_pet_through_mock_data(tmp_path):
 
 def test_tfds_colour_coded_masks_read_through_color_map_or_named(tmp_path):
     """An RGB mask (of a dataset given class_names, so no built-in value map): read through
-    data.color_map as for folders; without one, an error that names the mask's key and
+    data.color_map as for folders; without one, an error that names the mask's key and its colours for
     data.color_map, not a size mismatch."""
     colors = np.array([(200, 0, 0), (0, 200, 0), (0, 0, 200)], np.uint8)
     ids = [np.random.default_rng(i).integers(0, 3, (10 + i, 12), dtype=np.uint8) for i in range(3)]
     with mock_pets(lambda i, h, w: colors[ids[i]], channels=3):
         named = config("tfds", path=str(tmp_path), class_names=("r", "g", "b"), color_map=colors.tolist())
         split = get_source(named).load("val")
-        with pytest.raises(DataError, match=r"pet0.jpg: the mask \(data.tfds_mask_key='segmentation_mask'\) has 3 "):
+        error = r"^pet0.jpg \(data.tfds_mask_key='segmentation_mask'\): RGB mask with 3 distinct colours \(most common"
+        with pytest.raises(DataError, match=error + r".* --config.data.color_map='\(\("):
             get_source(config("tfds", path=str(tmp_path))).load("val")
     for got, want in zip(split.labels, ids):
         np.testing.assert_array_equal(got, want)
@@ -221,3 +222,20 @@ def test_tfds_corrupt_image_is_a_data_error_that_skip_bad_skips(tmp_path):
     with pytest.raises(DataError, match=r"^train\[1\]: 'image' is a corrupt or truncated image \(Invalid PNG"):
         get_source(config("tfds", **kw)).load("train")
     assert get_source(config("tfds", skip_bad=True, **kw)).load("train").names == ["train[0]", "train[2]"]
+
+
+@pytest.mark.parametrize("alpha", [False, True])
+def test_tfds_grayscale_mask_in_a_colour_image_feature_reads_its_values(tmp_path, alpha):
+    """A mask feature declared tfds.features.Image() (3 channels, its default) holding grayscale PNGs
+    decodes to three equal channels (RGBA: four): read as the grayscale mask it is, as for folders. It was
+    refused as colour-coded, with advice to set data.color_map."""
+    trimaps = [np.random.default_rng(i).integers(1, 4, (10 + i, 12), dtype=np.uint8) for i in range(3)]
+
+    def mask(i, h, w):
+        planes = [trimaps[i]] * 3 + ([np.full_like(trimaps[i], 255)] if alpha else [])
+        return np.stack(planes, axis=-1)
+
+    with mock_pets(mask, channels=4 if alpha else 3):
+        split = get_source(config("tfds", path=str(tmp_path))).load("val")
+    for got, want in zip(split.labels, trimaps):
+        np.testing.assert_array_equal(got, want - 1)  # oxford_iiit_pet's 1, 2, 3 -> 0, 1, 2

@@ -221,7 +221,11 @@ def _mask_values(img: Image.Image, rawmode: str, path: PathLike, color_map: np.n
         return np.asarray(img).astype(np.int64)
     if img.mode not in ("RGB", "RGBA"):
         raise DataError(f"{path}: mask has mode {img.mode}; expected 8-bit 'L', 'P' or RGB")
-    rgb = np.asarray(img)[..., :3]
+    return gray_rgb_mask(np.asarray(img)[..., :3], path)
+
+
+def gray_rgb_mask(rgb: np.ndarray, path: PathLike) -> np.ndarray:
+    """The values of an RGB mask [H, W, 3] read without color_map: one channel if all are equal, else an error."""
     if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all():
         return rgb[..., 0]  # a grayscale mask saved as RGB
     colors, counts = np.unique(rgb.reshape(-1, 3), axis=0, return_counts=True)

@@ -32,6 +32,7 @@ from fcn.data.images import (
     as_rgb,
     fit_max_size,
     fitted_size,
+    gray_rgb_mask,
     too_large_error,
     warn_if_large,
 )
@@ -203,12 +204,14 @@ def _read_split(data_config, labels: LabelMap, color_map, split: str) -> Example
         raw = decoded(masks[i], mask_key, name)
         if raw.ndim == 3 and raw.shape[-1] == 1:
             raw = raw[..., 0]
-        elif raw.ndim == 3 and raw.shape[-1] == 3 and color_map is not None:
-            raw = _colors_to_ids(raw, name, color_map, ignore)
+        elif raw.ndim == 3 and raw.shape[-1] in (3, 4) and color_map is not None:  # RGBA: alpha dropped
+            raw = _colors_to_ids(raw[..., :3], name, color_map, ignore)
+        elif raw.ndim == 3 and raw.shape[-1] in (3, 4):  # tfds.features.Image() is RGB unless told otherwise
+            raw = gray_rgb_mask(raw[..., :3], f"{name} (data.tfds_mask_key={mask_key!r})")
         elif raw.ndim == 3:
             raise DataError(
                 f"{name}: the mask (data.tfds_mask_key={mask_key!r}) has {raw.shape[-1]} channels, where one of "
-                "class ids is read; colour-coded masks need data.color_map, one (r, g, b) per class id"
+                "class ids, or three of colours that data.color_map lists (and an alpha channel), is read"
             )
         if raw.shape != image.shape[:2]:
             raise DataError(f"{name}: image is {image.shape[:2]} but mask is {raw.shape}, expected H, W")
