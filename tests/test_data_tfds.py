@@ -239,3 +239,15 @@ def test_tfds_grayscale_mask_in_a_colour_image_feature_reads_its_values(tmp_path
         split = get_source(config("tfds", path=str(tmp_path))).load("val")
     for got, want in zip(split.labels, trimaps):
         np.testing.assert_array_equal(got, want - 1)  # oxford_iiit_pet's 1, 2, 3 -> 0, 1, 2
+
+
+def test_tfds_data_path_with_a_tilde_is_the_home_folder(tiny_seg, tmp_path, monkeypatch):
+    """data.path='~/DIR', as camvid and folder read it: TFDS took it literally, found nothing prepared and
+    prepared (or downloaded) the dataset afresh into a folder named '~' in the working directory."""
+    from pathlib import Path
+
+    monkeypatch.setenv("HOME", str(Path(tiny_seg).parent))
+    monkeypatch.chdir(tmp_path)
+    c = config("tfds", path=f"~/{Path(tiny_seg).name}", tfds_name="fcn_tiny_seg", class_names=("a", "b"))
+    assert len(get_source(c).load("train")) == 10
+    assert not (tmp_path / "~").exists()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import re
 from collections.abc import Mapping
 
@@ -94,12 +95,17 @@ def _import_tfds():
     return tfds
 
 
+def _data_dir(data_config) -> str | None:
+    """data.path as TFDS's data_dir, '~' expanded as camvid and folder do (TFDS would make a folder named '~')."""
+    return os.path.expanduser(data_config.path) or None
+
+
 def _builder(tfds, data_config):
     """tfds.builder for data.tfds_name; a name (or version) it cannot find is a DataError naming the key,
     not tfds's traceback and its list of every dataset it knows."""
     name, path = data_config.tfds_name, data_config.path
     try:
-        return tfds.builder(name, data_dir=path or None)
+        return tfds.builder(name, data_dir=_data_dir(data_config))
     except (ValueError, AssertionError) as e:  # DatasetNotFoundError; a version it lacks: AssertionError
         text = str(e)
         if isinstance(e, tfds.core.registered.DatasetNotFoundError):
@@ -156,7 +162,7 @@ def _read_split(data_config, labels: LabelMap, color_map, split: str) -> Example
         ds = tfds.load(
             data_config.tfds_name,
             split=tfds_split,
-            data_dir=data_config.path or None,
+            data_dir=_data_dir(data_config),
             shuffle_files=False,
             decoders={k: tfds.decode.SkipDecoding() for k in encoded} or None,
         )
