@@ -251,3 +251,33 @@ def test_tfds_data_path_with_a_tilde_is_the_home_folder(tiny_seg, tmp_path, monk
     c = config("tfds", path=f"~/{Path(tiny_seg).name}", tfds_name="fcn_tiny_seg", class_names=("a", "b"))
     assert len(get_source(c).load("train")) == 10
     assert not (tmp_path / "~").exists()
+
+
+def test_tfds_dataset_to_download_by_hand_is_one_line_naming_its_folder(tmp_path):
+    """A dataset whose files must be downloaded by hand (cityscapes, with a registration) and are not in
+    its manual folder yet: TFDS's AssertionError ended the run in a traceback; now one DataError line
+    naming the dataset, the folder to fill and TFDS's instructions."""
+    tfds = pytest.importorskip("tensorflow_datasets", reason="tensorflow-datasets not installed")
+
+    class FcnManualSeg(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+        MANUAL_DOWNLOAD_INSTRUCTIONS = "Register at example.org,\nthen put seg.zip here."
+
+        def _info(self):
+            image, mask = tfds.features.Image(shape=(None, None, 3)), tfds.features.Image(shape=(None, None, 1))
+            return tfds.core.DatasetInfo(
+                builder=self, features=tfds.features.FeaturesDict({"image": image, "segmentation_mask": mask})
+            )
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(dl_manager.manual_dir)}
+
+        def _generate_examples(self, folder):
+            yield from ()
+
+    c = config("tfds", path=str(tmp_path), tfds_name="fcn_manual_seg", class_names=("a", "b"))
+    with pytest.raises(DataError, match=r"^data.tfds_name='fcn_manual_seg': ") as e:
+        get_source(c).load("train")
+    text = str(e.value)
+    assert str(tmp_path / "downloads" / "manual") in text and "then put seg.zip here" in text, text
+    assert "\n" not in text, text

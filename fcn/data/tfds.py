@@ -187,6 +187,12 @@ def _read_split(data_config, labels: LabelMap, color_map, split: str) -> Example
             f"data_dir where it is prepared already (`tfds build {_base_name(name)} --data_dir DIR` on a machine "
             "with the network)"
         ) from e
+    except AssertionError as e:
+        # A dataset downloaded by hand (cityscapes: behind a registration) whose manual folder is empty: TFDS's
+        # AssertionError, a traceback, says where its files go and how to get them.
+        if not str(e).startswith("Manual directory"):
+            raise
+        raise DataError(f"data.tfds_name={data_config.tfds_name!r}: {' '.join(str(e).split())}") from e
     images, masks, names = [], [], []
     desc = f"tfds {data_config.tfds_name} {tfds_split}"
     for i, ex in enumerate(progress_bar(iterable=tfds.as_numpy(ds), desc=desc)):
