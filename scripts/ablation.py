@@ -151,8 +151,10 @@ def main(argv=None) -> int:
             # Shapes are all the table needs: no initialisers run (nor compile).
             model = nnx.eval_shape(lambda c=config: from_config(c.model, num_classes(c), rngs=nnx.Rngs(0)))
             _, total = layer_rows(model, (1, *args.flops_size, 3))
-            steps = [s for s, _ in per_seed[0]]
-            curves[name] = (steps, np.mean([[v for _, v in run] for run in per_seed], axis=0))
+            # The steps every seed logged: a run stopped by a signal logged its loss at the step it stopped at,
+            # and keeps that line once resumed, where an uninterrupted seed has none.
+            steps = sorted(set.intersection(*({s for s, _ in run} for run in per_seed)))
+            curves[name] = (steps, np.mean([[dict(run)[s] for s in steps] for run in per_seed], axis=0))
             rows.append(
                 (
                     name,

@@ -172,3 +172,27 @@ def test_report_only_without_a_finished_run_is_one_error_line_and_keeps_the_tabl
         assert not (out / "loss_curves.png").exists()
     else:
         assert not out.exists()
+
+
+def test_a_run_resumed_after_a_stop_between_log_steps_is_tabulated_with_the_others(tmp_path, monkeypatch):
+    """A run stopped by a signal logs its loss at the step it stopped at (its checkpoint's); resumed, it keeps
+    that line, so its metrics.jsonl has one loss step more than an uninterrupted seed's. Averaging the seeds'
+    curves then ended the sweep with numpy's 'inhomogeneous shape' ValueError, and no table."""
+
+    def write(seed, steps):
+        d = tmp_path / f"linear_s{seed}"
+        d.mkdir()
+        rows = [{"step": s, "loss": 1.0 / s + seed, "images_per_sec": 10.0} for s in steps]
+        rows.append({"step": 6, "eval_mean_iou": 0.3 + 0.1 * seed})
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    write(0, [1, 2, 4, 6])  # stopped at step 1, then resumed: logged at 2, 4, 6 as seed 1 was
+    write(1, [2, 4, 6])
+    curves = {}
+    monkeypatch.setattr(ablation, "write_report", lambda out, rows, c, args: curves.update(c))
+    monkeypatch.setattr("fcn.cli.retain_memory", lambda: False)
+    argv = ["--config", TINY, "--seeds", "0,1", "--out", str(tmp_path), "--report_only", "--flops_size", "24", "32"]
+    assert ablation.main(argv) == 0
+    steps, loss = curves["linear"]
+    assert list(steps) == [2, 4, 6]  # the steps every seed logged
+    assert list(loss) == pytest.approx([0.5 + 0.5, 0.25 + 0.5, 1 / 6 + 0.5])
