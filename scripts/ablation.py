@@ -8,7 +8,8 @@ seed into `OUT/<variant>_s<seed>` (a finished run is not retrained: re-running
 resumes or skips), then writes `OUT/ablation.md` (mean and standard deviation
 of val mean IoU over seeds, parameters, FLOPs per image (360x480, or --flops_size) from XLA's cost
 analysis, training images per second) and `OUT/loss_curves.png` (mean training
-loss per variant over steps).
+loss per variant over steps). An --override of what the sweep sets (seed, model.head,
+model.bottleneck) is refused.
 
 Ctrl-C (or SIGTERM) saves the run in progress, as train.py does, and stops the
 ablation there with exit code 130 and no report; the same command resumes it.
@@ -104,6 +105,15 @@ def main(argv=None) -> int:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         parser.error(f"--seeds={args.seeds!r}: expected integers separated by commas, e.g. 0,1,2")
+    for o in args.override:  # else replaced for every run without a word, and listed in the table's command
+        key = o.split("=", 1)[0].strip()
+        if key == "seed":
+            parser.error(f"--override {o}: the sweep sets the seed of each run; give them as --seeds")
+        if key in ("model.head", "model.bottleneck"):
+            parser.error(
+                f"--override {o}: the sweep sets {key} for each variant (heads {', '.join(HEADS)} x "
+                f"bottleneck {' | '.join(map(str, BOTTLENECKS))})"
+            )
 
     from fcn.cli import retain_memory, run_training
 

@@ -196,3 +196,16 @@ def test_a_run_resumed_after_a_stop_between_log_steps_is_tabulated_with_the_othe
     steps, loss = curves["linear"]
     assert list(steps) == [2, 4, 6]  # the steps every seed logged
     assert list(loss) == pytest.approx([0.5 + 0.5, 0.25 + 0.5, 1 / 6 + 0.5])
+
+
+@pytest.mark.parametrize("item", ["model.head=mlp", "model.bottleneck=2", "seed=3"])
+def test_an_override_of_what_the_sweep_sets_is_refused(tmp_path, monkeypatch, capsys, item):
+    """The sweep sets config.seed, model.head and model.bottleneck for each run: such an --override was
+    silently replaced (every variant trained, bottleneck 4 not 2), yet the table's command listed it."""
+    monkeypatch.setattr("fcn.cli.run_training", lambda config, workdir: pytest.fail("trained"))
+    argv = ["--config", TINY, "--seeds", "0", "--out", str(tmp_path / "out"), "--override", item]
+    with pytest.raises(SystemExit) as e:
+        ablation.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--override {item}" in err and ("--seeds" if item == "seed=3" else "variant") in err
+    assert not (tmp_path / "out").exists()
