@@ -188,10 +188,12 @@ def main(argv=None) -> int:
 
 
 def write_report(out: Path, rows, curves, args) -> None:
+    command = ["python", "scripts/ablation.py", "--config", args.config, "--seeds", args.seeds, "--out", args.out]
+    command += [a for o in args.override for a in ("--override", o)]
+    if tuple(args.flops_size) != (360, 480):  # the default: the GFLOPs column is the same without it
+        command += ["--flops_size", *map(str, args.flops_size)]
     lines = [
-        f"Command: `python scripts/ablation.py --config {args.config} --seeds {args.seeds} --out {args.out}"
-        + "".join(f" --override {shlex.quote(o)}" for o in args.override)
-        + "`",
+        f"Command: `{shlex.join(command)}`",
         "",
         "| variant | val mean IoU (mean ± std) | per seed | parameters "
         f"| GFLOPs / {args.flops_size[0]}x{args.flops_size[1]} image | train img/s |",

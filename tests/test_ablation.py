@@ -3,6 +3,7 @@
 import argparse
 import importlib.util
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -209,3 +210,16 @@ def test_an_override_of_what_the_sweep_sets_is_refused(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"--override {item}" in err and ("--seeds" if item == "seed=3" else "variant") in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_tables_command_is_the_one_that_was_run(tmp_path):
+    """The command above the table left out --flops_size, so run again it gave another GFLOPs column, and
+    it quoted none of the other values: a --seeds '0, 1' or an --out with a space gave a broken command."""
+    out = tmp_path / "my runs"
+    out.mkdir()
+    args = argparse.Namespace(config=TINY, seeds="0, 1", out=str(out), override=["seed_x=1"], flops_size=(24, 32))
+    ablation.write_report(out, [("linear", 0.39, 0.01, [0.38, 0.4], 7599, 2e9, 27.0)], {"linear": ([1], [1.0])}, args)
+    command = (out / "ablation.md").read_text().splitlines()[0]
+    assert command.startswith("Command: `") and command.endswith("`")
+    want = ["python", "scripts/ablation.py", "--config", TINY, "--seeds", "0, 1", "--out", str(out)]
+    assert shlex.split(command[len("Command: `") : -1]) == want + ["--override", "seed_x=1", "--flops_size", "24", "32"]
