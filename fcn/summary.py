@@ -139,8 +139,11 @@ def layer_rows(model: nnx.Module, input_shape) -> tuple[list[dict], dict]:
     return rows, total
 
 
-def summary(model: nnx.Module, input_shape=(1, 360, 480, 3)) -> str:
-    """A table of each layer's output shape, parameters and FLOPs, with totals."""
+def summary(model: nnx.Module, input_shape=None) -> str:
+    """A table of each layer's output shape, parameters and FLOPs, with totals, for images of
+    `input_shape` [B, H, W, C] (default: one 360 x 480 image of the model's in_channels)."""
+    if input_shape is None:
+        input_shape = (1, 360, 480, getattr(model, "in_channels", 3))
     rows, total = layer_rows(model, tuple(input_shape))
     width = max(len(r["name"]) for r in rows) if rows else 10
     head = f"{'layer':<{width}}  {'type':<13} {'output':<22} {'params':>9} {'FLOPs':>9}"

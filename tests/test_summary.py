@@ -102,3 +102,12 @@ def test_a_summary_that_fails_leaves_every_later_model_working():
     assert model(jnp.zeros((1, 12, 16, 3))).shape == (1, 12, 16, 3)
     assert fcn.summary(again, (1, 12, 16, 3)) == fcn.summary(tiny(), (1, 12, 16, 3))
     assert all("_nnx_tabulate_id" not in str(vars(type(m)).get("__call__", "")) for _, m in nnx.iter_modules(again))
+
+
+def test_the_default_input_shape_has_the_models_channels():
+    """fcn.summary(model) summarised 360 x 480 RGB images whatever the model took: a model built for
+    in_channels=4 (RGBA, RGB + depth) raised 'got images of 3 channels', about images no one gave."""
+    model = nnx.eval_shape(lambda: tiny(depth=1, in_channels=4))
+    text = fcn.summary(model)
+    assert text == fcn.summary(model, (1, 360, 480, 4))
+    assert "(1, 360, 480, 3)" in text.splitlines()[-1]  # the logits of 3 classes
