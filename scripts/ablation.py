@@ -59,6 +59,27 @@ def num_classes(config) -> int:
     return get_source(config.data).num_classes
 
 
+def missing_eval_split(config) -> str | None:
+    """The error to print where the data offer no config.data.eval_split, else None.
+
+    Such a run trains without evaluation (a warning), so it never gets the final evaluation the
+    table needs: it was taken for one stopped by a signal, at every re-run of the same command.
+    """
+    from fcn.data import get_source
+    from fcn.data.images import DataError
+
+    try:
+        source = get_source(config.data)
+    except DataError:
+        return None  # the first run_training says it, in one line
+    if config.data.eval_split in source.splits:
+        return None
+    return (
+        f"config.data.eval_split={config.data.eval_split!r}: the {source.name} data offer no such split (only "
+        f"{', '.join(source.splits)}), and the ablation tabulates each run's final evaluation on it"
+    )
+
+
 def train_logs(workdir: Path) -> tuple[list[tuple[int, float]], list[float], float | None]:
     """(step, loss) pairs, images/s values, and the final eval mean IoU from metrics.jsonl."""
     losses, speeds, miou = [], [], None
@@ -124,6 +145,9 @@ def main(argv=None) -> int:
     from fcn.summary import layer_rows
 
     out = Path(args.out)
+    if not args.report_only and (error := missing_eval_split(load_config(args.config, args.override))):
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     rows, curves = [], {}
     for head in HEADS:
         for bottleneck in BOTTLENECKS:

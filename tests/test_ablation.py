@@ -223,3 +223,16 @@ def test_the_tables_command_is_the_one_that_was_run(tmp_path):
     assert command.startswith("Command: `") and command.endswith("`")
     want = ["python", "scripts/ablation.py", "--config", TINY, "--seeds", "0, 1", "--out", str(out)]
     assert shlex.split(command[len("Command: `") : -1]) == want + ["--override", "seed_x=1", "--flops_size", "24", "32"]
+
+
+def test_a_source_without_the_eval_split_is_one_error_line_before_training(tmp_path, monkeypatch, capsys):
+    """A run on data without config.data.eval_split trains without evaluation (a warning): the ablation
+    trained it to the end, then said 'ablation stopped at ...: run the same command again to resume'
+    (exit 130), and so again at every re-run, as the run never gets the evaluation it waits for."""
+    monkeypatch.setattr("fcn.cli.run_training", lambda config, workdir: pytest.fail("trained"))
+    monkeypatch.setattr("fcn.cli.retain_memory", lambda: False)
+    argv = ["--config", TINY, "--seeds", "0", "--out", str(tmp_path / "out"), "--override", "data.eval_split=test"]
+    assert ablation.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "error: config.data.eval_split='test'" in err and "train, val" in err and "stopped" not in err
+    assert not (tmp_path / "out").exists()
