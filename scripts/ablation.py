@@ -126,6 +126,8 @@ def main(argv=None) -> int:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         parser.error(f"--seeds={args.seeds!r}: expected integers separated by commas, e.g. 0,1,2")
+    if twice := sorted({s for s in seeds if seeds.count(s) > 1}):  # one run, else tabulated as several
+        parser.error(f"--seeds={args.seeds!r}: seed {', '.join(map(str, twice))} twice; each seed is one run")
     for o in args.override:  # else replaced for every run without a word, and listed in the table's command
         key = o.split("=", 1)[0].strip()
         if key == "seed":

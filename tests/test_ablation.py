@@ -112,6 +112,9 @@ def test_a_config_file_that_cannot_be_loaded_and_bad_seeds_are_one_line(tmp_path
     with pytest.raises(SystemExit) as e:  # was int()'s ValueError, after the config was loaded
         ablation.main(["--config", TINY, "--seeds", "0,x", "--out", str(tmp_path / "out")])
     assert e.value.code == 2 and "--seeds='0,x': expected integers" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # was one run per variant tabulated twice: "± 0.00" over "two seeds"
+        ablation.main(["--config", TINY, "--seeds", "0,1,0", "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and "--seeds='0,1,0': seed 0 twice" in capsys.readouterr().err
 
 
 def test_one_seed_or_no_logged_speed_is_said_not_printed_as_nan(tmp_path):
