@@ -75,7 +75,7 @@ def default_config() -> ml_collections.ConfigDict:
     m.norm = "batch"  # batch | group | none
     m.upsample = "transpose"  # transpose | resize
     m.head = "linear"  # linear | stacked | mlp
-    m.bottleneck = 0  # >0: 1x1 conv to channels // bottleneck before each 3x3 conv
+    m.bottleneck = 0  # >0: 1x1 conv to channels // bottleneck before each conv block's 3x3 conv
     m.dropout = 0.0  # dropout rate at the bottom of the U
     # Compute dtype: float32 | bfloat16 (parameters stay float32). On a CPU with bfloat16 instructions
     # (AVX-512 BF16, AMX; fcn.onednn.supports), bfloat16 trained camvid_cpu's network 2.3-2.7x faster than

@@ -160,7 +160,8 @@ class UNet(nnx.Module):
       upsample: "transpose" (2x2 transposed conv, stride 2) or "resize"
         (bilinear 2x resize, then a 3x3 conv).
       head: "linear", "stacked" or "mlp" (see `Head`).
-      bottleneck: >0 adds a 1x1 reducing conv before each 3x3 conv.
+      bottleneck: >0 adds a 1x1 reducing conv before each 3x3 conv of the conv blocks (see
+        `ConvBlock`; not the head's nor the resize upsampling's).
       dropout: rate applied at the bottom of the U during training.
       dtype: compute dtype (jnp.float32 or jnp.bfloat16); parameters are float32
         and the logits are returned in float32.
