@@ -4,8 +4,8 @@
         --out runs/ablation [--override optimizer.learning_rate=1e-3 ...]
 
 Trains every variant (head linear | stacked | mlp, bottleneck 0 | 4) for each
-seed into `OUT/<variant>_s<seed>` (a finished run is not retrained: re-running
-resumes or skips), then writes `OUT/ablation.md` (mean and standard deviation
+seed into `OUT/<variant>_s<seed>` (re-running resumes an unfinished run, and reads a
+finished one's metrics.jsonl without starting it), then writes `OUT/ablation.md` (mean and standard deviation
 of val mean IoU over seeds, parameters, FLOPs per image (360x480, or --flops_size) from XLA's cost
 analysis, training images per second) and `OUT/loss_curves.png` (mean training
 loss per variant over steps). An --override of what the sweep sets (seed, model.head,
@@ -166,9 +166,13 @@ def main(argv=None) -> int:
                     if not finished(loss, workdir, config):
                         continue
                 else:
-                    if code := run_training(config, workdir):  # an error: said in one line
-                        return code
-                    loss, speed, miou = train_logs(workdir)
+                    # A run finished by an earlier call is read, not started again: train.py would load the data
+                    # and the state only to say "nothing to train" (seconds of a GPU slice per run).
+                    loss, speed, miou = train_logs(workdir) if (workdir / "metrics.jsonl").exists() else ([], [], None)
+                    if not finished(loss, workdir, config):
+                        if code := run_training(config, workdir):  # an error: said in one line
+                            return code
+                        loss, speed, miou = train_logs(workdir)
                     if not finished(loss, workdir, config):  # stopped by a signal, with a checkpoint saved
                         print(f"ablation stopped at {workdir}: run the same command again to resume", file=sys.stderr)
                         return 130

@@ -239,3 +239,31 @@ def test_a_source_without_the_eval_split_is_one_error_line_before_training(tmp_p
     err = capsys.readouterr().err
     assert "error: config.data.eval_split='test'" in err and "train, val" in err and "stopped" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_finished_run_is_read_not_started_again(tmp_path, monkeypatch):
+    """Re-running a sweep (the next GPU slice) started every finished run again: train.py loaded the data and
+    the state only to say "nothing to train". A finished run's metrics.jsonl is now read as --report_only reads
+    it; an unfinished one is still trained."""
+    for seed in (0, 1):
+        d = tmp_path / f"linear_s{seed}"
+        d.mkdir()
+        rows = [{"step": s, "loss": 1.0 / s, "images_per_sec": 10.0} for s in range(1, 7)]
+        (d / "metrics.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in [*rows, {"step": 6, "eval_mean_iou": 0.3}])
+        )
+    trained = []
+
+    def run_training(config, workdir):  # every other variant: trained, and left finished
+        trained.append(workdir.name)
+        workdir.mkdir(exist_ok=True)
+        rows = [{"step": 6, "loss": 0.5, "images_per_sec": 10.0}, {"step": 6, "eval_mean_iou": 0.2}]
+        (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return 0
+
+    monkeypatch.setattr("fcn.cli.run_training", run_training)
+    monkeypatch.setattr("fcn.cli.retain_memory", lambda: False)
+    argv = ["--config", TINY, "--seeds", "0,1", "--out", str(tmp_path), "--flops_size", "24", "32"]
+    assert ablation.main(argv) == 0
+    assert "linear_s0" not in trained and "linear_s1" not in trained and "stacked_s0" in trained
+    assert "| linear | 30.00 ± 0.00 | 30.0, 30.0 |" in (tmp_path / "ablation.md").read_text()
