@@ -41,14 +41,14 @@ def read(path: Path) -> dict:
     """The config.json at `path`: checked for FIRST_FIELDS, then LATER_FIELDS filled in where it has none."""
     from fcn.checkpoint import read_json  # (fcn.checkpoint imports this module)
 
-    saved = checked(read_json(path), path)
+    saved = _checked(read_json(path), path)
     for dotted, value in LATER_FIELDS.items():
         section, key = dotted.split(".")
         saved[section].setdefault(key, value)
     return saved
 
 
-def checked(saved: dict, path: Path) -> dict:
+def _checked(saved: dict, path: Path) -> dict:
     """`saved`, read from `path`, once it has every one of FIRST_FIELDS; else a CheckpointError naming the
     file and the fields it lacks."""
     missing = []

@@ -159,20 +159,15 @@ def main(argv=None) -> int:
                 config = load_config(args.config, args.override)
                 config.seed, config.model.head, config.model.bottleneck = seed, head, bottleneck
                 workdir = out / f"{name}_s{seed}"
-                if args.report_only:
-                    if not (workdir / "metrics.jsonl").exists():
+                # A run finished by an earlier call is read, not started again (train.py would load the data and
+                # the state only to say "nothing to train": seconds of a GPU slice per run); --report_only reads.
+                loss, speed, miou = train_logs(workdir) if (workdir / "metrics.jsonl").exists() else ([], [], None)
+                if not finished(loss, workdir, config):
+                    if args.report_only:
                         continue
+                    if code := run_training(config, workdir):  # an error: said in one line
+                        return code
                     loss, speed, miou = train_logs(workdir)
-                    if not finished(loss, workdir, config):
-                        continue
-                else:
-                    # A run finished by an earlier call is read, not started again: train.py would load the data
-                    # and the state only to say "nothing to train" (seconds of a GPU slice per run).
-                    loss, speed, miou = train_logs(workdir) if (workdir / "metrics.jsonl").exists() else ([], [], None)
-                    if not finished(loss, workdir, config):
-                        if code := run_training(config, workdir):  # an error: said in one line
-                            return code
-                        loss, speed, miou = train_logs(workdir)
                     if not finished(loss, workdir, config):  # stopped by a signal, with a checkpoint saved
                         print(f"ablation stopped at {workdir}: run the same command again to resume", file=sys.stderr)
                         return 130
